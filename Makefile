@@ -1,0 +1,30 @@
+# The README's two commands are `make demo` and `make test`; both set up first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HVDTRAIN := $(VENV)/bin/hvdtrain
+
+.PHONY: setup setup-slurm demo test test-unit test-mpi test-e2e test-slurm bench lint
+
+setup:
+	bash scripts/setup.sh
+
+setup-slurm:
+	bash scripts/setup.sh --slurm
+
+# The main job: the CNN on scikit-learn's digits, data parallel on 2 ranks, prints test accuracy.
+demo: setup
+	$(HVDTRAIN) train -np 2
+
+# Every tier: unit, mpi (pytest under mpirun -np 2), end to end, and a real local Slurm.
+test: setup-slurm
+	bash scripts/test.sh
+
+test-unit test-mpi test-e2e test-slurm:
+	bash scripts/test.sh $(subst test-,,$@)
+
+bench: setup
+	$(HVDTRAIN) bench allreduce -np 2 --out runs/bench-allreduce
+	$(HVDTRAIN) bench train --max-np 2 --out runs/bench-train
+
+lint:
+	$(PY) -m ruff check hvdtrain tests examples

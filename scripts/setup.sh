@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Sets up hvdtrain on a Debian machine, idempotently: OpenMPI (and, with --slurm, Slurm + MUNGE) from
+# Debian packages, a virtualenv in .venv, torch, the Python dependencies, and Horovod 0.28.1 built from
+# its PyPI sdist with PyTorch + MPI + Gloo. The Horovod wheel is cached outside the repository, keyed by
+# the Horovod, torch and Python versions, so a second set-up on the same machine takes well under a minute.
+#
+#   scripts/setup.sh            # MPI + venv + torch + Horovod + hvdtrain (editable, with test extras)
+#   scripts/setup.sh --slurm    # also Slurm and MUNGE, for the Slurm tier of the tests
+#
+# Environment: HVDTRAIN_VENV (default: <repo>/.venv), HVDTRAIN_CACHE (default: ~/.cache/hvdtrain),
+# PYTHON (default: python3), TORCH_SPEC (default: torch==2.13.0, used only where no torch is installed).
+set -euo pipefail
+
+HOROVOD_VERSION=0.28.1
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${HVDTRAIN_VENV:-$repo/.venv}
+cache=${HVDTRAIN_CACHE:-$HOME/.cache/hvdtrain}
+python=${PYTHON:-python3}
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+want_slurm=0
+for arg in "$@"; do
+  case $arg in
+    --slurm) want_slurm=1 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (valid: --slurm)" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# --- system packages ----------------------------------------------------------------------------------
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "need root to install ${missing[*]}: run as root or install them yourself"
+    sudo=(sudo)
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+apt_install openmpi-bin libopenmpi-dev cmake g++ make
+[ $want_slurm -eq 1 ] && apt_install slurm-wlm munge
+
+# --- virtualenv + torch + Python dependencies ----------------------------------------------------------
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating virtualenv $venv"
+  "$python" -m venv "$venv"
+fi
+py=$venv/bin/python
+pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
+if ! "$py" -c 'import torch' 2>/dev/null; then
+  say "installing $torch_spec"
+  pip install "$torch_spec"
+fi
+# Build prerequisites of Horovod, then hvdtrain's own dependencies (setup.py is the list of record).
+pip install numpy cloudpickle psutil pyyaml packaging cffi wheel setuptools
+if ! "$py" -c 'import mpi4py' 2>/dev/null; then
+  say "building mpi4py against the system OpenMPI"
+  pip install --no-binary mpi4py mpi4py
+fi
+
+# --- Horovod, built from the sdist against this torch, cached ------------------------------------------
+torch_version=$("$py" -c 'import torch; print(torch.__version__)')
+py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+key="horovod-$HOROVOD_VERSION-torch${torch_version//+/_}-$py_tag"
+wheel_dir=$cache/wheels/$key
+
+horovod_ok() {
+  "$py" - "$HOROVOD_VERSION" "$torch_version" <<'PY' 2>/dev/null
+import sys, importlib.metadata as md
+assert md.version("horovod") == sys.argv[1]
+import horovod.torch as hvd, horovod, json, os
+meta = json.load(open(os.path.join(os.path.dirname(horovod.__file__), "metadata.json")))
+assert hvd.mpi_built() and hvd.gloo_built()
+PY
+}
+
+if ! horovod_ok; then
+  if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+    say "building Horovod $HOROVOD_VERSION against torch $torch_version (about 5 minutes on 2 cores)"
+    build=$(mktemp -d)
+    trap 'rm -rf "$build"' EXIT
+    pip download --no-deps --no-binary :all: -d "$build" "horovod==$HOROVOD_VERSION"
+    tar -xzf "$build"/horovod-$HOROVOD_VERSION.tar.gz -C "$build"
+    src=$build/horovod-$HOROVOD_VERSION
+    # torch >= 2.1 needs C++17; Horovod 0.28.1 asks for C++14. Both files must change, or Gloo (built
+    # as C++14) and the torch op library disagree at link time (see shared notes, upstream PR #3998).
+    for f in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
+      grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || die "unexpected Horovod sdist: no C++14 line in $f"
+      sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$f"
+    done
+    (
+      cd "$src"
+      export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+        HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_GPU_OPERATIONS= \
+        MAKEFLAGS=-j$(nproc)
+      "$py" -m pip --disable-pip-version-check wheel --no-build-isolation --no-deps -w "$build/dist" . \
+        >"$build/build.log" 2>&1 || { tail -40 "$build/build.log" >&2; die "Horovod build failed (log above)"; }
+    )
+    mkdir -p "$wheel_dir"
+    cp "$build"/dist/horovod-*.whl "$wheel_dir/"
+    say "cached $(ls "$wheel_dir")"
+  fi
+  say "installing Horovod from $wheel_dir"
+  pip install --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+fi
+
+# --- hvdtrain itself -----------------------------------------------------------------------------------
+if [ -f "$repo/setup.py" ]; then
+  pip install -e "$repo[test]"
+fi
+
+# --- verify ---------------------------------------------------------------------------------------------
+horovod_ok || die "Horovod does not import with PyTorch + MPI + Gloo; remove $wheel_dir and run again"
+checks=$(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "$venv/bin/horovodrun" -cb 2>&1) \
+  || die "horovodrun -cb failed: $checks"
+for want in PyTorch MPI Gloo; do
+  grep -q "\[X\] $want" <<<"$checks" || die "Horovod was built without $want:"$'\n'"$checks"
+done
+say "ready: Horovod $HOROVOD_VERSION (PyTorch, MPI, Gloo), torch $torch_version, venv $venv"
