@@ -54,7 +54,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 py=$venv/bin/python
-pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
+# This machine's pip config lists local indexes that may be absent; drop pip's warnings about them.
+pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; }; }
 if ! "$py" -c 'import torch' 2>/dev/null; then
   say "installing $torch_spec"
   pip install "$torch_spec"
@@ -101,7 +102,7 @@ if ! horovod_ok; then
       export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
         HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_GPU_OPERATIONS= \
         MAKEFLAGS=-j$(nproc)
-      "$py" -m pip --disable-pip-version-check wheel --no-build-isolation --no-deps -w "$build/dist" . \
+      pip wheel --no-build-isolation --no-deps -w "$build/dist" . \
         >"$build/build.log" 2>&1 || { tail -40 "$build/build.log" >&2; die "Horovod build failed (log above)"; }
     )
     mkdir -p "$wheel_dir"

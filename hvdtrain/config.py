@@ -1,0 +1,148 @@
+"""Training configuration: one dataclass, a docstring comment per field, validation that names the flag.
+
+A YAML ``--config`` file fills click's ``default_map``, so precedence is click's: CLI > file > defaults.
+Keys may be written with dashes or underscores; unknown keys fail with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from hvdtrain.errors import ConfigError
+
+STRATEGIES = ("data", "model", "hybrid")
+MODELS = ("mlp", "cnn", "deep_mlp")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+COMPRESSIONS = ("none", "fp16")
+REDUCE_OPS = ("average", "adasum")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    strategy: str = "data"  # data | model | hybrid (see docs/architecture.md)
+    devices_per_rank: int = 1  # model/hybrid: devices holding one replica (cuda:local_rank*k+i, or k CPU stages)
+    balance: Optional[list[int]] = None  # model/hybrid: layers per stage; None balances by parameter count
+    micro_batches: int = 1  # model/hybrid: GPipe micro-batches per batch (pipeline bubble (p-1)/(m+p-1))
+    model: str = "cnn"  # mlp | cnn (8x8 digit images) | deep_mlp (many layers, for benchmarks)
+    hidden: int = 64  # width of the hidden layers of mlp and deep_mlp
+    depth: int = 8  # number of hidden layers of deep_mlp
+    data: str = "digits"  # digits | synthetic | PATH.npz (arrays x, y; optional x_test, y_test)
+    synthetic_samples: int = 2048  # data=synthetic: number of training samples
+    epochs: int = 15  # passes over the training set
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs when reached)
+    batch_size: int = 32  # samples per rank per step (per backward pass with accumulation)
+    lr: float = 0.05  # base learning rate (for one rank)
+    scale_lr: bool = True  # multiply lr by the number of ranks (x backward_passes_per_step), Goyal et al.
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    backward_passes_per_step: int = 1  # gradient accumulation: local backward passes per allreduce + step
+    compression: str = "none"  # none | fp16: compress gradients for the allreduce
+    reduce_op: str = "average"  # average | adasum
+    seed: int = 0  # model initialisation and data order; rank r also seeds its own RNGs with seed + r
+    deterministic: bool = False  # torch deterministic algorithms, HOROVOD_FUSION_THRESHOLD=0, fixed seeds
+    run_dir: Optional[str] = None  # where config.json, metrics.jsonl, TensorBoard events, checkpoints go
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on preemption)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    resume: bool = False  # resume from the newest checkpoint in run_dir
+    resume_from: Optional[str] = None  # resume from this checkpoint file
+    log_every: int = 10  # steps between progress lines / metric records
+    eval_every_epoch: bool = True  # evaluate on the test split after each epoch (else only at the end)
+    preempt_signal: str = "USR2"  # signal that asks for checkpoint-and-stop (Slurm's --signal); "" to disable
+    requeue: bool = True  # inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)
+    max_requeues: int = 3  # do not requeue once SLURM_RESTART_COUNT reaches this
+
+    def validate(self) -> "TrainConfig":
+        def bad(flag: str, msg: str):
+            raise ConfigError(f"--{flag}: {msg}")
+
+        def choice(flag: str, value: str, allowed):
+            if value not in allowed:
+                bad(flag, f"'{value}' is not one of {', '.join(allowed)}")
+
+        choice("strategy", self.strategy, STRATEGIES)
+        choice("model", self.model, MODELS)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("compression", self.compression, COMPRESSIONS)
+        choice("reduce-op", self.reduce_op, REDUCE_OPS)
+        for flag, value, low in [
+            ("devices-per-rank", self.devices_per_rank, 1),
+            ("micro-batches", self.micro_batches, 1),
+            ("epochs", self.epochs, 1),
+            ("batch-size", self.batch_size, 1),
+            ("backward-passes-per-step", self.backward_passes_per_step, 1),
+            ("hidden", self.hidden, 1),
+            ("depth", self.depth, 1),
+            ("synthetic-samples", self.synthetic_samples, 1),
+            ("checkpoint-every", self.checkpoint_every, 0),
+            ("keep-checkpoints", self.keep_checkpoints, 1),
+            ("log-every", self.log_every, 1),
+            ("max-requeues", self.max_requeues, 0),
+        ]:
+            if value < low:
+                bad(flag, f"{value} is too small (at least {low})")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max-steps", f"{self.max_steps} is too small (at least 1)")
+        if not self.lr > 0:
+            bad("lr", f"{self.lr} must be positive")
+        if self.micro_batches > self.batch_size:
+            bad("micro-batches", f"{self.micro_batches} micro-batches cannot split a batch of {self.batch_size}")
+        if self.strategy == "data" and (self.devices_per_rank != 1 or self.balance):
+            bad("strategy", "--devices-per-rank/--balance need --strategy model or hybrid")
+        if self.balance is not None:
+            if len(self.balance) != self.devices_per_rank or any(b < 1 for b in self.balance):
+                bad("balance", f"{self.balance} must give {self.devices_per_rank} stage sizes of at least 1 layer")
+        if self.data not in ("digits", "synthetic"):
+            if not self.data.endswith(".npz"):
+                bad("data", f"'{self.data}' is not digits, synthetic or a .npz file")
+            if not Path(self.data).is_file():
+                bad("data", f"no such file '{self.data}'")
+        if self.resume_from is not None and not Path(self.resume_from).is_file():
+            bad("resume-from", f"no such checkpoint '{self.resume_from}'")
+        if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in ("USR1", "USR2", "TERM", "INT"):
+            bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
+        return self
+
+    def with_defaults(self) -> "TrainConfig":
+        """Fill the fields derived at launch time (run_dir)."""
+        if self.run_dir is None:
+            self.run_dir = os.path.join("runs", time.strftime("train-%Y%m%d-%H%M%S"))
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys are: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+def load_yaml_defaults(path: str, valid: set[str]) -> dict[str, Any]:
+    """Read a YAML config into click's default_map form; unknown keys fail with the list of valid ones."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file '{path}'")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"--config: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must be a mapping of option: value")
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(out) - valid)
+    if unknown:
+        raise ConfigError(f"--config: unknown keys {unknown} in {path}; valid keys are: {', '.join(sorted(valid))}")
+    return out

@@ -1,0 +1,1 @@
+"""Parallelism: data (Horovod ring-allreduce), model (device split + micro-batch pipeline), hybrid."""

@@ -1,0 +1,1 @@
+"""The training side: datasets, reference models, checkpoints and the Trainer (imports torch)."""

@@ -1,0 +1,112 @@
+"""Checkpoints: written atomically by rank 0, validated on load, newest first.
+
+A checkpoint is `run_dir/checkpoints/step-XXXXXXXX.pt`, a torch.save of a dict holding the model and
+optimizer states, the position in training (epoch, batches done in that epoch, global step), every rank's
+RNG states, and a fingerprint of what must match to resume (model, data, batch size, world size...).
+Writes go to a temporary file in the same directory, are fsynced, then `os.replace`d over the final name,
+and the directory is fsynced: a crash mid-write leaves the previous checkpoint as the newest valid one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from hvdtrain.errors import CheckpointError
+
+FORMAT = 1
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def path_for(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary files of an interrupted write are never listed)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Path:
+    """Atomically write `state` as the checkpoint of `step`, then prune all but the newest `keep`."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = path_for(ckpt_dir, step)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(ckpt_dir)
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load(path: Path, fingerprint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Load and check a checkpoint; a corrupt or mismatched file raises CheckpointError naming the fix."""
+    previous = [p for p in list_checkpoints(path.parent) if p != path and p.name < path.name]
+    hint = f"; the previous checkpoint {previous[-1]} is intact: resume from it with --resume-from" if previous else ""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # truncated zip, bad pickle, wrong file type: all mean "unreadable"
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}){hint}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an hvdtrain checkpoint (format {FORMAT}){hint}")
+    if fingerprint is not None:
+        saved = state.get("fingerprint", {})
+        diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this job has {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this job ({'; '.join(diffs)}): "
+                "run with the checkpoint's settings or start a new --run-dir"
+            )
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,79 @@
+"""Datasets: scikit-learn's digits (ships inside scikit-learn, no download), synthetic, or a user's .npz.
+
+Every loader returns (train, test) as TensorDatasets of float32 features and int64 labels, the same on
+every rank (sharding happens in the sampler), plus the input shape and number of classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from hvdtrain.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Dataset:
+    train: TensorDataset
+    test: TensorDataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)))
+
+
+def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """8x8 handwritten digits (1797 images, 10 classes), a fixed stratified split, pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]  # N x 1 x 8 x 8
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, d.target, test_size=test_fraction, random_state=split_seed, stratify=d.target
+    )
+    return Dataset(_tensors(x_tr, y_tr), _tensors(x_te, y_te), (1, 8, 8), 10)
+
+
+def synthetic(samples: int, input_shape=(1, 8, 8), num_classes: int = 10, seed: int = 0) -> Dataset:
+    """Random inputs with labels from a fixed random linear teacher, so there is something to learn."""
+    g = np.random.default_rng(seed)
+    n_test = max(1, samples // 8)
+    x = g.standard_normal((samples + n_test, *input_shape)).astype(np.float32)
+    teacher = g.standard_normal((int(np.prod(input_shape)), num_classes)).astype(np.float32)
+    y = (x.reshape(len(x), -1) @ teacher).argmax(1)
+    return Dataset(_tensors(x[:samples], y[:samples]), _tensors(x[samples:], y[samples:]), tuple(input_shape), num_classes)
+
+
+def npz(path: str, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """A user's arrays: `x` (N x ...) and integer `y` (N); `x_test`/`y_test` if given, else a fixed split."""
+    p = Path(path)
+    try:
+        arrays = np.load(p)
+        x, y = arrays["x"], arrays["y"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--data {path}: cannot read arrays 'x' and 'y' ({e}); save them with np.savez(path, x=..., y=...)") from None
+    if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"--data {path}: 'y' must be one integer label per row of 'x' ({x.shape} vs {y.shape})")
+    if "x_test" in arrays and "y_test" in arrays:
+        x_tr, y_tr, x_te, y_te = x, y, arrays["x_test"], arrays["y_test"]
+    else:
+        order = np.random.default_rng(split_seed).permutation(len(x))
+        n_test = max(1, int(len(x) * test_fraction))
+        x_tr, y_tr, x_te, y_te = x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]]
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    return Dataset(_tensors(x_tr, y_tr), _tensors(x_te, y_te), tuple(x.shape[1:]), num_classes)
+
+
+def load(name: str, synthetic_samples: int = 2048, seed: int = 0) -> Dataset:
+    if name == "digits":
+        return digits()
+    if name == "synthetic":
+        return synthetic(synthetic_samples, seed=seed)
+    return npz(name)
