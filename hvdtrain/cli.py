@@ -96,6 +96,79 @@ def run(command, dry_run, **launch):
     sys.exit(L.run_job(spec, dry_run=dry_run))
 
 
+def _parse_balance(ctx, param, value):
+    if value is None or isinstance(value, list):
+        return value
+    try:
+        return [int(v) for v in str(value).split(",")]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of layer counts, e.g. 3,4") from None
+
+
+def train_options(f):
+    """One option per TrainConfig field, with the field's help; `--flag/--no-flag` for booleans."""
+    import dataclasses
+    import typing
+
+    from hvdtrain.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        help_text = field.metadata.get("help", "")
+        if base is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", default=field.default, show_default=True, help=help_text)
+        elif field.name == "balance":
+            option = click.option(flag, callback=_parse_balance, metavar="N,N,...", help=help_text)
+        else:
+            option = click.option(flag, type=base, default=field.default, show_default=field.default is not None, help=help_text)
+        f = option(f)
+    return f
+
+
+def _config_file(ctx, param, value):
+    """--config FILE.yaml fills click's default_map: precedence is CLI > file > defaults."""
+    if value:
+        from hvdtrain.config import load_yaml_defaults
+
+        valid = {p.name for p in ctx.command.params if p.name not in ("config", "dry_run")}
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_yaml_defaults(value, valid)}
+        except HvdtrainError as e:
+            raise click.BadParameter(str(e).removeprefix("--config: "), ctx=ctx, param=param) from None
+    return value
+
+
+@cli.command(context_settings=CONTEXT)
+@launch_options
+@train_options
+@click.option(
+    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_config_file,
+    help="YAML file of option: value defaults (keys as the long options, - or _); CLI flags override it.",
+)  # fmt: skip
+@handle_errors
+def train(dry_run, np, hosts, hostfile, gloo, mpi, launcher, env, output_dir, threads_per_rank, **fields):
+    """Train a model on N ranks with Horovod: the CNN on scikit-learn's digits by default.
+
+    \b
+      hvdtrain train -np 2                                  # data parallel, prints test accuracy
+      hvdtrain train -np 1 --strategy model --devices-per-rank 2 --micro-batches 4
+      hvdtrain train -np 2 --strategy hybrid --devices-per-rank 2
+      hvdtrain train -np 2 --run-dir runs/a --checkpoint-every 50 ... then --resume
+
+    The run directory gets config.json, metrics.jsonl, TensorBoard events, checkpoints/, result.json and
+    logs/ (one log per rank).
+    """
+    from hvdtrain import jobs
+
+    launch = dict(np=np, hosts=hosts, hostfile=hostfile, gloo=gloo, mpi=mpi, launcher=launcher, env=env,
+                  output_dir=output_dir, threads_per_rank=threads_per_rank)  # fmt: skip
+    sys.exit(jobs.train(fields, launch, dry_run=dry_run, echo=click.echo))
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @handle_errors

@@ -22,40 +22,47 @@ COMPRESSIONS = ("none", "fp16")
 REDUCE_OPS = ("average", "adasum")
 
 
+def _f(default, help: str):
+    """A field with its --help text (the CLI builds one option per field from these)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    strategy: str = "data"  # data | model | hybrid (see docs/architecture.md)
-    devices_per_rank: int = 1  # model/hybrid: devices holding one replica (cuda:local_rank*k+i, or k CPU stages)
-    balance: Optional[list[int]] = None  # model/hybrid: layers per stage; None balances by parameter count
-    micro_batches: int = 1  # model/hybrid: GPipe micro-batches per batch (pipeline bubble (p-1)/(m+p-1))
-    model: str = "cnn"  # mlp | cnn (8x8 digit images) | deep_mlp (many layers, for benchmarks)
-    hidden: int = 64  # width of the hidden layers of mlp and deep_mlp
-    depth: int = 8  # number of hidden layers of deep_mlp
-    data: str = "digits"  # digits | synthetic | PATH.npz (arrays x, y; optional x_test, y_test)
-    synthetic_samples: int = 2048  # data=synthetic: number of training samples
-    epochs: int = 15  # passes over the training set
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs when reached)
-    batch_size: int = 32  # samples per rank per step (per backward pass with accumulation)
-    lr: float = 0.05  # base learning rate (for one rank)
-    scale_lr: bool = True  # multiply lr by the number of ranks (x backward_passes_per_step), Goyal et al.
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
-    backward_passes_per_step: int = 1  # gradient accumulation: local backward passes per allreduce + step
-    compression: str = "none"  # none | fp16: compress gradients for the allreduce
-    reduce_op: str = "average"  # average | adasum
-    seed: int = 0  # model initialisation and data order; rank r also seeds its own RNGs with seed + r
-    deterministic: bool = False  # torch deterministic algorithms, HOROVOD_FUSION_THRESHOLD=0, fixed seeds
-    run_dir: Optional[str] = None  # where config.json, metrics.jsonl, TensorBoard events, checkpoints go
-    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on preemption)
-    keep_checkpoints: int = 3  # newest checkpoints kept
-    resume: bool = False  # resume from the newest checkpoint in run_dir
-    resume_from: Optional[str] = None  # resume from this checkpoint file
-    log_every: int = 10  # steps between progress lines / metric records
-    eval_every_epoch: bool = True  # evaluate on the test split after each epoch (else only at the end)
-    preempt_signal: str = "USR2"  # signal that asks for checkpoint-and-stop (Slurm's --signal); "" to disable
-    requeue: bool = True  # inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)
-    max_requeues: int = 3  # do not requeue once SLURM_RESTART_COUNT reaches this
+    """Everything the built-in job and the Trainer take; one CLI option per field (`--batch-size` ...)."""
+
+    strategy: str = _f("data", 'data | model | hybrid (see docs/architecture.md)')
+    devices_per_rank: int = _f(1, 'model/hybrid: devices holding one replica (cuda:local_rank*k+i, or k CPU stages)')
+    balance: Optional[list[int]] = _f(None, 'model/hybrid: layers per stage; None balances by parameter count')
+    micro_batches: int = _f(1, 'model/hybrid: GPipe micro-batches per batch (pipeline bubble (p-1)/(m+p-1))')
+    model: str = _f("cnn", 'mlp | cnn (8x8 digit images) | deep_mlp (many layers, for benchmarks)')
+    hidden: int = _f(64, 'width of the hidden layers of mlp and deep_mlp')
+    depth: int = _f(8, 'number of hidden layers of deep_mlp')
+    data: str = _f("digits", 'digits | synthetic | PATH.npz (arrays x, y; optional x_test, y_test)')
+    synthetic_samples: int = _f(2048, 'data=synthetic: number of training samples')
+    epochs: int = _f(15, 'passes over the training set')
+    max_steps: Optional[int] = _f(None, 'stop after this many optimizer steps (overrides epochs when reached)')
+    batch_size: int = _f(32, 'samples per rank per step (per backward pass with accumulation)')
+    lr: float = _f(0.05, 'base learning rate (for one rank)')
+    scale_lr: bool = _f(True, 'multiply lr by the number of ranks (x backward_passes_per_step), Goyal et al.')
+    optimizer: str = _f("sgd", 'sgd | adam | adamw')
+    momentum: float = _f(0.9, 'sgd only')
+    weight_decay: float = _f(0.0, 'L2 penalty of the optimizer')
+    backward_passes_per_step: int = _f(1, 'gradient accumulation: local backward passes per allreduce + step')
+    compression: str = _f("none", 'none | fp16: compress gradients for the allreduce')
+    reduce_op: str = _f("average", 'average | adasum')
+    seed: int = _f(0, 'model initialisation and data order; rank r also seeds its own RNGs with seed + r')
+    deterministic: bool = _f(False, 'torch deterministic algorithms, HOROVOD_FUSION_THRESHOLD=0, fixed seeds')
+    run_dir: Optional[str] = _f(None, 'where config.json, metrics.jsonl, TensorBoard events, checkpoints go')
+    checkpoint_every: int = _f(0, 'steps between checkpoints (0: only at the end and on preemption)')
+    keep_checkpoints: int = _f(3, 'newest checkpoints kept')
+    resume: bool = _f(False, 'resume from the newest checkpoint in run_dir')
+    resume_from: Optional[str] = _f(None, 'resume from this checkpoint file')
+    log_every: int = _f(10, 'steps between progress lines / metric records')
+    eval_every_epoch: bool = _f(True, 'evaluate on the test split after each epoch (else only at the end)')
+    preempt_signal: str = _f("USR2", "signal that asks for checkpoint-and-stop (Slurm's --signal); '' to disable")
+    requeue: bool = _f(True, 'inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)')
+    max_requeues: int = _f(3, 'do not requeue once SLURM_RESTART_COUNT reaches this')
 
     def validate(self) -> "TrainConfig":
         def bad(flag: str, msg: str):
@@ -108,10 +115,18 @@ class TrainConfig:
             bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
         return self
 
-    def with_defaults(self) -> "TrainConfig":
-        """Fill the fields derived at launch time (run_dir)."""
+    def with_defaults(self, environ: Optional[dict[str, str]] = None) -> "TrainConfig":
+        """Fill the fields derived at launch time: run_dir defaults to runs/train-<time>, or inside Slurm to
+        runs/train-<job id> (array: <array job id>_<task id>) so that a requeued job finds its checkpoints."""
+        environ = os.environ if environ is None else environ
         if self.run_dir is None:
-            self.run_dir = os.path.join("runs", time.strftime("train-%Y%m%d-%H%M%S"))
+            if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
+                name = f"train-{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+            elif "SLURM_JOB_ID" in environ:
+                name = f"train-{environ['SLURM_JOB_ID']}"
+            else:
+                name = time.strftime("train-%Y%m%d-%H%M%S")
+            self.run_dir = os.path.join("runs", name)
         return self
 
     def to_json(self) -> str:

@@ -67,7 +67,15 @@ def broadcast_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Opti
     """Make every rank start from root_rank's parameters and optimizer state (also after a resume)."""
     hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
     if optimizer is not None:
-        hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
+        # As one object, not hvd.broadcast_optimizer_state: that one takes a dummy optimizer step to create
+        # missing state, which moves the weights when weight decay is on.
+        state = hvd.broadcast_object(optimizer.state_dict(), root_rank=root_rank, name="hvdtrain.optimizer_state")
+        optimizer.load_state_dict(state)
+
+
+def broadcast_object(obj, root_rank: int = 0, name: str = "broadcast_object"):
+    """Any picklable object from root_rank to every rank (small things: positions, errors, RNG states)."""
+    return hvd.broadcast_object(obj, root_rank=root_rank, name=name)
 
 
 def sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> DistributedSampler:

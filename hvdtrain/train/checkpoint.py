@@ -3,6 +3,7 @@
 A checkpoint is `run_dir/checkpoints/step-XXXXXXXX.pt`, a torch.save of a dict holding the model and
 optimizer states, the position in training (epoch, batches done in that epoch, global step), every rank's
 RNG states, and a fingerprint of what must match to resume (model, data, batch size, world size...).
+torch is imported inside the functions that need it, so the CLI can list checkpoints instantly.
 Writes go to a temporary file in the same directory, are fsynced, then `os.replace`d over the final name,
 and the directory is fsynced: a crash mid-write leaves the previous checkpoint as the newest valid one.
 """
@@ -14,8 +15,6 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
-
-import torch
 
 from hvdtrain.errors import CheckpointError
 
@@ -48,6 +47,8 @@ def _fsync_dir(path: Path) -> None:
 
 def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Path:
     """Atomically write `state` as the checkpoint of `step`, then prune all but the newest `keep`."""
+    import torch
+
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = path_for(ckpt_dir, step)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir)
@@ -69,6 +70,8 @@ def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Pat
 def load(path: Path, fingerprint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Load and check a checkpoint; a corrupt or mismatched file raises CheckpointError naming the fix."""
     previous = [p for p in list_checkpoints(path.parent) if p != path and p.name < path.name]
+    import torch
+
     hint = f"; the previous checkpoint {previous[-1]} is intact: resume from it with --resume-from" if previous else ""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -93,6 +96,7 @@ def rng_state() -> dict[str, Any]:
     import random
 
     import numpy as np
+    import torch
 
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -104,6 +108,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import random
 
     import numpy as np
+    import torch
 
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])

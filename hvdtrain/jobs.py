@@ -1,0 +1,88 @@
+"""The built-in jobs as seen from the launching side: validate, check before starting, launch.
+
+Imports nothing heavy (the CLI calls it): the configuration is checked, the run directory and the device
+layout are checked, and only then is anything written or started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from hvdtrain import launch as L
+from hvdtrain.config import TrainConfig
+from hvdtrain.errors import CheckpointError, ConfigError
+from hvdtrain.train.checkpoint import list_checkpoints
+
+
+def visible_gpus(environ: Mapping[str, str]) -> int:
+    """GPUs this node shows, without importing torch: CUDA_VISIBLE_DEVICES if set, else /dev/nvidiaN."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return len([d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"])
+    return len([p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)])
+
+
+def preflight(cfg: TrainConfig, spec: L.LaunchSpec, environ: Mapping[str, str]) -> None:
+    """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
+    if cfg.strategy == "model" and spec.np > 1:
+        raise ConfigError(
+            f"--strategy model runs one replica on one rank, but -np is {spec.np}: use -np 1, or --strategy "
+            "hybrid for data parallelism across model-parallel replicas"
+        )
+    if cfg.strategy in ("model", "hybrid"):
+        from hvdtrain.parallel.hybrid import devices_for_rank
+
+        per_host = max(L.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
+        if "SLURM_NTASKS_PER_NODE" in environ:
+            per_host = int(environ["SLURM_NTASKS_PER_NODE"].split("(")[0].split(",")[0])
+        devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
+    restarted = int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    found = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    if found and not (cfg.resume or cfg.resume_from or restarted):
+        raise CheckpointError(
+            f"{cfg.run_dir} already has checkpoints (newest {found[-1].name}): pass --resume to continue from "
+            "it, or choose a new --run-dir"
+        )
+    if cfg.resume and not found and not restarted:
+        raise CheckpointError(
+            f"--resume: no checkpoint in {Path(cfg.run_dir) / 'checkpoints'}; check --run-dir, or drop --resume "
+            "to start fresh"
+        )
+    parent = Path(cfg.run_dir).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--run-dir {cfg.run_dir}: {parent} is not writable; choose another directory")
+
+
+def train(
+    fields: dict[str, Any],
+    launch: dict[str, Any],
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+    environ: Optional[Mapping[str, str]] = None,
+) -> int:
+    """Validate the training configuration, check the run directory and layout, write config.json, launch
+    ``python -m hvdtrain.worker`` on the ranks; returns the job's exit status."""
+    environ = os.environ if environ is None else environ
+    cfg = TrainConfig.from_dict(fields).validate().with_defaults(environ)
+    run_dir = Path(cfg.run_dir)
+    config_path = run_dir / "config.json"
+    command = [sys.executable, "-m", "hvdtrain.worker", str(config_path.resolve())]
+    launch = {**launch, "output_dir": launch.get("output_dir") or str(run_dir / "logs")}
+    spec = L.make_spec(command, environ=environ, check_cmd=False, **launch)
+    preflight(cfg, spec, environ)
+    text = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n"
+    if dry_run:
+        echo(f"# {config_path}:\n" + "\n".join(f"#   {line}" for line in text.splitlines()))
+        return L.run_job(spec, dry_run=True, echo=echo)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, config_path)
+    return L.run_job(spec, echo=echo)

@@ -1,0 +1,432 @@
+"""The Trainer: the training loop every built-in job runs on every rank, on top of hvdtrain.parallel.
+
+    Trainer(cfg).fit()                                   # the built-in job (digits CNN by default)
+    Trainer(cfg, model=my_sequential, dataset=my_data).fit()
+
+One process per rank. Rank 0 alone writes the shared files of the run directory (config.json,
+metrics.jsonl, TensorBoard events, result.json, checkpoints/); every rank writes its own log (the launcher's
+per-rank wrapper does that). Every distributed operation goes through `hvdtrain.parallel.data` (Horovod).
+
+Exact resume: a checkpoint holds the model and optimizer, the epoch, the number of steps done in that epoch
+(the sampler order is a pure function of seed and epoch, so the position is enough), and every rank's RNG
+states. Resuming restores all of it, so a run interrupted at any checkpoint and resumed ends bitwise equal to
+an uninterrupted one in deterministic mode on CPU.
+
+Preemption: the preempt signal (USR2 by default, what `sbatch --signal` sends before the time limit) only
+sets a flag. Each step the flag is max-allreduced together with the gradients (asynchronously, so it costs
+no extra round), every rank sees the same answer after the same step, checkpoints it, and stops; inside
+Slurm rank 0 then requeues the job, and the requeued job resumes from that checkpoint by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from hvdtrain.config import TrainConfig
+from hvdtrain.errors import CheckpointError, ConfigError
+from hvdtrain.parallel import data as P
+from hvdtrain.train import checkpoint as C
+from hvdtrain.train import data as D
+from hvdtrain.train import models as M
+
+# What must match between a checkpoint and the job resuming from it.
+FINGERPRINT_FIELDS = (
+    "strategy", "devices_per_rank", "micro_batches", "model", "hidden", "depth", "data", "synthetic_samples",
+    "batch_size", "optimizer", "backward_passes_per_step", "seed",
+)  # fmt: skip
+
+
+def params_sha256(model: nn.Module) -> str:
+    """A fingerprint of the parameters' exact bits (what the resume tests compare)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _jsonable(v):
+    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+
+class Trainer:
+    """Train `model` (default: the reference model named by cfg.model) on `dataset` (default: cfg.data).
+
+    model: an nn.Sequential (required for model/hybrid strategies, which split it) or any nn.Module (data).
+    dataset: a hvdtrain.train.data.Dataset (train/test TensorDatasets, input shape, number of classes).
+    loss_fn: defaults to cross entropy. Returns from fit(): a dict of the run's results.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: Optional[nn.Module] = None,
+        dataset: Optional[D.Dataset] = None,
+        loss_fn: Optional[Callable] = None,
+        echo: Callable[[str], None] = print,
+    ):
+        self.cfg = cfg.validate()
+        self.cfg.with_defaults()
+        self._user_model = model
+        self._user_dataset = dataset
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self._echo = echo
+        self._preempt_requested = False
+        self.run_dir = Path(self.cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        P.init(deterministic=cfg.deterministic)
+        self.rank, self.size = P.rank(), P.size()
+        self.is_main = self.rank == 0
+        if cfg.strategy == "model" and self.size > 1:
+            raise ConfigError(
+                f"--strategy model runs one replica on one rank, but this job has {self.size} ranks: "
+                "use -np 1, or --strategy hybrid for data parallelism across model-parallel replicas"
+            )
+        self.data = self._user_dataset or D.load(cfg.data, cfg.synthetic_samples, cfg.seed)
+
+        # Same seed on every rank for the initial weights (rank 0's are broadcast anyway).
+        seed_everything(cfg.seed)
+        model = self._user_model or M.build(cfg.model, self.data.input_shape, self.data.num_classes, cfg.hidden, cfg.depth)
+        if cfg.strategy == "data":
+            self.device = P.device()
+            self.model = model.to(self.device)
+            self.in_device = self.out_device = self.device
+        else:
+            from hvdtrain.parallel.hybrid import devices_for_rank
+            from hvdtrain.parallel.model import Pipeline
+
+            import horovod.torch as hvd
+
+            devices = devices_for_rank(hvd.local_rank(), hvd.local_size(), cfg.devices_per_rank)
+            self.model = Pipeline(model, devices, balance=cfg.balance, micro_batches=cfg.micro_batches)
+            self.in_device, self.out_device = self.model.input_device, self.model.output_device
+        # From here on each rank draws its own random numbers (dropout): seed + rank.
+        seed_everything(cfg.seed + self.rank)
+
+        # Linear lr scaling with the effective batch; Adasum adapts by itself and needs none.
+        self.lr = P.scaled_lr(cfg.lr, cfg.scale_lr and cfg.reduce_op == "average", cfg.backward_passes_per_step)
+        params = self.model.parameters()
+        if cfg.optimizer == "sgd":
+            base = torch.optim.SGD(params, lr=self.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adam":
+            base = torch.optim.Adam(params, lr=self.lr, weight_decay=cfg.weight_decay)
+        else:
+            base = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = P.distributed_optimizer(
+            base, self.model, cfg.compression, cfg.backward_passes_per_step, cfg.reduce_op
+        )
+        self.sampler = P.sampler(self.data.train, shuffle=True, seed=cfg.seed)
+        self.fingerprint = {k: _jsonable(getattr(cfg, k)) for k in FINGERPRINT_FIELDS}
+        self.fingerprint["world_size"] = self.size
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _resume_path(self) -> Optional[Path]:
+        cfg = self.cfg
+        if cfg.resume_from:
+            return Path(cfg.resume_from)
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        found = C.list_checkpoints(self.ckpt_dir)
+        if cfg.resume or restarted:
+            return found[-1] if found else None
+        if found:
+            raise CheckpointError(
+                f"{self.run_dir} already has checkpoints (newest {found[-1].name}): pass --resume to continue "
+                "from it, or choose a new --run-dir"
+            )
+        return None
+
+    def _restore_or_broadcast(self) -> None:
+        """Start every rank from the same state: a checkpoint (loaded by rank 0), or rank 0's fresh weights."""
+        self.epoch, self.step_in_epoch, self.step = 0, 0, 0
+        path = self._resume_path()
+        error = None
+        state = None
+        if path is not None and self.is_main:
+            try:
+                state = C.load(path, self.fingerprint)
+            except CheckpointError as e:
+                error = str(e)
+        # Every rank learns whether rank 0 could load it, so all fail together instead of hanging.
+        error = P.broadcast_object(error, name="hvdtrain.ckpt_error")
+        if error:
+            raise CheckpointError(error)
+        if path is None:
+            # Parameters only: Horovod's broadcast_optimizer_state would take a dummy step to create state.
+            P.broadcast_state(self.model, None)
+            return
+        if self.is_main:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        P.broadcast_state(self.model, self.optimizer)
+        position = P.broadcast_object(
+            (state["epoch"], state["step_in_epoch"], state["step"], state["rng"]) if self.is_main else None,
+            name="hvdtrain.position",
+        )
+        self.epoch, self.step_in_epoch, self.step, rngs = position
+        C.set_rng_state(rngs[self.rank])
+        self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, step {self.step_in_epoch} in it)")
+
+    def _checkpoint(self) -> Optional[Path]:
+        """Collective: every rank hands in its RNG states; rank 0 writes the file atomically."""
+        rngs = P.allgather_object(C.rng_state(), name="hvdtrain.rng")
+        if not self.is_main:
+            return None
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "step": self.step,
+            "rng": rngs,
+            "fingerprint": self.fingerprint,
+            "config": dataclasses.asdict(self.cfg),
+        }
+        path = C.save(state, self.ckpt_dir, self.step, keep=self.cfg.keep_checkpoints)
+        self._record({"event": "checkpoint", "step": self.step, "path": str(path)})
+        return path
+
+    # -------------------------------------------------------------------------------------- reporting
+    def _say(self, line: str) -> None:
+        if self.is_main:
+            self._echo(line)
+            sys.stdout.flush()
+
+    def _record(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self._tb.add_scalar(k, v, row.get("step", self.step))
+
+    def _open_outputs(self) -> None:
+        self._tb = None
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / ".config.json.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.run_dir / "config.json")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is an install requirement; keep training if someone removed it
+            self._echo("hvdtrain: tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def _progress(self, steps_total: int, loss: float, rate: float) -> None:
+        if not self.is_main:
+            return
+        width = 24
+        done = int(width * self.step / max(1, steps_total))
+        line = (
+            f"epoch {self.epoch + 1}/{self.cfg.epochs} step {self.step}/{steps_total} "
+            f"loss {loss:.4f} {rate:,.0f} samples/s"
+        )
+        if sys.stdout.isatty():
+            sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {line}")
+            sys.stdout.flush()
+        else:
+            self._echo(line)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _on_preempt_signal(self, signum, _frame) -> None:
+        self._preempt_requested = True
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        bs = self.cfg.batch_size
+        return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+    def _train_step(self, group: list[list[int]], check_preempt: bool) -> tuple[float, int, bool]:
+        """One optimizer step over len(group) local backward passes; returns (loss sum, samples, stop?)."""
+        import horovod.torch as hvd
+
+        self.model.train()
+        handle = None
+        if check_preempt:
+            # Submitted first so Horovod reduces it in the same cycle as the gradients: no extra round trip.
+            flag = torch.tensor([int(self._preempt_requested)], dtype=torch.int32)
+            handle = hvd.allreduce_async(flag, op=hvd.Max, name="hvdtrain.preempt")
+        self.optimizer.zero_grad()
+        loss_sum, samples = 0.0, 0
+        x_all, y_all = self.data.train.tensors
+        for idx in group:
+            index = torch.as_tensor(idx)
+            x = x_all[index].to(self.in_device, non_blocking=True)
+            y = y_all[index].to(self.out_device, non_blocking=True)
+            loss = self.loss_fn(self.model(x), y)
+            # Accumulated gradients are summed: divide so the step sees the mean over the passes.
+            (loss / len(group)).backward()
+            loss_sum += loss.item() * len(idx)
+            samples += len(idx)
+        self.optimizer.step()
+        stop = bool(hvd.synchronize(handle).item()) if handle is not None else False
+        return loss_sum, samples, stop
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Exact test loss and accuracy over the whole test split: each rank takes samples rank, rank+size..."""
+        self.model.eval()
+        x_all, y_all = self.data.test.tensors
+        mine = torch.arange(self.rank, len(y_all), self.size)
+        loss_sum, correct = 0.0, 0.0
+        for chunk in mine.split(256):
+            x, y = x_all[chunk].to(self.in_device), y_all[chunk].to(self.out_device)
+            out = self.model(x)
+            loss_sum += self.loss_fn(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+        m = P.average_metrics({"test_loss": loss_sum, "test_accuracy": correct}, len(mine), name="hvdtrain.eval")
+        return m
+
+    # -------------------------------------------------------------------------------------------- fit
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._setup()
+        self._open_outputs()
+        self._restore_or_broadcast()
+        k = cfg.backward_passes_per_step
+        steps_per_epoch = len(self._batches(0)) // k
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} x --backward-passes-per-step {k} is more than this rank's "
+                f"{len(self.sampler)} training samples: lower them or use fewer ranks"
+            )
+        steps_total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            steps_total = min(steps_total, cfg.max_steps)
+        if self.step == 0:
+            self._say(
+                f"training {cfg.model} on {cfg.data}: {self.size} rank(s), strategy {cfg.strategy}, "
+                f"{steps_total} steps of {cfg.batch_size} x {k} samples per rank, lr {self.lr:g}"
+            )
+
+        previous_handler = None
+        if cfg.preempt_signal:
+            signum = getattr(signal, "SIG" + cfg.preempt_signal.upper().removeprefix("SIG"))
+            previous_handler = signal.signal(signum, self._on_preempt_signal)
+        preempted = False
+        window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+        train_seconds, train_samples = 0.0, 0
+        last_eval: dict[str, float] = {}
+        try:
+            while self.epoch < cfg.epochs and self.step < steps_total and not preempted:
+                groups = self._batches(self.epoch)
+                groups = [groups[i : i + k] for i in range(0, steps_per_epoch * k, k)]
+                t0 = time.perf_counter()
+                for group in groups[self.step_in_epoch :]:
+                    if self.step >= steps_total:
+                        break
+                    loss_sum, samples, stop = self._train_step(group, bool(cfg.preempt_signal))
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    window_loss += loss_sum
+                    window_samples += samples
+                    train_samples += samples
+                    if self.step % cfg.log_every == 0 or self.step == steps_total:
+                        elapsed = time.perf_counter() - window_start
+                        avg = P.average_metrics({"train_loss": window_loss}, window_samples, name="hvdtrain.loss")
+                        rate = window_samples * self.size / max(elapsed, 1e-9)
+                        self._record({"step": self.step, "epoch": self.epoch, "train_loss": avg["train_loss"],
+                                      "lr": self.lr, "samples_per_s": rate})  # fmt: skip
+                        self._progress(steps_total, avg["train_loss"], rate)
+                        window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+                    if stop:
+                        preempted = True
+                        break
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self._checkpoint()
+                train_seconds += time.perf_counter() - t0
+                if preempted:
+                    break
+                if self.step_in_epoch >= steps_per_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    if cfg.eval_every_epoch and self.epoch < cfg.epochs and self.step < steps_total:
+                        last_eval = self.evaluate()
+                        self._record({"step": self.step, "epoch": self.epoch, **last_eval})
+                        self._say(f"epoch {self.epoch}: test accuracy {last_eval['test_accuracy']:.4f}")
+        finally:
+            if previous_handler is not None:
+                signal.signal(signum, previous_handler)
+        if sys.stdout.isatty() and self.is_main:
+            sys.stdout.write("\n")
+
+        if preempted:
+            path = self._checkpoint()
+            self._say(f"preempted at step {self.step}: checkpoint {path}")
+            requeued = self._requeue() if self.is_main else None
+            return self._finish({"preempted": True, "requeued": requeued}, train_seconds, train_samples)
+
+        last_eval = self.evaluate()
+        self._record({"step": self.step, "epoch": self.epoch, **last_eval})
+        if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            self._checkpoint()  # the end state, unless the last step just wrote it
+        self._say(
+            f"test accuracy: {last_eval['test_accuracy']:.4f} (test loss {last_eval['test_loss']:.4f}, "
+            f"{self.step} steps, {train_seconds:.1f} s training)"
+        )
+        return self._finish({"preempted": False, **last_eval}, train_seconds, train_samples)
+
+    def _requeue(self) -> Optional[str]:
+        cfg, environ = self.cfg, os.environ
+        if "SLURM_JOB_ID" not in environ or not cfg.requeue:
+            return None
+        restarts = int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if restarts >= cfg.max_requeues:
+            self._say(f"not requeueing: the job was already requeued {restarts} times (--max-requeues {cfg.max_requeues})")
+            return None
+        from hvdtrain.slurm import requeue_job
+
+        job = requeue_job(environ)
+        self._say(f"requeued Slurm job {job}; it will resume from the checkpoint")
+        return job
+
+    def _finish(self, extra: dict[str, Any], seconds: float, samples: int) -> dict[str, Any]:
+        total = P.average_metrics({"samples": float(samples)}, 1.0, name="hvdtrain.samples")["samples"] * self.size
+        result = {
+            "steps": self.step,
+            "epochs_done": self.epoch,
+            "world_size": self.size,
+            "seconds_training": round(seconds, 3),
+            "samples_per_s": total / seconds if seconds > 0 else math.nan,
+            "params_sha256": params_sha256(self.model),
+            "run_dir": str(self.run_dir),
+            **extra,
+        }
+        if self.is_main:
+            tmp = self.run_dir / ".result.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.run_dir / "result.json")
+            if self._tb is not None:
+                self._tb.close()
+        return result
