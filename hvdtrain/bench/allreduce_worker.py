@@ -1,0 +1,157 @@
+"""Runs on every rank: ``python -m hvdtrain.bench.allreduce_worker PLAN.json OUT.json``.
+
+PLAN gives the controller of this run ("mpi" or "gloo"), the message sizes, warm-up and iterations. Each
+implementation is timed on float32 tensors of every size: after a correctness check (ones summed over n
+ranks give n) and `warmup` untimed calls, `iterations_for(size)` back-to-back allreduces are timed after a
+barrier; a rank's time is the mean per call and the reported time is the slowest rank's.
+
+The MPI run times memcpy, then mpi4py's Allreduce, and only then initialises Horovod (on the same
+MPI_COMM_WORLD); the Gloo run times torch.distributed's gloo all_reduce and only then initialises Horovod.
+The baselines run before Horovod starts because Horovod's background thread polls even when idle (the MPI
+controller spins a core), which would slow them on a small machine. Rank 0 writes OUT with raw times;
+bandwidths are computed by the launching side (hvdtrain.bench.allreduce).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hvdtrain.bench.report import ELEMENT_BYTES, iterations_for, read_json, write_json
+from hvdtrain.env import rank_info
+
+
+def _time_calls(op, barrier, n: int) -> float:
+    barrier()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        op()
+    return (time.perf_counter() - t0) / n
+
+
+def _sweep(impl: str, plan: dict, make, check, barrier, slowest) -> list[dict]:
+    """Time `make(size)`'s op over every size; `check` verifies one result; `slowest` takes the max over ranks."""
+    rows = []
+    for size in plan["sizes"]:
+        op, buf = make(size)
+        check(op, buf)
+        for _ in range(plan["warmup"]):
+            op()
+        n = iterations_for(size, plan["iters"])
+        t = slowest(_time_calls(op, barrier, n))
+        rows.append({"impl": impl, "bytes": size, "elements": size // ELEMENT_BYTES, "iters": n, "time_s": t})
+    return rows
+
+
+def _check_sum(get, fill, n: int, impl: str):
+    def check(op, buf):
+        fill(buf, 1.0)
+        op()
+        got = get(buf)
+        if got != n:
+            raise RuntimeError(f"{impl}: allreduce of ones over {n} ranks gave {got}, expected {n}")
+        fill(buf, 0.0)  # time on zeros: sums stay finite however many iterations run
+
+    return check
+
+
+def memcpy_rows(plan: dict, barrier, slowest) -> list[dict]:
+    """Local copy bandwidth (dst.copy_(src), one thread) on every rank at once: this machine's limit."""
+
+    def make(size):
+        src, dst = torch.ones(size // ELEMENT_BYTES), torch.empty(size // ELEMENT_BYTES)
+        return (lambda: dst.copy_(src)), dst
+
+    return _sweep("memcpy", plan, make, lambda op, buf: None, barrier, slowest)
+
+
+def mpi_run(plan: dict) -> tuple[list[dict], dict]:
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    n = comm.Get_size()
+
+    def slowest(t):
+        return comm.allreduce(t, op=MPI.MAX)
+
+    rows = memcpy_rows(plan, comm.Barrier, slowest) if plan.get("memcpy", True) else []
+
+    def make_mpi(size):
+        buf = np.zeros(size // ELEMENT_BYTES, dtype=np.float32)
+        return (lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)), buf
+
+    fill_np = lambda b, v: b.fill(v)  # noqa: E731
+    check = _check_sum(lambda b: float(b[0]), fill_np, n, "mpi4py")
+    rows += _sweep("mpi4py", plan, make_mpi, check, comm.Barrier, slowest)
+    rows += horovod_rows(plan, "horovod_mpi", comm=comm)
+    info = {"mpi_vendor": ".".join(map(str, MPI.get_vendor()[1])), "mpi_library": MPI.get_vendor()[0]}
+    return rows, info
+
+
+def torch_gloo_rows(plan: dict) -> list[dict]:
+    import torch.distributed as dist
+
+    info = rank_info()
+    store = Path(plan["store"])
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=info.rank, world_size=info.size)
+    try:
+
+        def slowest(t):
+            x = torch.tensor([t], dtype=torch.float64)
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+            return x.item()
+
+        def make(size):
+            buf = torch.zeros(size // ELEMENT_BYTES)
+            return (lambda: dist.all_reduce(buf)), buf
+
+        check = _check_sum(lambda b: b[0].item(), lambda b, v: b.fill_(v), info.size, "torch_gloo")
+        return _sweep("torch_gloo", plan, make, check, dist.barrier, slowest)
+    finally:
+        dist.destroy_process_group()
+
+
+def horovod_rows(plan: dict, impl: str, comm=None) -> list[dict]:
+    import horovod.torch as hvd
+
+    hvd.init(comm=comm) if comm is not None else hvd.init()
+
+    def slowest(t):
+        return hvd.allreduce(torch.tensor([t], dtype=torch.float64), op=hvd.Max, name="bench.slowest").item()
+
+    def make(size):
+        buf = torch.zeros(size // ELEMENT_BYTES)
+        name = f"bench.allreduce.{size}"
+        return (lambda: hvd.allreduce_(buf, op=hvd.Sum, name=name)), buf
+
+    check = _check_sum(lambda b: b[0].item(), lambda b, v: b.fill_(v), hvd.size(), impl)
+    return _sweep(impl, plan, make, check, hvd.barrier, slowest)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m hvdtrain.bench.allreduce_worker PLAN.json OUT.json", file=sys.stderr)
+        return 2
+    plan, out = read_json(Path(argv[0])), Path(argv[1])
+    torch.set_num_threads(1)  # a copy or a sum on one thread per rank: the ranks already fill the cores
+    info = rank_info()
+    if plan["controller"] == "mpi":
+        rows, extra = mpi_run(plan)
+    else:
+        rows, extra = torch_gloo_rows(plan), {}
+        rows += horovod_rows(plan, "horovod_gloo")
+    import horovod
+
+    if info.rank == 0:
+        meta = {"np": info.size, "controller": plan["controller"], "torch": torch.__version__}
+        meta.update(horovod=horovod.__version__, **extra)
+        write_json(out, {"meta": meta, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

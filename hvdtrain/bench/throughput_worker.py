@@ -1,0 +1,246 @@
+"""Runs on every rank: ``python -m hvdtrain.bench.throughput_worker PLAN.json OUT.json``.
+
+Measures training throughput the way Horovod's pytorch_synthetic_benchmark does: `warmup` untimed batches,
+then `iters` timed iterations of `batches_per_iter` batches each; one iteration gives
+batch_size x batches_per_iter / seconds samples/s on this rank. PLAN lists measurements in order, each an
+arm (how the step is driven), a model shape and a gradient compression:
+
+  ddp      torch DistributedDataParallel over a gloo process group (baseline; runs before Horovod starts,
+           because Horovod's background thread polls even when idle and would slow it)
+  horovod  a minimal hand-written Horovod loop: DistributedOptimizer, broadcast, forward/backward/step
+  trainer  hvdtrain's Trainer.fit(), timed per step from inside (see TimedTrainer)
+
+Every arm trains the same model (hvdtrain.train.models.build with the same seed) on the same synthetic
+dataset, with the same batch, SGD (momentum 0.9, lr scaled by the number of ranks), the same sampler order
+(DistributedSampler, seed 0) and the same way of taking a batch (indexing the dataset's tensors), so the
+arms differ only in how the step is driven. Rank 0 writes every rank's per-iteration rates to OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hvdtrain.bench.report import read_json, write_json
+from hvdtrain.env import rank_info
+from hvdtrain.train import data as D
+from hvdtrain.train import models as M
+
+
+def steps_needed(plan: dict) -> int:
+    return plan["warmup"] + plan["iters"] * plan["batches_per_iter"]
+
+
+def rates_from_stamps(stamps: list[float], plan: dict) -> list[float]:
+    """Per-iteration samples/s from the times at which each step ended (stamps[0]: before the first step)."""
+    w, bpi, bs = plan["warmup"], plan["batches_per_iter"], plan["batch_size"]
+    out = []
+    for i in range(plan["iters"]):
+        start, end = stamps[w + i * bpi], stamps[w + (i + 1) * bpi]
+        out.append(bs * bpi / (end - start))
+    return out
+
+
+def make_dataset(plan: dict, size: int) -> D.Dataset:
+    """Enough synthetic samples that no rank starts a second epoch inside one measurement."""
+    return D.synthetic(plan["batch_size"] * steps_needed(plan) * size, seed=0)
+
+
+def batches(dataset: D.Dataset, rank: int, size: int, batch_size: int):
+    """This rank's batches in DistributedSampler order (seed 0, epoch 0), the Trainer's order."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    order = list(DistributedSampler(dataset.train, num_replicas=size, rank=rank, shuffle=True, seed=0))
+    x_all, y_all = dataset.train.tensors
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        index = torch.as_tensor(order[i : i + batch_size])
+        yield x_all[index], y_all[index]
+
+
+def build_model(plan: dict, shape: dict, dataset: D.Dataset) -> nn.Module:
+    torch.manual_seed(0)
+    return M.build(shape["model"], dataset.input_shape, dataset.num_classes, shape["hidden"], shape["depth"])
+
+
+def timed_loop(step: Callable[[torch.Tensor, torch.Tensor], None], data, plan: dict) -> list[float]:
+    """Run warm-up then the timed iterations of `step`; returns this rank's per-iteration samples/s."""
+    stamps = [time.perf_counter()]
+    for _ in range(steps_needed(plan)):
+        x, y = next(data)
+        step(x, y)
+        stamps.append(time.perf_counter())
+    return rates_from_stamps(stamps, plan)
+
+
+# --------------------------------------------------------------------------------------------------
+# Arms
+# --------------------------------------------------------------------------------------------------
+
+
+def ddp_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    dataset = make_dataset(plan, size)
+    model = DistributedDataParallel(build_model(plan, shape, dataset))
+    opt = torch.optim.SGD(model.parameters(), lr=plan["lr"] * size, momentum=0.9)
+    loss_fn = nn.functional.cross_entropy
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    return timed_loop(step, batches(dataset, rank, size, plan["batch_size"]), plan), {}
+
+
+def horovod_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
+    import horovod.torch as hvd
+
+    rank, size = hvd.rank(), hvd.size()
+    dataset = make_dataset(plan, size)
+    model = build_model(plan, shape, dataset)
+    opt = torch.optim.SGD(model.parameters(), lr=plan["lr"] * size, momentum=0.9)
+    compression = hvd.Compression.fp16 if m["compression"] == "fp16" else hvd.Compression.none
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    loss_fn = nn.functional.cross_entropy
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    return timed_loop(step, batches(dataset, rank, size, plan["batch_size"]), plan), {}
+
+
+def trainer_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
+    """The Trainer as users run it (its defaults: progress every log_every steps, metrics, TensorBoard,
+    preemption flag), minus evaluation between epochs; a fresh run directory per measurement. The per-step
+    times come from a subclass that stamps the end of each `_train_step`, so warm-up is excluded exactly
+    as for the other arms; the set-up before the first step and the final evaluation/checkpoint are not
+    timed. Falls back to fit()'s own samples_per_s (warm-up included) if the Trainer has no `_train_step`."""
+    import horovod.torch as hvd
+
+    from hvdtrain.config import TrainConfig
+    from hvdtrain.train.trainer import Trainer
+
+    size = hvd.size()
+    dataset = make_dataset(plan, size)
+    run_dir = Path(plan["run_root"]) / f"np{size}-{shape['name']}-{m['compression']}-{m['round']}"
+    cfg = TrainConfig(
+        model=shape["model"], hidden=shape["hidden"], depth=shape["depth"], data="synthetic",
+        synthetic_samples=len(dataset.train), epochs=1, max_steps=steps_needed(plan),
+        batch_size=plan["batch_size"], lr=plan["lr"], scale_lr=True, optimizer="sgd", momentum=0.9,
+        compression=m["compression"], seed=0, run_dir=str(run_dir), eval_every_epoch=False,
+    )  # fmt: skip
+
+    class TimedTrainer(Trainer):
+        """Stamps the start of the first step and the end of every step; everything between two steps
+        (the Trainer's logging, metrics, preemption check) falls inside the timed interval."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.stamps: list[float] = []
+
+        def _train_step(self, *args, **kwargs):
+            if not self.stamps:
+                self.stamps.append(time.perf_counter())
+            out = super()._train_step(*args, **kwargs)
+            self.stamps.append(time.perf_counter())
+            return out
+
+    trainer = TimedTrainer(cfg, dataset=dataset, echo=lambda _line: None)
+    result = trainer.fit()
+    hvd.barrier()
+    if hvd.rank() == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    extra = {"fit_samples_per_s": result.get("samples_per_s"), "fit_steps": result.get("steps")}
+    if hasattr(Trainer, "_train_step") and len(trainer.stamps) == steps_needed(plan) + 1:
+        return rates_from_stamps(trainer.stamps, plan), {**extra, "method": "per-step stamps"}
+    total = float(result["samples_per_s"]) / size
+    return [total] * plan["iters"], {**extra, "method": "fit() samples_per_s (warm-up included)"}
+
+
+ARMS = {"ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m hvdtrain.bench.throughput_worker PLAN.json OUT.json", file=sys.stderr)
+        return 2
+    plan, out = read_json(Path(argv[0])), Path(argv[1])
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+    torch.set_num_threads(threads)
+    info = rank_info()
+    results = []
+    hvd_started = False
+    ddp_group = False
+    for m in plan["measurements"]:
+        shape = {**plan["models"][m["model"]], "name": m["model"]}
+        if m["arm"] == "ddp":
+            if hvd_started:
+                raise RuntimeError("the plan puts a ddp measurement after Horovod started; ddp must come first")
+            if not ddp_group:
+                import torch.distributed as dist
+
+                store = f"file://{plan['store']}"
+                dist.init_process_group("gloo", init_method=store, rank=info.rank, world_size=info.size)
+                ddp_group = True
+        else:
+            if ddp_group:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+                ddp_group = False
+            if not hvd_started:
+                import horovod.torch as hvd
+
+                hvd.init()
+                torch.set_num_threads(threads)
+                hvd_started = True
+        rates, extra = ARMS[m["arm"]](plan, shape, m)
+        results.append({**m, "rates": rates, **extra})
+    # Every rank's rates to rank 0, through whichever group is up.
+    if hvd_started:
+        import horovod.torch as hvd
+
+        everyone = hvd.allgather_object(results)
+    else:
+        import torch.distributed as dist
+
+        everyone = [None] * info.size
+        dist.all_gather_object(everyone, results)
+        dist.destroy_process_group()
+    if info.rank == 0:
+        import horovod
+
+        merged = []
+        for i, m in enumerate(everyone[0]):
+            row = {k: v for k, v in m.items() if k != "rates"}
+            row["rank_rates"] = [per_rank[i]["rates"] for per_rank in everyone]
+            merged.append(row)
+        meta = {"np": info.size, "threads_per_rank": threads, "controller": plan.get("controller")}
+        meta.update(fusion_threshold=os.environ.get("HOROVOD_FUSION_THRESHOLD"), torch=torch.__version__)
+        meta["horovod"] = horovod.__version__
+        write_json(out, {"meta": meta, "measurements": merged})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
