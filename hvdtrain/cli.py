@@ -184,6 +184,73 @@ def doctor(as_json):
     sys.exit(0 if not report["problems"] else 1)
 
 
+@cli.group(context_settings=CONTEXT)
+def bench():
+    """Benchmarks: allreduce bandwidth, and training throughput with scaling and side-by-side ratios.
+
+    Each prints a table and writes JSON and a PNG into --out; --tiny is a seconds-long smoke run.
+    """
+
+
+@bench.command("allreduce", context_settings=CONTEXT)
+@launch_options
+@click.option("--out", default="runs/bench-allreduce", show_default=True, help="Directory for allreduce.json/.png, parts/, logs/.")
+@click.option("--sizes", help="Comma-separated message sizes, e.g. 4,1KiB,64MiB (excludes --min/--max-bytes).")
+@click.option("--min-bytes", help="Smallest message [default: 4]; K/M/G are binary, e.g. 1KiB.")
+@click.option("--max-bytes", help="Largest message [default: 256MiB].")
+@click.option("--step-factor", type=int, default=2, show_default=True, help="Multiply the size by this each step.")
+@click.option("--warmup", type=int, help="Untimed calls per size [default: 5; tiny: 1].")
+@click.option("--iters", type=int, help="Timed calls per size up to 16 MiB, fewer above [default: 20; tiny: 3].")
+@click.option("--tiny", is_flag=True, help="A few small sizes and iterations: the smoke run of the test suite.")
+@handle_errors
+def bench_allreduce(dry_run, out, sizes, min_bytes, max_bytes, step_factor, warmup, iters, tiny, **launch):
+    """Allreduce time, algbw and busbw = algbw x 2(n-1)/n against message size, for Horovod (MPI and Gloo
+    controllers) beside mpi4py Allreduce, torch.distributed gloo all_reduce and local memcpy.
+
+    \b
+      hvdtrain bench allreduce -np 2                       # 4 B .. 256 MiB, both controllers
+      hvdtrain bench allreduce -np 2 --mpi --sizes 64MiB    # one controller, one size
+    """
+    from hvdtrain.bench import allreduce as A
+
+    plan = A.make_plan(
+        out, sizes=sizes, min_bytes=min_bytes, max_bytes=max_bytes, step_factor=step_factor, warmup=warmup,
+        iters=iters, tiny=tiny, launch=launch,
+    )  # fmt: skip
+    A.run(plan, dry_run=dry_run, echo=click.echo)
+
+
+@bench.command("train", context_settings=CONTEXT)
+@launch_options
+@click.option("--out", default="runs/bench-train", show_default=True, help="Directory for train.json/.png, parts/, logs/.")
+@click.option("--max-np", type=int, help="Sweep np = 1..N [default: -np, else the cores, else SLURM_NTASKS].")
+@click.option("--models", help="Comma-separated model shapes [default: deep_mlp,wide_mlp].")
+@click.option("--arms", help="Comma-separated arms to compare [default: horovod,trainer,ddp].")
+@click.option("--batch-size", type=int, help="Samples per rank per batch [default: 32; tiny: 16].")
+@click.option("--warmup", type=int, help="Untimed warm-up batches [default: 10; tiny: 2].")
+@click.option("--iters", type=int, help="Timed iterations per round [default: 10; tiny: 3].")
+@click.option("--batches-per-iter", type=int, help="Batches per timed iteration [default: 10; tiny: 2].")
+@click.option("--rounds", type=int, help="Repeat every measurement, alternating arm order [default: 2; tiny: 1].")
+@click.option("--ablations/--no-ablations", default=True, show_default=True, help="Also fusion off and fp16 compression.")
+@click.option("--tiny", is_flag=True, help="Small models and few batches: the smoke run of the test suite.")
+@handle_errors
+def bench_train(dry_run, out, max_np, models, arms, batch_size, warmup, iters, batches_per_iter, rounds, ablations, tiny, **launch):
+    """Synthetic-data training throughput for np = 1..N (one thread per rank): weak-scaling efficiency, tensor
+    fusion and fp16 ablations, and the hvdtrain Trainer vs a minimal Horovod loop vs torch DDP (gloo).
+
+    \b
+      hvdtrain bench train --max-np 2                      # Gloo controller unless --mpi
+      hvdtrain bench train --max-np 2 --models wide_mlp --no-ablations
+    """
+    from hvdtrain.bench import throughput as T
+
+    plan = T.make_plan(
+        out, max_np=max_np, models=models, arms=arms, batch_size=batch_size, warmup=warmup, iters=iters,
+        batches_per_iter=batches_per_iter, rounds=rounds, ablations=ablations, tiny=tiny, launch=launch,
+    )  # fmt: skip
+    T.run(plan, dry_run=dry_run, echo=click.echo)
+
+
 def main():
     cli(prog_name="hvdtrain")
 
