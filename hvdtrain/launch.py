@@ -340,17 +340,28 @@ def describe(argv: Sequence[str], env: Mapping[str, str]) -> str:
     return "\n".join([*lines, shlex.join(argv)])
 
 
+# A rank whose log ends with one of these failed because another rank did (Horovod shuts down everywhere).
+_CONSEQUENCES = ("Horovod has been shut down", "HorovodInternalError", "HorovodShutdownError")
+
+
 def failed_ranks(log_dir: str) -> list[tuple[int, int]]:
-    """(rank, exit status) of every rank whose wrapper recorded a non-zero exit, lowest rank first."""
+    """(rank, exit status) of every rank whose wrapper recorded a non-zero exit, the likely cause first.
+
+    When one rank raises, Horovod shuts down and the other ranks fail too ("Horovod has been shut down"),
+    sometimes before the first one has finished exiting: ranks whose last lines show only that consequence
+    come after the others; then the order of the exit records, then the rank."""
     out = []
     for p in Path(log_dir).glob("rank.*.exit"):
         try:
             rank, status = int(p.name.split(".")[1]), int(p.read_text().strip())
-        except (ValueError, IndexError):
+            when = p.stat().st_mtime_ns
+        except (ValueError, IndexError, OSError):
             continue
         if status != 0:
-            out.append((rank, status))
-    return sorted(out)
+            last = "\n".join(tail(Path(log_dir) / f"rank.{rank}.log", 5))
+            consequence = any(marker in last for marker in _CONSEQUENCES)
+            out.append((consequence, when, rank, status))
+    return [(rank, status) for _, _, rank, status in sorted(out)]
 
 
 def tail(path: Path, n: int = 15) -> list[str]:
@@ -368,7 +379,7 @@ def failure_report(log_dir: str, status: int) -> str:
     rank, rank_status = failed[0]
     log = Path(log_dir) / f"rank.{rank}.log"
     others = ", ".join(str(r) for r, _ in failed[1:])
-    head = f"rank {rank} failed with exit status {rank_status}" + (f" (also failed: ranks {others})" if others else "")
+    head = f"rank {rank} failed with exit status {rank_status}" + (f" (then also ranks {others})" if others else "")
     body = "\n".join(f"  | {line}" for line in tail(log))
     return f"{head}; last lines of {log}:\n{body}"
 

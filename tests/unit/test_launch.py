@@ -183,3 +183,22 @@ def test_failure_report(tmp_path):
     assert report.rstrip().endswith("ValueError: boom")
     assert report.count("\n") == 15
     assert "exit status 3" in L.failure_report(str(tmp_path / "none"), 3)
+
+
+def test_failure_report_names_the_rank_that_failed_first(tmp_path):
+    import os
+
+    (tmp_path / "rank.0.exit").write_text("1\n")  # rank 0 died of Horovod's shutdown, after rank 1 raised
+    (tmp_path / "rank.1.exit").write_text("1\n")
+    os.utime(tmp_path / "rank.1.exit", ns=(1_000_000_000, 1_000_000_000))
+    os.utime(tmp_path / "rank.0.exit", ns=(2_000_000_000, 2_000_000_000))
+    assert L.failed_ranks(str(tmp_path)) == [(1, 1), (0, 1)]
+    assert L.failure_report(str(tmp_path), 1).startswith("rank 1 failed with exit status 1 (then also ranks 0)")
+
+
+def test_failure_report_prefers_the_cause_over_horovod_shutdown(tmp_path):
+    for r in (0, 1):
+        (tmp_path / f"rank.{r}.exit").write_text("1\n")
+    (tmp_path / "rank.0.log").write_text("HorovodInternalError: Horovod has been shut down. This was caused by...\n")
+    (tmp_path / "rank.1.log").write_text("RuntimeError: boom\n")
+    assert L.failed_ranks(str(tmp_path))[0] == (1, 1)

@@ -1,0 +1,43 @@
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+HVDTRAIN = [sys.executable, "-m", "hvdtrain"]
+
+
+@pytest.fixture
+def hvdtrain(child_env, tmp_path):
+    """Run the real CLI (real horovodrun/mpirun, real ranks) with a hard timeout; returns CompletedProcess."""
+
+    def call(*args, timeout=240, cwd=None):
+        return subprocess.run(
+            [*HVDTRAIN, *map(str, args)], cwd=cwd or tmp_path, env=child_env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+
+    return call
+
+
+def kill_tree(proc: subprocess.Popen, marker: str) -> None:
+    """SIGKILL a launched job: the launcher's process group, and any rank still running (found by marker)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in (p.info["cmdline"] or [])):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def examples_dir():
+    return Path(__file__).resolve().parents[2] / "examples"

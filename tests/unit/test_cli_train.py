@@ -1,0 +1,128 @@
+"""`hvdtrain train` through click's CliRunner: validation before launch, --config precedence, dry run."""
+
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hvdtrain.cli import cli
+from hvdtrain.train import checkpoint as C
+
+
+@pytest.fixture
+def run(no_processes, clean_env, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def invoke(*args, env=None):
+        return CliRunner().invoke(cli, ["train", *args], env=env)
+
+    return invoke
+
+
+def dry_config(output):
+    """The config.json that a dry run would write (printed as '#   ' lines)."""
+    lines = [line[4:] for line in output.splitlines() if line.startswith("#   ")]
+    return json.loads("\n".join(lines))
+
+
+def assert_one_line_error(result, needle):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvdtrain: error: "), result.output
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--strategy", "pipeline"], "--strategy: 'pipeline' is not one of data, model, hybrid"),
+        (["--model", "resnet"], "--model: 'resnet' is not one of"),
+        (["--epochs", "0"], "--epochs: 0 is too small"),
+        (["--batch-size", "0"], "--batch-size: 0 is too small"),
+        (["--lr", "-1"], "--lr: -1.0 must be positive"),
+        (["--micro-batches", "64"], "cannot split a batch of 32"),
+        (["--devices-per-rank", "2"], "need --strategy model or hybrid"),
+        (["--strategy", "hybrid", "--devices-per-rank", "2", "--balance", "3"], "--balance: [3] must give 2 stage sizes"),
+        (["--balance", "a,b"], "comma-separated list"),
+        (["--data", "nope.npz"], "--data: no such file 'nope.npz'"),
+        (["--data", "mnist"], "is not digits, synthetic or a .npz file"),
+        (["--resume-from", "missing.pt"], "no such checkpoint 'missing.pt'"),
+        (["--preempt-signal", "KILL"], "--preempt-signal: 'KILL' is not USR1"),
+        (["--compression", "int8"], "--compression: 'int8' is not one of none, fp16"),
+        (["-np", "2", "--strategy", "model", "--devices-per-rank", "2"], "use -np 1, or --strategy hybrid"),
+        (["--epochs", "many"], "'many' is not a valid integer"),
+        (["-np", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_started(run, args, needle, tmp_path):
+    result = run(*args, "--run-dir", "r")
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_hybrid_layout_is_checked_against_visible_gpus(run):
+    result = run("-np", "2", "--strategy", "hybrid", "--devices-per-rank", "2", "--run-dir", "r",
+                 env={"CUDA_VISIBLE_DEVICES": "0,1,2"})  # fmt: skip
+    assert_one_line_error(result, "needs 2 ranks per node x 2 devices per rank = 4 GPUs, but only 3 are visible")
+
+
+def test_hybrid_on_cpu_uses_cpu_stages(run):
+    result = run("-np", "2", "--strategy", "hybrid", "--devices-per-rank", "2", "--run-dir", "r", "--dry-run",
+                 env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert dry_config(result.output)["devices_per_rank"] == 2
+
+
+def test_existing_checkpoints_need_resume(run, tmp_path):
+    C.save({"model": {"w": torch.zeros(1)}}, tmp_path / "r" / "checkpoints", 20)
+    assert_one_line_error(run("--run-dir", "r"), "already has checkpoints (newest step-00000020.pt): pass --resume")
+    assert run("--run-dir", "r", "--resume", "--dry-run").exit_code == 0
+
+
+def test_resume_without_checkpoints(run):
+    assert_one_line_error(run("--run-dir", "r", "--resume"), "--resume: no checkpoint in r/checkpoints")
+
+
+def test_config_file_precedence_cli_over_file_over_defaults(run, tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 3\nbatch-size: 16\nlr: 0.2\nnp: 1\n")
+    result = run("--config", "c.yaml", "--lr", "0.3", "--run-dir", "r", "--dry-run")
+    assert result.exit_code == 0, result.output
+    cfg = dry_config(result.output)
+    assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["momentum"]) == (3, 16, 0.3, 0.9)
+    assert re.search(r"horovodrun -np 1 -H localhost:1 ", result.output)
+
+
+def test_config_file_unknown_keys_list_the_valid_ones(run, tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
+    result = run("--config", "c.yaml")
+    assert_one_line_error(result, "unknown keys ['learning_rate']")
+    assert "valid keys are:" in result.output and "batch_size" in result.output
+
+
+@pytest.mark.parametrize("text,needle", [("epochs: [1\n", "not valid YAML"), ("- 1\n", "must be a mapping")])
+def test_config_file_malformed(run, tmp_path, text, needle):
+    (tmp_path / "c.yaml").write_text(text)
+    assert_one_line_error(run("--config", "c.yaml"), needle)
+
+
+def test_missing_config_file(run):
+    assert_one_line_error(run("--config", "nope.yaml"), "no such file 'nope.yaml'")
+
+
+def test_dry_run_shows_the_worker_command_and_writes_nothing(run, tmp_path):
+    result = run("-np", "2", "--run-dir", "my run", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "-m hvdtrain.worker" in result.output and "'" + str(tmp_path / "my run" / "config.json") + "'" in result.output
+    assert "--log-dir '" + str(tmp_path / "my run" / "logs") + "'" in result.output
+    assert not (tmp_path / "my run").exists()
+
+
+def test_default_run_dir_inside_slurm_is_the_job_id(run):
+    env = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}
+    result = run("--dry-run", env=env)
+    assert result.exit_code == 0, result.output
+    assert dry_config(result.output)["run_dir"] == "runs/train-70_3"
+    assert "srun --ntasks=2 --mpi=pmix" in result.output
