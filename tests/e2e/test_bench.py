@@ -1,0 +1,77 @@
+"""`hvdtrain bench --tiny` for real on 2 ranks: output schema and sane numbers (positive bandwidths and
+throughputs, busbw by its formula, ratios computed from the measured values), table printed, PNG written."""
+
+import json
+
+import pytest
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_allreduce_tiny(hvdtrain, tmp_path):
+    out = tmp_path / "ar"
+    r = hvdtrain("bench", "allreduce", "-np", "2", "--tiny", "--out", out, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "busbw = algbw x 2(n-1)/n" in r.stdout and "hvd-mpi us" in r.stdout and "torch-gloo bus" in r.stdout
+    assert (out / "allreduce.png").read_bytes()[:8] == PNG
+    result = json.loads((out / "allreduce.json").read_text())
+    assert set(result) == {"meta", "rows", "summary"}
+    meta, rows, summary = result["meta"], result["rows"], result["summary"]
+    assert meta["np"] == 2 and meta["sizes"] == [4, 1024, 65536] and meta["tiny"] is True
+    impls = {"memcpy", "mpi4py", "horovod_mpi", "torch_gloo", "horovod_gloo"}
+    assert {(r["impl"], r["bytes"]) for r in rows} == {(i, s) for i in impls for s in meta["sizes"]}
+    for row in rows:
+        assert row["time_s"] > 0 and row["algbw_GBps"] > 0 and row["iters"] >= 1
+        assert row["algbw_GBps"] == pytest.approx(row["bytes"] / row["time_s"] / 1e9)
+        if row["impl"] != "memcpy":
+            assert row["busbw_GBps"] == pytest.approx(row["algbw_GBps"] * 2 * (2 - 1) / 2)
+
+    def busbw(impl):
+        return next(r["busbw_GBps"] for r in rows if r["impl"] == impl and r["bytes"] == summary["reference_bytes"])
+
+    assert summary["horovod_mpi_over_mpi4py_busbw"] == pytest.approx(busbw("horovod_mpi") / busbw("mpi4py"))
+    assert summary["horovod_gloo_over_torch_gloo_busbw"] == pytest.approx(busbw("horovod_gloo") / busbw("torch_gloo"))
+    assert summary["target_met"] == (summary["horovod_mpi_over_mpi4py_busbw"] >= 0.9)
+    assert summary["memcpy_peak_GBps"] > 0
+    assert set(summary["ring_model"]) == {"mpi4py", "horovod_mpi", "torch_gloo", "horovod_gloo"}
+    assert all((out / "logs" / c / "rank.1.log").exists() for c in ("mpi", "gloo"))
+
+
+def test_bench_train_tiny(hvdtrain, tmp_path):
+    out = tmp_path / "tr"
+    r = hvdtrain("bench", "train", "--max-np", "2", "--tiny", "--out", out, timeout=420)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for heading in ("samples/s per rank", "weak-scaling eff.", "trainer/horovod", "ablations"):
+        assert heading in r.stdout
+    assert (out / "train.png").read_bytes()[:8] == PNG
+    result = json.loads((out / "train.json").read_text())
+    assert set(result) == {"meta", "rows", "scaling", "side_by_side", "ablations"}
+    assert result["meta"]["controller"] == "gloo" and result["meta"]["np_list"] == [1, 2]
+    assert all(w["threads_per_rank"] == 1 for w in result["meta"]["workers"])
+    rows = result["rows"]
+    configs = {"horovod", "horovod+fp16", "horovod-nofusion", "trainer", "ddp"}
+    assert {(r["config"], r["model"], r["np"]) for r in rows} == {
+        (c, m, n) for c in configs for m in ("deep_mlp", "wide_mlp") for n in (1, 2)
+    }
+    for row in rows:
+        assert row["per_rank_mean"] > 0 and row["iterations"] == 3 and len(row["rank_means"]) == row["np"]
+        assert row["total"] == pytest.approx(row["np"] * row["per_rank_mean"])
+        assert row["total_conf"] == pytest.approx(row["np"] * row["per_rank_conf"])
+    trainer_rows = [r for r in rows if r["arm"] == "trainer"]
+    assert all(r["method"] == "per-step stamps" for r in trainer_rows)
+    total = {(r["config"], r["model"], r["np"]): r["total"] for r in rows}
+    for s in result["scaling"]:
+        assert s["efficiency"] == pytest.approx(s["total"] / (s["np"] * total[(s["config"], s["model"], 1)]))
+        assert s["efficiency"] > 0
+    assert len(result["side_by_side"]) == 4
+    for s in result["side_by_side"]:
+        key = (s["model"], s["np"])
+        t, h, d = (total[(c, *key)] for c in ("trainer", "horovod", "ddp"))
+        assert s["trainer_over_horovod"] == pytest.approx(t / h)
+        assert s["trainer_over_ddp"] == pytest.approx(t / d)
+        assert s["trainer_over_horovod_target_met"] == (t / h >= 0.98)
+    for a in result["ablations"]:
+        key = (a["model"], a["np"])
+        assert a["no_fusion_over_base"] == pytest.approx(total[("horovod-nofusion", *key)] / total[("horovod", *key)])
+        assert a["fp16_over_base"] == pytest.approx(total[("horovod+fp16", *key)] / total[("horovod", *key)])
+    assert not (out / "trainer-runs").exists()

@@ -1,0 +1,308 @@
+"""The benchmarks' pure parts (sizes, formulas, statistics, tables, collection) and the `bench` CLI's
+validation: bad input is one line and exit 2 with nothing launched; --dry-run prints the exact commands."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from hvdtrain.bench import allreduce as A
+from hvdtrain.bench import report as R
+from hvdtrain.bench import throughput as T
+from hvdtrain.cli import cli
+from hvdtrain.errors import UsageError
+
+MiB = 1024**2
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+def assert_usage_error(result, needle):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("hvdtrain: error: ") and needle in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+# --- sizes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,size",
+    [("4", 4), ("4B", 4), ("1K", 1024), ("1KiB", 1024), ("1kb", 1024), ("64MiB", 64 * MiB), ("1G", 1024**3), (" 8 ", 8)],
+)
+def test_parse_size(text, size):
+    assert R.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text,needle", [("3", "multiple of 4"), ("0", "multiple of 4"), ("abc", "cannot read"),
+                                         ("4XB", "cannot read"), ("-4", "cannot read"), ("1.5M", "cannot read")])  # fmt: skip
+def test_parse_size_rejects(text, needle):
+    with pytest.raises(UsageError, match=needle):
+        R.parse_size(text)
+
+
+def test_size_range_and_list():
+    assert R.size_range(4, 64) == [4, 8, 16, 32, 64]
+    assert R.size_range(4, 100, 4) == [4, 16, 64, 100]  # the maximum is always measured
+    assert R.size_range(8, 8) == [8]
+    assert len(R.size_range(4, 256 * MiB)) == 27
+    assert R.parse_sizes("64MiB,4,1KiB,4") == [4, 1024, 64 * MiB]
+    with pytest.raises(UsageError, match="larger than"):
+        R.size_range(64, 4)
+    with pytest.raises(UsageError, match="bad list"):
+        R.parse_sizes("4,,8")
+
+
+def test_format_bytes():
+    assert [R.format_bytes(s) for s in (4, 1024, 1536, 64 * MiB, 1024**3)] == ["4 B", "1 KiB", "1536 B", "64 MiB", "1 GiB"]
+
+
+def test_iterations_for():
+    assert R.iterations_for(4, 20) == 20
+    assert R.iterations_for(16 * MiB, 20) == 20
+    assert R.iterations_for(64 * MiB, 20) == 5
+    assert R.iterations_for(256 * MiB, 20) == 3  # never fewer than 3 ...
+    assert R.iterations_for(256 * MiB, 2) == 2  # ... nor more than asked
+
+
+# --- formulas and statistics ----------------------------------------------------------------------
+
+
+def test_busbw_is_algbw_times_2_n_minus_1_over_n():
+    assert R.algbw(1e9, 0.5) == pytest.approx(2.0)
+    assert R.busbw(2.0, 2) == pytest.approx(2.0)
+    assert R.busbw(2.0, 4) == pytest.approx(3.0)
+    assert R.busbw(2.0, 8) == pytest.approx(3.5)
+    assert R.busbw(2.0, 1) == 0.0
+    with pytest.raises(ValueError):
+        R.algbw(1, 0)
+
+
+def test_ring_time():
+    assert R.ring_time(1e9, 2, 1.0, 0.001) == pytest.approx(1.001)
+    assert R.ring_time(1e9, 4, 1.5, 0.0) == pytest.approx(1.0)
+
+
+def test_summary_stats_is_mean_and_1_96_population_sigma():
+    s = R.summary_stats([1.0, 2.0, 3.0, 4.0])
+    sd = math.sqrt(sum((v - 2.5) ** 2 for v in [1, 2, 3, 4]) / 4)
+    assert s == {"mean": 2.5, "sd": pytest.approx(sd), "conf": pytest.approx(1.96 * sd), "n": 4}
+    assert R.summary_stats([5.0])["conf"] == 0.0
+
+
+def test_ratio_and_efficiency():
+    assert R.ratio(3.0, 2.0) == 1.5
+    assert R.ratio(None, 2.0) is None and R.ratio(1.0, 0.0) is None
+    assert R.efficiency(180.0, 2, 100.0) == pytest.approx(0.9)
+    spread = R.efficiency_spread({"mean": 180.0, "conf": 18.0}, 2, {"mean": 100.0, "conf": 0.0})
+    assert spread == pytest.approx(0.09)
+
+
+def test_render_table_aligns_columns():
+    text = R.render_table(["name", "value"], [["a", 1.5], ["longer", 22.25], ["c", None]], "title")
+    lines = text.splitlines()
+    assert lines[0] == "title"
+    assert lines[1].startswith("name") and lines[2].startswith("------")
+    assert lines[3].endswith(" 1.500") and lines[4].endswith("22.250") and lines[5].endswith("-")
+    assert len({len(line) for line in lines[1:5]}) == 1
+
+
+# --- allreduce: from raw times to the report -------------------------------------------------------
+
+
+def fake_allreduce_parts(n=2, sizes=(4, 1024, 64 * MiB), bw=2.0, lat=1e-5):
+    def rows(impl, scale):
+        return [{"impl": impl, "bytes": s, "elements": s // 4, "iters": 3, "time_s": scale * R.ring_time(s, n, bw, lat)} for s in sizes]
+
+    mpi = {"meta": {"np": n, "controller": "mpi"}, "rows": rows("memcpy", 0.1) + rows("mpi4py", 1.0) + rows("horovod_mpi", 1.25)}
+    gloo = {"meta": {"np": n, "controller": "gloo"}, "rows": rows("torch_gloo", 1.0) + rows("horovod_gloo", 0.5)}
+    return [mpi, gloo]
+
+
+def test_collect_computes_bandwidths_and_ratios_from_times():
+    result = A.collect(fake_allreduce_parts())
+    for r in result["rows"]:
+        assert r["algbw_GBps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
+        if r["impl"] != "memcpy":
+            assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 2 * (2 - 1) / 2)
+    s = result["summary"]
+    assert s["reference_bytes"] == 64 * MiB
+    assert s["horovod_mpi_over_mpi4py_busbw"] == pytest.approx(1 / 1.25)
+    assert s["horovod_gloo_over_torch_gloo_busbw"] == pytest.approx(2.0)
+    assert s["target_met"] is False
+    # Times made by the ring model itself: the fit reproduces the bandwidth and every size exactly.
+    fit = s["ring_model"]["mpi4py"]
+    assert all(v == pytest.approx(1.0, rel=1e-3) for v in fit["model_over_measured"].values())
+    text = A.table(result)
+    assert "hvd-mpi us" in text and "64 MiB" in text and "NOT met" in text
+
+
+def test_reference_size():
+    assert A.reference_size([4, 64 * MiB, 256 * MiB]) == 64 * MiB
+    assert A.reference_size([4, 1024]) == 1024
+    assert A.reference_size([256 * MiB]) == 256 * MiB
+
+
+def test_allreduce_plot_writes_png(tmp_path):
+    path = A.plot(A.collect(fake_allreduce_parts()), tmp_path / "a.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_controllers_for():
+    assert A.controllers_for(None, False, False) == ["mpi", "gloo"]
+    assert A.controllers_for("horovodrun", True, False) == ["gloo"]
+    assert A.controllers_for("mpirun", False, False) == ["mpi"]
+
+
+# --- train: from per-iteration rates to the report -------------------------------------------------
+
+
+def test_measurement_order_puts_ddp_first_and_alternates():
+    order = T.measurement_order(["a", "b"], ["horovod", "trainer", "ddp"], rounds=2, fp16=True)
+    arms = [m["arm"] for m in order]
+    assert arms[:4] == ["ddp"] * 4 and "ddp" not in arms[4:]
+    round0 = [(m["arm"], m["compression"]) for m in order if m["round"] == 0 and m["model"] == "a" and m["arm"] != "ddp"]
+    round1 = [(m["arm"], m["compression"]) for m in order if m["round"] == 1 and m["model"] == "a" and m["arm"] != "ddp"]
+    assert round0 == [("horovod", "none"), ("trainer", "none"), ("horovod", "fp16")]
+    assert round1 == [("trainer", "none"), ("horovod", "none"), ("horovod", "fp16")]
+
+
+def fake_train_parts():
+    def part(n, fusion, rates):
+        ms = [{"arm": arm, "model": "m", "compression": comp, "round": 0, "rank_rates": [list(v) for _ in range(n)]}
+              for (arm, comp), v in rates.items()]  # fmt: skip
+        return fusion, {"meta": {"np": n, "threads_per_rank": 1}, "measurements": ms}
+
+    one = {("horovod", "none"): [100, 100], ("trainer", "none"): [99, 99], ("ddp", "none"): [90, 110], ("horovod", "fp16"): [80, 80]}
+    two = {("horovod", "none"): [90, 90], ("trainer", "none"): [81, 81], ("ddp", "none"): [50, 50], ("horovod", "fp16"): [45, 45]}
+    return [part(1, True, one), part(1, False, {("horovod", "none"): [100, 100]}), part(2, True, two),
+            part(2, False, {("horovod", "none"): [30, 30]})]  # fmt: skip
+
+
+def test_train_collect():
+    result = T.collect(fake_train_parts())
+    rows = {(r["config"], r["np"]): r for r in result["rows"]}
+    assert rows[("horovod", 2)]["total"] == 180 and rows[("horovod", 2)]["per_rank_mean"] == 90
+    assert rows[("ddp", 1)]["per_rank_conf"] == pytest.approx(1.96 * 10)
+    assert rows[("horovod-nofusion", 2)]["rank_means"] == [30, 30]
+    eff = {(s["config"], s["np"]): s["efficiency"] for s in result["scaling"]}
+    assert eff[("horovod", 2)] == pytest.approx(0.9) and eff[("horovod", 1)] == 1.0
+    sbs = {s["np"]: s for s in result["side_by_side"]}
+    assert sbs[2]["trainer_over_horovod"] == pytest.approx(162 / 180)
+    assert sbs[2]["trainer_over_ddp"] == pytest.approx(162 / 100)
+    assert sbs[1]["trainer_over_horovod_target_met"] is True and sbs[2]["trainer_over_horovod_target_met"] is False
+    abl = {a["np"]: a for a in result["ablations"]}
+    assert abl[2]["no_fusion_over_base"] == pytest.approx(60 / 180) and abl[2]["fp16_over_base"] == pytest.approx(0.5)
+    text = T.table(result)
+    assert "trainer/horovod" in text and "no fusion" in text and "180 +- 0" in text
+
+
+def test_train_plot_writes_png(tmp_path):
+    path = T.plot(T.collect(fake_train_parts()), tmp_path / "t.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rates_from_stamps():
+    from hvdtrain.bench.throughput_worker import rates_from_stamps
+
+    plan = {"warmup": 2, "iters": 2, "batches_per_iter": 3, "batch_size": 10}
+    stamps = [0.0, 5.0, 9.0, 10.0, 10.5, 11.0, 11.5, 13.0, 14.0]  # 2 warm-up steps, then 2 x 3 timed steps
+    assert rates_from_stamps(stamps, plan) == pytest.approx([30 / 2.0, 30 / 3.0])
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--sizes", "3"], "multiple of 4"),
+        (["--sizes", "4,abc"], "cannot read size 'abc'"),
+        (["--sizes", "4", "--min-bytes", "8"], "excludes"),
+        (["--min-bytes", "1MiB", "--max-bytes", "4"], "larger than"),
+        (["--iters", "0"], "--iters 0"),
+        (["--warmup", "-1"], "--warmup -1"),
+        (["--step-factor", "1"], "--step-factor"),
+        (["-np", "1"], "at least 2 ranks"),
+        (["--gloo", "--mpi"], "exclude each other"),
+        (["--launcher", "pdsh"], "unknown launcher"),
+        (["-np", "3", "-H", "localhost:2"], "more than the 2 slots"),
+        (["--iters", "x"], "is not a valid integer"),
+    ],
+)
+def test_bench_allreduce_bad_input(args, needle, no_processes, clean_env, tmp_path):
+    assert_usage_error(invoke("bench", "allreduce", "-np", "2", "--out", tmp_path / "o", *args), needle)
+    assert no_processes == []
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--max-np", "0"], "--max-np 0"),
+        (["-np", "2", "--max-np", "3"], "disagree"),
+        (["--models", "resnet"], "unknown 'resnet'"),
+        (["--arms", "horovod,jax"], "unknown 'jax'"),
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--rounds", "0"], "--rounds 0"),
+        (["--batches-per-iter", "0"], "--batches-per-iter 0"),
+        (["--gloo", "--mpi"], "exclude each other"),
+        (["--max-np", "3", "-H", "localhost:2"], "more than the 2 slots"),
+        (["--threads-per-rank", "0"], "at least 1"),
+    ],
+)
+def test_bench_train_bad_input(args, needle, no_processes, clean_env, tmp_path):
+    assert_usage_error(invoke("bench", "train", "--out", tmp_path / "o", *args), needle)
+    assert no_processes == []
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_out_must_be_a_directory(no_processes, clean_env, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    assert_usage_error(invoke("bench", "allreduce", "-np", "2", "--out", f), "not a directory")
+    assert_usage_error(invoke("bench", "train", "--out", f), "not a directory")
+
+
+def test_bench_allreduce_dry_run(no_processes, clean_env, tmp_path):
+    result = invoke("bench", "allreduce", "-np", "2", "--tiny", "--out", tmp_path / "o", "--dry-run")
+    assert result.exit_code == 0, result.output
+    commands = [line for line in result.output.splitlines() if "hvdtrain.bench.allreduce_worker" in line]
+    assert len(commands) == 2
+    assert " -np 2 -H localhost:2 --mpi " in commands[0] and " --gloo " in commands[1]
+    assert no_processes == [] and not (tmp_path / "o").exists()
+    only_mpi = invoke("bench", "allreduce", "-np", "2", "--launcher", "mpirun", "--out", tmp_path / "o", "--dry-run")
+    lines = [line for line in only_mpi.output.splitlines() if "allreduce_worker" in line]
+    assert len(lines) == 1 and lines[0].startswith("mpirun -np 2")
+
+
+def test_bench_train_dry_run(no_processes, clean_env, tmp_path):
+    result = invoke("bench", "train", "--max-np", "2", "--tiny", "--out", tmp_path / "o", "--dry-run")
+    assert result.exit_code == 0, result.output
+    out = result.output.splitlines()
+    commands = [line for line in out if "hvdtrain.bench.throughput_worker" in line]
+    assert len(commands) == 4  # np 1 and 2, fusion on and off
+    assert all("--gloo" in c for c in commands)
+    assert out.count("export HOROVOD_FUSION_THRESHOLD=0") == 2 and out.count("export OMP_NUM_THREADS=1") == 4
+    assert no_processes == [] and not (tmp_path / "o").exists()
+    plain = invoke("bench", "train", "--max-np", "1", "--no-ablations", "--mpi", "--out", tmp_path / "o", "--dry-run")
+    assert [line for line in plain.output.splitlines() if "throughput_worker" in line][0].count("--mpi") == 1
+
+
+def test_bench_modules_import_nothing_heavy():
+    code = (
+        "import sys, hvdtrain.cli, hvdtrain.bench.allreduce, hvdtrain.bench.throughput, hvdtrain.bench.report; "
+        "sys.exit(sorted({'torch', 'horovod', 'numpy', 'matplotlib', 'mpi4py'} & set(sys.modules)) != [])"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_help_lists_bench():
+    result = invoke("bench", "--help")
+    assert result.exit_code == 0 and "allreduce" in result.output and "train" in result.output
