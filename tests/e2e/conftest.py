@@ -23,7 +23,7 @@ def hvdtrain(child_env, tmp_path):
     return call
 
 
-def kill_tree(proc: subprocess.Popen, marker: str) -> None:
+def _kill_tree(proc: subprocess.Popen, marker: str) -> None:
     """SIGKILL a launched job: the launcher's process group, and any rank still running (found by marker)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -36,6 +36,21 @@ def kill_tree(proc: subprocess.Popen, marker: str) -> None:
             except psutil.Error:
                 pass
     proc.wait(timeout=30)
+
+
+@pytest.fixture
+def spawn(child_env, tmp_path):
+    """Start the real CLI in the background, in a session of its own; returns (Popen, kill) where kill(marker)
+    SIGKILLs the whole job: the launcher's process group and every rank whose command line holds marker."""
+
+    def start(*args):
+        proc = subprocess.Popen(
+            [*HVDTRAIN, *map(str, args)], env=child_env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        return proc, lambda marker: _kill_tree(proc, marker)
+
+    return start
 
 
 @pytest.fixture

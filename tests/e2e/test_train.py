@@ -1,0 +1,82 @@
+"""`hvdtrain train` for real: the default job's accuracy, exact resume after SIGKILL, model and hybrid jobs."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from hvdtrain.train import checkpoint as C
+
+
+def result_of(run_dir):
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def test_default_job_reaches_the_accuracy_bar(hvdtrain, tmp_path):
+    """The README's main command: the CNN on digits, data parallel on 2 ranks, >= 95% test accuracy."""
+    start = time.monotonic()
+    proc = hvdtrain("train", "-np", "2", "--run-dir", tmp_path / "run", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = result_of(tmp_path / "run")
+    assert res["test_accuracy"] >= 0.95, res
+    assert f"test accuracy: {res['test_accuracy']:.4f}" in proc.stdout
+    assert res["world_size"] == 2 and not res["preempted"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train_loss" in r for r in rows) and any("test_accuracy" in r for r in rows)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert C.list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == f"step-{res['steps']:08d}.pt"
+    print(f"default job: {res['test_accuracy']:.4f} in {time.monotonic() - start:.1f} s wall")
+
+
+@pytest.mark.parametrize("np_", [1, 2])
+def test_resume_after_sigkill_is_bitwise_exact(hvdtrain, spawn, tmp_path, np_):
+    """N steps straight through == k steps, SIGKILL, resume to N (deterministic mode, CPU)."""
+    common = ["-np", np_, "--deterministic", "--max-steps", 80, "--epochs", 20, "--checkpoint-every", 10,
+              "--keep-checkpoints", 50, "--log-every", 5]  # fmt: skip
+    straight = hvdtrain("train", *common, "--run-dir", tmp_path / "straight", timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    expected = result_of(tmp_path / "straight")
+
+    run_dir = tmp_path / "killed"
+    proc, kill = spawn("train", *common, "--run-dir", run_dir)
+    try:
+        deadline = time.monotonic() + 180
+        while len(C.list_checkpoints(run_dir / "checkpoints")) < 3:  # killed somewhere after step 30
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        kill(str(run_dir))
+    assert not (run_dir / "result.json").exists(), "the job finished before the kill: nothing was tested"
+    newest = C.list_checkpoints(run_dir / "checkpoints")[-1]
+    resumed = hvdtrain("train", *common, "--run-dir", run_dir, "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {newest}" in resumed.stdout
+    got = result_of(run_dir)
+    assert got["steps"] == expected["steps"] == 80
+    assert got["params_sha256"] == expected["params_sha256"]
+    assert got["test_loss"] == expected["test_loss"]
+
+
+def final_params(run_dir):
+    state = C.load(C.list_checkpoints(run_dir / "checkpoints")[-1])["model"]
+    return torch.cat([state[k].flatten() for k in sorted(state)])
+
+
+def test_model_parallel_and_hybrid_jobs_match_data_parallel(hvdtrain, tmp_path):
+    """Same seed, same data order: a pipelined replica (2 CPU stages, 4 micro-batches) trains like one
+    unsplit replica. mlp has no dropout, so the only difference is float summation order."""
+    common = ["--model", "mlp", "--max-steps", 40, "--deterministic", "--no-scale-lr", "--lr", 0.05]
+    runs = {
+        "data1": ["-np", 1],
+        "model1": ["-np", 1, "--strategy", "model", "--devices-per-rank", 2, "--micro-batches", 4],
+        "data2": ["-np", 2],
+        "hybrid2": ["-np", 2, "--strategy", "hybrid", "--devices-per-rank", 2, "--micro-batches", 4],
+    }
+    for name, args in runs.items():
+        proc = hvdtrain("train", *common, *args, "--run-dir", tmp_path / name, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert torch.allclose(final_params(tmp_path / "model1"), final_params(tmp_path / "data1"), atol=1e-5)
+    assert torch.allclose(final_params(tmp_path / "hybrid2"), final_params(tmp_path / "data2"), atol=1e-5)
+    assert result_of(tmp_path / "hybrid2")["test_accuracy"] > 0.5  # 40 steps; chance is 0.1
