@@ -361,6 +361,7 @@ def plot(result: dict, path: Path) -> Path:
             one = next((r["total"] for r in mine if r["np"] == 1), None)
             if one:
                 scale.plot(nps, [one * n for n in nps], linestyle=":", color=line[0].get_color(), label=f"{model} ideal")
+        scale.set_xticks(sorted({r["np"] for r in rows}))
         scale.set_xlabel("ranks (np)")
         scale.set_ylabel("total samples/s")
         scale.set_title("weak scaling, minimal Horovod loop")

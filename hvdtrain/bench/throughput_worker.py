@@ -69,6 +69,19 @@ def build_model(plan: dict, shape: dict, dataset: D.Dataset) -> nn.Module:
     return M.build(shape["model"], dataset.input_shape, dataset.num_classes, shape["hidden"], shape["depth"])
 
 
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The plain training step both hand-written arms run (the Trainer runs its own)."""
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()  # as a real loop would, to log it; it also waits for the step to finish
+
+    return step
+
+
 def timed_loop(step: Callable[[torch.Tensor, torch.Tensor], None], data, plan: dict) -> list[float]:
     """Run warm-up then the timed iterations of `step`; returns this rank's per-iteration samples/s."""
     stamps = [time.perf_counter()]
@@ -92,16 +105,7 @@ def ddp_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
     dataset = make_dataset(plan, size)
     model = DistributedDataParallel(build_model(plan, shape, dataset))
     opt = torch.optim.SGD(model.parameters(), lr=plan["lr"] * size, momentum=0.9)
-    loss_fn = nn.functional.cross_entropy
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        loss.item()
-
-    return timed_loop(step, batches(dataset, rank, size, plan["batch_size"]), plan), {}
+    return timed_loop(sgd_step(model, opt), batches(dataset, rank, size, plan["batch_size"]), plan), {}
 
 
 def horovod_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
@@ -114,16 +118,7 @@ def horovod_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
     compression = hvd.Compression.fp16 if m["compression"] == "fp16" else hvd.Compression.none
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    loss_fn = nn.functional.cross_entropy
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        loss.item()
-
-    return timed_loop(step, batches(dataset, rank, size, plan["batch_size"]), plan), {}
+    return timed_loop(sgd_step(model, opt), batches(dataset, rank, size, plan["batch_size"]), plan), {}
 
 
 def trainer_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
