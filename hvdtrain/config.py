@@ -64,7 +64,9 @@ class TrainConfig:
     requeue: bool = _f(True, 'inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)')
     max_requeues: int = _f(3, 'do not requeue once SLURM_RESTART_COUNT reaches this')
 
-    def validate(self) -> "TrainConfig":
+    def validate(self, check_data: bool = True) -> "TrainConfig":
+        """Raise ConfigError naming the flag of the first bad field. check_data=False when the caller
+        provides its own dataset (then `data` is only a label)."""
         def bad(flag: str, msg: str):
             raise ConfigError(f"--{flag}: {msg}")
 
@@ -104,7 +106,7 @@ class TrainConfig:
         if self.balance is not None:
             if len(self.balance) != self.devices_per_rank or any(b < 1 for b in self.balance):
                 bad("balance", f"{self.balance} must give {self.devices_per_rank} stage sizes of at least 1 layer")
-        if self.data not in ("digits", "synthetic"):
+        if check_data and self.data not in ("digits", "synthetic"):
             if not self.data.endswith(".npz"):
                 bad("data", f"'{self.data}' is not digits, synthetic or a .npz file")
             if not Path(self.data).is_file():

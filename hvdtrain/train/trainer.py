@@ -85,7 +85,7 @@ class Trainer:
         loss_fn: Optional[Callable] = None,
         echo: Callable[[str], None] = print,
     ):
-        self.cfg = cfg.validate()
+        self.cfg = cfg.validate(check_data=dataset is None)
         self.cfg.with_defaults()
         self._user_model = model
         self._user_dataset = dataset

@@ -1,0 +1,30 @@
+"""Every example runs, and learns: each prints a test accuracy that must clear a bar."""
+
+import re
+import sys
+
+import pytest
+
+CASES = [
+    ("01_single_process.py", 1, 0.9),
+    ("02_data_parallel.py", 2, 0.9),
+    ("03_model_parallel.py", 1, 0.9),
+    ("04_hybrid.py", 2, 0.9),
+    ("05_own_model_and_data.py", 2, 0.8),
+]
+
+
+def test_every_example_is_covered(examples_dir):
+    assert sorted(p.name for p in examples_dir.glob("*.py")) == sorted(name for name, _, _ in CASES)
+
+
+@pytest.mark.parametrize("name,np_,bar", CASES)
+def test_example_runs_and_learns(hvdtrain, examples_dir, tmp_path, name, np_, bar):
+    args = [sys.executable, examples_dir / name, "--epochs", "3"]
+    if name.startswith("05"):
+        args += ["--run-dir", tmp_path / "own"]
+    proc = hvdtrain("run", "-np", np_, "--", *args, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.findall(r"test accuracy: ([0-9.]+)", proc.stdout)
+    assert len(found) == 1, proc.stdout  # rank 0 alone reports
+    assert float(found[0]) >= bar
