@@ -14,13 +14,14 @@ bandwidths are computed by the launching side (hvdtrain.bench.allreduce).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from hvdtrain.bench.report import ELEMENT_BYTES, iterations_for, read_json, write_json
+from hvdtrain.bench.report import ELEMENT_BYTES, iterations_for, read_json, tuning_env, write_json
 from hvdtrain.env import rank_info
 
 
@@ -148,7 +149,7 @@ def main(argv: list[str]) -> int:
 
     if info.rank == 0:
         meta = {"np": info.size, "controller": plan["controller"], "torch": torch.__version__}
-        meta.update(horovod=horovod.__version__, **extra)
+        meta.update(horovod=horovod.__version__, env=tuning_env(os.environ), **extra)
         write_json(out, {"meta": meta, "rows": rows})
     return 0
 

@@ -195,6 +195,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+HOROVOD_KNOBS = (
+    "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY", "HOROVOD_AUTOTUNE",
+    "HOROVOD_HIERARCHICAL_ALLREDUCE", "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS", "OMP_NUM_THREADS",
+)  # fmt: skip
+
+
+def tuning_env(environ) -> dict[str, str]:
+    """The Horovod and threading settings a rank ran with (unset ones are Horovod's defaults)."""
+    return {k: environ[k] for k in HOROVOD_KNOBS if k in environ}
+
+
 def save_plot(path: Path, draw: Callable[[Any], None], ncols: int = 1, width: float = 7.0) -> Path:
     """Draw a figure with `draw(axes)` (a list of ncols axes) and save it as PNG with matplotlib's Agg."""
     import matplotlib

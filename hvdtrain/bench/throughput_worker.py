@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hvdtrain.bench.report import read_json, write_json
+from hvdtrain.bench.report import read_json, tuning_env, write_json
 from hvdtrain.env import rank_info
 from hvdtrain.train import data as D
 from hvdtrain.train import models as M
@@ -232,7 +232,7 @@ def main(argv: list[str]) -> int:
             merged.append(row)
         meta = {"np": info.size, "threads_per_rank": threads, "controller": plan.get("controller")}
         meta.update(fusion_threshold=os.environ.get("HOROVOD_FUSION_THRESHOLD"), torch=torch.__version__)
-        meta["horovod"] = horovod.__version__
+        meta.update(horovod=horovod.__version__, env=tuning_env(os.environ))
         write_json(out, {"meta": meta, "measurements": merged})
     return 0
 
