@@ -225,7 +225,7 @@ def bench_allreduce(dry_run, out, sizes, min_bytes, max_bytes, step_factor, warm
 @click.option("--out", default="runs/bench-train", show_default=True, help="Directory for train.json/.png, parts/, logs/.")
 @click.option("--max-np", type=int, help="Sweep np = 1..N [default: -np, else the cores, else SLURM_NTASKS].")
 @click.option("--models", help="Comma-separated model shapes [default: deep_mlp,wide_mlp].")
-@click.option("--arms", help="Comma-separated arms to compare [default: horovod,trainer,ddp].")
+@click.option("--arms", help="Comma-separated arms: horovod, trainer, ddp [default: all three]; trainer_lean (diagnostic).")
 @click.option("--batch-size", type=int, help="Samples per rank per batch [default: 32; tiny: 16].")
 @click.option("--warmup", type=int, help="Untimed warm-up batches [default: 10; tiny: 2].")
 @click.option("--iters", type=int, help="Timed iterations per round [default: 10; tiny: 3].")

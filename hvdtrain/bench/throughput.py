@@ -25,7 +25,8 @@ from hvdtrain import launch as L
 from hvdtrain.bench import report as R
 from hvdtrain.errors import UsageError
 
-ARMS = ("horovod", "trainer", "ddp")
+ARMS = ("horovod", "trainer", "ddp", "trainer_lean")  # trainer_lean: a diagnostic, only when asked for
+DEFAULT_ARMS = ("horovod", "trainer", "ddp")
 MODELS = {
     # name: how hvdtrain.train.models.build makes it (input 1x8x8, 10 classes)
     "deep_mlp": {"model": "deep_mlp", "hidden": 128, "depth": 16, "about": "many small tensors (36)"},
@@ -77,11 +78,11 @@ def _csv(text: Optional[str], valid: Sequence[str], flag: str) -> Optional[list[
 
 def measurement_order(models: Sequence[str], arms: Sequence[str], rounds: int, fp16: bool) -> list[dict]:
     """The "fusion" run's measurements: every ddp one first (before Horovod starts), then per round and
-    model the Horovod loop and the Trainer, their order swapped every other round, then the fp16 loop."""
+    model the Horovod loop and the Trainer(s), their order reversed every other round, then the fp16 loop."""
     out = []
     if "ddp" in arms:
         out += [{"arm": "ddp", "model": m, "compression": "none", "round": r} for r in range(rounds) for m in models]
-    pair = [a for a in ("horovod", "trainer") if a in arms]
+    pair = [a for a in ("horovod", "trainer", "trainer_lean") if a in arms]
     for r in range(rounds):
         for m in models:
             for arm in pair if r % 2 == 0 else pair[::-1]:
@@ -119,7 +120,7 @@ def make_plan(
             raise UsageError(f"--{key.replace('_', '-')} {settings[key]}: must be at least {low}")
     catalogue = TINY_MODELS if tiny else MODELS
     model_names = _csv(models, list(catalogue), "--models") or list(catalogue)
-    arm_names = _csv(arms, ARMS, "--arms") or list(ARMS)
+    arm_names = _csv(arms, ARMS, "--arms") or list(DEFAULT_ARMS)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory; give a directory")

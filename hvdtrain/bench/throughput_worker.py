@@ -9,6 +9,8 @@ arm (how the step is driven), a model shape and a gradient compression:
            because Horovod's background thread polls even when idle and would slow it)
   horovod  a minimal hand-written Horovod loop: DistributedOptimizer, broadcast, forward/backward/step
   trainer  hvdtrain's Trainer.fit(), timed per step from inside (see TimedTrainer)
+  trainer_lean  (diagnostic, not run by default) the Trainer without its per-step preemption check and
+           without progress/metrics records until the end: what those cost
 
 Every arm trains the same model (hvdtrain.train.models.build with the same seed) on the same synthetic
 dataset, with the same batch, SGD (momentum 0.9, lr scaled by the number of ranks), the same sampler order
@@ -134,13 +136,16 @@ def trainer_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
 
     size = hvd.size()
     dataset = make_dataset(plan, size)
-    run_dir = Path(plan["run_root"]) / f"np{size}-{shape['name']}-{m['compression']}-{m['round']}"
+    run_dir = Path(plan["run_root"]) / f"np{size}-{m['arm']}-{shape['name']}-{m['compression']}-{m['round']}"
     cfg = TrainConfig(
         model=shape["model"], hidden=shape["hidden"], depth=shape["depth"], data="synthetic",
         synthetic_samples=len(dataset.train), epochs=1, max_steps=steps_needed(plan),
         batch_size=plan["batch_size"], lr=plan["lr"], scale_lr=True, optimizer="sgd", momentum=0.9,
         compression=m["compression"], seed=0, run_dir=str(run_dir), eval_every_epoch=False,
     )  # fmt: skip
+    if m["arm"] == "trainer_lean":
+        # Diagnostic arm: no preemption flag allreduce per step, no progress/metrics until the last step.
+        cfg.preempt_signal, cfg.log_every = "", steps_needed(plan) + 1
 
     class TimedTrainer(Trainer):
         """Stamps the start of the first step and the end of every step; everything between two steps
@@ -169,7 +174,7 @@ def trainer_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
     return [total] * plan["iters"], {**extra, "method": "fit() samples_per_s (warm-up included)"}
 
 
-ARMS = {"ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm}
+ARMS = {"ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm, "trainer_lean": trainer_arm}
 
 
 # --------------------------------------------------------------------------------------------------
