@@ -23,7 +23,7 @@ model = M.cnn(data.input_shape, data.num_classes)
 optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, shuffle=True)
 
-for epoch in range(args.epochs):
+for _epoch in range(args.epochs):
     model.train()
     for x, y in loader:
         optimizer.zero_grad()

@@ -29,7 +29,7 @@ print(f"stages on {devices}, layers per stage {model.balance}")  # +mp: balanced
 optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, shuffle=True)
 
-for epoch in range(args.epochs):
+for _epoch in range(args.epochs):
     model.train()
     for x, y in loader:
         optimizer.zero_grad()

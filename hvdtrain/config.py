@@ -64,7 +64,7 @@ class TrainConfig:
     requeue: bool = _f(True, 'inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)')
     max_requeues: int = _f(3, 'do not requeue once SLURM_RESTART_COUNT reaches this')
 
-    def validate(self, check_data: bool = True) -> "TrainConfig":
+    def validate(self, check_data: bool = True) -> TrainConfig:
         """Raise ConfigError naming the flag of the first bad field. check_data=False when the caller
         provides its own dataset (then `data` is only a label)."""
         def bad(flag: str, msg: str):
@@ -117,7 +117,7 @@ class TrainConfig:
             bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
         return self
 
-    def with_defaults(self, environ: Optional[dict[str, str]] = None) -> "TrainConfig":
+    def with_defaults(self, environ: Optional[dict[str, str]] = None) -> TrainConfig:
         """Fill the fields derived at launch time: run_dir defaults to runs/train-<time>, or inside Slurm to
         runs/train-<job id> (array: <array job id>_<task id>) so that a requeued job finds its checkpoints."""
         environ = os.environ if environ is None else environ
@@ -135,7 +135,7 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

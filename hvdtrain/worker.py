@@ -16,11 +16,13 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m hvdtrain.worker CONFIG.json", file=sys.stderr)
         return 2
+    from hvdtrain import preempt
     from hvdtrain.config import TrainConfig
 
     try:
         with open(argv[0]) as f:
             cfg = TrainConfig.from_dict(json.load(f))
+        preempt.install(cfg.preempt_signal)  # before the slow imports: a warning during start-up is not fatal
         from hvdtrain.train.trainer import Trainer
 
         Trainer(cfg).fit()

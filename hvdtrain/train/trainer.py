@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hvdtrain import preempt
 from hvdtrain.config import TrainConfig
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.parallel import data as P
@@ -91,7 +91,6 @@ class Trainer:
         self._user_dataset = dataset
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self._echo = echo
-        self._preempt_requested = False
         self.run_dir = Path(self.cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -118,10 +117,10 @@ class Trainer:
             self.model = model.to(self.device)
             self.in_device = self.out_device = self.device
         else:
+            import horovod.torch as hvd
+
             from hvdtrain.parallel.hybrid import devices_for_rank
             from hvdtrain.parallel.model import Pipeline
-
-            import horovod.torch as hvd
 
             devices = devices_for_rank(hvd.local_rank(), hvd.local_size(), cfg.devices_per_rank)
             self.model = Pipeline(model, devices, balance=cfg.balance, micro_batches=cfg.micro_batches)
@@ -258,9 +257,6 @@ class Trainer:
             self._echo(line)
 
     # ------------------------------------------------------------------------------------------ steps
-    def _on_preempt_signal(self, signum, _frame) -> None:
-        self._preempt_requested = True
-
     def _batches(self, epoch: int) -> list[list[int]]:
         self.sampler.set_epoch(epoch)
         order = list(self.sampler)
@@ -275,7 +271,7 @@ class Trainer:
         handle = None
         if check_preempt:
             # Submitted first so Horovod reduces it in the same cycle as the gradients: no extra round trip.
-            flag = torch.tensor([int(self._preempt_requested)], dtype=torch.int32)
+            flag = torch.tensor([int(preempt.requested())], dtype=torch.int32)
             handle = hvd.allreduce_async(flag, op=hvd.Max, name="hvdtrain.preempt")
         self.optimizer.zero_grad()
         loss_sum, samples = 0.0, 0
@@ -330,10 +326,7 @@ class Trainer:
                 f"{steps_total} steps of {cfg.batch_size} x {k} samples per rank, lr {self.lr:g}"
             )
 
-        previous_handler = None
-        if cfg.preempt_signal:
-            signum = getattr(signal, "SIG" + cfg.preempt_signal.upper().removeprefix("SIG"))
-            previous_handler = signal.signal(signum, self._on_preempt_signal)
+        preempt.install(cfg.preempt_signal)
         preempted = False
         window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
         train_seconds, train_samples = 0.0, 0
@@ -376,8 +369,7 @@ class Trainer:
                         self._record({"step": self.step, "epoch": self.epoch, **last_eval})
                         self._say(f"epoch {self.epoch}: test accuracy {last_eval['test_accuracy']:.4f}")
         finally:
-            if previous_handler is not None:
-                signal.signal(signum, previous_handler)
+            preempt.uninstall()
         if sys.stdout.isatty() and self.is_main:
             sys.stdout.write("\n")
 

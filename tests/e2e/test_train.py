@@ -1,6 +1,7 @@
 """`hvdtrain train` for real: the default job's accuracy, exact resume after SIGKILL, model and hybrid jobs."""
 
 import json
+import signal
 import time
 
 import pytest
@@ -80,3 +81,40 @@ def test_model_parallel_and_hybrid_jobs_match_data_parallel(hvdtrain, tmp_path):
     assert torch.allclose(final_params(tmp_path / "model1"), final_params(tmp_path / "data1"), atol=1e-5)
     assert torch.allclose(final_params(tmp_path / "hybrid2"), final_params(tmp_path / "data2"), atol=1e-5)
     assert result_of(tmp_path / "hybrid2")["test_accuracy"] > 0.5  # 40 steps; chance is 0.1
+
+
+def test_preempt_signal_to_one_rank_stops_all_at_one_step_and_resumes_exactly(hvdtrain, spawn, tmp_path):
+    """USR2 reaches only rank 1: both ranks agree on the step (flag allreduced with the gradients), rank 0
+    checkpoints it, the job exits 0; resuming ends bitwise equal to an uninterrupted run."""
+    import psutil
+
+    common = ["-np", 2, "--launcher", "mpirun", "--deterministic", "--max-steps", 150, "--epochs", 20,
+              "--log-every", 5]  # fmt: skip
+    run_dir = tmp_path / "preempted"
+    proc, kill = spawn("train", *common, "--run-dir", run_dir)
+    try:
+        deadline = time.monotonic() + 180
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and '"step": 10,' in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        ranks = [p for p in psutil.process_iter(["cmdline"])
+                 if (p.info["cmdline"] or [])[1:3] == ["-m", "hvdtrain.worker"] and str(run_dir) in p.info["cmdline"][3]]  # fmt: skip
+        rank1 = [p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK") == "1"]
+        assert len(rank1) == 1, ranks
+        rank1[0].send_signal(signal.SIGUSR2)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            kill(str(run_dir))
+    res = result_of(run_dir)
+    assert res["preempted"] and 10 <= res["steps"] < 150
+    assert C.list_checkpoints(run_dir / "checkpoints")[-1].name == f"step-{res['steps']:08d}.pt"
+    assert f"preempted at step {res['steps']}" in (run_dir / "logs" / "rank.0.log").read_text()
+
+    resumed = hvdtrain("train", *common, "--run-dir", run_dir, "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = hvdtrain("train", *common, "--run-dir", tmp_path / "straight", timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    assert result_of(run_dir)["params_sha256"] == result_of(tmp_path / "straight")["params_sha256"]
+    assert result_of(run_dir)["steps"] == 150
