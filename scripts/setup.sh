@@ -50,6 +50,9 @@ apt_install openmpi-bin libopenmpi-dev cmake g++ make
 
 # --- virtualenv + torch + Python dependencies ----------------------------------------------------------
 if [ ! -x "$venv/bin/python" ]; then
+  command -v "$python" >/dev/null || apt_install python3 python3-dev
+  # Debian's python3 lacks ensurepip (hence venv) until python3-venv is installed.
+  "$python" -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv python3-dev
   say "creating virtualenv $venv"
   "$python" -m venv "$venv"
 fi
