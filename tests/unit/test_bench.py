@@ -203,6 +203,19 @@ def test_train_collect():
     assert "trainer/horovod" in text and "no fusion" in text and "180 +- 0" in text
 
 
+def test_paired_ratio_per_round():
+    def m(arm, r, rate):
+        return {"arm": arm, "model": "m", "compression": "none", "round": r, "rank_rates": [[rate, rate]]}
+
+    part = {"meta": {"np": 1, "threads_per_rank": 1}, "measurements": [
+        m("horovod", 0, 100), m("trainer", 0, 99), m("trainer", 1, 50), m("horovod", 1, 40), m("trainer", 2, 90), m("horovod", 2, 100)
+    ]}  # fmt: skip
+    (line,) = T.side_by_side(T.throughput_rows([(True, part)]))
+    assert line["trainer_over_horovod_per_round"] == pytest.approx([0.99, 1.25, 0.9])
+    assert line["trainer_over_horovod_median_round"] == pytest.approx(0.99)
+    assert line["trainer_over_horovod"] == pytest.approx((99 + 50 + 90) / (100 + 40 + 100))
+
+
 def test_train_plot_writes_png(tmp_path):
     path = T.plot(T.collect(fake_train_parts()), tmp_path / "t.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
