@@ -88,7 +88,7 @@ def measurement_order(models: Sequence[str], arms: Sequence[str], rounds: int, f
         for m in models:
             for arm in pair if r % 2 == 0 else pair[::-1]:
                 out.append({"arm": arm, "model": m, "compression": "none", "round": r})
-            if fp16:
+            if fp16 and "horovod" in arms:
                 out.append({"arm": "horovod", "model": m, "compression": "fp16", "round": r})
     return out
 
