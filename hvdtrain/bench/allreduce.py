@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -146,14 +147,16 @@ def add_bandwidths(row: dict, n: int) -> dict:
 
 
 def fit_ring_model(rows: Sequence[dict], n: int) -> Optional[dict]:
-    """The ring model t = 2(n-1)/n x S/B + latency, latency from the smallest size and B from the largest
-    size's busbw; returns the fit and model/measured time at every size (1.0 = the model is exact)."""
+    """The ring model t = 2(n-1)/n x S/B + latency: the latency is the smallest size's time, B the median of
+    the per-size estimates 2(n-1)/n x S / (t - latency) over the sizes of at least 1 MiB (else the larger
+    half). Returns the fit and model/measured time at every size (1.0: the model is exact there)."""
     rows = sorted(rows, key=lambda r: r["bytes"])
     if len(rows) < 2 or n < 2:
         return None
     latency = rows[0]["time_s"]
-    big = rows[-1]
-    bandwidth = R.bus_factor(n) * big["bytes"] / max(big["time_s"] - latency, 1e-12) / 1e9
+    big = [r for r in rows[1:] if r["bytes"] >= 1024**2] or rows[len(rows) // 2 :]
+    estimates = [R.bus_factor(n) * r["bytes"] / max(r["time_s"] - latency, 1e-12) / 1e9 for r in big]
+    bandwidth = statistics.median(estimates)
     fit = {str(r["bytes"]): R.ring_time(r["bytes"], n, bandwidth, latency) / r["time_s"] for r in rows}
     return {"latency_us": latency * 1e6, "bandwidth_GBps": bandwidth, "model_over_measured": fit}
 
