@@ -254,7 +254,8 @@ def scaling_rows(rows: Sequence[dict]) -> list[dict]:
         out.append({
             "model": r["model"], "config": r["config"], "np": r["np"], "total": r["total"],
             "efficiency": R.efficiency(r["total"], r["np"], one["total"]),
-            "efficiency_conf": R.efficiency_spread(total, r["np"], single),
+            # np=1 is the reference itself: efficiency 1 by definition, no spread of its own.
+            "efficiency_conf": None if r["np"] == 1 else R.efficiency_spread(total, r["np"], single),
         })  # fmt: skip
     return out
 
@@ -324,7 +325,7 @@ def table(result: dict) -> str:
     lines = []
     for r in rows:
         e = eff.get((r["model"], r["config"], r["np"]))
-        spread = None if e is None or e["efficiency_conf"] is None else f"{e['efficiency']:.3f} +- {e['efficiency_conf']:.3f}"
+        spread = None if e is None else f"{e['efficiency']:.3f}" if e["efficiency_conf"] is None else f"{e['efficiency']:.3f} +- {e['efficiency_conf']:.3f}"
         lines.append([r["model"], r["config"], r["np"], _pm(r["per_rank_mean"], r["per_rank_conf"]), _pm(r["total"], r["total_conf"]), spread])
     out = [R.render_table(
         ["model", "config", "np", "samples/s per rank", "total samples/s", "weak-scaling eff."], lines,
