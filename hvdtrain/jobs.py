@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 from hvdtrain import launch as L
 from hvdtrain.config import TrainConfig
 from hvdtrain.errors import CheckpointError, ConfigError
-from hvdtrain.train.checkpoint import list_checkpoints
+from hvdtrain.train import checkpoint as C
 
 
 def visible_gpus(environ: Mapping[str, str]) -> int:
@@ -42,7 +42,7 @@ def preflight(cfg: TrainConfig, spec: L.LaunchSpec, environ: Mapping[str, str]) 
             per_host = int(environ["SLURM_NTASKS_PER_NODE"].split("(")[0].split(",")[0])
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
     restarted = int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-    found = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    found = C.list_checkpoints(Path(cfg.run_dir) / "checkpoints")
     if found and not (cfg.resume or cfg.resume_from or restarted):
         raise CheckpointError(
             f"{cfg.run_dir} already has checkpoints (newest {found[-1].name}): pass --resume to continue from "
@@ -53,6 +53,11 @@ def preflight(cfg: TrainConfig, spec: L.LaunchSpec, environ: Mapping[str, str]) 
             f"--resume: no checkpoint in {Path(cfg.run_dir) / 'checkpoints'}; check --run-dir, or drop --resume "
             "to start fresh"
         )
+    resume_path = Path(cfg.resume_from) if cfg.resume_from else found[-1] if found and (cfg.resume or restarted) else None
+    if resume_path is not None:
+        # Read it here (torch is imported only now, and only for a resume): a corrupt or mismatched checkpoint
+        # is bad input, reported before any rank starts.
+        C.load(resume_path, C.fingerprint(cfg, spec.np))
     parent = Path(cfg.run_dir).resolve().parent
     while not parent.exists():
         parent = parent.parent

@@ -387,6 +387,9 @@ def failure_report(log_dir: str, status: int) -> str:
 def run_job(spec: LaunchSpec, dry_run: bool = False, echo=print) -> int:
     """Run the job (or print it with dry_run); returns the job's exit status, raising LaunchError on failure."""
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if sys.stdout.isatty() and "HVDTRAIN_TTY" not in spec.env:
+        # The ranks' stdout is a pipe whatever happens; tell them a person is watching (progress bars).
+        spec = dataclasses.replace(spec, env={**spec.env, "HVDTRAIN_TTY": "1"})
     extra = rank_env(spec, is_root)
     keep_logs = spec.output_dir is not None
     log_dir = spec.output_dir or tempfile.mkdtemp(prefix="hvdtrain-logs-")

@@ -19,7 +19,19 @@ from typing import Any, Optional
 from hvdtrain.errors import CheckpointError
 
 FORMAT = 1
+# What must match between a checkpoint and the job resuming from it (plus the world size).
+FINGERPRINT_FIELDS = (
+    "strategy", "devices_per_rank", "balance", "micro_batches", "model", "hidden", "depth", "data", "synthetic_samples",
+    "batch_size", "optimizer", "backward_passes_per_step", "seed",
+)  # fmt: skip
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def fingerprint(cfg, world_size: int) -> dict[str, Any]:
+    """The settings a checkpoint records and a resuming job must share (else its position means nothing)."""
+    out = {k: getattr(cfg, k) for k in FINGERPRINT_FIELDS}
+    out["world_size"] = world_size
+    return out
 
 
 def path_for(ckpt_dir: Path, step: int) -> Path:

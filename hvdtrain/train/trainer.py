@@ -43,12 +43,6 @@ from hvdtrain.train import checkpoint as C
 from hvdtrain.train import data as D
 from hvdtrain.train import models as M
 
-# What must match between a checkpoint and the job resuming from it.
-FINGERPRINT_FIELDS = (
-    "strategy", "devices_per_rank", "micro_batches", "model", "hidden", "depth", "data", "synthetic_samples",
-    "batch_size", "optimizer", "backward_passes_per_step", "seed",
-)  # fmt: skip
-
 
 def params_sha256(model: nn.Module) -> str:
     """A fingerprint of the parameters' exact bits (what the resume tests compare)."""
@@ -63,10 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _jsonable(v):
-    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
 
 
 class Trainer:
@@ -141,8 +131,7 @@ class Trainer:
             base, self.model, cfg.compression, cfg.backward_passes_per_step, cfg.reduce_op
         )
         self.sampler = P.sampler(self.data.train, shuffle=True, seed=cfg.seed)
-        self.fingerprint = {k: _jsonable(getattr(cfg, k)) for k in FINGERPRINT_FIELDS}
-        self.fingerprint["world_size"] = self.size
+        self.fingerprint = C.fingerprint(cfg, self.size)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _resume_path(self) -> Optional[Path]:
@@ -250,10 +239,13 @@ class Trainer:
             f"epoch {self.epoch + 1}/{self.cfg.epochs} step {self.step}/{steps_total} "
             f"loss {loss:.4f} {rate:,.0f} samples/s"
         )
-        if sys.stdout.isatty():
-            sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {line}")
+        bar = f"[{'#' * done}{'.' * (width - done)}] "
+        if sys.stdout.isatty():  # run directly in a terminal: one bar, redrawn
+            sys.stdout.write(f"\r{bar}{line}")
             sys.stdout.flush()
-        else:
+        elif os.environ.get("HVDTRAIN_TTY") == "1":  # launched from a terminal: launchers pass whole lines only
+            self._echo(bar + line)
+        else:  # logs and pipes: plain lines
             self._echo(line)
 
     # ------------------------------------------------------------------------------------------ steps

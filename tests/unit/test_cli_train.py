@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from hvdtrain.cli import cli
+from hvdtrain.config import TrainConfig
 from hvdtrain.train import checkpoint as C
 
 
@@ -76,10 +77,30 @@ def test_hybrid_on_cpu_uses_cpu_stages(run):
     assert dry_config(result.output)["devices_per_rank"] == 2
 
 
+def save_checkpoint(tmp_path, step, world_size=1, **cfg):
+    fp = C.fingerprint(TrainConfig(**cfg), world_size)
+    return C.save({"model": {"w": torch.zeros(1)}, "fingerprint": fp}, tmp_path / "r" / "checkpoints", step)
+
+
 def test_existing_checkpoints_need_resume(run, tmp_path):
-    C.save({"model": {"w": torch.zeros(1)}}, tmp_path / "r" / "checkpoints", 20)
+    save_checkpoint(tmp_path, 20)
     assert_one_line_error(run("--run-dir", "r"), "already has checkpoints (newest step-00000020.pt): pass --resume")
-    assert run("--run-dir", "r", "--resume", "--dry-run").exit_code == 0
+    assert run("-np", "1", "--run-dir", "r", "--resume", "--dry-run").exit_code == 0
+
+
+def test_resume_checks_the_checkpoint_before_launching(run, tmp_path):
+    save_checkpoint(tmp_path, 10, batch_size=64)
+    assert_one_line_error(run("-np", "1", "--run-dir", "r", "--resume"), "batch_size: checkpoint has 64, this job has 32")
+    assert_one_line_error(
+        run("-np", "2", "--run-dir", "r", "--resume", "--batch-size", "64"), "world_size: checkpoint has 1, this job has 2"
+    )
+    newest = save_checkpoint(tmp_path, 20, batch_size=64)
+    newest.write_bytes(newest.read_bytes()[:50])
+    result = run("-np", "1", "--run-dir", "r", "--resume", "--batch-size", "64")
+    assert_one_line_error(result, "is corrupt or not a checkpoint")
+    assert "step-00000010.pt is intact: resume from it with --resume-from" in result.output
+    ok = run("-np", "1", "--run-dir", "r", "--batch-size", "64", "--resume-from", "r/checkpoints/step-00000010.pt", "--dry-run")
+    assert ok.exit_code == 0, ok.output
 
 
 def test_resume_without_checkpoints(run):
