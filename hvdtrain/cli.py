@@ -251,6 +251,66 @@ def bench_train(dry_run, out, max_np, models, arms, batch_size, warmup, iters, b
     T.run(plan, dry_run=dry_run, echo=click.echo)
 
 
+# --- Slurm: submit, status, logs -------------------------------------------------------------------------
+@cli.command(context_settings={**CONTEXT, "allow_interspersed_args": False})
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes (sbatch --nodes).")
+@click.option("--ntasks-per-node", type=int, help="Ranks per node [default: --gpus-per-node / --gpus-per-rank, else 1].")
+@click.option("--gpus-per-node", type=int, help="GPUs per node (sbatch --gpus-per-node); one per rank unless --gpus-per-rank.")
+@click.option("--gpus-per-rank", type=int, help="Hybrid jobs: GPUs pinned to each rank by local rank.")
+@click.option("--cpus-per-task", type=int, help="Cores per rank (sbatch --cpus-per-task).")
+@click.option("--mem", help="Memory per node, e.g. 8G (sbatch --mem).")
+@click.option("--time", help="Time limit: minutes, HH:MM:SS or D-HH:MM:SS (sbatch --time).")
+@click.option("--partition", help="Partition (sbatch --partition) [default: the cluster's].")
+@click.option("--account", help="Account to charge (sbatch --account).")
+@click.option("--array", help="Job array, e.g. 0-2; {task} in COMMAND becomes the task id (sbatch --array).")
+@click.option("--requeue/--no-requeue", default=True, show_default=True, help="Let the job requeue itself after preemption.")
+@click.option("--signal", default="USR2@120", show_default=True, help="Warning signal to every rank before the time limit; '' for none.")
+@click.option("--job-name", default="hvdtrain", show_default=True, help="Job name (sbatch --job-name).")
+@click.option("--run-dir", help="Directory for job.sbatch, slurm-<id>.out and logs/ [default: runs/slurm-<time>].")
+@click.option("--launcher", default="srun", show_default=True, help="srun | mpirun: how ranks of a non-hvdtrain COMMAND start.")
+@click.option("--dry-run", is_flag=True, help="Print the job script and the sbatch command; submit nothing.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def submit(command, dry_run, **options):
+    """Submit COMMAND as a Slurm batch job: hvdtrain submit --nodes 2 --ntasks-per-node 4 -- hvdtrain train ...
+
+    \b
+      hvdtrain submit --ntasks-per-node 2 --run-dir runs/a -- hvdtrain train --run-dir runs/a
+      hvdtrain submit --array 0-2 -- hvdtrain train -np 1 --seed {task} --run-dir 'runs/s/{task}'
+      hvdtrain submit --ntasks-per-node 2 -- python my_train.py      # started on every rank by srun
+
+    Renders the job script deterministically into the run directory, submits it with sbatch, and prints the
+    job id and where the logs go. `hvdtrain ...` commands start their own ranks inside the allocation; other
+    commands are started on every rank with srun --mpi=pmix (or mpirun).
+    """
+    from hvdtrain import slurm as S
+
+    spec = S.make_spec(**options)
+    S.submit(spec, list(command), dry_run=dry_run, echo=click.echo)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("job_id", metavar="JOBID")
+@handle_errors
+def status(job_id):
+    """State of a Slurm job (each task of an array): state, reason, run time, restarts, node, output file."""
+    from hvdtrain import slurm as S
+
+    sys.exit(S.status(job_id, echo=click.echo))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("job_id", metavar="JOBID")
+@click.option("--rank", type=int, help="Show this rank's log instead of the job's output.")
+@click.option("--lines", "-n", type=int, default=0, help="Only the last N lines [default: all].")
+@handle_errors
+def logs(job_id, rank, lines):
+    """Print a Slurm job's output file, or one rank's log (--rank R); array tasks as JOBID_TASK."""
+    from hvdtrain import slurm as S
+
+    sys.exit(S.logs(job_id, rank=rank, lines=lines, echo=click.echo))
+
+
 def main():
     cli(prog_name="hvdtrain")
 

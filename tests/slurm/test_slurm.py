@@ -1,0 +1,157 @@
+"""Against a real local Slurm: the templates with plain sbatch, `hvdtrain submit`, arrays, and a job that is
+signalled mid-training, checkpoints, requeues itself, resumes, and ends with the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO / "slurm"
+HOROVOD_HELLO = "import horovod.torch as hvd; hvd.init(); print(f'hello rank {hvd.rank()} of {hvd.size()}', flush=True)"
+
+
+def result_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_template_data_parallel_train_reaches_the_accuracy_bar(slurm, tmp_path):
+    """slurm/data-parallel.sbatch with plain sbatch: 2 tasks, `hvdtrain train` (the CNN on digits) >= 95%."""
+    start = time.monotonic()
+    job = slurm.sbatch(
+        ["--ntasks-per-node=2", TEMPLATES / "data-parallel.sbatch", "hvdtrain", "train", "--run-dir", tmp_path / "dp",
+         "--epochs", "10"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    (task,) = slurm.wait(job, timeout=400)
+    out = text(tmp_path / f"hvdtrain-dp-{job}.out")
+    assert task["JobState"] == "COMPLETED", out
+    res = result_of(tmp_path / "dp")
+    assert res["world_size"] == 2 and res["test_accuracy"] >= 0.95, res
+    assert f"test accuracy: {res['test_accuracy']:.4f}" in out
+    assert (tmp_path / "dp" / "logs" / "rank.1.log").is_file()
+    print(f"data-parallel template: {res['test_accuracy']:.4f} in {time.monotonic() - start:.0f} s wall")
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_template_starts_horovod_ranks_with_srun_pmix_or_mpirun(slurm, tmp_path, launcher):
+    """A user script (not hvdtrain) started on every task by the template: Horovod sees 2 ranks; rank logs."""
+    job = slurm.sbatch(
+        ["--ntasks-per-node=2", TEMPLATES / "data-parallel.sbatch", "python", "-c", HOROVOD_HELLO],
+        cwd=tmp_path, extra_env={"HVDTRAIN_LAUNCHER": launcher},
+    )  # fmt: skip
+    (task,) = slurm.wait(job, timeout=180)
+    out = text(tmp_path / f"hvdtrain-dp-{job}.out")
+    assert task["JobState"] == "COMPLETED", out
+    logs = tmp_path / "runs" / f"hvdtrain-dp-{job}" / "logs"
+    if launcher == "srun":
+        found = [text(logs / f"rank.{r}.log") for r in (0, 1)]
+    else:  # mpirun --output-filename DIR: DIR/1/rank.R/stdout
+        found = [text(logs / "1" / f"rank.{r}" / "stdout") for r in (0, 1)]
+    for r in (0, 1):
+        assert f"hello rank {r} of 2" in found[r], (out, found)
+    assert "--mpi=pmix" in out if launcher == "srun" else "'mpirun'" in out
+
+
+def test_submit_array_sweep_gives_three_distinct_results(slurm, tmp_path):
+    """`hvdtrain submit --array 0-2`: {task} becomes the task id; 3 runs, 3 different trained models."""
+    run = tmp_path / "sweep"
+    job = slurm.submit(
+        "--array", "0-2", "--ntasks-per-node", "1", "--run-dir", run, "--job-name", "sweep", "--",
+        "hvdtrain", "train", "--model", "mlp", "--max-steps", "30", "--seed", "{task}", "--run-dir", f"{run}/seed-{{task}}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    tasks = slurm.wait(job, timeout=300)
+    assert sorted(t["ArrayTaskId"] for t in tasks) == ["0", "1", "2"]
+    assert all(t["JobState"] == "COMPLETED" for t in tasks), [(t["JobId"], t["JobState"]) for t in tasks]
+    results = [result_of(run / f"seed-{i}") for i in range(3)]
+    assert all(r["steps"] == 30 for r in results)
+    assert len({r["params_sha256"] for r in results}) == 3, results
+    status = slurm.hvdtrain("status", job)
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 3, status.stdout
+    logs = slurm.hvdtrain("logs", f"{job}_1")
+    assert logs.returncode == 0 and "test accuracy:" in logs.stdout, logs.stdout + logs.stderr
+    rank0 = slurm.hvdtrain("logs", f"{job}_2", "--rank", "0")
+    assert rank0.returncode == 0 and "seed-2" in rank0.stdout.splitlines()[0], rank0.stdout + rank0.stderr
+
+
+def test_template_array_sweep_values(slurm, tmp_path):
+    """slurm/array-sweep.sbatch with plain sbatch: {value} from HVDTRAIN_SWEEP_VALUES, one run per task."""
+    script = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
+    job = slurm.sbatch(
+        ["--array=0-2", TEMPLATES / "array-sweep.sbatch", "python", "-c", script, "out-{task}.txt", "lr={value} job={job}"],
+        cwd=tmp_path, extra_env={"HVDTRAIN_SWEEP_VALUES": "0.5 a&b 2"},
+    )  # fmt: skip
+    tasks = slurm.wait(job, timeout=180)
+    assert all(t["JobState"] == "COMPLETED" for t in tasks), tasks
+    got = [text(tmp_path / f"out-{i}.txt") for i in range(3)]
+    assert got == [f"lr=0.5 job={job}", f"lr=a&b job={job}", f"lr=2 job={job}"]
+    assert (tmp_path / f"hvdtrain-sweep-{job}_1.out").is_file()
+
+
+@pytest.mark.parametrize("name", ["a b", "a'; echo x"])
+def test_submit_hostile_run_dir(slurm, tmp_path, name):
+    """Run directories with spaces and quotes survive sbatch's #SBATCH parsing and the script."""
+    run = tmp_path / name
+    probe = "import os; print('rank', os.environ['SLURM_PROCID'], 'of', os.environ['SLURM_NTASKS'])"
+    job = slurm.submit("--ntasks-per-node", "2", "--run-dir", run, "--", "python", "-c", probe, cwd=tmp_path)
+    (task,) = slurm.wait(job, timeout=120)
+    out = text(run / f"slurm-{job}.out")
+    assert task["JobState"] == "COMPLETED", out
+    assert (run / "job.sbatch").is_file()
+    for r in (0, 1):
+        assert f"rank {r} of 2" in text(run / "logs" / f"rank.{r}.log")
+    logs = slurm.hvdtrain("logs", job, "--rank", "1")
+    assert logs.returncode == 0 and "rank 1 of 2" in logs.stdout, logs.stdout + logs.stderr
+    assert not (tmp_path / "x").exists() and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def _train_args(run_dir: Path) -> list[str]:
+    return ["hvdtrain", "train", "--deterministic", "--max-steps", "100", "--epochs", "50", "--log-every", "5",
+            "--no-eval-every-epoch", "--run-dir", str(run_dir)]  # fmt: skip
+
+
+def test_signalled_job_checkpoints_requeues_resumes_and_matches(slurm, tmp_path):
+    """scancel --signal=USR2 mid-training: all ranks stop at one step, rank 0 checkpoints and requeues the
+    job; the requeued job resumes by itself and ends with the same weights as an uninterrupted run."""
+    start = time.monotonic()
+    ref = slurm.submit("--ntasks-per-node", "2", "--run-dir", tmp_path / "ref", "--job-name", "ref", "--",
+                       *_train_args(tmp_path / "ref" / "train"), cwd=tmp_path)  # fmt: skip
+    job = slurm.submit("--ntasks-per-node", "2", "--run-dir", tmp_path / "pre", "--job-name", "pre", "--",
+                       *_train_args(tmp_path / "pre" / "train"), cwd=tmp_path)  # fmt: skip
+    out_file = tmp_path / "pre" / f"slurm-{job}.out"
+
+    # Wait for a progress line (training is under way), then send the warning signal to the job's steps.
+    deadline = time.monotonic() + 240
+    while not re.search(r"step (1\d|[2-9]\d)/100", text(out_file)):
+        assert time.monotonic() < deadline, f"no progress line in time:\n{text(out_file)}"
+        assert slurm.show(job)[0]["JobState"] in ("PENDING", "RUNNING"), text(out_file)
+        time.sleep(0.5)
+    slurm.run(["scancel", "--signal=USR2", job])
+
+    # The job requeues itself; Slurm holds a requeued job for ~2 minutes (BeginTime): release it now.
+    slurm.wait(job, timeout=120, until=lambda t: int(t[0].get("Restarts", 0)) >= 1 and t[0]["JobState"] == "PENDING")
+    slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+    (task,) = slurm.wait(job, timeout=300, until=lambda t: t[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    (ref_task,) = slurm.wait(ref, timeout=300)
+    out = text(out_file)
+    assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", (task, out)
+    assert ref_task["JobState"] == "COMPLETED", text(tmp_path / "ref" / f"slurm-{ref}.out")
+
+    m = re.search(r"preempted at step (\d+)", out)
+    assert m and 10 <= int(m.group(1)) < 100, out
+    assert f"requeued Slurm job {job}" in out
+    assert "restart 1," in out  # the job script's banner of the second run
+    assert f"step-{int(m.group(1)):08d}.pt" in out
+    res, ref_res = result_of(tmp_path / "pre" / "train"), result_of(tmp_path / "ref" / "train")
+    assert res["steps"] == ref_res["steps"] == 100 and not res["preempted"]
+    assert res["params_sha256"] == ref_res["params_sha256"]
+    print(f"preempted at step {m.group(1)}, requeued, resumed, equal weights in {time.monotonic() - start:.0f} s wall")
