@@ -269,6 +269,8 @@ def side_by_side(rows: Sequence[dict]) -> list[dict]:
     out = []
     for np, model in sorted({(r["np"], r["model"]) for r in rows}):
         got = {c: _find(rows, np, model, c) for c in ("trainer", "horovod", "ddp")}
+        if sum(r is not None for r in got.values()) < 2:
+            continue  # nothing to compare
         totals = {c: (r["total"] if r else None) for c, r in got.items()}
         line = {"np": np, "model": model, **{f"{c}_total": v for c, v in totals.items()}}
         line["trainer_over_horovod"] = R.ratio(totals["trainer"], totals["horovod"])
