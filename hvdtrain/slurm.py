@@ -502,6 +502,10 @@ def parse_scontrol(text: str) -> list[dict[str, str]]:
             key, sep, value = token.partition("=")
             if sep:
                 fields[key] = value
+        # The script and its arguments, joined by spaces (so only a hint: arguments may contain spaces).
+        m = re.search(r" Command=(.*?) WorkDir=", line)
+        if m:
+            fields["Command"] = m.group(1)
         if fields:
             jobs.append(fields)
     return jobs
@@ -574,6 +578,8 @@ def log_path(job_id: str, rank: Optional[int] = None, environ: Optional[Mapping[
     check_job_id(job_id)
     jobs = show_job(job_id)
     known = _recall(job_id, environ)
+    if known and jobs and jobs[0].get("StdOut") and Path(jobs[0]["StdOut"]).parent != Path(known["run_dir"]):
+        known = None  # a record of an older job with the same id (the local test cluster restarts its ids)
     if len(jobs) > 1:
         raise UsageError(f"job {job_id} is an array of {len(jobs)} tasks: give one task, e.g. {_job_label(jobs[0])}")
     task = job_id.split("_")[1] if "_" in job_id else (jobs[0].get("ArrayTaskId") if jobs else None)
@@ -601,7 +607,7 @@ def log_path(job_id: str, rank: Optional[int] = None, environ: Optional[Mapping[
             run_dirs.append(str(Path(j["StdOut"]).parent))
         # The templates' default HVDTRAIN_RUN_DIR.
         run_dirs.append(os.path.join(workdir, "runs", f"{j.get('JobName', '')}-{j.get('ArrayJobId') or j.get('JobId')}"))
-        cmd_dirs = _dirs_in_command(command)
+        cmd_dirs = _dirs_in_command(command or j.get("Command", "").split()[1:])
         run_dirs += [d if os.path.isabs(d) else os.path.join(workdir, d) for d in cmd_dirs]
     else:
         run_dirs += _dirs_in_command(command)

@@ -119,7 +119,8 @@ start() {
   fi
   if ! alive "$state/slurmctld.pid"; then
     say "starting slurmctld (log $state/log/slurmctld.log)"
-    slurmctld -f "$conf" || die "slurmctld failed to start; see $state/log/slurmctld.log"
+    # -c: a fresh queue each start (this cluster is for tests and trials; jobs of an earlier start are dropped).
+    slurmctld -c -f "$conf" || die "slurmctld failed to start; see $state/log/slurmctld.log"
   fi
   if ! alive "$state/slurmd.pid"; then
     say "starting slurmd (log $state/log/slurmd.log)"

@@ -114,6 +114,31 @@ def test_submit_hostile_run_dir(slurm, tmp_path, name):
     assert not (tmp_path / "x").exists() and sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_signal_to_the_batch_shell_reaches_mpirun_ranks(slurm, tmp_path):
+    """--signal=B:USR2@T / scancel --batch: the script's trap passes the signal on (hvdtrain -> mpirun -> ranks);
+    with --no-requeue the job checkpoints at one step on every rank and ends."""
+    run = tmp_path / "b"
+    job = slurm.sbatch(
+        ["--ntasks-per-node=2", TEMPLATES / "data-parallel.sbatch", "hvdtrain", "train", "--launcher", "mpirun",
+         "--max-steps", "300", "--log-every", "5", "--no-eval-every-epoch", "--no-requeue", "--run-dir", run],
+        cwd=tmp_path,
+    )  # fmt: skip
+    out_file = tmp_path / f"hvdtrain-dp-{job}.out"
+    deadline = time.monotonic() + 240
+    while not re.search(r"step (1\d|[2-9]\d)/300", text(out_file)):
+        assert time.monotonic() < deadline, f"no progress line in time:\n{text(out_file)}"
+        time.sleep(0.5)
+    slurm.run(["scancel", "--batch", "--signal=USR2", job])
+    (task,) = slurm.wait(job, timeout=120)
+    out = text(out_file)
+    assert task["JobState"] == "COMPLETED", out
+    m = re.search(r"preempted at step (\d+)", out)
+    assert m and int(m.group(1)) < 300, out
+    res = result_of(run)
+    assert res["preempted"] and res["steps"] == int(m.group(1)) and res["requeued"] is None, res
+    assert (run / "checkpoints" / f"step-{int(m.group(1)):08d}.pt").is_file()
+
+
 def _train_args(run_dir: Path) -> list[str]:
     return ["hvdtrain", "train", "--deterministic", "--max-steps", "100", "--epochs", "50", "--log-every", "5",
             "--no-eval-every-epoch", "--run-dir", str(run_dir)]  # fmt: skip

@@ -237,6 +237,9 @@ def test_requeue_job_runs_scontrol(tmp_path, monkeypatch):
 def test_parse_scontrol():
     jobs = S.parse_scontrol("JobId=5 JobName=a ArrayJobId=4 ArrayTaskId=1 JobState=RUNNING Reason=None\nJobId=6 JobState=PENDING\n")
     assert [j["JobId"] for j in jobs] == ["5", "6"] and S._job_label(jobs[0]) == "4_1"
+    (job,) = S.parse_scontrol("JobId=7 Command=/s/dp.sbatch hvdtrain train --run-dir /r WorkDir=/w StdOut=/w/o")
+    assert job["Command"] == "/s/dp.sbatch hvdtrain train --run-dir /r" and job["WorkDir"] == "/w"
+    assert S._dirs_in_command(["x", "--run-dir", "a", "--output-dir=b"]) == ["a", "b"]
 
 
 # --- the CLI: bad input is one line and exit 2, nothing is submitted ----------------------------------------
