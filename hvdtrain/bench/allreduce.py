@@ -91,7 +91,9 @@ def make_plan(
     runs = []
     for controller in controllers_for(launch.get("launcher"), gloo, mpi):
         log_dir = Path(logs or out_dir / "logs") / controller
-        command = worker_command(out_dir / "parts" / f"plan-{controller}.json", out_dir / "parts" / f"{controller}.json")
+        command = worker_command(
+            out_dir / "parts" / f"plan-{controller}.json", out_dir / "parts" / f"{controller}.json"
+        )
         spec = L.make_spec(
             command,
             gloo=controller == "gloo",
@@ -198,7 +200,9 @@ def collect(parts: Sequence[dict], plan: Optional[AllreducePlan] = None) -> dict
     if plan is not None:
         meta.update(warmup=plan.warmup, iters=plan.iters, tiny=plan.tiny)
         meta["commands"] = [shlex.join(L.wrapped_command(s, "LOGDIR")) for _, s in plan.runs]
-        meta["launchers"] = [{"controller": c, "launcher": s.launcher, "threads_per_rank": s.threads_per_rank} for c, s in plan.runs]
+        meta["launchers"] = [
+            {"controller": c, "launcher": s.launcher, "threads_per_rank": s.threads_per_rank} for c, s in plan.runs
+        ]
     return {"meta": meta, "rows": rows, "summary": summary}
 
 

@@ -145,7 +145,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** -(digits)):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 10**-(digits)):
             return f"{value:.{digits}g}"
         return f"{value:.{digits}f}"
     return str(value)
@@ -155,7 +155,9 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
     """A plain aligned text table: text columns left-aligned, numbers right-aligned."""
     cells = [[fmt(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and rows for i in range(len(headers))]
+    numeric = [
+        all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and rows for i in range(len(headers))
+    ]
 
     def line(values):
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()

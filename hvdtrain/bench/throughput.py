@@ -73,7 +73,9 @@ def _csv(text: Optional[str], valid: Sequence[str], flag: str) -> Optional[list[
     items = [t.strip() for t in text.split(",")]
     bad = [t for t in items if t not in valid]
     if not text.strip() or bad:
-        raise UsageError(f"{flag}: unknown {', '.join(repr(b) for b in bad) or 'empty list'}; choose from {', '.join(valid)}")
+        raise UsageError(
+            f"{flag}: unknown {', '.join(repr(b) for b in bad) or 'empty list'}; choose from {', '.join(valid)}"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -113,7 +115,13 @@ def make_plan(
     launch: dict[str, Any],
 ) -> TrainBenchPlan:
     """Validate every option and build one launch spec per (np, fusion); raises UsageError before any run."""
-    given = {"batch_size": batch_size, "warmup": warmup, "iters": iters, "batches_per_iter": batches_per_iter, "rounds": rounds}
+    given = {
+        "batch_size": batch_size,
+        "warmup": warmup,
+        "iters": iters,
+        "batches_per_iter": batches_per_iter,
+        "rounds": rounds,
+    }
     base = TINY if tiny else DEFAULTS
     settings = {k: base[k] if v is None else v for k, v in given.items()}
     for key, low in (("batch_size", 1), ("warmup", 0), ("iters", 1), ("batches_per_iter", 1), ("rounds", 1)):
@@ -160,7 +168,11 @@ def make_plan(
             if fusion:
                 todo = measurement_order(model_names, arm_names, settings["rounds"], ablations)
             else:
-                todo = [{"arm": "horovod", "model": m, "compression": "none", "round": r} for r in range(settings["rounds"]) for m in model_names]
+                todo = [
+                    {"arm": "horovod", "model": m, "compression": "none", "round": r}
+                    for r in range(settings["rounds"])
+                    for m in model_names
+                ]
             runs.append(Run(np=np, fusion=fusion, spec=spec, measurements=todo))
     return TrainBenchPlan(
         out=out_dir, np_list=list(range(1, top + 1)), models={m: catalogue[m] for m in model_names}, arms=arm_names,
@@ -172,7 +184,10 @@ def run(plan: TrainBenchPlan, dry_run: bool = False, echo: Callable[[str], None]
     """Launch every (np, fusion) run in turn (or print the commands), then collect, report and plot."""
     if dry_run:
         for r in plan.runs:
-            echo(f"# np={r.np} {'fusion on' if r.fusion else 'HOROVOD_FUSION_THRESHOLD=0'}: " + ", ".join(_label(m) for m in r.measurements))
+            echo(
+                f"# np={r.np} {'fusion on' if r.fusion else 'HOROVOD_FUSION_THRESHOLD=0'}: "
+                + ", ".join(_label(m) for m in r.measurements)
+            )
             L.run_job(r.spec, dry_run=True, echo=echo)
         return {}
     parts = plan.out / "parts"
@@ -186,7 +201,9 @@ def run(plan: TrainBenchPlan, dry_run: bool = False, echo: Callable[[str], None]
         }  # fmt: skip
         R.write_json(parts / f"plan-{r.name}.json", worker_plan)
         (parts / f"{r.name}.json").unlink(missing_ok=True)
-        echo(f"hvdtrain bench train: np={r.np} {'' if r.fusion else 'HOROVOD_FUSION_THRESHOLD=0 '}({len(r.measurements)} measurements) ...")
+        echo(
+            f"hvdtrain bench train: np={r.np} {'' if r.fusion else 'HOROVOD_FUSION_THRESHOLD=0 '}({len(r.measurements)} measurements) ..."
+        )
         try:
             L.run_job(r.spec, echo=lambda _line: None)
         finally:
@@ -222,7 +239,9 @@ def throughput_rows(parts: Sequence[tuple[bool, dict]]) -> list[dict]:
         n = part["meta"]["np"]
         for m in part["measurements"]:
             key = (n, config_name(m["arm"], m["compression"], fusion), m["model"])
-            entry = pooled.setdefault(key, {"rank_rates": [[] for _ in range(n)], "extra": {}, "arm": m["arm"], "rounds": {}})
+            entry = pooled.setdefault(
+                key, {"rank_rates": [[] for _ in range(n)], "extra": {}, "arm": m["arm"], "rounds": {}}
+            )
             for rank, rates in enumerate(m["rank_rates"]):
                 entry["rank_rates"][rank].extend(rates)
             entry["rounds"][m["round"]] = R.summary_stats(m["rank_rates"][0])["mean"]
@@ -314,7 +333,13 @@ def collect(parts: Sequence[tuple[bool, dict]], plan: Optional[TrainBenchPlan] =
             {"np": r.np, "fusion": r.fusion, "env": L.rank_env(r.spec, False), "command": shlex.join(L.wrapped_command(r.spec, "LOGDIR"))}
             for r in plan.runs
         ]  # fmt: skip
-    return {"meta": meta, "rows": rows, "scaling": scaling_rows(rows), "side_by_side": side_by_side(rows), "ablations": ablation_rows(rows)}
+    return {
+        "meta": meta,
+        "rows": rows,
+        "scaling": scaling_rows(rows),
+        "side_by_side": side_by_side(rows),
+        "ablations": ablation_rows(rows),
+    }
 
 
 def _pm(mean: float, conf: float) -> str:
@@ -327,8 +352,23 @@ def table(result: dict) -> str:
     lines = []
     for r in rows:
         e = eff.get((r["model"], r["config"], r["np"]))
-        spread = None if e is None else f"{e['efficiency']:.3f}" if e["efficiency_conf"] is None else f"{e['efficiency']:.3f} +- {e['efficiency_conf']:.3f}"
-        lines.append([r["model"], r["config"], r["np"], _pm(r["per_rank_mean"], r["per_rank_conf"]), _pm(r["total"], r["total_conf"]), spread])
+        spread = (
+            None
+            if e is None
+            else f"{e['efficiency']:.3f}"
+            if e["efficiency_conf"] is None
+            else f"{e['efficiency']:.3f} +- {e['efficiency_conf']:.3f}"
+        )
+        lines.append(
+            [
+                r["model"],
+                r["config"],
+                r["np"],
+                _pm(r["per_rank_mean"], r["per_rank_conf"]),
+                _pm(r["total"], r["total_conf"]),
+                spread,
+            ]
+        )
     out = [R.render_table(
         ["model", "config", "np", "samples/s per rank", "total samples/s", "weak-scaling eff."], lines,
         "throughput (mean +- 1.96 sigma over iterations; total = np x per rank, as pytorch_synthetic_benchmark)",
@@ -343,7 +383,11 @@ def table(result: dict) -> str:
             "side by side (total samples/s; targets: trainer/horovod >= 0.98, trainer/ddp >= 1.0)",
         ))  # fmt: skip
         for s in sbs:
-            verdicts = [f"{k} {'met' if s[f'{k}_target_met'] else 'NOT met'}" for k in TARGETS if s[f"{k}_target_met"] is not None]
+            verdicts = [
+                f"{k} {'met' if s[f'{k}_target_met'] else 'NOT met'}"
+                for k in TARGETS
+                if s[f"{k}_target_met"] is not None
+            ]
             if verdicts:
                 out.append(f"  {s['model']} np={s['np']}: " + "; ".join(verdicts))
     abl = result["ablations"]
@@ -370,10 +414,19 @@ def plot(result: dict, path: Path) -> Path:
             if not mine:
                 continue
             nps = [r["np"] for r in mine]
-            line = scale.errorbar(nps, [r["total"] for r in mine], yerr=[r["total_conf"] for r in mine], marker="o", capsize=3, label=model)
+            line = scale.errorbar(
+                nps,
+                [r["total"] for r in mine],
+                yerr=[r["total_conf"] for r in mine],
+                marker="o",
+                capsize=3,
+                label=model,
+            )
             one = next((r["total"] for r in mine if r["np"] == 1), None)
             if one:
-                scale.plot(nps, [one * n for n in nps], linestyle=":", color=line[0].get_color(), label=f"{model} ideal")
+                scale.plot(
+                    nps, [one * n for n in nps], linestyle=":", color=line[0].get_color(), label=f"{model} ideal"
+                )
         scale.set_xticks(sorted({r["np"] for r in rows}))
         scale.set_xlabel("ranks (np)")
         scale.set_ylabel("total samples/s")
@@ -391,7 +444,14 @@ def _bars(ax, rows: Sequence[dict], np: int, configs: Sequence[str], title: str)
     for i, config in enumerate(configs):
         got = [_find(rows, np, m, config) for m in models]
         xs = [j + i * width for j in range(len(models))]
-        ax.bar(xs, [g["total"] if g else 0 for g in got], width, yerr=[g["total_conf"] if g else 0 for g in got], capsize=3, label=config)
+        ax.bar(
+            xs,
+            [g["total"] if g else 0 for g in got],
+            width,
+            yerr=[g["total_conf"] if g else 0 for g in got],
+            capsize=3,
+            label=config,
+        )
     ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(models))])
     ax.set_xticklabels(models)
     ax.set_ylabel("total samples/s")

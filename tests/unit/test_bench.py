@@ -34,7 +34,16 @@ def assert_usage_error(result, needle):
 
 @pytest.mark.parametrize(
     "text,size",
-    [("4", 4), ("4B", 4), ("1K", 1024), ("1KiB", 1024), ("1kb", 1024), ("64MiB", 64 * MiB), ("1G", 1024**3), (" 8 ", 8)],
+    [
+        ("4", 4),
+        ("4B", 4),
+        ("1K", 1024),
+        ("1KiB", 1024),
+        ("1kb", 1024),
+        ("64MiB", 64 * MiB),
+        ("1G", 1024**3),
+        (" 8 ", 8),
+    ],
 )
 def test_parse_size(text, size):
     assert R.parse_size(text) == size
@@ -60,7 +69,13 @@ def test_size_range_and_list():
 
 
 def test_format_bytes():
-    assert [R.format_bytes(s) for s in (4, 1024, 1536, 64 * MiB, 1024**3)] == ["4 B", "1 KiB", "1536 B", "64 MiB", "1 GiB"]
+    assert [R.format_bytes(s) for s in (4, 1024, 1536, 64 * MiB, 1024**3)] == [
+        "4 B",
+        "1 KiB",
+        "1536 B",
+        "64 MiB",
+        "1 GiB",
+    ]
 
 
 def test_iterations_for():
@@ -118,9 +133,15 @@ def test_render_table_aligns_columns():
 
 def fake_allreduce_parts(n=2, sizes=(4, 1024, 64 * MiB), bw=2.0, lat=1e-5):
     def rows(impl, scale):
-        return [{"impl": impl, "bytes": s, "elements": s // 4, "iters": 3, "time_s": scale * R.ring_time(s, n, bw, lat)} for s in sizes]
+        return [
+            {"impl": impl, "bytes": s, "elements": s // 4, "iters": 3, "time_s": scale * R.ring_time(s, n, bw, lat)}
+            for s in sizes
+        ]
 
-    mpi = {"meta": {"np": n, "controller": "mpi"}, "rows": rows("memcpy", 0.1) + rows("mpi4py", 1.0) + rows("horovod_mpi", 1.25)}
+    mpi = {
+        "meta": {"np": n, "controller": "mpi"},
+        "rows": rows("memcpy", 0.1) + rows("mpi4py", 1.0) + rows("horovod_mpi", 1.25),
+    }
     gloo = {"meta": {"np": n, "controller": "gloo"}, "rows": rows("torch_gloo", 1.0) + rows("horovod_gloo", 0.5)}
     return [mpi, gloo]
 
@@ -167,8 +188,12 @@ def test_measurement_order_puts_ddp_first_and_alternates():
     order = T.measurement_order(["a", "b"], ["horovod", "trainer", "ddp"], rounds=2, fp16=True)
     arms = [m["arm"] for m in order]
     assert arms[:4] == ["ddp"] * 4 and "ddp" not in arms[4:]
-    round0 = [(m["arm"], m["compression"]) for m in order if m["round"] == 0 and m["model"] == "a" and m["arm"] != "ddp"]
-    round1 = [(m["arm"], m["compression"]) for m in order if m["round"] == 1 and m["model"] == "a" and m["arm"] != "ddp"]
+    round0 = [
+        (m["arm"], m["compression"]) for m in order if m["round"] == 0 and m["model"] == "a" and m["arm"] != "ddp"
+    ]
+    round1 = [
+        (m["arm"], m["compression"]) for m in order if m["round"] == 1 and m["model"] == "a" and m["arm"] != "ddp"
+    ]
     assert round0 == [("horovod", "none"), ("trainer", "none"), ("horovod", "fp16")]
     assert round1 == [("trainer", "none"), ("horovod", "none"), ("horovod", "fp16")]
 
@@ -179,8 +204,18 @@ def fake_train_parts():
               for (arm, comp), v in rates.items()]  # fmt: skip
         return fusion, {"meta": {"np": n, "threads_per_rank": 1}, "measurements": ms}
 
-    one = {("horovod", "none"): [100, 100], ("trainer", "none"): [99, 99], ("ddp", "none"): [90, 110], ("horovod", "fp16"): [80, 80]}
-    two = {("horovod", "none"): [90, 90], ("trainer", "none"): [81, 81], ("ddp", "none"): [50, 50], ("horovod", "fp16"): [45, 45]}
+    one = {
+        ("horovod", "none"): [100, 100],
+        ("trainer", "none"): [99, 99],
+        ("ddp", "none"): [90, 110],
+        ("horovod", "fp16"): [80, 80],
+    }
+    two = {
+        ("horovod", "none"): [90, 90],
+        ("trainer", "none"): [81, 81],
+        ("ddp", "none"): [50, 50],
+        ("horovod", "fp16"): [45, 45],
+    }
     return [part(1, True, one), part(1, False, {("horovod", "none"): [100, 100]}), part(2, True, two),
             part(2, False, {("horovod", "none"): [30, 30]})]  # fmt: skip
 
