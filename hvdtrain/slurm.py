@@ -493,8 +493,7 @@ def check_job_id(job_id: str) -> str:
 
 
 def parse_scontrol(text: str) -> list[dict[str, str]]:
-    """`scontrol show job -o` output: one job per line, Key=Value fields (values without spaces, except the
-    last fields, which we do not need)."""
+    """`scontrol show job -o` output: one job per line of Key=Value fields."""
     jobs = []
     for line in text.splitlines():
         fields = {}
@@ -502,10 +501,10 @@ def parse_scontrol(text: str) -> list[dict[str, str]]:
             key, sep, value = token.partition("=")
             if sep:
                 fields[key] = value
-        # The script and its arguments, joined by spaces (so only a hint: arguments may contain spaces).
-        m = re.search(r" Command=(.*?) WorkDir=", line)
-        if m:
-            fields["Command"] = m.group(1)
+        # Paths may contain spaces: a path runs up to the next " Key=". Command is the script and its
+        # arguments joined by spaces (so only a hint: arguments may contain spaces).
+        for m in re.finditer(r"(?:^| )(Command|WorkDir|StdErr|StdIn|StdOut)=(.*?)(?= [A-Z][A-Za-z:/]*=|$)", line):
+            fields[m.group(1)] = m.group(2)
         if fields:
             jobs.append(fields)
     return jobs

@@ -112,6 +112,10 @@ def test_submit_hostile_run_dir(slurm, tmp_path, name):
     logs = slurm.hvdtrain("logs", job, "--rank", "1")
     assert logs.returncode == 0 and "rank 1 of 2" in logs.stdout, logs.stdout + logs.stderr
     assert not (tmp_path / "x").exists() and sorted(p.name for p in tmp_path.iterdir()) == [name]
+    whole = slurm.hvdtrain("logs", job)
+    assert whole.returncode == 0 and whole.stdout.splitlines()[0] == f"==> {run}/slurm-{job}.out <==", whole.stdout
+    status = slurm.hvdtrain("status", job)
+    assert status.returncode == 0 and "COMPLETED" in status.stdout and f"output {run}/slurm-{job}.out" in status.stdout
 
 
 def test_signal_to_the_batch_shell_reaches_mpirun_ranks(slurm, tmp_path):

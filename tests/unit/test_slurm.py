@@ -239,6 +239,8 @@ def test_parse_scontrol():
     assert [j["JobId"] for j in jobs] == ["5", "6"] and S._job_label(jobs[0]) == "4_1"
     (job,) = S.parse_scontrol("JobId=7 Command=/s/dp.sbatch hvdtrain train --run-dir /r WorkDir=/w StdOut=/w/o")
     assert job["Command"] == "/s/dp.sbatch hvdtrain train --run-dir /r" and job["WorkDir"] == "/w"
+    (job,) = S.parse_scontrol("JobId=8 WorkDir=/a b StdErr=/a b/o StdIn=/dev/null StdOut=/a b/o Power= TresPerNode=x")
+    assert job["StdOut"] == "/a b/o" and job["WorkDir"] == "/a b" and job["Power"] == ""
     assert S._dirs_in_command(["x", "--run-dir", "a", "--output-dir=b"]) == ["a", "b"]
 
 
