@@ -333,6 +333,18 @@ _TEMPLATE_SETTINGS = [
     "# srun (default; --mpi=pmix) or mpirun (OpenMPI reads the allocation) for commands other than hvdtrain.",
     "export HVDTRAIN_LAUNCHER=${HVDTRAIN_LAUNCHER:-srun}",
 ]
+_TEMPLATE_OPTIONS = {"nodes": "1", "signal": DEFAULT_SIGNAL, "requeue": None, "open-mode": "append"}
+
+
+def _template_settings(gpus_comment: str, gpus_default: str = "", sweep: Optional[str] = None) -> list[str]:
+    sweep_lines = ["# The sweep: one value per array task (task i gets the i-th)."] if sweep else []
+    return [
+        *_TEMPLATE_SETTINGS, f"# GPUs per rank{gpus_comment}", f"export HVDTRAIN_GPUS_PER_RANK=${{HVDTRAIN_GPUS_PER_RANK:-{gpus_default}}}",
+        *sweep_lines, f"export HVDTRAIN_SWEEP_VALUES=${{HVDTRAIN_SWEEP_VALUES:-{sweep or ''}}}",
+    ]  # fmt: skip
+
+
+_PER_NODE = ": default (GPUs on the node) / (tasks per node)."
 TEMPLATES: dict[str, dict[str, Any]] = {
     "data-parallel.sbatch": {
         "head": [
@@ -346,14 +358,9 @@ TEMPLATES: dict[str, dict[str, Any]] = {
             "# --signal (USR2 reaches every rank that many seconds before the limit); --partition/--account",
             "# for your site. Flags given to sbatch override these lines.",
         ],
-        "options": {
-            "job-name": "hvdtrain-dp", "nodes": "1", "ntasks-per-node": "2", "cpus-per-task": "1",
-            "time": "01:00:00", "signal": DEFAULT_SIGNAL, "requeue": None, "open-mode": "append",
-            "output": "%x-%j.out",
-        },  # fmt: skip
-        "settings": [*_TEMPLATE_SETTINGS, "# GPUs per rank: default (GPUs on the node) / (tasks per node).",
-                     "export HVDTRAIN_GPUS_PER_RANK=${HVDTRAIN_GPUS_PER_RANK:-}",
-                     "export HVDTRAIN_SWEEP_VALUES=${HVDTRAIN_SWEEP_VALUES:-}"],  # fmt: skip
+        "options": {**_TEMPLATE_OPTIONS, "job-name": "hvdtrain-dp", "ntasks-per-node": "2", "cpus-per-task": "1",
+                    "time": "01:00:00", "output": "%x-%j.out"},  # fmt: skip
+        "settings": _template_settings(_PER_NODE),
     },
     "hybrid.sbatch": {
         "head": [
@@ -367,14 +374,9 @@ TEMPLATES: dict[str, dict[str, Any]] = {
             "# site. Rank r of a node sees its GPUs r*k .. r*k+k-1 as cuda:0 .. cuda:k-1 (hvdtrain train pins",
             "# by local rank itself). Flags given to sbatch override these lines.",
         ],
-        "options": {
-            "job-name": "hvdtrain-hybrid", "nodes": "1", "ntasks-per-node": "2", "gpus-per-node": "4",
-            "cpus-per-task": "4", "time": "04:00:00", "signal": DEFAULT_SIGNAL, "requeue": None,
-            "open-mode": "append", "output": "%x-%j.out",
-        },  # fmt: skip
-        "settings": [*_TEMPLATE_SETTINGS, "# GPUs per rank (k): --gpus-per-node / --ntasks-per-node.",
-                     "export HVDTRAIN_GPUS_PER_RANK=${HVDTRAIN_GPUS_PER_RANK:-2}",
-                     "export HVDTRAIN_SWEEP_VALUES=${HVDTRAIN_SWEEP_VALUES:-}"],  # fmt: skip
+        "options": {**_TEMPLATE_OPTIONS, "job-name": "hvdtrain-hybrid", "ntasks-per-node": "2", "gpus-per-node": "4",
+                    "cpus-per-task": "4", "time": "04:00:00", "output": "%x-%j.out"},  # fmt: skip
+        "settings": _template_settings(" (k): --gpus-per-node / --ntasks-per-node.", "2"),
     },
     "array-sweep.sbatch": {
         "head": [
@@ -388,15 +390,9 @@ TEMPLATES: dict[str, dict[str, Any]] = {
             "# once); the resources of ONE task (--ntasks-per-node, --gpus-per-node, --time) below.",
             "# Flags given to sbatch override these lines.",
         ],
-        "options": {
-            "job-name": "hvdtrain-sweep", "array": "0-2", "nodes": "1", "ntasks-per-node": "1",
-            "cpus-per-task": "1", "time": "01:00:00", "signal": DEFAULT_SIGNAL, "requeue": None,
-            "open-mode": "append", "output": "%x-%A_%a.out",
-        },  # fmt: skip
-        "settings": [*_TEMPLATE_SETTINGS, "# GPUs per rank: default (GPUs on the node) / (tasks per node).",
-                     "export HVDTRAIN_GPUS_PER_RANK=${HVDTRAIN_GPUS_PER_RANK:-}",
-                     "# The sweep: one value per array task (task i gets the i-th).",
-                     "export HVDTRAIN_SWEEP_VALUES=${HVDTRAIN_SWEEP_VALUES:-0.01 0.03 0.1}"],  # fmt: skip
+        "options": {**_TEMPLATE_OPTIONS, "job-name": "hvdtrain-sweep", "array": "0-2", "ntasks-per-node": "1",
+                    "cpus-per-task": "1", "time": "01:00:00", "output": "%x-%A_%a.out"},  # fmt: skip
+        "settings": _template_settings(_PER_NODE, sweep="0.01 0.03 0.1"),
     },
 }
 
