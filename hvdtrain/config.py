@@ -58,7 +58,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, 'newest checkpoints kept')
     resume: bool = _f(False, 'resume from the newest checkpoint in run_dir')
     resume_from: Optional[str] = _f(None, 'resume from this checkpoint file')
-    log_every: int = _f(10, 'steps between progress lines / metric records')
+    log_every: int = _f(10, 'steps between progress lines and metric records; also how often the ranks agree on a preemption request')
     eval_every_epoch: bool = _f(True, 'evaluate on the test split after each epoch (else only at the end)')
     preempt_signal: str = _f("USR2", "signal that asks for checkpoint-and-stop (Slurm's --signal); '' to disable")
     requeue: bool = _f(True, 'inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)')

@@ -94,6 +94,20 @@ def average_metrics(sums: Mapping[str, float], count: float, name: str = "metric
     return {k: (total[i].item() / n if n else float("nan")) for i, k in enumerate(keys)}
 
 
+class PendingSum:
+    """Sums of a few numbers over all ranks, started now and read later (so it can overlap a training step).
+    One rank alone needs no collective."""
+
+    def __init__(self, values: list[float], name: str):
+        local = torch.tensor(values, dtype=torch.float64)
+        self._local = local if hvd.size() == 1 else None
+        self._handle = None if hvd.size() == 1 else hvd.allreduce_async(local, op=hvd.Sum, name=name)
+
+    def result(self) -> list[float]:
+        total = self._local if self._local is not None else hvd.synchronize(self._handle)
+        return total.tolist()
+
+
 def any_rank(flag: bool, name: str = "any_rank") -> bool:
     """True on every rank if `flag` is true on at least one (used to agree on preemption at a step)."""
     return hvd.allreduce(torch.tensor([int(flag)], dtype=torch.int32), op=hvd.Max, name=name).item() > 0

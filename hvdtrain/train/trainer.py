@@ -230,13 +230,13 @@ class Trainer:
         except ImportError:  # tensorboard is an install requirement; keep training if someone removed it
             self._echo("hvdtrain: tensorboard is not installed; metrics go to metrics.jsonl only")
 
-    def _progress(self, steps_total: int, loss: float, rate: float) -> None:
+    def _progress(self, step: int, epoch: int, steps_total: int, loss: float, rate: float) -> None:
         if not self.is_main:
             return
         width = 24
-        done = int(width * self.step / max(1, steps_total))
+        done = int(width * step / max(1, steps_total))
         line = (
-            f"epoch {self.epoch + 1}/{self.cfg.epochs} step {self.step}/{steps_total} "
+            f"epoch {epoch + 1}/{self.cfg.epochs} step {step}/{steps_total} "
             f"loss {loss:.4f} {rate:,.0f} samples/s"
         )
         bar = f"[{'#' * done}{'.' * (width - done)}] "
@@ -249,37 +249,37 @@ class Trainer:
             self._echo(line)
 
     # ------------------------------------------------------------------------------------------ steps
-    def _batches(self, epoch: int) -> list[list[int]]:
+    def _batches(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's batches of indices for `epoch` (a pure function of seed and epoch)."""
         self.sampler.set_epoch(epoch)
-        order = list(self.sampler)
-        bs = self.cfg.batch_size
-        return [order[i : i + bs] for i in range(0, len(order), bs)]
+        return list(torch.as_tensor(list(self.sampler)).split(self.cfg.batch_size))
 
-    def _train_step(self, group: list[list[int]], check_preempt: bool) -> tuple[float, int, bool]:
-        """One optimizer step over len(group) local backward passes; returns (loss sum, samples, stop?)."""
-        import horovod.torch as hvd
-
-        self.model.train()
-        handle = None
-        if check_preempt:
-            # Submitted first so Horovod reduces it in the same cycle as the gradients: no extra round trip.
-            flag = torch.tensor([int(preempt.requested())], dtype=torch.int32)
-            handle = hvd.allreduce_async(flag, op=hvd.Max, name="hvdtrain.preempt")
+    def _train_step(self, group: list[torch.Tensor]) -> tuple[float, int]:
+        """One optimizer step over len(group) local backward passes; returns (loss sum, samples)."""
         self.optimizer.zero_grad()
         loss_sum, samples = 0.0, 0
         x_all, y_all = self.data.train.tensors
-        for idx in group:
-            index = torch.as_tensor(idx)
-            x = x_all[index].to(self.in_device, non_blocking=True)
-            y = y_all[index].to(self.out_device, non_blocking=True)
+        for index in group:
+            x, y = x_all[index], y_all[index]
+            if self.in_device.type != "cpu" or self.out_device.type != "cpu":
+                x, y = x.to(self.in_device, non_blocking=True), y.to(self.out_device, non_blocking=True)
             loss = self.loss_fn(self.model(x), y)
             # Accumulated gradients are summed: divide so the step sees the mean over the passes.
-            (loss / len(group)).backward()
-            loss_sum += loss.item() * len(idx)
-            samples += len(idx)
+            (loss / len(group)).backward() if len(group) > 1 else loss.backward()
+            loss_sum += loss.item() * len(index)
+            samples += len(index)
         self.optimizer.step()
-        stop = bool(hvd.synchronize(handle).item()) if handle is not None else False
-        return loss_sum, samples, stop
+        return loss_sum, samples
+
+    def _report(self, pending, steps_total: int) -> bool:
+        """Read a window's sums (started one step earlier), record and show them; True if any rank was
+        asked to stop. Every rank reads the same sums after the same step, so all agree where to stop."""
+        sums, step, epoch, elapsed = pending
+        loss_sum, samples, stop_votes = sums.result()
+        loss, rate = loss_sum / max(samples, 1.0), samples / max(elapsed, 1e-9)
+        self._record({"step": step, "epoch": epoch, "train_loss": loss, "lr": self.lr, "samples_per_s": rate})
+        self._progress(step, epoch, steps_total, loss, rate)
+        return stop_votes > 0
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -323,33 +323,37 @@ class Trainer:
         window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
         train_seconds, train_samples = 0.0, 0
         last_eval: dict[str, float] = {}
+        # Every log_every steps the ranks sum [loss, samples, preemption votes] in one allreduce, started
+        # after that step and read after the next one, so it overlaps a step instead of waiting for it.
+        pending = None
         try:
             while self.epoch < cfg.epochs and self.step < steps_total and not preempted:
-                groups = self._batches(self.epoch)
-                groups = [groups[i : i + k] for i in range(0, steps_per_epoch * k, k)]
+                batches = self._batches(self.epoch)
+                groups = [batches[i : i + k] for i in range(0, steps_per_epoch * k, k)]
+                self.model.train()
                 t0 = time.perf_counter()
                 for group in groups[self.step_in_epoch :]:
                     if self.step >= steps_total:
                         break
-                    loss_sum, samples, stop = self._train_step(group, bool(cfg.preempt_signal))
+                    loss_sum, samples = self._train_step(group)
                     self.step += 1
                     self.step_in_epoch += 1
                     window_loss += loss_sum
                     window_samples += samples
                     train_samples += samples
+                    if pending is not None:
+                        preempted, pending = self._report(pending, steps_total), None
                     if self.step % cfg.log_every == 0 or self.step == steps_total:
-                        elapsed = time.perf_counter() - window_start
-                        avg = P.average_metrics({"train_loss": window_loss}, window_samples, name="hvdtrain.loss")
-                        rate = window_samples * self.size / max(elapsed, 1e-9)
-                        self._record({"step": self.step, "epoch": self.epoch, "train_loss": avg["train_loss"],
-                                      "lr": self.lr, "samples_per_s": rate})  # fmt: skip
-                        self._progress(steps_total, avg["train_loss"], rate)
+                        votes = float(preempt.requested())
+                        sums = P.PendingSum([window_loss, float(window_samples), votes], name="hvdtrain.window")
+                        pending = (sums, self.step, self.epoch, time.perf_counter() - window_start)
                         window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
-                    if stop:
-                        preempted = True
+                    if preempted:
                         break
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self._checkpoint()
+                if pending is not None:  # the epoch's (or the run's) last window
+                    preempted, pending = self._report(pending, steps_total) or preempted, None
                 train_seconds += time.perf_counter() - t0
                 if preempted:
                     break
