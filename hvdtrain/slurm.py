@@ -115,7 +115,7 @@ class SlurmSpec:
             ("gpus-per-node", self.gpus_per_node), ("mem", self.mem), ("partition", self.partition),
             ("signal", self.signal), ("time", self.time),
         ):  # fmt: skip
-            if value is not None and value != "":
+            if value is not None and value != "" and not (name == "gpus-per-node" and value == 0):
                 out[name] = str(value)
         return out
 
