@@ -239,7 +239,7 @@ def bench_train(dry_run, out, max_np, models, arms, batch_size, warmup, iters, b
     fusion and fp16 ablations, and the hvdtrain Trainer vs a minimal Horovod loop vs torch DDP (gloo).
 
     \b
-      hvdtrain bench train --max-np 2                      # Gloo controller unless --mpi
+      hvdtrain bench train --max-np 2                      # MPI controller unless --gloo
       hvdtrain bench train --max-np 2 --models wide_mlp --no-ablations
     """
     from hvdtrain.bench import throughput as T

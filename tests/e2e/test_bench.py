@@ -46,7 +46,7 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
     assert (out / "train.png").read_bytes()[:8] == PNG
     result = json.loads((out / "train.json").read_text())
     assert set(result) == {"meta", "rows", "scaling", "side_by_side", "ablations"}
-    assert result["meta"]["controller"] == "gloo" and result["meta"]["np_list"] == [1, 2]
+    assert result["meta"]["controller"] == "mpi" and result["meta"]["np_list"] == [1, 2]
     assert all(w["threads_per_rank"] == 1 for w in result["meta"]["workers"])
     rows = result["rows"]
     configs = {"horovod", "horovod+fp16", "horovod-nofusion", "trainer", "ddp"}

@@ -336,11 +336,11 @@ def test_bench_train_dry_run(no_processes, clean_env, tmp_path):
     out = result.output.splitlines()
     commands = [line for line in out if "hvdtrain.bench.throughput_worker" in line]
     assert len(commands) == 4  # np 1 and 2, fusion on and off
-    assert all("--gloo" in c for c in commands)
+    assert all("--mpi" in c for c in commands)
     assert out.count("export HOROVOD_FUSION_THRESHOLD=0") == 2 and out.count("export OMP_NUM_THREADS=1") == 4
     assert no_processes == [] and not (tmp_path / "o").exists()
-    plain = invoke("bench", "train", "--max-np", "1", "--no-ablations", "--mpi", "--out", tmp_path / "o", "--dry-run")
-    assert [line for line in plain.output.splitlines() if "throughput_worker" in line][0].count("--mpi") == 1
+    plain = invoke("bench", "train", "--max-np", "1", "--no-ablations", "--gloo", "--out", tmp_path / "o", "--dry-run")
+    assert [line for line in plain.output.splitlines() if "throughput_worker" in line][0].count("--gloo") == 1
 
 
 def test_bench_modules_import_nothing_heavy():
