@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from clichecks import assert_usage_error
 from click.testing import CliRunner
 
 from hvdtrain.bench import allreduce as A
@@ -19,14 +20,6 @@ MiB = 1024**2
 
 def invoke(*args):
     return CliRunner().invoke(cli, list(map(str, args)))
-
-
-def assert_usage_error(result, needle):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("hvdtrain: error: ") and needle in lines[0], lines
-    assert "Traceback" not in result.output
 
 
 # --- sizes -----------------------------------------------------------------------------------------

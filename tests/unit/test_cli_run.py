@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from clichecks import assert_usage_error
 from click.testing import CliRunner
 
 from hvdtrain.cli import cli
@@ -11,15 +12,6 @@ from hvdtrain.cli import cli
 
 def invoke(*args):
     return CliRunner().invoke(cli, list(args))
-
-
-def assert_usage_error(result, needle):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output  # one clear line, no traceback
-    assert lines[0].startswith("hvdtrain: error: ") or lines[0].startswith("Error: "), lines
-    assert needle in lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from clichecks import assert_usage_error
 from click.testing import CliRunner
 
 from hvdtrain.cli import cli
@@ -27,13 +28,6 @@ def dry_config(output):
     """The config.json that a dry run would write (printed as '#   ' lines)."""
     lines = [line[4:] for line in output.splitlines() if line.startswith("#   ")]
     return json.loads("\n".join(lines))
-
-
-def assert_one_line_error(result, needle):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hvdtrain: error: "), result.output
-    assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(
@@ -60,14 +54,14 @@ def assert_one_line_error(result, needle):
 )
 def test_bad_input_is_one_line_exit_2_nothing_started(run, args, needle, tmp_path):
     result = run(*args, "--run-dir", "r")
-    assert_one_line_error(result, needle)
+    assert_usage_error(result, needle)
     assert not (tmp_path / "r").exists()  # nothing written
 
 
 def test_hybrid_layout_is_checked_against_visible_gpus(run):
     result = run("-np", "2", "--strategy", "hybrid", "--devices-per-rank", "2", "--run-dir", "r",
                  env={"CUDA_VISIBLE_DEVICES": "0,1,2"})  # fmt: skip
-    assert_one_line_error(result, "needs 2 ranks per node x 2 devices per rank = 4 GPUs, but only 3 are visible")
+    assert_usage_error(result, "needs 2 ranks per node x 2 devices per rank = 4 GPUs, but only 3 are visible")
 
 
 def test_hybrid_on_cpu_uses_cpu_stages(run):
@@ -84,27 +78,27 @@ def save_checkpoint(tmp_path, step, world_size=1, **cfg):
 
 def test_existing_checkpoints_need_resume(run, tmp_path):
     save_checkpoint(tmp_path, 20)
-    assert_one_line_error(run("--run-dir", "r"), "already has checkpoints (newest step-00000020.pt): pass --resume")
+    assert_usage_error(run("--run-dir", "r"), "already has checkpoints (newest step-00000020.pt): pass --resume")
     assert run("-np", "1", "--run-dir", "r", "--resume", "--dry-run").exit_code == 0
 
 
 def test_resume_checks_the_checkpoint_before_launching(run, tmp_path):
     save_checkpoint(tmp_path, 10, batch_size=64)
-    assert_one_line_error(run("-np", "1", "--run-dir", "r", "--resume"), "batch_size: checkpoint has 64, this job has 32")
-    assert_one_line_error(
+    assert_usage_error(run("-np", "1", "--run-dir", "r", "--resume"), "batch_size: checkpoint has 64, this job has 32")
+    assert_usage_error(
         run("-np", "2", "--run-dir", "r", "--resume", "--batch-size", "64"), "world_size: checkpoint has 1, this job has 2"
     )
     newest = save_checkpoint(tmp_path, 20, batch_size=64)
     newest.write_bytes(newest.read_bytes()[:50])
     result = run("-np", "1", "--run-dir", "r", "--resume", "--batch-size", "64")
-    assert_one_line_error(result, "is corrupt or not a checkpoint")
+    assert_usage_error(result, "is corrupt or not a checkpoint")
     assert "step-00000010.pt is intact: resume from it with --resume-from" in result.output
     ok = run("-np", "1", "--run-dir", "r", "--batch-size", "64", "--resume-from", "r/checkpoints/step-00000010.pt", "--dry-run")
     assert ok.exit_code == 0, ok.output
 
 
 def test_resume_without_checkpoints(run):
-    assert_one_line_error(run("--run-dir", "r", "--resume"), "--resume: no checkpoint in r/checkpoints")
+    assert_usage_error(run("--run-dir", "r", "--resume"), "--resume: no checkpoint in r/checkpoints")
 
 
 def test_config_file_precedence_cli_over_file_over_defaults(run, tmp_path):
@@ -119,18 +113,18 @@ def test_config_file_precedence_cli_over_file_over_defaults(run, tmp_path):
 def test_config_file_unknown_keys_list_the_valid_ones(run, tmp_path):
     (tmp_path / "c.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
     result = run("--config", "c.yaml")
-    assert_one_line_error(result, "unknown keys ['learning_rate']")
+    assert_usage_error(result, "unknown keys ['learning_rate']")
     assert "valid keys are:" in result.output and "batch_size" in result.output
 
 
 @pytest.mark.parametrize("text,needle", [("epochs: [1\n", "not valid YAML"), ("- 1\n", "must be a mapping")])
 def test_config_file_malformed(run, tmp_path, text, needle):
     (tmp_path / "c.yaml").write_text(text)
-    assert_one_line_error(run("--config", "c.yaml"), needle)
+    assert_usage_error(run("--config", "c.yaml"), needle)
 
 
 def test_missing_config_file(run):
-    assert_one_line_error(run("--config", "nope.yaml"), "no such file 'nope.yaml'")
+    assert_usage_error(run("--config", "nope.yaml"), "no such file 'nope.yaml'")
 
 
 def test_dry_run_shows_the_worker_command_and_writes_nothing(run, tmp_path):

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from clichecks import assert_usage_error
 from click.testing import CliRunner
 
 from hvdtrain import slurm as S
@@ -257,13 +258,6 @@ def no_sbatch(monkeypatch):
 
 def invoke(*args):
     return CliRunner().invoke(cli, list(map(str, args)))
-
-
-def assert_usage_error(result, needle):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hvdtrain: error: "), result.output
-    assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(
