@@ -6,8 +6,6 @@ layout are checked, and only then is anything written or started.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 import sys
@@ -17,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 from hvdtrain import launch as L
 from hvdtrain.config import TrainConfig
 from hvdtrain.errors import CheckpointError, ConfigError
+from hvdtrain.files import write_text_atomic
 from hvdtrain.train import checkpoint as C
 
 
@@ -82,12 +81,9 @@ def train(
     launch = {**launch, "output_dir": launch.get("output_dir") or str(run_dir / "logs")}
     spec = L.make_spec(command, environ=environ, check_cmd=False, **launch)
     preflight(cfg, spec, environ)
-    text = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n"
+    text = cfg.to_json()
     if dry_run:
         echo(f"# {config_path}:\n" + "\n".join(f"#   {line}" for line in text.splitlines()))
         return L.run_job(spec, dry_run=True, echo=echo)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, config_path)
+    write_text_atomic(config_path, text)
     return L.run_job(spec, echo=echo)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from hvdtrain.env import rank_info
+from hvdtrain.files import write_text_atomic
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
@@ -49,9 +50,7 @@ def main(argv: list[str]) -> int:
             status = proc.wait()
             if status < 0:
                 status = 128 - status
-    tmp = log_dir / f".rank.{rank}.exit.tmp"
-    tmp.write_text(f"{status}\n")
-    os.replace(tmp, log_dir / f"rank.{rank}.exit")
+    write_text_atomic(log_dir / f"rank.{rank}.exit", f"{status}\n")
     return status
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from hvdtrain.errors import LaunchError, UsageError
+from hvdtrain.files import write_json, write_text_atomic
 
 # Slurm sends this to every task of the job's steps 120 s before the time limit (no `B:`: the batch shell is
 # not the one that needs it; USR1 can be swallowed by NCCL). The trainer checkpoints and requeues on it.
@@ -424,10 +425,8 @@ def _jobs_dir(environ: Mapping[str, str]) -> Path:
 
 def _remember(job_id: str, record: dict[str, Any], environ: Mapping[str, str]) -> None:
     """A small record per submitted job, so that `logs` finds the files after Slurm has forgotten the job."""
-    d = _jobs_dir(environ)
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{job_id}.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_json(_jobs_dir(environ) / f"{job_id}.json", record)
     except OSError:
         pass  # only a convenience
 
@@ -464,11 +463,7 @@ def submit(
         return None
     if shutil.which("sbatch") is None:
         raise UsageError("sbatch not found: run hvdtrain submit on a Slurm login node (or install slurm-wlm)")
-    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
-    tmp = script + ".tmp"
-    Path(tmp).write_text(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, script)
+    write_text_atomic(script, text, mode=0o755)
     proc = _run(argv)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()

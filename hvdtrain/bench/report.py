@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from hvdtrain.errors import UsageError
+from hvdtrain.files import write_json  # noqa: F401  (re-exported: the bench workers write their JSON with it)
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2}
 _UNITS.update({"G": 1024**3, "GB": 1024**3, "GIB": 1024**3})
@@ -166,15 +167,6 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
     out += [line(headers), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]
     return "\n".join(out)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:

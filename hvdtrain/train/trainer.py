@@ -38,6 +38,7 @@ from torch import nn
 from hvdtrain import preempt
 from hvdtrain.config import TrainConfig
 from hvdtrain.errors import CheckpointError, ConfigError
+from hvdtrain.files import write_json, write_text_atomic
 from hvdtrain.parallel import data as P
 from hvdtrain.train import checkpoint as C
 from hvdtrain.train import data as D
@@ -219,10 +220,7 @@ class Trainer:
         self._tb = None
         if not self.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / ".config.json.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.run_dir / "config.json")
+        write_text_atomic(self.run_dir / "config.json", self.cfg.to_json())
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -412,9 +410,7 @@ class Trainer:
             **extra,
         }
         if self.is_main:
-            tmp = self.run_dir / ".result.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.run_dir / "result.json")
+            write_json(self.run_dir / "result.json", result)
             if self._tb is not None:
                 self._tb.close()
         return result
