@@ -25,23 +25,29 @@ class RankInfo:
     local_size: int
 
 
-def _int(environ: Mapping[str, str], name: str) -> Optional[int]:
+def int_var(environ: Mapping[str, str], name: str) -> Optional[int]:
+    """An integer launcher variable; Slurm's compressed forms like '2(x3)' or '4,2' give their first value."""
     try:
         return int(environ[name].split("(")[0].split(",")[0])
     except (KeyError, ValueError):
         return None
 
 
+def slurm_restart_count(environ: Optional[Mapping[str, str]] = None) -> int:
+    """How many times Slurm has requeued this job (0 outside Slurm or on the first run)."""
+    return int_var(os.environ if environ is None else environ, "SLURM_RESTART_COUNT") or 0
+
+
 def rank_info(environ: Optional[Mapping[str, str]] = None) -> RankInfo:
     """This process's place in the job from the launcher's variables; a lone process is rank 0 of 1."""
     environ = os.environ if environ is None else environ
     for r, s, lr, ls in _SOURCES:
-        rank = _int(environ, r)
+        rank = int_var(environ, r)
         if rank is None:
             continue
-        size = _int(environ, s) or 1
-        local_rank = _int(environ, lr)
-        local_size = _int(environ, ls)
+        size = int_var(environ, s) or 1
+        local_rank = int_var(environ, lr)
+        local_size = int_var(environ, ls)
         return RankInfo(
             rank,
             size,

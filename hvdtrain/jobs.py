@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from hvdtrain import launch as L
 from hvdtrain.config import TrainConfig
+from hvdtrain.env import int_var, slurm_restart_count
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_text_atomic
 from hvdtrain.train import checkpoint as C
@@ -36,23 +37,16 @@ def preflight(cfg: TrainConfig, spec: L.LaunchSpec, environ: Mapping[str, str]) 
     if cfg.strategy in ("model", "hybrid"):
         from hvdtrain.parallel.hybrid import devices_for_rank
 
-        per_host = max(L.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
-        if "SLURM_NTASKS_PER_NODE" in environ:
-            per_host = int(environ["SLURM_NTASKS_PER_NODE"].split("(")[0].split(",")[0])
-        devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
-    restarted = int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-    found = C.list_checkpoints(Path(cfg.run_dir) / "checkpoints")
-    if found and not (cfg.resume or cfg.resume_from or restarted):
-        raise CheckpointError(
-            f"{cfg.run_dir} already has checkpoints (newest {found[-1].name}): pass --resume to continue from "
-            "it, or choose a new --run-dir"
+        per_host = int_var(environ, "SLURM_NTASKS_PER_NODE") or (
+            max(L.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
         )
-    if cfg.resume and not found and not restarted:
+        devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
+    resume_path = C.resume_path(cfg, environ)
+    if resume_path is None and cfg.resume and slurm_restart_count(environ) == 0:
         raise CheckpointError(
             f"--resume: no checkpoint in {Path(cfg.run_dir) / 'checkpoints'}; check --run-dir, or drop --resume "
             "to start fresh"
         )
-    resume_path = Path(cfg.resume_from) if cfg.resume_from else found[-1] if found and (cfg.resume or restarted) else None
     if resume_path is not None:
         # Read it here (torch is imported only now, and only for a resume): a corrupt or mismatched checkpoint
         # is bad input, reported before any rank starts.

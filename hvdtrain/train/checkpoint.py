@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from hvdtrain.errors import CheckpointError
 
@@ -32,6 +32,25 @@ def fingerprint(cfg, world_size: int) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in FINGERPRINT_FIELDS}
     out["world_size"] = world_size
     return out
+
+
+def resume_path(cfg, environ: Mapping[str, str]) -> Optional[Path]:
+    """The checkpoint a job starts from: --resume-from; else the newest in run_dir/checkpoints when --resume is
+    given or Slurm requeued the job (SLURM_RESTART_COUNT > 0); else none. Checkpoints that nobody asked to
+    resume from are an error rather than something to overwrite."""
+    from hvdtrain.env import slurm_restart_count
+
+    if cfg.resume_from:
+        return Path(cfg.resume_from)
+    found = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    if cfg.resume or slurm_restart_count(environ) > 0:
+        return found[-1] if found else None
+    if found:
+        raise CheckpointError(
+            f"{cfg.run_dir} already has checkpoints (newest {found[-1].name}): pass --resume to continue from "
+            "it, or choose a new --run-dir"
+        )
+    return None
 
 
 def path_for(ckpt_dir: Path, step: int) -> Path:

@@ -37,6 +37,7 @@ from torch import nn
 
 from hvdtrain import preempt
 from hvdtrain.config import TrainConfig
+from hvdtrain.env import slurm_restart_count
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json, write_text_atomic
 from hvdtrain.parallel import data as P
@@ -135,25 +136,10 @@ class Trainer:
         self.fingerprint = C.fingerprint(cfg, self.size)
 
     # ------------------------------------------------------------------------------------- checkpoints
-    def _resume_path(self) -> Optional[Path]:
-        cfg = self.cfg
-        if cfg.resume_from:
-            return Path(cfg.resume_from)
-        restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-        found = C.list_checkpoints(self.ckpt_dir)
-        if cfg.resume or restarted:
-            return found[-1] if found else None
-        if found:
-            raise CheckpointError(
-                f"{self.run_dir} already has checkpoints (newest {found[-1].name}): pass --resume to continue "
-                "from it, or choose a new --run-dir"
-            )
-        return None
-
     def _restore_or_broadcast(self) -> None:
         """Start every rank from the same state: a checkpoint (loaded by rank 0), or rank 0's fresh weights."""
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
-        path = self._resume_path()
+        path = C.resume_path(self.cfg, os.environ)
         error = None
         state = None
         if path is not None and self.is_main:
@@ -387,7 +373,7 @@ class Trainer:
         cfg, environ = self.cfg, os.environ
         if "SLURM_JOB_ID" not in environ or not cfg.requeue:
             return None
-        restarts = int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        restarts = slurm_restart_count(environ)
         if restarts >= cfg.max_requeues:
             self._say(f"not requeueing: the job was already requeued {restarts} times (--max-requeues {cfg.max_requeues})")
             return None
