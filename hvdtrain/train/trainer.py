@@ -249,7 +249,7 @@ class Trainer:
                 x, y = x.to(self.in_device, non_blocking=True), y.to(self.out_device, non_blocking=True)
             loss = self.loss_fn(self.model(x), y)
             # Accumulated gradients are summed: divide so the step sees the mean over the passes.
-            (loss / len(group)).backward() if len(group) > 1 else loss.backward()
+            (loss / len(group)).backward()
             loss_sum += loss.item() * len(index)
             samples += len(index)
         self.optimizer.step()
@@ -384,7 +384,7 @@ class Trainer:
         return job
 
     def _finish(self, extra: dict[str, Any], seconds: float, samples: int) -> dict[str, Any]:
-        total = P.average_metrics({"samples": float(samples)}, 1.0, name="hvdtrain.samples")["samples"] * self.size
+        total = P.PendingSum([float(samples)], name="hvdtrain.samples").result()[0]
         result = {
             "steps": self.step,
             "epochs_done": self.epoch,
