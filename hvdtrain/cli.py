@@ -150,7 +150,7 @@ def _config_file(ctx, param, value):
     help="YAML file of option: value defaults (keys as the long options, - or _); CLI flags override it.",
 )  # fmt: skip
 @handle_errors
-def train(dry_run, np, hosts, hostfile, gloo, mpi, launcher, env, output_dir, threads_per_rank, **fields):
+def train(dry_run, **options):
     """Train a model on N ranks with Horovod: the CNN on scikit-learn's digits by default.
 
     \b
@@ -164,9 +164,7 @@ def train(dry_run, np, hosts, hostfile, gloo, mpi, launcher, env, output_dir, th
     """
     from hvdtrain import jobs
 
-    launch = dict(np=np, hosts=hosts, hostfile=hostfile, gloo=gloo, mpi=mpi, launcher=launcher, env=env,
-                  output_dir=output_dir, threads_per_rank=threads_per_rank)  # fmt: skip
-    sys.exit(jobs.train(fields, launch, dry_run=dry_run, echo=click.echo))
+    sys.exit(jobs.train(options, dry_run=dry_run, echo=click.echo))
 
 
 @cli.command(context_settings=CONTEXT)

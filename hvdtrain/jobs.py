@@ -6,6 +6,7 @@ layout are checked, and only then is anything written or started.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -59,16 +60,18 @@ def preflight(cfg: TrainConfig, spec: L.LaunchSpec, environ: Mapping[str, str]) 
 
 
 def train(
-    fields: dict[str, Any],
-    launch: dict[str, Any],
+    options: dict[str, Any],
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
     environ: Optional[Mapping[str, str]] = None,
 ) -> int:
     """Validate the training configuration, check the run directory and layout, write config.json, launch
-    ``python -m hvdtrain.worker`` on the ranks; returns the job's exit status."""
+    ``python -m hvdtrain.worker`` on the ranks; returns the job's exit status. `options` are the command's:
+    TrainConfig fields, the rest are launch options (hvdtrain.launch.make_spec)."""
     environ = os.environ if environ is None else environ
-    cfg = TrainConfig.from_dict(fields).validate().with_defaults(environ)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    launch = {k: v for k, v in options.items() if k not in names}
+    cfg = TrainConfig.from_dict({k: v for k, v in options.items() if k in names}).validate().with_defaults(environ)
     run_dir = Path(cfg.run_dir)
     config_path = run_dir / "config.json"
     command = [sys.executable, "-m", "hvdtrain.worker", str(config_path.resolve())]
