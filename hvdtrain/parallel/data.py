@@ -5,7 +5,7 @@ metric averaging and uneven data. Every distributed line of the trainer goes thr
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping, Optional
+from typing import Mapping, Optional
 
 import horovod.torch as hvd
 import torch
@@ -85,15 +85,6 @@ def sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = Fals
     )
 
 
-def average_metrics(sums: Mapping[str, float], count: float, name: str = "metrics") -> dict[str, float]:
-    """Exact global means: each rank gives per-metric sums over its `count` samples; returns sum/count totals."""
-    keys = sorted(sums)
-    local = torch.tensor([float(sums[k]) for k in keys] + [float(count)], dtype=torch.float64)
-    total = hvd.allreduce(local, op=hvd.Sum, name=name)
-    n = total[-1].item()
-    return {k: (total[i].item() / n if n else float("nan")) for i, k in enumerate(keys)}
-
-
 class PendingSum:
     """Sums of a few numbers over all ranks, started now and read later (so it can overlap a training step).
     One rank alone needs no collective."""
@@ -108,8 +99,16 @@ class PendingSum:
         return total.tolist()
 
 
+def average_metrics(sums: Mapping[str, float], count: float, name: str = "metrics") -> dict[str, float]:
+    """Exact global means: each rank gives per-metric sums over its `count` samples; returns sum/count totals."""
+    keys = sorted(sums)
+    *total, n = PendingSum([float(sums[k]) for k in keys] + [float(count)], name=name).result()
+    return {k: (total[i] / n if n else float("nan")) for i, k in enumerate(keys)}
+
+
 def any_rank(flag: bool, name: str = "any_rank") -> bool:
-    """True on every rank if `flag` is true on at least one (used to agree on preemption at a step)."""
+    """True on every rank if `flag` is true on at least one, in a blocking allreduce of its own. (The Trainer
+    agrees on preemption through its overlapped window sums instead, see PendingSum.)"""
     return hvd.allreduce(torch.tensor([int(flag)], dtype=torch.int32), op=hvd.Max, name=name).item() > 0
 
 
@@ -131,7 +130,3 @@ def rank() -> int:
 
 def size() -> int:
     return hvd.size()
-
-
-def barrier(names: Iterable[str] = ()) -> None:
-    hvd.barrier()
