@@ -1,7 +1,9 @@
 """`hvdtrain doctor`: what this machine has for distributed training, and what is missing with its fix.
 
 Probes run in subprocesses or by reading metadata, so a broken torch or Horovod install is reported, not
-raised. Each probe returns facts; `problems` lists (what, fix) pairs.
+raised. `collect` gathers facts; the pure functions below turn command output into versions and states, and
+`assess` turns the facts into `problems` (not ready: each with a fix) and `notes` (fine for local runs, e.g.
+no Slurm). The table and the exit status both come from `assess`, so they cannot disagree.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SETUP_FIX = "run scripts/setup.sh (it builds Horovod 0.28.1 with PyTorch, MPI and Gloo)"
+MPI_FIX = "apt-get install openmpi-bin libopenmpi-dev (or load your cluster's MPI module)"
+# Where Debian's Slurm clients look for their config when SLURM_CONF is unset.
+DEFAULT_SLURM_CONF = "/etc/slurm/slurm.conf"
 
 # Prints the versions and Horovod's build flags as JSON; run in a child so an import crash is contained.
 _PROBE = r"""
@@ -48,13 +54,112 @@ print(json.dumps(out))
 """
 
 
-def _version_of(argv: list[str], pattern: str) -> str | None:
-    try:
-        text = subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(pattern, text)
+@dataclass(frozen=True)
+class Ran:
+    """What one probe command did."""
+
+    rc: int | None  # exit status; None when it could not start or ran past its timeout
+    out: str  # stdout
+    err: str = ""  # stderr, or why it did not run
+
+
+@dataclass(frozen=True)
+class Status:
+    """One tool's state: ok, missing, unreadable (installed, version not readable), unconfigured, unreachable."""
+
+    state: str
+    version: str | None = None
+    detail: str = ""  # what the probe saw, shown in the table
+
+
+# `mpirun (Open MPI) 4.1.4`; Open MPI's derivatives print their own name in the parentheses.
+_OPEN_MPI_LIKE = re.compile(r"^(?:mpirun|mpiexec|orterun) \(([^)]+)\)\s+(\d\S*)", re.M)
+# `Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)`
+_INTEL_MPI = re.compile(r"^Intel\(R\) MPI Library\b.*?\bVersion (.+?)(?: Build\b|$)", re.M)
+# MPICH's (and MVAPICH's) launcher, Hydra: `HYDRA build details:` then `    Version:   4.0.2`
+_HYDRA = re.compile(r"^HYDRA build details:\s*\n\s*Version:\s+(\S+)", re.M)
+# `slurm-wlm 22.05.8` (Debian's packages) or `slurm 22.05.8` (upstream builds)
+_SLURM = re.compile(r"^slurm(?:-wlm)? (\d+\.\d+\S*)\s*$", re.M)
+
+
+def parse_mpi_version(text: str) -> str | None:
+    """`mpirun --version` output -> "Open MPI 4.1.4", "MPICH (Hydra) 4.0.2", "Intel MPI 2021.10"; else None."""
+    if m := _OPEN_MPI_LIKE.search(text):
+        return f"{m.group(1)} {m.group(2)}"
+    if m := _INTEL_MPI.search(text):
+        return f"Intel MPI {m.group(1).strip()}"
+    if m := _HYDRA.search(text):
+        return f"MPICH (Hydra) {m.group(1)}"
+    return None
+
+
+def parse_slurm_version(text: str) -> str | None:
+    """`sbatch --version` output -> "22.05.8"; None for anything else (its errors when it has no config)."""
+    m = _SLURM.search(text)
     return m.group(1) if m else None
+
+
+def _said(ran: Ran) -> str:
+    """The line that says why a command failed: its `fatal:` line, else its last line of output."""
+    lines = [line.strip() for line in (ran.err + "\n" + ran.out).splitlines() if line.strip()]
+    fatal = [line for line in lines if "fatal:" in line]
+    said = (fatal or lines or [""])[-1]
+    if ran.rc is None:
+        return said or "did not run"
+    return f"{said} (exit {ran.rc})" if said else f"exit {ran.rc}"
+
+
+def mpi_status(mpirun: str | None, version: Ran | None) -> Status:
+    """State of MPI from `mpirun`'s path (None: not on PATH) and what `mpirun --version` did."""
+    if not mpirun:
+        return Status("missing", detail="mpirun is not on PATH")
+    if version is None or version.rc != 0:
+        said = _said(version) if version else "not run"
+        return Status("unreadable", detail=f"`mpirun --version` failed ({said})")
+    found = parse_mpi_version(version.out + "\n" + version.err)
+    if found is None:
+        first = next((line.strip() for line in version.out.splitlines() if line.strip()), "no output")
+        return Status("unreadable", detail=f"`mpirun --version` printed no known version: {first!r}")
+    return Status("ok", found)
+
+
+def slurm_status(sbatch: str | None, conf: str, conf_found: bool, version: Ran | None, ping: Ran | None) -> Status:
+    """State of Slurm from `sbatch`'s path, the config file looked for, and what the probes did.
+
+    `version` is `sbatch --version` (None: not run, as there is no config to run it with); `ping` is
+    `scontrol ping` (None: not run).
+    """
+    if not sbatch:
+        return Status("missing", detail="sbatch is not on PATH")
+    if version is None:
+        return Status("unconfigured", detail=f"no slurm.conf at {conf}")
+    if version.rc != 0:
+        said = _said(version)
+        if not conf_found:
+            return Status("unconfigured", detail=f"no slurm.conf at {conf}; `sbatch --version`: {said}")
+        if "config" in said.lower():
+            return Status("unconfigured", detail=f"{conf} is not usable; `sbatch --version`: {said}")
+        return Status("unreadable", detail=f"`sbatch --version`: {said}")
+    found = parse_slurm_version(version.out)
+    if found is None:
+        first = next((line.strip() for line in version.out.splitlines() if line.strip()), "no output")
+        return Status("unreadable", detail=f"`sbatch --version` printed no known version: {first!r}")
+    if ping is None:
+        return Status("ok", found, "slurmctld not checked (no scontrol)")
+    answer = next((line.strip() for line in (ping.out + "\n" + ping.err).splitlines() if line.strip()), "")
+    if ping.rc != 0:
+        return Status("unreachable", found, f"`scontrol ping`: {answer or _said(ping)}")
+    return Status("ok", found, answer)
+
+
+def _run(argv: list[str], timeout: float = 15) -> Ran:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except OSError as e:
+        return Ran(None, "", f"{type(e).__name__}: {e}")
+    except subprocess.TimeoutExpired:
+        return Ran(None, "", f"no answer within {timeout:g} s")
+    return Ran(p.returncode, p.stdout, p.stderr)
 
 
 def _memory_gib() -> float | None:
@@ -67,17 +172,38 @@ def _memory_gib() -> float | None:
     return None
 
 
-def collect() -> dict:
-    """Gather the report: versions, Horovod build, tools on PATH, hardware, and problems with fixes."""
+def _probe_python() -> dict:
+    ran = _run([sys.executable, "-c", _PROBE], timeout=120)
     try:
-        probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120)
-        py = json.loads(probe.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:
-        py = {"torch_error": f"probe failed: {e}"}
+        return json.loads(ran.out.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        why = f"probe failed: {_said(ran)}"
+        return {"torch_error": why, "horovod_error": why, "mpi4py_error": why}
+
+
+def _probe_slurm(tools: dict) -> Status:
+    explicit = os.environ.get("SLURM_CONF")
+    conf = explicit or DEFAULT_SLURM_CONF
+    conf_found = Path(conf).is_file()
+    version = ping = None
+    # SLURM_CONF naming a missing file makes every Slurm client retry it for 60 s. Without SLURM_CONF and
+    # without the default file they try configless Slurm (DNS SRV records), which fails fast.
+    if tools["sbatch"] and (conf_found or not explicit):
+        version = _run([tools["sbatch"], "--version"])
+        if version.rc == 0 and tools["scontrol"]:
+            ping = _run([tools["scontrol"], "ping"])
+    return slurm_status(tools["sbatch"], conf, conf_found, version, ping)
+
+
+def collect() -> dict:
+    """Gather the report: versions, Horovod build, tools on PATH, hardware, and problems and notes."""
+    py = _probe_python()
     tools = {t: shutil.which(t) for t in ("horovodrun", "mpirun", "srun", "sbatch", "squeue", "scontrol")}
     venv_hvdrun = Path(sys.executable).parent / "horovodrun"
     if venv_hvdrun.exists():
         tools["horovodrun"] = str(venv_hvdrun)
+    mpi = mpi_status(tools["mpirun"], _run([tools["mpirun"], "--version"]) if tools["mpirun"] else None)
+    slurm = _probe_slurm(tools)
     report = {
         "python": platform.python_version(),
         "executable": sys.executable,
@@ -85,30 +211,89 @@ def collect() -> dict:
         "horovod": py.get("horovod"),
         "horovod_build": py.get("horovod_build"),
         "mpi4py": py.get("mpi4py"),
-        "mpi": _version_of(["mpirun", "--version"], r"\(Open MPI\)\s+(\S+)|mpirun \(.*\)\s+(\S+)") if tools["mpirun"] else None,
-        "slurm": _version_of(["sbatch", "--version"], r"slurm\s+(\S+)") if tools["sbatch"] else None,
+        "errors": {k.removesuffix("_error"): v for k, v in py.items() if k.endswith("_error")},
+        "mpi": mpi.version,
+        "mpi_status": asdict(mpi),
+        "slurm": slurm.version,
+        "slurm_status": asdict(slurm),
         "tools": tools,
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "gpus": py.get("gpus", []),
-        "problems": [],
     }
-    problems = report["problems"]
-    if "torch_error" in py:
-        problems.append({"what": f"torch does not import ({py['torch_error']})", "fix": SETUP_FIX})
-    if "horovod_error" in py:
-        problems.append({"what": f"horovod.torch does not import ({py['horovod_error']})", "fix": SETUP_FIX})
+    report["problems"], report["notes"] = assess(report)
+    return report
+
+
+def assess(report: dict) -> tuple[list[dict], list[dict]]:
+    """(problems, notes) from the report's facts, each {"what", "fix"}: a problem means not ready at all;
+    a note is something only some uses need (Slurm), fine for local runs."""
+    problems: list[dict] = []
+    notes: list[dict] = []
+    errors = report.get("errors", {})
+    for key, name in (("torch", "torch"), ("horovod", "horovod.torch")):
+        if not report[key]:
+            problems.append({"what": f"{name} does not import ({errors.get(key, 'not installed')})", "fix": SETUP_FIX})
     build = report["horovod_build"] or {}
     for controller, built in build.get("controllers", {}).items():
         if not built:
             problems.append({"what": f"Horovod was built without the {controller} controller", "fix": SETUP_FIX})
-    if "mpi4py_error" in py:
-        problems.append({"what": "mpi4py does not import", "fix": "pip install --no-binary mpi4py mpi4py"})
-    if not tools["mpirun"]:
-        problems.append({"what": "mpirun is not on PATH", "fix": "apt-get install openmpi-bin libopenmpi-dev"})
-    if not tools["horovodrun"]:
+    if not report["mpi4py"]:
+        problems.append(
+            {
+                "what": f"mpi4py does not import ({errors.get('mpi4py', 'not installed')})",
+                "fix": "pip install --no-binary mpi4py mpi4py",
+            }
+        )
+    mpi = report["mpi_status"]
+    if mpi["state"] == "missing":
+        problems.append({"what": "mpirun is not on PATH", "fix": MPI_FIX})
+    elif mpi["state"] != "ok":
+        problems.append(
+            {
+                "what": f"MPI is installed but unusable: {mpi['detail']}",
+                "fix": f"check `{report['tools'].get('mpirun') or 'mpirun'} --version` runs; {MPI_FIX}",
+            }
+        )
+    if not report["tools"].get("horovodrun"):
         problems.append({"what": "horovodrun is not on PATH", "fix": SETUP_FIX})
-    return report
+
+    slurm = report["slurm_status"]
+    if slurm["state"] == "missing":
+        notes.append(
+            {
+                "what": "Slurm is not installed: only `hvdtrain submit`, `status` and `logs` need it",
+                "fix": "use a cluster's login node, or scripts/setup.sh --slurm for a local one",
+            }
+        )
+    elif slurm["state"] == "unconfigured":
+        notes.append(
+            {
+                "what": "Slurm is installed but not configured (see the Slurm row)",
+                "fix": "export SLURM_CONF=<your cluster's slurm.conf>, or start a one-node Slurm here: "
+                "scripts/slurm-local.sh start",
+            }
+        )
+    elif slurm["state"] == "unreachable":
+        notes.append(
+            {
+                "what": "Slurm is configured but slurmctld does not answer (see the Slurm row)",
+                "fix": "start it (scripts/slurm-local.sh start for the local one), or check SlurmctldHost in "
+                "slurm.conf and that munged runs",
+            }
+        )
+    elif slurm["state"] != "ok":
+        notes.append({"what": "Slurm's version is unreadable (see the Slurm row)", "fix": "check `sbatch --version`"})
+    return problems, notes
+
+
+def verdict(problems: list[dict], slurm_state: str) -> str:
+    """The table's last line: never "ready" with a problem, never "Slurm" unless Slurm answers."""
+    if problems:
+        return f"NOT READY: {len(problems)} problem(s) above"
+    if slurm_state == "ok":
+        return "OK: ready for distributed training, local and through Slurm"
+    return "OK: ready for local distributed training (hvdtrain run / train); Slurm is not usable here (see NOTE)"
 
 
 def to_json(report: dict) -> str:
@@ -119,7 +304,27 @@ def _flags(d: dict) -> str:
     return " ".join(f"[{'X' if v else ' '}] {k}" for k, v in d.items())
 
 
+def _mpi_cell(mpi: dict) -> str:
+    if mpi["state"] == "ok":
+        return mpi["version"]
+    if mpi["state"] == "missing":
+        return f"MISSING ({mpi['detail']})"
+    return f"installed, version UNREADABLE ({mpi['detail']})"
+
+
+def _slurm_cell(slurm: dict) -> str:
+    state, version, detail = slurm["state"], slurm["version"], slurm["detail"]
+    return {
+        "ok": f"{version} ({detail})" if detail else str(version),
+        "missing": "not installed (needed only for submit / status / logs)",
+        "unconfigured": f"installed, NOT CONFIGURED ({detail})",
+        "unreachable": f"{version}, slurmctld UNREACHABLE ({detail})",
+    }.get(state, f"installed, version UNREADABLE ({detail})")
+
+
 def to_table(report: dict) -> str:
+    """The report as aligned rows, then PROBLEM and NOTE lines with fixes, then one verdict line."""
+    problems, notes = assess(report)
     build = report["horovod_build"] or {}
     rows = [
         ("Python", f"{report['python']} ({report['executable']})"),
@@ -129,8 +334,8 @@ def to_table(report: dict) -> str:
         ("  controllers", _flags(build.get("controllers", {})) or "-"),
         ("  tensor ops", _flags(build.get("tensor_operations", {})) or "-"),
         ("mpi4py", report["mpi4py"] or "MISSING"),
-        ("MPI", report["mpi"] or "MISSING"),
-        ("Slurm", report["slurm"] or "not installed (needed only for sbatch/srun)"),
+        ("MPI", _mpi_cell(report["mpi_status"])),
+        ("Slurm", _slurm_cell(report["slurm_status"])),
     ]
     rows += [(f"  {tool}", path or "-") for tool, path in report["tools"].items()]
     rows += [
@@ -140,9 +345,8 @@ def to_table(report: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    if report["problems"]:
-        lines.append("")
-        lines += [f"PROBLEM: {p['what']} -> fix: {p['fix']}" for p in report["problems"]]
-    else:
-        lines += ["", "OK: ready for distributed training"]
+    lines.append("")
+    lines += [f"PROBLEM: {p['what']} -> fix: {p['fix']}" for p in problems]
+    lines += [f"NOTE: {n['what']} -> {n['fix']}" for n in notes]
+    lines.append(verdict(problems, report["slurm_status"]["state"]))
     return "\n".join(lines)

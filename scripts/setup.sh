@@ -3,6 +3,9 @@
 # Debian packages, a virtualenv in .venv, torch, the Python dependencies, and Horovod 0.28.1 built from
 # its PyPI sdist with PyTorch + MPI + Gloo. The Horovod wheel is cached outside the repository, keyed by
 # the Horovod, torch and Python versions, so a second set-up on the same machine takes well under a minute.
+# When nothing changed since the last good set-up (the stamp in the venv matches a hash of setup.py, this
+# script, the Horovod version, the torch spec and the venv's Python) and the quick checks pass, it skips
+# pip and the `horovodrun -cb` verification and prints one `ready` line, in a few seconds.
 #
 #   scripts/setup.sh            # MPI + venv + torch + Horovod + hvdtrain (editable, with test extras)
 #   scripts/setup.sh --slurm    # also Slurm and MUNGE, for the Slurm tier of the tests
@@ -21,7 +24,7 @@ want_slurm=0
 for arg in "$@"; do
   case $arg in
     --slurm) want_slurm=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option '$arg' (valid: --slurm)" >&2; exit 2 ;;
   esac
 done
@@ -41,12 +44,65 @@ apt_install() {
     command -v sudo >/dev/null || die "need root to install ${missing[*]}: run as root or install them yourself"
     sudo=(sudo)
   fi
+  apt_changed=1
   say "installing Debian packages: ${missing[*]}"
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
+apt_changed=0
 apt_install openmpi-bin libopenmpi-dev cmake g++ make
 [ $want_slurm -eq 1 ] && apt_install slurm-wlm munge
+
+# --- nothing changed since the last set-up? ----------------------------------------------------------
+py=$venv/bin/python
+stamp=$venv/.hvdtrain-setup-stamp
+
+# Prints torch's version when Horovod imports with PyTorch and was built with MPI and Gloo.
+horovod_ok() {
+  "$py" - "$HOROVOD_VERSION" <<'PY' 2>/dev/null
+import sys, importlib.metadata as md
+assert md.version("horovod") == sys.argv[1]
+import horovod.torch as hvd, horovod, json, os, torch
+meta = json.load(open(os.path.join(os.path.dirname(horovod.__file__), "metadata.json")))
+assert hvd.mpi_built() and hvd.gloo_built()
+print(torch.__version__)
+PY
+}
+
+# hvdtrain is installed editable from this repository, with every requirement of setup.py (and the test
+# extras) installed at a version that satisfies it.
+hvdtrain_ok() {
+  [ -f "$repo/setup.py" ] || return 0
+  "$py" -I - "$repo" <<'PY' 2>/dev/null
+import importlib.metadata as md, importlib.util, os, sys
+from packaging.requirements import Requirement
+for text in md.distribution("hvdtrain").requires or []:
+    req = Requirement(text)
+    if req.marker is None or req.marker.evaluate({"extra": "test"}):
+        assert req.specifier.contains(md.version(req.name), prereleases=True), text
+origin = importlib.util.find_spec("hvdtrain").origin
+assert os.path.realpath(os.path.dirname(origin)) == os.path.realpath(os.path.join(sys.argv[1], "hvdtrain"))
+PY
+}
+
+# What the pip part of the set-up depends on. --slurm is not in it: it changes only the Debian packages,
+# which apt_install checks on every run.
+setup_key() {
+  {
+    echo "horovod=$HOROVOD_VERSION torch_spec=$torch_spec repo=$repo"
+    echo "python=$(readlink -f "$py") $("$py" -c 'import sys; print(sys.version)')"
+    sha256sum <"${BASH_SOURCE[0]}"
+    if [ -f "$repo/setup.py" ]; then sha256sum <"$repo/setup.py"; else echo "no setup.py"; fi
+  } | sha256sum | cut -d' ' -f1
+}
+
+if [ $apt_changed -eq 0 ] && [ -x "$py" ] && [ -x "$venv/bin/horovodrun" ] && [ -s "$stamp" ] \
+  && [ "$(cat "$stamp")" = "$(setup_key)" ] && torch_version=$(horovod_ok) && hvdtrain_ok; then
+  say "ready (nothing changed): Horovod $HOROVOD_VERSION (PyTorch, MPI, Gloo), torch $torch_version, venv $venv"
+  exit 0
+fi
+# The full set-up from here on; the stamp is written again only once it has been verified.
+rm -f "$stamp"
 
 # --- virtualenv + torch + Python dependencies ----------------------------------------------------------
 if [ ! -x "$venv/bin/python" ]; then
@@ -56,7 +112,6 @@ if [ ! -x "$venv/bin/python" ]; then
   say "creating virtualenv $venv"
   "$python" -m venv "$venv"
 fi
-py=$venv/bin/python
 # This machine's pip config lists local indexes that may be absent; drop pip's warnings about them.
 pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; }; }
 if ! "$py" -c 'import torch' 2>/dev/null; then
@@ -76,17 +131,7 @@ py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[
 key="horovod-$HOROVOD_VERSION-torch${torch_version//+/_}-$py_tag"
 wheel_dir=$cache/wheels/$key
 
-horovod_ok() {
-  "$py" - "$HOROVOD_VERSION" "$torch_version" <<'PY' 2>/dev/null
-import sys, importlib.metadata as md
-assert md.version("horovod") == sys.argv[1]
-import horovod.torch as hvd, horovod, json, os
-meta = json.load(open(os.path.join(os.path.dirname(horovod.__file__), "metadata.json")))
-assert hvd.mpi_built() and hvd.gloo_built()
-PY
-}
-
-if ! horovod_ok; then
+if ! horovod_ok >/dev/null; then
   if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $HOROVOD_VERSION against torch $torch_version (about 5 minutes on 2 cores)"
     build=$(mktemp -d)
@@ -122,10 +167,12 @@ if [ -f "$repo/setup.py" ]; then
 fi
 
 # --- verify ---------------------------------------------------------------------------------------------
-horovod_ok || die "Horovod does not import with PyTorch + MPI + Gloo; remove $wheel_dir and run again"
+horovod_ok >/dev/null || die "Horovod does not import with PyTorch + MPI + Gloo; remove $wheel_dir and run again"
 checks=$(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "$venv/bin/horovodrun" -cb 2>&1) \
   || die "horovodrun -cb failed: $checks"
 for want in PyTorch MPI Gloo; do
   grep -q "\[X\] $want" <<<"$checks" || die "Horovod was built without $want:"$'\n'"$checks"
 done
+hvdtrain_ok || die "hvdtrain or one of its requirements is not installed in $venv (pip output above)"
+setup_key >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 say "ready: Horovod $HOROVOD_VERSION (PyTorch, MPI, Gloo), torch $torch_version, venv $venv"

@@ -1,0 +1,330 @@
+"""`hvdtrain doctor`: version parsing against real outputs, states, and a table that never contradicts itself.
+
+The outputs below were captured verbatim on the Debian 12 test machine (Open MPI 4.1.4 and Slurm 22.05.8
+from Debian's packages; MPICH 4.0.2 from Debian's `mpich` package), except where a comment says otherwise.
+"""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from hvdtrain import doctor
+from hvdtrain.cli import cli
+from hvdtrain.doctor import Ran
+
+# `mpirun --version` (openmpi-bin 4.1.4-3+b1), stdout; exit 0, nothing on stderr.
+OPEN_MPI_4_1_4 = "mpirun (Open MPI) 4.1.4\n\nReport bugs to http://www.open-mpi.org/community/help/\n"
+
+# `mpiexec.hydra --version` (mpich 4.0.2-3+b1), stdout; exit 0. The CC line ends in a space.
+MPICH_4_0_2 = (
+    "HYDRA build details:\n"
+    "    Version:                                 4.0.2\n"
+    "    Release Date:                            Thu Apr  7 12:34:45 CDT 2022\n"
+    "    CC:                              gcc -Wdate-time -D_FORTIFY_SOURCE=2 -g -O2 "
+    "-ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong -Wformat "
+    "-Werror=format-security  -Wl,-z,relro \n"
+    "    Configure options:                       '--with-hwloc-prefix=/usr' '--with-device=ch4:ucx' "
+    "'FFLAGS=-O2 -ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong "
+    "-fallow-invalid-boz -fallow-argument-mismatch' '--prefix=/usr' 'CFLAGS=-g -O2 "
+    "-ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong -Wformat "
+    "-Werror=format-security' 'LDFLAGS=-Wl,-z,relro' 'CPPFLAGS=-Wdate-time -D_FORTIFY_SOURCE=2'\n"
+    "    Process Manager:                         pmi\n"
+    "    Launchers available:                     ssh rsh fork slurm ll lsf sge manual persist\n"
+    "    Topology libraries available:            hwloc\n"
+    "    Resource management kernels available:   user slurm ll lsf sge pbs cobalt\n"
+    "    Demux engines available:                 poll select\n"
+)
+
+# Intel MPI's `mpirun --version` (not captured here: no Intel MPI on this machine; the two formats as
+# published by users of Intel MPI 2021.10 and 2019 Update 2).
+INTEL_MPI_2021 = (
+    "Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)\n"
+    "Copyright 2003-2023, Intel Corporation.\n"
+)
+INTEL_MPI_2019 = (
+    "Intel(R) MPI Library for Linux* OS, Version 2019 Update 2 Build 20190123 (id: e2d820d49)\n"
+    "Copyright 2003-2019, Intel Corporation.\n"
+)
+
+# `sbatch --version` with a slurm.conf (SLURM_CONF=...), slurm-client 22.05.8-4+deb12u3: stdout, exit 0.
+SBATCH_DEBIAN = "slurm-wlm 22.05.8\n"
+# Upstream builds print their package name `slurm` instead (not captured here).
+SBATCH_UPSTREAM = "slurm 22.05.8\n"
+# `sbatch --version` with no /etc/slurm/slurm.conf and SLURM_CONF unset: exit 1, nothing on stdout, stderr:
+SBATCH_NO_CONF = (
+    "sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
+    "sbatch: error: fetch_config: DNS SRV lookup failed\n"
+    "sbatch: error: _establish_config_source: failed to fetch config\n"
+    "sbatch: fatal: Could not establish a configuration source\n"
+)
+# `SLURM_CONF=/nonexistent sbatch --version`: exit 1 after 59 s of retries, stderr:
+SBATCH_MISSING_CONF = (
+    "sbatch: error: s_p_parse_file: cannot stat file /nonexistent: No such file or directory, "
+    "retrying in 1sec up to 60sec\n"
+    "sbatch: error: ClusterName needs to be specified\n"
+    "sbatch: fatal: Unable to process configuration file\n"
+)
+# `scontrol ping` with a slurm.conf: stdout; exit 1 when slurmctld is not running, exit 0 when it is.
+PING_DOWN = (
+    "Slurmctld(primary) at vm is DOWN\n"
+    "*****************************************\n"
+    "** RESTORE SLURMCTLD DAEMON TO SERVICE **\n"
+    "*****************************************\n"
+)
+PING_UP = "Slurmctld(primary) at vm is UP\n"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (OPEN_MPI_4_1_4, "Open MPI 4.1.4"),
+        (MPICH_4_0_2, "MPICH (Hydra) 4.0.2"),
+        (INTEL_MPI_2021, "Intel MPI 2021.10"),
+        (INTEL_MPI_2019, "Intel MPI 2019 Update 2"),
+        ("", None),
+        ("bash: mpirun: command not found\n", None),
+        (SBATCH_NO_CONF, None),
+    ],
+)
+def test_parse_mpi_version(text, expected):
+    assert doctor.parse_mpi_version(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (SBATCH_DEBIAN, "22.05.8"),
+        (SBATCH_UPSTREAM, "22.05.8"),
+        (SBATCH_NO_CONF, None),
+        (SBATCH_MISSING_CONF, None),
+        (OPEN_MPI_4_1_4, None),
+        ("", None),
+    ],
+)
+def test_parse_slurm_version(text, expected):
+    assert doctor.parse_slurm_version(text) == expected
+
+
+def test_real_mpirun_version_is_read():
+    """Whatever MPI this machine has, its own `mpirun --version` must parse (the bug of issue #8)."""
+    mpirun = shutil.which("mpirun")
+    if not mpirun:
+        pytest.skip("no mpirun on PATH")
+    ran = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    assert doctor.parse_mpi_version(ran.stdout + ran.stderr), ran.stdout + ran.stderr
+
+
+# --- states -------------------------------------------------------------------------------------------
+
+
+def test_mpi_status():
+    assert doctor.mpi_status("/usr/bin/mpirun", Ran(0, OPEN_MPI_4_1_4)) == doctor.Status("ok", "Open MPI 4.1.4")
+    assert doctor.mpi_status(None, None).state == "missing"
+    broken = doctor.mpi_status("/usr/bin/mpirun", Ran(127, "", "mpirun: error while loading shared libraries\n"))
+    assert broken.state == "unreadable" and "(exit 127)" in broken.detail
+    odd = doctor.mpi_status("/usr/bin/mpirun", Ran(0, "some other launcher 1.0\n"))
+    assert odd.state == "unreadable" and "some other launcher 1.0" in odd.detail
+
+
+CONF = "/etc/slurm/slurm.conf"
+
+
+@pytest.mark.parametrize(
+    "sbatch, conf_found, version, ping, state, version_seen, detail",
+    [
+        (None, False, None, None, "missing", None, "sbatch is not on PATH"),
+        ("/usr/bin/sbatch", False, None, None, "unconfigured", None, "no slurm.conf at"),
+        (
+            "/usr/bin/sbatch",
+            False,
+            Ran(1, "", SBATCH_NO_CONF),
+            None,
+            "unconfigured",
+            None,
+            "sbatch: fatal: Could not establish a configuration source",
+        ),
+        (
+            "/usr/bin/sbatch",
+            True,
+            Ran(1, "", SBATCH_MISSING_CONF),
+            None,
+            "unconfigured",
+            None,
+            "Unable to process configuration file",
+        ),
+        ("/usr/bin/sbatch", True, Ran(0, "Slurm, some version\n"), None, "unreadable", None, "Slurm, some version"),
+        ("/usr/bin/sbatch", True, Ran(0, SBATCH_DEBIAN), Ran(1, PING_DOWN), "unreachable", "22.05.8", "is DOWN"),
+        (
+            "/usr/bin/sbatch",
+            True,
+            Ran(0, SBATCH_DEBIAN),
+            Ran(None, "", "no answer within 15 s"),
+            "unreachable",
+            "22.05.8",
+            "no answer",
+        ),
+        ("/usr/bin/sbatch", True, Ran(0, SBATCH_DEBIAN), Ran(0, PING_UP), "ok", "22.05.8", "is UP"),
+        ("/usr/bin/sbatch", True, Ran(0, SBATCH_UPSTREAM), None, "ok", "22.05.8", "not checked"),
+    ],
+)
+def test_slurm_status(sbatch, conf_found, version, ping, state, version_seen, detail):
+    status = doctor.slurm_status(sbatch, CONF, conf_found, version, ping)
+    assert (status.state, status.version) == (state, version_seen)
+    assert detail in status.detail
+
+
+# --- report -> problems, notes, table -----------------------------------------------------------------
+
+
+def make_report(mpi=None, slurm=None, **changes):
+    """A healthy report (Slurm answering), with `mpi` / `slurm` Status and other keys replaced."""
+    mpi = mpi or doctor.Status("ok", "Open MPI 4.1.4")
+    slurm = slurm or doctor.Status("ok", "22.05.8", "Slurmctld(primary) at vm is UP")
+    report = {
+        "python": "3.11.2",
+        "executable": "/work/.venv/bin/python",
+        "torch": "2.13.0+cpu",
+        "horovod": "0.28.1",
+        "horovod_build": {"frameworks": {"PyTorch": True}, "controllers": {"MPI": True, "Gloo": True}},
+        "mpi4py": "4.0.1",
+        "errors": {},
+        "mpi": mpi.version,
+        "mpi_status": {"state": mpi.state, "version": mpi.version, "detail": mpi.detail},
+        "slurm": slurm.version,
+        "slurm_status": {"state": slurm.state, "version": slurm.version, "detail": slurm.detail},
+        "tools": {t: f"/usr/bin/{t}" for t in ("horovodrun", "mpirun", "srun", "sbatch", "squeue", "scontrol")},
+        "cores": 2,
+        "memory_gib": 7.7,
+        "gpus": [],
+    }
+    report.update(changes)
+    return report
+
+
+def test_healthy_report_is_ready_for_slurm_too():
+    table = doctor.to_table(make_report())
+    assert doctor.assess(make_report()) == ([], [])
+    assert "MPI " in table and "Open MPI 4.1.4" in table
+    assert table.splitlines()[-1] == "OK: ready for distributed training, local and through Slurm"
+
+
+def test_missing_mpi_is_a_problem_never_ready():
+    report = make_report(mpi=doctor.mpi_status(None, None), tools={**make_report()["tools"], "mpirun": None})
+    problems, _ = doctor.assess(report)
+    table = doctor.to_table(report)
+    assert [p["what"] for p in problems] == ["mpirun is not on PATH"]
+    assert "apt-get install openmpi-bin" in problems[0]["fix"]
+    assert "MISSING" in table and "PROBLEM: mpirun is not on PATH" in table
+    assert "OK" not in table.splitlines()[-1] and table.splitlines()[-1].startswith("NOT READY")
+
+
+def test_unreadable_mpi_is_a_problem():
+    report = make_report(mpi=doctor.mpi_status("/usr/bin/mpirun", Ran(1, "", "mpirun: fatal\n")))
+    table = doctor.to_table(report)
+    assert "version UNREADABLE" in table and "PROBLEM: MPI is installed but unusable" in table
+    assert table.splitlines()[-1].startswith("NOT READY")
+
+
+def test_slurm_installed_not_configured_is_its_own_state():
+    slurm = doctor.slurm_status("/usr/bin/sbatch", CONF, False, Ran(1, "", SBATCH_NO_CONF), None)
+    report = make_report(slurm=slurm)
+    problems, notes = doctor.assess(report)
+    table = doctor.to_table(report)
+    assert problems == []
+    assert len(notes) == 1 and "installed but not configured" in notes[0]["what"]
+    assert "SLURM_CONF" in notes[0]["fix"] and "slurm-local.sh start" in notes[0]["fix"]
+    assert "installed, NOT CONFIGURED (no slurm.conf at /etc/slurm/slurm.conf" in table
+    assert "not installed" not in table
+    assert table.splitlines()[-1].startswith("OK: ready for local distributed training")
+    assert "Slurm is not usable here" in table.splitlines()[-1]
+
+
+def test_slurm_absent_is_a_note_not_a_problem():
+    report = make_report(slurm=doctor.slurm_status(None, CONF, False, None, None))
+    problems, notes = doctor.assess(report)
+    table = doctor.to_table(report)
+    assert problems == [] and "Slurm is not installed" in notes[0]["what"]
+    assert "not installed (needed only for submit / status / logs)" in table
+    assert "through Slurm" not in table and table.splitlines()[-1].startswith("OK: ready for local")
+
+
+def test_slurmctld_down_is_shown_as_unreachable():
+    slurm = doctor.slurm_status("/usr/bin/sbatch", CONF, True, Ran(0, SBATCH_DEBIAN), Ran(1, PING_DOWN))
+    table = doctor.to_table(make_report(slurm=slurm))
+    assert "22.05.8, slurmctld UNREACHABLE (`scontrol ping`: Slurmctld(primary) at vm is DOWN)" in table
+    assert "NOTE: Slurm is configured but slurmctld does not answer" in table
+    assert "through Slurm" not in table
+
+
+@pytest.mark.parametrize("missing", ["torch", "horovod", "mpi4py"])
+def test_every_missing_row_is_a_problem(missing):
+    report = make_report(**{missing: None}, errors={missing: "ModuleNotFoundError: No module named 'x'"})
+    problems, _ = doctor.assess(report)
+    table = doctor.to_table(report)
+    assert "MISSING" in table
+    assert len(problems) == 1 and "No module named 'x'" in problems[0]["what"]
+    assert table.splitlines()[-1].startswith("NOT READY")
+
+
+def test_horovod_without_mpi_controller_is_a_problem():
+    build = {"frameworks": {"PyTorch": True}, "controllers": {"MPI": False, "Gloo": True}}
+    table = doctor.to_table(make_report(horovod_build=build))
+    assert "PROBLEM: Horovod was built without the MPI controller" in table
+    assert "OK" not in table.splitlines()[-1]
+
+
+# --- collect() and the CLI, with a fake at the subprocess boundary ------------------------------------
+
+
+@pytest.fixture
+def debian_machine(monkeypatch):
+    """This machine as captured: Open MPI 4.1.4, Slurm installed without a slurm.conf; no real probes run."""
+    calls = []
+    probe = {"torch": "2.13.0+cpu", "horovod": "0.28.1", "mpi4py": "4.0.1", "gpus": []}
+    probe["horovod_build"] = make_report()["horovod_build"]
+    outputs = {
+        "mpirun": Ran(0, OPEN_MPI_4_1_4),
+        "sbatch": Ran(1, "", SBATCH_NO_CONF),
+        "scontrol": Ran(1, "", SBATCH_NO_CONF.replace("sbatch", "scontrol")),
+    }
+
+    def fake_run(argv, timeout=15):
+        calls.append(argv)
+        if argv[1] == "-c":
+            return Ran(0, json.dumps(probe) + "\n")
+        return outputs[argv[0].rsplit("/", 1)[-1]]
+
+    monkeypatch.setattr(doctor, "_run", fake_run)
+    monkeypatch.setattr(doctor.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    monkeypatch.setattr(doctor, "DEFAULT_SLURM_CONF", "/nonexistent/hvdtrain-test/slurm.conf")
+    return calls
+
+
+def test_collect_reads_open_mpi_and_unconfigured_slurm(debian_machine):
+    report = doctor.collect()
+    assert report["mpi"] == "Open MPI 4.1.4"
+    assert report["slurm_status"]["state"] == "unconfigured"
+    assert report["problems"] == [] and len(report["notes"]) == 1
+    assert ["/usr/bin/scontrol", "ping"] not in debian_machine  # no ping without a working sbatch
+
+
+def test_collect_does_not_run_sbatch_for_a_named_absent_config(debian_machine, monkeypatch):
+    """SLURM_CONF naming a missing file makes sbatch retry for 60 s: the doctor must not wait for that."""
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent/hvdtrain-test/slurm.conf")
+    report = doctor.collect()
+    assert report["slurm_status"]["state"] == "unconfigured"
+    assert not [argv for argv in debian_machine if argv[0].endswith("sbatch")]
+
+
+def test_cli_json_and_exit_status(debian_machine):
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["mpi"] == "Open MPI 4.1.4" and report["mpi_status"]["state"] == "ok"
+    assert report["slurm_status"]["state"] == "unconfigured" and report["problems"] == []
+    table = CliRunner().invoke(cli, ["doctor"])
+    assert table.exit_code == 0 and "OK: ready for local distributed training" in table.output
