@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["hvdtrain", "hvdtrain.*"]),
-    package_data={"hvdtrain": ["templates/*.sh"]},
+    package_data={"hvdtrain.slurm": ["templates/*.sh"]},
     # torch and horovod are deliberately not listed: torch must be the build Horovod was compiled
     # against, and Horovod 0.28.1 needs a patched source build (scripts/setup.sh does both).
     install_requires=[
@@ -20,6 +20,7 @@ setup(
         "psutil",
         "tensorboard",
         "matplotlib",
+        "tqdm",
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff"]},
     entry_points={"console_scripts": ["hvdtrain=hvdtrain.cli:main"]},

@@ -1,6 +1,6 @@
 """Step 1: plain PyTorch, one process. The CNN on scikit-learn's digits (no download).
 
-    python examples/01_single_process.py --epochs 5
+python examples/01_single_process.py --epochs 5
 """
 
 import argparse
@@ -8,8 +8,7 @@ import argparse
 import torch
 from torch import nn
 
-from hvdtrain.train import data as D
-from hvdtrain.train import models as M
+from hvdtrain.train import datasets, models
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=5)
@@ -18,8 +17,8 @@ parser.add_argument("--lr", type=float, default=0.05)
 args = parser.parse_args()
 
 torch.manual_seed(0)
-data = D.digits()
-model = M.cnn(data.input_shape, data.num_classes)
+data = datasets.digits()
+model = models.cnn(data.input_shape, data.num_classes)
 optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, shuffle=True)
 

@@ -10,9 +10,8 @@ import argparse
 import torch
 from torch import nn
 
-from hvdtrain.parallel.model import Pipeline  # +mp
-from hvdtrain.train import data as D
-from hvdtrain.train import models as M
+from hvdtrain.parallel.pipeline import Pipeline  # +mp
+from hvdtrain.train import datasets, models
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=5)
@@ -22,9 +21,9 @@ parser.add_argument("--micro-batches", type=int, default=4)  # +mp
 args = parser.parse_args()
 
 torch.manual_seed(0)
-data = D.digits()
+data = datasets.digits()
 devices = ["cuda:0", "cuda:1"] if torch.cuda.device_count() >= 2 else ["cpu", "cpu"]  # +mp
-model = Pipeline(M.cnn(data.input_shape, data.num_classes), devices, micro_batches=args.micro_batches)  # +mp
+model = Pipeline(models.cnn(data.input_shape, data.num_classes), devices, micro_batches=args.micro_batches)  # +mp
 print(f"stages on {devices}, layers per stage {model.balance}")  # +mp: balanced by parameter count
 optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, shuffle=True)

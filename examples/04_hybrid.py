@@ -9,11 +9,10 @@ import argparse
 import torch
 from torch import nn
 
-from hvdtrain.parallel import data as P
+from hvdtrain.parallel import horovod
 from hvdtrain.parallel.hybrid import devices_for_rank  # +hybrid
-from hvdtrain.parallel.model import Pipeline  # +hybrid
-from hvdtrain.train import data as D
-from hvdtrain.train import models as M
+from hvdtrain.parallel.pipeline import Pipeline  # +hybrid
+from hvdtrain.train import datasets, models
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=5)
@@ -23,16 +22,16 @@ parser.add_argument("--devices-per-rank", type=int, default=2)  # +hybrid
 parser.add_argument("--micro-batches", type=int, default=4)  # +hybrid
 args = parser.parse_args()
 
-hvd = P.init()
+hvd = horovod.init()
 torch.manual_seed(0)
-data = D.digits()
+data = datasets.digits()
 # +hybrid: checks that ranks-per-node x k devices exist (CPU stages when there are no GPUs)
 devices = devices_for_rank(hvd.local_rank(), hvd.local_size(), args.devices_per_rank)
-model = Pipeline(M.cnn(data.input_shape, data.num_classes), devices, micro_batches=args.micro_batches)  # +hybrid
-optimizer = torch.optim.SGD(model.parameters(), lr=P.scaled_lr(args.lr, scale=True), momentum=0.9)
-optimizer = P.distributed_optimizer(optimizer, model)  # gradients of every stage are allreduced
-P.broadcast_state(model)
-sampler = P.sampler(data.train, seed=0)
+model = Pipeline(models.cnn(data.input_shape, data.num_classes), devices, micro_batches=args.micro_batches)  # +hybrid
+optimizer = torch.optim.SGD(model.parameters(), lr=horovod.scaled_lr(args.lr, scale=True), momentum=0.9)
+optimizer = horovod.distributed_optimizer(optimizer, model)  # gradients of every stage are allreduced
+horovod.broadcast_state(model)
+sampler = horovod.sampler(data.train, seed=0)
 loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, sampler=sampler)
 
 for epoch in range(args.epochs):
@@ -49,6 +48,6 @@ x, y = data.test.tensors
 mine = torch.arange(hvd.rank(), len(y), hvd.size())
 with torch.no_grad():
     correct = (model(x[mine].to(model.input_device)).argmax(1).cpu() == y[mine]).sum().item()
-accuracy = P.average_metrics({"accuracy": correct}, len(mine))["accuracy"]
+accuracy = horovod.average_metrics({"accuracy": correct}, len(mine))["accuracy"]
 if hvd.rank() == 0:
     print(f"test accuracy: {accuracy:.4f} on {hvd.size()} ranks x {len(devices)} devices ({devices[0]}...)")

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from hvdtrain.config import TrainConfig
-from hvdtrain.train.data import Dataset
+from hvdtrain.train.datasets import Dataset
 from hvdtrain.train.trainer import Trainer
 
 parser = argparse.ArgumentParser()

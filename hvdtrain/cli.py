@@ -13,6 +13,7 @@ import click
 
 from hvdtrain import __version__
 from hvdtrain.errors import HvdtrainError
+from hvdtrain.launch import LAUNCHERS, UNKNOWN_LAUNCHER
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 PASSTHROUGH = {**CONTEXT, "ignore_unknown_options": True, "allow_interspersed_args": False}
@@ -21,20 +22,31 @@ PASSTHROUGH = {**CONTEXT, "ignore_unknown_options": True, "allow_interspersed_ar
 def launch_options(f):
     """The options of every command that starts ranks (run, train, bench), defined once."""
     options = [
-        click.option("-np", "--num-proc", "np", type=int, help="Number of ranks [default: all slots, or SLURM_NTASKS]."),
+        click.option(
+            "-np", "--num-proc", "np", type=int, help="Number of ranks [default: all slots, or SLURM_NTASKS]."
+        ),
         click.option("-H", "--hosts", help="Hosts and slots, e.g. node1:4,node2:4 [default: localhost:NP]."),
         click.option("--hostfile", help="File of 'host slots=N' lines ('#' comments allowed)."),
         click.option("--gloo", is_flag=True, help="Use Horovod's Gloo controller (horovodrun only)."),
         click.option("--mpi", is_flag=True, help="Use Horovod's MPI controller."),
         click.option(
             "--launcher",
-            help="horovodrun | mpirun | srun [default: srun inside a Slurm allocation, else horovodrun].",
+            type=OneOf(LAUNCHERS, UNKNOWN_LAUNCHER),
+            help="[default: srun inside a Slurm allocation, else horovodrun].",
         ),
         click.option(
-            "--env", "env", multiple=True, metavar="NAME[=VALUE]", help="Forward NAME (or set it) on every rank; repeatable."
+            "--env",
+            "env",
+            multiple=True,
+            metavar="NAME[=VALUE]",
+            help="Forward NAME (or set it) on every rank; repeatable.",
         ),
-        click.option("--output-dir", help="Directory for per-rank logs rank.R.log [default: temporary, kept on failure]."),
-        click.option("--threads-per-rank", type=int, help="OMP_NUM_THREADS per rank [default: cores / ranks per host]."),
+        click.option(
+            "--output-dir", help="Directory for per-rank logs rank.R.log [default: temporary, kept on failure]."
+        ),
+        click.option(
+            "--threads-per-rank", type=int, help="OMP_NUM_THREADS per rank [default: cores / ranks per host]."
+        ),
         click.option("--dry-run", is_flag=True, help="Print the exact command and environment additions; run nothing."),
     ]
     for option in reversed(options):
@@ -71,7 +83,26 @@ class OneLineErrors(click.Group):
             where = e.ctx.command_path if getattr(e, "ctx", None) else "hvdtrain"
             click.echo(f"hvdtrain: error: {e.format_message()} (see '{where} --help')", err=True)
             sys.exit(e.exit_code)
+        except HvdtrainError as e:  # raised while parsing, e.g. by OneOf
+            click.echo(f"hvdtrain: error: {e}", err=True)
+            sys.exit(e.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class OneOf(click.Choice):
+    """click.Choice (the values listed in --help, built from a tuple of valid values) whose error is one line
+    in the words of the validation behind it, e.g. `--strategy: 'x' is not one of data, model, hybrid`."""
+
+    def __init__(self, choices, message: str = "'{value}' is not one of {choices}"):
+        super().__init__(choices)
+        self.message = message
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        from hvdtrain.errors import UsageError
+
+        raise UsageError(f"{param.opts[0]}: " + self.message.format(value=value, choices=", ".join(self.choices)))
 
 
 @click.group(cls=OneLineErrors, context_settings=CONTEXT)
@@ -84,16 +115,16 @@ def cli():
 @launch_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
-def run(command, dry_run, **launch):
+def run(command, dry_run, **launch_options):
     """Launch COMMAND on N ranks: hvdtrain run -np 2 -- python train.py --lr 0.1
 
     Everything after -- is passed through untouched. Per-rank logs go to --output-dir; when a rank fails,
     the exit status is the job's and the failing rank's last lines are shown.
     """
-    from hvdtrain import launch as L
+    from hvdtrain import launch
 
-    spec = L.make_spec(command, **launch)
-    sys.exit(L.run_job(spec, dry_run=dry_run))
+    spec = launch.make_spec(command, **launch_options)
+    sys.exit(launch.run_job(spec, dry_run=dry_run))
 
 
 def _parse_balance(ctx, param, value):
@@ -105,28 +136,38 @@ def _parse_balance(ctx, param, value):
         raise click.BadParameter(f"'{value}' is not a comma-separated list of layer counts, e.g. 3,4") from None
 
 
-def train_options(f):
-    """One option per TrainConfig field, with the field's help; `--flag/--no-flag` for booleans."""
+def dataclass_options(cls, **overrides):
+    """One option per field of the dataclass `cls` (TrainConfig, SlurmSpec), its default and help written once
+    on the field (metadata "help", and "choices" for a OneOf); `--flag/--no-flag` for booleans. `overrides`
+    maps a field name to click.option keywords that replace the generated ones."""
     import dataclasses
     import typing
 
+    def decorate(f):
+        hints = typing.get_type_hints(cls)
+        for field in reversed(dataclasses.fields(cls)):
+            flag = "--" + field.name.replace("_", "-")
+            kind = hints[field.name]
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+            choices, message = field.metadata.get("choices"), field.metadata.get("choices_error")
+            decls, kwargs = [flag], {"default": field.default, "show_default": field.default is not None}
+            if kind is bool:
+                decls = [f"{flag}/--no-{flag[2:]}"]
+            else:
+                kwargs["type"] = (OneOf(choices, message) if message else OneOf(choices)) if choices else kind
+            kwargs.update(help=field.metadata.get("help", ""), **overrides.get(field.name, {}))
+            f = click.option(*decls, **kwargs)(f)
+        return f
+
+    return decorate
+
+
+def train_options(f):
+    """The options of `hvdtrain train`: one per TrainConfig field."""
     from hvdtrain.config import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    for field in reversed(dataclasses.fields(TrainConfig)):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        args = typing.get_args(kind)
-        base = next((a for a in args if a is not type(None)), kind) if args else kind
-        help_text = field.metadata.get("help", "")
-        if base is bool:
-            option = click.option(f"{flag}/--no-{flag[2:]}", default=field.default, show_default=True, help=help_text)
-        elif field.name == "balance":
-            option = click.option(flag, callback=_parse_balance, metavar="N,N,...", help=help_text)
-        else:
-            option = click.option(flag, type=base, default=field.default, show_default=field.default is not None, help=help_text)
-        f = option(f)
-    return f
+    balance = {"type": str, "callback": _parse_balance, "metavar": "N,N,...", "show_default": False}
+    return dataclass_options(TrainConfig, balance=balance)(f)
 
 
 def _config_file(ctx, param, value):
@@ -175,10 +216,10 @@ def doctor(as_json):
 
     Exits non-zero naming what is missing and how to fix it.
     """
-    from hvdtrain import doctor as D
+    from hvdtrain import doctor
 
-    report = D.collect()
-    click.echo(D.to_json(report) if as_json else D.to_table(report))
+    report = doctor.collect()
+    click.echo(doctor.to_json(report) if as_json else doctor.to_table(report))
     sys.exit(0 if not report["problems"] else 1)
 
 
@@ -190,18 +231,65 @@ def bench():
     """
 
 
+class _CommaList(click.ParamType):
+    """A comma-separated list of a bench field's choices, parsed by hvdtrain.bench.plans.parse_csv."""
+
+    name = "list"
+
+    def __init__(self, flag: str, choices: tuple):
+        self.flag, self.choices = flag, choices
+
+    def convert(self, value, param, ctx):
+        from hvdtrain.bench import plans
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return plans.parse_csv(value, self.choices, self.flag)
+        except HvdtrainError as e:
+            self.fail(str(e).removeprefix(f"{self.flag}: "), param, ctx)
+
+
+def bench_options(settings_name: str):
+    """One option per field of hvdtrain.bench.plans.<settings_name>, its help, default and --tiny default
+    written once there (options not given arrive as None); the command gets them as one dict, `options`."""
+    import dataclasses
+    import typing
+
+    from hvdtrain.bench import plans
+
+    settings = getattr(plans, settings_name)
+    hints = typing.get_type_hints(settings)
+    fields = dataclasses.fields(settings)
+
+    def decorate(f):
+        @functools.wraps(f)
+        def command(*args, **kwargs):
+            return f(*args, options={field.name: kwargs.pop(field.name) for field in fields}, **kwargs)
+
+        for field in reversed(fields):
+            flag, help_text = plans.flag(field.name), plans.help_text(field)
+            kind = next((a for a in typing.get_args(hints[field.name]) if a is not type(None)), hints[field.name])
+            if field.metadata["choices"]:
+                choices = _CommaList(flag, field.metadata["choices"])
+                option = click.option(flag, type=choices, metavar="NAME,...", help=help_text)
+            elif kind is bool and field.default:
+                option = click.option(f"{flag}/--no-{flag[2:]}", default=True, help=help_text)
+            elif kind is bool:
+                option = click.option(flag, is_flag=True, help=help_text)
+            else:
+                option = click.option(flag, type=kind, help=help_text)
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @bench.command("allreduce", context_settings=CONTEXT)
 @launch_options
-@click.option("--out", default="runs/bench-allreduce", show_default=True, help="Directory for allreduce.json/.png, parts/, logs/.")
-@click.option("--sizes", help="Comma-separated message sizes, e.g. 4,1KiB,64MiB (excludes --min/--max-bytes).")
-@click.option("--min-bytes", help="Smallest message [default: 4]; K/M/G are binary, e.g. 1KiB.")
-@click.option("--max-bytes", help="Largest message [default: 256MiB].")
-@click.option("--step-factor", type=int, default=2, show_default=True, help="Multiply the size by this each step.")
-@click.option("--warmup", type=int, help="Untimed calls per size [default: 5; tiny: 1].")
-@click.option("--iters", type=int, help="Timed calls per size up to 16 MiB, fewer above [default: 20; tiny: 3].")
-@click.option("--tiny", is_flag=True, help="A few small sizes and iterations: the smoke run of the test suite.")
+@bench_options("AllreduceSettings")
 @handle_errors
-def bench_allreduce(dry_run, out, sizes, min_bytes, max_bytes, step_factor, warmup, iters, tiny, **launch):
+def bench_allreduce(dry_run, options, **launch_options):
     """Allreduce time, algbw and busbw = algbw x 2(n-1)/n against message size, for Horovod (MPI and Gloo
     controllers) beside mpi4py Allreduce, torch.distributed gloo all_reduce and local memcpy.
 
@@ -209,30 +297,17 @@ def bench_allreduce(dry_run, out, sizes, min_bytes, max_bytes, step_factor, warm
       hvdtrain bench allreduce -np 2                       # 4 B .. 256 MiB, both controllers
       hvdtrain bench allreduce -np 2 --mpi --sizes 64MiB    # one controller, one size
     """
-    from hvdtrain.bench import allreduce as A
+    from hvdtrain.bench import allreduce
 
-    plan = A.make_plan(
-        out, sizes=sizes, min_bytes=min_bytes, max_bytes=max_bytes, step_factor=step_factor, warmup=warmup,
-        iters=iters, tiny=tiny, launch=launch,
-    )  # fmt: skip
-    A.run(plan, dry_run=dry_run, echo=click.echo)
+    plan = allreduce.make_plan(options, launch_options=launch_options)
+    allreduce.run(plan, dry_run=dry_run, echo=click.echo)
 
 
 @bench.command("train", context_settings=CONTEXT)
 @launch_options
-@click.option("--out", default="runs/bench-train", show_default=True, help="Directory for train.json/.png, parts/, logs/.")
-@click.option("--max-np", type=int, help="Sweep np = 1..N [default: -np, else the cores, else SLURM_NTASKS].")
-@click.option("--models", help="Comma-separated model shapes [default: deep_mlp,wide_mlp].")
-@click.option("--arms", help="Comma-separated arms: horovod, trainer, ddp [default: all three]; trainer_lean (diagnostic).")
-@click.option("--batch-size", type=int, help="Samples per rank per batch [default: 32; tiny: 16].")
-@click.option("--warmup", type=int, help="Untimed warm-up batches [default: 10; tiny: 2].")
-@click.option("--iters", type=int, help="Timed iterations per round [default: 10; tiny: 3].")
-@click.option("--batches-per-iter", type=int, help="Batches per timed iteration [default: 10; tiny: 2].")
-@click.option("--rounds", type=int, help="Repeat every measurement, alternating arm order [default: 2; tiny: 1].")
-@click.option("--ablations/--no-ablations", default=True, show_default=True, help="Also fusion off and fp16 compression.")
-@click.option("--tiny", is_flag=True, help="Small models and few batches: the smoke run of the test suite.")
+@bench_options("TrainSettings")
 @handle_errors
-def bench_train(dry_run, out, max_np, models, arms, batch_size, warmup, iters, batches_per_iter, rounds, ablations, tiny, **launch):
+def bench_train(dry_run, options, **launch_options):
     """Synthetic-data training throughput for np = 1..N (one thread per rank): weak-scaling efficiency, tensor
     fusion and fp16 ablations, and the hvdtrain Trainer vs a minimal Horovod loop vs torch DDP (gloo).
 
@@ -240,32 +315,22 @@ def bench_train(dry_run, out, max_np, models, arms, batch_size, warmup, iters, b
       hvdtrain bench train --max-np 2                      # MPI controller unless --gloo
       hvdtrain bench train --max-np 2 --models wide_mlp --no-ablations
     """
-    from hvdtrain.bench import throughput as T
+    from hvdtrain.bench import throughput
 
-    plan = T.make_plan(
-        out, max_np=max_np, models=models, arms=arms, batch_size=batch_size, warmup=warmup, iters=iters,
-        batches_per_iter=batches_per_iter, rounds=rounds, ablations=ablations, tiny=tiny, launch=launch,
-    )  # fmt: skip
-    T.run(plan, dry_run=dry_run, echo=click.echo)
+    plan = throughput.make_plan(options, launch_options=launch_options)
+    throughput.run(plan, dry_run=dry_run, echo=click.echo)
 
 
 # --- Slurm: submit, status, logs -------------------------------------------------------------------------
+def slurm_options(f):
+    """The options of `hvdtrain submit`: one per SlurmSpec field."""
+    from hvdtrain.slurm.spec import SlurmSpec
+
+    return dataclass_options(SlurmSpec)(f)
+
+
 @cli.command(context_settings={**CONTEXT, "allow_interspersed_args": False})
-@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes (sbatch --nodes).")
-@click.option("--ntasks-per-node", type=int, help="Ranks per node [default: --gpus-per-node / --gpus-per-rank, else 1].")
-@click.option("--gpus-per-node", type=int, help="GPUs per node (sbatch --gpus-per-node); one per rank unless --gpus-per-rank.")
-@click.option("--gpus-per-rank", type=int, help="Hybrid jobs: GPUs pinned to each rank by local rank.")
-@click.option("--cpus-per-task", type=int, help="Cores per rank (sbatch --cpus-per-task).")
-@click.option("--mem", help="Memory per node, e.g. 8G (sbatch --mem).")
-@click.option("--time", help="Time limit: minutes, HH:MM:SS or D-HH:MM:SS (sbatch --time).")
-@click.option("--partition", help="Partition (sbatch --partition) [default: the cluster's].")
-@click.option("--account", help="Account to charge (sbatch --account).")
-@click.option("--array", help="Job array, e.g. 0-2; {task} in COMMAND becomes the task id (sbatch --array).")
-@click.option("--requeue/--no-requeue", default=True, show_default=True, help="Let the job requeue itself after preemption.")
-@click.option("--signal", default="USR2@120", show_default=True, help="Warning signal to every rank before the time limit; '' for none.")
-@click.option("--job-name", default="hvdtrain", show_default=True, help="Job name (sbatch --job-name).")
-@click.option("--run-dir", help="Directory for job.sbatch, slurm-<id>.out and logs/ [default: runs/slurm-<time>].")
-@click.option("--launcher", default="srun", show_default=True, help="srun | mpirun: how ranks of a non-hvdtrain COMMAND start.")
+@slurm_options
 @click.option("--dry-run", is_flag=True, help="Print the job script and the sbatch command; submit nothing.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
@@ -281,10 +346,10 @@ def submit(command, dry_run, **options):
     job id and where the logs go. `hvdtrain ...` commands start their own ranks inside the allocation; other
     commands are started on every rank with srun --mpi=pmix (or mpirun).
     """
-    from hvdtrain import slurm as S
+    from hvdtrain import slurm
 
-    spec = S.make_spec(**options)
-    S.submit(spec, list(command), dry_run=dry_run, echo=click.echo)
+    spec = slurm.make_spec(**options)
+    slurm.submit(spec, list(command), dry_run=dry_run, echo=click.echo)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -292,9 +357,9 @@ def submit(command, dry_run, **options):
 @handle_errors
 def status(job_id):
     """State of a Slurm job (each task of an array): state, reason, run time, restarts, node, output file."""
-    from hvdtrain import slurm as S
+    from hvdtrain import slurm
 
-    sys.exit(S.status(job_id, echo=click.echo))
+    sys.exit(slurm.status(job_id, echo=click.echo))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -304,9 +369,9 @@ def status(job_id):
 @handle_errors
 def logs(job_id, rank, lines):
     """Print a Slurm job's output file, or one rank's log (--rank R); array tasks as JOBID_TASK."""
-    from hvdtrain import slurm as S
+    from hvdtrain import slurm
 
-    sys.exit(S.logs(job_id, rank=rank, lines=lines, echo=click.echo))
+    sys.exit(slurm.logs(job_id, rank=rank, lines=lines, echo=click.echo))
 
 
 def main():

@@ -11,9 +11,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import ConfigError
+from hvdtrain.files import write_text_atomic
+from hvdtrain.rundir import RunDir
 
 STRATEGIES = ("data", "model", "hybrid")
 MODELS = ("mlp", "cnn", "deep_mlp")
@@ -22,51 +25,57 @@ COMPRESSIONS = ("none", "fp16")
 REDUCE_OPS = ("average", "adasum")
 
 
-def _f(default, help: str):
-    """A field with its --help text (the CLI builds one option per field from these)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def _f(default, help: str, choices: Optional[tuple[str, ...]] = None):
+    """A field with its --help text and, for a choice, its valid values (the CLI builds one option per field
+    from these)."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything the built-in job and the Trainer take; one CLI option per field (`--batch-size` ...)."""
 
-    strategy: str = _f("data", 'data | model | hybrid (see docs/architecture.md)')
-    devices_per_rank: int = _f(1, 'model/hybrid: devices holding one replica (cuda:local_rank*k+i, or k CPU stages)')
-    balance: Optional[list[int]] = _f(None, 'model/hybrid: layers per stage; None balances by parameter count')
-    micro_batches: int = _f(1, 'model/hybrid: GPipe micro-batches per batch (pipeline bubble (p-1)/(m+p-1))')
-    model: str = _f("cnn", 'mlp | cnn (8x8 digit images) | deep_mlp (many layers, for benchmarks)')
-    hidden: int = _f(64, 'width of the hidden layers of mlp and deep_mlp')
-    depth: int = _f(8, 'number of hidden layers of deep_mlp')
-    data: str = _f("digits", 'digits | synthetic | PATH.npz (arrays x, y; optional x_test, y_test)')
-    synthetic_samples: int = _f(2048, 'data=synthetic: number of training samples')
-    epochs: int = _f(15, 'passes over the training set')
-    max_steps: Optional[int] = _f(None, 'stop after this many optimizer steps (overrides epochs when reached)')
-    batch_size: int = _f(32, 'samples per rank per step (per backward pass with accumulation)')
-    lr: float = _f(0.05, 'base learning rate (for one rank)')
-    scale_lr: bool = _f(True, 'multiply lr by the number of ranks (x backward_passes_per_step), Goyal et al.')
-    optimizer: str = _f("sgd", 'sgd | adam | adamw')
-    momentum: float = _f(0.9, 'sgd only')
-    weight_decay: float = _f(0.0, 'L2 penalty of the optimizer')
-    backward_passes_per_step: int = _f(1, 'gradient accumulation: local backward passes per allreduce + step')
-    compression: str = _f("none", 'none | fp16: compress gradients for the allreduce')
-    reduce_op: str = _f("average", 'average | adasum')
-    seed: int = _f(0, 'model initialisation and data order; rank r also seeds its own RNGs with seed + r')
-    deterministic: bool = _f(False, 'torch deterministic algorithms, HOROVOD_FUSION_THRESHOLD=0, fixed seeds')
-    run_dir: Optional[str] = _f(None, 'where config.json, metrics.jsonl, TensorBoard events, checkpoints go')
-    checkpoint_every: int = _f(0, 'steps between checkpoints (0: only at the end and on preemption)')
-    keep_checkpoints: int = _f(3, 'newest checkpoints kept')
-    resume: bool = _f(False, 'resume from the newest checkpoint in run_dir')
-    resume_from: Optional[str] = _f(None, 'resume from this checkpoint file')
-    log_every: int = _f(10, 'steps between progress lines and metric records; also how often the ranks agree on a preemption request')
-    eval_every_epoch: bool = _f(True, 'evaluate on the test split after each epoch (else only at the end)')
+    strategy: str = _f(
+        "data", "how one replica spreads over devices, replicas over ranks (docs/architecture.md)", STRATEGIES
+    )
+    devices_per_rank: int = _f(1, "model/hybrid: devices holding one replica (cuda:local_rank*k+i, or k CPU stages)")
+    balance: Optional[list[int]] = _f(None, "model/hybrid: layers per stage; None balances by parameter count")
+    micro_batches: int = _f(1, "model/hybrid: GPipe micro-batches per batch (pipeline bubble (p-1)/(m+p-1))")
+    model: str = _f("cnn", "reference model: cnn for 8x8 images, deep_mlp (many layers) for benchmarks", MODELS)
+    hidden: int = _f(64, "width of the hidden layers of mlp and deep_mlp")
+    depth: int = _f(8, "number of hidden layers of deep_mlp")
+    data: str = _f("digits", "digits | synthetic | PATH.npz (arrays x, y; optional x_test, y_test)")
+    synthetic_samples: int = _f(2048, "data=synthetic: number of training samples")
+    epochs: int = _f(15, "passes over the training set")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs when reached)")
+    batch_size: int = _f(32, "samples per rank per step (per backward pass with accumulation)")
+    lr: float = _f(0.05, "base learning rate (for one rank)")
+    scale_lr: bool = _f(True, "multiply lr by the number of ranks (x backward_passes_per_step), Goyal et al.")
+    optimizer: str = _f("sgd", "the optimizer every rank steps", OPTIMIZERS)
+    momentum: float = _f(0.9, "sgd only")
+    weight_decay: float = _f(0.0, "L2 penalty of the optimizer")
+    backward_passes_per_step: int = _f(1, "gradient accumulation: local backward passes per allreduce + step")
+    compression: str = _f("none", "fp16: compress gradients for the allreduce", COMPRESSIONS)
+    reduce_op: str = _f("average", "how gradients are combined across ranks", REDUCE_OPS)
+    seed: int = _f(0, "model initialisation and data order; rank r also seeds its own RNGs with seed + r")
+    deterministic: bool = _f(False, "torch deterministic algorithms, HOROVOD_FUSION_THRESHOLD=0, fixed seeds")
+    run_dir: Optional[str] = _f(None, "where config.json, metrics.jsonl, TensorBoard events, checkpoints go")
+    checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end and on preemption)")
+    keep_checkpoints: int = _f(3, "newest checkpoints kept")
+    resume: bool = _f(False, "resume from the newest checkpoint in run_dir")
+    resume_from: Optional[str] = _f(None, "resume from this checkpoint file")
+    log_every: int = _f(
+        10, "steps between progress lines and metric records; also how often the ranks agree on a preemption request"
+    )
+    eval_every_epoch: bool = _f(True, "evaluate on the test split after each epoch (else only at the end)")
     preempt_signal: str = _f("USR2", "signal that asks for checkpoint-and-stop (Slurm's --signal); '' to disable")
-    requeue: bool = _f(True, 'inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)')
-    max_requeues: int = _f(3, 'do not requeue once SLURM_RESTART_COUNT reaches this')
+    requeue: bool = _f(True, "inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)")
+    max_requeues: int = _f(3, "do not requeue once SLURM_RESTART_COUNT reaches this")
 
     def validate(self, check_data: bool = True) -> TrainConfig:
         """Raise ConfigError naming the flag of the first bad field. check_data=False when the caller
         provides its own dataset (then `data` is only a label)."""
+
         def bad(flag: str, msg: str):
             raise ConfigError(f"--{flag}: {msg}")
 
@@ -74,11 +83,9 @@ class TrainConfig:
             if value not in allowed:
                 bad(flag, f"'{value}' is not one of {', '.join(allowed)}")
 
-        choice("strategy", self.strategy, STRATEGIES)
-        choice("model", self.model, MODELS)
-        choice("optimizer", self.optimizer, OPTIMIZERS)
-        choice("compression", self.compression, COMPRESSIONS)
-        choice("reduce-op", self.reduce_op, REDUCE_OPS)
+        for field in dataclasses.fields(self):
+            if "choices" in field.metadata:
+                choice(field.name.replace("_", "-"), getattr(self, field.name), field.metadata["choices"])
         for flag, value, low in [
             ("devices-per-rank", self.devices_per_rank, 1),
             ("micro-batches", self.micro_batches, 1),
@@ -113,27 +120,38 @@ class TrainConfig:
                 bad("data", f"no such file '{self.data}'")
         if self.resume_from is not None and not Path(self.resume_from).is_file():
             bad("resume-from", f"no such checkpoint '{self.resume_from}'")
-        if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in ("USR1", "USR2", "TERM", "INT"):
+        if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in (
+            "USR1",
+            "USR2",
+            "TERM",
+            "INT",
+        ):
             bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
         return self
 
-    def with_defaults(self, environ: Optional[dict[str, str]] = None) -> TrainConfig:
-        """Fill the fields derived at launch time: run_dir defaults to runs/train-<time>, or inside Slurm to
-        runs/train-<job id> (array: <array job id>_<task id>) so that a requeued job finds its checkpoints."""
-        environ = os.environ if environ is None else environ
-        if self.run_dir is None:
-            if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
-                name = f"train-{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-            elif "SLURM_JOB_ID" in environ:
-                name = f"train-{environ['SLURM_JOB_ID']}"
-            else:
-                name = time.strftime("train-%Y%m%d-%H%M%S")
-            self.run_dir = os.path.join("runs", name)
-        return self
+    def with_defaults(self, environ: Optional[Mapping[str, str]] = None) -> TrainConfig:
+        """A copy with the fields derived at launch time filled in: run_dir defaults to runs/train-<time>, or
+        inside Slurm to runs/train-<job id> (array: <array job id>_<task id>) so that a requeued job finds its
+        checkpoints."""
+        if self.run_dir is not None:
+            return self
+        label = SlurmEnv.read(environ).job_label
+        name = f"train-{label}" if label else time.strftime("train-%Y%m%d-%H%M%S")
+        return dataclasses.replace(self, run_dir=os.path.join("runs", name))
 
     def to_json(self) -> str:
         """The run directory's config.json text (what the worker reads back with from_dict)."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def save(self, run_dir: RunDir) -> None:
+        """Write run_dir's config.json (atomically), unless it already holds exactly this configuration."""
+        text = self.to_json()
+        try:
+            if run_dir.config.read_text() == text:
+                return
+        except OSError:
+            pass
+        write_text_atomic(run_dir.config, text)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

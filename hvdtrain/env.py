@@ -33,9 +33,50 @@ def int_var(environ: Mapping[str, str], name: str) -> Optional[int]:
         return None
 
 
-def slurm_restart_count(environ: Optional[Mapping[str, str]] = None) -> int:
-    """How many times Slurm has requeued this job (0 outside Slurm or on the first run)."""
-    return int_var(os.environ if environ is None else environ, "SLURM_RESTART_COUNT") or 0
+@dataclasses.dataclass(frozen=True)
+class SlurmEnv:
+    """What Slurm tells a process of a job about it (the one reader of ``SLURM_*`` besides rank_info).
+    Outside Slurm every field is None (restart_count 0)."""
+
+    job_id: Optional[str] = None
+    array_job_id: Optional[str] = None
+    array_task_id: Optional[str] = None
+    restart_count: int = 0  # times the job was requeued (SLURM_RESTART_COUNT)
+    ntasks: Optional[int] = None  # tasks of the allocation (SLURM_NTASKS)
+    ntasks_per_node: Optional[int] = None  # first value of SLURM_NTASKS_PER_NODE, e.g. '2(x3)' -> 2
+    nnodes: Optional[int] = None
+    job_name: Optional[str] = None
+
+    @classmethod
+    def read(cls, environ: Optional[Mapping[str, str]] = None) -> SlurmEnv:
+        environ = os.environ if environ is None else environ
+        return cls(
+            job_id=environ.get("SLURM_JOB_ID") or None,
+            array_job_id=environ.get("SLURM_ARRAY_JOB_ID") or None,
+            array_task_id=environ.get("SLURM_ARRAY_TASK_ID") or None,
+            restart_count=int_var(environ, "SLURM_RESTART_COUNT") or 0,
+            ntasks=int_var(environ, "SLURM_NTASKS"),
+            ntasks_per_node=int_var(environ, "SLURM_NTASKS_PER_NODE"),
+            nnodes=int_var(environ, "SLURM_NNODES"),
+            job_name=environ.get("SLURM_JOB_NAME") or None,
+        )
+
+    @property
+    def in_job(self) -> bool:
+        return self.job_id is not None
+
+    @property
+    def in_allocation(self) -> bool:
+        """Inside a job whose tasks srun can start (sbatch or salloc)."""
+        return self.job_id is not None and self.ntasks is not None
+
+    @property
+    def job_label(self) -> Optional[str]:
+        """``<array job id>_<task id>`` for an array task, else the job id: what squeue shows, what
+        ``scontrol requeue`` takes, and what names a job's default run directory."""
+        if self.array_job_id and self.array_task_id:
+            return f"{self.array_job_id}_{self.array_task_id}"
+        return self.job_id
 
 
 def rank_info(environ: Optional[Mapping[str, str]] = None) -> RankInfo:

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from hvdtrain import launch as L
+from hvdtrain import launch
 from hvdtrain.config import TrainConfig
-from hvdtrain.env import int_var, slurm_restart_count
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError
-from hvdtrain.files import write_text_atomic
-from hvdtrain.train import checkpoint as C
+from hvdtrain.rundir import RunDir
+from hvdtrain.train import checkpoint
 
 
 def visible_gpus(environ: Mapping[str, str]) -> int:
@@ -28,7 +28,7 @@ def visible_gpus(environ: Mapping[str, str]) -> int:
     return len([p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)])
 
 
-def preflight(cfg: TrainConfig, spec: L.LaunchSpec, environ: Mapping[str, str]) -> None:
+def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, str]) -> None:
     """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
     if cfg.strategy == "model" and spec.np > 1:
         raise ConfigError(
@@ -38,20 +38,20 @@ def preflight(cfg: TrainConfig, spec: L.LaunchSpec, environ: Mapping[str, str]) 
     if cfg.strategy in ("model", "hybrid"):
         from hvdtrain.parallel.hybrid import devices_for_rank
 
-        per_host = int_var(environ, "SLURM_NTASKS_PER_NODE") or (
-            max(L.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
+        per_host = SlurmEnv.read(environ).ntasks_per_node or (
+            max(launch.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
         )
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
-    resume_path = C.resume_path(cfg, environ)
-    if resume_path is None and cfg.resume and slurm_restart_count(environ) == 0:
+    resume_path = checkpoint.resume_path(cfg, environ)
+    if resume_path is None and cfg.resume and SlurmEnv.read(environ).restart_count == 0:
         raise CheckpointError(
-            f"--resume: no checkpoint in {Path(cfg.run_dir) / 'checkpoints'}; check --run-dir, or drop --resume "
+            f"--resume: no checkpoint in {RunDir(cfg.run_dir).checkpoints}; check --run-dir, or drop --resume "
             "to start fresh"
         )
     if resume_path is not None:
         # Read it here (torch is imported only now, and only for a resume): a corrupt or mismatched checkpoint
         # is bad input, reported before any rank starts.
-        C.load(resume_path, C.fingerprint(cfg, spec.np))
+        checkpoint.load(resume_path, checkpoint.fingerprint(cfg, spec.np))
     parent = Path(cfg.run_dir).resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -70,17 +70,17 @@ def train(
     TrainConfig fields, the rest are launch options (hvdtrain.launch.make_spec)."""
     environ = os.environ if environ is None else environ
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    launch = {k: v for k, v in options.items() if k not in names}
+    launch_options = {k: v for k, v in options.items() if k not in names}
     cfg = TrainConfig.from_dict({k: v for k, v in options.items() if k in names}).validate().with_defaults(environ)
-    run_dir = Path(cfg.run_dir)
-    config_path = run_dir / "config.json"
+    run_dir = RunDir(cfg.run_dir)
+    config_path = run_dir.config
     command = [sys.executable, "-m", "hvdtrain.worker", str(config_path.resolve())]
-    launch = {**launch, "output_dir": launch.get("output_dir") or str(run_dir / "logs")}
-    spec = L.make_spec(command, environ=environ, check_cmd=False, **launch)
+    launch_options["output_dir"] = launch_options.get("output_dir") or str(run_dir.logs.path)
+    spec = launch.make_spec(command, environ=environ, check_cmd=False, **launch_options)
     preflight(cfg, spec, environ)
     text = cfg.to_json()
     if dry_run:
         echo(f"# {config_path}:\n" + "\n".join(f"#   {line}" for line in text.splitlines()))
-        return L.run_job(spec, dry_run=True, echo=echo)
-    write_text_atomic(config_path, text)
-    return L.run_job(spec, echo=echo)
+        return launch.run_job(spec, dry_run=True, echo=echo)
+    cfg.save(run_dir)
+    return launch.run_job(spec, echo=echo)

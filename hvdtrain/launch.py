@@ -20,9 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import LaunchError, UsageError
+from hvdtrain.rundir import RankLogs
 
 LAUNCHERS = ("horovodrun", "mpirun", "srun")
+UNKNOWN_LAUNCHER = "unknown launcher '{value}'; choose one of {choices}"
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Variables that every rank needs whatever the launcher.
@@ -43,7 +46,7 @@ class LaunchSpec:
     np: int  # number of ranks
     hosts: list[Host]  # empty for srun (Slurm places the ranks)
     launcher: str  # horovodrun | mpirun | srun
-    controller: Optional[str]  # "gloo" | "mpi" | None (launcher's default)
+    controller: Optional[str]  # "gloo" | "mpi" (always for mpirun/srun) | None (horovodrun's default)
     env: dict[str, str]  # variables set for (and forwarded to) every rank
     output_dir: Optional[str]  # per-rank logs; None -> a temporary directory kept only on failure
     threads_per_rank: int
@@ -131,8 +134,27 @@ def parse_env(items: Sequence[str], environ: Mapping[str, str]) -> dict[str, str
     return out
 
 
-def in_slurm_allocation(environ: Mapping[str, str]) -> bool:
-    return "SLURM_JOB_ID" in environ and "SLURM_NTASKS" in environ
+def resolve_launcher(launcher: Optional[str], in_allocation: bool) -> str:
+    """The launcher a job uses: the one asked for, else srun inside a Slurm allocation, else horovodrun."""
+    if launcher is not None and launcher not in LAUNCHERS:
+        raise UsageError("--launcher: " + UNKNOWN_LAUNCHER.format(value=launcher, choices=", ".join(LAUNCHERS)))
+    if launcher is None:
+        return "srun" if in_allocation else "horovodrun"
+    return launcher
+
+
+def resolve_controller(launcher: str, gloo: bool, mpi: bool, default: Optional[str] = None) -> Optional[str]:
+    """Horovod's controller for `launcher`: --gloo or --mpi (exclusive); mpirun and srun start MPI jobs, so
+    theirs is always MPI; horovodrun takes `default` (None: horovodrun's own choice, MPI when built with it)."""
+    if gloo and mpi:
+        raise UsageError("--gloo and --mpi exclude each other: pick one controller")
+    if gloo and launcher == "srun":
+        raise UsageError("--gloo is not available with srun (no rendezvous server); use --mpi or --launcher horovodrun")
+    if gloo and launcher == "mpirun":
+        raise UsageError("--gloo needs horovodrun's rendezvous; with --launcher mpirun the controller is MPI")
+    if launcher in ("mpirun", "srun"):
+        return "mpi"
+    return "gloo" if gloo else "mpi" if mpi else default
 
 
 def _is_python(exe: str) -> bool:
@@ -185,52 +207,48 @@ def make_spec(
     threads_per_rank: Optional[int] = None,
     environ: Optional[Mapping[str, str]] = None,
     check_cmd: bool = True,
+    default_controller: Optional[str] = None,
 ) -> LaunchSpec:
-    """Validate everything the user gave and return a LaunchSpec; raises UsageError before anything runs."""
+    """Validate everything the user gave and return a LaunchSpec; raises UsageError before anything runs.
+    The launcher and the controller are decided here, once (resolve_launcher, resolve_controller): with
+    horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's)."""
     environ = os.environ if environ is None else environ
     command = list(command)
     if check_cmd:
         check_command(command)
-    if gloo and mpi:
-        raise UsageError("--gloo and --mpi exclude each other: pick one controller")
-    if launcher is not None and launcher not in LAUNCHERS:
-        raise UsageError(f"--launcher: unknown launcher '{launcher}'; choose one of {', '.join(LAUNCHERS)}")
     if hosts and hostfile:
         raise UsageError("-H and --hostfile exclude each other: give the hosts one way")
-    in_slurm = in_slurm_allocation(environ)
-    if launcher is None:
-        launcher = "srun" if in_slurm and not (hosts or hostfile) else "horovodrun"
+    slurm = SlurmEnv.read(environ)
+    launcher = resolve_launcher(launcher, slurm.in_allocation and not (hosts or hostfile))
     if np is not None and np <= 0:
         raise UsageError(f"-np {np}: the number of ranks must be at least 1")
 
     host_list: list[Host] = []
     if launcher == "srun":
-        if not in_slurm:
+        if not slurm.in_allocation:
             raise UsageError(
                 "--launcher srun needs a Slurm allocation (no SLURM_JOB_ID here): "
                 "use sbatch/salloc or hvdtrain submit, or pick --launcher horovodrun"
             )
         if hosts or hostfile:
             raise UsageError("-H/--hostfile do not apply to srun: Slurm places the ranks of its allocation")
-        if gloo:
-            raise UsageError("--gloo is not available with srun (no rendezvous server); use --mpi or --launcher horovodrun")
-        allocated = int(environ["SLURM_NTASKS"])
+        controller = resolve_controller(launcher, gloo, mpi, default_controller)
+        allocated = slurm.ntasks
         np = allocated if np is None else np
         if np > allocated:
             raise UsageError(
-                f"-np {np} is more than the {allocated} tasks of Slurm job {environ['SLURM_JOB_ID']}; "
+                f"-np {np} is more than the {allocated} tasks of Slurm job {slurm.job_id}; "
                 f"ask sbatch for --ntasks={np} or run with -np {allocated}"
             )
-        per_host = -(-np // max(1, int(environ.get("SLURM_NNODES", "1"))))
+        per_host = -(-np // max(1, slurm.nnodes or 1))
     else:
-        if launcher == "mpirun" and gloo:
-            raise UsageError("--gloo needs horovodrun's rendezvous; with --launcher mpirun the controller is MPI")
+        controller = resolve_controller(launcher, gloo, mpi, default_controller)
         if hostfile:
             host_list = parse_hostfile(hostfile)
         elif hosts:
             host_list = parse_hosts(hosts)
-        elif in_slurm and np is None:
-            np = int(environ["SLURM_NTASKS"])
+        elif slurm.in_allocation and np is None:
+            np = slurm.ntasks
         if np is None:
             np = sum(h.slots for h in host_list) if host_list else 1
         if not host_list:
@@ -245,7 +263,6 @@ def make_spec(
         threads_per_rank = default_threads(per_host)
     elif threads_per_rank <= 0:
         raise UsageError(f"--threads-per-rank {threads_per_rank}: must be at least 1")
-    controller = "gloo" if gloo else "mpi" if mpi else None
     return LaunchSpec(
         command=command,
         np=np,
@@ -288,7 +305,9 @@ def build_horovodrun_argv(spec: LaunchSpec, log_dir: str, horovodrun: str = "hor
     return argv + wrapped_command(spec, log_dir)
 
 
-def build_mpirun_argv(spec: LaunchSpec, log_dir: str, env_names: Sequence[str], cores: Optional[int] = None) -> list[str]:
+def build_mpirun_argv(
+    spec: LaunchSpec, log_dir: str, env_names: Sequence[str], cores: Optional[int] = None
+) -> list[str]:
     cores = cores or os.cpu_count() or 1
     argv = ["mpirun", "-np", str(spec.np), "-H", _hosts_arg(spec.hosts)]
     # Horovod's recommended settings: no core binding (its background thread needs a core of its own
@@ -350,15 +369,15 @@ def failed_ranks(log_dir: str) -> list[tuple[int, int]]:
     When one rank raises, Horovod shuts down and the other ranks fail too ("Horovod has been shut down"),
     sometimes before the first one has finished exiting: ranks whose last lines show only that consequence
     come after the others; then the order of the exit records, then the rank."""
+    logs = RankLogs(log_dir)
     out = []
-    for p in Path(log_dir).glob("rank.*.exit"):
+    for rank, p in logs.exit_records():
         try:
-            rank, status = int(p.name.split(".")[1]), int(p.read_text().strip())
-            when = p.stat().st_mtime_ns
-        except (ValueError, IndexError, OSError):
+            status, when = int(p.read_text().strip()), p.stat().st_mtime_ns
+        except (ValueError, OSError):
             continue
         if status != 0:
-            last = "\n".join(tail(Path(log_dir) / f"rank.{rank}.log", 5))
+            last = "\n".join(tail(logs.log(rank), 5))
             consequence = any(marker in last for marker in _CONSEQUENCES)
             out.append((consequence, when, rank, status))
     return [(rank, status) for _, _, rank, status in sorted(out)]
@@ -377,7 +396,7 @@ def failure_report(log_dir: str, status: int) -> str:
     if not failed:
         return f"the job failed with exit status {status}; per-rank logs are in {log_dir}"
     rank, rank_status = failed[0]
-    log = Path(log_dir) / f"rank.{rank}.log"
+    log = RankLogs(log_dir).log(rank)
     others = ", ".join(str(r) for r, _ in failed[1:])
     head = f"rank {rank} failed with exit status {rank_status}" + (f" (then also ranks {others})" if others else "")
     body = "\n".join(f"  | {line}" for line in tail(log))
@@ -400,7 +419,7 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo=print) -> int:
             os.rmdir(log_dir)
         return 0
     Path(log_dir).mkdir(parents=True, exist_ok=True)
-    for stale in Path(log_dir).glob("rank.*.exit"):
+    for _rank, stale in RankLogs(log_dir).exit_records():
         stale.unlink()
     proc = subprocess.Popen(argv, env={**os.environ, **extra}, start_new_session=False)
     # Ctrl-C reaches the launcher from the terminal by itself; other signals sent to us (SIGTERM from a

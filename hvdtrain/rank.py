@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hvdtrain.env import rank_info
 from hvdtrain.files import write_text_atomic
+from hvdtrain.rundir import RankLogs
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
@@ -25,10 +26,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m hvdtrain.rank --log-dir DIR -- COMMAND...", file=sys.stderr)
         return 2
     log_dir, command = Path(argv[1]), argv[3:]
+    logs = RankLogs(log_dir)
     rank = rank_info().rank
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HVDTRAIN_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1"}
-    with open(log_dir / f"rank.{rank}.log", "ab", buffering=0) as log:
+    with open(logs.log(rank), "ab", buffering=0) as log:
         try:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         except OSError as e:
@@ -50,7 +52,7 @@ def main(argv: list[str]) -> int:
             status = proc.wait()
             if status < 0:
                 status = 128 - status
-    write_text_atomic(log_dir / f"rank.{rank}.exit", f"{status}\n")
+    write_text_atomic(logs.exit(rank), f"{status}\n")
     return status
 
 

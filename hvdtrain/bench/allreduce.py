@@ -3,135 +3,85 @@
 One launch per Horovod controller, each running hvdtrain.bench.allreduce_worker on N ranks:
   mpi  (horovodrun --mpi, or mpirun/srun): memcpy, mpi4py Allreduce, Horovod allreduce (MPI controller)
   gloo (horovodrun --gloo):                torch.distributed gloo all_reduce, Horovod allreduce (Gloo)
+Both with horovodrun and neither --gloo nor --mpi; otherwise the one controller launch.make_spec decided.
 Workers write raw times; this side computes algbw = S / t and busbw = algbw x 2(n-1)/n (nccl-tests),
-fits the ring cost model t = 2(n-1)/n x S / B + latency, prints a table and writes allreduce.json and
-allreduce.png into --out.
+and fits the ring cost model t = 2(n-1)/n x S / B + latency. The launches and the output files
+(allreduce.json, allreduce.png in --out) are hvdtrain.bench.runner's; the table and the PNG, tables.py's
+and plots.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 import statistics
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from hvdtrain import launch as L
-from hvdtrain.bench import report as R
+from hvdtrain import launch
+from hvdtrain.bench import plans, plots, report, runner, tables
 from hvdtrain.errors import UsageError
 
-IMPLS = ("horovod_mpi", "mpi4py", "horovod_gloo", "torch_gloo")
-SHORT = {"horovod_mpi": "hvd-mpi", "mpi4py": "mpi4py", "horovod_gloo": "hvd-gloo", "torch_gloo": "torch-gloo"}
 REFERENCE_BYTES = 64 * 1024**2  # the size the targets are stated at
-TINY = {"sizes": [4, 1024, 64 * 1024], "warmup": 1, "iters": 3}
+TARGET = 0.9  # Horovod (MPI) busbw over mpi4py's at the reference size
+WORKER = "hvdtrain.bench.allreduce_worker"
 
 
 @dataclasses.dataclass
 class AllreducePlan:
-    sizes: list[int]  # message sizes in bytes (float32 tensors of size/4 elements)
-    warmup: int  # untimed calls per size
-    iters: int  # timed calls per size up to 16 MiB (fewer above, see report.iterations_for)
+    settings: plans.AllreduceSettings
+    sizes: list[int]  # message sizes in bytes
     out: Path  # results directory: allreduce.json, allreduce.png, parts/, logs/
-    runs: list[tuple[str, L.LaunchSpec]]  # (controller, launch spec) in launch order
-    tiny: bool = False
+    jobs: list[runner.Job]  # one per controller, named after it, in launch order
 
 
-def controllers_for(launcher: Optional[str], gloo: bool, mpi: bool) -> list[str]:
-    """Both controllers with horovodrun (the default); --gloo or --mpi picks one; mpirun/srun mean MPI."""
-    if gloo:
-        return ["gloo"]
-    if mpi or launcher in ("mpirun", "srun"):
-        return ["mpi"]
-    return ["mpi", "gloo"]
+def controllers_for(spec: launch.LaunchSpec) -> list[str]:
+    """The controller make_spec decided; both (MPI first) when it left the choice open (horovodrun, neither
+    --gloo nor --mpi)."""
+    return [spec.controller] if spec.controller else ["mpi", "gloo"]
 
 
-def worker_command(plan_path: Path, part_path: Path) -> list[str]:
-    return [sys.executable, "-m", "hvdtrain.bench.allreduce_worker", str(plan_path), str(part_path)]
+def message_sizes(settings: plans.AllreduceSettings, range_given: bool) -> list[int]:
+    """--sizes (or --tiny's list) unless --min-bytes/--max-bytes ask for a range; else the range."""
+    if settings.sizes and not range_given:
+        return report.parse_sizes(settings.sizes)
+    lo = report.parse_size(settings.min_bytes, "--min-bytes")
+    hi = report.parse_size(settings.max_bytes, "--max-bytes")
+    return report.size_range(lo, hi, settings.step_factor)
 
 
-def make_plan(
-    out: str,
-    *,
-    sizes: Optional[str] = None,
-    min_bytes: Optional[str] = None,
-    max_bytes: Optional[str] = None,
-    step_factor: int = 2,
-    warmup: Optional[int] = None,
-    iters: Optional[int] = None,
-    tiny: bool = False,
-    launch: dict[str, Any],
-) -> AllreducePlan:
-    """Validate every option and build the launch specs; raises UsageError before anything runs."""
-    if sizes and (min_bytes or max_bytes):
+def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) -> AllreducePlan:
+    """Validate every option (AllreduceSettings' fields; None: not given) and build one job per controller;
+    raises UsageError before anything runs."""
+    given = {k: v for k, v in options.items() if v is not None}
+    range_given = "min_bytes" in given or "max_bytes" in given
+    if "sizes" in given and range_given:
         raise UsageError("--sizes excludes --min-bytes/--max-bytes: give the sizes one way")
-    if sizes:
-        size_list = R.parse_sizes(sizes)
-    elif tiny and not (min_bytes or max_bytes):
-        size_list = list(TINY["sizes"])
-    else:
-        lo = R.parse_size(min_bytes or "4", "--min-bytes")
-        hi = R.parse_size(max_bytes or "256MiB", "--max-bytes")
-        size_list = R.size_range(lo, hi, step_factor)
-    warmup = (TINY["warmup"] if tiny else 5) if warmup is None else warmup
-    iters = (TINY["iters"] if tiny else 20) if iters is None else iters
-    if warmup < 0:
-        raise UsageError(f"--warmup {warmup}: must be 0 or more")
-    if iters < 1:
-        raise UsageError(f"--iters {iters}: must be at least 1")
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory; give a directory")
-    launch = dict(launch)
-    gloo, mpi, logs = launch.pop("gloo", False), launch.pop("mpi", False), launch.pop("output_dir", None)
-    if gloo and mpi:
-        raise UsageError("--gloo and --mpi exclude each other: pick one controller (the default runs both)")
-    runs = []
-    for controller in controllers_for(launch.get("launcher"), gloo, mpi):
-        log_dir = Path(logs or out_dir / "logs") / controller
-        command = worker_command(
-            out_dir / "parts" / f"plan-{controller}.json", out_dir / "parts" / f"{controller}.json"
+    settings = plans.resolve(plans.AllreduceSettings, given)
+    sizes = message_sizes(settings, range_given)
+    out = runner.out_dir(settings.out)
+    launch_options = dict(launch_options)
+    logs = Path(launch_options.pop("output_dir", None) or out / "logs")
+    decided = launch.make_spec(runner.worker_command(WORKER, out, "mpi"), **launch_options)
+    if decided.np < 2:
+        raise UsageError(f"-np {decided.np}: an allreduce benchmark needs at least 2 ranks, e.g. -np 2")
+    jobs = []
+    for controller in controllers_for(decided):
+        spec = dataclasses.replace(
+            decided,
+            controller=controller,
+            command=runner.worker_command(WORKER, out, controller),
+            output_dir=str(logs / controller),
         )
-        spec = L.make_spec(
-            command,
-            gloo=controller == "gloo",
-            mpi=controller == "mpi" and launch.get("launcher") in (None, "horovodrun"),
-            output_dir=str(log_dir),
-            **launch,
-        )
-        if spec.np < 2:
-            raise UsageError(f"-np {spec.np}: an allreduce benchmark needs at least 2 ranks, e.g. -np 2")
-        runs.append((controller, spec))
-    return AllreducePlan(sizes=size_list, warmup=warmup, iters=iters, out=out_dir, runs=runs, tiny=tiny)
+        worker_plan = plans.AllreduceWorkerPlan(controller, sizes, settings.warmup, settings.iters)
+        jobs.append(runner.Job(controller, spec, worker_plan, about=f"{controller} controller on {spec.np} ranks"))
+    return AllreducePlan(settings=settings, sizes=sizes, out=out, jobs=jobs)
 
 
 def run(plan: AllreducePlan, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
-    """Launch every controller's run (or print the commands), then collect, report and plot."""
-    if dry_run:
-        for controller, spec in plan.runs:
-            echo(f"# {controller} controller")
-            L.run_job(spec, dry_run=True, echo=echo)
-        return {}
-    parts = plan.out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    for controller, spec in plan.runs:
-        store = parts / f".torch-store-{controller}-{os.getpid()}-{time.time_ns()}"
-        worker_plan = {"controller": controller, "sizes": plan.sizes, "warmup": plan.warmup, "iters": plan.iters}
-        R.write_json(parts / f"plan-{controller}.json", {**worker_plan, "store": str(store.resolve())})
-        (parts / f"{controller}.json").unlink(missing_ok=True)
-        echo(f"hvdtrain bench allreduce: {controller} controller on {spec.np} ranks ...")
-        try:
-            L.run_job(spec, echo=lambda _line: None)
-        finally:
-            store.unlink(missing_ok=True)  # torch's FileStore file
-    result = collect([R.read_json(parts / f"{c}.json") for c, _ in plan.runs], plan)
-    R.write_json(plan.out / "allreduce.json", result)
-    plot(result, plan.out / "allreduce.png")
-    echo(table(result))
-    echo(f"wrote {plan.out / 'allreduce.json'} and {plan.out / 'allreduce.png'}")
-    return result
+    """Launch every controller's job (or print the commands), then collect, report and plot."""
+    bench = runner.Bench("allreduce", lambda parts: collect(parts, plan), tables.allreduce, plots.allreduce)
+    return runner.run(bench, plan.out, plan.jobs, dry_run=dry_run, echo=echo)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,8 +93,8 @@ def add_bandwidths(row: dict, n: int) -> dict:
     """A raw row (impl, bytes, time_s) with algbw and busbw (GB/s); memcpy gets its copy bandwidth as algbw."""
     out = dict(row)
     out["time_us"] = row["time_s"] * 1e6
-    out["algbw_GBps"] = R.algbw(row["bytes"], row["time_s"])
-    out["busbw_GBps"] = None if row["impl"] == "memcpy" else R.busbw(out["algbw_GBps"], n)
+    out["algbw_GBps"] = report.algbw(row["bytes"], row["time_s"])
+    out["busbw_GBps"] = None if row["impl"] == "memcpy" else report.busbw(out["algbw_GBps"], n)
     return out
 
 
@@ -157,9 +107,9 @@ def fit_ring_model(rows: Sequence[dict], n: int) -> Optional[dict]:
         return None
     latency = rows[0]["time_s"]
     big = [r for r in rows[1:] if r["bytes"] >= 1024**2] or rows[len(rows) // 2 :]
-    estimates = [R.bus_factor(n) * r["bytes"] / max(r["time_s"] - latency, 1e-12) / 1e9 for r in big]
+    estimates = [report.bus_factor(n) * r["bytes"] / max(r["time_s"] - latency, 1e-12) / 1e9 for r in big]
     bandwidth = statistics.median(estimates)
-    fit = {str(r["bytes"]): R.ring_time(r["bytes"], n, bandwidth, latency) / r["time_s"] for r in rows}
+    fit = {str(r["bytes"]): report.ring_time(r["bytes"], n, bandwidth, latency) / r["time_s"] for r in rows}
     return {"latency_us": latency * 1e6, "bandwidth_GBps": bandwidth, "model_over_measured": fit}
 
 
@@ -186,88 +136,22 @@ def collect(parts: Sequence[dict], plan: Optional[AllreducePlan] = None) -> dict
 
     summary = {
         "reference_bytes": ref,
-        "busbw_at_reference_GBps": {impl: at(impl, ref) for impl in IMPLS if at(impl, ref) is not None},
-        "horovod_mpi_over_mpi4py_busbw": R.ratio(at("horovod_mpi", ref), at("mpi4py", ref)),
-        "horovod_gloo_over_torch_gloo_busbw": R.ratio(at("horovod_gloo", ref), at("torch_gloo", ref)),
+        "busbw_at_reference_GBps": {impl: at(impl, ref) for impl in plans.IMPLS if at(impl, ref) is not None},
+        "horovod_mpi_over_mpi4py_busbw": report.ratio(at("horovod_mpi", ref), at("mpi4py", ref)),
+        "horovod_gloo_over_torch_gloo_busbw": report.ratio(at("horovod_gloo", ref), at("torch_gloo", ref)),
         "memcpy_peak_GBps": max((r["algbw_GBps"] for r in rows if r["impl"] == "memcpy"), default=None),
-        "target_horovod_mpi_over_mpi4py": 0.9,
+        "target_horovod_mpi_over_mpi4py": TARGET,
     }
     ok = summary["horovod_mpi_over_mpi4py_busbw"]
-    summary["target_met"] = None if ok is None else ok >= 0.9
-    models = {impl: fit_ring_model([r for r in rows if r["impl"] == impl], n) for impl in IMPLS}
+    summary["target_met"] = None if ok is None else ok >= TARGET
+    models = {impl: fit_ring_model([r for r in rows if r["impl"] == impl], n) for impl in plans.IMPLS}
     summary["ring_model"] = {k: v for k, v in models.items() if v is not None}
-    meta = {"np": n, "sizes": sizes, "machine": R.machine_info(), "workers": [p["meta"] for p in parts]}
+    meta = {"np": n, "sizes": sizes, "machine": report.machine_info(), "workers": [p["meta"] for p in parts]}
     if plan is not None:
-        meta.update(warmup=plan.warmup, iters=plan.iters, tiny=plan.tiny)
-        meta["commands"] = [shlex.join(L.wrapped_command(s, "LOGDIR")) for _, s in plan.runs]
+        meta.update(warmup=plan.settings.warmup, iters=plan.settings.iters, tiny=plan.settings.tiny)
+        meta["commands"] = [shlex.join(launch.wrapped_command(job.spec, "LOGDIR")) for job in plan.jobs]
         meta["launchers"] = [
-            {"controller": c, "launcher": s.launcher, "threads_per_rank": s.threads_per_rank} for c, s in plan.runs
+            {"controller": job.name, "launcher": job.spec.launcher, "threads_per_rank": job.spec.threads_per_rank}
+            for job in plan.jobs
         ]
     return {"meta": meta, "rows": rows, "summary": summary}
-
-
-def table(result: dict) -> str:
-    """Time per call (us) and busbw (GB/s) per implementation, one line per size; memcpy's copy GB/s."""
-    rows = result["rows"]
-    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
-    has_memcpy = any(r["impl"] == "memcpy" for r in rows)
-    headers = ["size"]
-    for impl in impls:
-        headers += [f"{SHORT[impl]} us", f"{SHORT[impl]} bus"]
-    if has_memcpy:
-        headers.append("memcpy GB/s")
-    by = {(r["impl"], r["bytes"]): r for r in rows}
-    lines = []
-    for size in result["meta"]["sizes"]:
-        line: list[Any] = [R.format_bytes(size)]
-        for impl in impls:
-            r = by.get((impl, size))
-            line += [r["time_us"], r["busbw_GBps"]] if r else [None, None]
-        if has_memcpy:
-            r = by.get(("memcpy", size))
-            line.append(r["algbw_GBps"] if r else None)
-        lines.append(line)
-    s = result["summary"]
-    n = result["meta"]["np"]
-    title = f"allreduce on {n} ranks: time per call (us) and bus bandwidth busbw = algbw x 2(n-1)/n (GB/s)"
-    out = [R.render_table(headers, lines, title)]
-    ref = R.format_bytes(s["reference_bytes"])
-    for key, label in (
-        ("horovod_mpi_over_mpi4py_busbw", "Horovod (MPI) / mpi4py busbw"),
-        ("horovod_gloo_over_torch_gloo_busbw", "Horovod (Gloo) / torch.distributed gloo busbw"),
-    ):
-        if s.get(key) is not None:
-            out.append(f"{label} at {ref}: {s[key]:.3f}")
-    if s.get("target_met") is not None:
-        out.append(f"target Horovod (MPI) busbw >= 0.9 x mpi4py at {ref}: {'met' if s['target_met'] else 'NOT met'}")
-    return "\n".join(out)
-
-
-def plot(result: dict, path: Path) -> Path:
-    """busbw against size for every implementation, memcpy as this machine's limit; time against size."""
-    rows = result["rows"]
-
-    def draw(axes):
-        bw, t = axes
-        for impl in (*IMPLS, "memcpy"):
-            mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["bytes"])
-            if not mine:
-                continue
-            xs = [r["bytes"] for r in mine]
-            key = "algbw_GBps" if impl == "memcpy" else "busbw_GBps"
-            style = {"linestyle": "--", "color": "black"} if impl == "memcpy" else {"marker": "o", "markersize": 3}
-            bw.plot(xs, [max(r[key], 1e-9) for r in mine], label=SHORT.get(impl, impl), **style)
-            if impl != "memcpy":
-                t.plot(xs, [r["time_us"] for r in mine], label=SHORT[impl], marker="o", markersize=3)
-        for ax in axes:
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("message size (bytes)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        bw.set_ylabel("bus bandwidth (GB/s); memcpy: copy GB/s")
-        t.set_ylabel("time per allreduce (us)")
-        bw.set_title(f"allreduce busbw, {result['meta']['np']} ranks")
-        t.set_title("allreduce time")
-
-    return R.save_plot(path, draw, ncols=2, width=6.5)

@@ -1,6 +1,7 @@
 """Runs on every rank: ``python -m hvdtrain.bench.allreduce_worker PLAN.json OUT.json``.
 
-PLAN gives the controller of this run ("mpi" or "gloo"), the message sizes, warm-up and iterations. Each
+PLAN (an AllreduceWorkerPlan, hvdtrain.bench.plans) gives the controller of this run ("mpi" or "gloo"), the
+message sizes, warm-up and iterations. Each
 implementation is timed on float32 tensors of every size: after a correctness check (ones summed over n
 ranks give n) and `warmup` untimed calls, `iterations_for(size)` back-to-back allreduces are timed after a
 barrier; a rank's time is the mean per call and the reported time is the slowest rank's.
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from hvdtrain.bench.report import ELEMENT_BYTES, iterations_for, read_json, tuning_env, write_json
+from hvdtrain.bench.plans import AllreduceWorkerPlan
+from hvdtrain.bench.report import ELEMENT_BYTES, iterations_for, tuning_env, write_json
 from hvdtrain.env import rank_info
 
 
@@ -33,15 +35,15 @@ def _time_calls(op, barrier, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def _sweep(impl: str, plan: dict, make, check, barrier, slowest) -> list[dict]:
+def _sweep(impl: str, plan: AllreduceWorkerPlan, make, check, barrier, slowest) -> list[dict]:
     """Time `make(size)`'s op over every size; `check` verifies one result; `slowest` takes the max over ranks."""
     rows = []
-    for size in plan["sizes"]:
+    for size in plan.sizes:
         op, buf = make(size)
         check(op, buf)
-        for _ in range(plan["warmup"]):
+        for _ in range(plan.warmup):
             op()
-        n = iterations_for(size, plan["iters"])
+        n = iterations_for(size, plan.iters)
         t = slowest(_time_calls(op, barrier, n))
         rows.append({"impl": impl, "bytes": size, "elements": size // ELEMENT_BYTES, "iters": n, "time_s": t})
     return rows
@@ -59,7 +61,7 @@ def _check_sum(get, fill, n: int, impl: str):
     return check
 
 
-def memcpy_rows(plan: dict, barrier, slowest) -> list[dict]:
+def memcpy_rows(plan: AllreduceWorkerPlan, barrier, slowest) -> list[dict]:
     """Local copy bandwidth (dst.copy_(src), one thread) on every rank at once: this machine's limit."""
 
     def make(size):
@@ -69,7 +71,7 @@ def memcpy_rows(plan: dict, barrier, slowest) -> list[dict]:
     return _sweep("memcpy", plan, make, lambda op, buf: None, barrier, slowest)
 
 
-def mpi_run(plan: dict) -> tuple[list[dict], dict]:
+def mpi_run(plan: AllreduceWorkerPlan) -> tuple[list[dict], dict]:
     import numpy as np
     from mpi4py import MPI
 
@@ -79,7 +81,7 @@ def mpi_run(plan: dict) -> tuple[list[dict], dict]:
     def slowest(t):
         return comm.allreduce(t, op=MPI.MAX)
 
-    rows = memcpy_rows(plan, comm.Barrier, slowest) if plan.get("memcpy", True) else []
+    rows = memcpy_rows(plan, comm.Barrier, slowest)
 
     def make_mpi(size):
         buf = np.zeros(size // ELEMENT_BYTES, dtype=np.float32)
@@ -93,11 +95,11 @@ def mpi_run(plan: dict) -> tuple[list[dict], dict]:
     return rows, info
 
 
-def torch_gloo_rows(plan: dict) -> list[dict]:
+def torch_gloo_rows(plan: AllreduceWorkerPlan) -> list[dict]:
     import torch.distributed as dist
 
     info = rank_info()
-    store = Path(plan["store"])
+    store = Path(plan.store)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=info.rank, world_size=info.size)
     try:
 
@@ -116,7 +118,7 @@ def torch_gloo_rows(plan: dict) -> list[dict]:
         dist.destroy_process_group()
 
 
-def horovod_rows(plan: dict, impl: str, comm=None) -> list[dict]:
+def horovod_rows(plan: AllreduceWorkerPlan, impl: str, comm=None) -> list[dict]:
     import horovod.torch as hvd
 
     hvd.init(comm=comm) if comm is not None else hvd.init()
@@ -137,10 +139,10 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m hvdtrain.bench.allreduce_worker PLAN.json OUT.json", file=sys.stderr)
         return 2
-    plan, out = read_json(Path(argv[0])), Path(argv[1])
+    plan, out = AllreduceWorkerPlan.from_json(Path(argv[0]).read_text()), Path(argv[1])
     torch.set_num_threads(1)  # a copy or a sum on one thread per rank: the ranks already fill the cores
     info = rank_info()
-    if plan["controller"] == "mpi":
+    if plan.controller == "mpi":
         rows, extra = mpi_run(plan)
     else:
         rows, extra = torch_gloo_rows(plan), {}
@@ -148,7 +150,7 @@ def main(argv: list[str]) -> int:
     import horovod
 
     if info.rank == 0:
-        meta = {"np": info.size, "controller": plan["controller"], "torch": torch.__version__}
+        meta = {"np": info.size, "controller": plan.controller, "torch": torch.__version__}
         meta.update(horovod=horovod.__version__, env=tuning_env(os.environ), **extra)
         write_json(out, {"meta": meta, "rows": rows})
     return 0

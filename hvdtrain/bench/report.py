@@ -1,4 +1,5 @@
-"""The pure parts of the benchmarks: sizes, bandwidth formulas, statistics, tables, JSON and the PNG.
+"""The pure parts of the benchmarks: sizes, bandwidth formulas, statistics, table rendering, JSON and the
+PNG's canvas (the benchmarks' own tables and plots are in tables.py and plots.py).
 
 Nothing heavy at import time: matplotlib is imported inside `save_plot` only (Agg backend, no display).
 """
@@ -122,6 +123,11 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     if a is None or b is None or not b > 0:
         return None
     return a / b
+
+
+def find(rows: Sequence[dict], **keys: Any) -> Optional[dict]:
+    """The first row whose values match all of `keys`, else None."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in keys.items())), None)
 
 
 def efficiency(total_at_np: float, np: int, single_rank: float) -> Optional[float]:

@@ -2,15 +2,17 @@
 
 Measures training throughput the way Horovod's pytorch_synthetic_benchmark does: `warmup` untimed batches,
 then `iters` timed iterations of `batches_per_iter` batches each; one iteration gives
-batch_size x batches_per_iter / seconds samples/s on this rank. PLAN lists measurements in order, each an
-arm (how the step is driven), a model shape and a gradient compression:
+batch_size x batches_per_iter / seconds samples/s on this rank. PLAN (a TrainWorkerPlan, hvdtrain.bench.plans)
+lists measurements in order, each an arm (how the step is driven), a model shape and a gradient compression:
 
   ddp      torch DistributedDataParallel over a gloo process group (baseline; runs before Horovod starts,
            because Horovod's background thread polls even when idle and would slow it)
   horovod  a minimal hand-written Horovod loop: DistributedOptimizer, broadcast, forward/backward/step
-  trainer  hvdtrain's Trainer.fit(), timed per step from inside (see TimedTrainer)
-  trainer_lean  (diagnostic, not run by default) the Trainer without its per-step preemption check and
-           without progress/metrics records until the end: what those cost
+  trainer  hvdtrain's Trainer.fit(), timed per step by a hook (StepStamps)
+  trainer_lean  (diagnostic, not run by default) the Trainer without a preemption signal handler and with
+           log_every past the last step: its window sums of [loss, samples, preemption votes] (one
+           allreduce every log_every steps, overlapped with the next step; none on one rank), progress
+           lines and metrics records happen once, at the end: what those cost
 
 Every arm trains the same model (hvdtrain.train.models.build with the same seed) on the same synthetic
 dataset, with the same batch, SGD (momentum 0.9, lr scaled by the number of ranks), the same sampler order
@@ -20,6 +22,7 @@ arms differ only in how the step is driven. Rank 0 writes every rank's per-itera
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -30,32 +33,29 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hvdtrain.bench.report import read_json, tuning_env, write_json
+from hvdtrain.bench.plans import Measurement, ModelShape, Timing, TrainWorkerPlan
+from hvdtrain.bench.report import tuning_env, write_json
 from hvdtrain.env import rank_info
-from hvdtrain.train import data as D
-from hvdtrain.train import models as M
+from hvdtrain.train import datasets, models
+from hvdtrain.train.hooks import Hook
 
 
-def steps_needed(plan: dict) -> int:
-    return plan["warmup"] + plan["iters"] * plan["batches_per_iter"]
-
-
-def rates_from_stamps(stamps: list[float], plan: dict) -> list[float]:
+def rates_from_stamps(stamps: list[float], timing: Timing) -> list[float]:
     """Per-iteration samples/s from the times at which each step ended (stamps[0]: before the first step)."""
-    w, bpi, bs = plan["warmup"], plan["batches_per_iter"], plan["batch_size"]
+    w, bpi = timing.warmup, timing.batches_per_iter
     out = []
-    for i in range(plan["iters"]):
+    for i in range(timing.iters):
         start, end = stamps[w + i * bpi], stamps[w + (i + 1) * bpi]
-        out.append(bs * bpi / (end - start))
+        out.append(timing.batch_size * bpi / (end - start))
     return out
 
 
-def make_dataset(plan: dict, size: int) -> D.Dataset:
+def make_dataset(timing: Timing, size: int) -> datasets.Dataset:
     """Enough synthetic samples that no rank starts a second epoch inside one measurement."""
-    return D.synthetic(plan["batch_size"] * steps_needed(plan) * size, seed=0)
+    return datasets.synthetic(timing.batch_size * timing.steps * size, seed=0)
 
 
-def batches(dataset: D.Dataset, rank: int, size: int, batch_size: int):
+def batches(dataset: datasets.Dataset, rank: int, size: int, batch_size: int):
     """This rank's batches in DistributedSampler order (seed 0, epoch 0), the Trainer's order."""
     from torch.utils.data.distributed import DistributedSampler
 
@@ -66,9 +66,9 @@ def batches(dataset: D.Dataset, rank: int, size: int, batch_size: int):
         yield x_all[index], y_all[index]
 
 
-def build_model(plan: dict, shape: dict, dataset: D.Dataset) -> nn.Module:
+def build_model(shape: ModelShape, dataset: datasets.Dataset) -> nn.Module:
     torch.manual_seed(0)
-    return M.build(shape["model"], dataset.input_shape, dataset.num_classes, shape["hidden"], shape["depth"])
+    return models.build(shape.model, dataset.input_shape, dataset.num_classes, shape.hidden, shape.depth)
 
 
 def sgd_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -84,14 +84,14 @@ def sgd_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Te
     return step
 
 
-def timed_loop(step: Callable[[torch.Tensor, torch.Tensor], None], data, plan: dict) -> list[float]:
+def timed_loop(step: Callable[[torch.Tensor, torch.Tensor], None], data, timing: Timing) -> list[float]:
     """Run warm-up then the timed iterations of `step`; returns this rank's per-iteration samples/s."""
     stamps = [time.perf_counter()]
-    for _ in range(steps_needed(plan)):
+    for _ in range(timing.steps):
         x, y = next(data)
         step(x, y)
         stamps.append(time.perf_counter())
-    return rates_from_stamps(stamps, plan)
+    return rates_from_stamps(stamps, timing)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,82 +99,85 @@ def timed_loop(step: Callable[[torch.Tensor, torch.Tensor], None], data, plan: d
 # --------------------------------------------------------------------------------------------------
 
 
-def ddp_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
+def ddp_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     rank, size = dist.get_rank(), dist.get_world_size()
-    dataset = make_dataset(plan, size)
-    model = DistributedDataParallel(build_model(plan, shape, dataset))
-    opt = torch.optim.SGD(model.parameters(), lr=plan["lr"] * size, momentum=0.9)
-    return timed_loop(sgd_step(model, opt), batches(dataset, rank, size, plan["batch_size"]), plan), {}
+    dataset = make_dataset(plan.timing, size)
+    model = DistributedDataParallel(build_model(shape, dataset))
+    opt = torch.optim.SGD(model.parameters(), lr=plan.lr * size, momentum=0.9)
+    data = batches(dataset, rank, size, plan.timing.batch_size)
+    return timed_loop(sgd_step(model, opt), data, plan.timing), {}
 
 
-def horovod_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
+def horovod_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
     import horovod.torch as hvd
 
     rank, size = hvd.rank(), hvd.size()
-    dataset = make_dataset(plan, size)
-    model = build_model(plan, shape, dataset)
-    opt = torch.optim.SGD(model.parameters(), lr=plan["lr"] * size, momentum=0.9)
-    compression = hvd.Compression.fp16 if m["compression"] == "fp16" else hvd.Compression.none
+    dataset = make_dataset(plan.timing, size)
+    model = build_model(shape, dataset)
+    opt = torch.optim.SGD(model.parameters(), lr=plan.lr * size, momentum=0.9)
+    compression = hvd.Compression.fp16 if m.compression == "fp16" else hvd.Compression.none
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    return timed_loop(sgd_step(model, opt), batches(dataset, rank, size, plan["batch_size"]), plan), {}
+    data = batches(dataset, rank, size, plan.timing.batch_size)
+    return timed_loop(sgd_step(model, opt), data, plan.timing), {}
 
 
-def trainer_arm(plan: dict, shape: dict, m: dict) -> tuple[list[float], dict]:
-    """The Trainer as users run it (its defaults: progress every log_every steps, metrics, TensorBoard,
-    preemption flag), minus evaluation between epochs; a fresh run directory per measurement. The per-step
-    times come from a subclass that stamps the end of each `_train_step`, so warm-up is excluded exactly
-    as for the other arms; the set-up before the first step and the final evaluation/checkpoint are not
-    timed. Falls back to fit()'s own samples_per_s (warm-up included) if the Trainer has no `_train_step`."""
+class StepStamps(Hook):
+    """The start of the first step, then the end of every step: whatever the Trainer does between two steps
+    (progress lines, metrics records, starting and reading the window allreduce) falls inside the timed
+    intervals."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def on_step_start(self, trainer) -> None:
+        if not self.stamps:
+            self.stamps.append(time.perf_counter())
+
+    def on_step_end(self, trainer) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def trainer_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
+    """The Trainer as users run it (its defaults: a progress line, a metrics record and the overlapped window
+    allreduce every log_every steps, TensorBoard, the preemption signal handler), minus evaluation between
+    epochs; a fresh run directory per measurement. Timed per step by a StepStamps hook, so warm-up is
+    excluded exactly as for the other arms; the set-up before the first step and the final evaluation and
+    checkpoint are not timed."""
     import horovod.torch as hvd
 
     from hvdtrain.config import TrainConfig
     from hvdtrain.train.trainer import Trainer
 
-    size = hvd.size()
-    dataset = make_dataset(plan, size)
-    run_dir = Path(plan["run_root"]) / f"np{size}-{m['arm']}-{shape['name']}-{m['compression']}-{m['round']}"
+    size, steps = hvd.size(), plan.timing.steps
+    dataset = make_dataset(plan.timing, size)
+    run_dir = Path(plan.run_root) / f"np{size}-{m.arm}-{m.model}-{m.compression}-{m.round}"
+    lean = {}
+    if m.arm == "trainer_lean":
+        # Diagnostic arm: no preemption signal handler, and log_every past the last step, so the window sums
+        # (an allreduce on 2+ ranks), the progress line and the metrics record happen once, after the last step.
+        lean = {"preempt_signal": "", "log_every": steps + 1}
     cfg = TrainConfig(
-        model=shape["model"], hidden=shape["hidden"], depth=shape["depth"], data="synthetic",
-        synthetic_samples=len(dataset.train), epochs=1, max_steps=steps_needed(plan),
-        batch_size=plan["batch_size"], lr=plan["lr"], scale_lr=True, optimizer="sgd", momentum=0.9,
-        compression=m["compression"], seed=0, run_dir=str(run_dir), eval_every_epoch=False,
+        model=shape.model, hidden=shape.hidden, depth=shape.depth, data="synthetic",
+        synthetic_samples=len(dataset.train), epochs=1, max_steps=steps, batch_size=plan.timing.batch_size,
+        lr=plan.lr, scale_lr=True, optimizer="sgd", momentum=0.9, compression=m.compression, seed=0,
+        run_dir=str(run_dir), eval_every_epoch=False, **lean,
     )  # fmt: skip
-    if m["arm"] == "trainer_lean":
-        # Diagnostic arm: no preemption flag allreduce per step, no progress/metrics until the last step.
-        cfg.preempt_signal, cfg.log_every = "", steps_needed(plan) + 1
-
-    class TimedTrainer(Trainer):
-        """Stamps the start of the first step and the end of every step; everything between two steps
-        (the Trainer's logging, metrics, preemption check) falls inside the timed interval."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.stamps: list[float] = []
-
-        def _train_step(self, *args, **kwargs):
-            if not self.stamps:
-                self.stamps.append(time.perf_counter())
-            out = super()._train_step(*args, **kwargs)
-            self.stamps.append(time.perf_counter())
-            return out
-
-    trainer = TimedTrainer(cfg, dataset=dataset, echo=lambda _line: None)
-    result = trainer.fit()
+    timer = StepStamps()
+    result = Trainer(cfg, dataset=dataset, echo=lambda _line: None, hooks=[timer]).fit()
     hvd.barrier()
     if hvd.rank() == 0:
         shutil.rmtree(run_dir, ignore_errors=True)
+    if len(timer.stamps) != steps + 1:
+        raise RuntimeError(f"the Trainer ran {len(timer.stamps) - 1} timed steps; the plan needs {steps}")
     extra = {"fit_samples_per_s": result.get("samples_per_s"), "fit_steps": result.get("steps")}
-    if hasattr(Trainer, "_train_step") and len(trainer.stamps) == steps_needed(plan) + 1:
-        return rates_from_stamps(trainer.stamps, plan), {**extra, "method": "per-step stamps"}
-    total = float(result["samples_per_s"]) / size
-    return [total] * plan["iters"], {**extra, "method": "fit() samples_per_s (warm-up included)"}
+    return rates_from_stamps(timer.stamps, plan.timing), {**extra, "method": "per-step stamps"}
 
 
-ARMS = {"ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm, "trainer_lean": trainer_arm}
+ARM_RUNNERS = {"ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm, "trainer_lean": trainer_arm}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,22 +187,21 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m hvdtrain.bench.throughput_worker PLAN.json OUT.json", file=sys.stderr)
         return 2
-    plan, out = read_json(Path(argv[0])), Path(argv[1])
+    plan, out = TrainWorkerPlan.from_json(Path(argv[0]).read_text()), Path(argv[1])
     threads = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
     torch.set_num_threads(threads)
     info = rank_info()
     results = []
     hvd_started = False
     ddp_group = False
-    for m in plan["measurements"]:
-        shape = {**plan["models"][m["model"]], "name": m["model"]}
-        if m["arm"] == "ddp":
+    for m in plan.measurements:
+        if m.arm == "ddp":
             if hvd_started:
                 raise RuntimeError("the plan puts a ddp measurement after Horovod started; ddp must come first")
             if not ddp_group:
                 import torch.distributed as dist
 
-                store = f"file://{plan['store']}"
+                store = f"file://{plan.store}"
                 dist.init_process_group("gloo", init_method=store, rank=info.rank, world_size=info.size)
                 ddp_group = True
         else:
@@ -214,8 +216,8 @@ def main(argv: list[str]) -> int:
                 hvd.init()
                 torch.set_num_threads(threads)
                 hvd_started = True
-        rates, extra = ARMS[m["arm"]](plan, shape, m)
-        results.append({**m, "rates": rates, **extra})
+        rates, extra = ARM_RUNNERS[m.arm](plan, plan.models[m.model], m)
+        results.append({**dataclasses.asdict(m), "rates": rates, **extra})
     # Every rank's rates to rank 0, through whichever group is up.
     if hvd_started:
         import horovod.torch as hvd
@@ -235,7 +237,7 @@ def main(argv: list[str]) -> int:
             row = {k: v for k, v in m.items() if k != "rates"}
             row["rank_rates"] = [per_rank[i]["rates"] for per_rank in everyone]
             merged.append(row)
-        meta = {"np": info.size, "threads_per_rank": threads, "controller": plan.get("controller")}
+        meta = {"np": info.size, "threads_per_rank": threads, "controller": plan.controller}
         meta.update(fusion_threshold=os.environ.get("HOROVOD_FUSION_THRESHOLD"), torch=torch.__version__)
         meta.update(horovod=horovod.__version__, env=tuning_env(os.environ))
         write_json(out, {"meta": meta, "measurements": merged})

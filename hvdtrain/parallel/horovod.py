@@ -130,3 +130,11 @@ def rank() -> int:
 
 def size() -> int:
     return hvd.size()
+
+
+def local_rank() -> int:
+    return hvd.local_rank()
+
+
+def local_size() -> int:
+    return hvd.local_size()

@@ -11,12 +11,13 @@ and the directory is fsynced: a crash mid-write leaves the previous checkpoint a
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError
+from hvdtrain.rundir import RunDir, checkpoint_name, checkpoint_step
 
 FORMAT = 1
 # What must match between a checkpoint and the job resuming from it (plus the world size).
@@ -24,7 +25,6 @@ FINGERPRINT_FIELDS = (
     "strategy", "devices_per_rank", "balance", "micro_batches", "model", "hidden", "depth", "data", "synthetic_samples",
     "batch_size", "optimizer", "backward_passes_per_step", "seed",
 )  # fmt: skip
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
 
 
 def fingerprint(cfg, world_size: int) -> dict[str, Any]:
@@ -38,12 +38,10 @@ def resume_path(cfg, environ: Mapping[str, str]) -> Optional[Path]:
     """The checkpoint a job starts from: --resume-from; else the newest in run_dir/checkpoints when --resume is
     given or Slurm requeued the job (SLURM_RESTART_COUNT > 0); else none. Checkpoints that nobody asked to
     resume from are an error rather than something to overwrite."""
-    from hvdtrain.env import slurm_restart_count
-
     if cfg.resume_from:
         return Path(cfg.resume_from)
-    found = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
-    if cfg.resume or slurm_restart_count(environ) > 0:
+    found = list_checkpoints(RunDir(cfg.run_dir).checkpoints)
+    if cfg.resume or SlurmEnv.read(environ).restart_count > 0:
         return found[-1] if found else None
     if found:
         raise CheckpointError(
@@ -53,15 +51,11 @@ def resume_path(cfg, environ: Mapping[str, str]) -> Optional[Path]:
     return None
 
 
-def path_for(ckpt_dir: Path, step: int) -> Path:
-    return ckpt_dir / f"step-{step:08d}.pt"
-
-
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first (temporary files of an interrupted write are never listed)."""
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    found = [(step, p) for p in ckpt_dir.iterdir() if (step := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -77,11 +71,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Path:
-    """Atomically write `state` as the checkpoint of `step`, then prune all but the newest `keep`."""
+    """Atomically write `state` as the checkpoint of `step` into `ckpt_dir` (a RunDir's .checkpoints), then
+    prune all but the newest `keep`."""
     import torch
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = path_for(ckpt_dir, step)
+    final = ckpt_dir / checkpoint_name(step)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -114,7 +109,11 @@ def load(path: Path, fingerprint: Optional[dict[str, Any]] = None) -> dict[str, 
         raise CheckpointError(f"{path} is not an hvdtrain checkpoint (format {FORMAT}){hint}")
     if fingerprint is not None:
         saved = state.get("fingerprint", {})
-        diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this job has {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
+        diffs = [
+            f"{k}: checkpoint has {saved.get(k)!r}, this job has {v!r}"
+            for k, v in fingerprint.items()
+            if saved.get(k) != v
+        ]
         if diffs:
             raise CheckpointError(
                 f"checkpoint {path} does not match this job ({'; '.join(diffs)}): "

@@ -25,7 +25,9 @@ class Dataset:
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)))
+    return TensorDataset(
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    )
 
 
 def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
@@ -48,7 +50,9 @@ def synthetic(samples: int, input_shape=(1, 8, 8), num_classes: int = 10, seed: 
     x = g.standard_normal((samples + n_test, *input_shape)).astype(np.float32)
     teacher = g.standard_normal((int(np.prod(input_shape)), num_classes)).astype(np.float32)
     y = (x.reshape(len(x), -1) @ teacher).argmax(1)
-    return Dataset(_tensors(x[:samples], y[:samples]), _tensors(x[samples:], y[samples:]), tuple(input_shape), num_classes)
+    return Dataset(
+        _tensors(x[:samples], y[:samples]), _tensors(x[samples:], y[samples:]), tuple(input_shape), num_classes
+    )
 
 
 def npz(path: str, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
@@ -58,7 +62,9 @@ def npz(path: str, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
         arrays = np.load(p)
         x, y = arrays["x"], arrays["y"]
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"--data {path}: cannot read arrays 'x' and 'y' ({e}); save them with np.savez(path, x=..., y=...)") from None
+        raise ConfigError(
+            f"--data {path}: cannot read arrays 'x' and 'y' ({e}); save them with np.savez(path, x=..., y=...)"
+        ) from None
     if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"--data {path}: 'y' must be one integer label per row of 'x' ({x.shape} vs {y.shape})")
     if "x_test" in arrays and "y_test" in arrays:

@@ -14,7 +14,12 @@ from torch import nn
 def mlp(input_shape, num_classes: int, hidden: int = 64) -> nn.Sequential:
     n_in = math.prod(input_shape)
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        nn.Flatten(),
+        nn.Linear(n_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
     )
 
 
@@ -48,6 +53,8 @@ def build(name: str, input_shape, num_classes: int, hidden: int = 64, depth: int
         if len(input_shape) != 3:
             from hvdtrain.errors import ConfigError
 
-            raise ConfigError(f"--model cnn needs image inputs (channels, height, width), got shape {tuple(input_shape)}; use --model mlp")
+            raise ConfigError(
+                f"--model cnn needs image inputs (channels, height, width), got shape {tuple(input_shape)}; use --model mlp"
+            )
         return cnn(input_shape, num_classes, hidden)
     return deep_mlp(input_shape, num_classes, hidden, depth)

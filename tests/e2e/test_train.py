@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from hvdtrain.train import checkpoint as C
+from hvdtrain.train import checkpoint
 
 
 def result_of(run_dir):
@@ -26,7 +26,7 @@ def test_default_job_reaches_the_accuracy_bar(hvdtrain, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train_loss" in r for r in rows) and any("test_accuracy" in r for r in rows)
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert C.list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == f"step-{res['steps']:08d}.pt"
+    assert checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == f"step-{res['steps']:08d}.pt"
     print(f"default job: {res['test_accuracy']:.4f} in {time.monotonic() - start:.1f} s wall")
 
 
@@ -43,14 +43,14 @@ def test_resume_after_sigkill_is_bitwise_exact(hvdtrain, spawn, tmp_path, np_):
     proc, kill = spawn("train", *common, "--run-dir", run_dir)
     try:
         deadline = time.monotonic() + 180
-        while len(C.list_checkpoints(run_dir / "checkpoints")) < 3:  # killed somewhere after step 30
+        while len(checkpoint.list_checkpoints(run_dir / "checkpoints")) < 3:  # killed somewhere after step 30
             assert proc.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
     finally:
         kill(str(run_dir))
     assert not (run_dir / "result.json").exists(), "the job finished before the kill: nothing was tested"
-    newest = C.list_checkpoints(run_dir / "checkpoints")[-1]
+    newest = checkpoint.list_checkpoints(run_dir / "checkpoints")[-1]
     resumed = hvdtrain("train", *common, "--run-dir", run_dir, "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {newest}" in resumed.stdout
@@ -61,7 +61,7 @@ def test_resume_after_sigkill_is_bitwise_exact(hvdtrain, spawn, tmp_path, np_):
 
 
 def final_params(run_dir):
-    state = C.load(C.list_checkpoints(run_dir / "checkpoints")[-1])["model"]
+    state = checkpoint.load(checkpoint.list_checkpoints(run_dir / "checkpoints")[-1])["model"]
     return torch.cat([state[k].flatten() for k in sorted(state)])
 
 
@@ -84,8 +84,9 @@ def test_model_parallel_and_hybrid_jobs_match_data_parallel(hvdtrain, tmp_path):
 
 
 def test_preempt_signal_to_one_rank_stops_all_at_one_step_and_resumes_exactly(hvdtrain, spawn, tmp_path):
-    """USR2 reaches only rank 1: both ranks agree on the step (flag allreduced with the gradients), rank 0
-    checkpoints it, the job exits 0; resuming ends bitwise equal to an uninterrupted run."""
+    """USR2 reaches only rank 1: both ranks agree on the step (its vote travels in the reporting window's sum,
+    read one step after it closed), rank 0 checkpoints it, the job exits 0; resuming ends bitwise equal to an
+    uninterrupted run."""
     import psutil
 
     common = ["-np", 2, "--launcher", "mpirun", "--deterministic", "--max-steps", 150, "--epochs", 20,
@@ -109,7 +110,7 @@ def test_preempt_signal_to_one_rank_stops_all_at_one_step_and_resumes_exactly(hv
             kill(str(run_dir))
     res = result_of(run_dir)
     assert res["preempted"] and 10 <= res["steps"] < 150
-    assert C.list_checkpoints(run_dir / "checkpoints")[-1].name == f"step-{res['steps']:08d}.pt"
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints")[-1].name == f"step-{res['steps']:08d}.pt"
     assert f"preempted at step {res['steps']}" in (run_dir / "logs" / "rank.0.log").read_text()
 
     resumed = hvdtrain("train", *common, "--run-dir", run_dir, "--resume", timeout=300)

@@ -9,9 +9,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def hvd():
-    from hvdtrain.parallel import data as P
+    from hvdtrain.parallel import horovod
 
-    h = P.init(threads=1)
+    h = horovod.init(threads=1)
     if h.size() < 2:
         pytest.skip("the mpi tier needs at least 2 ranks: run it under mpirun -np 2")
     return h

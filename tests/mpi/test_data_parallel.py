@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from hvdtrain.parallel import data as P
-from hvdtrain.parallel.model import Pipeline
-from hvdtrain.train import models as M
+from hvdtrain.parallel import horovod
+from hvdtrain.parallel.pipeline import Pipeline
+from hvdtrain.train import models
 
 
 def make_model(seed=0):
     torch.manual_seed(seed)
-    return M.mlp((1, 8, 8), 10, hidden=16).double()
+    return models.mlp((1, 8, 8), 10, hidden=16).double()
 
 
 def global_batch(n, seed=1):
@@ -38,8 +38,8 @@ def params(model):
 
 def _distributed_run(hvd, model, per_rank, steps, lr, momentum, compression="none", passes=1):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    opt = P.distributed_optimizer(opt, model, compression=compression, backward_passes_per_step=passes)
-    P.broadcast_state(model, opt)
+    opt = horovod.distributed_optimizer(opt, model, compression=compression, backward_passes_per_step=passes)
+    horovod.broadcast_state(model, opt)
     for x, y in per_rank[:steps]:
         opt.zero_grad()
         for xs, ys in zip(x.chunk(passes), y.chunk(passes)):
@@ -65,7 +65,9 @@ def test_gradient_accumulation_equals_the_larger_batch(hvd):
     n = hvd.size()
     x, y = global_batch(b * n)
     r = hvd.rank()
-    dist = _distributed_run(hvd, make_model(), [(x[r * b : (r + 1) * b], y[r * b : (r + 1) * b])], 1, 0.1, 0.0, passes=passes)
+    dist = _distributed_run(
+        hvd, make_model(), [(x[r * b : (r + 1) * b], y[r * b : (r + 1) * b])], 1, 0.1, 0.0, passes=passes
+    )
     ref = reference_steps(make_model(), [(x, y)], 0.1, 0.0, 1)
     assert torch.allclose(params(dist), params(ref), atol=1e-6, rtol=0)
 
@@ -76,7 +78,7 @@ def test_fp16_compression_stays_close(hvd):
     x, y = global_batch(b * n)
     r = hvd.rank()
     torch.manual_seed(0)
-    model = M.mlp((1, 8, 8), 10, hidden=16)  # float32: fp16 compression casts gradients to half and back
+    model = models.mlp((1, 8, 8), 10, hidden=16)  # float32: fp16 compression casts gradients to half and back
     ref = copy.deepcopy(model).double()
     dist = _distributed_run(hvd, model, [(x[r * b : (r + 1) * b].float(), y[r * b : (r + 1) * b])], 1, 0.1, 0.0, "fp16")
     reference_steps(ref, [(x, y)], 0.1, 0.0, 1)
@@ -88,15 +90,15 @@ def test_average_metrics_are_exact(hvd):
     # Rank r holds r + 1 samples with losses 1..r+1: the global mean is over all samples, not of rank means.
     r = hvd.rank()
     values = [float(v) for v in range(1, r + 2)]
-    m = P.average_metrics({"loss": sum(values), "correct": float(r + 1)}, len(values), name="t_avg")
+    m = horovod.average_metrics({"loss": sum(values), "correct": float(r + 1)}, len(values), name="t_avg")
     every = [float(v) for k in range(hvd.size()) for v in range(1, k + 2)]
     assert m["loss"] == pytest.approx(sum(every) / len(every), abs=1e-12)
     assert m["correct"] == pytest.approx(sum(k + 1 for k in range(hvd.size())) / len(every), abs=1e-12)
 
 
 def test_any_rank_agrees(hvd):
-    assert P.any_rank(hvd.rank() == hvd.size() - 1, name="t_any1") is True
-    assert P.any_rank(False, name="t_any2") is False
+    assert horovod.any_rank(hvd.rank() == hvd.size() - 1, name="t_any1") is True
+    assert horovod.any_rank(False, name="t_any2") is False
 
 
 def test_uneven_batch_counts_finish_without_hanging(hvd):
@@ -107,13 +109,13 @@ def test_uneven_batch_counts_finish_without_hanging(hvd):
     counts = [k + 2 for k in range(n)]
     batches = [global_batch(b * n, seed=100 + s) for s in range(max(counts))]
     model = make_model()
-    opt = P.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    P.broadcast_state(model, opt)
+    opt = horovod.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    horovod.broadcast_state(model, opt)
     for x, y in batches[: counts[r]]:
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[r * b : (r + 1) * b]), y[r * b : (r + 1) * b]).backward()
         opt.step()
-    last = P.join_and_resync(model, opt)
+    last = horovod.join_and_resync(model, opt)
     assert last == n - 1
 
     ref = make_model()
@@ -125,7 +127,7 @@ def test_uneven_batch_counts_finish_without_hanging(hvd):
         loss.backward()
         ref_opt.step()
     assert torch.allclose(params(model), params(ref), atol=1e-6, rtol=0)
-    everyone = P.allgather_object(params(model), name="t_uneven_params")
+    everyone = horovod.allgather_object(params(model), name="t_uneven_params")
     assert all(torch.equal(everyone[0], p) for p in everyone)
 
 

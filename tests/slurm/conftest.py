@@ -14,7 +14,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm-local.sh"
-DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+DONE = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
 
 
 def _why_slurm_cannot_start() -> str | None:
@@ -67,7 +77,9 @@ class Slurm:
         self.jobs: list[str] = []
 
     def run(self, argv, cwd=None, timeout=60, check=True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(map(str, argv)), cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            list(map(str, argv)), cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc

@@ -169,7 +169,9 @@ def test_signalled_job_checkpoints_requeues_resumes_and_matches(slurm, tmp_path)
     # The job requeues itself; Slurm holds a requeued job for ~2 minutes (BeginTime): release it now.
     slurm.wait(job, timeout=120, until=lambda t: int(t[0].get("Restarts", 0)) >= 1 and t[0]["JobState"] == "PENDING")
     slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
-    (task,) = slurm.wait(job, timeout=300, until=lambda t: t[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    (task,) = slurm.wait(
+        job, timeout=300, until=lambda t: t[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    )
     (ref_task,) = slurm.wait(ref, timeout=300)
     out = text(out_file)
     assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", (task, out)

@@ -1,6 +1,7 @@
 """The benchmarks' pure parts (sizes, formulas, statistics, tables, collection) and the `bench` CLI's
 validation: bad input is one line and exit 2 with nothing launched; --dry-run prints the exact commands."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -9,9 +10,8 @@ import pytest
 from clichecks import assert_usage_error
 from click.testing import CliRunner
 
-from hvdtrain.bench import allreduce as A
-from hvdtrain.bench import report as R
-from hvdtrain.bench import throughput as T
+from hvdtrain import launch
+from hvdtrain.bench import allreduce, plans, plots, report, tables, throughput
 from hvdtrain.cli import cli
 from hvdtrain.errors import UsageError
 
@@ -39,30 +39,30 @@ def invoke(*args):
     ],
 )
 def test_parse_size(text, size):
-    assert R.parse_size(text) == size
+    assert report.parse_size(text) == size
 
 
 @pytest.mark.parametrize("text,needle", [("3", "multiple of 4"), ("0", "multiple of 4"), ("abc", "cannot read"),
                                          ("4XB", "cannot read"), ("-4", "cannot read"), ("1.5M", "cannot read")])  # fmt: skip
 def test_parse_size_rejects(text, needle):
     with pytest.raises(UsageError, match=needle):
-        R.parse_size(text)
+        report.parse_size(text)
 
 
 def test_size_range_and_list():
-    assert R.size_range(4, 64) == [4, 8, 16, 32, 64]
-    assert R.size_range(4, 100, 4) == [4, 16, 64, 100]  # the maximum is always measured
-    assert R.size_range(8, 8) == [8]
-    assert len(R.size_range(4, 256 * MiB)) == 27
-    assert R.parse_sizes("64MiB,4,1KiB,4") == [4, 1024, 64 * MiB]
+    assert report.size_range(4, 64) == [4, 8, 16, 32, 64]
+    assert report.size_range(4, 100, 4) == [4, 16, 64, 100]  # the maximum is always measured
+    assert report.size_range(8, 8) == [8]
+    assert len(report.size_range(4, 256 * MiB)) == 27
+    assert report.parse_sizes("64MiB,4,1KiB,4") == [4, 1024, 64 * MiB]
     with pytest.raises(UsageError, match="larger than"):
-        R.size_range(64, 4)
+        report.size_range(64, 4)
     with pytest.raises(UsageError, match="bad list"):
-        R.parse_sizes("4,,8")
+        report.parse_sizes("4,,8")
 
 
 def test_format_bytes():
-    assert [R.format_bytes(s) for s in (4, 1024, 1536, 64 * MiB, 1024**3)] == [
+    assert [report.format_bytes(s) for s in (4, 1024, 1536, 64 * MiB, 1024**3)] == [
         "4 B",
         "1 KiB",
         "1536 B",
@@ -72,48 +72,48 @@ def test_format_bytes():
 
 
 def test_iterations_for():
-    assert R.iterations_for(4, 20) == 20
-    assert R.iterations_for(16 * MiB, 20) == 20
-    assert R.iterations_for(64 * MiB, 20) == 5
-    assert R.iterations_for(256 * MiB, 20) == 3  # never fewer than 3 ...
-    assert R.iterations_for(256 * MiB, 2) == 2  # ... nor more than asked
+    assert report.iterations_for(4, 20) == 20
+    assert report.iterations_for(16 * MiB, 20) == 20
+    assert report.iterations_for(64 * MiB, 20) == 5
+    assert report.iterations_for(256 * MiB, 20) == 3  # never fewer than 3 ...
+    assert report.iterations_for(256 * MiB, 2) == 2  # ... nor more than asked
 
 
 # --- formulas and statistics ----------------------------------------------------------------------
 
 
 def test_busbw_is_algbw_times_2_n_minus_1_over_n():
-    assert R.algbw(1e9, 0.5) == pytest.approx(2.0)
-    assert R.busbw(2.0, 2) == pytest.approx(2.0)
-    assert R.busbw(2.0, 4) == pytest.approx(3.0)
-    assert R.busbw(2.0, 8) == pytest.approx(3.5)
-    assert R.busbw(2.0, 1) == 0.0
+    assert report.algbw(1e9, 0.5) == pytest.approx(2.0)
+    assert report.busbw(2.0, 2) == pytest.approx(2.0)
+    assert report.busbw(2.0, 4) == pytest.approx(3.0)
+    assert report.busbw(2.0, 8) == pytest.approx(3.5)
+    assert report.busbw(2.0, 1) == 0.0
     with pytest.raises(ValueError):
-        R.algbw(1, 0)
+        report.algbw(1, 0)
 
 
 def test_ring_time():
-    assert R.ring_time(1e9, 2, 1.0, 0.001) == pytest.approx(1.001)
-    assert R.ring_time(1e9, 4, 1.5, 0.0) == pytest.approx(1.0)
+    assert report.ring_time(1e9, 2, 1.0, 0.001) == pytest.approx(1.001)
+    assert report.ring_time(1e9, 4, 1.5, 0.0) == pytest.approx(1.0)
 
 
 def test_summary_stats_is_mean_and_1_96_population_sigma():
-    s = R.summary_stats([1.0, 2.0, 3.0, 4.0])
+    s = report.summary_stats([1.0, 2.0, 3.0, 4.0])
     sd = math.sqrt(sum((v - 2.5) ** 2 for v in [1, 2, 3, 4]) / 4)
     assert s == {"mean": 2.5, "sd": pytest.approx(sd), "conf": pytest.approx(1.96 * sd), "n": 4}
-    assert R.summary_stats([5.0])["conf"] == 0.0
+    assert report.summary_stats([5.0])["conf"] == 0.0
 
 
 def test_ratio_and_efficiency():
-    assert R.ratio(3.0, 2.0) == 1.5
-    assert R.ratio(None, 2.0) is None and R.ratio(1.0, 0.0) is None
-    assert R.efficiency(180.0, 2, 100.0) == pytest.approx(0.9)
-    spread = R.efficiency_spread({"mean": 180.0, "conf": 18.0}, 2, {"mean": 100.0, "conf": 0.0})
+    assert report.ratio(3.0, 2.0) == 1.5
+    assert report.ratio(None, 2.0) is None and report.ratio(1.0, 0.0) is None
+    assert report.efficiency(180.0, 2, 100.0) == pytest.approx(0.9)
+    spread = report.efficiency_spread({"mean": 180.0, "conf": 18.0}, 2, {"mean": 100.0, "conf": 0.0})
     assert spread == pytest.approx(0.09)
 
 
 def test_render_table_aligns_columns():
-    text = R.render_table(["name", "value"], [["a", 1.5], ["longer", 22.25], ["c", None]], "title")
+    text = report.render_table(["name", "value"], [["a", 1.5], ["longer", 22.25], ["c", None]], "title")
     lines = text.splitlines()
     assert lines[0] == "title"
     assert lines[1].startswith("name") and lines[2].startswith("------")
@@ -127,7 +127,13 @@ def test_render_table_aligns_columns():
 def fake_allreduce_parts(n=2, sizes=(4, 1024, 64 * MiB), bw=2.0, lat=1e-5):
     def rows(impl, scale):
         return [
-            {"impl": impl, "bytes": s, "elements": s // 4, "iters": 3, "time_s": scale * R.ring_time(s, n, bw, lat)}
+            {
+                "impl": impl,
+                "bytes": s,
+                "elements": s // 4,
+                "iters": 3,
+                "time_s": scale * report.ring_time(s, n, bw, lat),
+            }
             for s in sizes
         ]
 
@@ -140,7 +146,7 @@ def fake_allreduce_parts(n=2, sizes=(4, 1024, 64 * MiB), bw=2.0, lat=1e-5):
 
 
 def test_collect_computes_bandwidths_and_ratios_from_times():
-    result = A.collect(fake_allreduce_parts())
+    result = allreduce.collect(fake_allreduce_parts())
     for r in result["rows"]:
         assert r["algbw_GBps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
         if r["impl"] != "memcpy":
@@ -153,32 +159,36 @@ def test_collect_computes_bandwidths_and_ratios_from_times():
     # Times made by the ring model itself: the fit reproduces the bandwidth and every size exactly.
     fit = s["ring_model"]["mpi4py"]
     assert all(v == pytest.approx(1.0, rel=1e-3) for v in fit["model_over_measured"].values())
-    text = A.table(result)
+    text = tables.allreduce(result)
     assert "hvd-mpi us" in text and "64 MiB" in text and "NOT met" in text
 
 
 def test_reference_size():
-    assert A.reference_size([4, 64 * MiB, 256 * MiB]) == 64 * MiB
-    assert A.reference_size([4, 1024]) == 1024
-    assert A.reference_size([256 * MiB]) == 256 * MiB
+    assert allreduce.reference_size([4, 64 * MiB, 256 * MiB]) == 64 * MiB
+    assert allreduce.reference_size([4, 1024]) == 1024
+    assert allreduce.reference_size([256 * MiB]) == 256 * MiB
 
 
 def test_allreduce_plot_writes_png(tmp_path):
-    path = A.plot(A.collect(fake_allreduce_parts()), tmp_path / "a.png")
+    path = plots.allreduce(allreduce.collect(fake_allreduce_parts()), tmp_path / "a.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_controllers_for():
-    assert A.controllers_for(None, False, False) == ["mpi", "gloo"]
-    assert A.controllers_for("horovodrun", True, False) == ["gloo"]
-    assert A.controllers_for("mpirun", False, False) == ["mpi"]
+def test_controllers_for(clean_env):
+    def decided(**options):
+        return launch.make_spec([sys.executable, "-m", allreduce.WORKER], np=2, **options)
+
+    assert allreduce.controllers_for(decided(launcher=None)) == ["mpi", "gloo"]
+    assert allreduce.controllers_for(decided(launcher="horovodrun", gloo=True)) == ["gloo"]
+    assert allreduce.controllers_for(decided(launcher="mpirun")) == ["mpi"]
 
 
 # --- train: from per-iteration rates to the report -------------------------------------------------
 
 
 def test_measurement_order_puts_ddp_first_and_alternates():
-    order = T.measurement_order(["a", "b"], ["horovod", "trainer", "ddp"], rounds=2, fp16=True)
+    measurements = throughput.measurement_order(["a", "b"], ["horovod", "trainer", "ddp"], rounds=2, fp16=True)
+    order = [dataclasses.asdict(m) for m in measurements]
     arms = [m["arm"] for m in order]
     assert arms[:4] == ["ddp"] * 4 and "ddp" not in arms[4:]
     round0 = [
@@ -214,7 +224,7 @@ def fake_train_parts():
 
 
 def test_train_collect():
-    result = T.collect(fake_train_parts())
+    result = throughput.collect(fake_train_parts())
     rows = {(r["config"], r["np"]): r for r in result["rows"]}
     assert rows[("horovod", 2)]["total"] == 180 and rows[("horovod", 2)]["per_rank_mean"] == 90
     assert rows[("ddp", 1)]["per_rank_conf"] == pytest.approx(1.96 * 10)
@@ -227,7 +237,7 @@ def test_train_collect():
     assert sbs[1]["trainer_over_horovod_target_met"] is True and sbs[2]["trainer_over_horovod_target_met"] is False
     abl = {a["np"]: a for a in result["ablations"]}
     assert abl[2]["no_fusion_over_base"] == pytest.approx(60 / 180) and abl[2]["fp16_over_base"] == pytest.approx(0.5)
-    text = T.table(result)
+    text = tables.train(result)
     assert "trainer/horovod" in text and "no fusion" in text and "180 +- 0" in text
 
 
@@ -238,23 +248,23 @@ def test_paired_ratio_per_round():
     part = {"meta": {"np": 1, "threads_per_rank": 1}, "measurements": [
         m("horovod", 0, 100), m("trainer", 0, 99), m("trainer", 1, 50), m("horovod", 1, 40), m("trainer", 2, 90), m("horovod", 2, 100)
     ]}  # fmt: skip
-    (line,) = T.side_by_side(T.throughput_rows([(True, part)]))
+    (line,) = throughput.side_by_side(throughput.throughput_rows([(True, part)]))
     assert line["trainer_over_horovod_per_round"] == pytest.approx([0.99, 1.25, 0.9])
     assert line["trainer_over_horovod_median_round"] == pytest.approx(0.99)
     assert line["trainer_over_horovod"] == pytest.approx((99 + 50 + 90) / (100 + 40 + 100))
 
 
 def test_train_plot_writes_png(tmp_path):
-    path = T.plot(T.collect(fake_train_parts()), tmp_path / "t.png")
+    path = plots.train(throughput.collect(fake_train_parts()), tmp_path / "t.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rates_from_stamps():
     from hvdtrain.bench.throughput_worker import rates_from_stamps
 
-    plan = {"warmup": 2, "iters": 2, "batches_per_iter": 3, "batch_size": 10}
+    timing = plans.Timing(warmup=2, iters=2, batches_per_iter=3, batch_size=10)
     stamps = [0.0, 5.0, 9.0, 10.0, 10.5, 11.0, 11.5, 13.0, 14.0]  # 2 warm-up steps, then 2 x 3 timed steps
-    assert rates_from_stamps(stamps, plan) == pytest.approx([30 / 2.0, 30 / 3.0])
+    assert rates_from_stamps(stamps, timing) == pytest.approx([30 / 2.0, 30 / 3.0])
 
 
 # --- CLI -------------------------------------------------------------------------------------------
@@ -338,12 +348,75 @@ def test_bench_train_dry_run(no_processes, clean_env, tmp_path):
 
 def test_bench_modules_import_nothing_heavy():
     code = (
-        "import sys, hvdtrain.cli, hvdtrain.bench.allreduce, hvdtrain.bench.throughput, hvdtrain.bench.report; "
+        "import sys, hvdtrain.cli, hvdtrain.bench.allreduce, hvdtrain.bench.throughput, hvdtrain.bench.report, "
+        "hvdtrain.bench.plans, hvdtrain.bench.runner, hvdtrain.bench.tables, hvdtrain.bench.plots; "
         "sys.exit(sorted({'torch', 'horovod', 'numpy', 'matplotlib', 'mpi4py'} & set(sys.modules)) != [])"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_help_lists_bench():
-    result = invoke("bench", "--help")
-    assert result.exit_code == 0 and "allreduce" in result.output and "train" in result.output
+def _expected_default_text(field):
+    """What --help must show for a settings field, worked out from the dataclass alone."""
+
+    def show(value):
+        return ",".join(value) if isinstance(value, tuple) else str(value)
+
+    if field.default is True:
+        return f"[default: --{field.name.replace('_', '-')}]"
+    shown = [] if field.default in (None, False) else [f"default: {show(field.default)}"]
+    if "tiny" in field.metadata:
+        shown.append(f"tiny: {show(field.metadata['tiny'])}")
+    return f"[{'; '.join(shown)}]" if shown else None
+
+
+@pytest.mark.parametrize(
+    "name,module,settings,args",
+    [("allreduce", allreduce, plans.AllreduceSettings, ["-np", "2"]),
+     ("train", throughput, plans.TrainSettings, ["--max-np", "1"])],
+)  # fmt: skip
+def test_bench_options_are_generated_from_the_settings(
+    name, module, settings, args, monkeypatch, no_processes, clean_env, tmp_path
+):
+    command = cli.commands["bench"].commands[name]
+    shared = {p.name for p in cli.commands["run"].params} | {"help"}
+    own = [p for p in command.params if p.name not in shared]
+    fields = dataclasses.fields(settings)
+    # Exactly one option per field, named after it, and nothing else of its own.
+    assert [p.name for p in own] == [f.name for f in fields]
+    help_text = " ".join(invoke("bench", name, "--help").output.split())
+    for field, param in zip(fields, own):
+        assert param.opts[0] == "--" + field.name.replace("_", "-")
+        expected = _expected_default_text(field)
+        # The default shown once, taken from the dataclass; click adds none of its own.
+        assert param.help.count("default:") == (1 if expected and "default:" in expected else 0), param.help
+        assert not param.show_default
+        if expected:
+            assert param.help.endswith(expected), (param.help, expected)
+        assert " ".join(param.help.split()) in help_text
+    # Options not given take the dataclass's defaults, or its tiny defaults with --tiny.
+    parsed = []
+    monkeypatch.setattr(module, "run", lambda plan, **_: parsed.append(plan.settings))
+    out = str(tmp_path / "o")
+    for extra in ([], ["--tiny"]):
+        result = invoke("bench", name, *args, "--out", out, *extra)
+        assert result.exit_code == 0, result.output
+    given = {"out": out, **({"max_np": 1} if name == "train" else {})}
+    tiny = {f.name: f.metadata["tiny"] for f in fields if "tiny" in f.metadata}
+    assert parsed == [settings(**given), settings(**given, **tiny, tiny=True)]
+    assert no_processes == []
+
+
+def test_worker_plans_round_trip_through_json():
+    measurements = throughput.measurement_order(["deep_mlp"], plans.DEFAULT_ARMS, rounds=2, fp16=True)
+    train = plans.TrainWorkerPlan(
+        plans.Timing(batch_size=16, warmup=2, iters=3, batches_per_iter=2), 0.01, "mpi",
+        dict(plans.TINY_MODEL_SHAPES), measurements, run_root="/runs/x", store="/runs/x/.store",
+    )  # fmt: skip
+    back = plans.TrainWorkerPlan.from_json(train.to_json())
+    assert back == train and back.timing.steps == 8
+    assert isinstance(back.measurements[0], plans.Measurement) and back.measurements[0].label == "ddp/deep_mlp"
+    assert isinstance(back.models["wide_mlp"], plans.ModelShape)
+    ar = plans.AllreduceWorkerPlan("gloo", [4, 1024], warmup=1, iters=3)
+    assert plans.AllreduceWorkerPlan.from_json(ar.to_json()) == ar
+    with pytest.raises(ValueError, match=r"unknown keys \['iter'\]; valid keys are: controller, sizes"):
+        plans.AllreduceWorkerPlan.from_json(ar.to_json().replace('"iters"', '"iter"'))

@@ -1,6 +1,5 @@
 """Checkpoints: atomic writes (a write killed midway leaves the previous checkpoint loadable), clear errors."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import pytest
 import torch
 
 from hvdtrain.errors import CheckpointError
-from hvdtrain.train import checkpoint as C
+from hvdtrain.rundir import RunDir
+from hvdtrain.train import checkpoint
 
 
 def state(v):
@@ -20,21 +20,21 @@ def state(v):
 
 def test_save_load_roundtrip_and_pruning(tmp_path):
     for step in (10, 20, 30, 40):
-        C.save(state(step), tmp_path, step, keep=2)
-    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step-00000030.pt", "step-00000040.pt"]
-    loaded = C.load(tmp_path / "step-00000040.pt", {"model": "mlp", "world_size": 2})
+        checkpoint.save(state(step), tmp_path, step, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000030.pt", "step-00000040.pt"]
+    loaded = checkpoint.load(tmp_path / "step-00000040.pt", {"model": "mlp", "world_size": 2})
     assert torch.equal(loaded["model"]["w"], torch.full((3,), 40.0))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_write_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
-    C.save(state(1), tmp_path, 1)
+    checkpoint.save(state(1), tmp_path, 1)
     # A child starts writing step 2 and is SIGKILLed while pickling it (the pickle stalls on purpose).
     child = textwrap.dedent(
         f"""
         import time, torch
         from pathlib import Path
-        from hvdtrain.train import checkpoint as C
+        from hvdtrain.train import checkpoint
 
         class Stall:
             def __reduce__(self):
@@ -42,7 +42,7 @@ def test_write_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
                 time.sleep(60)
                 return (int, (0,))
 
-        C.save({{"model": {{"w": torch.zeros(1_000_000)}}, "stall": Stall()}}, Path({str(tmp_path)!r}), 2)
+        checkpoint.save({{"model": {{"w": torch.zeros(1_000_000)}}, "stall": Stall()}}, Path({str(tmp_path)!r}), 2)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
@@ -53,12 +53,12 @@ def test_write_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
-    assert torch.equal(C.load(tmp_path / "step-00000001.pt")["model"]["w"], torch.full((3,), 1.0))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+    assert torch.equal(checkpoint.load(tmp_path / "step-00000001.pt")["model"]["w"], torch.full((3,), 1.0))
 
 
 def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
-    C.save(state(1), tmp_path, 1)
+    checkpoint.save(state(1), tmp_path, 1)
 
     def broken_save(obj, f):
         f.write(b"partial")
@@ -66,46 +66,46 @@ def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        C.save(state(2), tmp_path, 2)
+        checkpoint.save(state(2), tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001.pt"]
 
 
 def test_corrupt_checkpoint_names_the_intact_previous_one(tmp_path):
-    C.save(state(1), tmp_path, 1)
-    C.save(state(2), tmp_path, 2)
+    checkpoint.save(state(1), tmp_path, 1)
+    checkpoint.save(state(2), tmp_path, 2)
     newest = tmp_path / "step-00000002.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, e.g. a disk that filled up
     with pytest.raises(CheckpointError) as e:
-        C.load(newest)
+        checkpoint.load(newest)
     assert "corrupt" in str(e.value) and "step-00000001.pt" in str(e.value) and "--resume-from" in str(e.value)
-    assert C.load(tmp_path / "step-00000001.pt")["model"]["w"][0] == 1.0
+    assert checkpoint.load(tmp_path / "step-00000001.pt")["model"]["w"][0] == 1.0
 
 
 def test_not_a_checkpoint(tmp_path):
     p = tmp_path / "step-00000001.pt"
     torch.save({"something": "else"}, p)
     with pytest.raises(CheckpointError, match="not an hvdtrain checkpoint"):
-        C.load(p)
+        checkpoint.load(p)
 
 
 def test_mismatched_checkpoint_says_what_differs(tmp_path):
-    C.save(state(1), tmp_path, 1)
+    checkpoint.save(state(1), tmp_path, 1)
     with pytest.raises(CheckpointError) as e:
-        C.load(tmp_path / "step-00000001.pt", {"model": "mlp", "world_size": 4})
+        checkpoint.load(tmp_path / "step-00000001.pt", {"model": "mlp", "world_size": 4})
     assert "world_size: checkpoint has 2, this job has 4" in str(e.value)
     assert "new --run-dir" in str(e.value)
 
 
 def test_rng_state_roundtrip():
-    s = C.rng_state()
+    s = checkpoint.rng_state()
     a = torch.rand(3)
-    C.set_rng_state(s)
+    checkpoint.set_rng_state(s)
     assert torch.equal(torch.rand(3), a)
 
 
 def test_listing_ignores_temporary_and_foreign_files(tmp_path):
-    C.save(state(5), tmp_path, 5)
+    checkpoint.save(state(5), tmp_path, 5)
     (tmp_path / ".step-00000006.pt.abc.tmp").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
-    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step-00000005.pt"]
-    assert os.path.basename(C.path_for(tmp_path, 7)) == "step-00000007.pt"
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000005.pt"]
+    assert RunDir(tmp_path).checkpoint(7) == tmp_path / "checkpoints" / "step-00000007.pt"

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from hvdtrain.cli import cli
 from hvdtrain.config import TrainConfig
-from hvdtrain.train import checkpoint as C
+from hvdtrain.parallel.hybrid import devices_for_rank
+from hvdtrain.train import checkpoint
 
 
 @pytest.fixture
@@ -40,7 +41,10 @@ def dry_config(output):
         (["--lr", "-1"], "--lr: -1.0 must be positive"),
         (["--micro-batches", "64"], "cannot split a batch of 32"),
         (["--devices-per-rank", "2"], "need --strategy model or hybrid"),
-        (["--strategy", "hybrid", "--devices-per-rank", "2", "--balance", "3"], "--balance: [3] must give 2 stage sizes"),
+        (
+            ["--strategy", "hybrid", "--devices-per-rank", "2", "--balance", "3"],
+            "--balance: [3] must give 2 stage sizes",
+        ),
         (["--balance", "a,b"], "comma-separated list"),
         (["--data", "nope.npz"], "--data: no such file 'nope.npz'"),
         (["--data", "mnist"], "is not digits, synthetic or a .npz file"),
@@ -64,16 +68,19 @@ def test_hybrid_layout_is_checked_against_visible_gpus(run):
     assert_usage_error(result, "needs 2 ranks per node x 2 devices per rank = 4 GPUs, but only 3 are visible")
 
 
-def test_hybrid_on_cpu_uses_cpu_stages(run):
+def test_hybrid_on_cpu_passes_preflight_with_cpu_stages(run):
+    """No GPU visible: the layout check passes (each rank gets k CPU stages) and 2 ranks are launched."""
     result = run("-np", "2", "--strategy", "hybrid", "--devices-per-rank", "2", "--run-dir", "r", "--dry-run",
                  env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert dry_config(result.output)["devices_per_rank"] == 2
+    assert re.search(r"horovodrun -np 2 -H localhost:2 .*-m hvdtrain\.worker \S+/r/config\.json$", result.output, re.M)
+    assert devices_for_rank(1, 2, 2, cuda_count=0) == ["cpu", "cpu"]
+    assert devices_for_rank(1, 2, 2, cuda_count=4) == ["cuda:2", "cuda:3"]
 
 
 def save_checkpoint(tmp_path, step, world_size=1, **cfg):
-    fp = C.fingerprint(TrainConfig(**cfg), world_size)
-    return C.save({"model": {"w": torch.zeros(1)}, "fingerprint": fp}, tmp_path / "r" / "checkpoints", step)
+    fp = checkpoint.fingerprint(TrainConfig(**cfg), world_size)
+    return checkpoint.save({"model": {"w": torch.zeros(1)}, "fingerprint": fp}, tmp_path / "r" / "checkpoints", step)
 
 
 def test_existing_checkpoints_need_resume(run, tmp_path):
@@ -86,14 +93,25 @@ def test_resume_checks_the_checkpoint_before_launching(run, tmp_path):
     save_checkpoint(tmp_path, 10, batch_size=64)
     assert_usage_error(run("-np", "1", "--run-dir", "r", "--resume"), "batch_size: checkpoint has 64, this job has 32")
     assert_usage_error(
-        run("-np", "2", "--run-dir", "r", "--resume", "--batch-size", "64"), "world_size: checkpoint has 1, this job has 2"
+        run("-np", "2", "--run-dir", "r", "--resume", "--batch-size", "64"),
+        "world_size: checkpoint has 1, this job has 2",
     )
     newest = save_checkpoint(tmp_path, 20, batch_size=64)
     newest.write_bytes(newest.read_bytes()[:50])
     result = run("-np", "1", "--run-dir", "r", "--resume", "--batch-size", "64")
     assert_usage_error(result, "is corrupt or not a checkpoint")
     assert "step-00000010.pt is intact: resume from it with --resume-from" in result.output
-    ok = run("-np", "1", "--run-dir", "r", "--batch-size", "64", "--resume-from", "r/checkpoints/step-00000010.pt", "--dry-run")
+    ok = run(
+        "-np",
+        "1",
+        "--run-dir",
+        "r",
+        "--batch-size",
+        "64",
+        "--resume-from",
+        "r/checkpoints/step-00000010.pt",
+        "--dry-run",
+    )
     assert ok.exit_code == 0, ok.output
 
 
@@ -130,7 +148,9 @@ def test_missing_config_file(run):
 def test_dry_run_shows_the_worker_command_and_writes_nothing(run, tmp_path):
     result = run("-np", "2", "--run-dir", "my run", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "-m hvdtrain.worker" in result.output and "'" + str(tmp_path / "my run" / "config.json") + "'" in result.output
+    assert (
+        "-m hvdtrain.worker" in result.output and "'" + str(tmp_path / "my run" / "config.json") + "'" in result.output
+    )
     assert "--log-dir '" + str(tmp_path / "my run" / "logs") + "'" in result.output
     assert not (tmp_path / "my run").exists()
 

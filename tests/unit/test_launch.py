@@ -4,21 +4,25 @@ import shlex
 
 import pytest
 
-from hvdtrain import launch as L
+from hvdtrain import launch
 from hvdtrain.errors import UsageError
 
 NO_SLURM: dict = {}
 
 
 def spec(command=("python", "-c", "pass"), environ=NO_SLURM, **kw):
-    return L.make_spec(list(command), environ=environ, **kw)
+    return launch.make_spec(list(command), environ=environ, **kw)
 
 
 # --- hosts ----------------------------------------------------------------------------------------
 
 
 def test_parse_hosts():
-    assert L.parse_hosts("a:2,b.example.org:4,c") == [L.Host("a", 2), L.Host("b.example.org", 4), L.Host("c", 1)]
+    assert launch.parse_hosts("a:2,b.example.org:4,c") == [
+        launch.Host("a", 2),
+        launch.Host("b.example.org", 4),
+        launch.Host("c", 1),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -35,13 +39,18 @@ def test_parse_hosts():
 )
 def test_parse_hosts_rejects(text, needle):
     with pytest.raises(UsageError, match=needle):
-        L.parse_hosts(text)
+        launch.parse_hosts(text)
 
 
 def test_parse_hostfile(tmp_path):
     f = tmp_path / "hosts"
     f.write_text("# cluster\n\nnode1 slots=4  # big one\nnode2 slots=2\nnode3:3\nnode4\n")
-    assert L.parse_hostfile(str(f)) == [L.Host("node1", 4), L.Host("node2", 2), L.Host("node3", 3), L.Host("node4", 1)]
+    assert launch.parse_hostfile(str(f)) == [
+        launch.Host("node1", 4),
+        launch.Host("node2", 2),
+        launch.Host("node3", 3),
+        launch.Host("node4", 1),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -58,12 +67,12 @@ def test_parse_hostfile_rejects(tmp_path, content, needle):
     f = tmp_path / "hosts"
     f.write_text(content)
     with pytest.raises(UsageError, match=needle):
-        L.parse_hostfile(str(f))
+        launch.parse_hostfile(str(f))
 
 
 def test_missing_hostfile(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        L.parse_hostfile(str(tmp_path / "nope"))
+        launch.parse_hostfile(str(tmp_path / "nope"))
 
 
 # --- spec validation --------------------------------------------------------------------------------
@@ -71,7 +80,7 @@ def test_missing_hostfile(tmp_path):
 
 def test_defaults():
     s = spec(np=2)
-    assert (s.np, s.hosts, s.launcher, s.controller) == (2, [L.Host("localhost", 2)], "horovodrun", None)
+    assert (s.np, s.hosts, s.launcher, s.controller) == (2, [launch.Host("localhost", 2)], "horovodrun", None)
 
 
 def test_np_defaults_to_all_slots():
@@ -123,9 +132,9 @@ def test_slurm_allocation_defaults():
 
 
 def test_threads_default():
-    assert L.default_threads(2, cores=8) == 4
-    assert L.default_threads(4, cores=2) == 1
-    assert L.ranks_per_host(5, [L.Host("a", 2), L.Host("b", 4)]) == [2, 3]
+    assert launch.default_threads(2, cores=8) == 4
+    assert launch.default_threads(4, cores=2) == 1
+    assert launch.ranks_per_host(5, [launch.Host("a", 2), launch.Host("b", 4)]) == [2, 3]
 
 
 # --- golden argv ----------------------------------------------------------------------------------
@@ -136,7 +145,7 @@ HOSTILE = ["python", "-c", "print('a b'); import sys", "arg with space", "it's",
 def test_horovodrun_argv():
     s = spec(HOSTILE, np=3, hosts="n1:2,n2:2", gloo=True, threads_per_rank=2)
     s.python = "/venv/bin/python"
-    argv = L.build_horovodrun_argv(s, "/logs dir", "horovodrun")
+    argv = launch.build_horovodrun_argv(s, "/logs dir", "horovodrun")
     assert argv == [
         "horovodrun", "-np", "3", "-H", "n1:2,n2:2", "--gloo",
         "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/logs dir", "--", *HOSTILE,
@@ -148,21 +157,21 @@ def test_horovodrun_argv():
 def test_mpirun_argv():
     s = spec(HOSTILE, np=4, env=["NCCL_DEBUG=INFO"], threads_per_rank=1)
     s.python = "/venv/bin/python"
-    names = L.rank_env(s, is_root=True).keys()
-    argv = L.build_mpirun_argv(s, "/logs", names, cores=2)
+    names = launch.rank_env(s, is_root=True).keys()
+    argv = launch.build_mpirun_argv(s, "/logs", names, cores=2)
     assert argv == [
         "mpirun", "-np", "4", "-H", "localhost:4", "--bind-to", "none", "--map-by", "slot", "--oversubscribe",
         "-x", "NCCL_DEBUG", "-x", "OMPI_ALLOW_RUN_AS_ROOT", "-x", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
         "-x", "OMP_NUM_THREADS",
         "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/logs", "--", *HOSTILE,
     ]  # fmt: skip
-    assert "--oversubscribe" not in L.build_mpirun_argv(s, "/logs", names, cores=8)
+    assert "--oversubscribe" not in launch.build_mpirun_argv(s, "/logs", names, cores=8)
 
 
 def test_srun_argv():
     s = spec(HOSTILE, environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"})
     s.python = "/venv/bin/python"
-    assert L.build_srun_argv(s, "/l") == [
+    assert launch.build_srun_argv(s, "/l") == [
         "srun", "--ntasks=2", "--mpi=pmix", "--kill-on-bad-exit=1", "--export=ALL",
         "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/l", "--", *HOSTILE,
     ]  # fmt: skip
@@ -170,19 +179,19 @@ def test_srun_argv():
 
 def test_rank_env():
     s = spec(np=2, threads_per_rank=3, env=["X=1"])
-    assert L.rank_env(s, is_root=False) == {"OMP_NUM_THREADS": "3", "X": "1"}
-    assert L.rank_env(s, is_root=True)["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert launch.rank_env(s, is_root=False) == {"OMP_NUM_THREADS": "3", "X": "1"}
+    assert launch.rank_env(s, is_root=True)["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
 
 
 def test_failure_report(tmp_path):
     (tmp_path / "rank.0.exit").write_text("0\n")
     (tmp_path / "rank.1.exit").write_text("1\n")
     (tmp_path / "rank.1.log").write_text("line\n" * 30 + "ValueError: boom\n")
-    report = L.failure_report(str(tmp_path), 1)
+    report = launch.failure_report(str(tmp_path), 1)
     assert report.startswith("rank 1 failed with exit status 1")
     assert report.rstrip().endswith("ValueError: boom")
     assert report.count("\n") == 15
-    assert "exit status 3" in L.failure_report(str(tmp_path / "none"), 3)
+    assert "exit status 3" in launch.failure_report(str(tmp_path / "none"), 3)
 
 
 def test_failure_report_names_the_rank_that_failed_first(tmp_path):
@@ -192,8 +201,8 @@ def test_failure_report_names_the_rank_that_failed_first(tmp_path):
     (tmp_path / "rank.1.exit").write_text("1\n")
     os.utime(tmp_path / "rank.1.exit", ns=(1_000_000_000, 1_000_000_000))
     os.utime(tmp_path / "rank.0.exit", ns=(2_000_000_000, 2_000_000_000))
-    assert L.failed_ranks(str(tmp_path)) == [(1, 1), (0, 1)]
-    assert L.failure_report(str(tmp_path), 1).startswith("rank 1 failed with exit status 1 (then also ranks 0)")
+    assert launch.failed_ranks(str(tmp_path)) == [(1, 1), (0, 1)]
+    assert launch.failure_report(str(tmp_path), 1).startswith("rank 1 failed with exit status 1 (then also ranks 0)")
 
 
 def test_failure_report_prefers_the_cause_over_horovod_shutdown(tmp_path):
@@ -201,4 +210,4 @@ def test_failure_report_prefers_the_cause_over_horovod_shutdown(tmp_path):
         (tmp_path / f"rank.{r}.exit").write_text("1\n")
     (tmp_path / "rank.0.log").write_text("HorovodInternalError: Horovod has been shut down. This was caused by...\n")
     (tmp_path / "rank.1.log").write_text("RuntimeError: boom\n")
-    assert L.failed_ranks(str(tmp_path))[0] == (1, 1)
+    assert launch.failed_ranks(str(tmp_path))[0] == (1, 1)

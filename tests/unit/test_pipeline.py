@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from hvdtrain.errors import ConfigError
-from hvdtrain.parallel.model import Pipeline, balance_by_params, bubble_fraction, split_stages
-from hvdtrain.train import models as M
+from hvdtrain.parallel.pipeline import Pipeline, balance_by_params, bubble_fraction, split_stages
+from hvdtrain.train import models
 
 
 def deep(seed=0):
     torch.manual_seed(seed)
-    return M.deep_mlp((1, 8, 8), 10, hidden=12, depth=3).double()  # 10 layers
+    return models.deep_mlp((1, 8, 8), 10, hidden=12, depth=3).double()  # 10 layers
 
 
 def outputs_and_grads(model, x, y):

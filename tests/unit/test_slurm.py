@@ -1,21 +1,26 @@
-"""hvdtrain.slurm without a cluster: golden job scripts (hostile paths included), the templates are the
-rendered ones, the fixed script body run by bash against fake srun/mpirun, validation, requeue ids, and
+"""hvdtrain.slurm without a cluster: golden job scripts (hostile paths included, the same in processes with
+other hash seeds), the templates are the rendered ones, the shell templates fill and parse, the fixed script
+body run by bash against fake srun/mpirun, validation, `submit`'s options come from SlurmSpec, and
 `submit`/`status`/`logs` bad input through CliRunner (one line, exit 2, nothing submitted)."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import os
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from clichecks import assert_usage_error
 from click.testing import CliRunner
 
-from hvdtrain import slurm as S
-from hvdtrain.cli import cli
-from hvdtrain.errors import LaunchError, UsageError
+from hvdtrain import slurm
+from hvdtrain.cli import cli, submit
+from hvdtrain.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -28,21 +33,24 @@ CASES = {
         ["hvdtrain", "train", "-np", "1", "--seed", "{task}", "--run-dir", "/runs/a b/{task}"],
     ),
     "quote": (dict(nodes=2, requeue=False, signal=None), ["python", "-c", "print('hi'); import os", "a'; echo x"]),
-    "hybrid": (dict(nodes=2, gpus_per_node=4, gpus_per_rank=2, cpus_per_task=8, launcher="mpirun"), ["python", "my.py"]),
+    "hybrid": (
+        dict(nodes=2, gpus_per_node=4, gpus_per_rank=2, cpus_per_task=8, launcher="mpirun"),
+        ["python", "my.py"],
+    ),
 }
 RUN_DIRS = {"basic": "/runs/basic", "array-space": "/runs/a b", "quote": "/runs/a'; echo x", "hybrid": "/runs/100%"}
 
 
-def spec_for(name: str, tmp_path: Path) -> S.SlurmSpec:
+def spec_for(name: str, tmp_path: Path) -> slurm.SlurmSpec:
     opts, _ = CASES[name]
-    spec = S.make_spec(run_dir=str(tmp_path / "x"), **opts)
+    spec = slurm.make_spec(run_dir=str(tmp_path / "x"), **opts)
     spec.run_dir = RUN_DIRS[name]  # fixed absolute paths, so the golden files do not depend on tmp_path
     return spec
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rendered_script_matches_golden(name, tmp_path):
-    text = S.render_script(spec_for(name, tmp_path), CASES[name][1])
+    text = slurm.render_script(spec_for(name, tmp_path), CASES[name][1])
     golden = GOLDEN / f"{name}.sbatch"
     if UPDATE:
         golden.write_text(text)
@@ -52,27 +60,95 @@ def test_rendered_script_matches_golden(name, tmp_path):
     assert lines == sorted(lines) and len(lines) == len({line.split("=")[0] for line in lines})
 
 
-def test_rendering_is_deterministic(tmp_path):
-    a = S.render_script(spec_for("array-space", tmp_path), CASES["array-space"][1])
-    assert a == S.render_script(spec_for("array-space", tmp_path), CASES["array-space"][1])
+RENDER_CASES = """
+import json, sys
+from hvdtrain import slurm
+cases, run_dirs, parent, reverse = json.loads(sys.argv[1])
+out = {}
+for name, (opts, command) in cases.items():
+    items = list(opts.items())[::-1] if reverse else list(opts.items())
+    spec = slurm.make_spec(**dict(items), run_dir=parent)
+    spec.run_dir = run_dirs[name]
+    out[name] = slurm.render_script(spec, command)
+print(json.dumps(out))
+"""
+
+
+def test_rendering_is_the_same_in_other_processes_and_orders(tmp_path):
+    """Two interpreters with different hash seeds (so sets iterate in other orders), one given each spec's
+    options in reverse order: both render every golden case byte for byte."""
+    renders = []
+    for seed, reverse in (("0", False), ("4242", True)):
+        arg = json.dumps([CASES, RUN_DIRS, str(tmp_path / "x"), reverse])
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        argv = [sys.executable, "-c", RENDER_CASES, arg]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        renders.append(json.loads(proc.stdout))
+    assert renders[0] == renders[1]
+    for name in CASES:
+        assert renders[0][name] == (GOLDEN / f"{name}.sbatch").read_text(), name
 
 
 def test_hostile_values_are_quoted(tmp_path):
     spec = spec_for("quote", tmp_path)
-    text = S.render_script(spec, CASES["quote"][1])
+    text = slurm.render_script(spec, CASES["quote"][1])
     assert "#SBATCH --output='/runs/a'\"'\"'; echo x/slurm-%j.out'" in text
     assert "export HVDTRAIN_RUN_DIR='/runs/a'\"'\"'; echo x'" in text
-    hybrid = S.render_script(spec_for("hybrid", tmp_path), ["python", "my.py"])
+    hybrid = slurm.render_script(spec_for("hybrid", tmp_path), ["python", "my.py"])
     assert "#SBATCH --output=/runs/100%%/slurm-%j.out" in hybrid  # sbatch's % patterns escaped
 
 
-@pytest.mark.parametrize("name", sorted(S.TEMPLATES))
+@pytest.mark.parametrize("name", sorted(slurm.TEMPLATES))
 def test_templates_in_slurm_dir_are_the_rendered_ones(name):
     path = REPO / "slurm" / name
-    assert path.read_text() == S.render_template(name), "run: python -m hvdtrain.slurm write-templates slurm"
+    assert path.read_text() == slurm.render_template(name), "run: python -m hvdtrain.slurm write-templates slurm"
     assert os.access(path, os.X_OK)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    assert S.RUN_BODY in path.read_text()
+    assert slurm.RUN_BODY in path.read_text()
+    assert "@@" not in path.read_text()
+
+
+# --- the shell templates (package data) ---------------------------------------------------------------------
+
+SHELL_TEMPLATES = sorted((REPO / "hvdtrain" / "slurm" / "templates").glob("*.sh"))
+
+
+@pytest.mark.parametrize("path", SHELL_TEMPLATES, ids=lambda p: p.name)
+def test_shell_templates_parse(path):
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_shell_templates_are_filled_from_rundir_names(tmp_path):
+    body = slurm.RUN_BODY
+    assert "@@" not in body and "@@" in slurm.script.read_template("run.sh")
+    assert "pin=" + shlex.quote(slurm.PIN) in body and slurm.PIN in slurm.script.read_template("pin.sh")
+    assert "log_dir=$HVDTRAIN_RUN_DIR/logs${task:+/task-$task}" in body
+    assert '--output="${log_dir//%/%%}/rank.%t.log"' in body
+    for name in CASES:
+        assert "@@" not in slurm.render_script(spec_for(name, tmp_path), CASES[name][1])
+    with pytest.raises(ValueError):
+        slurm.script.fill("a @@X@@ b", {})
+    with pytest.raises(ValueError):
+        slurm.script.fill("a @@X@@ b", {"X": "1", "Y": "2"})
+    with pytest.raises(ValueError):
+        slurm.script.fill("a @@x@@ b", {})
+    assert slurm.script.fill("@@X@@ @@Y@@", {"X": "@@Y@@", "Y": "y"}) == "@@Y@@ y"  # one pass
+
+
+def test_shell_templates_are_package_data():
+    """setup.py's package_data names every templates/*.sh, so that a (non-editable) wheel carries them."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup"]
+    package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    shipped = {
+        p
+        for package, globs in package_data.items()
+        for pattern in globs
+        for p in (REPO / package.replace(".", "/")).glob(pattern)
+    }
+    assert SHELL_TEMPLATES and set(SHELL_TEMPLATES) <= shipped
 
 
 # --- the fixed body, run by bash against fake launchers ---------------------------------------------------
@@ -85,7 +161,9 @@ def fake_bin(tmp_path):
     d.mkdir()
     for name in ("srun", "mpirun"):
         f = d / name
-        f.write_text(f'#!/usr/bin/env python3\nimport json, sys\nprint("ARGV " + json.dumps(["{name}", *sys.argv[1:]]))\n')
+        f.write_text(
+            f'#!/usr/bin/env python3\nimport json, sys\nprint("ARGV " + json.dumps(["{name}", *sys.argv[1:]]))\n'
+        )
         f.chmod(0o755)
     return d
 
@@ -94,7 +172,13 @@ def run_script(text: str, tmp_path: Path, fake_bin: Path, **env) -> subprocess.C
     script = tmp_path / "job.sh"
     script.write_text(text)
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and not k.startswith("HVDTRAIN_")}
-    full = {**base, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", **env}
+    full = {
+        **base,
+        "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "7",
+        "SLURM_NTASKS": "2",
+        **env,
+    }
     return subprocess.run(["bash", str(script)], env=full, capture_output=True, text=True, timeout=30)
 
 
@@ -104,31 +188,31 @@ def recorded(proc) -> list[str]:
 
 
 def test_body_substitutes_task_and_starts_ranks_with_srun_pmix(tmp_path, fake_bin):
-    spec = S.make_spec(run_dir=str(tmp_path / "r d"), array="0-3", ntasks_per_node=2)
-    text = S.render_script(spec, ["python", "t.py", "--seed", "{task}", "--out", "x-{job}-{task}", "a'b"])
+    spec = slurm.make_spec(run_dir=str(tmp_path / "r d"), array="0-3", ntasks_per_node=2)
+    text = slurm.render_script(spec, ["python", "t.py", "--seed", "{task}", "--out", "x-{job}-{task}", "a'b"])
     proc = run_script(text, tmp_path, fake_bin, SLURM_ARRAY_JOB_ID="5", SLURM_ARRAY_TASK_ID="3")
     assert proc.returncode == 0, proc.stderr
     argv = recorded(proc)
     assert argv[:5] == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--open-mode=append",
                         f"--output={tmp_path}/r d/logs/task-3/rank.%t.log"]  # fmt: skip
-    assert argv[5:9] == ["bash", "-c", S._PIN, "hvdtrain-pin"]
+    assert argv[5:9] == ["bash", "-c", slurm.PIN, "hvdtrain-pin"]
     assert argv[-7:] == ["python", "t.py", "--seed", "3", "--out", "x-5-3", "a'b"]
     assert "command exited with status 0" in proc.stdout
 
 
 def test_body_runs_hvdtrain_commands_directly_and_mpirun_on_request(tmp_path, fake_bin):
-    spec = S.make_spec(run_dir=str(tmp_path / "r"), launcher="mpirun")
-    proc = run_script(S.render_script(spec, ["python", "x.py"]), tmp_path, fake_bin)
+    spec = slurm.make_spec(run_dir=str(tmp_path / "r"), launcher="mpirun")
+    proc = run_script(slurm.render_script(spec, ["python", "x.py"]), tmp_path, fake_bin)
     assert recorded(proc)[:3] == ["mpirun", "-np", "2"]
     fake = fake_bin / "hvdtrain"
-    fake.write_text("#!/bin/sh\necho \"HVD $*\"\n")
+    fake.write_text('#!/bin/sh\necho "HVD $*"\n')
     fake.chmod(0o755)
-    proc = run_script(S.render_script(spec, ["hvdtrain", "train", "--lr", "0.1"]), tmp_path, fake_bin)
+    proc = run_script(slurm.render_script(spec, ["hvdtrain", "train", "--lr", "0.1"]), tmp_path, fake_bin)
     assert "HVD train --lr 0.1" in proc.stdout and "ARGV" not in proc.stdout
 
 
 def test_body_sweep_values_and_missing_value(tmp_path, fake_bin):
-    text = S.render_template("array-sweep.sbatch")
+    text = slurm.render_template("array-sweep.sbatch")
     proc = run_script(text, tmp_path, fake_bin, SLURM_ARRAY_JOB_ID="5", SLURM_ARRAY_TASK_ID="1",
                       HVDTRAIN_RUN_DIR=str(tmp_path / "r"))  # fmt: skip
     assert proc.returncode == 2 and "no command given" in proc.stderr
@@ -137,10 +221,14 @@ def test_body_sweep_values_and_missing_value(tmp_path, fake_bin):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HVDTRAIN_"))}
     env.update(PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="9", SLURM_NTASKS="1",
                SLURM_ARRAY_JOB_ID="5", SLURM_ARRAY_TASK_ID="1", HVDTRAIN_RUN_DIR=str(tmp_path / "r"))  # fmt: skip
-    proc = subprocess.run(["bash", str(script), "python", "--lr={value}"], env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(script), "python", "--lr={value}"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert recorded(proc)[-1] == "--lr=0.03", proc.stdout
     env["SLURM_ARRAY_TASK_ID"] = "7"
-    proc = subprocess.run(["bash", str(script), "python", "--lr={value}"], env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(script), "python", "--lr={value}"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2 and "task 7 has no entry" in proc.stderr
 
 
@@ -155,8 +243,12 @@ def test_body_sweep_values_and_missing_value(tmp_path, fake_bin):
     ],
 )
 def test_gpu_pinning_by_local_rank(k, env, want):
-    base = {k2: v for k2, v in os.environ.items() if k2 not in ("CUDA_VISIBLE_DEVICES", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")}
-    proc = subprocess.run(["bash", "-c", S._PIN, "pin", k, "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES"'],
+    base = {
+        k2: v
+        for k2, v in os.environ.items()
+        if k2 not in ("CUDA_VISIBLE_DEVICES", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
+    }
+    proc = subprocess.run(["bash", "-c", slurm.PIN, "pin", k, "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES"'],
                           env={**base, **env}, capture_output=True, text=True, timeout=10)  # fmt: skip
     assert proc.stdout.strip() == want, proc.stderr
 
@@ -187,62 +279,41 @@ def test_gpu_pinning_by_local_rank(k, env, want):
 )
 def test_bad_options(opts, needle, tmp_path):
     with pytest.raises(UsageError, match=None) as e:
-        S.make_spec(run_dir=str(tmp_path / "r"), **opts)
+        slurm.make_spec(run_dir=str(tmp_path / "r"), **opts)
     assert needle in str(e.value)
 
 
 def test_good_options(tmp_path):
     for t in ("30", "30:00", "01:30:00", "1-12", "1-12:00", "1-12:00:00", "UNLIMITED"):
-        S.make_spec(run_dir=str(tmp_path / "r"), time=t)
+        slurm.make_spec(run_dir=str(tmp_path / "r"), time=t)
     for a in ("0-2", "1,3,5", "0-9:2", "0-99%4", "1-3,7"):
-        S.make_spec(run_dir=str(tmp_path / "r"), array=a)
-    hybrid = S.make_spec(run_dir=str(tmp_path / "r"), gpus_per_node=8, gpus_per_rank=2)
+        slurm.make_spec(run_dir=str(tmp_path / "r"), array=a)
+    hybrid = slurm.make_spec(run_dir=str(tmp_path / "r"), gpus_per_node=8, gpus_per_rank=2)
     assert hybrid.ntasks_per_node == 4
-    assert S.make_spec(run_dir=str(tmp_path / "r"), gpus_per_node=4).ntasks_per_node == 4
+    assert slurm.make_spec(run_dir=str(tmp_path / "r"), gpus_per_node=4).ntasks_per_node == 4
 
 
 def test_run_dir_checks(tmp_path):
     with pytest.raises(UsageError, match="parent directory .* does not exist"):
-        S.make_spec(run_dir=str(tmp_path / "missing" / "r"))
+        slurm.make_spec(run_dir=str(tmp_path / "missing" / "r"))
     (tmp_path / "f").write_text("")
     with pytest.raises(UsageError, match="not a directory"):
-        S.make_spec(run_dir=str(tmp_path / "f"))
-    assert S.make_spec(run_dir="rel", now="x").run_dir == os.path.abspath("rel")
-
-
-# --- requeue ------------------------------------------------------------------------------------------------
-
-
-def test_requeue_id():
-    assert S.requeue_id({"SLURM_JOB_ID": "12"}) == "12"
-    assert S.requeue_id({"SLURM_JOB_ID": "13", "SLURM_ARRAY_JOB_ID": "10", "SLURM_ARRAY_TASK_ID": "3"}) == "10_3"
-    with pytest.raises(UsageError):
-        S.requeue_id({})
-
-
-def test_requeue_job_runs_scontrol(tmp_path, monkeypatch):
-    log = tmp_path / "calls"
-    fake = tmp_path / "scontrol"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n[ "$2" = "99" ] && {{ echo "Requested operation is disabled" >&2; exit 1; }}\nexit 0\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    assert S.requeue_job({"SLURM_JOB_ID": "13", "SLURM_ARRAY_JOB_ID": "10", "SLURM_ARRAY_TASK_ID": "3"}) == "10_3"
-    assert log.read_text() == "requeue 10_3\n"
-    with pytest.raises(LaunchError, match="Requested operation is disabled"):
-        S.requeue_job({"SLURM_JOB_ID": "99"})
-    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    with pytest.raises(LaunchError, match="scontrol is not on PATH"):
-        S.requeue_job({"SLURM_JOB_ID": "1"})
+        slurm.make_spec(run_dir=str(tmp_path / "f"))
+    assert slurm.make_spec(run_dir="rel", now="x").run_dir == os.path.abspath("rel")
 
 
 def test_parse_scontrol():
-    jobs = S.parse_scontrol("JobId=5 JobName=a ArrayJobId=4 ArrayTaskId=1 JobState=RUNNING Reason=None\nJobId=6 JobState=PENDING\n")
-    assert [j["JobId"] for j in jobs] == ["5", "6"] and S._job_label(jobs[0]) == "4_1"
-    (job,) = S.parse_scontrol("JobId=7 Command=/s/dp.sbatch hvdtrain train --run-dir /r WorkDir=/w StdOut=/w/o")
+    jobs = slurm.parse_scontrol(
+        "JobId=5 JobName=a ArrayJobId=4 ArrayTaskId=1 JobState=RUNNING Reason=None\nJobId=6 JobState=PENDING\n"
+    )
+    assert [j["JobId"] for j in jobs] == ["5", "6"] and slurm.jobs._job_label(jobs[0]) == "4_1"
+    (job,) = slurm.parse_scontrol("JobId=7 Command=/s/dp.sbatch hvdtrain train --run-dir /r WorkDir=/w StdOut=/w/o")
     assert job["Command"] == "/s/dp.sbatch hvdtrain train --run-dir /r" and job["WorkDir"] == "/w"
-    (job,) = S.parse_scontrol("JobId=8 WorkDir=/a b StdErr=/a b/o StdIn=/dev/null StdOut=/a b/o Power= TresPerNode=x")
+    (job,) = slurm.parse_scontrol(
+        "JobId=8 WorkDir=/a b StdErr=/a b/o StdIn=/dev/null StdOut=/a b/o Power= TresPerNode=x"
+    )
     assert job["StdOut"] == "/a b/o" and job["WorkDir"] == "/a b" and job["Power"] == ""
-    assert S._dirs_in_command(["x", "--run-dir", "a", "--output-dir=b"]) == ["a", "b"]
+    assert slurm.jobs._dirs_in_command(["x", "--run-dir", "a", "--output-dir=b"]) == ["a", "b"]
 
 
 # --- the CLI: bad input is one line and exit 2, nothing is submitted ----------------------------------------
@@ -253,7 +324,7 @@ def no_sbatch(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError(f"a process was started: {a}")
 
-    monkeypatch.setattr(S.subprocess, "run", refuse)
+    monkeypatch.setattr(slurm.jobs.subprocess, "run", refuse)
 
 
 def invoke(*args):
@@ -295,6 +366,23 @@ def test_submit_dry_run_prints_script_and_argv_and_writes_nothing(no_sbatch, tmp
     assert not run.exists()
 
 
+def test_submit_options_are_the_spec_fields():
+    """Each SlurmSpec field is one `submit` option with the field's default and help, written once."""
+    params = {p.name: p for p in submit.params}
+    for field in dataclasses.fields(slurm.SlurmSpec):
+        param = params[field.name]
+        assert param.default == field.default and param.help == field.metadata["help"], field.name
+    assert tuple(params["launcher"].type.choices) == slurm.LAUNCHERS
+    assert set(params) == {f.name for f in dataclasses.fields(slurm.SlurmSpec)} | {"dry_run", "command"}
+
+
+def test_submit_bad_launcher_is_a_usage_error(no_sbatch, tmp_path):
+    assert_usage_error(
+        invoke("submit", "--launcher", "horovodrun", "--run-dir", tmp_path / "r", "--", "python", "-c", "pass"),
+        "--launcher: unknown launcher 'horovodrun'; choose one of srun, mpirun",
+    )
+
+
 @pytest.mark.parametrize("cmd", [["status", "abc"], ["logs", "12x"], ["logs", "1;2"]])
 def test_status_logs_bad_job_id(cmd, no_sbatch):
     assert_usage_error(invoke(*cmd), "is not a Slurm job id")
@@ -302,7 +390,13 @@ def test_status_logs_bad_job_id(cmd, no_sbatch):
 
 def test_status_logs_unknown_job(tmp_path, monkeypatch):
     monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path))
-    monkeypatch.setattr(S, "_run", lambda argv, timeout=60: subprocess.CompletedProcess(argv, 1, "", "slurm_load_jobs error: Invalid job id specified"))
+    monkeypatch.setattr(
+        slurm.jobs,
+        "_run",
+        lambda argv, timeout=60: subprocess.CompletedProcess(
+            argv, 1, "", "slurm_load_jobs error: Invalid job id specified"
+        ),
+    )
     assert_usage_error(invoke("status", "424242"), "not known to Slurm")
     assert_usage_error(invoke("logs", "424242"), "not known to Slurm")
     assert_usage_error(invoke("logs", "424242", "--rank", "0"), "not known to Slurm")

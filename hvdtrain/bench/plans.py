@@ -1,0 +1,268 @@
+"""What crosses the process boundary of the benchmarks, and the benchmarks' own options: small dataclasses.
+
+Both sides import this module, so it imports nothing heavy (no torch, no click). The launching side
+resolves a settings class (`AllreduceSettings`, `TrainSettings`: one CLI option per field, its default,
+--tiny's default and its help written once, in the field) and writes one worker plan per launch
+(`AllreduceWorkerPlan`, `TrainWorkerPlan`) as JSON; every rank reads it back with `from_json`, which
+rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, Mapping, Optional, Sequence, TypeVar
+
+from hvdtrain.errors import UsageError
+
+T = TypeVar("T")
+_UNSET = object()
+
+# Implementations the allreduce worker times, in the order of the report's columns.
+IMPLS = ("horovod_mpi", "mpi4py", "horovod_gloo", "torch_gloo")
+IMPL_LABELS = {"horovod_mpi": "hvd-mpi", "mpi4py": "mpi4py", "horovod_gloo": "hvd-gloo", "torch_gloo": "torch-gloo"}
+
+# How the throughput worker drives a step; trainer_lean is a diagnostic, run only when asked for.
+ARMS = ("horovod", "trainer", "ddp", "trainer_lean")
+DEFAULT_ARMS = ("horovod", "trainer", "ddp")
+TRAIN_TARGETS = {"trainer_over_horovod": 0.98, "trainer_over_ddp": 1.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans written by the launching side and read by the workers
+# --------------------------------------------------------------------------------------------------
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build dataclass `cls` (and the dataclasses nested in its fields) from `data`; unknown or missing keys
+    fail with the list of valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    missing = sorted(
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    if unknown or missing:
+        problem = f"unknown keys {unknown}" if unknown else f"missing keys {missing}"
+        raise ValueError(f"{cls.__name__}: {problem}; valid keys are: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _build(hints[name], value) for name, value in data.items()})
+
+
+def _build(kind: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        return [_build(args[0], v) for v in value]
+    if origin is tuple:
+        return tuple(_build(args[0], v) for v in value)
+    if origin is dict:
+        return {k: _build(args[1], v) for k, v in value.items()}
+    return value
+
+
+class JsonPlan:
+    """to_json / from_json for the plan dataclasses below."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls: type[T], text: str) -> T:
+        return from_dict(cls, json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class AllreduceWorkerPlan(JsonPlan):
+    """One launch of hvdtrain.bench.allreduce_worker."""
+
+    controller: str  # "mpi": memcpy, mpi4py, Horovod (MPI); "gloo": torch.distributed gloo, Horovod (Gloo)
+    sizes: list[int]  # message sizes in bytes (float32 tensors of size/4 elements)
+    warmup: int  # untimed calls per size
+    iters: int  # timed calls per size up to 16 MiB (fewer above, see report.iterations_for)
+    store: str = ""  # torch.distributed's FileStore file (absolute path; the runner fills it in)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """How hvdtrain.train.models.build makes one benchmark model (input 1x8x8, 10 classes)."""
+
+    model: str  # a hvdtrain.train.models name
+    hidden: int
+    depth: int
+    about: str  # why this shape is in the benchmark
+
+
+MODEL_SHAPES = {
+    "deep_mlp": ModelShape("deep_mlp", hidden=128, depth=16, about="many small tensors (36)"),
+    "wide_mlp": ModelShape("mlp", hidden=1024, depth=1, about="few large tensors (6)"),
+}
+TINY_MODEL_SHAPES = {
+    "deep_mlp": ModelShape("deep_mlp", hidden=32, depth=4, about="many small tensors (12)"),
+    "wide_mlp": ModelShape("mlp", hidden=256, depth=1, about="few large tensors (6)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One timed run of one arm on one model shape in a throughput worker."""
+
+    arm: str  # one of ARMS
+    model: str  # a key of the plan's models
+    compression: str  # "none" | "fp16"
+    round: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm}/{self.model}" + ("/fp16" if self.compression == "fp16" else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Horovod's pytorch_synthetic_benchmark scheme: `warmup` untimed batches, then `iters` timed iterations of
+    `batches_per_iter` batches each."""
+
+    batch_size: int
+    warmup: int
+    iters: int
+    batches_per_iter: int
+
+    @property
+    def steps(self) -> int:
+        """Steps one measurement runs, warm-up included."""
+        return self.warmup + self.iters * self.batches_per_iter
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainWorkerPlan(JsonPlan):
+    """One launch of hvdtrain.bench.throughput_worker: its measurements, in the order they run."""
+
+    timing: Timing
+    lr: float  # for one rank; every arm scales it by the number of ranks
+    controller: Optional[str]  # the launch's Horovod controller (recorded in the result)
+    models: dict[str, ModelShape]
+    measurements: list[Measurement]
+    run_root: str  # the Trainer arms' run directories go below it (absolute path)
+    store: str = ""  # torch.distributed's FileStore file (absolute path; the runner fills it in)
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmarks' options: one field each, generated into click options by hvdtrain.cli
+# --------------------------------------------------------------------------------------------------
+
+
+def option(default: Any, help: str, *, tiny: Any = _UNSET, low: Optional[int] = None, choices: Sequence[str] = ()):
+    """A settings field: its default, its default under --tiny, its --help text, the smallest value it takes
+    and, for a comma-separated list, the valid items."""
+    meta: dict[str, Any] = {"help": help, "low": low, "choices": tuple(choices)}
+    if tiny is not _UNSET:
+        meta["tiny"] = tiny
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class AllreduceSettings:
+    """`hvdtrain bench allreduce`'s own options."""
+
+    out: str = option("runs/bench-allreduce", "Directory for allreduce.json/.png, parts/, logs/.")
+    sizes: Optional[str] = option(
+        None, "Comma-separated message sizes, e.g. 4,1KiB,64MiB (excludes --min/--max-bytes).", tiny="4,1KiB,64KiB"
+    )
+    min_bytes: str = option("4", "Smallest message; K/M/G are binary, e.g. 1KiB.")
+    max_bytes: str = option("256MiB", "Largest message.")
+    step_factor: int = option(2, "Multiply the size by this each step.", low=2)
+    warmup: int = option(5, "Untimed calls per size.", tiny=1, low=0)
+    iters: int = option(20, "Timed calls per size up to 16 MiB, fewer above.", tiny=3, low=1)
+    tiny: bool = option(False, "A few small sizes and iterations: the smoke run of the test suite.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """`hvdtrain bench train`'s own options."""
+
+    out: str = option("runs/bench-train", "Directory for train.json/.png, parts/, logs/.")
+    max_np: Optional[int] = option(
+        None, "Sweep np = 1..N; N is -np if given, else SLURM_NTASKS inside an allocation, else the cores.", low=1
+    )
+    models: tuple[str, ...] = option(tuple(MODEL_SHAPES), "Comma-separated model shapes.", choices=tuple(MODEL_SHAPES))
+    arms: tuple[str, ...] = option(
+        DEFAULT_ARMS, "Comma-separated arms (trainer_lean: a diagnostic, see docs/performance.md).", choices=ARMS
+    )
+    batch_size: int = option(32, "Samples per rank per batch.", tiny=16, low=1)
+    warmup: int = option(10, "Untimed warm-up batches.", tiny=2, low=0)
+    iters: int = option(10, "Timed iterations per round.", tiny=3, low=1)
+    batches_per_iter: int = option(10, "Batches per timed iteration.", tiny=2, low=1)
+    rounds: int = option(2, "Repeat every measurement, alternating arm order.", tiny=1, low=1)
+    ablations: bool = option(True, "Also fusion off and fp16 compression.")
+    tiny: bool = option(False, "Small models and few batches: the smoke run of the test suite.")
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(self.batch_size, self.warmup, self.iters, self.batches_per_iter)
+
+    @property
+    def model_shapes(self) -> dict[str, ModelShape]:
+        catalogue = TINY_MODEL_SHAPES if self.tiny else MODEL_SHAPES
+        return {name: catalogue[name] for name in self.models}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_csv(text: str, valid: Sequence[str], flag: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b'), every item one of `valid`, duplicates dropped; else a UsageError naming `flag`."""
+    items = [t.strip() for t in text.split(",")]
+    bad = [t for t in items if t not in valid]
+    if not text.strip() or bad:
+        what = ", ".join(repr(b) for b in bad) or "empty list"
+        raise UsageError(f"{flag}: unknown {what}; choose from {', '.join(valid)}")
+    return tuple(dict.fromkeys(items))
+
+
+def show(value: Any) -> str:
+    """A default as the user would type it."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def help_text(field: dataclasses.Field) -> str:
+    """The field's help with its valid items and its defaults, e.g. 'Untimed calls per size. [default: 5; tiny: 1]'."""
+    meta = field.metadata
+    text = meta["help"]
+    if meta["choices"]:
+        text += f" Choose from {', '.join(meta['choices'])}."
+    if isinstance(field.default, bool):
+        return text + (f" [default: {flag(field.name)}]" if field.default else "")
+    shown = [f"default: {show(field.default)}"] if field.default is not None else []
+    if "tiny" in meta:
+        shown.append(f"tiny: {show(meta['tiny'])}")
+    return text + (f" [{'; '.join(shown)}]" if shown else "")
+
+
+def resolve(cls: type[T], given: Mapping[str, Any]) -> T:
+    """Settings from the options the user gave (None or absent: not given): the field's default, or its tiny
+    default when `given['tiny']`; comma-separated lists parsed and checked against the field's choices; every
+    number checked against its lower bound. Raises UsageError naming the flag."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise UsageError(f"unknown options {unknown}; valid ones are: {', '.join(names)}")
+    tiny = bool(given.get("tiny"))
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = given.get(f.name)
+        if value is None:
+            value = f.metadata["tiny"] if tiny and "tiny" in f.metadata else f.default
+        if f.metadata["choices"] and value is not None:
+            text = value if isinstance(value, str) else ",".join(value)
+            value = parse_csv(text, f.metadata["choices"], flag(f.name))
+        low = f.metadata["low"]
+        if low is not None and value is not None and value < low:
+            raise UsageError(f"{flag(f.name)} {value}: must be at least {low}")
+        values[f.name] = value
+    return cls(**values)

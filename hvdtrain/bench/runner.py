@@ -1,0 +1,99 @@
+"""The one pipeline both benchmarks run: jobs -> run_job per spec -> parts -> JSON, PNG and table.
+
+A benchmark builds its jobs (one launch of its worker each, with the plan its ranks read) and says how to
+turn the workers' parts into its result, table and plot (`Bench`); `run` does the rest: with --dry-run it
+prints every job's command; otherwise it writes each worker plan into OUT/parts/, launches the job, reads
+every part back, and writes OUT/NAME.json and OUT/NAME.png and prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+from hvdtrain import launch
+from hvdtrain.bench import plans, report
+from hvdtrain.errors import UsageError
+from hvdtrain.files import write_text_atomic
+
+WorkerPlan = Union[plans.AllreduceWorkerPlan, plans.TrainWorkerPlan]
+
+
+@dataclasses.dataclass
+class Job:
+    """One launch of a benchmark worker."""
+
+    name: str  # names its files: parts/plan-NAME.json (its plan), parts/NAME.json (its result), logs/NAME/
+    spec: launch.LaunchSpec  # whose command is worker_command(..., name)
+    plan: WorkerPlan  # what its ranks read; `store` is filled in by `run`
+    about: str  # one line for the progress message and the dry run's heading
+    detail: str = ""  # more for the dry run's heading (the measurements, in order)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """What one benchmark adds to the pipeline."""
+
+    name: str  # "allreduce": OUT/allreduce.json, OUT/allreduce.png, "hvdtrain bench allreduce: ..."
+    collect: Callable[[list[dict]], dict]  # the workers' parts, in job order -> the result
+    table: Callable[[dict], str]
+    plot: Callable[[dict, Path], Path]
+    scratch: Sequence[Path] = ()  # directories the workers write into, removed after the last job
+
+
+def out_dir(out: str) -> Path:
+    """--out as a Path; raises UsageError when it exists and is not a directory."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory; give a directory")
+    return path
+
+
+def plan_path(out: Path, name: str) -> Path:
+    return out / "parts" / f"plan-{name}.json"
+
+
+def part_path(out: Path, name: str) -> Path:
+    return out / "parts" / f"{name}.json"
+
+
+def worker_command(module: str, out: Path, name: str) -> list[str]:
+    """`python -m MODULE PLAN.json OUT.json`: what every rank of job `name` runs."""
+    return [sys.executable, "-m", module, str(plan_path(out, name)), str(part_path(out, name))]
+
+
+def run(
+    bench: Bench, out: Path, jobs: Sequence[Job], dry_run: bool = False, echo: Callable[[str], None] = print
+) -> dict:
+    """Launch every job in turn (or print their commands), then collect, write the JSON and PNG, print the
+    table; returns the result ({} for a dry run)."""
+    if dry_run:
+        for job in jobs:
+            echo(f"# {job.about}" + (f": {job.detail}" if job.detail else ""))
+            launch.run_job(job.spec, dry_run=True, echo=echo)
+        return {}
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        store = out / "parts" / f".torch-store-{job.name}-{os.getpid()}-{time.time_ns()}"
+        plan = dataclasses.replace(job.plan, store=str(store.resolve()))
+        write_text_atomic(plan_path(out, job.name), plan.to_json())
+        part_path(out, job.name).unlink(missing_ok=True)
+        echo(f"hvdtrain bench {bench.name}: {job.about} ...")
+        try:
+            launch.run_job(job.spec, echo=lambda _line: None)
+        finally:
+            store.unlink(missing_ok=True)  # torch's FileStore file
+    for scratch in bench.scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = bench.collect([report.read_json(part_path(out, job.name)) for job in jobs])
+    json_path, png_path = out / f"{bench.name}.json", out / f"{bench.name}.png"
+    report.write_json(json_path, result)
+    bench.plot(result, png_path)
+    echo(bench.table(result))
+    echo(f"wrote {json_path} and {png_path}")
+    return result

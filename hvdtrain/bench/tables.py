@@ -1,0 +1,100 @@
+"""The benchmarks' text tables, from their results (allreduce.json, train.json) alone."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from hvdtrain.bench import plans, report
+
+
+def allreduce(result: dict) -> str:
+    """Time per call (us) and busbw (GB/s) per implementation, one line per size; memcpy's copy GB/s."""
+    rows = result["rows"]
+    impls = [i for i in plans.IMPLS if any(r["impl"] == i for r in rows)]
+    has_memcpy = any(r["impl"] == "memcpy" for r in rows)
+    headers = ["size"]
+    for impl in impls:
+        headers += [f"{plans.IMPL_LABELS[impl]} us", f"{plans.IMPL_LABELS[impl]} bus"]
+    if has_memcpy:
+        headers.append("memcpy GB/s")
+    by = {(r["impl"], r["bytes"]): r for r in rows}
+    lines = []
+    for size in result["meta"]["sizes"]:
+        line: list[Any] = [report.format_bytes(size)]
+        for impl in impls:
+            r = by.get((impl, size))
+            line += [r["time_us"], r["busbw_GBps"]] if r else [None, None]
+        if has_memcpy:
+            r = by.get(("memcpy", size))
+            line.append(r["algbw_GBps"] if r else None)
+        lines.append(line)
+    s = result["summary"]
+    n = result["meta"]["np"]
+    title = f"allreduce on {n} ranks: time per call (us) and bus bandwidth busbw = algbw x 2(n-1)/n (GB/s)"
+    out = [report.render_table(headers, lines, title)]
+    ref = report.format_bytes(s["reference_bytes"])
+    for key, label in (
+        ("horovod_mpi_over_mpi4py_busbw", "Horovod (MPI) / mpi4py busbw"),
+        ("horovod_gloo_over_torch_gloo_busbw", "Horovod (Gloo) / torch.distributed gloo busbw"),
+    ):
+        if s.get(key) is not None:
+            out.append(f"{label} at {ref}: {s[key]:.3f}")
+    if s.get("target_met") is not None:
+        target = s["target_horovod_mpi_over_mpi4py"]
+        verdict = "met" if s["target_met"] else "NOT met"
+        out.append(f"target Horovod (MPI) busbw >= {target} x mpi4py at {ref}: {verdict}")
+    return "\n".join(out)
+
+
+def _pm(mean: float, conf: float) -> str:
+    return f"{mean:,.0f} +- {conf:,.0f}"
+
+
+def _efficiency(e: Optional[dict]) -> Optional[str]:
+    if e is None:
+        return None
+    if e["efficiency_conf"] is None:
+        return f"{e['efficiency']:.3f}"
+    return f"{e['efficiency']:.3f} +- {e['efficiency_conf']:.3f}"
+
+
+def train(result: dict) -> str:
+    """Throughput per (model, config, np) with weak-scaling efficiency; side by side; ablations."""
+    eff = {(s["model"], s["config"], s["np"]): s for s in result["scaling"]}
+    lines = [
+        [r["model"], r["config"], r["np"], _pm(r["per_rank_mean"], r["per_rank_conf"]), _pm(r["total"], r["total_conf"]),
+         _efficiency(eff.get((r["model"], r["config"], r["np"])))]
+        for r in result["rows"]
+    ]  # fmt: skip
+    out = [report.render_table(
+        ["model", "config", "np", "samples/s per rank", "total samples/s", "weak-scaling eff."], lines,
+        "throughput (mean +- 1.96 sigma over iterations; total = np x per rank, as pytorch_synthetic_benchmark)",
+    )]  # fmt: skip
+    sbs = result["side_by_side"]
+    if sbs:
+        targets = ", ".join(f"{k.replace('_over_', '/')} >= {v}" for k, v in plans.TRAIN_TARGETS.items())
+        out.append("")
+        out.append(report.render_table(
+            ["model", "np", "trainer", "horovod", "ddp", "trainer/horovod", "(median of rounds)", "trainer/ddp", "horovod/ddp"],
+            [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["ddp_total"], s["trainer_over_horovod"],
+              s.get("trainer_over_horovod_median_round"), s["trainer_over_ddp"], s["horovod_over_ddp"]] for s in sbs],
+            f"side by side (total samples/s; targets: {targets})",
+        ))  # fmt: skip
+        for s in sbs:
+            verdicts = [
+                f"{k} {'met' if s[f'{k}_target_met'] else 'NOT met'}"
+                for k in plans.TRAIN_TARGETS
+                if s[f"{k}_target_met"] is not None
+            ]
+            if verdicts:
+                out.append(f"  {s['model']} np={s['np']}: " + "; ".join(verdicts))
+    abl = result["ablations"]
+    if abl and any(a["no_fusion_total"] is not None or a["fp16_total"] is not None for a in abl):
+        out.append("")
+        out.append(report.render_table(
+            ["model", "np", "horovod", "no fusion", "ratio", "fp16", "ratio"],
+            [[a["model"], a["np"], a["base_total"], a["no_fusion_total"], a["no_fusion_over_base"], a["fp16_total"],
+              a["fp16_over_base"]] for a in abl],
+            "ablations of the Horovod loop (total samples/s; ratio to fusion on, no compression)",
+        ))  # fmt: skip
+    return "\n".join(out)

@@ -1,0 +1,100 @@
+"""The one owner of every name in a run directory (in the spirit of submitit's JobPaths).
+
+    runs/train-20261123-160000/          RunDir(path)
+      config.json                         .config       the TrainConfig (written once, by the launching side)
+      metrics.jsonl                       .metrics      one JSON object per record (rank 0)
+      tensorboard/                        .tensorboard  TensorBoard events (rank 0)
+      checkpoints/step-XXXXXXXX.pt        .checkpoints  .checkpoint(step)  (rank 0, atomic)
+      result.json                         .result       the run's results (rank 0)
+      logs/rank.R.log, rank.R.exit        .logs         RankLogs: every rank's output and exit status
+      job.sbatch, slurm-<id>.out          .job_script   .slurm_output(job, task)  (hvdtrain submit)
+
+Only names live here: no module imports anything heavy, so the CLI, the launcher, the rank wrapper, the
+Slurm jobs module and the Trainer all take their paths from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+PathLike = Union[str, Path]
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
+# sbatch's output file names (%j job id; %A array job id, %a task id), and what they become for one job.
+SLURM_OUTPUT = "slurm-%j.out"
+SLURM_ARRAY_OUTPUT = "slurm-%A_%a.out"
+
+
+@dataclasses.dataclass(frozen=True)
+class RankLogs:
+    """A folder of per-rank records: rank.R.log (the rank's output) and rank.R.exit (its exit status),
+    written by the rank wrapper and read by the launcher to name a failing rank."""
+
+    path: Path
+
+    def __init__(self, path: PathLike):
+        object.__setattr__(self, "path", Path(path))
+
+    def log(self, rank: int) -> Path:
+        return self.path / f"rank.{rank}.log"
+
+    def exit(self, rank: int) -> Path:
+        return self.path / f"rank.{rank}.exit"
+
+    def log_pattern(self, pattern: str) -> Path:
+        """rank.R.log with a launcher's pattern in place of R, e.g. srun's ``%t`` (the task's rank):
+        where ``srun --output`` writes each rank's output so that log(rank) finds it."""
+        return self.path / f"rank.{pattern}.log"
+
+    def openmpi_output(self, rank: int) -> Path:
+        """Where ``mpirun --output-filename <this folder>`` (OpenMPI 4) writes rank R's stdout."""
+        return self.path / "1" / f"rank.{rank}" / "stdout"
+
+    def exit_records(self) -> Iterator[tuple[int, Path]]:
+        """(rank, path) of every exit record present, in no particular order."""
+        for p in self.path.glob("rank.*.exit"):
+            try:
+                yield int(p.name.split(".")[1]), p
+            except (ValueError, IndexError):
+                continue
+
+    def task(self, task: Optional[str]) -> RankLogs:
+        """The logs of one array task (task-T under this folder), or these when not an array task."""
+        return RankLogs(self.path / f"task-{task}") if task is not None else self
+
+
+class RunDir:
+    """The paths of one run directory; nothing is created until a writer asks for its parent."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.tensorboard = self.path / "tensorboard"
+        self.checkpoints = self.path / "checkpoints"
+        self.result = self.path / "result.json"
+        self.logs = RankLogs(self.path / "logs")
+        self.job_script = self.path / "job.sbatch"
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    def slurm_output(self, job: str, task: Optional[str] = None) -> Path:
+        """The output file of Slurm job `job` (array task `task`) submitted from this run directory."""
+        name = SLURM_ARRAY_OUTPUT if task is not None else SLURM_OUTPUT
+        return self.path / name.replace("%A", job).replace("%a", str(task)).replace("%j", job)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def checkpoint_step(path: PathLike) -> Optional[int]:
+    """The step of a finished checkpoint file name, None for anything else (e.g. a temporary file)."""
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None

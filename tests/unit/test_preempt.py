@@ -1,0 +1,73 @@
+"""The preemption flag and the requeue that follows the checkpoint inside Slurm (scontrol faked on PATH)."""
+
+import os
+import signal
+
+import pytest
+
+from hvdtrain import preempt
+from hvdtrain.env import SlurmEnv
+from hvdtrain.errors import LaunchError, UsageError
+
+ARRAY_TASK = {"SLURM_JOB_ID": "13", "SLURM_ARRAY_JOB_ID": "10", "SLURM_ARRAY_TASK_ID": "3"}
+
+
+def test_signal_sets_the_flag_instead_of_killing():
+    preempt.reset()
+    preempt.install("USR1")
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preempt.requested()
+    finally:
+        preempt.uninstall()
+        preempt.reset()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_slurm_env_job_label():
+    assert SlurmEnv.read({"SLURM_JOB_ID": "12"}).job_label == "12"
+    assert SlurmEnv.read(ARRAY_TASK).job_label == "10_3"
+    assert SlurmEnv.read({}).job_label is None
+    env = SlurmEnv.read(
+        {"SLURM_JOB_ID": "5", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2(x2)", "SLURM_RESTART_COUNT": "2"}
+    )
+    assert (env.in_allocation, env.ntasks, env.ntasks_per_node, env.restart_count) == (True, 4, 2, 2)
+    assert not SlurmEnv.read({"SLURM_JOB_ID": "5"}).in_allocation
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path, monkeypatch):
+    log = tmp_path / "calls"
+    fake = tmp_path / "scontrol"
+    fake.write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\n[ "$2" = "99" ] && {{ echo "Requested operation is disabled" >&2; exit 1; }}\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_requeue_job_runs_scontrol(fake_scontrol, tmp_path, monkeypatch):
+    assert preempt.requeue_job(ARRAY_TASK) == "10_3"
+    assert fake_scontrol.read_text() == "requeue 10_3\n"
+    with pytest.raises(LaunchError, match="Requested operation is disabled"):
+        preempt.requeue_job({"SLURM_JOB_ID": "99"})
+    with pytest.raises(UsageError, match="not inside a Slurm job"):
+        preempt.requeue_job({})
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(LaunchError, match="scontrol is not on PATH"):
+        preempt.requeue_job({"SLURM_JOB_ID": "1"})
+
+
+def test_requeue_after_preemption_respects_the_limit(fake_scontrol):
+    said = []
+    assert preempt.requeue_after_preemption(True, 3, said.append, {}) is None  # not in Slurm
+    assert preempt.requeue_after_preemption(False, 3, said.append, {"SLURM_JOB_ID": "7"}) is None
+    assert not fake_scontrol.exists() and said == []
+    limit = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3"}
+    assert preempt.requeue_after_preemption(True, 3, said.append, limit) is None
+    assert said == ["not requeueing: the job was already requeued 3 times (--max-requeues 3)"]
+    assert (
+        preempt.requeue_after_preemption(True, 3, said.append, {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "2"}) == "7"
+    )
+    assert fake_scontrol.read_text() == "requeue 7\n"

@@ -1,0 +1,146 @@
+"""Trainer.fit() in this process, on one rank (Horovod initialises as a single process): the step count,
+the checkpoint schedule, evaluation, the hooks, a preemption request and the resume after it — and the
+math: one rank's Trainer equals a hand-written torch loop over the same batches."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from hvdtrain import preempt
+from hvdtrain.config import TrainConfig
+from hvdtrain.train import checkpoint, datasets, models
+from hvdtrain.train.hooks import Hook
+from hvdtrain.train.trainer import Trainer, params_sha256
+
+SAMPLES, BATCH = 256, 16  # 16 steps per epoch on one rank
+
+
+def config(tmp_path, name="run", **overrides):
+    base = dict(model="mlp", hidden=16, data="synthetic", synthetic_samples=SAMPLES, batch_size=BATCH, epochs=3,
+                lr=0.05, log_every=5, deterministic=True, preempt_signal="USR2", run_dir=str(tmp_path / name))  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+class Counter(Hook):
+    def __init__(self, request_stop_at=None):
+        self.calls: dict[str, list] = {}
+        self.request_stop_at = request_stop_at
+
+    def _note(self, name, value):
+        self.calls.setdefault(name, []).append(value)
+
+    def on_fit_start(self, trainer):
+        self._note("fit_start", trainer.state.step)
+
+    def on_step_start(self, trainer):
+        self._note("step_start", trainer.state.step)
+
+    def on_step_end(self, trainer):
+        self._note("step_end", trainer.state.step)
+        if trainer.state.step == self.request_stop_at:
+            preempt.request()
+
+    def on_epoch_end(self, trainer):
+        self._note("epoch_end", trainer.state.step)
+
+    def on_checkpoint(self, trainer, path):
+        self._note("checkpoint", path.name)
+
+    def on_fit_end(self, trainer, result):
+        self._note("fit_end", result["steps"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod_in_this_process():
+    """Horovod initialises once in this pytest process (as a single rank, MPI singleton) and is shut down after
+    this module, so its background thread does not poll through the rest of the tier."""
+    for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        os.environ.setdefault(name, "1")
+    yield
+    import horovod.torch as hvd
+
+    if hvd.is_initialized():
+        hvd.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_request():
+    preempt.reset()
+    yield
+    preempt.reset()
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_max_steps_checkpoints_eval_and_hooks(tmp_path):
+    cfg = config(tmp_path, max_steps=40, checkpoint_every=10, keep_checkpoints=10)
+    hook = Counter()
+    lines = []
+    result = Trainer(cfg, hooks=[hook], echo=lines.append).fit()
+    run_dir = tmp_path / "run"
+    assert result["steps"] == 40 and result["epochs_done"] == 2 and not result["preempted"]
+    assert json.loads((run_dir / "result.json").read_text()) == json.loads(json.dumps(result))
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [
+        f"step-{s:08d}.pt" for s in (10, 20, 30, 40)
+    ]  # the end state is step 40, which the schedule had just written: no second copy
+    assert hook.calls["checkpoint"] == [f"step-{s:08d}.pt" for s in (10, 20, 30, 40)]
+    assert hook.calls["step_start"] == list(range(40)) and hook.calls["step_end"] == list(range(1, 41))
+    assert hook.calls["fit_start"] == [0] and hook.calls["epoch_end"] == [16, 32] and hook.calls["fit_end"] == [40]
+    got = rows(run_dir)
+    assert [r["step"] for r in got if "train_loss" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [r["step"] for r in got if "test_accuracy" in r] == [16, 32, 40]  # after epochs 1 and 2, and the end
+    assert any(line.startswith("epoch 1/3 step 5/40 loss ") for line in lines)
+    assert lines[-1].startswith(f"test accuracy: {result['test_accuracy']:.4f}")
+    assert TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == cfg
+
+
+def test_one_rank_equals_a_plain_torch_loop(tmp_path):
+    """Same model seed, same sampler order, SGD with momentum: the Trainer's weights are a plain loop's."""
+    cfg = config(tmp_path, max_steps=20, eval_every_epoch=False)
+    trainer = Trainer(cfg, echo=lambda _line: None)
+    trainer.fit()
+
+    data = datasets.synthetic(SAMPLES, seed=0)
+    torch.manual_seed(0)
+    model = models.build("mlp", data.input_shape, data.num_classes, hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # DistributedSampler's order on one rank: a permutation seeded with seed + epoch (20 steps: 16 + 4).
+    orders = [torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(epoch)) for epoch in (0, 1)]
+    x_all, y_all = data.train.tensors
+    for index in torch.cat(orders).split(BATCH)[:20]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x_all[index]), y_all[index]).backward()
+        opt.step()
+    for (name, mine), theirs in zip(trainer.model.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6, msg=name)
+
+
+def test_preemption_request_stops_at_the_agreed_step_and_resumes_exactly(tmp_path):
+    """A request after step 7 travels in the window closed at step 10 (log_every 5), which is read after
+    step 11: training stops there, checkpoints it, and a resume continues to the same weights."""
+    hook = Counter(request_stop_at=7)
+    result = Trainer(config(tmp_path, max_steps=30), hooks=[hook], echo=lambda _line: None).fit()
+    assert result["preempted"] and result["requeued"] is None and result["steps"] == 11
+    assert hook.calls["checkpoint"] == ["step-00000011.pt"] and hook.calls["fit_end"] == [11]
+    assert "test_accuracy" not in result
+
+    preempt.reset()
+    again = Counter()
+    resumed = Trainer(config(tmp_path, max_steps=30, resume=True), hooks=[again], echo=lambda _line: None).fit()
+    assert again.calls["fit_start"] == [11] and again.calls["step_end"][0] == 12
+    straight = Trainer(config(tmp_path, name="straight", max_steps=30), echo=lambda _line: None).fit()
+    assert resumed["steps"] == straight["steps"] == 30
+    assert resumed["params_sha256"] == straight["params_sha256"]
+    assert resumed["test_loss"] == straight["test_loss"]
+
+
+def test_params_sha256_sees_every_bit():
+    model = torch.nn.Linear(3, 2)
+    before = params_sha256(model)
+    with torch.no_grad():
+        model.bias[0] = torch.nextafter(model.bias[0], torch.tensor(10.0))
+    assert params_sha256(model) != before
