@@ -23,6 +23,7 @@ MODELS = ("mlp", "cnn", "deep_mlp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16")
 REDUCE_OPS = ("average", "adasum")
+PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT")
 
 
 def _f(default, help: str, choices: Optional[tuple[str, ...]] = None):
@@ -120,12 +121,7 @@ class TrainConfig:
                 bad("data", f"no such file '{self.data}'")
         if self.resume_from is not None and not Path(self.resume_from).is_file():
             bad("resume-from", f"no such checkpoint '{self.resume_from}'")
-        if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in (
-            "USR1",
-            "USR2",
-            "TERM",
-            "INT",
-        ):
+        if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in PREEMPT_SIGNALS:
             bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
         return self
 

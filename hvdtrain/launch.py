@@ -220,6 +220,7 @@ def make_spec(
         raise UsageError("-H and --hostfile exclude each other: give the hosts one way")
     slurm = SlurmEnv.read(environ)
     launcher = resolve_launcher(launcher, slurm.in_allocation and not (hosts or hostfile))
+    controller = resolve_controller(launcher, gloo, mpi, default_controller)
     if np is not None and np <= 0:
         raise UsageError(f"-np {np}: the number of ranks must be at least 1")
 
@@ -232,7 +233,6 @@ def make_spec(
             )
         if hosts or hostfile:
             raise UsageError("-H/--hostfile do not apply to srun: Slurm places the ranks of its allocation")
-        controller = resolve_controller(launcher, gloo, mpi, default_controller)
         allocated = slurm.ntasks
         np = allocated if np is None else np
         if np > allocated:
@@ -242,7 +242,6 @@ def make_spec(
             )
         per_host = -(-np // max(1, slurm.nnodes or 1))
     else:
-        controller = resolve_controller(launcher, gloo, mpi, default_controller)
         if hostfile:
             host_list = parse_hostfile(hostfile)
         elif hosts:

@@ -48,6 +48,11 @@ class TrainState:
             "step": self.step,
         }
 
+    @staticmethod
+    def position_in(checkpoint: dict[str, Any]) -> tuple[int, int, int]:
+        """The (epoch, step_in_epoch, step) a checkpoint written by to_checkpoint holds."""
+        return checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["step"]
+
     def load_weights(self, checkpoint: dict[str, Any]) -> None:
         """Model and optimizer from a checkpoint (rank 0 reads the file; the others receive a broadcast)."""
         self.model.load_state_dict(checkpoint["model"])

@@ -111,7 +111,7 @@ class Trainer:
         self.data = self._user_dataset or datasets.load(cfg.data, cfg.synthetic_samples, cfg.seed)
         # Same seed on every rank for the initial weights (rank 0's are broadcast anyway).
         seed_everything(cfg.seed)
-        self.model = self._place(
+        model = self._place(
             self._user_model
             or models.build(cfg.model, self.data.input_shape, self.data.num_classes, cfg.hidden, cfg.depth)
         )
@@ -119,9 +119,14 @@ class Trainer:
         seed_everything(cfg.seed + self.rank)
         self.update = update_rule(cfg)
         self.lr = self.update.learning_rate()
-        self.state = TrainState(self.model, self.update.make_optimizer(self.model, self.lr))
+        self.state = TrainState(model, self.update.make_optimizer(model, self.lr))
         self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed)
         self.fingerprint = checkpoint.fingerprint(cfg, self.size)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model being trained (the state's: a resume or a reset replaces it there)."""
+        return self.state.model
 
     def _place(self, model: nn.Module) -> nn.Module:
         """This rank's device (data), or a pipeline over its k devices (model, hybrid)."""
@@ -139,7 +144,7 @@ class Trainer:
 
     def _plan_steps(self) -> None:
         cfg, k = self.cfg, self.cfg.backward_passes_per_step
-        self.steps_per_epoch = len(self._batches(0)) // k
+        self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size) // k  # len(self._batches(e)) // k
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} x --backward-passes-per-step {k} is more than this rank's "
@@ -170,12 +175,9 @@ class Trainer:
             return None
         if self.is_main:
             self.state.load_weights(saved)
-            self.update.load_state_dict(saved.get("update", {}))
         horovod.broadcast_state(self.model, self.state.optimizer)
         position = horovod.broadcast_object(
-            ((saved["epoch"], saved["step_in_epoch"], saved["step"]), saved["rng"], saved.get("update", {}))
-            if self.is_main
-            else None,
+            (TrainState.position_in(saved), saved["rng"], saved.get("update", {})) if self.is_main else None,
             name="hvdtrain.position",
         )
         self.state.position, rngs, update_state = position
@@ -183,7 +185,7 @@ class Trainer:
         checkpoint.set_rng_state(rngs[self.rank])
         return path
 
-    def _checkpoint(self):
+    def _checkpoint(self) -> Optional[Path]:
         """Collective: every rank hands in its RNG states; rank 0 writes the file atomically."""
         rngs = horovod.allgather_object(checkpoint.rng_state(), name="hvdtrain.rng")
         path = None
