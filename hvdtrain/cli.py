@@ -13,7 +13,7 @@ import click
 
 from hvdtrain import __version__
 from hvdtrain.errors import HvdtrainError
-from hvdtrain.launch import LAUNCHERS, UNKNOWN_LAUNCHER
+from hvdtrain.launch import DEFAULT_STALL_TIMEOUT, LAUNCHERS, SSH_CONFIG_ENV, UNKNOWN_LAUNCHER
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 PASSTHROUGH = {**CONTEXT, "ignore_unknown_options": True, "allow_interspersed_args": False}
@@ -45,7 +45,28 @@ def launch_options(f):
             "--output-dir", help="Directory for per-rank logs rank.R.log [default: temporary, kept on failure]."
         ),
         click.option(
-            "--threads-per-rank", type=int, help="OMP_NUM_THREADS per rank [default: cores / ranks per host]."
+            "--threads-per-rank",
+            type=int,
+            help="OMP_NUM_THREADS of every rank [default: on each host, its cores / the ranks on that host].",
+        ),
+        click.option(
+            "--network-interface",
+            metavar="IFACE[,IFACE]",
+            help="Network interface(s) the ranks talk over, e.g. eth0 (Gloo and Open MPI); every host must have it "
+            "[default: the launcher's choice].",
+        ),
+        click.option(
+            "--ssh-config",
+            metavar="FILE",
+            help=f"ssh client config for every ssh of the job (ssh -F FILE) [default: ${SSH_CONFIG_ENV}, else your "
+            "own ssh config].",
+        ),
+        click.option(
+            "--stall-timeout",
+            type=int,
+            metavar="SECONDS",
+            help="End the job when a rank has kept the others waiting at a collective this long (Horovod's stall "
+            f"shutdown); 0: wait forever [default: {DEFAULT_STALL_TIMEOUT}].",
         ),
         click.option("--dry-run", is_flag=True, help="Print the exact command and environment additions; run nothing."),
     ]
@@ -124,6 +145,8 @@ def run(command, dry_run, **launch_options):
     from hvdtrain import launch
 
     spec = launch.make_spec(command, **launch_options)
+    if not dry_run:
+        launch.preflight(spec)
     sys.exit(launch.run_job(spec, dry_run=dry_run))
 
 

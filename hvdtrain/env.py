@@ -79,16 +79,45 @@ class SlurmEnv:
         return self.job_id
 
 
+def expand_tasks_per_node(text: str) -> list[int]:
+    """Slurm's compressed per-node task counts, e.g. '2(x3),1' -> [2, 2, 2, 1]; [] when unreadable."""
+    out: list[int] = []
+    for part in text.split(","):
+        count, _, repeat = part.strip().partition("(x")
+        try:
+            out += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+        except ValueError:
+            return []
+    return out
+
+
+def slurm_step_local_size(environ: Mapping[str, str]) -> Optional[int]:
+    """Tasks of this srun step on this node: SLURM_STEP_TASKS_PER_NODE (one count per node of the step,
+    compressed) at SLURM_NODEID. PMIx serves the local size to MPI through its API, not as an environment
+    variable, so this is where a rank started by srun --mpi=pmix learns how many share its node."""
+    counts = expand_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    node = int_var(environ, "SLURM_NODEID")
+    if not counts or node is None or not 0 <= node < len(counts):
+        return None
+    return counts[node]
+
+
 def rank_info(environ: Optional[Mapping[str, str]] = None) -> RankInfo:
-    """This process's place in the job from the launcher's variables; a lone process is rank 0 of 1."""
+    """This process's place in the job from the launcher's variables; a lone process is rank 0 of 1. A source
+    that lacks the size, local rank or local size (PMIX_RANK under srun --mpi=pmix) takes them from the srun
+    step (SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the step's tasks on this node), else 1, the rank and the size."""
     environ = os.environ if environ is None else environ
     for r, s, lr, ls in _SOURCES:
         rank = int_var(environ, r)
         if rank is None:
             continue
-        size = int_var(environ, s) or 1
+        size = int_var(environ, s) or int_var(environ, "SLURM_STEP_NUM_TASKS") or 1
         local_rank = int_var(environ, lr)
         local_size = int_var(environ, ls)
+        if local_rank is None:
+            local_rank = int_var(environ, "SLURM_LOCALID")
+        if local_size is None:
+            local_size = slurm_step_local_size(environ)
         return RankInfo(
             rank,
             size,

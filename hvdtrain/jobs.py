@@ -82,5 +82,6 @@ def train(
     if dry_run:
         echo(f"# {config_path}:\n" + "\n".join(f"#   {line}" for line in text.splitlines()))
         return launch.run_job(spec, dry_run=True, echo=echo)
+    launch.preflight(spec)  # the hosts (ssh, interfaces), before anything is written
     cfg.save(run_dir)
     return launch.run_job(spec, echo=echo)

@@ -1,35 +1,78 @@
-"""The per-rank wrapper: ``python -m hvdtrain.rank --log-dir DIR -- COMMAND...``.
+"""The per-rank wrapper: ``python -m hvdtrain.rank --log-dir DIR [--threads auto|N] -- COMMAND...``.
 
-Every launcher starts the user's command through this wrapper on each rank. It runs the command, copies
-its output both to the wrapper's own stdout (which the launcher shows, prefixed by rank) and to
-DIR/rank.R.log, passes on the signals a scheduler sends, and finally writes DIR/rank.R.exit with the exit
-status, so that the launching side can say which rank failed and show its last lines.
+Every launcher starts the user's command through this wrapper on each rank. It first writes DIR/rank.R.host
+(the host it runs on), sets OMP_NUM_THREADS for the command (``--threads N``: N; ``auto``: this host's CPUs
+divided by the ranks on this host, worked out here, so each host gets its own value whatever the launcher),
+runs the command, copies its output both to the wrapper's own stdout (which the launcher shows, prefixed by
+rank) and to DIR/rank.R.log, passes on the signals a scheduler sends, and finally writes DIR/rank.R.exit with
+the exit status, so that the launching side can say which rank failed (or which host was lost) and show its
+last lines.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from hvdtrain.env import rank_info
 from hvdtrain.files import write_text_atomic
 from hvdtrain.rundir import RankLogs
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+USAGE = "usage: python -m hvdtrain.rank --log-dir DIR [--threads auto|N] -- COMMAND..."
+AUTO = "auto"
+
+
+def parse_args(argv: list[str]) -> Optional[tuple[Path, Optional[str], list[str]]]:
+    """(log dir, threads choice or None, command) from the wrapper's arguments; None when they are malformed."""
+    options: dict[str, str] = {}
+    i = 0
+    while i + 1 < len(argv) and argv[i] in ("--log-dir", "--threads") and argv[i] not in options:
+        options[argv[i]] = argv[i + 1]
+        i += 2
+    threads = options.get("--threads")
+    command = argv[i + 1 :]
+    if "--log-dir" not in options or i >= len(argv) or argv[i] != "--" or not command:
+        return None
+    if threads is not None and threads != AUTO and not (threads.isdigit() and int(threads) > 0):
+        return None
+    return Path(options["--log-dir"]), threads, command
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a cgroup cpuset or taskset counts), else all."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_for(choice: str, local_size: int, cpus: int) -> int:
+    """OMP_NUM_THREADS for a rank: N as given, or (auto) this host's CPUs shared by the ranks on it, at least 1."""
+    if choice == AUTO:
+        return max(1, cpus // max(1, local_size))
+    return int(choice)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 4 or argv[0] != "--log-dir" or argv[2] != "--":
-        print("usage: python -m hvdtrain.rank --log-dir DIR -- COMMAND...", file=sys.stderr)
+    parsed = parse_args(argv)
+    if parsed is None:
+        print(USAGE, file=sys.stderr)
         return 2
-    log_dir, command = Path(argv[1]), argv[3:]
+    log_dir, threads, command = parsed
     logs = RankLogs(log_dir)
-    rank = rank_info().rank
+    info = rank_info()
+    rank = info.rank
     log_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(logs.host(rank), socket.gethostname() + "\n")
     env = {**os.environ, "HVDTRAIN_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads_for(threads, info.local_size, available_cpus()))
     with open(logs.log(rank), "ab", buffering=0) as log:
         try:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

@@ -6,7 +6,7 @@
       tensorboard/                        .tensorboard  TensorBoard events (rank 0)
       checkpoints/step-XXXXXXXX.pt        .checkpoints  .checkpoint(step)  (rank 0, atomic)
       result.json                         .result       the run's results (rank 0)
-      logs/rank.R.log, rank.R.exit        .logs         RankLogs: every rank's output and exit status
+      logs/rank.R.{log,exit,host}         .logs         RankLogs: every rank's output, exit status and host
       job.sbatch, slurm-<id>.out          .job_script   .slurm_output(job, task)  (hvdtrain submit)
 
 Only names live here: no module imports anything heavy, so the CLI, the launcher, the rank wrapper, the
@@ -29,8 +29,9 @@ SLURM_ARRAY_OUTPUT = "slurm-%A_%a.out"
 
 @dataclasses.dataclass(frozen=True)
 class RankLogs:
-    """A folder of per-rank records: rank.R.log (the rank's output) and rank.R.exit (its exit status),
-    written by the rank wrapper and read by the launcher to name a failing rank."""
+    """A folder of per-rank records written by the rank wrapper: rank.R.host (the host the rank started on,
+    written first), rank.R.log (its output) and rank.R.exit (its exit status, written last); the launcher
+    reads them to name a failing rank, or a lost host (a host record with no exit record)."""
 
     path: Path
 
@@ -43,6 +44,9 @@ class RankLogs:
     def exit(self, rank: int) -> Path:
         return self.path / f"rank.{rank}.exit"
 
+    def host(self, rank: int) -> Path:
+        return self.path / f"rank.{rank}.host"
+
     def log_pattern(self, pattern: str) -> Path:
         """rank.R.log with a launcher's pattern in place of R, e.g. srun's ``%t`` (the task's rank):
         where ``srun --output`` writes each rank's output so that log(rank) finds it."""
@@ -54,7 +58,14 @@ class RankLogs:
 
     def exit_records(self) -> Iterator[tuple[int, Path]]:
         """(rank, path) of every exit record present, in no particular order."""
-        for p in self.path.glob("rank.*.exit"):
+        return self._records("exit")
+
+    def host_records(self) -> Iterator[tuple[int, Path]]:
+        """(rank, path) of every host record present, in no particular order."""
+        return self._records("host")
+
+    def _records(self, kind: str) -> Iterator[tuple[int, Path]]:
+        for p in self.path.glob(f"rank.*.{kind}"):
             try:
                 yield int(p.name.split(".")[1]), p
             except (ValueError, IndexError):

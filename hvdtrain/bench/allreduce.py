@@ -151,7 +151,11 @@ def collect(parts: Sequence[dict], plan: Optional[AllreducePlan] = None) -> dict
         meta.update(warmup=plan.settings.warmup, iters=plan.settings.iters, tiny=plan.settings.tiny)
         meta["commands"] = [shlex.join(launch.wrapped_command(job.spec, "LOGDIR")) for job in plan.jobs]
         meta["launchers"] = [
-            {"controller": job.name, "launcher": job.spec.launcher, "threads_per_rank": job.spec.threads_per_rank}
+            {
+                "controller": job.name,
+                "launcher": job.spec.launcher,
+                "threads_per_rank": job.spec.threads_per_rank or "auto",
+            }
             for job in plan.jobs
         ]
     return {"meta": meta, "rows": rows, "summary": summary}

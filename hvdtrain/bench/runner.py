@@ -2,8 +2,9 @@
 
 A benchmark builds its jobs (one launch of its worker each, with the plan its ranks read) and says how to
 turn the workers' parts into its result, table and plot (`Bench`); `run` does the rest: with --dry-run it
-prints every job's command; otherwise it writes each worker plan into OUT/parts/, launches the job, reads
-every part back, and writes OUT/NAME.json and OUT/NAME.png and prints the table.
+prints every job's command; otherwise it checks the hosts (launch.preflight), writes each worker plan into
+OUT/parts/, launches the job, reads every part back, and writes OUT/NAME.json and OUT/NAME.png and prints the
+table.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def run(
             echo(f"# {job.about}" + (f": {job.detail}" if job.detail else ""))
             launch.run_job(job.spec, dry_run=True, echo=echo)
         return {}
+    if jobs:
+        launch.preflight(jobs[0].spec)  # every job of a benchmark runs on the same hosts
     (out / "parts").mkdir(parents=True, exist_ok=True)
     for job in jobs:
         store = out / "parts" / f".torch-store-{job.name}-{os.getpid()}-{time.time_ns()}"

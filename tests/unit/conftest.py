@@ -1,6 +1,8 @@
+import os
 import subprocess
 
 import pytest
+from fakessh import make_fake_ssh
 
 from hvdtrain import launch
 
@@ -31,3 +33,14 @@ def clean_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith("SLURM_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def fake_ssh(tmp_path, monkeypatch):
+    """The fake ssh first on PATH; returns the file its calls are logged to (one line of arguments each)."""
+    log = tmp_path / "ssh-calls"
+    make_fake_ssh(tmp_path / "bin", log)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(launch, "local_interfaces", lambda: ("eth0", "lo", "wlan0"))
+    monkeypatch.setattr(launch, "interface_addresses", lambda: {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
+    return log

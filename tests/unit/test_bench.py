@@ -340,10 +340,18 @@ def test_bench_train_dry_run(no_processes, clean_env, tmp_path):
     commands = [line for line in out if "hvdtrain.bench.throughput_worker" in line]
     assert len(commands) == 4  # np 1 and 2, fusion on and off
     assert all("--mpi" in c for c in commands)
-    assert out.count("export HOROVOD_FUSION_THRESHOLD=0") == 2 and out.count("export OMP_NUM_THREADS=1") == 4
+    assert out.count("export HOROVOD_FUSION_THRESHOLD=0") == 2 and all(" --threads 1 -- " in c for c in commands)
     assert no_processes == [] and not (tmp_path / "o").exists()
     plain = invoke("bench", "train", "--max-np", "1", "--no-ablations", "--gloo", "--out", tmp_path / "o", "--dry-run")
     assert [line for line in plain.output.splitlines() if "throughput_worker" in line][0].count("--gloo") == 1
+
+
+def test_bench_checks_the_hosts_before_the_first_job(fake_ssh, clean_env, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(launch, "run_job", lambda spec, **kw: started.append(spec))
+    result = invoke("bench", "allreduce", "-np", "2", "-H", "down2.invalid:2", "--tiny", "--out", tmp_path / "o")
+    assert_usage_error(result, "cannot reach host down2.invalid over ssh")
+    assert started == [] and not (tmp_path / "o").exists()
 
 
 def test_bench_modules_import_nothing_heavy():

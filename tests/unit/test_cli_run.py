@@ -37,6 +37,11 @@ def hostfile(tmp_path):
         (["-np", "2", "--launcher", "srun"], "needs a Slurm allocation"),
         (["-np", "2", "--hostfile", "/nonexistent/hosts"], "no such file"),
         (["-np", "abc"], "is not a valid integer"),
+        (["-np", "2", "--network-interface", "eth0;reboot"], "bad interface name 'eth0;reboot'"),
+        (["-np", "2", "--network-interface", ""], "--network-interface: bad list"),
+        (["-np", "2", "--stall-timeout", "-1"], "--stall-timeout -1: give a number of seconds"),
+        (["-np", "2", "--stall-timeout", "soon"], "'soon' is not a valid integer"),
+        (["-np", "2", "--ssh-config", "/nonexistent/ssh_config"], "--ssh-config: no such file"),
     ],
 )
 def test_bad_flags(args, needle, no_processes, clean_env):
@@ -76,11 +81,62 @@ def test_dry_run_prints_exact_command(tmp_path, no_processes, clean_env):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert "export A='x y'" in lines and "export OMP_NUM_THREADS=1" in lines
+    assert "export A='x y'" in lines and "export HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=600" in lines
     cmd = lines[-1]
     assert " -np 2 -H localhost:2 --gloo " in cmd
-    assert cmd.endswith(f"-m hvdtrain.rank --log-dir {tmp_path}/logs -- {sys.executable} '{script}' --lr 0.1")
+    assert cmd.endswith(
+        f"-m hvdtrain.rank --log-dir {tmp_path}/logs --threads 1 -- {sys.executable} '{script}' --lr 0.1"
+    )
     assert no_processes == []
+
+
+def test_dry_run_leaves_threads_to_each_host(no_processes, clean_env):
+    result = invoke("run", "-np", "2", "-H", "big:1,small:1", "--dry-run", "--", "python", "-c", "pass")
+    assert result.exit_code == 0, result.output
+    assert " --threads auto -- python -c pass" in result.output and "OMP_NUM_THREADS" not in result.output
+
+
+def test_ssh_config_from_the_environment(tmp_path, monkeypatch, no_processes, clean_env):
+    monkeypatch.setenv("HVDTRAIN_SSH_CONFIG", str(tmp_path / "missing"))
+    assert_usage_error(invoke("run", "-np", "2", "--", "python", "-c", "pass"), "or unset HVDTRAIN_SSH_CONFIG")
+    (tmp_path / "missing").write_text("")
+    mpirun = invoke("run", "-np", "2", "-H", "n2:2", "--launcher", "mpirun", "--dry-run", "--", "python", "-c", "1")
+    assert f"--mca plm_rsh_agent 'ssh -F {tmp_path / 'missing'}'" in mpirun.output, mpirun.output
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records every job run_job would start (the preflight's own ssh still runs, against the fake ssh)."""
+    from hvdtrain import launch
+
+    started = []
+    monkeypatch.setattr(launch, "run_job", lambda spec, dry_run=False, echo=print: started.append(spec) or 0)
+    return started
+
+
+def test_unreachable_host_stops_run_before_the_launch(fake_ssh, launches, clean_env, tmp_path):
+    result = invoke(
+        "run", "-np", "2", "-H", "node1.invalid:1,down2.invalid:1", "--output-dir", tmp_path / "logs",
+        "--", "python", "-c", "pass",
+    )  # fmt: skip
+    assert_usage_error(result, "cannot reach host down2.invalid over ssh: ssh: connect to host 192.0.2.9 port 22")
+    assert launches == [] and not (tmp_path / "logs").exists()
+    assert "node1.invalid" in fake_ssh.read_text()  # every other host was asked, in parallel
+    ok = invoke("run", "-np", "2", "-H", "node1.invalid:2", "--", "python", "-c", "pass")
+    assert ok.exit_code == 0 and len(launches) == 1, ok.output
+
+
+def test_dry_run_asks_no_host(fake_ssh, no_processes, clean_env):
+    result = invoke("run", "-np", "2", "-H", "down2.invalid:2", "--dry-run", "--", "python", "-c", "pass")
+    assert result.exit_code == 0 and not fake_ssh.exists(), result.output
+
+
+def test_network_interface_missing_on_a_host_stops_the_launch(fake_ssh, launches, clean_env):
+    result = invoke(
+        "run", "-np", "2", "-H", "localhost:1,node2.invalid:1", "--network-interface", "wlan0", "--", "true"
+    )  # fmt: skip
+    assert_usage_error(result, "--network-interface wlan0: host node2.invalid has no interface wlan0 (it has eth0, lo)")
+    assert launches == []
 
 
 def test_dry_run_mpirun(no_processes, clean_env):

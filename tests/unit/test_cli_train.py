@@ -161,3 +161,18 @@ def test_default_run_dir_inside_slurm_is_the_job_id(run):
     assert result.exit_code == 0, result.output
     assert dry_config(result.output)["run_dir"] == "runs/train-70_3"
     assert "srun --ntasks=2 --mpi=pmix" in result.output
+
+
+def test_unreachable_host_is_found_before_config_json_is_written(fake_ssh, clean_env, monkeypatch, tmp_path):
+    from hvdtrain import launch
+
+    monkeypatch.chdir(tmp_path)
+    started = []
+    monkeypatch.setattr(launch, "run_job", lambda spec, **kw: started.append(spec) or 0)
+    result = CliRunner().invoke(cli, ["train", "-H", "locked2.invalid:2", "--run-dir", "r"])
+    assert_usage_error(
+        result, "cannot reach host locked2.invalid over ssh: root@locked: Permission denied (publickey)."
+    )
+    assert started == [] and not (tmp_path / "r").exists()
+    ok = CliRunner().invoke(cli, ["train", "-H", "node2.invalid:2", "--run-dir", "r"])
+    assert ok.exit_code == 0 and len(started) == 1 and (tmp_path / "r" / "config.json").exists(), ok.output

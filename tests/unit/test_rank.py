@@ -1,0 +1,114 @@
+"""The rank wrapper (run for real, as the launchers run it) and where a rank learns its place on its host."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from hvdtrain import rank
+from hvdtrain.env import RankInfo, expand_tasks_per_node, rank_info
+from hvdtrain.rundir import RankLogs
+
+PRINT_THREADS = "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))"
+# Launcher variables that would otherwise leak from the test's own environment into the wrapper's.
+PLACES = ("HOROVOD_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_", "SLURM_", "MPI_LOCAL")
+
+
+def wrapper(log_dir, *args, env=None):
+    """Run `python -m hvdtrain.rank` as a launcher does; returns the CompletedProcess."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(PLACES) and k != "OMP_NUM_THREADS"}
+    return subprocess.run(
+        [sys.executable, "-m", "hvdtrain.rank", "--log-dir", str(log_dir), *args],
+        env={**base, **(env or {})}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "local_size,env",
+    [
+        (2, {"HOROVOD_RANK": "3", "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2"}),
+        (1, {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}),
+        # srun --mpi=pmix: no local size variable; the step's tasks on this node (node 1 of '3,1') say 1.
+        (1, {"PMIX_RANK": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "1"}),
+    ],
+)
+def test_auto_threads_are_this_hosts_cpus_over_its_ranks(tmp_path, local_size, env):
+    """--threads auto: each rank divides its own host's CPUs by the ranks on its host, whatever the launcher."""
+    proc = wrapper(tmp_path, "--threads", "auto", "--", sys.executable, "-c", PRINT_THREADS, env=env)
+    assert proc.returncode == 0, proc.stderr
+    expected = max(1, len(os.sched_getaffinity(0)) // local_size)
+    assert proc.stdout.split() == ["threads", str(expected)]
+    assert (tmp_path / "rank.3.host").read_text() == socket.gethostname() + "\n"
+    assert (tmp_path / "rank.3.exit").read_text() == "0\n"
+
+
+def test_threads_given_or_left_alone(tmp_path):
+    given = wrapper(tmp_path, "--threads", "3", "--", sys.executable, "-c", PRINT_THREADS)
+    assert given.stdout.split() == ["threads", "3"]
+    # Without --threads (an older launcher's command line) the inherited value is kept.
+    kept = wrapper(tmp_path, "--", sys.executable, "-c", PRINT_THREADS, env={"OMP_NUM_THREADS": "5"})
+    assert kept.stdout.split() == ["threads", "5"]
+
+
+def test_host_record_comes_first_and_stays_when_the_rank_is_killed(tmp_path):
+    """A rank SIGKILLed with its wrapper (a lost host) leaves its host record and no exit record."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hvdtrain.rank", "--log-dir", str(tmp_path), "--", sys.executable, "-c",
+         "import time; print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    command = []
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        command = psutil.Process(proc.pid).children()
+        assert RankLogs(tmp_path).host(0).read_text().strip() == socket.gethostname()
+    finally:
+        for p in [proc, *command]:  # the wrapper and its command, as SIGKILL of a whole host would
+            p.kill()
+        proc.wait()
+    assert not RankLogs(tmp_path).exit(0).exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--threads", "0", "--", "true"],
+        ["--threads", "many", "--", "true"],
+        ["--threads", "auto", "true"],
+        ["--threads", "auto", "--"],
+    ],
+)
+def test_bad_arguments(tmp_path, args):
+    proc = wrapper(tmp_path, *args)
+    assert proc.returncode == 2 and proc.stderr.strip() == rank.USAGE
+    assert not list(tmp_path.iterdir())
+
+
+def test_parse_args():
+    assert rank.parse_args(["--log-dir", "d", "--threads", "auto", "--", "a", "--", "b"]) == (
+        rank.Path("d"),
+        "auto",
+        ["a", "--", "b"],
+    )
+    assert rank.parse_args(["--log-dir", "d", "--", "x"]) == (rank.Path("d"), None, ["x"])
+    assert rank.parse_args(["--threads", "2", "--", "x"]) is None  # no log dir
+    assert rank.parse_args(["--log-dir", "d", "--log-dir", "e", "--", "x"]) is None
+
+
+def test_threads_for():
+    assert rank.threads_for("auto", local_size=2, cpus=8) == 4
+    assert rank.threads_for("auto", local_size=3, cpus=2) == 1
+    assert rank.threads_for("auto", local_size=1, cpus=16) == 16
+    assert rank.threads_for("6", local_size=4, cpus=2) == 6
+
+
+def test_rank_info_local_size_from_the_srun_step():
+    assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1] and expand_tasks_per_node("x") == []
+    srun = {"PMIX_RANK": "6", "SLURM_STEP_NUM_TASKS": "7", "SLURM_LOCALID": "0", "SLURM_NODEID": "3"}
+    assert rank_info({**srun, "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"}) == RankInfo(6, 7, 0, 1)
+    assert rank_info({**srun, "SLURM_STEP_TASKS_PER_NODE": "2(x4)"}) == RankInfo(6, 7, 0, 2)
+    # Nothing says: the job's size (the safe side: fewer threads, never more).
+    assert rank_info({"PMIX_RANK": "1", "PMIX_SIZE": "4"}) == RankInfo(1, 4, 1, 4)
