@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HVDTRAIN := $(VENV)/bin/hvdtrain
 
-.PHONY: setup setup-slurm demo test test-unit test-mpi test-e2e test-slurm bench lint
+.PHONY: setup setup-slurm demo test test-unit test-mpi test-e2e test-slurm test-cluster bench lint
 
 setup:
 	bash scripts/setup.sh
@@ -15,11 +15,12 @@ setup-slurm:
 demo: setup
 	$(HVDTRAIN) train -np 2
 
-# Every tier: unit, mpi (pytest under mpirun -np 2), end to end, and a real local Slurm.
+# Every tier: unit, mpi (pytest under mpirun -np 2), end to end, a real local Slurm, and a simulated cluster
+# (hosts in network namespaces with sshd and a multi-node Slurm).
 test: setup-slurm
 	bash scripts/test.sh
 
-test-unit test-mpi test-e2e test-slurm:
+test-unit test-mpi test-e2e test-slurm test-cluster:
 	bash scripts/test.sh $(subst test-,,$@)
 
 bench: setup

@@ -8,7 +8,7 @@
 # pip and the `horovodrun -cb` verification and prints one `ready` line, in a few seconds.
 #
 #   scripts/setup.sh            # MPI + venv + torch + Horovod + hvdtrain (editable, with test extras)
-#   scripts/setup.sh --slurm    # also Slurm and MUNGE, for the Slurm tier of the tests
+#   scripts/setup.sh --slurm    # also Slurm, MUNGE, openssh-server and iproute2: the slurm and cluster tiers
 #
 # Environment: HVDTRAIN_VENV (default: <repo>/.venv), HVDTRAIN_CACHE (default: ~/.cache/hvdtrain),
 # PYTHON (default: python3), TORCH_SPEC (default: torch==2.13.0, used only where no torch is installed).
@@ -51,7 +51,8 @@ apt_install() {
 }
 apt_changed=0
 apt_install openmpi-bin libopenmpi-dev cmake g++ make
-[ $want_slurm -eq 1 ] && apt_install slurm-wlm munge
+# The cluster tier's simulated hosts are network namespaces with their own sshd and slurmd.
+[ $want_slurm -eq 1 ] && apt_install slurm-wlm munge openssh-server openssh-client iproute2
 
 # --- nothing changed since the last set-up? ----------------------------------------------------------
 py=$venv/bin/python

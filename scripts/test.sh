@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the test tiers: scripts/test.sh [unit|mpi|e2e|slurm ...] (default: all, in that order).
+# Runs the test tiers: scripts/test.sh [unit|mpi|e2e|slurm|cluster ...] (default: all, in that order).
 # A tier that collects no tests is a failure (pytest exit 5), and so is any failing rank.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -7,7 +7,7 @@ cd "$repo"
 py=${HVDTRAIN_VENV:-$repo/.venv}/bin/python
 export PATH=$(dirname "$py"):$PATH OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 tiers=("$@")
-[ ${#tiers[@]} -eq 0 ] && tiers=(unit mpi e2e slurm)
+[ ${#tiers[@]} -eq 0 ] && tiers=(unit mpi e2e slurm cluster)
 failed=()
 for tier in "${tiers[@]}"; do
   echo "=== tier: $tier"
@@ -17,9 +17,9 @@ for tier in "${tiers[@]}"; do
       # exception, pytest-timeout ends a rank stuck in a collective, and `timeout` is the last backstop.
       timeout -k 10 900 mpirun -np 2 --oversubscribe --bind-to none \
         "$py" -m mpi4py -m pytest tests/mpi -p no:cacheprovider -q -x --timeout=300 ;;
-    unit|e2e|slurm)
+    unit|e2e|slurm|cluster)
       "$py" -m pytest "tests/$tier" -q --timeout=900 ;;
-    *) echo "unknown tier '$tier' (valid: unit mpi e2e slurm)" >&2; exit 2 ;;
+    *) echo "unknown tier '$tier' (valid: unit mpi e2e slurm cluster)" >&2; exit 2 ;;
   esac
   rc=$?
   [ $rc -eq 5 ] && echo "tier $tier collected no tests: that is a failure" >&2

@@ -1,0 +1,79 @@
+"""Client side of a real Slurm for the tests: sbatch / hvdtrain submit / scontrol with timeouts, and a record of
+the jobs submitted so a session can cancel them. Shared by the slurm tier (one node) and the cluster tier
+(several nodes, where every client command runs on the first node: `prefix`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from typing import Sequence
+
+DONE = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
+
+
+class Slurm:
+    """Small helpers around the real client commands; every call has a timeout."""
+
+    def __init__(self, env: dict[str, str], prefix: Sequence[str] = ()):
+        self.env = env
+        self.prefix = list(prefix)  # how to reach the controller, e.g. cluster-local.sh exec node1 --
+        self.jobs: list[str] = []
+
+    def run(self, argv, cwd=None, timeout=60, check=True, extra_env=None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [*self.prefix, *map(str, argv)], cwd=cwd, env={**self.env, **(extra_env or {})}, capture_output=True,
+            text=True, timeout=timeout,
+        )  # fmt: skip
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def sbatch(self, args, cwd, extra_env=None) -> str:
+        proc = self.run(["sbatch", "--parsable", *args], cwd=cwd, extra_env=extra_env, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return self.track(proc.stdout.strip().split(";")[0])
+
+    def track(self, job: str) -> str:
+        self.jobs.append(job)
+        return job
+
+    def hvdtrain(self, *args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+        return self.run([os.sys.executable, "-m", "hvdtrain", *args], cwd=cwd, timeout=timeout, check=False)
+
+    def submit(self, *args, cwd) -> str:
+        proc = self.hvdtrain("submit", *args, cwd=cwd)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        m = re.search(r"^submitted job (\d+)$", proc.stdout, re.M)
+        assert m, proc.stdout
+        return self.track(m.group(1))
+
+    def show(self, job: str) -> list[dict[str, str]]:
+        proc = self.run(["scontrol", "show", "job", "-o", job], check=False)
+        out = []
+        for line in proc.stdout.splitlines():
+            out.append(dict(t.split("=", 1) for t in line.split() if "=" in t))
+        return out
+
+    def wait(self, job: str, timeout: float, until=None) -> list[dict[str, str]]:
+        """Poll until every task of the job is done (or `until(tasks)` holds); fail with the job's state."""
+        deadline = time.monotonic() + timeout
+        tasks: list[dict[str, str]] = []
+        while time.monotonic() < deadline:
+            tasks = self.show(job)
+            if tasks and (until(tasks) if until else all(t.get("JobState") in DONE for t in tasks)):
+                return tasks
+            time.sleep(1)
+        states = [(t.get("JobId"), t.get("JobState"), t.get("Reason")) for t in tasks]
+        raise AssertionError(f"job {job} not done after {timeout:.0f} s: {states}")
