@@ -142,11 +142,11 @@ def run(command, dry_run, **launch_options):
     Everything after -- is passed through untouched. Per-rank logs go to --output-dir; when a rank fails,
     the exit status is the job's and the failing rank's last lines are shown.
     """
-    from hvdtrain import launch
+    from hvdtrain import hosts, launch
 
     spec = launch.make_spec(command, **launch_options)
     if not dry_run:
-        launch.preflight(spec)
+        hosts.preflight(spec)
     sys.exit(launch.run_job(spec, dry_run=dry_run))
 
 

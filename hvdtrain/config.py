@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -24,6 +25,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16")
 REDUCE_OPS = ("average", "adasum")
 PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT")
+# A hook reference: a dotted module path, a colon, a dotted attribute path.
+HOOK_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def _f(default, help: str, choices: Optional[tuple[str, ...]] = None):
@@ -72,6 +75,11 @@ class TrainConfig:
     preempt_signal: str = _f("USR2", "signal that asks for checkpoint-and-stop (Slurm's --signal); '' to disable")
     requeue: bool = _f(True, "inside Slurm: after a preemption checkpoint, requeue the job (scontrol requeue)")
     max_requeues: int = _f(3, "do not requeue once SLURM_RESTART_COUNT reaches this")
+    hooks: Optional[str] = _f(
+        None,
+        "Trainer hooks to add, comma-separated module:Name (a Hook subclass, or a function returning a Hook), "
+        "imported on every rank, e.g. myhooks:LogGradNorm",
+    )
 
     def validate(self, check_data: bool = True) -> TrainConfig:
         """Raise ConfigError naming the flag of the first bad field. check_data=False when the caller
@@ -121,6 +129,9 @@ class TrainConfig:
                 bad("data", f"no such file '{self.data}'")
         if self.resume_from is not None and not Path(self.resume_from).is_file():
             bad("resume-from", f"no such checkpoint '{self.resume_from}'")
+        for ref in self.hook_refs():
+            if not HOOK_REF.fullmatch(ref):
+                bad("hooks", f"'{ref}' is not module:Name (e.g. myhooks:LogGradNorm)")
         if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in PREEMPT_SIGNALS:
             bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
         return self
@@ -134,6 +145,10 @@ class TrainConfig:
         label = SlurmEnv.read(environ).job_label
         name = f"train-{label}" if label else time.strftime("train-%Y%m%d-%H%M%S")
         return dataclasses.replace(self, run_dir=os.path.join("runs", name))
+
+    def hook_refs(self) -> list[str]:
+        """--hooks as a list of module:Name references."""
+        return [h.strip() for h in (self.hooks or "").split(",") if h.strip()]
 
     def to_json(self) -> str:
         """The run directory's config.json text (what the worker reads back with from_dict)."""

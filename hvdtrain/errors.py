@@ -1,5 +1,7 @@
 """One small exception tree. The CLI prints any HvdtrainError as one line and exits with its status."""
 
+from __future__ import annotations
+
 
 class HvdtrainError(Exception):
     """Base class: a problem the user can fix. `exit_code` is the CLI's exit status for it."""
@@ -22,8 +24,11 @@ class CheckpointError(UsageError):
 
 
 class LaunchError(HvdtrainError):
-    """A job that started but failed; the message names the failing rank where known."""
+    """A job that started but failed; the message names the failing rank where known. `cause` says what came
+    first, when the records tell (hvdtrain.failures.CAUSES): e.g. "stall" or "lost_host", which a requeued job
+    can get over, unlike a rank's own error ("failed")."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, exit_code: int = 1, cause: str | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.cause = cause

@@ -7,16 +7,17 @@ layout are checked, and only then is anything written or started.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from hvdtrain import launch
+from hvdtrain import hosts, launch, preempt
 from hvdtrain.config import TrainConfig
 from hvdtrain.env import SlurmEnv
-from hvdtrain.errors import CheckpointError, ConfigError
+from hvdtrain.errors import CheckpointError, ConfigError, LaunchError
 from hvdtrain.rundir import RunDir
 from hvdtrain.train import checkpoint
 
@@ -42,6 +43,14 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
             max(launch.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
         )
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
+    for ref in cfg.hook_refs():
+        module = ref.partition(":")[0]
+        top = module.split(".")[0]
+        # The ranks run `python -m hvdtrain.worker` from this directory: it and PYTHONPATH are on their path.
+        if importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is None:
+            raise ConfigError(
+                f"--hooks {ref}: no module '{top}' in {os.getcwd()} or on PYTHONPATH; put {top}.py there or fix the name"
+            )
     resume_path = checkpoint.resume_path(cfg, environ)
     if resume_path is None and cfg.resume and SlurmEnv.read(environ).restart_count == 0:
         raise CheckpointError(
@@ -82,6 +91,26 @@ def train(
     if dry_run:
         echo(f"# {config_path}:\n" + "\n".join(f"#   {line}" for line in text.splitlines()))
         return launch.run_job(spec, dry_run=True, echo=echo)
-    launch.preflight(spec)  # the hosts (ssh, interfaces), before anything is written
+    hosts.preflight(spec)  # the hosts (ssh, interfaces), before anything is written
     cfg.save(run_dir)
-    return launch.run_job(spec, echo=echo)
+    try:
+        return launch.run_job(spec, echo=echo)
+    except LaunchError as e:
+        if e.cause in REQUEUE_CAUSES and requeue_after_fault(cfg, e, echo, environ):
+            return e.exit_code
+        raise
+
+
+# What a requeued job can get over: a rank that stalled (a frozen process or host, a hung file system) or a lost
+# host; Slurm gives the requeued job a fresh allocation. A rank's own error would only happen again.
+REQUEUE_CAUSES = ("stall", "lost_host")
+
+
+def requeue_after_fault(cfg: TrainConfig, error: LaunchError, echo: Callable[[str], None], environ) -> bool:
+    """Inside Slurm, after a stall or a lost host: say what happened, then requeue the job like a preempted one
+    (--requeue, --max-requeues); it resumes from its last checkpoint. False when it was not requeued."""
+    if not SlurmEnv.read(environ).in_job or not cfg.requeue:
+        return False
+    # Say it first: `scontrol requeue` ends this job at once, and the report must be in its output.
+    echo(f"hvdtrain: error: {error}")
+    return preempt.requeue_after_preemption(cfg.requeue, cfg.max_requeues, echo, environ) is not None

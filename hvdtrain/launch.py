@@ -1,15 +1,14 @@
 """Launching a command on N ranks with horovodrun, mpirun or srun.
 
-Everything that builds a command is a pure function returning ``list[str]``; `run_job` is the only place
-that starts the job, and `preflight` (ssh to every other host, before anything is launched) the only other
-place that starts processes. Every rank runs under ``python -m hvdtrain.rank`` which writes one log per rank
-and records the rank's host and exit status, so a failure can be reported as "rank 1 failed" with its last
-lines, "host node2 was lost", or "rank 1 stalled", whichever launcher ran it.
+The user's launch options become a validated LaunchSpec (`make_spec`); everything that builds a command from it
+is a pure function returning ``list[str]``; `run_job` is the only place that starts the job. Every rank runs
+under ``python -m hvdtrain.rank``, which writes one log per rank and records the rank's host and exit status.
+What concerns the hosts before the launch (the ssh preflight, the ssh shim) is `hvdtrain.hosts`; reading the
+rank records after a failure ("rank 1 failed", "host node2 was lost", "rank 1 stalled") is `hvdtrain.failures`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import re
@@ -25,6 +24,8 @@ from typing import Callable, Collection, Mapping, Optional, Sequence
 
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import LaunchError, UsageError
+from hvdtrain.failures import diagnose, log_sizes
+from hvdtrain.hosts import is_local_host, make_ssh_shim
 from hvdtrain.rundir import RankLogs
 
 LAUNCHERS = ("horovodrun", "mpirun", "srun")
@@ -43,10 +44,6 @@ _ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1
 # loss to about ten minutes of the job's nodes.
 DEFAULT_STALL_TIMEOUT = 600
 SSH_CONFIG_ENV = "HVDTRAIN_SSH_CONFIG"
-# What the preflight runs on every other host: its name, and its network interfaces (one per line).
-PROBE = "hostname; ls /sys/class/net"
-SSH_CONNECT_TIMEOUT_S = 10
-PREFLIGHT_TIMEOUT_S = 20.0
 STOP_GRACE_S = 30.0  # after SIGTERM, how long the launcher may take to end the job before it is SIGKILLed
 
 
@@ -89,6 +86,11 @@ def _parse_host(token: str, where: str) -> Host:
         slots = int(slots_text)
     except ValueError:
         raise UsageError(f"{where}: bad slot count in '{token}': expected host:slots, e.g. node1:4") from None
+    return _host(name, slots, where)
+
+
+def _host(name: str, slots: int, where: str) -> Host:
+    """A Host of -H or a hostfile line (`where`), which must have at least one slot."""
     if slots <= 0:
         raise UsageError(f"{where}: host '{name}' has {slots} slots; slots must be at least 1")
     return Host(name, slots)
@@ -130,10 +132,7 @@ def parse_hostfile(path: str) -> list[Host]:
         m = re.fullmatch(r"(?:max_)?slots=(-?\d+)", fields[1]) if len(fields) == 2 else None
         if not m or not _HOST_RE.match(fields[0]) or ":" in fields[0]:
             raise UsageError(f"{where}: cannot parse '{raw.strip()}': expected 'host slots=N'")
-        slots = int(m.group(1))
-        if slots <= 0:
-            raise UsageError(f"{where}: host '{fields[0]}' has {slots} slots; slots must be at least 1")
-        hosts.append(Host(fields[0], slots))
+        hosts.append(_host(fields[0], int(m.group(1)), where))
     if not hosts:
         raise UsageError(f"{path}: the hostfile lists no hosts; add lines like 'localhost slots=2'")
     _check_duplicates(hosts, path)
@@ -275,7 +274,7 @@ def make_spec(
     """Validate everything the user gave and return a LaunchSpec; raises UsageError before anything runs.
     The launcher and the controller are decided here, once (resolve_launcher, resolve_controller): with
     horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's).
-    What needs the hosts themselves (ssh, their interfaces) is checked by `preflight`."""
+    What needs the hosts themselves (ssh, their interfaces) is checked by `hosts.preflight`."""
     environ = os.environ if environ is None else environ
     command = list(command)
     if check_cmd:
@@ -484,12 +483,6 @@ def find_horovodrun() -> str:
     return shutil.which("horovodrun") or "horovodrun"
 
 
-def ssh_shim_script(real_ssh: str, ssh_config: str) -> str:
-    """The `ssh` that run_job puts first on horovodrun's PATH when --ssh-config is given: horovodrun (its checks,
-    Gloo's rank launches) and the mpirun it starts run plain `ssh` from PATH and take no ssh config."""
-    return f'#!/bin/sh\nexec {shlex.quote(real_ssh)} -F {shlex.quote(ssh_config)} "$@"\n'
-
-
 def placement(spec: LaunchSpec) -> dict[int, str]:
     """rank -> the host (as named in -H/--hostfile) it runs on: horovodrun and mpirun --map-by slot both fill
     the hosts' slots in the order given. Empty for srun, where Slurm places the ranks."""
@@ -503,465 +496,6 @@ def placement(spec: LaunchSpec) -> dict[int, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Preflight: the hosts themselves (ssh, network interfaces), before anything is launched
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class HostFacts:
-    """What the preflight learned of one host of -H/--hostfile."""
-
-    name: str  # as given in -H/--hostfile
-    local: bool  # this machine: checked here, not over ssh
-    hostname: str  # what `hostname` says there
-    interfaces: tuple[str, ...]  # /sys/class/net there
-
-
-def _own_names() -> set[str]:
-    name = socket.gethostname()
-    names = {"localhost", "127.0.0.1", name, name.split(".")[0]}
-    try:
-        names.add(socket.getfqdn())
-    except OSError:
-        pass
-    return names
-
-
-def interface_addresses() -> dict[str, set[str]]:
-    """This machine's interfaces and their IPv4 addresses (psutil, imported here: the CLI imports this module)."""
-    import psutil
-
-    return {
-        name: {a.address for a in addrs if a.family == socket.AF_INET} for name, addrs in psutil.net_if_addrs().items()
-    }
-
-
-def is_local_host(name: str, by_name: bool = True) -> bool:
-    """Whether `name` is this machine: localhost, 127.0.0.1, this host's name (short or full) when `by_name`,
-    or a name that resolves to an IPv4 address of one of this machine's interfaces. horovodrun decides by the
-    address alone (network.filter_local_addresses), so pass by_name=False to agree with it."""
-    if name in ("localhost", "127.0.0.1") or (by_name and name in _own_names()):
-        return True
-    try:
-        address = socket.gethostbyname(name)
-    except OSError:
-        return False
-    return any(address in addresses for addresses in interface_addresses().values())
-
-
-def local_interfaces() -> tuple[str, ...]:
-    try:
-        return tuple(sorted(os.listdir("/sys/class/net")))
-    except OSError:
-        return ()
-
-
-def ssh_command(host: str, ssh_config: Optional[str], ssh: str = "ssh") -> list[str]:
-    """The preflight's probe of one host: non-interactive (a password prompt would hang), bounded connect."""
-    config = ["-F", ssh_config] if ssh_config else []
-    options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}"]
-    return [ssh, *config, *options, host, PROBE]
-
-
-def parse_probe(name: str, stdout: str) -> HostFacts:
-    """HostFacts from the probe's output: the host name on the first line, then one interface per line."""
-    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
-    hostname = lines[0] if lines else name
-    return HostFacts(name, False, hostname, tuple(sorted(lines[1:])))
-
-
-def ssh_error_line(stderr: str, returncode: int) -> str:
-    """ssh's own error: the last line of its stderr that is not a warning (e.g. 'Permanently added')."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if not line.startswith("Warning:")] or lines
-    return errors[-1] if errors else f"ssh exited with status {returncode} and said nothing"
-
-
-def probe_host(name: str, ssh_config: Optional[str], ssh: str, timeout: float) -> HostFacts | str:
-    """Run the probe on `name` over ssh: its HostFacts, or the line that says why it failed."""
-    try:
-        proc = subprocess.run(
-            ssh_command(name, ssh_config, ssh), capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return f"no answer within {timeout:g} s"
-    except OSError as e:
-        return f"cannot run {ssh}: {e.strerror}"
-    if proc.returncode == 255:  # ssh's own failure (connection, authentication, host key)
-        return ssh_error_line(proc.stderr, proc.returncode)
-    if proc.returncode != 0:
-        return f"'{PROBE}' failed there: {ssh_error_line(proc.stderr, proc.returncode)}"
-    return parse_probe(name, proc.stdout)
-
-
-def unreachable_message(failures: Mapping[str, str], ssh_config: Optional[str]) -> str:
-    """One line for the hosts ssh could not reach (in the order given): each with ssh's own words, then the fix."""
-    names = list(failures)
-    ssh = f"ssh -F {ssh_config}" if ssh_config else "ssh"
-    hint = "" if ssh_config else " (or give --ssh-config)"
-    if len(names) == 1:
-        host = names[0]
-        return (
-            f"cannot reach host {host} over ssh: {failures[host]}; check that {host} is up and that "
-            f"'{ssh} {host}' works without a password{hint}"
-        )
-    detail = "; ".join(f"{host}: {failures[host]}" for host in names)
-    return (
-        f"cannot reach hosts {', '.join(names)} over ssh: {detail}; check that they are up and that "
-        f"'{ssh} HOST' works without a password for each{hint}"
-    )
-
-
-def check_interfaces(nics: Sequence[str], facts: Sequence[HostFacts], here: Optional[HostFacts] = None) -> None:
-    """Every host (and `here`, this machine when it runs no rank: the ranks reach the launcher through the same
-    interface) has every interface of --network-interface; raises UsageError naming each host that lacks one."""
-    if not nics:
-        return
-    checked = [*facts, *([here] if here else [])]
-    problems = []
-    for f in checked:
-        missing = [n for n in nics if n not in f.interfaces]
-        if missing:
-            who = f"host {f.name}" if f is not here else f"this machine ({f.hostname}), where the launcher runs,"
-            has = ", ".join(f.interfaces) or "none in /sys/class/net"
-            problems.append(f"{who} has no interface {', '.join(missing)} (it has {has})")
-    if not problems:
-        return
-    common = set.intersection(*(set(f.interfaces) for f in checked))
-    if any(not f.local for f in checked):
-        common.discard("lo")  # the loopback reaches no other host
-    fix = f"pick one every host has: {', '.join(sorted(common))}" if common else "no interface is on every host"
-    raise UsageError(f"--network-interface {','.join(nics)}: {'; '.join(problems)}; {fix}")
-
-
-def preflight(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list[HostFacts]:
-    """Check the hosts before anything is launched: every host of -H/--hostfile that is not this machine answers
-    a non-interactive ssh (in parallel, each bounded by `timeout`), and every host has the interfaces of
-    --network-interface (this machine's from /sys/class/net, the others' from the same ssh). Raises UsageError
-    naming every host that fails; returns what was learned, in host order. Nothing to do for srun."""
-    if spec.launcher == "srun" or not spec.hosts:
-        return []
-    by_name = spec.launcher != "horovodrun"
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(spec.hosts))) as pool:
-        local = dict(zip([h.name for h in spec.hosts], pool.map(lambda h: is_local_host(h.name, by_name), spec.hosts)))
-        remote = [name for name, is_here in local.items() if not is_here]
-        ssh = shutil.which("ssh") if remote else None
-        if remote and ssh is None:
-            raise UsageError(
-                f"ssh is not installed here, and hosts {', '.join(remote)} are reached with it; install the "
-                "OpenSSH client"
-            )
-        answers = dict(zip(remote, pool.map(lambda name: probe_host(name, spec.ssh_config, ssh, timeout), remote)))
-    failures = {name: answer for name, answer in answers.items() if isinstance(answer, str)}
-    if failures:
-        raise UsageError(unreachable_message(failures, spec.ssh_config))
-    this = HostFacts("localhost", True, socket.gethostname(), local_interfaces() if spec.nics else ())
-    facts = [dataclasses.replace(this, name=h.name) if local[h.name] else answers[h.name] for h in spec.hosts]
-    check_interfaces(spec.nics, facts, None if any(local.values()) else this)
-    if spec.nics and spec.launcher in ("horovodrun", "mpirun"):
-        _check_launcher_addresses(spec, all(local.values()))
-    return facts
-
-
-def _check_launcher_addresses(spec: LaunchSpec, all_local: bool) -> None:
-    """What the launcher needs of --network-interface on this machine. All hosts here: horovodrun then keeps
-    only interfaces holding 127.0.0.1 (driver_service.get_local_interfaces) and fails without one. Otherwise
-    the ranks connect back to this machine through the interface (Gloo's rendezvous server, Open MPI's
-    out-of-band channel), so it needs an IPv4 address here."""
-    addresses = interface_addresses()
-    nics = ",".join(spec.nics)
-    if all_local:
-        if spec.launcher == "horovodrun" and not any("127.0.0.1" in addresses.get(n, ()) for n in spec.nics):
-            loopback = sorted(n for n, a in addresses.items() if "127.0.0.1" in a) or ["lo"]
-            raise UsageError(
-                f"--network-interface {nics}: every host is this machine, and then horovodrun only takes an "
-                f"interface holding 127.0.0.1 (here: {', '.join(loopback)}); give --network-interface "
-                f"{loopback[0]}, leave the option out, or use --launcher mpirun"
-            )
-        return
-    bare = [n for n in spec.nics if not addresses.get(n)]
-    if bare:
-        usable = sorted(n for n, a in addresses.items() if a and "127.0.0.1" not in a)
-        raise UsageError(
-            f"--network-interface {nics}: this machine ({socket.gethostname()}) has no IPv4 address on "
-            f"{', '.join(bare)}, and the ranks connect back to the launcher through it; pick an interface with "
-            f"an address{' (here: ' + ', '.join(usable) + ')' if usable else ''}"
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# After a failure: what the rank records say (pure but for reading the log directory)
-# --------------------------------------------------------------------------------------------------
-
-# A rank whose log ends with one of these failed because another rank did: Horovod shuts down everywhere, or
-# Gloo's transport lost a peer ("terminate called after throwing an instance of 'gloo::IoException'",
-# "Connection reset by peer": the rank aborts, 134, when another rank or its host went away).
-_CONSEQUENCES = ("Horovod has been shut down", "HorovodInternalError", "HorovodShutdownError", "gloo::IoException")
-# Exit statuses of a rank the launcher (or a scheduler) ended with a signal after something else went wrong.
-# SIGKILL is not here: a wrapper that records 137 saw its command killed alone, typically by the OOM killer.
-_KILLED = {128 + int(signal.SIGTERM), 128 + int(signal.SIGINT), 128 + int(signal.SIGHUP)}
-# Horovod 0.28.1's stall report (stall_inspector.cc), logged by the coordinator, rank 0:
-#   [<time>: E .../stall_inspector.cc:105] One or more tensors were submitted ... for more than W seconds. ...
-#   Missing ranks:
-#   1!: [allreduce.grad.3, allreduce.grad.4 ...]     (rank, "!" when past the shutdown time, <= 6 names + " ...")
-#   One or more rank (marked by "!") is stalled for longer than T seconds. Will shutdown.
-_STALL_SHUTDOWN_RE = re.compile(r"is stalled for longer than (\d+) seconds\. Will shutdown\.")
-_STALL_RANK_RE = re.compile(r"^(\d+)(!?): \[(.*)\]\s*$")
-_LOG_TAIL_BYTES = 64 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class RankRecord:
-    """What the rank wrapper left for one rank: the host it started on, and its exit status."""
-
-    rank: int
-    host: Optional[str] = None  # rank.R.host; None: no record here (not started, or logs on another host)
-    status: Optional[int] = None  # rank.R.exit; None: the wrapper never finished (killed, or its host is gone)
-    when: int = 0  # the exit record's mtime, ns
-    consequence: bool = False  # it failed because another rank did, or was killed by the launcher
-
-
-@dataclasses.dataclass(frozen=True)
-class Stall:
-    """Horovod's stall shutdown, as rank 0 logged it."""
-
-    shutdown_s: int  # T: the stall lasted longer than this
-    missing: dict[int, tuple[str, ...]]  # every rank listed -> the tensors it had not submitted ("..." when cut)
-    stalled: tuple[int, ...]  # the ranks marked "!": past the shutdown time, the cause of the shutdown
-
-
-def _read_tail(path: Path, start: int = 0, limit: int = _LOG_TAIL_BYTES) -> str:
-    """The end of a log, at most `limit` bytes and nothing before byte `start` (where this job's part begins:
-    the wrapper appends, so a log kept in --output-dir or a run directory also holds earlier jobs)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(start, f.seek(0, os.SEEK_END) - limit))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def tail(path: Path, n: int = 15, start: int = 0) -> list[str]:
-    return _read_tail(path, start).splitlines()[-n:]
-
-
-def log_sizes(log_dir: str) -> dict[int, int]:
-    """rank -> size of its log now: run_job takes it before launching, so that the report reads this job's part."""
-    out = {}
-    for p in Path(log_dir).glob("rank.*.log"):
-        try:
-            out[int(p.name.split(".")[1])] = p.stat().st_size
-        except (ValueError, IndexError, OSError):
-            continue
-    return out
-
-
-def read_records(log_dir: str, starts: Optional[Mapping[int, int]] = None) -> dict[int, RankRecord]:
-    """Every rank with a host or exit record in `log_dir` (`starts`: where this job's part of each log begins)."""
-    starts = starts or {}
-    logs = RankLogs(log_dir)
-    hosts: dict[int, str] = {}
-    for rank, p in logs.host_records():
-        try:
-            hosts[rank] = p.read_text().strip() or "?"
-        except OSError:
-            continue
-    exits: dict[int, tuple[int, int]] = {}
-    for rank, p in logs.exit_records():
-        try:
-            exits[rank] = int(p.read_text().strip()), p.stat().st_mtime_ns
-        except (ValueError, OSError):
-            continue
-    out = {}
-    for rank in sorted(set(hosts) | set(exits)):
-        status, when = exits.get(rank, (None, 0))
-        consequence = False
-        if status not in (None, 0):
-            last = "\n".join(tail(logs.log(rank), 5, starts.get(rank, 0)))
-            consequence = status in _KILLED or any(marker in last for marker in _CONSEQUENCES)
-        out[rank] = RankRecord(rank, hosts.get(rank), status, when, consequence)
-    return out
-
-
-def failed_ranks(log_dir: str, starts: Optional[Mapping[int, int]] = None) -> list[tuple[int, int]]:
-    """(rank, exit status) of every rank whose wrapper recorded a non-zero exit, the likely cause first.
-
-    When one rank raises, Horovod shuts down and the other ranks fail too ("Horovod has been shut down"), or the
-    launcher ends them (SIGTERM: 143), sometimes before the first one has finished exiting: ranks whose last
-    lines show only that consequence, or that were killed so, come after the others; then the order of the exit
-    records, then the rank."""
-    return [(r.rank, r.status) for r in _failed(read_records(log_dir, starts).values())]
-
-
-def _failed(records: Collection[RankRecord]) -> list[RankRecord]:
-    failed = [r for r in records if r.status not in (None, 0)]
-    return sorted(failed, key=lambda r: (r.consequence, r.when, r.rank))
-
-
-def parse_stall(text: str) -> Optional[Stall]:
-    """The last stall shutdown Horovod reported in `text` (a rank's log), or None."""
-    lines = text.splitlines()
-    for end in range(len(lines) - 1, -1, -1):
-        m = _STALL_SHUTDOWN_RE.search(lines[end])
-        if not m:
-            continue
-        missing: dict[int, tuple[str, ...]] = {}
-        stalled = []
-        i = end - 1
-        while i >= 0 and (row := _STALL_RANK_RE.match(lines[i].strip())):
-            names = [n.strip() for n in row.group(3).split(", ")]
-            if names and names[-1].endswith(" ..."):
-                names[-1:] = [names[-1][: -len(" ...")], "..."]
-            missing[int(row.group(1))] = tuple(names)
-            if row.group(2):
-                stalled.append(int(row.group(1)))
-            i -= 1
-        if i >= 0 and lines[i].rstrip().endswith("Missing ranks:") and stalled:
-            return Stall(int(m.group(1)), missing, tuple(sorted(stalled)))
-    return None
-
-
-def find_stall(log_dir: str, ranks: Collection[int], starts: Optional[Mapping[int, int]] = None) -> Optional[Stall]:
-    """Horovod's stall shutdown from this job's part of the rank logs: rank 0's (the coordinator logs it), then
-    the others'."""
-    starts = starts or {}
-    for rank in sorted(set(ranks) | {0}):
-        stall = parse_stall(_read_tail(RankLogs(log_dir).log(rank), starts.get(rank, 0)))
-        if stall:
-            return stall
-    return None
-
-
-def _ranks(ranks: Sequence[int]) -> str:
-    return f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))}"
-
-
-def describe_stall(stall: Stall, all_ranks: Collection[int]) -> str:
-    """`rank 1 stalled: rank 0 waited more than 30 s for it to submit allreduce.grad.3 (Horovod's stall
-    shutdown, --stall-timeout 30)`; stalled ranks that missed the same tensors are named together."""
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for rank in stall.stalled:
-        groups.setdefault(stall.missing[rank], []).append(rank)
-    parts = []
-    for tensors, stalled in groups.items():
-        named = {t for t in tensors if t != "..."}
-        waiting = sorted(r for r in all_ranks if not named & set(stall.missing.get(r, ())))
-        it = "it" if len(stalled) == 1 else "them"
-        what = ", ".join(tensors).replace(", ...", " ...")
-        if waiting:
-            parts.append(
-                f"{_ranks(stalled)} stalled: {_ranks(waiting)} waited more than {stall.shutdown_s} s for {it} to "
-                f"submit {what}"
-            )
-        else:
-            parts.append(f"{_ranks(stalled)} stalled: {what} waited more than {stall.shutdown_s} s")
-    return "; ".join(parts) + f" (Horovod's stall shutdown, --stall-timeout {stall.shutdown_s})"
-
-
-def lost_hosts(
-    records: Mapping[int, RankRecord],
-    placement: Optional[Mapping[int, str]] = None,
-    this_machine: Collection[str] = (),
-    explained: Collection[int] = (),
-) -> list[tuple[str, list[int]]]:
-    """The hosts that were lost, each with its ranks: (host, ranks), in host order of their first rank.
-
-    A rank counts when it has a host record (it started, and its records are visible here) and is not
-    `explained` otherwise (a stalled rank, killed by the launcher after Horovod's stall shutdown). It runs on
-    the host `placement` gives (the -H name; the records' host names where there is none, as with srun). A host
-    is lost when
-      * every counted rank there lacks an exit record: the wrappers never finished, which only SIGKILL or the
-        host going away does, and
-      * no rank anywhere failed on its own account (a non-zero exit that is neither Horovod's shutdown nor a
-        SIGTERM/SIGINT/SIGHUP from the launcher): when one rank fails by itself the launcher ends the others,
-        and a wrapper it SIGKILLs leaves no exit record either; with one rank per host that looks exactly like
-        a lost host, and the rank's own failure is the better explanation, so no host is called lost, and
-      * the host is not this machine (hvdtrain runs here: ranks here without a record were killed, not lost).
-    With no exit record anywhere (everything killed or gone), every other host with ranks is lost."""
-    placement = placement or {}
-    counted = [r for r in records.values() if r.host is not None and r.rank not in explained]
-    if any(r.status not in (None, 0) and not r.consequence for r in records.values() if r.rank not in explained):
-        return []
-    by_host: dict[str, list[RankRecord]] = {}
-    for r in sorted(counted, key=lambda r: r.rank):
-        by_host.setdefault(placement.get(r.rank) or r.host, []).append(r)
-    return [
-        (host, [r.rank for r in ranks])
-        for host, ranks in by_host.items()
-        if host not in this_machine and all(r.status is None for r in ranks)
-    ]
-
-
-def failure_report(
-    log_dir: str,
-    status: int,
-    np: Optional[int] = None,
-    placement: Optional[Mapping[int, str]] = None,
-    this_machine: Optional[Collection[str]] = None,
-    starts: Optional[Mapping[int, int]] = None,
-    stopped_by: Optional[str] = None,
-) -> str:
-    """A message naming what went wrong first, from the wrappers' records, and the last lines of the log that
-    shows it best. In order: Horovod's stall shutdown (the stalled ranks first: they never exit by themselves and
-    are killed by the launcher, so their own records say little); lost hosts (`lost_hosts`); then the ranks
-    that failed (`failed_ranks` order). A lone failure reads as before:
-    `rank 1 failed with exit status 1 (then also ranks 0); last lines of DIR/rank.1.log:` and the lines.
-    `np`: the job's ranks; `placement`: rank -> host name (`placement`); `this_machine`: names of this host;
-    `starts`: where this job's part of each log begins (`log_sizes` before the launch); `stopped_by`: the signal
-    hvdtrain got and passed on (then that is the cause, and no host is called lost: the stop killed its ranks)."""
-    starts = starts or {}
-    records = read_records(log_dir, starts)
-    all_ranks = set(range(np)) if np else set(records)
-    stall = find_stall(log_dir, all_ranks | set(records), starts)
-    explained = set(stall.stalled) if stall else set()
-    here = {socket.gethostname()} if this_machine is None else set(this_machine)
-    lost = [] if stopped_by else lost_hosts(records, placement, here, explained)
-    failed = [r for r in _failed(records.values()) if r.rank not in explained]
-    causes = [describe_stall(stall, all_ranks | set(stall.missing))] if stall else []
-    if stopped_by:
-        causes.append(f"the job was stopped by {stopped_by}")
-    causes += [
-        f"host {host} was lost: {_ranks(ranks)} ran there and left no exit status (killed, or the host went down)"
-        for host, ranks in lost
-    ]
-    if failed and causes:
-        statuses = ", ".join(str(r.status) for r in failed)
-        exit_words = f"exit status {statuses}" if len(failed) == 1 else f"exit statuses {statuses}"
-        causes.append(f"then {_ranks([r.rank for r in failed])} failed ({exit_words})")
-    elif failed:
-        first, others = failed[0], ", ".join(str(r.rank) for r in failed[1:])
-        causes.append(
-            f"rank {first.rank} failed with exit status {first.status}"
-            + (f" (then also ranks {others})" if others else "")
-        )
-    if not causes:
-        return f"the job failed with exit status {status}; per-rank logs are in {log_dir}"
-    shown = [
-        *(stall.stalled if stall else ()),
-        *(r.rank for r in failed),
-        *(rank for _, ranks in lost for rank in ranks),
-    ]
-    if not shown:  # stopped, and no rank recorded a failure
-        return f"{'; '.join(causes)}; per-rank logs are in {log_dir}"
-    logs = RankLogs(log_dir)
-    rank = next((r for r in shown if tail(logs.log(r), 1, starts.get(r, 0))), shown[0])
-    log, lines = logs.log(rank), tail(logs.log(rank), start=starts.get(rank, 0))
-    first = logs.log(shown[0])
-    missing = (
-        "is empty"
-        if first.exists()
-        else "is not on this machine (each host keeps its ranks' logs unless the log directory is shared)"
-    )
-    if not lines:
-        return f"{'; '.join(causes)}; {first} {missing}"
-    if rank != shown[0]:
-        causes.append(f"{first.name} {missing}")
-    body = "\n".join(f"  | {line}" for line in lines)
-    return f"{'; '.join(causes)}; last lines of {log}:\n{body}"
-
-
-# --------------------------------------------------------------------------------------------------
 # Running (the only part that starts the job)
 # --------------------------------------------------------------------------------------------------
 
@@ -970,19 +504,6 @@ def describe(argv: Sequence[str], env: Mapping[str, str], notes: Sequence[str] =
     """What --dry-run prints: notes (as # comments), the environment additions, then the exact command."""
     lines = [f"# {note}" for note in notes] + [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     return "\n".join([*lines, shlex.join(argv)])
-
-
-def _make_ssh_shim(spec: LaunchSpec, path: str) -> Optional[str]:
-    """A temporary directory holding an executable `ssh` that runs the real one with -F <ssh config>; None when
-    there is no config, no horovodrun, or no ssh to wrap (then nothing is reached over ssh anyway)."""
-    real_ssh = shutil.which("ssh", path=path) if spec.ssh_config and spec.launcher == "horovodrun" else None
-    if real_ssh is None:
-        return None
-    shim = tempfile.mkdtemp(prefix="hvdtrain-ssh-")
-    script = Path(shim) / "ssh"
-    script.write_text(ssh_shim_script(real_ssh, spec.ssh_config))
-    script.chmod(0o755)
-    return shim
 
 
 def _signal_tree(pid: int, signum: int) -> list:
@@ -1049,7 +570,7 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
         stale.unlink()
     starts = log_sizes(log_dir)
     env = {**os.environ, **extra}
-    shim = _make_ssh_shim(spec, env.get("PATH", os.defpath))
+    shim = make_ssh_shim(spec, env.get("PATH", os.defpath))
     if shim:
         env["PATH"] = shim + os.pathsep + env.get("PATH", os.defpath)
     try:
@@ -1082,8 +603,8 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
     if status != 0:
         where = placement(spec)
         here = _this_machine(set(where.values()))
-        report = failure_report(log_dir, status, spec.np, where, here, starts, stops[0] if stops else None)
-        raise LaunchError(report, status if status > 0 else 128 - status)
+        found = diagnose(log_dir, status, spec.np, where, here, starts, stops[0] if stops else None)
+        raise LaunchError(found.message, status if status > 0 else 128 - status, found.cause)
     if keep_logs:
         echo(f"per-rank logs: {log_dir}")
     else:

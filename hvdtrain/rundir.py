@@ -56,6 +56,10 @@ class RankLogs:
         """Where ``mpirun --output-filename <this folder>`` (OpenMPI 4) writes rank R's stdout."""
         return self.path / "1" / f"rank.{rank}" / "stdout"
 
+    def log_files(self) -> Iterator[tuple[int, Path]]:
+        """(rank, path) of every rank.R.log present, in no particular order."""
+        return self._records("log")
+
     def exit_records(self) -> Iterator[tuple[int, Path]]:
         """(rank, path) of every exit record present, in no particular order."""
         return self._records("exit")

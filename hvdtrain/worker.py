@@ -23,9 +23,10 @@ def main(argv: list[str]) -> int:
         with open(argv[0]) as f:
             cfg = TrainConfig.from_dict(json.load(f))
         preempt.install(cfg.preempt_signal)  # before the slow imports: a warning during start-up is not fatal
+        from hvdtrain.train.hooks import load_hooks
         from hvdtrain.train.trainer import Trainer
 
-        Trainer(cfg).fit()
+        Trainer(cfg, hooks=load_hooks(cfg.hook_refs())).fit()
     except HvdtrainError as e:
         print(f"hvdtrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

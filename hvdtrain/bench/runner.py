@@ -2,7 +2,7 @@
 
 A benchmark builds its jobs (one launch of its worker each, with the plan its ranks read) and says how to
 turn the workers' parts into its result, table and plot (`Bench`); `run` does the rest: with --dry-run it
-prints every job's command; otherwise it checks the hosts (launch.preflight), writes each worker plan into
+prints every job's command; otherwise it checks the hosts (hosts.preflight), writes each worker plan into
 OUT/parts/, launches the job, reads every part back, and writes OUT/NAME.json and OUT/NAME.png and prints the
 table.
 """
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from hvdtrain import launch
+from hvdtrain import hosts, launch
 from hvdtrain.bench import plans, report
 from hvdtrain.errors import UsageError
 from hvdtrain.files import write_text_atomic
@@ -79,7 +79,7 @@ def run(
             launch.run_job(job.spec, dry_run=True, echo=echo)
         return {}
     if jobs:
-        launch.preflight(jobs[0].spec)  # every job of a benchmark runs on the same hosts
+        hosts.preflight(jobs[0].spec)  # every job of a benchmark runs on the same hosts
     (out / "parts").mkdir(parents=True, exist_ok=True)
     for job in jobs:
         store = out / "parts" / f".torch-store-{job.name}-{os.getpid()}-{time.time_ns()}"

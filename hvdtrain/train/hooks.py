@@ -56,3 +56,26 @@ class Hooks:
                 getattr(hook, name)(*args, **kwargs)
 
         return call
+
+
+def load_hooks(refs: Sequence[str]) -> list[Hook]:
+    """The hooks of `hvdtrain train --hooks module:Name,...`: each Name is a Hook subclass (instantiated without
+    arguments) or a function returning a Hook. Raises ConfigError naming the reference that does not load."""
+    import importlib
+
+    from hvdtrain.errors import ConfigError
+
+    out = []
+    for ref in refs:
+        module_name, _, attr_path = ref.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for attr in attr_path.split("."):
+                obj = getattr(obj, attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"--hooks {ref}: cannot load it ({e})") from None
+        hook = obj() if isinstance(obj, type) and issubclass(obj, Hook) else obj() if callable(obj) else obj
+        if not isinstance(hook, Hook):
+            raise ConfigError(f"--hooks {ref}: gave a {type(hook).__name__}, not a hvdtrain.train.hooks.Hook")
+        out.append(hook)
+    return out

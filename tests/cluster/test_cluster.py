@@ -6,6 +6,7 @@ a rank stalls, or ssh cannot reach a host."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -82,8 +83,6 @@ def test_run_spreads_ranks_over_hosts(cluster, tmp_path, hello, how):
 @pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
 def test_threads_per_rank_are_computed_on_each_host(cluster, tmp_path, hello, controller):
     """-H node1:2,node2:1: OMP_NUM_THREADS is cores/2 on node1 and cores/1 on node2, not one value for all."""
-    import os
-
     cores = os.cpu_count()
     proc = cluster.hvdtrain("run", "-np", 3, "-H", "node1:2,node2:1", controller, "--", "python", hello, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -177,35 +176,83 @@ def test_template_array_sweep_on_two_nodes(cluster, tmp_path):
         assert res["world_size"] == 2 and res["steps"] == 10, res
 
 
-def test_two_node_job_signalled_checkpoints_requeues_resumes_and_matches(cluster, tmp_path):
-    """scancel --signal=USR2 on a 2-node job: both ranks stop at one step, rank 0 checkpoints and requeues, the
-    requeued job resumes and ends with the weights of an uninterrupted 2-node run."""
-    slurm = cluster.slurm
-    train = ["hvdtrain", "train", "--model", "mlp", "--deterministic", "--max-steps", "100", "--epochs", "50",
-             "--log-every", "5", "--no-eval-every-epoch"]  # fmt: skip
-    nodes = ["--nodes", "2", "--ntasks-per-node", "1"]
-    ref = slurm.submit(*nodes, "--run-dir", tmp_path / "ref", "--", *train, "--run-dir", tmp_path / "ref" / "t",
-                       cwd=tmp_path)  # fmt: skip
-    (ref_task,) = slurm.wait(ref, timeout=300)
-    assert ref_task["JobState"] == "COMPLETED", text(tmp_path / "ref" / f"slurm-{ref}.out")
-    job = slurm.submit(*nodes, "--run-dir", tmp_path / "pre", "--", *train, "--run-dir", tmp_path / "pre" / "t",
-                       cwd=tmp_path)  # fmt: skip
-    out_file = tmp_path / "pre" / f"slurm-{job}.out"
+TRAIN_2N = ["hvdtrain", "train", "--model", "mlp", "--deterministic", "--max-steps", "100", "--epochs", "50",
+            "--log-every", "5", "--checkpoint-every", "10", "--no-eval-every-epoch"]  # fmt: skip
+NODES_2 = ["--nodes", "2", "--ntasks-per-node", "1"]
+
+
+@pytest.fixture(scope="module")
+def reference_2node(cluster, tmp_path_factory) -> dict:
+    """The uninterrupted 2-node run that interrupted ones must end equal to."""
+    base = tmp_path_factory.mktemp("ref")
+    job = cluster.slurm.submit(*NODES_2, "--run-dir", base, "--", *TRAIN_2N, "--run-dir", base / "t", cwd=base)
+    (task,) = cluster.slurm.wait(job, timeout=300)
+    assert task["JobState"] == "COMPLETED", text(base / f"slurm-{job}.out")
+    return result_of(base / "t")
+
+
+def _submit_and_wait_for_progress(cluster, tmp_path, *extra) -> tuple[str, Path]:
+    job = cluster.slurm.submit(*NODES_2, "--run-dir", tmp_path / "job", "--", *TRAIN_2N, *extra,
+                               "--run-dir", tmp_path / "job" / "t", cwd=tmp_path)  # fmt: skip
+    out_file = tmp_path / "job" / f"slurm-{job}.out"
     deadline = time.monotonic() + 240
-    while not re.search(r"step (1\d|[2-9]\d)/100", text(out_file)):
+    while not re.search(r"step ([1-9]\d)/100", text(out_file)):
         assert time.monotonic() < deadline, f"no progress line in time:\n{text(out_file)}"
         time.sleep(0.5)
-    slurm.run(["scancel", "--signal=USR2", job])
+    return job, out_file
+
+
+def _wait_for_requeue_and_end(cluster, job) -> dict:
+    """A requeued job is held by Slurm for ~2 minutes (BeginTime): release it, then wait for its end."""
+    slurm = cluster.slurm
     slurm.wait(job, timeout=120, until=lambda t: int(t[0].get("Restarts", 0)) >= 1 and t[0]["JobState"] == "PENDING")
     slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
     (task,) = slurm.wait(job, timeout=300, until=lambda t: t[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+    return task
+
+
+def test_two_node_job_signalled_checkpoints_requeues_resumes_and_matches(cluster, tmp_path, reference_2node):
+    """scancel --signal=USR2 on a 2-node job: both ranks stop at one step, rank 0 checkpoints and requeues, the
+    requeued job resumes and ends with the weights of an uninterrupted 2-node run."""
+    job, out_file = _submit_and_wait_for_progress(cluster, tmp_path)
+    cluster.slurm.run(["scancel", "--signal=USR2", job])
+    task = _wait_for_requeue_and_end(cluster, job)
     out = text(out_file)
     assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", (task, out)
     m = re.search(r"preempted at step (\d+)", out)
     assert m and 10 <= int(m.group(1)) < 100, out
-    res, ref_res = result_of(tmp_path / "pre" / "t"), result_of(tmp_path / "ref" / "t")
-    assert res["steps"] == ref_res["steps"] == 100 and res["world_size"] == 2
-    assert res["params_sha256"] == ref_res["params_sha256"]
+    res = result_of(tmp_path / "job" / "t")
+    assert res["steps"] == reference_2node["steps"] == 100 and res["world_size"] == 2
+    assert res["params_sha256"] == reference_2node["params_sha256"]
+
+
+# A user's hook (hvdtrain train --hooks) that makes rank 1 stop calling collectives at step 25, in the job's first
+# run only: the rank's main thread sleeps (as in a hung read), its Horovod background thread goes on.
+STALL_HOOK = """
+import os, time
+from hvdtrain.train.hooks import Hook
+
+class StallOnce(Hook):
+    def on_step_end(self, trainer):
+        if trainer.rank == 1 and trainer.state.step == 25 and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+            print("rank 1 stops calling collectives", flush=True)
+            time.sleep(3600)
+"""
+
+
+def test_two_node_job_with_a_stalled_rank_requeues_from_its_checkpoint_and_matches(cluster, tmp_path, reference_2node):
+    """Rank 1 (node2) stops calling collectives at step 25: --stall-timeout ends the job naming rank 1, hvdtrain
+    requeues it, and the requeued job resumes from the step-20 checkpoint and ends with the uninterrupted weights."""
+    (tmp_path / "stallhook.py").write_text(STALL_HOOK)
+    job, out_file = _submit_and_wait_for_progress(cluster, tmp_path, "--stall-timeout", "8", "--hooks",
+                                                  "stallhook:StallOnce")  # fmt: skip
+    task = _wait_for_requeue_and_end(cluster, job)
+    out = text(out_file)
+    assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", (task, out)
+    assert re.search(r"hvdtrain: error: rank 1 stalled: rank 0 waited more than 8 s", out), out
+    assert "requeued Slurm job" in out and "resumed from" in out and "step-00000020.pt at step 20" in out, out
+    res = result_of(tmp_path / "job" / "t")
+    assert res["steps"] == 100 and res["params_sha256"] == reference_2node["params_sha256"], res
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +272,23 @@ def test_unreachable_host_is_refused_before_anything_starts(cluster, tmp_path, h
     assert proc.returncode == 2, proc.stdout + proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert "node2" in line and "Permission denied" in line, line
-    assert not list((tmp_path / "logs").glob("rank.*")) if (tmp_path / "logs").exists() else True
+    assert not (tmp_path / "logs").exists()  # nothing written, nothing started
+
+
+def test_host_down_before_launch_is_refused_in_one_line(cluster, tmp_path, hello):
+    """node2's link is down: ssh's connect times out; one line naming node2, exit 2, nothing started on node1."""
+    cluster.fault("link", "node2", "down")
+    try:
+        start = time.monotonic()
+        proc = cluster.hvdtrain("run", "-np", 2, "-H", "node1:1,node2:1", "--output-dir", tmp_path / "logs",
+                                "--", "python", hello, cwd=tmp_path)  # fmt: skip
+        took = time.monotonic() - start
+    finally:
+        cluster.fault("link", "node2", "up")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "cannot reach host node2 over ssh" in line and "timed out" in line, line
+    assert not (tmp_path / "logs").exists() and took < 30, took
 
 
 def test_stalled_rank_ends_the_job_and_is_named(cluster, tmp_path):

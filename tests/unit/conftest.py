@@ -4,7 +4,7 @@ import subprocess
 import pytest
 from fakessh import make_fake_ssh
 
-from hvdtrain import launch
+from hvdtrain import hosts, launch
 
 
 class ProcessStarted(AssertionError):
@@ -41,6 +41,6 @@ def fake_ssh(tmp_path, monkeypatch):
     log = tmp_path / "ssh-calls"
     make_fake_ssh(tmp_path / "bin", log)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(launch, "local_interfaces", lambda: ("eth0", "lo", "wlan0"))
-    monkeypatch.setattr(launch, "interface_addresses", lambda: {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
+    monkeypatch.setattr(hosts, "local_interfaces", lambda: ("eth0", "lo", "wlan0"))
+    monkeypatch.setattr(hosts, "interface_addresses", lambda: {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
     return log

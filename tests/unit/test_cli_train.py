@@ -54,6 +54,11 @@ def dry_config(output):
         (["-np", "2", "--strategy", "model", "--devices-per-rank", "2"], "use -np 1, or --strategy hybrid"),
         (["--epochs", "many"], "'many' is not a valid integer"),
         (["-np", "0"], "at least 1"),
+        (["--hooks", "myhooks.Stall"], "--hooks: 'myhooks.Stall' is not module:Name"),
+        (
+            ["--hooks", "no_such_module_here:Stall"],
+            "--hooks no_such_module_here:Stall: no module 'no_such_module_here'",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_started(run, args, needle, tmp_path):
@@ -176,3 +181,23 @@ def test_unreachable_host_is_found_before_config_json_is_written(fake_ssh, clean
     assert started == [] and not (tmp_path / "r").exists()
     ok = CliRunner().invoke(cli, ["train", "-H", "node2.invalid:2", "--run-dir", "r"])
     assert ok.exit_code == 0 and len(started) == 1 and (tmp_path / "r" / "config.json").exists(), ok.output
+
+
+def test_hooks_load_from_the_working_directory(tmp_path, monkeypatch):
+    """--hooks module:Name: a Hook subclass is instantiated, a factory is called; anything else is refused."""
+    from hvdtrain.errors import ConfigError
+    from hvdtrain.train.hooks import Hook, load_hooks
+
+    (tmp_path / "userhooks.py").write_text(
+        "from hvdtrain.train.hooks import Hook\n"
+        "class Count(Hook):\n    steps = 0\n    def on_step_end(self, trainer):\n        self.steps += 1\n"
+        "def make():\n    return Count()\n"
+        "not_a_hook = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hooks = load_hooks(TrainConfig(hooks="userhooks:Count, userhooks:make").hook_refs())
+    assert [type(h).__name__ for h in hooks] == ["Count", "Count"] and all(isinstance(h, Hook) for h in hooks)
+    with pytest.raises(ConfigError, match="--hooks userhooks:not_a_hook: gave a int, not a"):
+        load_hooks(["userhooks:not_a_hook"])
+    with pytest.raises(ConfigError, match="--hooks userhooks:Nope: cannot load it"):
+        load_hooks(["userhooks:Nope"])

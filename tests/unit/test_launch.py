@@ -4,14 +4,12 @@ import dataclasses
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from fakessh import make_fake_ssh
 
 from hvdtrain import launch
 from hvdtrain.errors import UsageError
@@ -208,36 +206,6 @@ def test_rank_env():
     assert launch.rank_env(mine, is_root=False)["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "5"
 
 
-def test_failure_report(tmp_path):
-    (tmp_path / "rank.0.exit").write_text("0\n")
-    (tmp_path / "rank.1.exit").write_text("1\n")
-    (tmp_path / "rank.1.log").write_text("line\n" * 30 + "ValueError: boom\n")
-    report = launch.failure_report(str(tmp_path), 1)
-    assert report.startswith("rank 1 failed with exit status 1")
-    assert report.rstrip().endswith("ValueError: boom")
-    assert report.count("\n") == 15
-    assert "exit status 3" in launch.failure_report(str(tmp_path / "none"), 3)
-
-
-def test_failure_report_names_the_rank_that_failed_first(tmp_path):
-    import os
-
-    (tmp_path / "rank.0.exit").write_text("1\n")  # rank 0 died of Horovod's shutdown, after rank 1 raised
-    (tmp_path / "rank.1.exit").write_text("1\n")
-    os.utime(tmp_path / "rank.1.exit", ns=(1_000_000_000, 1_000_000_000))
-    os.utime(tmp_path / "rank.0.exit", ns=(2_000_000_000, 2_000_000_000))
-    assert launch.failed_ranks(str(tmp_path)) == [(1, 1), (0, 1)]
-    assert launch.failure_report(str(tmp_path), 1).startswith("rank 1 failed with exit status 1 (then also ranks 0)")
-
-
-def test_failure_report_prefers_the_cause_over_horovod_shutdown(tmp_path):
-    for r in (0, 1):
-        (tmp_path / f"rank.{r}.exit").write_text("1\n")
-    (tmp_path / "rank.0.log").write_text("HorovodInternalError: Horovod has been shut down. This was caused by...\n")
-    (tmp_path / "rank.1.log").write_text("RuntimeError: boom\n")
-    assert launch.failed_ranks(str(tmp_path))[0] == (1, 1)
-
-
 # --- network interfaces ---------------------------------------------------------------------------
 
 
@@ -362,18 +330,6 @@ def test_ssh_config_argv(tmp_path):
     assert "--disable-cache" not in launch.build_horovodrun_argv(spec(np=2), "/l")
 
 
-def test_ssh_shim_runs_the_real_ssh_with_the_config(tmp_path):
-    log = tmp_path / "calls"
-    real = make_fake_ssh(tmp_path / "bin", log)
-    shim = tmp_path / "shim" / "ssh"
-    shim.parent.mkdir()
-    shim.write_text(launch.ssh_shim_script(str(real), str(tmp_path / "my config")))
-    shim.chmod(0o755)
-    out = subprocess.run([str(shim), "-o", "X=1", "node2", "echo a b"], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.split() == ["node2", "eth0", "lo"], out
-    assert log.read_text() == f"-F {tmp_path / 'my config'} -o X=1 node2 echo a b\n"
-
-
 def test_run_job_puts_the_ssh_shim_first_on_horovodruns_path(tmp_path, fake_ssh, monkeypatch):
     """horovodrun runs `ssh` from PATH: under run_job that is the shim, which adds -F; no shim is left after."""
     config = tmp_path / "ssh_config"
@@ -399,108 +355,6 @@ def test_dry_run_names_the_ssh_shim(tmp_path, capsys):
     assert f"# horovodrun runs with an 'ssh' first on its PATH that is: ssh -F {config}" in capsys.readouterr().out
 
 
-# --- preflight --------------------------------------------------------------------------------------
-
-
-def test_is_local_host():
-    assert launch.is_local_host("localhost") and launch.is_local_host("127.0.0.1")
-    assert launch.is_local_host(socket.gethostname())
-    assert not launch.is_local_host("node2.invalid")  # .invalid never resolves (RFC 6761)
-
-
-def test_preflight_of_local_hosts_runs_no_ssh(fake_ssh):
-    facts = launch.preflight(spec(np=2, hosts="localhost:2"))
-    assert [(f.name, f.local) for f in facts] == [("localhost", True)]
-    assert not fake_ssh.exists()
-    assert launch.preflight(spec(environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"})) == []
-
-
-def test_preflight_asks_every_other_host_over_ssh(fake_ssh, tmp_path):
-    config = tmp_path / "ssh_config"
-    config.write_text("")
-    s = spec(np=3, hosts="localhost:1,node2.invalid:1,node3.invalid:1", ssh_config=str(config))
-    facts = launch.preflight(s)
-    assert [(f.name, f.local, f.hostname, f.interfaces) for f in facts[1:]] == [
-        ("node2.invalid", False, "node2", ("eth0", "lo")),
-        ("node3.invalid", False, "node3", ("eth0", "lo")),
-    ]
-    calls = sorted(fake_ssh.read_text().splitlines())
-    assert calls == [
-        f"-F {config} -o BatchMode=yes -o ConnectTimeout=10 {host} hostname; ls /sys/class/net"
-        for host in ("node2.invalid", "node3.invalid")
-    ]
-
-
-def test_preflight_names_every_unreachable_host_with_sshs_words(fake_ssh):
-    with pytest.raises(UsageError) as e:
-        launch.preflight(spec(np=3, hosts="down2.invalid:1,ok.invalid:1,locked3.invalid:1"))
-    assert str(e.value) == (
-        "cannot reach hosts down2.invalid, locked3.invalid over ssh: down2.invalid: ssh: connect to host 192.0.2.9 "
-        "port 22: Connection refused; locked3.invalid: root@locked: Permission denied (publickey).; check that they "
-        "are up and that 'ssh HOST' works without a password for each (or give --ssh-config)"
-    )
-    with pytest.raises(UsageError) as one:
-        launch.preflight(spec(np=1, hosts="down2.invalid:1"))
-    assert str(one.value) == (
-        "cannot reach host down2.invalid over ssh: ssh: connect to host 192.0.2.9 port 22: Connection refused; "
-        "check that down2.invalid is up and that 'ssh down2.invalid' works without a password (or give --ssh-config)"
-    )
-    with pytest.raises(UsageError, match="broken.invalid over ssh: 'hostname; ls /sys/class/net' failed there: ls:"):
-        launch.preflight(spec(np=1, hosts="broken.invalid:1"))
-
-
-def test_preflight_is_bounded(fake_ssh):
-    start = time.monotonic()
-    with pytest.raises(UsageError, match="cannot reach host slow.invalid over ssh: no answer within 0.5 s"):
-        launch.preflight(spec(np=2, hosts="slow.invalid:1,ok.invalid:1"), timeout=0.5)
-    assert time.monotonic() - start < 5
-
-
-def test_preflight_checks_the_interface_on_every_host(fake_ssh):
-    assert launch.preflight(spec(np=2, hosts="localhost:1,node2.invalid:1", network_interface="eth0"))
-    with pytest.raises(UsageError) as e:
-        launch.preflight(spec(np=2, hosts="localhost:1,node2.invalid:1", network_interface="wlan0"))
-    assert str(e.value) == (
-        "--network-interface wlan0: host node2.invalid has no interface wlan0 (it has eth0, lo); pick one every host "
-        "has: eth0"
-    )
-    with pytest.raises(UsageError) as both:
-        launch.preflight(spec(np=2, hosts="localhost:1,node2.invalid:1", network_interface="eth9"))
-    assert str(both.value) == (
-        "--network-interface eth9: host localhost has no interface eth9 (it has eth0, lo, wlan0); host node2.invalid "
-        "has no interface eth9 (it has eth0, lo); pick one every host has: eth0"
-    )
-
-
-def test_preflight_checks_the_launching_machine(fake_ssh, monkeypatch):
-    """With no rank here, the ranks still connect back here (Gloo's rendezvous, Open MPI's daemons)."""
-    remote_only = spec(np=2, hosts="node2.invalid:1,node3.invalid:1", network_interface="eth0")
-    assert len(launch.preflight(remote_only)) == 2
-    monkeypatch.setattr(launch, "local_interfaces", lambda: ("br0", "lo"))
-    with pytest.raises(UsageError, match=r"this machine \(.*\), where the launcher runs, has no interface eth0"):
-        launch.preflight(remote_only)
-    monkeypatch.setattr(launch, "local_interfaces", lambda: ("eth0", "lo"))
-    monkeypatch.setattr(
-        launch, "interface_addresses", lambda: {"lo": {"127.0.0.1"}, "eth0": set(), "br0": {"10.1.1.1"}}
-    )
-    with pytest.raises(
-        UsageError, match=r"has no IPv4 address on eth0.*pick an interface with an address \(here: br0\)"
-    ):
-        launch.preflight(remote_only)
-
-
-def test_preflight_all_local_horovodrun_needs_the_loopback(fake_ssh):
-    """horovodrun with every host here keeps only interfaces holding 127.0.0.1 (and fails without one)."""
-    with pytest.raises(UsageError) as e:
-        launch.preflight(spec(np=2, network_interface="eth0"))
-    assert str(e.value) == (
-        "--network-interface eth0: every host is this machine, and then horovodrun only takes an interface holding "
-        "127.0.0.1 (here: lo); give --network-interface lo, leave the option out, or use --launcher mpirun"
-    )
-    assert launch.preflight(spec(np=2, network_interface="lo"))
-    assert launch.preflight(spec(np=2, network_interface="eth0", launcher="mpirun"))
-
-
 # --- stall timeout ----------------------------------------------------------------------------------
 
 
@@ -522,188 +376,6 @@ def test_stall_env():
     assert spec(np=2, stall_timeout=0).stall_timeout == 0
     with pytest.raises(UsageError, match="--stall-timeout -5: give a number of seconds"):
         spec(np=2, stall_timeout=-5)
-
-
-# Rank 0's log after Horovod 0.28.1 shut a job down (`--stall-timeout 4`, rank 1 asleep before grad.3), as
-# captured from a real run: a warning first, then the shutdown, then the consequence in rank 0 itself.
-STALL_LOG = """\
-[2026-11-23 16:57:09.757005: W /tmp/horovod-0.28.1/horovod/common/stall_inspector.cc:107] One or more tensors \
-were submitted to be reduced, gathered or broadcasted by subset of ranks and are waiting for remainder of ranks for \
-more than 2 seconds. This may indicate that different ranks are trying to submit different tensors or that only \
-subset of ranks is submitting tensors, which will cause deadlock.\x20
-Missing ranks:
-1: [allreduce.grad.3]
-[2026-11-23 16:57:11.757325: E /tmp/horovod-0.28.1/horovod/common/stall_inspector.cc:105] One or more tensors \
-were submitted to be reduced, gathered or broadcasted by subset of ranks and are waiting for remainder of ranks for \
-more than 2 seconds. This may indicate that different ranks are trying to submit different tensors or that only \
-subset of ranks is submitting tensors, which will cause deadlock.\x20
-Missing ranks:
-1!: [allreduce.grad.3]
-One or more rank (marked by "!") is stalled for longer than 4 seconds. Will shutdown.
-Traceback (most recent call last):
-  File "/tmp/stall/st.py", line 6, in <module>
-    hvd.allreduce(torch.ones(4), name=f'grad.{step}')
-horovod.common.exceptions.HorovodInternalError: Horovod has been shut down. This was caused by an exception on one \
-of the ranks or an attempt to allreduce, allgather or broadcast a tensor after one of the ranks finished execution.
-"""
-
-
-def test_parse_stall():
-    stall = launch.parse_stall(STALL_LOG)
-    assert stall == launch.Stall(4, {1: ("allreduce.grad.3",)}, (1,))
-    assert launch.parse_stall(STALL_LOG.split("One or more rank (marked")[0]) is None  # a warning is no shutdown
-    many = (
-        "Missing ranks:\n0: [b]\n2!: [a.1, a.2, a.3, a.4, a.5, a.6 ...]\n3!: [a.1, a.2, a.3, a.4, a.5, a.6 ...]\n"
-        'One or more rank (marked by "!") is stalled for longer than 30 seconds. Will shutdown.\n'
-    )
-    stall = launch.parse_stall(many)
-    assert stall.stalled == (2, 3) and stall.missing[2][-2:] == ("a.6", "...")
-    assert launch.describe_stall(stall, range(5)) == (
-        "ranks 2, 3 stalled: ranks 0, 1, 4 waited more than 30 s for them to submit a.1, a.2, a.3, a.4, a.5, a.6 ... "
-        "(Horovod's stall shutdown, --stall-timeout 30)"
-    )
-
-
-def _records(tmp_path, ranks):
-    """Rank records as the wrapper leaves them: rank -> (host or None, exit status or None, log text)."""
-    for rank, (host, status, log) in ranks.items():
-        if host is not None:
-            (tmp_path / f"rank.{rank}.host").write_text(f"{host}\n")
-        if status is not None:
-            (tmp_path / f"rank.{rank}.exit").write_text(f"{status}\n")
-        (tmp_path / f"rank.{rank}.log").write_text(log)
-    return str(tmp_path)
-
-
-def test_failure_report_names_the_stalled_rank_first(tmp_path):
-    """The stalled rank never fails by itself: the launcher kills it (143, or no record at all), after rank 0
-    has failed with Horovod's shutdown; the report still starts with it."""
-    for rank1 in [("vm", 143, ""), ("vm", None, "step 2\n")]:
-        log_dir = _records(tmp_path, {0: ("vm", 1, STALL_LOG), 1: rank1})
-        report = launch.failure_report(log_dir, 1, np=2, placement={0: "vm", 1: "vm"}, this_machine={"vm"})
-        first = report.splitlines()[0]
-        expected = (
-            "rank 1 stalled: rank 0 waited more than 4 s for it to submit allreduce.grad.3 (Horovod's stall "
-            "shutdown, --stall-timeout 4); then rank 0 failed (exit status 1); "
-        )
-        assert first.startswith(expected), first
-        # The stalled rank's own last lines when it has any, else (said so) the first failing rank's.
-        rest = first[len(expected) :]
-        assert rest == (f"last lines of {tmp_path}/rank.1.log:" if rank1[2] else
-                        f"rank.1.log is empty; last lines of {tmp_path}/rank.0.log:"), rest  # fmt: skip
-        (tmp_path / "rank.1.exit").unlink(missing_ok=True)
-
-
-def test_failure_report_names_a_lost_host_and_its_ranks(tmp_path):
-    log_dir = _records(
-        tmp_path,
-        {
-            0: ("node1", 143, "started\n"),
-            1: ("node1", 143, "started\n"),
-            2: ("node2", None, "started\n"),
-            3: ("node2", None, "started\n"),
-        },
-    )
-    where = {0: "node1", 1: "node1", 2: "node2", 3: "node2"}
-    report = launch.failure_report(log_dir, 1, np=4, placement=where, this_machine={"node1"})
-    assert report == (
-        "host node2 was lost: ranks 2, 3 ran there and left no exit status (killed, or the host went down); then "
-        f"ranks 0, 1 failed (exit statuses 143, 143); last lines of {tmp_path}/rank.0.log:\n  | started"
-    )
-    # The host is named as in -H (placement), whatever its ranks recorded (e.g. namespaces sharing a hostname).
-    shared = launch.failure_report(log_dir, 1, np=4, placement={0: "a", 1: "a", 2: "b", 3: "b"}, this_machine={"a"})
-    assert shared.startswith("host b was lost: ranks 2, 3 ran there")
-    # Without placement (srun), by the host records.
-    assert launch.failure_report(log_dir, 1, np=4, this_machine={"node1"}).startswith("host node2 was lost")
-
-
-def test_a_rank_failing_by_itself_is_no_lost_host(tmp_path):
-    """One rank per host: rank 1 raises on node2, the launcher SIGKILLs rank 0 on node1 (no exit record). Node1
-    looks exactly like a lost host, but rank 1's own failure is the cause."""
-    log_dir = _records(tmp_path, {0: ("node1", None, "step 7\n"), 1: ("node2", 1, "ValueError: boom\n")})
-    report = launch.failure_report(log_dir, 1, np=2, placement={0: "node1", 1: "node2"}, this_machine={"node0"})
-    assert report.startswith("rank 1 failed with exit status 1; last lines of") and "lost" not in report
-    assert report.endswith("  | ValueError: boom")
-
-
-def test_lost_hosts_rule():
-    rec = launch.RankRecord
-    node2_gone = {0: rec(0, "n1", 143, consequence=True), 1: rec(1, "n2"), 2: rec(2, "n2")}
-    assert launch.lost_hosts(node2_gone) == [("n2", [1, 2])]
-    # A host with one rank that left an exit record was not lost (its others were killed).
-    assert launch.lost_hosts({**node2_gone, 2: rec(2, "n2", 143, consequence=True)}) == []
-    # Nothing recorded an exit anywhere: every host but this machine.
-    nothing = {0: rec(0, "n1"), 1: rec(1, "n2")}
-    assert launch.lost_hosts(nothing, this_machine={"n1"}) == [("n2", [1])]
-    # A rank without a host record (not started, or its records are on its own host) counts for nothing.
-    assert launch.lost_hosts({0: rec(0, "n1", 143, consequence=True), 1: rec(1)}) == []
-    # Ranks explained otherwise (stalled) do not make their host lost.
-    assert launch.lost_hosts(node2_gone, explained={1, 2}) == []
-
-
-def test_failure_report_reads_only_this_jobs_part_of_the_logs(tmp_path):
-    """Logs are appended to (a run directory's logs hold every attempt): an old stall is not this job's."""
-    old = STALL_LOG
-    log_dir = _records(tmp_path, {0: ("vm", 1, old + "ValueError: new failure\n"), 1: ("vm", 0, "")})
-    starts = {0: len(old.encode())}
-    report = launch.failure_report(log_dir, 1, np=2, this_machine={"vm"}, starts=starts)
-    assert report.startswith("rank 0 failed with exit status 1; last lines of"), report
-    assert report.splitlines()[1:] == ["  | ValueError: new failure"]
-    assert launch.failure_report(log_dir, 1, np=2, this_machine={"vm"}).startswith("rank 1 stalled")
-
-
-def test_failure_report_when_the_log_is_elsewhere(tmp_path):
-    (tmp_path / "rank.3.exit").write_text("2\n")
-    report = launch.failure_report(str(tmp_path), 2)
-    assert report == f"rank 3 failed with exit status 2; {tmp_path}/rank.3.log is not on this machine " + (
-        "(each host keeps its ranks' logs unless the log directory is shared)"
-    )
-
-
-def test_killed_ranks_come_after_the_cause(tmp_path):
-    for r, status in ((0, 143), (1, 137), (2, 143)):
-        (tmp_path / f"rank.{r}.exit").write_text(f"{status}\n")
-    os.utime(tmp_path / "rank.1.exit", ns=(3_000_000_000, 3_000_000_000))  # recorded last, still the cause
-    assert launch.failed_ranks(str(tmp_path))[0] == (1, 137)  # SIGKILLed alone: the OOM killer, say
-
-
-def test_gloo_losing_a_peer_is_a_consequence(tmp_path):
-    """Under Gloo the ranks that lose a peer abort (134) with gloo::IoException: the lost host is the cause."""
-    io_error = (
-        "terminate called after throwing an instance of 'gloo::IoException'\n"
-        "  what():  [gloo/transport/tcp/pair.cc:589] Read error [192.0.2.2]:59022: Connection reset by peer\n"
-    )
-    log_dir = _records(tmp_path, {0: ("node1", 134, io_error), 1: ("node2", None, "started\n")})
-    report = launch.failure_report(log_dir, 1, np=2, placement={0: "node1", 1: "node2"}, this_machine={"node1"})
-    assert report.startswith(
-        "host node2 was lost: rank 1 ran there and left no exit status (killed, or the host went down); then rank 0 "
-        "failed (exit status 134); last lines of"
-    ), report
-
-
-def test_a_stopped_job_is_said_to_be_stopped(tmp_path):
-    """hvdtrain got SIGTERM (scancel, timeout) and passed it on: no host is called lost for the ranks it killed."""
-    log_dir = _records(tmp_path, {0: ("node1", 143, "step 9\n"), 1: ("node2", None, "step 9\n")})
-    where = {0: "node1", 1: "node2"}
-    report = launch.failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"}, stopped_by="SIGTERM")
-    assert report.splitlines()[0] == (
-        f"the job was stopped by SIGTERM; then rank 0 failed (exit status 143); last lines of {tmp_path}/rank.0.log:"
-    )
-    (tmp_path / "rank.0.exit").unlink()
-    nothing = launch.failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"}, stopped_by="SIGTERM")
-    assert nothing == f"the job was stopped by SIGTERM; per-rank logs are in {tmp_path}"
-    assert "host node2 was lost" in launch.failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"})
-
-
-def test_the_report_says_whose_lines_it_shows(tmp_path):
-    """Rank 2 died silently (a segfault before its first line): its empty log is named, then rank 1's lines."""
-    peer_gone = "terminate called after throwing an instance of 'gloo::IoException'\n"
-    log_dir = _records(tmp_path, {1: ("a", 134, peer_gone), 2: ("b", 139, "")})
-    report = launch.failure_report(log_dir, 1, np=3, this_machine={"a"})
-    assert report.splitlines()[0] == (
-        f"rank 2 failed with exit status 139 (then also ranks 1); rank.2.log is empty; last lines of "
-        f"{tmp_path}/rank.1.log:"
-    )
 
 
 def test_sigterm_reaches_the_launcher_behind_a_shell(tmp_path):

@@ -71,3 +71,23 @@ def test_requeue_after_preemption_respects_the_limit(fake_scontrol):
         preempt.requeue_after_preemption(True, 3, said.append, {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "2"}) == "7"
     )
     assert fake_scontrol.read_text() == "requeue 7\n"
+
+
+def test_a_training_job_that_stalled_or_lost_a_host_requeues_inside_slurm(fake_scontrol):
+    """hvdtrain train inside Slurm: a stall (or lost host) ends the launch; the report is said first, then the
+    job is requeued like a preempted one. Outside Slurm, or with --no-requeue, nothing is requeued."""
+    from hvdtrain import jobs
+    from hvdtrain.config import TrainConfig
+    from hvdtrain.errors import LaunchError
+
+    error = LaunchError("rank 1 stalled: rank 0 waited more than 8 s", 1, "stall")
+    said = []
+    assert jobs.requeue_after_fault(TrainConfig(), error, said.append, {"SLURM_JOB_ID": "7"})
+    assert said[0] == "hvdtrain: error: rank 1 stalled: rank 0 waited more than 8 s"
+    assert "requeued Slurm job 7" in said[1]
+    assert fake_scontrol.read_text() == "requeue 7\n"
+    said.clear()
+    assert not jobs.requeue_after_fault(TrainConfig(), error, said.append, {})
+    assert not jobs.requeue_after_fault(TrainConfig(requeue=False), error, said.append, {"SLURM_JOB_ID": "7"})
+    assert said == [] and fake_scontrol.read_text() == "requeue 7\n"
+    assert set(jobs.REQUEUE_CAUSES) == {"stall", "lost_host"}

@@ -1,0 +1,247 @@
+"""The hosts of a job before it is launched: which of them are this machine, the ssh preflight (every other
+host answers a non-interactive ssh, and every host has the interfaces of --network-interface), and the ssh shim
+that gives horovodrun's own ssh the --ssh-config.
+
+`preflight` is the only place here that starts processes (ssh, in parallel, each bounded); `make_ssh_shim`
+writes a temporary script for run_job. Nothing heavy is imported at module import time (the CLI imports the
+launcher, which imports this): psutil only inside `interface_addresses`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+from hvdtrain.errors import UsageError
+
+if TYPE_CHECKING:  # for annotations only: launch imports this module
+    from hvdtrain.launch import LaunchSpec
+
+# What the preflight runs on every other host: its name, and its network interfaces (one per line).
+PROBE = "hostname; ls /sys/class/net"
+SSH_CONNECT_TIMEOUT_S = 10
+PREFLIGHT_TIMEOUT_S = 20.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Preflight: the hosts themselves (ssh, network interfaces), before anything is launched
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFacts:
+    """What the preflight learned of one host of -H/--hostfile."""
+
+    name: str  # as given in -H/--hostfile
+    local: bool  # this machine: checked here, not over ssh
+    hostname: str  # what `hostname` says there
+    interfaces: tuple[str, ...]  # /sys/class/net there
+
+
+def _own_names() -> set[str]:
+    name = socket.gethostname()
+    names = {"localhost", "127.0.0.1", name, name.split(".")[0]}
+    try:
+        names.add(socket.getfqdn())
+    except OSError:
+        pass
+    return names
+
+
+def interface_addresses() -> dict[str, set[str]]:
+    """This machine's interfaces and their IPv4 addresses (psutil, imported here: the CLI imports this module)."""
+    import psutil
+
+    return {
+        name: {a.address for a in addrs if a.family == socket.AF_INET} for name, addrs in psutil.net_if_addrs().items()
+    }
+
+
+def is_local_host(name: str, by_name: bool = True) -> bool:
+    """Whether `name` is this machine: localhost, 127.0.0.1, this host's name (short or full) when `by_name`,
+    or a name that resolves to an IPv4 address of one of this machine's interfaces. horovodrun decides by the
+    address alone (network.filter_local_addresses), so pass by_name=False to agree with it."""
+    if name in ("localhost", "127.0.0.1") or (by_name and name in _own_names()):
+        return True
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return False
+    return any(address in addresses for addresses in interface_addresses().values())
+
+
+def local_interfaces() -> tuple[str, ...]:
+    try:
+        return tuple(sorted(os.listdir("/sys/class/net")))
+    except OSError:
+        return ()
+
+
+def ssh_command(host: str, ssh_config: Optional[str], ssh: str = "ssh") -> list[str]:
+    """The preflight's probe of one host: non-interactive (a password prompt would hang), bounded connect."""
+    config = ["-F", ssh_config] if ssh_config else []
+    options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}"]
+    return [ssh, *config, *options, host, PROBE]
+
+
+def parse_probe(name: str, stdout: str) -> HostFacts:
+    """HostFacts from the probe's output: the host name on the first line, then one interface per line."""
+    lines = _lines(stdout)
+    hostname = lines[0] if lines else name
+    return HostFacts(name, False, hostname, tuple(sorted(lines[1:])))
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def ssh_error_line(stderr: str, returncode: int) -> str:
+    """ssh's own error: the last line of its stderr that is not a warning (e.g. 'Permanently added')."""
+    lines = _lines(stderr)
+    errors = [line for line in lines if not line.startswith("Warning:")] or lines
+    return errors[-1] if errors else f"ssh exited with status {returncode} and said nothing"
+
+
+def probe_host(name: str, ssh_config: Optional[str], ssh: str, timeout: float) -> HostFacts | str:
+    """Run the probe on `name` over ssh: its HostFacts, or the line that says why it failed."""
+    try:
+        proc = subprocess.run(
+            ssh_command(name, ssh_config, ssh), capture_output=True, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"no answer within {timeout:g} s"
+    except OSError as e:
+        return f"cannot run {ssh}: {e.strerror}"
+    if proc.returncode == 255:  # ssh's own failure (connection, authentication, host key)
+        return ssh_error_line(proc.stderr, proc.returncode)
+    if proc.returncode != 0:
+        return f"'{PROBE}' failed there: {ssh_error_line(proc.stderr, proc.returncode)}"
+    return parse_probe(name, proc.stdout)
+
+
+def unreachable_message(failures: Mapping[str, str], ssh_config: Optional[str]) -> str:
+    """One line for the hosts ssh could not reach (in the order given): each with ssh's own words, then the fix."""
+    names = list(failures)
+    ssh = f"ssh -F {ssh_config}" if ssh_config else "ssh"
+    hint = "" if ssh_config else " (or give --ssh-config)"
+    if len(names) == 1:
+        host = names[0]
+        return (
+            f"cannot reach host {host} over ssh: {failures[host]}; check that {host} is up and that "
+            f"'{ssh} {host}' works without a password{hint}"
+        )
+    detail = "; ".join(f"{host}: {failures[host]}" for host in names)
+    return (
+        f"cannot reach hosts {', '.join(names)} over ssh: {detail}; check that they are up and that "
+        f"'{ssh} HOST' works without a password for each{hint}"
+    )
+
+
+def check_interfaces(nics: Sequence[str], facts: Sequence[HostFacts], here: Optional[HostFacts] = None) -> None:
+    """Every host (and `here`, this machine when it runs no rank: the ranks reach the launcher through the same
+    interface) has every interface of --network-interface; raises UsageError naming each host that lacks one."""
+    if not nics:
+        return
+    checked = [*facts, *([here] if here else [])]
+    problems = []
+    for f in checked:
+        missing = [n for n in nics if n not in f.interfaces]
+        if missing:
+            who = f"host {f.name}" if f is not here else f"this machine ({f.hostname}), where the launcher runs,"
+            has = ", ".join(f.interfaces) or "none in /sys/class/net"
+            problems.append(f"{who} has no interface {', '.join(missing)} (it has {has})")
+    if not problems:
+        return
+    common = set.intersection(*(set(f.interfaces) for f in checked))
+    if any(not f.local for f in checked):
+        common.discard("lo")  # the loopback reaches no other host
+    fix = f"pick one every host has: {', '.join(sorted(common))}" if common else "no interface is on every host"
+    raise UsageError(f"--network-interface {','.join(nics)}: {'; '.join(problems)}; {fix}")
+
+
+def preflight(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list[HostFacts]:
+    """Check the hosts before anything is launched: every host of -H/--hostfile that is not this machine answers
+    a non-interactive ssh (in parallel, each bounded by `timeout`), and every host has the interfaces of
+    --network-interface (this machine's from /sys/class/net, the others' from the same ssh). Raises UsageError
+    naming every host that fails; returns what was learned, in host order. Nothing to do for srun."""
+    if spec.launcher == "srun" or not spec.hosts:
+        return []
+    by_name = spec.launcher != "horovodrun"
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(spec.hosts))) as pool:
+        local = dict(zip([h.name for h in spec.hosts], pool.map(lambda h: is_local_host(h.name, by_name), spec.hosts)))
+        remote = [name for name, is_here in local.items() if not is_here]
+        ssh = shutil.which("ssh") if remote else None
+        if remote and ssh is None:
+            raise UsageError(
+                f"ssh is not installed here, and hosts {', '.join(remote)} are reached with it; install the "
+                "OpenSSH client"
+            )
+        answers = dict(zip(remote, pool.map(lambda name: probe_host(name, spec.ssh_config, ssh, timeout), remote)))
+    failures = {name: answer for name, answer in answers.items() if isinstance(answer, str)}
+    if failures:
+        raise UsageError(unreachable_message(failures, spec.ssh_config))
+    this = HostFacts("localhost", True, socket.gethostname(), local_interfaces() if spec.nics else ())
+    facts = [dataclasses.replace(this, name=h.name) if local[h.name] else answers[h.name] for h in spec.hosts]
+    check_interfaces(spec.nics, facts, None if any(local.values()) else this)
+    if spec.nics and spec.launcher in ("horovodrun", "mpirun"):
+        _check_launcher_addresses(spec, all(local.values()))
+    return facts
+
+
+def _check_launcher_addresses(spec: LaunchSpec, all_local: bool) -> None:
+    """What the launcher needs of --network-interface on this machine. All hosts here: horovodrun then keeps
+    only interfaces holding 127.0.0.1 (driver_service.get_local_interfaces) and fails without one. Otherwise
+    the ranks connect back to this machine through the interface (Gloo's rendezvous server, Open MPI's
+    out-of-band channel), so it needs an IPv4 address here."""
+    addresses = interface_addresses()
+    nics = ",".join(spec.nics)
+    if all_local:
+        if spec.launcher == "horovodrun" and not any("127.0.0.1" in addresses.get(n, ()) for n in spec.nics):
+            loopback = sorted(n for n, a in addresses.items() if "127.0.0.1" in a) or ["lo"]
+            raise UsageError(
+                f"--network-interface {nics}: every host is this machine, and then horovodrun only takes an "
+                f"interface holding 127.0.0.1 (here: {', '.join(loopback)}); give --network-interface "
+                f"{loopback[0]}, leave the option out, or use --launcher mpirun"
+            )
+        return
+    bare = [n for n in spec.nics if not addresses.get(n)]
+    if bare:
+        usable = sorted(n for n, a in addresses.items() if a and "127.0.0.1" not in a)
+        raise UsageError(
+            f"--network-interface {nics}: this machine ({socket.gethostname()}) has no IPv4 address on "
+            f"{', '.join(bare)}, and the ranks connect back to the launcher through it; pick an interface with "
+            f"an address{' (here: ' + ', '.join(usable) + ')' if usable else ''}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The ssh shim: --ssh-config for horovodrun, which runs plain `ssh` from PATH
+# --------------------------------------------------------------------------------------------------
+
+
+def ssh_shim_script(real_ssh: str, ssh_config: str) -> str:
+    """The `ssh` that run_job puts first on horovodrun's PATH when --ssh-config is given: horovodrun (its checks,
+    Gloo's rank launches) and the mpirun it starts run plain `ssh` from PATH and take no ssh config."""
+    return f'#!/bin/sh\nexec {shlex.quote(real_ssh)} -F {shlex.quote(ssh_config)} "$@"\n'
+
+
+def make_ssh_shim(spec: LaunchSpec, path: str) -> Optional[str]:
+    """A temporary directory holding an executable `ssh` that runs the real one with -F <ssh config>; None when
+    there is no config, no horovodrun, or no ssh to wrap (then nothing is reached over ssh anyway)."""
+    real_ssh = shutil.which("ssh", path=path) if spec.ssh_config and spec.launcher == "horovodrun" else None
+    if real_ssh is None:
+        return None
+    shim = tempfile.mkdtemp(prefix="hvdtrain-ssh-")
+    script = Path(shim) / "ssh"
+    script.write_text(ssh_shim_script(real_ssh, spec.ssh_config))
+    script.chmod(0o755)
+    return shim
