@@ -573,6 +573,8 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
     shim = make_ssh_shim(spec, env.get("PATH", os.defpath))
     if shim:
         env["PATH"] = shim + os.pathsep + env.get("PATH", os.defpath)
+    import psutil  # noqa: F401  (here, not in a signal handler: an import there can be interrupted by the next signal)
+
     try:
         proc = subprocess.Popen(argv, env=env, stderr=subprocess.STDOUT, start_new_session=False)
 
@@ -584,7 +586,9 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
             if signum in (signal.SIGTERM, signal.SIGINT):
                 stops.append(signal.Signals(signum).name)
             if signum == signal.SIGTERM:
-                stopping.extend(_signal_tree(proc.pid, signum))
+                if stopping:  # a second SIGTERM (Slurm sends one per step and one to the batch shell): once is enough
+                    return
+                stopping.extend(_signal_tree(proc.pid, signum) or [None])
             elif signum != signal.SIGINT:
                 proc.send_signal(signum)
 
@@ -593,7 +597,7 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
         try:
             status = proc.wait()
             if stopping:  # let mpirun (or horovodrun) finish ending the ranks, so that their records are there
-                _reap(stopping[1:], STOP_GRACE_S)
+                _reap([p for p in stopping[1:] if p is not None], STOP_GRACE_S)
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -605,6 +609,14 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
         here = _this_machine(set(where.values()))
         found = diagnose(log_dir, status, spec.np, where, here, starts, stops[0] if stops else None)
         raise LaunchError(found.message, status if status > 0 else 128 - status, found.cause)
+    if keep_logs or any(is_local_host(h.name) for h in spec.hosts):
+        # Where the records must be (a chosen directory, or ranks on this machine): a launcher that says success
+        # although no rank started (srun does, when a step is aborted before its tasks launch) is a failure.
+        if not any(True for _ in logs.exit_records()) and not any(True for _ in logs.host_records()):
+            raise LaunchError(
+                f"{spec.launcher} exited with status 0 but no rank started (no rank records in {log_dir}); see "
+                f"{spec.launcher}'s messages above"
+            )
     if keep_logs:
         echo(f"per-rank logs: {log_dir}")
     else:

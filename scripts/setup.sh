@@ -46,8 +46,19 @@ apt_install() {
   fi
   apt_changed=1
   say "installing Debian packages: ${missing[*]}"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Packages with daemons (openssh-server, slurm-wlm, munge) must not start them: the tests start their own and
+  # stop exactly those. Debian asks /usr/sbin/policy-rc.d; exit 101 means "do not start" (kept if one exists).
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [ ! -e $policy ]; then
+    printf '#!/bin/sh\n# written by hvdtrain scripts/setup.sh while it installs packages\nexit 101\n' \
+      | "${sudo[@]}" tee $policy >/dev/null && "${sudo[@]}" chmod 755 $policy && made_policy=1
+  fi
+  local rc=0
+  { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+    && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+      >/dev/null; } || rc=$?
+  [ $made_policy -eq 0 ] || "${sudo[@]}" rm -f $policy
+  [ $rc -eq 0 ] || die "apt-get could not install ${missing[*]} (exit $rc)"
 }
 apt_changed=0
 apt_install openmpi-bin libopenmpi-dev cmake g++ make

@@ -8,7 +8,29 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_env(tmp_path_factory, **extra: str) -> dict[str, str]:
+    """The environment for clients and jobs of a tier's session: this venv first on PATH, root allowed for Open
+    MPI, the session's own cache and TMPDIR (logs kept after failing launches stay with the tests), nothing of an
+    outer Slurm allocation; then `extra`."""
+    venv_bin = os.path.dirname(os.sys.executable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    return {
+        **env,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "HVDTRAIN_CACHE": str(tmp_path_factory.mktemp("hvdtrain-cache")),
+        "TMPDIR": str(tmp_path_factory.mktemp("tmp")),
+        **extra,
+    }
+
 
 DONE = (
     "COMPLETED",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from slurmjobs import Slurm
+from slurmjobs import Slurm, launch_env
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "cluster-local.sh"
@@ -101,18 +101,9 @@ def cluster(tmp_path_factory):
     proc = _script("up", str(HOSTS), timeout=240)
     assert proc.returncode == 0, f"scripts/cluster-local.sh up failed:\n{proc.stdout}\n{proc.stderr}"
     started = proc.stdout.strip().splitlines()[-1] == "up"
-    venv_bin = str(Path(sys.executable).parent)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))},
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "HVDTRAIN_CACHE": str(tmp_path_factory.mktemp("hvdtrain-cache")),
-        "TMPDIR": str(tmp_path_factory.mktemp("tmp")),  # logs kept after failing launches stay with the tests
-        "HVDTRAIN_SSH_CONFIG": f"{STATE}/ssh/ssh_config",
-        "SLURM_CONF": f"{STATE}/slurm/slurm.conf",
-    }
+    env = launch_env(
+        tmp_path_factory, HVDTRAIN_SSH_CONFIG=f"{STATE}/ssh/ssh_config", SLURM_CONF=f"{STATE}/slurm/slurm.conf"
+    )
     session = Cluster(env)
     session.slurm = Slurm(env, prefix=session.on("node1"))
     yield session

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from slurmjobs import Slurm
+from slurmjobs import Slurm, launch_env
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm-local.sh"
@@ -37,19 +37,7 @@ def slurm(tmp_path_factory):
     if proc.returncode != 0:
         pytest.fail(f"scripts/slurm-local.sh start failed:\n{proc.stdout}\n{proc.stderr}")
     started = proc.stdout.strip().splitlines()[-1] == "started"
-    venv_bin = str(Path(os.sys.executable).parent)
-    env = {
-        **os.environ,
-        "SLURM_CONF": f"{state}/slurm.conf",
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "HVDTRAIN_CACHE": str(tmp_path_factory.mktemp("hvdtrain-cache")),
-        "TMPDIR": str(tmp_path_factory.mktemp("tmp")),  # logs kept after failing launches stay with the tests
-    }
-    for k in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:
-        del env[k]  # not a job of an outer allocation
+    env = launch_env(tmp_path_factory, SLURM_CONF=f"{state}/slurm.conf")
     session = Slurm(env)
     yield session
     for job in session.jobs:

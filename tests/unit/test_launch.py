@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hvdtrain import launch
-from hvdtrain.errors import UsageError
+from hvdtrain.errors import LaunchError, UsageError
 
 NO_SLURM: dict = {}
 
@@ -335,7 +335,10 @@ def test_run_job_puts_the_ssh_shim_first_on_horovodruns_path(tmp_path, fake_ssh,
     config = tmp_path / "ssh_config"
     config.write_text("")
     horovodrun = tmp_path / "horovodrun"
-    horovodrun.write_text('#!/bin/sh\nssh node2 true >/dev/null && echo "$PATH" > "$(dirname "$0")/path"\n')
+    horovodrun.write_text(
+        '#!/bin/sh\nssh node2 true >/dev/null && echo "$PATH" > "$(dirname "$0")/path"\n'
+        'while [ $# -gt 0 ]; do [ "$1" = --log-dir ] && echo 0 > "$2/rank.0.exit"; shift; done\n'
+    )
     horovodrun.chmod(0o755)
     monkeypatch.setattr(launch, "find_horovodrun", lambda: str(horovodrun))
     monkeypatch.setattr(launch.tempfile, "tempdir", str(tmp_path / "tmp"))
@@ -346,6 +349,16 @@ def test_run_job_puts_the_ssh_shim_first_on_horovodruns_path(tmp_path, fake_ssh,
     shim_dir = (tmp_path / "path").read_text().split(os.pathsep)[0]
     assert Path(shim_dir).name.startswith("hvdtrain-ssh-") and not Path(shim_dir).exists()
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_launcher_that_says_success_without_starting_a_rank_fails(tmp_path, monkeypatch):
+    """srun exits 0 when a step is aborted before its tasks launch: no rank record at all is a failure."""
+    horovodrun = tmp_path / "horovodrun"
+    horovodrun.write_text("#!/bin/sh\necho 'srun: error: task 0 launch failed: Unspecified error'\nexit 0\n")
+    horovodrun.chmod(0o755)
+    monkeypatch.setattr(launch, "find_horovodrun", lambda: str(horovodrun))
+    with pytest.raises(LaunchError, match=r"horovodrun exited with status 0 but no rank started \(no rank records"):
+        launch.run_job(spec(np=2, output_dir=str(tmp_path / "logs")), echo=lambda _: None)
 
 
 def test_dry_run_names_the_ssh_shim(tmp_path, capsys):
