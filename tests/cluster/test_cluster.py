@@ -163,6 +163,23 @@ def test_submit_two_nodes_default_job_reaches_the_accuracy_bar(cluster, tmp_path
     assert hosts == {"node1", "node2"}, hosts
 
 
+def test_template_hybrid_on_two_nodes(cluster, tmp_path):
+    """slurm/hybrid.sbatch with --nodes 2 (and no GPUs here: --gpus-per-node=0): one hybrid replica per node, the
+    model split over 2 CPU "devices" on each, data parallel across the nodes."""
+    job = cluster.slurm.sbatch(
+        ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", TEMPLATES / "hybrid.sbatch", "hvdtrain", "train",
+         "--strategy", "hybrid", "--devices-per-rank", "2", "--model", "mlp", "--max-steps", "10",
+         "--run-dir", tmp_path / "hy"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    (task,) = cluster.slurm.wait(job, timeout=300)
+    assert task["JobState"] == "COMPLETED", text(tmp_path / f"hvdtrain-hybrid-{job}.out")
+    res = result_of(tmp_path / "hy")
+    assert res["world_size"] == 2 and res["steps"] == 10, res
+    hosts = {text(tmp_path / "hy" / "logs" / f"rank.{r}.host").strip() for r in (0, 1)}
+    assert hosts == {"node1", "node2"}, hosts
+
+
 def test_template_array_sweep_on_two_nodes(cluster, tmp_path):
     """slurm/array-sweep.sbatch with --nodes 2: every task runs one training job over both nodes."""
     job = cluster.slurm.sbatch(
