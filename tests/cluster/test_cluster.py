@@ -331,6 +331,7 @@ def test_stalled_rank_ends_the_job_and_is_named(cluster, tmp_path):
     first = proc.stderr.strip().splitlines()[0]
     assert "rank 1" in first and "grad.3" in first and "stall" in first, proc.stderr
     assert took < 60, took
+    print(f"stalled rank named, job ended {took:.1f} s after launch (--stall-timeout 10)")
 
 
 def test_lost_host_ends_the_job_within_a_minute_and_is_named(cluster, tmp_path):
@@ -360,3 +361,4 @@ def test_lost_host_ends_the_job_within_a_minute_and_is_named(cluster, tmp_path):
     assert status != 0 and took < 60, (status, took, out)
     error = [line for line in out.splitlines() if line.startswith("hvdtrain: error:")]
     assert error and "node2" in error[0] and "ranks 2, 3" in error[0], out
+    print(f"lost host named, job ended {took:.1f} s after node2's processes were killed")
