@@ -1,7 +1,7 @@
 """After a failed launch: what the per-rank records say, and the report that names the cause.
 
 The rank wrapper leaves rank.R.host (first), rank.R.log and rank.R.exit (last) in the log directory
-(rundir.RankLogs); from them `failure_report` names, whichever launcher ran the job, Horovod's stall shutdown,
+(rundir.RankLogs); from them `diagnose` names, whichever launcher ran the job, Horovod's stall shutdown,
 then lost hosts, then the ranks that failed, with the last lines of the log that shows it best. Pure but for
 reading the log directory; nothing heavy imported.
 """
@@ -227,11 +227,6 @@ class Diagnosis:
     message: str
 
 
-def failure_report(*args, **kwargs) -> str:
-    """The message of `diagnose` (same arguments)."""
-    return diagnose(*args, **kwargs).message
-
-
 def diagnose(
     log_dir: str,
     status: int,
@@ -241,8 +236,8 @@ def diagnose(
     starts: Optional[Mapping[int, int]] = None,
     stopped_by: Optional[str] = None,
 ) -> Diagnosis:
-    """What went wrong first (`cause`), and a message naming it, from the wrappers' records, and the last lines of the log that
-    shows it best. In order: Horovod's stall shutdown (the stalled ranks first: they never exit by themselves and
+    """What went wrong first (`cause`), and a message naming it from the wrappers' records, with the last lines of
+    the log that shows it best. In order: Horovod's stall shutdown (the stalled ranks first: they never exit by themselves and
     are killed by the launcher, so their own records say little); lost hosts (`lost_hosts`); then the ranks
     that failed (`failed_ranks` order). A lone failure reads as before:
     `rank 1 failed with exit status 1 (then also ranks 0); last lines of DIR/rank.1.log:` and the lines.

@@ -5,15 +5,20 @@ import os
 from hvdtrain import failures
 
 
+def failure_report(*args, **kwargs) -> str:
+    """The report's text (what run_job raises as LaunchError's message)."""
+    return failures.diagnose(*args, **kwargs).message
+
+
 def test_failure_report(tmp_path):
     (tmp_path / "rank.0.exit").write_text("0\n")
     (tmp_path / "rank.1.exit").write_text("1\n")
     (tmp_path / "rank.1.log").write_text("line\n" * 30 + "ValueError: boom\n")
-    report = failures.failure_report(str(tmp_path), 1)
+    report = failure_report(str(tmp_path), 1)
     assert report.startswith("rank 1 failed with exit status 1")
     assert report.rstrip().endswith("ValueError: boom")
     assert report.count("\n") == 15
-    assert "exit status 3" in failures.failure_report(str(tmp_path / "none"), 3)
+    assert "exit status 3" in failure_report(str(tmp_path / "none"), 3)
 
 
 def test_failure_report_names_the_rank_that_failed_first(tmp_path):
@@ -24,7 +29,7 @@ def test_failure_report_names_the_rank_that_failed_first(tmp_path):
     os.utime(tmp_path / "rank.1.exit", ns=(1_000_000_000, 1_000_000_000))
     os.utime(tmp_path / "rank.0.exit", ns=(2_000_000_000, 2_000_000_000))
     assert failures.failed_ranks(str(tmp_path)) == [(1, 1), (0, 1)]
-    assert failures.failure_report(str(tmp_path), 1).startswith("rank 1 failed with exit status 1 (then also ranks 0)")
+    assert failure_report(str(tmp_path), 1).startswith("rank 1 failed with exit status 1 (then also ranks 0)")
 
 
 def test_failure_report_prefers_the_cause_over_horovod_shutdown(tmp_path):
@@ -92,7 +97,7 @@ def test_failure_report_names_the_stalled_rank_first(tmp_path):
     has failed with Horovod's shutdown; the report still starts with it."""
     for rank1 in [("vm", 143, ""), ("vm", None, "step 2\n")]:
         log_dir = _records(tmp_path, {0: ("vm", 1, STALL_LOG), 1: rank1})
-        report = failures.failure_report(log_dir, 1, np=2, placement={0: "vm", 1: "vm"}, this_machine={"vm"})
+        report = failure_report(log_dir, 1, np=2, placement={0: "vm", 1: "vm"}, this_machine={"vm"})
         first = report.splitlines()[0]
         expected = (
             "rank 1 stalled: rank 0 waited more than 4 s for it to submit allreduce.grad.3 (Horovod's stall "
@@ -117,23 +122,23 @@ def test_failure_report_names_a_lost_host_and_its_ranks(tmp_path):
         },
     )
     where = {0: "node1", 1: "node1", 2: "node2", 3: "node2"}
-    report = failures.failure_report(log_dir, 1, np=4, placement=where, this_machine={"node1"})
+    report = failure_report(log_dir, 1, np=4, placement=where, this_machine={"node1"})
     assert report == (
         "host node2 was lost: ranks 2, 3 ran there and left no exit status (killed, or the host went down); then "
         f"ranks 0, 1 failed (exit statuses 143, 143); last lines of {tmp_path}/rank.0.log:\n  | started"
     )
     # The host is named as in -H (placement), whatever its ranks recorded (e.g. namespaces sharing a hostname).
-    shared = failures.failure_report(log_dir, 1, np=4, placement={0: "a", 1: "a", 2: "b", 3: "b"}, this_machine={"a"})
+    shared = failure_report(log_dir, 1, np=4, placement={0: "a", 1: "a", 2: "b", 3: "b"}, this_machine={"a"})
     assert shared.startswith("host b was lost: ranks 2, 3 ran there")
     # Without placement (srun), by the host records.
-    assert failures.failure_report(log_dir, 1, np=4, this_machine={"node1"}).startswith("host node2 was lost")
+    assert failure_report(log_dir, 1, np=4, this_machine={"node1"}).startswith("host node2 was lost")
 
 
 def test_a_rank_failing_by_itself_is_no_lost_host(tmp_path):
     """One rank per host: rank 1 raises on node2, the launcher SIGKILLs rank 0 on node1 (no exit record). Node1
     looks exactly like a lost host, but rank 1's own failure is the cause."""
     log_dir = _records(tmp_path, {0: ("node1", None, "step 7\n"), 1: ("node2", 1, "ValueError: boom\n")})
-    report = failures.failure_report(log_dir, 1, np=2, placement={0: "node1", 1: "node2"}, this_machine={"node0"})
+    report = failure_report(log_dir, 1, np=2, placement={0: "node1", 1: "node2"}, this_machine={"node0"})
     assert report.startswith("rank 1 failed with exit status 1; last lines of") and "lost" not in report
     assert report.endswith("  | ValueError: boom")
 
@@ -158,15 +163,15 @@ def test_failure_report_reads_only_this_jobs_part_of_the_logs(tmp_path):
     old = STALL_LOG
     log_dir = _records(tmp_path, {0: ("vm", 1, old + "ValueError: new failure\n"), 1: ("vm", 0, "")})
     starts = {0: len(old.encode())}
-    report = failures.failure_report(log_dir, 1, np=2, this_machine={"vm"}, starts=starts)
+    report = failure_report(log_dir, 1, np=2, this_machine={"vm"}, starts=starts)
     assert report.startswith("rank 0 failed with exit status 1; last lines of"), report
     assert report.splitlines()[1:] == ["  | ValueError: new failure"]
-    assert failures.failure_report(log_dir, 1, np=2, this_machine={"vm"}).startswith("rank 1 stalled")
+    assert failure_report(log_dir, 1, np=2, this_machine={"vm"}).startswith("rank 1 stalled")
 
 
 def test_failure_report_when_the_log_is_elsewhere(tmp_path):
     (tmp_path / "rank.3.exit").write_text("2\n")
-    report = failures.failure_report(str(tmp_path), 2)
+    report = failure_report(str(tmp_path), 2)
     assert report == f"rank 3 failed with exit status 2; {tmp_path}/rank.3.log is not on this machine " + (
         "(each host keeps its ranks' logs unless the log directory is shared)"
     )
@@ -186,7 +191,7 @@ def test_gloo_losing_a_peer_is_a_consequence(tmp_path):
         "  what():  [gloo/transport/tcp/pair.cc:589] Read error [192.0.2.2]:59022: Connection reset by peer\n"
     )
     log_dir = _records(tmp_path, {0: ("node1", 134, io_error), 1: ("node2", None, "started\n")})
-    report = failures.failure_report(log_dir, 1, np=2, placement={0: "node1", 1: "node2"}, this_machine={"node1"})
+    report = failure_report(log_dir, 1, np=2, placement={0: "node1", 1: "node2"}, this_machine={"node1"})
     assert report.startswith(
         "host node2 was lost: rank 1 ran there and left no exit status (killed, or the host went down); then rank 0 "
         "failed (exit status 134); last lines of"
@@ -197,21 +202,21 @@ def test_a_stopped_job_is_said_to_be_stopped(tmp_path):
     """hvdtrain got SIGTERM (scancel, timeout) and passed it on: no host is called lost for the ranks it killed."""
     log_dir = _records(tmp_path, {0: ("node1", 143, "step 9\n"), 1: ("node2", None, "step 9\n")})
     where = {0: "node1", 1: "node2"}
-    report = failures.failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"}, stopped_by="SIGTERM")
+    report = failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"}, stopped_by="SIGTERM")
     assert report.splitlines()[0] == (
         f"the job was stopped by SIGTERM; then rank 0 failed (exit status 143); last lines of {tmp_path}/rank.0.log:"
     )
     (tmp_path / "rank.0.exit").unlink()
-    nothing = failures.failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"}, stopped_by="SIGTERM")
+    nothing = failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"}, stopped_by="SIGTERM")
     assert nothing == f"the job was stopped by SIGTERM; per-rank logs are in {tmp_path}"
-    assert "host node2 was lost" in failures.failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"})
+    assert "host node2 was lost" in failure_report(log_dir, 143, np=2, placement=where, this_machine={"node1"})
 
 
 def test_the_report_says_whose_lines_it_shows(tmp_path):
     """Rank 2 died silently (a segfault before its first line): its empty log is named, then rank 1's lines."""
     peer_gone = "terminate called after throwing an instance of 'gloo::IoException'\n"
     log_dir = _records(tmp_path, {1: ("a", 134, peer_gone), 2: ("b", 139, "")})
-    report = failures.failure_report(log_dir, 1, np=3, this_machine={"a"})
+    report = failure_report(log_dir, 1, np=3, this_machine={"a"})
     assert report.splitlines()[0] == (
         f"rank 2 failed with exit status 139 (then also ranks 1); rank.2.log is empty; last lines of "
         f"{tmp_path}/rank.1.log:"
