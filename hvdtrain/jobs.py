@@ -107,10 +107,12 @@ REQUEUE_CAUSES = ("stall", "lost_host")
 
 
 def requeue_after_fault(cfg: TrainConfig, error: LaunchError, echo: Callable[[str], None], environ) -> bool:
-    """Inside Slurm, after a stall or a lost host: say what happened, then requeue the job like a preempted one
-    (--requeue, --max-requeues); it resumes from its last checkpoint. False when it was not requeued."""
+    """Inside Slurm with --requeue, after a stall or a lost host: say what happened, then requeue the job like a
+    preempted one (within --max-requeues, else a line says why not); it resumes from its last checkpoint. True
+    when it said so (the error is reported), False when this is no job to requeue (the caller raises)."""
     if not SlurmEnv.read(environ).in_job or not cfg.requeue:
         return False
     # Say it first: `scontrol requeue` ends this job at once, and the report must be in its output.
     echo(f"hvdtrain: error: {error}")
-    return preempt.requeue_after_preemption(cfg.requeue, cfg.max_requeues, echo, environ) is not None
+    preempt.requeue_after_preemption(cfg.requeue, cfg.max_requeues, echo, environ)
+    return True

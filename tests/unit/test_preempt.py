@@ -90,4 +90,10 @@ def test_a_training_job_that_stalled_or_lost_a_host_requeues_inside_slurm(fake_s
     assert not jobs.requeue_after_fault(TrainConfig(), error, said.append, {})
     assert not jobs.requeue_after_fault(TrainConfig(requeue=False), error, said.append, {"SLURM_JOB_ID": "7"})
     assert said == [] and fake_scontrol.read_text() == "requeue 7\n"
+    # At --max-requeues: the report once, and why it was not requeued (the CLI then prints nothing more).
+    assert jobs.requeue_after_fault(
+        TrainConfig(), error, said.append, {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3"}
+    )
+    assert said[0].startswith("hvdtrain: error: rank 1 stalled") and said[1].startswith("not requeueing")
+    assert fake_scontrol.read_text() == "requeue 7\n"
     assert set(jobs.REQUEUE_CAUSES) == {"stall", "lost_host"}
