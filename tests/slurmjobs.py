@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -87,6 +89,17 @@ class Slurm:
         for line in proc.stdout.splitlines():
             out.append(dict(t.split("=", 1) for t in line.split() if "=" in t))
         return out
+
+    def release_requeued(self, job: str) -> None:
+        """A requeued job is held by Slurm for ~2 minutes (BeginTime), long enough for its first run's steps to
+        be cleaned up on every node: wait until it is requeued and no slurmstepd of it is left, then release it
+        (else the new run's PMIx directories can collide with the old run's)."""
+        self.wait(job, timeout=120, until=lambda t: int(t[0].get("Restarts", 0)) >= 1 and t[0]["JobState"] == "PENDING")
+        deadline = time.monotonic() + 60
+        while any(f"[{job}." in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+            assert time.monotonic() < deadline, f"the first run of job {job} still has steps after 60 s"
+            time.sleep(0.5)
+        self.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
 
     def wait(self, job: str, timeout: float, until=None) -> list[dict[str, str]]:
         """Poll until every task of the job is done (or `until(tasks)` holds); fail with the job's state."""

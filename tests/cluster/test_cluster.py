@@ -11,7 +11,6 @@ import re
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,15 +220,9 @@ def _submit_and_wait_for_progress(cluster, tmp_path, *extra) -> tuple[str, Path]
 
 
 def _wait_for_requeue_and_end(cluster, job) -> dict:
-    """A requeued job is held by Slurm for ~2 minutes (BeginTime), long enough for the first run's steps to be
-    cleaned up on every node: wait for that (no slurmstepd of the job left), release it, wait for its end."""
+    """Release the requeued job as soon as its first run is gone, then wait for its end."""
     slurm = cluster.slurm
-    slurm.wait(job, timeout=120, until=lambda t: int(t[0].get("Restarts", 0)) >= 1 and t[0]["JobState"] == "PENDING")
-    deadline = time.monotonic() + 60
-    while any(f"[{job}." in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
-        assert time.monotonic() < deadline, f"the first run of job {job} still has steps after 60 s"
-        time.sleep(0.5)
-    slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+    slurm.release_requeued(job)
     (task,) = slurm.wait(job, timeout=300, until=lambda t: t[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
     return task
 

@@ -166,9 +166,8 @@ def test_signalled_job_checkpoints_requeues_resumes_and_matches(slurm, tmp_path)
         time.sleep(0.5)
     slurm.run(["scancel", "--signal=USR2", job])
 
-    # The job requeues itself; Slurm holds a requeued job for ~2 minutes (BeginTime): release it now.
-    slurm.wait(job, timeout=120, until=lambda t: int(t[0].get("Restarts", 0)) >= 1 and t[0]["JobState"] == "PENDING")
-    slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+    # The job requeues itself; Slurm holds a requeued job for ~2 minutes (BeginTime): release it once it is gone.
+    slurm.release_requeued(job)
     (task,) = slurm.wait(
         job, timeout=300, until=lambda t: t[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
     )
