@@ -75,6 +75,68 @@ def launch_options(f):
     return f
 
 
+def elastic_options(f):
+    """The options of an elastic job (run, train), horovodrun's names; checked by launch.make_spec."""
+    options = [
+        click.option(
+            "--elastic",
+            is_flag=True,
+            help="Elastic training: workers come and go between --min-np and --max-np as hosts join, leave or fail "
+            "(horovodrun, Gloo controller); needs --hosts-file or --host-discovery-script, and --network-interface "
+            "unless the hosts file lists only this machine.",
+        ),
+        click.option(
+            "--min-np",
+            type=int,
+            metavar="N",
+            help="Elastic: the fewest ranks to train with; with fewer slots the job waits --elastic-timeout for "
+            "hosts [default: -np, else 1].",
+        ),
+        click.option("--max-np", type=int, metavar="N", help="Elastic: the most ranks [default: no limit]."),
+        click.option(
+            "--hosts-file",
+            metavar="FILE",
+            help="Elastic: the available hosts, one 'host:slots', 'host slots=N' or 'host' a line ('#' comments); "
+            "re-read every second while the job runs: edit it to add or remove hosts.",
+        ),
+        click.option(
+            "--host-discovery-script",
+            metavar="FILE",
+            help="Elastic: an executable that prints the available hosts, one 'host[:slots]' a line; run every second.",
+        ),
+        click.option(
+            "--slots-per-host",
+            type=int,
+            metavar="N",
+            help="Elastic: slots of a host listed without a count [default: 1].",
+        ),
+        click.option(
+            "--elastic-timeout",
+            type=int,
+            metavar="SECONDS",
+            help="Elastic: how long to wait for enough slots (-np at the start, --min-np after a reset) before "
+            "failing [default: 600].",
+        ),
+        click.option(
+            "--reset-limit",
+            type=int,
+            metavar="N",
+            help="Elastic: end the job after N resets (one follows every failed worker and every change of hosts) "
+            "[default: no limit].",
+        ),
+        click.option(
+            "--blacklist-cooldown-range",
+            type=(int, int),
+            metavar="MIN MAX",
+            help="Elastic: a failed host may come back after a cooldown growing from MIN to MAX seconds [default: "
+            "never].",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def handle_errors(f):
     """Turn hvdtrain's errors into one line on stderr and the error's exit status (2 for bad input)."""
 
@@ -134,6 +196,7 @@ def cli():
 
 @cli.command(context_settings=PASSTHROUGH)
 @launch_options
+@elastic_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(command, dry_run, **launch_options):
@@ -141,6 +204,10 @@ def run(command, dry_run, **launch_options):
 
     Everything after -- is passed through untouched. Per-rank logs go to --output-dir; when a rank fails,
     the exit status is the job's and the failing rank's last lines are shown.
+
+    \b
+    Elastic (the script uses hvd.elastic.run):
+      hvdtrain run --elastic --min-np 2 --max-np 8 --hosts-file hosts --network-interface eth0 -- python my.py
     """
     from hvdtrain import hosts, launch
 
@@ -208,6 +275,7 @@ def _config_file(ctx, param, value):
 
 @cli.command(context_settings=CONTEXT)
 @launch_options
+@elastic_options
 @train_options
 @click.option(
     "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_config_file,

@@ -1,6 +1,7 @@
 """The hosts of a job before it is launched: which of them are this machine, the ssh preflight (every other
-host answers a non-interactive ssh, and every host has the interfaces of --network-interface), and the ssh shim
-that gives horovodrun's own ssh the --ssh-config.
+host answers a non-interactive ssh, and every host has the interfaces of --network-interface; for an elastic job,
+the hosts its discovery lists now), and the ssh shim that gives horovodrun's own ssh the --ssh-config (and, for
+elastic jobs, keepalives).
 
 `preflight` is the only place here that starts processes (ssh, in parallel, each bounded); `make_ssh_shim`
 writes a temporary script for run_job. Nothing heavy is imported at module import time (the CLI imports the
@@ -29,6 +30,10 @@ if TYPE_CHECKING:  # for annotations only: launch imports this module
 PROBE = "hostname; ls /sys/class/net"
 SSH_CONNECT_TIMEOUT_S = 10
 PREFLIGHT_TIMEOUT_S = 20.0
+# What every ssh of an elastic job's horovodrun gets: a host whose link goes down stops answering the keepalives,
+# its ssh session ends with 255 after about 3 x 5 s, and the elastic driver counts its workers as failed and drops
+# the host (without them, a worker's ssh waits for TCP to give up, which takes many minutes).
+ELASTIC_SSH_OPTIONS = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,13 +176,51 @@ def check_interfaces(nics: Sequence[str], facts: Sequence[HostFacts], here: Opti
 def preflight(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list[HostFacts]:
     """Check the hosts before anything is launched: every host of -H/--hostfile that is not this machine answers
     a non-interactive ssh (in parallel, each bounded by `timeout`), and every host has the interfaces of
-    --network-interface (this machine's from /sys/class/net, the others' from the same ssh). Raises UsageError
-    naming every host that fails; returns what was learned, in host order. Nothing to do for srun."""
-    if spec.launcher == "srun" or not spec.hosts:
+    --network-interface (this machine's from /sys/class/net, the others' from the same ssh). For an elastic job
+    the hosts are those its discovery lists now (`discover`, run once). Raises UsageError naming every host that
+    fails; returns what was learned, in host order. Nothing to do for srun."""
+    if spec.launcher == "srun":
         return []
+    if spec.elastic is not None:
+        return check_hosts(spec, discover(spec, timeout), timeout)
+    if not spec.hosts:
+        return []
+    return check_hosts(spec, spec.hosts, timeout)
+
+
+def discover(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list:
+    """The hosts an elastic job's discovery lists now (launch.Host): the --hosts-file parsed, or the output of the
+    --host-discovery-script (run once, bounded by `timeout`, without a shell) parsed as horovodrun reads it.
+    UsageError when the script fails, hangs, or prints anything but 'host[:slots]' lines."""
+    from hvdtrain import launch  # launch imports this module
+
+    elastic = spec.elastic
+    if elastic.hosts_file is not None:
+        return launch.parse_hosts_file(elastic.hosts_file, elastic.slots_per_host)
+    argv = shlex.split(elastic.discovery)
+    where = f"--host-discovery-script {argv[0]}"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{where} gave no answer within {timeout:g} s; horovodrun runs it every second") from None
+    except OSError as e:
+        raise UsageError(f"{where}: cannot run it: {e.strerror}") from None
+    if proc.returncode != 0:
+        said = _lines(proc.stderr) or _lines(proc.stdout)
+        detail = f": {said[-1]}" if said else ""
+        raise UsageError(
+            f"{where} failed with exit status {proc.returncode}{detail}; horovodrun stops the job when its first "
+            "run fails: fix the script"
+        )
+    return launch.parse_discovered(proc.stdout, where, elastic.slots_per_host)
+
+
+def check_hosts(spec: LaunchSpec, hosts: Sequence, timeout: float = PREFLIGHT_TIMEOUT_S) -> list[HostFacts]:
+    """The preflight of `hosts` (launch.Host): ssh to each that is not this machine, then the interfaces."""
     by_name = spec.launcher != "horovodrun"
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(spec.hosts))) as pool:
-        local = dict(zip([h.name for h in spec.hosts], pool.map(lambda h: is_local_host(h.name, by_name), spec.hosts)))
+    names = list(dict.fromkeys(h.name for h in hosts))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(names)))) as pool:
+        local = dict(zip(names, pool.map(lambda name: is_local_host(name, by_name), names)))
         remote = [name for name, is_here in local.items() if not is_here]
         ssh = shutil.which("ssh") if remote else None
         if remote and ssh is None:
@@ -190,10 +233,10 @@ def preflight(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list[Ho
     if failures:
         raise UsageError(unreachable_message(failures, spec.ssh_config))
     this = HostFacts("localhost", True, socket.gethostname(), local_interfaces() if spec.nics else ())
-    facts = [dataclasses.replace(this, name=h.name) if local[h.name] else answers[h.name] for h in spec.hosts]
+    facts = [dataclasses.replace(this, name=name) if local[name] else answers[name] for name in names]
     check_interfaces(spec.nics, facts, None if any(local.values()) else this)
     if spec.nics and spec.launcher in ("horovodrun", "mpirun"):
-        _check_launcher_addresses(spec, all(local.values()))
+        _check_launcher_addresses(spec, bool(local) and all(local.values()))
     return facts
 
 
@@ -205,7 +248,13 @@ def _check_launcher_addresses(spec: LaunchSpec, all_local: bool) -> None:
     addresses = interface_addresses()
     nics = ",".join(spec.nics)
     if all_local:
-        if spec.launcher == "horovodrun" and not any("127.0.0.1" in addresses.get(n, ()) for n in spec.nics):
+        # An elastic job's horovodrun (hvdtrain.horovodrun) takes the interface as given.
+        fixed = spec.elastic is not None
+        if (
+            spec.launcher == "horovodrun"
+            and not fixed
+            and not any("127.0.0.1" in addresses.get(n, ()) for n in spec.nics)
+        ):
             loopback = sorted(n for n, a in addresses.items() if "127.0.0.1" in a) or ["lo"]
             raise UsageError(
                 f"--network-interface {nics}: every host is this machine, and then horovodrun only takes an "
@@ -213,13 +262,14 @@ def _check_launcher_addresses(spec: LaunchSpec, all_local: bool) -> None:
                 f"{loopback[0]}, leave the option out, or use --launcher mpirun"
             )
         return
-    bare = [n for n in spec.nics if not addresses.get(n)]
+    # Not the loopback (127.x): other hosts cannot reach this machine through it.
+    bare = [n for n in spec.nics if not any(not a.startswith("127.") for a in addresses.get(n, ()))]
     if bare:
         usable = sorted(n for n, a in addresses.items() if a and "127.0.0.1" not in a)
         raise UsageError(
             f"--network-interface {nics}: this machine ({socket.gethostname()}) has no IPv4 address on "
-            f"{', '.join(bare)}, and the ranks connect back to the launcher through it; pick an interface with "
-            f"an address{' (here: ' + ', '.join(usable) + ')' if usable else ''}"
+            f"{', '.join(bare)} that other hosts can reach, and the ranks connect back to the launcher through it; "
+            f"pick an interface with an address{' (here: ' + ', '.join(usable) + ')' if usable else ''}"
         )
 
 
@@ -228,20 +278,31 @@ def _check_launcher_addresses(spec: LaunchSpec, all_local: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def ssh_shim_script(real_ssh: str, ssh_config: str) -> str:
-    """The `ssh` that run_job puts first on horovodrun's PATH when --ssh-config is given: horovodrun (its checks,
-    Gloo's rank launches) and the mpirun it starts run plain `ssh` from PATH and take no ssh config."""
-    return f'#!/bin/sh\nexec {shlex.quote(real_ssh)} -F {shlex.quote(ssh_config)} "$@"\n'
+def ssh_shim_args(spec: LaunchSpec) -> list[str]:
+    """What the ssh shim adds to every ssh horovodrun runs: the elastic keepalives, then -F <--ssh-config>;
+    [] when no shim is needed (no config and not elastic, or not horovodrun)."""
+    if spec.launcher != "horovodrun":
+        return []
+    args = list(ELASTIC_SSH_OPTIONS) if spec.elastic is not None else []
+    return args + (["-F", spec.ssh_config] if spec.ssh_config else [])
+
+
+def ssh_shim_script(real_ssh: str, ssh_config: Optional[str], options: Sequence[str] = ()) -> str:
+    """The `ssh` that run_job puts first on horovodrun's PATH (--ssh-config, or an elastic job): horovodrun (its
+    checks, Gloo's rank launches) and the mpirun it starts run plain `ssh` from PATH and take no ssh config."""
+    args = [*options, *(["-F", ssh_config] if ssh_config else [])]
+    return f'#!/bin/sh\nexec {shlex.join([real_ssh, *args])} "$@"\n'
 
 
 def make_ssh_shim(spec: LaunchSpec, path: str) -> Optional[str]:
-    """A temporary directory holding an executable `ssh` that runs the real one with -F <ssh config>; None when
-    there is no config, no horovodrun, or no ssh to wrap (then nothing is reached over ssh anyway)."""
-    real_ssh = shutil.which("ssh", path=path) if spec.ssh_config and spec.launcher == "horovodrun" else None
+    """A temporary directory holding an executable `ssh` that runs the real one with `ssh_shim_args`; None when
+    there is nothing to add, or no ssh to wrap (then nothing is reached over ssh anyway)."""
+    args = ssh_shim_args(spec)
+    real_ssh = shutil.which("ssh", path=path) if args else None
     if real_ssh is None:
         return None
     shim = tempfile.mkdtemp(prefix="hvdtrain-ssh-")
     script = Path(shim) / "ssh"
-    script.write_text(ssh_shim_script(real_ssh, spec.ssh_config))
+    script.write_text(ssh_shim_script(real_ssh, None, args))
     script.chmod(0o755)
     return shim

@@ -31,6 +31,11 @@ def visible_gpus(environ: Mapping[str, str]) -> int:
 
 def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, str]) -> None:
     """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
+    if cfg.strategy == "model" and spec.elastic is not None:
+        raise ConfigError(
+            "--strategy model runs one replica on one rank, so it cannot be elastic: drop --elastic, or use "
+            "--strategy data or hybrid"
+        )
     if cfg.strategy == "model" and spec.np > 1:
         raise ConfigError(
             f"--strategy model runs one replica on one rank, but -np is {spec.np}: use -np 1, or --strategy "
@@ -39,9 +44,12 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
     if cfg.strategy in ("model", "hybrid"):
         from hvdtrain.parallel.hybrid import devices_for_rank
 
-        per_host = SlurmEnv.read(environ).ntasks_per_node or (
-            max(launch.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
-        )
+        if spec.elastic is not None:  # any host may come with its slots full: the most slots a host has now
+            per_host = max([h.slots for h in spec.hosts], default=spec.elastic.slots_per_host)
+        else:
+            per_host = SlurmEnv.read(environ).ntasks_per_node or (
+                max(launch.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
+            )
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
     for ref in cfg.hook_refs():
         module = ref.partition(":")[0]
@@ -60,7 +68,8 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
     if resume_path is not None:
         # Read it here (torch is imported only now, and only for a resume): a corrupt or mismatched checkpoint
         # is bad input, reported before any rank starts.
-        checkpoint.load(resume_path, checkpoint.fingerprint(cfg, spec.np))
+        # An elastic job resumes on any number of ranks: its world size is not part of what must match.
+        checkpoint.load(resume_path, checkpoint.fingerprint(cfg, None if spec.elastic is not None else spec.np))
     parent = Path(cfg.run_dir).resolve().parent
     while not parent.exists():
         parent = parent.parent

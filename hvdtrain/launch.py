@@ -5,6 +5,10 @@ is a pure function returning ``list[str]``; `run_job` is the only place that sta
 under ``python -m hvdtrain.rank``, which writes one log per rank and records the rank's host and exit status.
 What concerns the hosts before the launch (the ssh preflight, the ssh shim) is `hvdtrain.hosts`; reading the
 rank records after a failure ("rank 1 failed", "host node2 was lost", "rank 1 stalled") is `hvdtrain.failures`.
+
+An elastic job (`--elastic`, LaunchSpec.elastic) is horovodrun's elastic mode under the Gloo controller: its
+driver runs a host discovery every second (the user's --host-discovery-script, or ``python -m hvdtrain.discover
+FILE`` for a --hosts-file) and starts, and restarts, workers between --min-np and --max-np as hosts come and go.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from typing import Callable, Collection, Mapping, Optional, Sequence
 
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import LaunchError, UsageError
-from hvdtrain.failures import diagnose, log_sizes
-from hvdtrain.hosts import is_local_host, make_ssh_shim
+from hvdtrain.failures import diagnose, diagnose_elastic, log_sizes, worker_log_sizes
+from hvdtrain.hosts import is_local_host, make_ssh_shim, ssh_shim_args
 from hvdtrain.rundir import RankLogs
 
 LAUNCHERS = ("horovodrun", "mpirun", "srun")
@@ -45,12 +49,33 @@ _ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1
 DEFAULT_STALL_TIMEOUT = 600
 SSH_CONFIG_ENV = "HVDTRAIN_SSH_CONFIG"
 STOP_GRACE_S = 30.0  # after SIGTERM, how long the launcher may take to end the job before it is SIGKILLed
+# Elastic jobs: horovodrun's own default for --elastic-timeout (elastic/driver.py ELASTIC_TIMEOUT_SECS, unless
+# $HOROVOD_ELASTIC_TIMEOUT), and the range its blacklist cooldown accepts (elastic/discovery.py; outside it, its
+# discovery thread raises when it first meets a host).
+DEFAULT_ELASTIC_TIMEOUT = 600
+COOLDOWN_LIMITS = (1, 3600)
+# What run_job keeps of an elastic launcher's output (the failure report reads horovodrun's own lines in it).
+ELASTIC_OUTPUT_LINES = 300
 
 
 @dataclasses.dataclass(frozen=True)
 class Host:
     name: str
     slots: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticSpec:
+    """How an elastic job finds its hosts and how far it may shrink or grow (horovodrun's elastic arguments)."""
+
+    min_np: int  # fewest ranks it trains with; below, it waits `timeout` for hosts
+    max_np: Optional[int]  # most ranks; None: unbounded
+    discovery: str  # the shell command horovodrun runs every second: prints one 'host[:slots]' line per host
+    hosts_file: Optional[str] = None  # --hosts-file (absolute), read by `discovery`; None: --host-discovery-script
+    slots_per_host: int = 1  # slots of a host listed without a count
+    timeout: Optional[int] = None  # --elastic-timeout, seconds; None: horovodrun's ($HOROVOD_ELASTIC_TIMEOUT, 600)
+    reset_limit: Optional[int] = None  # resets after which the job ends; None: no limit
+    cooldown_range: Optional[tuple[int, int]] = None  # seconds a failed host stays blacklisted; None: for good
 
 
 @dataclasses.dataclass
@@ -69,6 +94,9 @@ class LaunchSpec:
     stall_timeout: int = DEFAULT_STALL_TIMEOUT  # Horovod's stall shutdown, seconds; 0 -> never
     ssh_config: Optional[str] = None  # absolute path of an ssh client config (ssh -F); None -> the user's own
     python: str = sys.executable  # interpreter that runs the rank wrapper
+    # An elastic job (horovodrun, Gloo): np is the number it starts with, hosts what --hosts-file listed when the
+    # job was made (empty for a discovery script): the discovery decides while it runs.
+    elastic: Optional[ElasticSpec] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,23 +147,66 @@ def parse_hostfile(path: str) -> list[Host]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--hostfile: no such file '{path}'; give the path of a file of 'host slots=N' lines")
+    hosts = parse_hostfile_text(p.read_text(), path)
+    if not hosts:
+        raise UsageError(f"{path}: the hostfile lists no hosts; add lines like 'localhost slots=2'")
+    return hosts
+
+
+def parse_hostfile_text(text: str, path: str, slots_per_host: int = 1) -> list[Host]:
+    """The hosts of a hostfile's text (`path` names it in errors): ``host slots=N``, ``host:N`` or a bare
+    ``host`` (`slots_per_host` slots) a line, `#` comments, blank lines; each host once."""
     hosts = []
-    for lineno, raw in enumerate(p.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         where = f"{path}:{lineno}"
         fields = line.split()
         if len(fields) == 1:
-            hosts.append(_parse_host(fields[0], where))
+            host = _parse_host(fields[0], where)
+            hosts.append(host if ":" in fields[0] else _host(host.name, slots_per_host, where))
             continue
         m = re.fullmatch(r"(?:max_)?slots=(-?\d+)", fields[1]) if len(fields) == 2 else None
         if not m or not _HOST_RE.match(fields[0]) or ":" in fields[0]:
             raise UsageError(f"{where}: cannot parse '{raw.strip()}': expected 'host slots=N'")
         hosts.append(_host(fields[0], int(m.group(1)), where))
-    if not hosts:
-        raise UsageError(f"{path}: the hostfile lists no hosts; add lines like 'localhost slots=2'")
     _check_duplicates(hosts, path)
+    return hosts
+
+
+def parse_hosts_file(path: str, slots_per_host: int = 1) -> list[Host]:
+    """An elastic job's --hosts-file, as `parse_hostfile` reads a hostfile, but it may be empty (the job waits for
+    hosts) and a host name cannot hold ':' (horovodrun splits each discovered line at ':')."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(
+            f"--hosts-file: no such file '{path}'; give the path of a file of 'host:slots' or 'host slots=N' lines"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"--hosts-file: cannot read '{path}': {e.strerror}") from None
+    hosts = parse_hostfile_text(text, path, slots_per_host)
+    for h in hosts:
+        if ":" in h.name:
+            raise UsageError(f"{path}: bad host '{h.name}': horovodrun reads 'host:slots', so a name cannot hold ':'")
+    return hosts
+
+
+def parse_discovered(text: str, where: str, slots_per_host: int = 1) -> list[Host]:
+    """The hosts a discovery script printed: one ``host`` or ``host:slots`` line per host (blank lines skipped),
+    as horovodrun reads them. `where` names the script in errors."""
+    hosts = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)(?::(\d+))?", line)
+        if not m:
+            raise UsageError(
+                f"{where} printed '{line.strip()}': expected one 'host' or 'host:slots' line per host, e.g. node1:4"
+            )
+        hosts.append(_host(m.group(1), int(m.group(2)) if m.group(2) else slots_per_host, where))
+    _check_duplicates(hosts, where)
     return hosts
 
 
@@ -252,6 +323,135 @@ def ranks_per_host(np: int, hosts: Sequence[Host]) -> list[int]:
     return out
 
 
+def _elastic_only(**given) -> None:
+    """Elastic options given without --elastic: one line naming them."""
+    names = ["--" + name.replace("_", "-") for name, value in given.items() if value is not None]
+    if names:
+        what = f"{names[0]} is an elastic option" if len(names) == 1 else f"{', '.join(names)} are elastic options"
+        raise UsageError(f"{what}: add --elastic for elastic training, or drop {'it' if len(names) == 1 else 'them'}")
+
+
+def _check_elastic_launch(hosts: Optional[str], hostfile: Optional[str], launcher: Optional[str], mpi: bool) -> None:
+    """What an elastic job cannot be launched with: fixed hosts, MPI, a launcher other than horovodrun."""
+    if hosts or hostfile:
+        raise UsageError(
+            f"{'-H' if hosts else '--hostfile'} does not apply to --elastic: list the hosts in --hosts-file FILE (a "
+            "file hvdtrain re-reads while the job runs: edit it to add or remove hosts), or give "
+            "--host-discovery-script"
+        )
+    needs = "--elastic needs Horovod's Gloo controller (horovodrun's rendezvous, which elastic training runs on)"
+    if mpi:
+        raise UsageError(f"{needs}: drop --mpi")
+    if launcher in ("mpirun", "srun"):
+        raise UsageError(f"{needs}, which {launcher} does not start: drop --launcher {launcher}")
+
+
+def make_elastic(
+    np: Optional[int],
+    *,
+    min_np: Optional[int] = None,
+    max_np: Optional[int] = None,
+    host_discovery_script: Optional[str] = None,
+    hosts_file: Optional[str] = None,
+    slots_per_host: Optional[int] = None,
+    elastic_timeout: Optional[int] = None,
+    reset_limit: Optional[int] = None,
+    blacklist_cooldown_range: Optional[Sequence[int]] = None,
+) -> tuple[ElasticSpec, int, list[Host]]:
+    """The elastic options checked: (ElasticSpec, the number of ranks the job starts with, the hosts the
+    --hosts-file lists now, [] for a discovery script). -np defaults to --min-np, --min-np to -np, else 1."""
+    if host_discovery_script is not None and hosts_file is not None:
+        raise UsageError("--host-discovery-script and --hosts-file exclude each other: give the hosts one way")
+    if host_discovery_script is None and hosts_file is None:
+        raise UsageError(
+            "--elastic needs its hosts: --hosts-file FILE ('host:slots' lines, re-read while the job runs) or "
+            "--host-discovery-script FILE (a program that prints them)"
+        )
+    slots = 1 if slots_per_host is None else slots_per_host
+    if slots < 1:
+        raise UsageError(f"--slots-per-host {slots}: must be at least 1")
+    if min_np is not None and min_np < 1:
+        raise UsageError(f"--min-np {min_np}: the fewest ranks to train with must be at least 1")
+    if max_np is not None and max_np < 1:
+        raise UsageError(f"--max-np {max_np}: the most ranks must be at least 1 (or leave it out: no limit)")
+    given_min = min_np
+    min_np = min_np if min_np is not None else np if np is not None else 1
+    np = min_np if np is None else np
+    if max_np is not None and max_np < min_np:
+        if given_min is None:  # --min-np is -np's
+            raise UsageError(
+                f"-np {np} is more than --max-np {max_np}: the job starts with -np ranks, at most --max-np"
+            )
+        raise UsageError(
+            f"--max-np {max_np} is less than --min-np {min_np}: raise --max-np, or leave it out (no limit)"
+        )
+    if np < min_np:
+        raise UsageError(
+            f"-np {np} is less than --min-np {min_np}: the job starts with -np ranks, at least --min-np; raise -np "
+            "or lower --min-np"
+        )
+    if max_np is not None and np > max_np:
+        raise UsageError(f"-np {np} is more than --max-np {max_np}: the job starts with -np ranks, at most --max-np")
+    if elastic_timeout is not None and elastic_timeout < 1:
+        raise UsageError(
+            f"--elastic-timeout {elastic_timeout}: give the seconds to wait for --min-np slots, at least 1 "
+            f"[default: {DEFAULT_ELASTIC_TIMEOUT}]"
+        )
+    if reset_limit is not None and reset_limit < 0:
+        raise UsageError(f"--reset-limit {reset_limit}: give the number of resets allowed, 0 or more")
+    cooldown = None
+    if blacklist_cooldown_range is not None:
+        cooldown = (int(blacklist_cooldown_range[0]), int(blacklist_cooldown_range[1]))
+        low, high = COOLDOWN_LIMITS
+        if not low <= cooldown[0] <= cooldown[1] <= high:
+            raise UsageError(
+                f"--blacklist-cooldown-range {cooldown[0]} {cooldown[1]}: give MIN MAX seconds with {low} <= MIN <= "
+                f"MAX <= {high} (horovodrun's limits), e.g. 60 300"
+            )
+    hosts: list[Host] = []
+    if host_discovery_script is not None:
+        script = Path(host_discovery_script).expanduser()
+        if not script.is_file():
+            raise UsageError(
+                f"--host-discovery-script: no such file '{host_discovery_script}'; give the path of an executable that "
+                "prints one 'host:slots' line per available host"
+            )
+        if not os.access(script, os.X_OK):
+            raise UsageError(
+                f"--host-discovery-script {host_discovery_script} is not executable: "
+                f"chmod +x {shlex.quote(str(script))}"
+            )
+        discovery, hosts_path = shlex.quote(str(script.resolve())), None
+    else:
+        hosts = parse_hosts_file(hosts_file, slots)
+        hosts_path = str(Path(hosts_file).expanduser().resolve())
+        discovery = shlex.join([sys.executable, "-m", "hvdtrain.discover", hosts_path, "--slots-per-host", str(slots)])
+    elastic = ElasticSpec(
+        min_np=min_np,
+        max_np=max_np,
+        discovery=discovery,
+        hosts_file=hosts_path,
+        slots_per_host=slots,
+        timeout=elastic_timeout,
+        reset_limit=reset_limit,
+        cooldown_range=cooldown,
+    )
+    return elastic, np, hosts
+
+
+def elastic_nics(hosts: Sequence[Host]) -> list[str]:
+    """An elastic job's interface when --network-interface is not given. Horovod's elastic driver finds a common
+    interface only once two hosts are up (it waits for them, then times out); when every host of the --hosts-file
+    is this machine, the loopback is the one horovodrun takes (the job then stays on this machine). Otherwise the
+    user must name it."""
+    if hosts and all(is_local_host(h.name, by_name=False) for h in hosts):
+        return ["lo"]
+    raise UsageError(
+        "--elastic needs --network-interface IFACE: the interface every host, present and future, talks over (e.g. "
+        "eth0); Horovod's elastic driver cannot find a common one before two hosts are up"
+    )
+
+
 def make_spec(
     command: Sequence[str],
     *,
@@ -267,28 +467,51 @@ def make_spec(
     network_interface: Optional[str] = None,
     stall_timeout: Optional[int] = None,
     ssh_config: Optional[str] = None,
+    elastic: bool = False,
+    min_np: Optional[int] = None,
+    max_np: Optional[int] = None,
+    host_discovery_script: Optional[str] = None,
+    hosts_file: Optional[str] = None,
+    slots_per_host: Optional[int] = None,
+    elastic_timeout: Optional[int] = None,
+    reset_limit: Optional[int] = None,
+    blacklist_cooldown_range: Optional[Sequence[int]] = None,
     environ: Optional[Mapping[str, str]] = None,
     check_cmd: bool = True,
     default_controller: Optional[str] = None,
 ) -> LaunchSpec:
     """Validate everything the user gave and return a LaunchSpec; raises UsageError before anything runs.
     The launcher and the controller are decided here, once (resolve_launcher, resolve_controller): with
-    horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's).
-    What needs the hosts themselves (ssh, their interfaces) is checked by `hosts.preflight`."""
+    horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's); an
+    elastic job is always horovodrun with Gloo (`make_elastic` checks its options).
+    What needs the hosts themselves (ssh, their interfaces, the discovery's answer) is checked by `hosts.preflight`."""
     environ = os.environ if environ is None else environ
     command = list(command)
+    elastic_options = dict(
+        min_np=min_np, max_np=max_np, host_discovery_script=host_discovery_script, hosts_file=hosts_file,
+        slots_per_host=slots_per_host, elastic_timeout=elastic_timeout, reset_limit=reset_limit,
+        blacklist_cooldown_range=blacklist_cooldown_range,
+    )  # fmt: skip
+    if not elastic:
+        _elastic_only(**elastic_options)
     if check_cmd:
         check_command(command)
     if hosts and hostfile:
         raise UsageError("-H and --hostfile exclude each other: give the hosts one way")
+    if elastic:
+        _check_elastic_launch(hosts, hostfile, launcher, mpi)
     slurm = SlurmEnv.read(environ)
-    launcher = resolve_launcher(launcher, slurm.in_allocation and not (hosts or hostfile))
+    launcher = resolve_launcher(launcher, slurm.in_allocation and not (hosts or hostfile or elastic))
     controller = resolve_controller(launcher, gloo, mpi, default_controller)
     if np is not None and np <= 0:
         raise UsageError(f"-np {np}: the number of ranks must be at least 1")
 
     host_list: list[Host] = []
-    if launcher == "srun":
+    elastic_spec = None
+    if elastic:
+        elastic_spec, np, host_list = make_elastic(np, **elastic_options)
+        controller = "gloo"
+    elif launcher == "srun":
         if not slurm.in_allocation:
             raise UsageError(
                 "--launcher srun needs a Slurm allocation (no SLURM_JOB_ID here): "
@@ -337,6 +560,8 @@ def make_spec(
             "forever"
         )
     nics = parse_nics(network_interface) if network_interface is not None else []
+    if elastic_spec is not None and not nics:
+        nics = elastic_nics(host_list)
     return LaunchSpec(
         command=command,
         np=np,
@@ -349,6 +574,7 @@ def make_spec(
         nics=nics,
         stall_timeout=stall_timeout,
         ssh_config=resolve_ssh_config(ssh_config, environ, launcher),
+        elastic=elastic_spec,
     )
 
 
@@ -394,8 +620,34 @@ def _hosts_arg(hosts: Sequence[Host]) -> str:
     return ",".join(f"{h.name}:{h.slots}" for h in hosts)
 
 
-def build_horovodrun_argv(spec: LaunchSpec, log_dir: str, horovodrun: str = "horovodrun") -> list[str]:
-    argv = [horovodrun, "-np", str(spec.np), "-H", _hosts_arg(spec.hosts)]
+def elastic_args(elastic: ElasticSpec) -> list[str]:
+    """horovodrun's elastic arguments (in place of -H): the discovery, the bounds, the timeouts."""
+    argv = ["--min-np", str(elastic.min_np)]
+    if elastic.max_np is not None:
+        argv += ["--max-np", str(elastic.max_np)]
+    argv += ["--host-discovery-script", elastic.discovery]
+    if elastic.hosts_file is None:
+        # horovodrun's own default is None, and a bare host line then breaks its slot count (a TypeError in its
+        # discovery thread); hvdtrain.discover prints every host with its slots.
+        argv += ["--slots-per-host", str(elastic.slots_per_host)]
+    if elastic.timeout is not None:
+        argv += ["--elastic-timeout", str(elastic.timeout)]
+    if elastic.reset_limit is not None:
+        argv += ["--reset-limit", str(elastic.reset_limit)]
+    if elastic.cooldown_range is not None:
+        argv += ["--blacklist-cooldown-range", *map(str, elastic.cooldown_range)]
+    return argv
+
+
+def build_horovodrun_argv(
+    spec: LaunchSpec, log_dir: str, horovodrun: Optional[str] = "horovodrun", prefix: Sequence[str] = ()
+) -> list[str]:
+    """horovodrun's argv (`prefix` in place of the horovodrun executable when given)."""
+    argv = [*(prefix or [horovodrun]), "-np", str(spec.np)]
+    if spec.elastic is not None:  # horovodrun runs the discovery through a shell (safe_shell_exec)
+        argv += elastic_args(spec.elastic)
+    else:
+        argv += ["-H", _hosts_arg(spec.hosts)]
     if spec.controller:
         argv.append(f"--{spec.controller}")
     if spec.ssh_config:
@@ -469,10 +721,19 @@ def build_srun_argv(spec: LaunchSpec, log_dir: str, mpi_plugin: str = "pmix") ->
 
 def build_argv(spec: LaunchSpec, log_dir: str, is_root: bool, horovodrun: Optional[str] = None) -> list[str]:
     if spec.launcher == "horovodrun":
-        return build_horovodrun_argv(spec, log_dir, horovodrun or find_horovodrun())
+        return build_horovodrun_argv(spec, log_dir, prefix=[horovodrun] if horovodrun else horovodrun_command(spec))
     if spec.launcher == "mpirun":
         return build_mpirun_argv(spec, log_dir, [*rank_env(spec, is_root), *forwarded_names(os.environ)])
     return build_srun_argv(spec, log_dir)
+
+
+def horovodrun_command(spec: LaunchSpec) -> list[str]:
+    """What runs horovodrun: the executable (find_horovodrun), or for an elastic job horovodrun's own code through
+    hvdtrain/horovodrun.py, which takes --network-interface as given when the job starts on this machine alone
+    (Horovod then keeps only 127.0.0.1, and a host that joins later could not reach the rendezvous)."""
+    if spec.elastic is not None:
+        return [spec.python, "-m", "hvdtrain.horovodrun"]
+    return [find_horovodrun()]
 
 
 def find_horovodrun() -> str:
@@ -485,8 +746,8 @@ def find_horovodrun() -> str:
 
 def placement(spec: LaunchSpec) -> dict[int, str]:
     """rank -> the host (as named in -H/--hostfile) it runs on: horovodrun and mpirun --map-by slot both fill
-    the hosts' slots in the order given. Empty for srun, where Slurm places the ranks."""
-    if spec.launcher == "srun":
+    the hosts' slots in the order given. Empty for srun, where Slurm places the ranks, and elastic jobs."""
+    if spec.launcher == "srun" or spec.elastic is not None:
         return {}
     out: dict[int, str] = {}
     for host, count in zip(spec.hosts, ranks_per_host(spec.np, spec.hosts)):
@@ -541,11 +802,68 @@ def _this_machine(hosts: Collection[str]) -> set[str]:
     return {socket.gethostname()} | {h for h in hosts if is_local_host(h)}
 
 
+class _Tee:
+    """An elastic launcher's output (stdout and stderr, one pipe) copied line by line to our stdout as it comes,
+    its last `keep` lines kept for the failure report; read by a thread, so that run_job waits on the launcher
+    itself (and its signals) as for any job."""
+
+    def __init__(self, pipe, keep: int = ELASTIC_OUTPUT_LINES):
+        import collections
+        import threading
+
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._held: list[bytes] = []
+        self._pipe = pipe
+        self._thread = threading.Thread(target=self._copy, daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        for line in iter(self._pipe.readline, b""):
+            text = line.decode(errors="replace").rstrip("\n")
+            self.lines.append(text)
+            # horovodrun's own traceback (its lines carry no rank prefix such as "[0]<stdout>:") is held back: when
+            # the job fails, the report replaces it; a rank's line after it, or success, lets it through.
+            if text == "Traceback (most recent call last):" and not self._held:
+                self._held.append(line)
+            elif self._held and not text.startswith("["):
+                self._held.append(line)
+            else:
+                self.release()
+                self._write(line)
+
+    @staticmethod
+    def _write(line: bytes) -> None:
+        try:
+            out = getattr(sys.stdout, "buffer", None)
+            if out is not None:
+                out.write(line)
+            else:
+                sys.stdout.write(line.decode(errors="replace"))
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass  # our stdout is gone; keep reading, or the launcher blocks on a full pipe
+
+    def release(self) -> None:
+        """Pass on the lines held back."""
+        held, self._held = self._held, []
+        for line in held:
+            self._write(line)
+
+    def finish(self, timeout: float = 5.0) -> list[str]:
+        """The kept lines, once the pipe is drained (or after `timeout`: a process the launcher left behind may
+        hold it open). Lines still held back (horovodrun's closing traceback) are not passed on: call release()
+        to show them."""
+        self._thread.join(timeout)
+        return list(self.lines)
+
+
 def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None] = print) -> int:
     """Run the job (or print it with dry_run); returns the job's exit status, raising LaunchError on failure.
 
     The launcher's own stderr goes to our stdout with the ranks' output (the wrapper merges each rank's), so
-    stderr carries hvdtrain's own message only, whatever the launcher prints on its way out."""
+    stderr carries hvdtrain's own message only, whatever the launcher prints on its way out. An elastic job's
+    horovodrun ends a failed job with a Python traceback: its output passes through a pipe (`_Tee`), and the
+    report (failures.diagnose_elastic) names the cause from its own lines instead."""
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     if sys.stdout.isatty() and "HVDTRAIN_TTY" not in spec.env:
         # The ranks' stdout is a pipe whatever happens; tell them a person is watching (progress bars).
@@ -555,9 +873,15 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
     log_dir = spec.output_dir or tempfile.mkdtemp(prefix="hvdtrain-logs-")
     argv = build_argv(spec, os.path.abspath(log_dir), is_root)
     if dry_run:
+        shim_args = ssh_shim_args(spec)
         notes = []
-        if spec.ssh_config and spec.launcher == "horovodrun":
-            notes.append(f"horovodrun runs with an 'ssh' first on its PATH that is: ssh -F {spec.ssh_config}")
+        if shim_args:
+            notes.append(f"horovodrun runs with an 'ssh' first on its PATH that is: ssh {shlex.join(shim_args)}")
+        if spec.elastic is not None and shim_args:
+            notes.append(
+                "(ServerAlive*: the ssh to a host whose link goes down ends within ~15 s, and the elastic driver "
+                "drops that host)"
+            )
         echo(describe(argv, extra, notes))
         if not keep_logs:
             os.rmdir(log_dir)
@@ -568,15 +892,23 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
     stopping: list = []
     for _rank, stale in [*logs.exit_records(), *logs.host_records()]:
         stale.unlink()
+    for _worker, stale in [*logs.worker_records("exit"), *logs.worker_records("host")]:
+        stale.unlink()
     starts = log_sizes(log_dir)
+    worker_starts = worker_log_sizes(log_dir)
     env = {**os.environ, **extra}
     shim = make_ssh_shim(spec, env.get("PATH", os.defpath))
     if shim:
         env["PATH"] = shim + os.pathsep + env.get("PATH", os.defpath)
     import psutil  # noqa: F401  (here, not in a signal handler: an import there can be interrupted by the next signal)
 
+    tee = None
     try:
-        proc = subprocess.Popen(argv, env=env, stderr=subprocess.STDOUT, start_new_session=False)
+        if spec.elastic is not None:
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            tee = _Tee(proc.stdout)
+        else:
+            proc = subprocess.Popen(argv, env=env, stderr=subprocess.STDOUT, start_new_session=False)
 
         # Ctrl-C reaches the launcher from the terminal by itself; USR1/USR2 (preemption warnings) are passed on
         # to it, and it passes them to the ranks; SIGTERM (a scheduler, timeout) goes to the launcher's whole local
@@ -604,21 +936,33 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
     finally:
         if shim:
             shutil.rmtree(shim, ignore_errors=True)
+    output = tee.finish() if tee is not None else []
+    if tee is not None and status == 0:
+        tee.release()
     if status != 0:
-        where = placement(spec)
-        here = _this_machine(set(where.values()))
-        found = diagnose(log_dir, status, spec.np, where, here, starts, stops[0] if stops else None)
+        stopped_by = stops[0] if stops else None
+        if spec.elastic is not None:
+            found = diagnose_elastic(log_dir, status, output, worker_starts, stopped_by, spec.elastic.discovery)
+            if found.cause is None:  # nothing known explains it: horovodrun's traceback may
+                tee.release()
+        else:
+            where = placement(spec)
+            here = _this_machine(set(where.values()))
+            found = diagnose(log_dir, status, spec.np, where, here, starts, stopped_by)
         raise LaunchError(found.message, status if status > 0 else 128 - status, found.cause)
     if keep_logs or any(is_local_host(h.name) for h in spec.hosts):
         # Where the records must be (a chosen directory, or ranks on this machine): a launcher that says success
         # although no rank started (srun does, when a step is aborted before its tasks launch) is a failure.
-        if not any(True for _ in logs.exit_records()) and not any(True for _ in logs.host_records()):
+        records = [
+            *logs.exit_records(), *logs.host_records(), *logs.worker_records("exit"), *logs.worker_records("host")
+        ]  # fmt: skip
+        if not records:
             raise LaunchError(
                 f"{spec.launcher} exited with status 0 but no rank started (no rank records in {log_dir}); see "
                 f"{spec.launcher}'s messages above"
             )
     if keep_logs:
-        echo(f"per-rank logs: {log_dir}")
+        echo(f"per-{'rank' if spec.elastic is None else 'worker'} logs: {log_dir}")
     else:
         shutil.rmtree(log_dir, ignore_errors=True)
     return 0

@@ -7,17 +7,24 @@ runs the command, copies its output both to the wrapper's own stdout (which the 
 rank) and to DIR/rank.R.log, passes on the signals a scheduler sends, and finally writes DIR/rank.R.exit with
 the exit status, so that the launching side can say which rank failed (or which host was lost) and show its
 last lines.
+
+In an elastic job (horovodrun sets HOROVOD_ELASTIC=1, and per worker HOROVOD_HOSTNAME and HOROVOD_LOCAL_RANK:
+the host as the discovery names it and the slot there, stable for the process's life while its rank changes at
+every reset) the records are the worker's instead: DIR/worker.<host>.<slot>.{host,log,exit}. A worker started
+again on the same host and slot appends to its log after a line
+``=== hvdtrain: worker <host>[<slot>] started <UTC time> ===``.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from hvdtrain.env import rank_info
 from hvdtrain.files import write_text_atomic
@@ -59,6 +66,20 @@ def threads_for(choice: str, local_size: int, cpus: int) -> int:
     return int(choice)
 
 
+def elastic_worker(environ: Mapping[str, str]) -> Optional[tuple[str, int]]:
+    """(host, slot) of a worker of an elastic horovodrun job, None in any other job."""
+    host, slot = environ.get("HOROVOD_HOSTNAME"), environ.get("HOROVOD_LOCAL_RANK", "")
+    if environ.get("HOROVOD_ELASTIC") != "1" or not host or not slot.isdigit():
+        return None
+    return host, int(slot)
+
+
+def started_line(host: str, slot: int, now: Optional[datetime.datetime] = None) -> str:
+    """The line an elastic worker's log gets each time a worker starts on that host and slot."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return f"=== hvdtrain: worker {host}[{slot}] started {now:%Y-%m-%d %H:%M:%S} UTC ===\n"
+
+
 def main(argv: list[str]) -> int:
     parsed = parse_args(argv)
     if parsed is None:
@@ -67,17 +88,31 @@ def main(argv: list[str]) -> int:
     log_dir, threads, command = parsed
     logs = RankLogs(log_dir)
     info = rank_info()
-    rank = info.rank
+    worker = elastic_worker(os.environ)
+    if worker is None:
+        name = f"rank {info.rank}"
+        host_record, log_path, exit_record = logs.host(info.rank), logs.log(info.rank), logs.exit(info.rank)
+    else:
+        name = f"worker {worker[0]}[{worker[1]}]"
+        host_record, log_path, exit_record = (
+            logs.worker_host(*worker),
+            logs.worker_log(*worker),
+            logs.worker_exit(*worker),
+        )
     log_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(logs.host(rank), socket.gethostname() + "\n")
+    write_text_atomic(host_record, socket.gethostname() + "\n")
+    if worker is not None:
+        exit_record.unlink(missing_ok=True)  # the previous worker's of this slot: this one is running
     env = {**os.environ, "HVDTRAIN_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads_for(threads, info.local_size, available_cpus()))
-    with open(logs.log(rank), "ab", buffering=0) as log:
+    with open(log_path, "ab", buffering=0) as log:
+        if worker is not None:
+            log.write(started_line(*worker).encode())
         try:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         except OSError as e:
-            msg = f"hvdtrain: rank {rank}: cannot start {command[0]!r}: {e.strerror}\n".encode()
+            msg = f"hvdtrain: {name}: cannot start {command[0]!r}: {e.strerror}\n".encode()
             log.write(msg)
             sys.stderr.buffer.write(msg)
             status = 127
@@ -95,7 +130,7 @@ def main(argv: list[str]) -> int:
             status = proc.wait()
             if status < 0:
                 status = 128 - status
-    write_text_atomic(logs.exit(rank), f"{status}\n")
+    write_text_atomic(exit_record, f"{status}\n")
     return status
 
 

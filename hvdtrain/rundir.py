@@ -7,6 +7,7 @@
       checkpoints/step-XXXXXXXX.pt        .checkpoints  .checkpoint(step)  (rank 0, atomic)
       result.json                         .result       the run's results (rank 0)
       logs/rank.R.{log,exit,host}         .logs         RankLogs: every rank's output, exit status and host
+      logs/worker.H.S.{log,exit,host}                   elastic jobs: the same per worker (host H, slot S)
       job.sbatch, slurm-<id>.out          .job_script   .slurm_output(job, task)  (hvdtrain submit)
 
 Only names live here: no module imports anything heavy, so the CLI, the launcher, the rank wrapper, the
@@ -31,7 +32,11 @@ SLURM_ARRAY_OUTPUT = "slurm-%A_%a.out"
 class RankLogs:
     """A folder of per-rank records written by the rank wrapper: rank.R.host (the host the rank started on,
     written first), rank.R.log (its output) and rank.R.exit (its exit status, written last); the launcher
-    reads them to name a failing rank, or a lost host (a host record with no exit record)."""
+    reads them to name a failing rank, or a lost host (a host record with no exit record).
+
+    In an elastic job a rank number changes at every reset, so the records are named by worker instead:
+    worker.H.S.{host,log,exit} for the worker on host H (as the discovery names it) in slot S; a worker started
+    again on the same host and slot appends to its log."""
 
     path: Path
 
@@ -75,6 +80,28 @@ class RankLogs:
             except (ValueError, IndexError):
                 continue
 
+    def worker_log(self, host: str, slot: int) -> Path:
+        return self._worker(host, slot, "log")
+
+    def worker_exit(self, host: str, slot: int) -> Path:
+        return self._worker(host, slot, "exit")
+
+    def worker_host(self, host: str, slot: int) -> Path:
+        """The name of the machine the worker runs on (`host` is the name the discovery gave it)."""
+        return self._worker(host, slot, "host")
+
+    def worker_records(self, kind: str) -> Iterator[tuple[tuple[str, int], Path]]:
+        """((host, slot), path) of every worker.H.S.<kind> present (kind: log, exit or host), in no particular
+        order; `host` as it stands in the file name (`worker_name`)."""
+        suffix = f".{kind}"
+        for p in self.path.glob(f"worker.*.*{suffix}"):
+            host, _, slot = p.name[len("worker.") : -len(suffix)].rpartition(".")
+            if host and slot.isdigit():
+                yield (host, int(slot)), p
+
+    def _worker(self, host: str, slot: int, kind: str) -> Path:
+        return self.path / f"worker.{worker_name(host)}.{slot}.{kind}"
+
     def task(self, task: Optional[str]) -> RankLogs:
         """The logs of one array task (task-T under this folder), or these when not an array task."""
         return RankLogs(self.path / f"task-{task}") if task is not None else self
@@ -103,6 +130,12 @@ class RunDir:
         """The output file of Slurm job `job` (array task `task`) submitted from this run directory."""
         name = SLURM_ARRAY_OUTPUT if task is not None else SLURM_OUTPUT
         return self.path / name.replace("%A", job).replace("%a", str(task)).replace("%j", job)
+
+
+def worker_name(host: str) -> str:
+    """A host name as it stands in a worker record's file name: any character but letters, digits, '.', '-'
+    and '_' becomes '_' (a discovery script's output reaches the file system)."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", host) or "_"
 
 
 def checkpoint_name(step: int) -> str:

@@ -20,17 +20,19 @@ from hvdtrain.errors import CheckpointError
 from hvdtrain.rundir import RunDir, checkpoint_name, checkpoint_step
 
 FORMAT = 1
-# What must match between a checkpoint and the job resuming from it (plus the world size).
+# What must match between a checkpoint and the job resuming from it (plus the world size, but for elastic jobs).
 FINGERPRINT_FIELDS = (
     "strategy", "devices_per_rank", "balance", "micro_batches", "model", "hidden", "depth", "data", "synthetic_samples",
     "batch_size", "optimizer", "backward_passes_per_step", "seed",
 )  # fmt: skip
 
 
-def fingerprint(cfg, world_size: int) -> dict[str, Any]:
-    """The settings a checkpoint records and a resuming job must share (else its position means nothing)."""
+def fingerprint(cfg, world_size: Optional[int]) -> dict[str, Any]:
+    """The settings a checkpoint records and a resuming job must share (else its position means nothing).
+    `world_size` None leaves the world size out: an elastic job resumes on any number of ranks."""
     out = {k: getattr(cfg, k) for k in FINGERPRINT_FIELDS}
-    out["world_size"] = world_size
+    if world_size is not None:
+        out["world_size"] = world_size
     return out
 
 

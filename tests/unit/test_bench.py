@@ -6,13 +6,14 @@ import math
 import subprocess
 import sys
 
+import click
 import pytest
 from clichecks import assert_usage_error
 from click.testing import CliRunner
 
 from hvdtrain import launch
 from hvdtrain.bench import allreduce, plans, plots, report, tables, throughput
-from hvdtrain.cli import cli
+from hvdtrain.cli import cli, launch_options
 from hvdtrain.errors import UsageError
 
 MiB = 1024**2
@@ -386,7 +387,7 @@ def test_bench_options_are_generated_from_the_settings(
     name, module, settings, args, monkeypatch, no_processes, clean_env, tmp_path
 ):
     command = cli.commands["bench"].commands[name]
-    shared = {p.name for p in cli.commands["run"].params} | {"help"}
+    shared = {p.name for p in click.command()(launch_options(lambda **_: None)).params} | {"help"}
     own = [p for p in command.params if p.name not in shared]
     fields = dataclasses.fields(settings)
     # Exactly one option per field, named after it, and nothing else of its own.

@@ -109,3 +109,12 @@ def test_listing_ignores_temporary_and_foreign_files(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000005.pt"]
     assert RunDir(tmp_path).checkpoint(7) == tmp_path / "checkpoints" / "step-00000007.pt"
+
+
+def test_fingerprint_leaves_the_world_size_out_for_elastic_jobs():
+    from hvdtrain.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert checkpoint.fingerprint(cfg, 4)["world_size"] == 4
+    elastic = checkpoint.fingerprint(cfg, None)
+    assert "world_size" not in elastic and elastic == {k: getattr(cfg, k) for k in checkpoint.FINGERPRINT_FIELDS}

@@ -160,7 +160,9 @@ HEAVY = ("torch", "horovod", "numpy", "mpi4py", "matplotlib", "tqdm")
 @pytest.mark.parametrize(
     "args",
     [["--help"], ["train", "--help"], ["train", "-np", "2", "--run-dir", "r", "--dry-run"],
-     ["run", "-np", "2", "--dry-run", "--", "true"], ["submit", "--dry-run", "--run-dir", "s", "--", "true"]],
+     ["run", "-np", "2", "--dry-run", "--", "true"], ["submit", "--dry-run", "--run-dir", "s", "--", "true"],
+     ["run", "--elastic", "--host-discovery-script", "/bin/true", "--network-interface", "eth0", "--dry-run", "--",
+      "true"]],
 )  # fmt: skip
 def test_cli_stays_light(args, tmp_path):
     """`hvdtrain --help` stays instant, and so does the launching side of a command up to starting the ranks:

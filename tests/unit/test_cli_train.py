@@ -120,6 +120,16 @@ def test_resume_checks_the_checkpoint_before_launching(run, tmp_path):
     assert ok.exit_code == 0, ok.output
 
 
+def test_an_elastic_job_resumes_on_any_world_size(run, tmp_path):
+    save_checkpoint(tmp_path, 10, world_size=3)
+    (tmp_path / "hosts").write_text("localhost:2\n")
+    elastic = ["--elastic", "--hosts-file", "hosts", "--run-dir", "r", "--resume", "--dry-run"]
+    assert run("-np", "2", *elastic).exit_code == 0
+    assert_usage_error(run("-np", "2", "--run-dir", "r", "--resume"), "world_size: checkpoint has 3, this job has 2")
+    save_checkpoint(tmp_path, 20, world_size=3, batch_size=64)
+    assert_usage_error(run(*elastic), "batch_size: checkpoint has 64, this job has 32")
+
+
 def test_resume_without_checkpoints(run):
     assert_usage_error(run("--run-dir", "r", "--resume"), "--resume: no checkpoint in r/checkpoints")
 

@@ -239,4 +239,5 @@ def test_diagnose_says_what_came_first(tmp_path):
     assert cause(lost, stopped_by="SIGTERM") == "stopped"
     assert cause(failed) == "failed"
     assert cause(empty) is None
-    assert set(failures.CAUSES) == {"stall", "lost_host", "stopped", "failed"}
+    elastic = {"min_np", "reset_limit", "blacklisted", "discovery"}  # diagnose_elastic's own
+    assert set(failures.CAUSES) == {"stall", "lost_host", "stopped", "failed"} | elastic
