@@ -66,6 +66,11 @@ class TrainConfig:
     run_dir: Optional[str] = _f(None, "where config.json, metrics.jsonl, TensorBoard events, checkpoints go")
     checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end and on preemption)")
     keep_checkpoints: int = _f(3, "newest checkpoints kept")
+    commit_every: int = _f(
+        10,
+        "elastic jobs: steps between commits (an in-memory copy of the state every rank rolls back to when a "
+        "worker fails; also when new hosts are taken in); epochs end with one too",
+    )
     resume: bool = _f(False, "resume from the newest checkpoint in run_dir")
     resume_from: Optional[str] = _f(None, "resume from this checkpoint file")
     log_every: int = _f(
@@ -106,6 +111,7 @@ class TrainConfig:
             ("synthetic-samples", self.synthetic_samples, 1),
             ("checkpoint-every", self.checkpoint_every, 0),
             ("keep-checkpoints", self.keep_checkpoints, 1),
+            ("commit-every", self.commit_every, 1),
             ("log-every", self.log_every, 1),
             ("max-requeues", self.max_requeues, 0),
         ]:

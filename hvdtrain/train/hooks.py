@@ -7,7 +7,11 @@
     Trainer(cfg, hooks=[StepTimes()]).fit()
 
 Every method is called on every rank, at the same point of the loop, with the Trainer (its `state` holds the
-model, optimizer, epoch, step_in_epoch and step). A hook that runs a collective must do so on every rank.
+model, optimizer, epoch, step_in_epoch, step and samples_in_epoch; during a step, `batch_indices` holds the
+sample indices of its backward passes; `rank` and `size` are this rank's). A hook that runs a collective must do
+so on every rank. In an elastic job a worker that joins later starts with on_fit_start while the others are
+training, so on_fit_start must not run a collective there; and steps rolled back to the last commit after a
+worker failed are taken (and their hooks called) again.
 """
 
 from __future__ import annotations

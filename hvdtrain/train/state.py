@@ -1,13 +1,15 @@
-"""TrainState: what the loop advances, a checkpoint saves and a resume (or, later, an elastic reset) restores.
+"""TrainState: what the loop advances, a checkpoint saves, and a resume or an elastic reset restores.
 
 The sampler's order is a pure function of (seed, epoch), so (epoch, step_in_epoch) is the whole position in
-the data; `step` counts optimizer steps over the run.
+the data of a static job; an elastic job's world size changes within an epoch, so its position is the number
+of the epoch's samples processed by all ranks together (`samples_in_epoch`, the sampler's record: the rest is
+re-sharded over the new world). `step` counts optimizer steps over the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ class TrainState:
     epoch: int = 0  # the epoch under way (0-based)
     step_in_epoch: int = 0  # optimizer steps done in that epoch
     step: int = 0  # optimizer steps done in the run
+    samples_in_epoch: int = 0  # samples of that epoch processed, all ranks together, in the epoch's order
 
     def advance(self) -> None:
         """One optimizer step was taken."""
@@ -29,14 +32,15 @@ class TrainState:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
+        self.samples_in_epoch = 0
 
     @property
-    def position(self) -> tuple[int, int, int]:
-        return self.epoch, self.step_in_epoch, self.step
+    def position(self) -> tuple[int, int, int, int]:
+        return self.epoch, self.step_in_epoch, self.step, self.samples_in_epoch
 
     @position.setter
-    def position(self, value: tuple[int, int, int]) -> None:
-        self.epoch, self.step_in_epoch, self.step = value
+    def position(self, value: tuple[int, int, int, int]) -> None:
+        self.epoch, self.step_in_epoch, self.step, self.samples_in_epoch = value
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The model, optimizer and position entries of a checkpoint (the Trainer adds RNGs and checks)."""
@@ -46,12 +50,15 @@ class TrainState:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "step": self.step,
+            "samples_in_epoch": self.samples_in_epoch,
         }
 
     @staticmethod
-    def position_in(checkpoint: dict[str, Any]) -> tuple[int, int, int]:
-        """The (epoch, step_in_epoch, step) a checkpoint written by to_checkpoint holds."""
-        return checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["step"]
+    def position_in(checkpoint: dict[str, Any]) -> tuple[int, int, int, Optional[int]]:
+        """The (epoch, step_in_epoch, step, samples_in_epoch) a checkpoint written by to_checkpoint holds;
+        samples_in_epoch is None in checkpoints written before it was recorded."""
+        c = checkpoint
+        return c["epoch"], c["step_in_epoch"], c["step"], c.get("samples_in_epoch")
 
     def load_weights(self, checkpoint: dict[str, Any]) -> None:
         """Model and optimizer from a checkpoint (rank 0 reads the file; the others receive a broadcast)."""

@@ -19,6 +19,14 @@ Exact resume: a checkpoint holds the model and optimizer, the epoch, the number 
 states. Resuming restores all of it, so a run interrupted at any checkpoint and resumed ends bitwise equal to
 an uninterrupted one in deterministic mode on CPU.
 
+Elastic (launched by `hvdtrain train --elastic`, HOROVOD_ELASTIC=1): the loop runs inside Horovod's elastic
+loop (hvdtrain.parallel.elastic). Every --commit-every steps and at every epoch end the ranks commit (an
+in-memory copy of model, optimizer, position and update state); a worker's failure rolls every survivor back
+to the last commit, a host change is taken at the next commit; then the world is re-formed, the learning rate
+follows the new world size (when scaled), rank 0's state is broadcast to every worker (new ones included), the
+rest of the epoch's samples are re-sharded over the new world, and metrics.jsonl records the resize. Nothing
+before the loop runs a collective: a worker that joins later starts there while the others are in the loop.
+
 Preemption: the preempt signal (USR2 by default, what `sbatch --signal` sends before the time limit) only
 sets a flag. The ranks' votes travel in the reporting window's sum every log_every steps (one allreduce,
 started after that step and read after the next, so it costs no extra round); every rank reads the same
@@ -28,11 +36,13 @@ requeued job resumes from that checkpoint by itself.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
 import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -45,7 +55,7 @@ from hvdtrain import preempt
 from hvdtrain.config import TrainConfig
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
-from hvdtrain.parallel import horovod
+from hvdtrain.parallel import elastic, horovod
 from hvdtrain.rundir import RunDir
 from hvdtrain.train import checkpoint, datasets, models
 from hvdtrain.train.hooks import Hook, Hooks
@@ -103,6 +113,7 @@ class Trainer:
         horovod.init(deterministic=cfg.deterministic)
         self.rank, self.size = horovod.rank(), horovod.size()
         self.is_main = self.rank == 0
+        self.elastic = elastic.enabled()
         if cfg.strategy == "model" and self.size > 1:
             raise ConfigError(
                 f"--strategy model runs one replica on one rank, but this job has {self.size} ranks: "
@@ -121,7 +132,8 @@ class Trainer:
         self.lr = self.update.learning_rate()
         self.state = TrainState(model, self.update.make_optimizer(model, self.lr))
         self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed)
-        self.fingerprint = checkpoint.fingerprint(cfg, self.size)
+        # An elastic job resumes on any world size: its position counts samples, not steps.
+        self.fingerprint = checkpoint.fingerprint(cfg, None if self.elastic else self.size)
 
     @property
     def model(self) -> nn.Module:
@@ -142,17 +154,34 @@ class Trainer:
         self.in_device, self.out_device = pipeline.input_device, pipeline.output_device
         return pipeline
 
+    def _steps_for(self, samples: int) -> int:
+        """Optimizer steps over `samples` samples shared by the current world (what is left is dropped)."""
+        cfg = self.cfg
+        return math.ceil(math.ceil(samples / self.size) / cfg.batch_size) // cfg.backward_passes_per_step
+
     def _plan_steps(self) -> None:
-        cfg, k = self.cfg, self.cfg.backward_passes_per_step
-        self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size) // k  # len(self._batches(e)) // k
+        """steps_per_epoch and steps_total for the current world size (again after every elastic resize)."""
+        cfg, k, s = self.cfg, self.cfg.backward_passes_per_step, self.state
+        n = len(self.data.train)
+        self.steps_per_epoch = self._steps_for(n)
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} x --backward-passes-per-step {k} is more than this rank's "
-                f"{len(self.sampler)} training samples: lower them or use fewer ranks"
+                f"{math.ceil(n / self.size)} training samples: lower them or use fewer ranks"
             )
-        self.steps_total = cfg.epochs * self.steps_per_epoch
+        if self.elastic:  # what is done, the rest of this epoch on the current world, the epochs after it
+            rest = self._steps_for(n - s.samples_in_epoch) if s.epoch < cfg.epochs else 0
+            self.steps_total = s.step + rest + max(0, cfg.epochs - s.epoch - 1) * self.steps_per_epoch
+        else:
+            self.steps_total = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.steps_total = min(self.steps_total, cfg.max_steps)
+
+    def _steps_left_in_epoch(self) -> int:
+        s = self.state
+        if self.elastic:
+            return self._steps_for(len(self.data.train) - s.samples_in_epoch)
+        return self.steps_per_epoch - s.step_in_epoch
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _restore_or_broadcast(self) -> Optional[Path]:
@@ -180,9 +209,33 @@ class Trainer:
             (TrainState.position_in(saved), saved["rng"], saved.get("update", {})) if self.is_main else None,
             name="hvdtrain.position",
         )
-        self.state.position, rngs, update_state = position
+        (epoch, step_in_epoch, step, samples), rngs, update_state = position
+        self.state.position = (epoch, step_in_epoch, step, self._samples_done(step_in_epoch, samples, saved_size=None))
         self.update.load_state_dict(update_state)
         checkpoint.set_rng_state(rngs[self.rank])
+        return path
+
+    def _samples_done(self, step_in_epoch: int, samples: Optional[int], saved_size: Optional[int]) -> int:
+        """samples_in_epoch of a checkpoint; computed from its steps when it predates the field."""
+        if samples is not None:
+            return samples
+        k = self.cfg.batch_size * self.cfg.backward_passes_per_step
+        return min(len(self.data.train), step_in_epoch * k * (saved_size or self.size))
+
+    def _load_for_elastic(self) -> Optional[Path]:
+        """An elastic job's start from a checkpoint, without a collective: the worker that is rank 0 at the start
+        loads it (jobs.preflight has checked it); the elastic loop's first sync gives it to every worker."""
+        path = checkpoint.resume_path(self.cfg, os.environ)
+        if path is None or not self.is_main:
+            return path
+        saved = checkpoint.load(path, self.fingerprint)
+        self.state.load_weights(saved)
+        epoch, step_in_epoch, step, samples = TrainState.position_in(saved)
+        saved_size = saved.get("fingerprint", {}).get("world_size")
+        self.state.position = (epoch, step_in_epoch, step, self._samples_done(step_in_epoch, samples, saved_size))
+        self.update.load_state_dict(saved.get("update", {}))
+        if len(saved["rng"]) == self.size:
+            checkpoint.set_rng_state(saved["rng"][self.rank])
         return path
 
     def _checkpoint(self) -> Optional[Path]:
@@ -208,8 +261,23 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         return list(torch.as_tensor(list(self.sampler)).split(self.cfg.batch_size))
 
+    def _groups_left(self) -> list[list[torch.Tensor]]:
+        """This rank's remaining optimizer steps of the epoch under way, each a list of backward passes' indices.
+        Static: the epoch's batches from step_in_epoch on. Elastic: the samples not yet processed, re-sharded over
+        the current world (parallel.elastic.shard_of_rest; equal to the static batches when none were)."""
+        cfg, s, k = self.cfg, self.state, self.cfg.backward_passes_per_step
+        if self.elastic:
+            mine = elastic.shard_of_rest(
+                len(self.data.train), cfg.seed, s.epoch, s.samples_in_epoch, self.size, self.rank
+            )
+            batches = list(torch.as_tensor(mine, dtype=torch.long).split(cfg.batch_size))
+            return [batches[i : i + k] for i in range(0, self._steps_left_in_epoch() * k, k)]
+        batches = self._batches(s.epoch)
+        return [batches[i : i + k] for i in range(0, self.steps_per_epoch * k, k)][s.step_in_epoch :]
+
     def _train_step(self, group: list[torch.Tensor]) -> None:
         """One optimizer step over len(group) local backward passes."""
+        self.batch_indices = group
         self.hooks.on_step_start(self)
         self.state.optimizer.zero_grad()
         loss_sum, samples = 0.0, 0
@@ -242,26 +310,33 @@ class Trainer:
         return report.stop
 
     def _run_epoch(self) -> bool:
-        """The steps of the current epoch from state.step_in_epoch on; True when the ranks agreed to stop."""
-        cfg, s, k = self.cfg, self.state, self.cfg.backward_passes_per_step
-        batches = self._batches(s.epoch)
-        groups = [batches[i : i + k] for i in range(0, self.steps_per_epoch * k, k)]
+        """The rest of the current epoch's steps; True when the ranks agreed to stop."""
+        cfg, s = self.cfg, self.state
+        # Step j of this call covers positions [j*b*n, (j+1)*b*n) of the epoch's rest (b: samples per rank and
+        # step, n: ranks), in the epoch's order: that is what samples_in_epoch records.
+        per_step = cfg.batch_size * cfg.backward_passes_per_step * self.size
+        base, rest = s.samples_in_epoch, len(self.data.train) - s.samples_in_epoch
         self.model.train()
         started = time.perf_counter()
         stop = False
-        for group in groups[s.step_in_epoch :]:
-            if s.step >= self.steps_total:
-                break
-            self._train_step(group)
-            stop = self._report()
-            if self.window.due(s.step, self.steps_total):
-                self.window.start(s.step, s.epoch, preempt.requested())
-            if stop:
-                break
-            if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
-                self._checkpoint()
-        stop = self._report() or stop  # the epoch's (or the run's) last window
-        self.train_seconds += time.perf_counter() - started
+        try:
+            for j, group in enumerate(self._groups_left(), start=1):
+                if s.step >= self.steps_total:
+                    break
+                self._train_step(group)
+                s.samples_in_epoch = base + min(rest, j * per_step)
+                stop = self._report()
+                if self.window.due(s.step, self.steps_total):
+                    self.window.start(s.step, s.epoch, preempt.requested())
+                if stop:
+                    break
+                if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
+                    self._checkpoint()
+                if self.elastic and s.step % cfg.commit_every == 0:
+                    self.commits.commit()  # raises HostsUpdatedInterrupt when hosts changed
+            stop = self._report() or stop  # the epoch's (or the run's) last window
+        finally:
+            self.train_seconds += time.perf_counter() - started
         return stop
 
     @torch.no_grad()
@@ -291,7 +366,7 @@ class Trainer:
         self._setup()
         self._plan_steps()
         self._open_outputs()
-        resumed = self._restore_or_broadcast()
+        resumed = self._load_for_elastic() if self.elastic else self._restore_or_broadcast()
         s = self.state
         self.progress = Progress(self.steps_total, cfg.epochs, self.is_main, self._echo, start_step=s.step)
         if resumed is not None:
@@ -308,22 +383,115 @@ class Trainer:
         self.train_seconds, self.train_samples = 0.0, 0
         self.hooks.on_fit_start(self)
         preempt.install(cfg.preempt_signal)
-        stopped = False
         try:
-            while s.epoch < cfg.epochs and s.step < self.steps_total and not stopped:
-                stopped = self._run_epoch()
-                if not stopped and s.step_in_epoch >= self.steps_per_epoch:
-                    self.hooks.on_epoch_end(self)
-                    s.next_epoch()
-                    if cfg.eval_every_epoch and s.epoch < cfg.epochs and s.step < self.steps_total:
-                        accuracy = self._evaluate_and_record()["test_accuracy"]
-                        self.progress.say(f"epoch {s.epoch}: test accuracy {accuracy:.4f}")
+            if self.elastic:
+                self._world: Optional[tuple[int, list[str]]] = None
+                self.commits = elastic.Commits(self._snapshot, self._rollback, self._broadcast_state)
+                self.commits.register_reset_callbacks([self._on_reset])
+                result = elastic.run(self.commits, self._train_and_finish)
+            else:
+                result = self._train_and_finish()
         finally:
             preempt.uninstall()
             self.progress.close()
-        result = self._stop_preempted() if stopped else self._finish_training()
         self.hooks.on_fit_end(self, result)
         return result
+
+    def _train_and_finish(self) -> dict[str, Any]:
+        """The epochs, then the final evaluation and checkpoint (or the preemption checkpoint): in an elastic job
+        all of it runs inside the elastic loop, which calls this again after every reset."""
+        cfg, s = self.cfg, self.state
+        if self.elastic:
+            self._enter_world()
+        stopped = False
+        while s.epoch < cfg.epochs and s.step < self.steps_total and not stopped:
+            stopped = self._run_epoch()
+            if not stopped and self._steps_left_in_epoch() == 0:
+                self.hooks.on_epoch_end(self)
+                s.next_epoch()
+                if self.elastic:
+                    self._plan_steps()
+                    self.commits.commit()
+                if cfg.eval_every_epoch and s.epoch < cfg.epochs and s.step < self.steps_total:
+                    accuracy = self._evaluate_and_record()["test_accuracy"]
+                    self.progress.say(f"epoch {s.epoch}: test accuracy {accuracy:.4f}")
+        return self._stop_preempted() if stopped else self._finish_training()
+
+    # ----------------------------------------------------------------------------------------- elastic
+    def _snapshot(self) -> dict[str, Any]:
+        """What a commit keeps: model, optimizer, position and the update rule's state (copies)."""
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.state.optimizer.state_dict(),
+                "position": self.state.position,
+                "update": self.update.state_dict(),
+            }
+        )
+
+    def _rollback(self, saved: dict[str, Any]) -> None:
+        """After a worker failed: back to the last commit (the steps since are lost and run again)."""
+        self._steps_lost = self.state.step - saved["position"][2]
+        self.state.load_weights(saved)
+        self.state.position = saved["position"]
+        self.update.load_state_dict(saved["update"])
+
+    def _broadcast_state(self) -> None:
+        """Rank 0's model, optimizer, position and update state to every worker (after a reset, and at the
+        start: a new worker gets the state of the running ones)."""
+        horovod.broadcast_state(self.model, self.state.optimizer)
+        position, update = horovod.broadcast_object(
+            (self.state.position, self.update.state_dict()), name="hvdtrain.elastic_position"
+        )
+        self.state.position = position
+        self.update.load_state_dict(update)
+
+    def _on_reset(self) -> None:
+        """The world was re-formed (on the workers that were in it before; no collective here: new workers are
+        not in this callback). The learning rate follows the new world size."""
+        self.rank, self.size = horovod.rank(), horovod.size()
+        self.lr = self.update.learning_rate()
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def _enter_world(self) -> None:
+        """Every worker, after every (re)start of the elastic loop: who is who now, the plan for the current world
+        size, and (rank 0) a resize record in metrics.jsonl with the hosts before and after."""
+        self.rank, self.size = horovod.rank(), horovod.size()
+        self.is_main = self.rank == 0
+        self.lr = self.state.optimizer.param_groups[0]["lr"]
+        # The name the driver knows this worker's host by (discovery's), else the host's own name.
+        me = os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
+        hosts = sorted(horovod.allgather_object(me, name="hvdtrain.elastic_hosts"))
+        if self.is_main and not self.recorder.enabled:  # rank 0's host was lost: this worker now writes the records
+            self.recorder = Recorder(self.run_dir, True, self._echo)
+        elif not self.is_main and self.recorder.enabled:
+            self.recorder.close()
+            self.recorder = Recorder(self.run_dir, False, self._echo)
+        self.progress.enabled = self.is_main
+        self._plan_steps()
+        self.progress.total = self.steps_total
+        self.window = ReportWindow(self.cfg.log_every)  # a sum started before the reset is gone with the old world
+        s = self.state
+        print(f"hvdtrain: elastic: this worker is rank {self.rank} of {self.size} from step {s.step}", flush=True)
+        previous, self._world = self._world, (self.size, hosts)
+        if previous is None:
+            self.recorder.record({"event": "elastic_start", "step": s.step, "epoch": s.epoch, "size": self.size,
+                                  "hosts": hosts})  # fmt: skip
+            return
+        if previous == self._world:
+            return
+        lost, self._steps_lost = getattr(self, "_steps_lost", 0), 0
+        self.recorder.record(
+            {"event": "resize", "step": s.step, "epoch": s.epoch, "samples_in_epoch": s.samples_in_epoch,
+             "old_size": previous[0], "new_size": self.size, "old_hosts": previous[1], "hosts": hosts,
+             "steps_redone": lost, "lr": self.lr}
+        )  # fmt: skip
+        self.progress.say(
+            f"elastic: {previous[0]} -> {self.size} ranks at step {s.step} (epoch {s.epoch + 1}, "
+            f"{s.samples_in_epoch} of its samples done; hosts {', '.join(hosts)}); "
+            f"{lost} uncommitted step(s) run again, lr {self.lr:g}"
+        )
 
     def _stop_preempted(self) -> dict[str, Any]:
         path = self._checkpoint()
