@@ -115,7 +115,8 @@ def elastic_options(f):
             type=int,
             metavar="SECONDS",
             help="Elastic: how long to wait for enough slots (-np at the start, --min-np after a reset) before "
-            "failing [default: 600].",
+            "failing; also, plus Gloo's timeout, how long a worker may keep the others waiting at a reset before it "
+            "is ended (frozen) [default: 600].",
         ),
         click.option(
             "--reset-limit",

@@ -203,3 +203,34 @@ def test_an_elastic_job_checkpoints_on_preemption_and_resumes_on_another_world(e
     # Every sample of the epoch the preemption cut is trained on once: before the stop on two ranks, after the
     # resume on one (padding aside).
     check_exactly_once(tmp_path, run_dir, stopped["epochs_done"])
+
+
+def test_a_frozen_worker_is_ended_after_the_elastic_timeout_and_training_goes_on(elastic_env, tmp_path):
+    """A worker stopped (SIGSTOP) on a host that stays up never rejoins nor exits; Horovod alone would wait for
+    it forever. hvdtrain.horovodrun ends it --elastic-timeout (+ Gloo's timeout) after the others rejoined."""
+    hosts_file, run_dir, log = tmp_path / "hosts", tmp_path / "run", tmp_path / "job.log"
+    hosts_file.write_text("localhost:1\n127.0.0.1:1\n")
+    env = {**elastic_env, "HOROVOD_GLOO_TIMEOUT_SECONDS": "10"}
+    proc = start(elastic_args(run_dir, hosts_file, "--epochs", "5", "--elastic-timeout", "10"), env, tmp_path, log)
+    wait_for_step(proc, run_dir, 32)
+    stopped = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("HOROVOD_HOSTNAME") == "127.0.0.1":
+                p.suspend()
+                stopped.append(p)
+        except psutil.Error:
+            continue
+    assert stopped, "no worker of 127.0.0.1 was running"
+    frozen_at = time.time()
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-3000:]
+    assert "worker 127.0.0.1[0] neither rejoined nor exited within 20 s" in out, out[-3000:]
+    resize = next(r for r in records(run_dir) if r.get("event") == "resize")
+    assert (resize["old_size"], resize["new_size"], resize["hosts"]) == (2, 1, ["localhost"]), resize
+    assert resize["time"] - frozen_at < 60
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["world_size"] == 1 and result["test_accuracy"] >= 0.9, result
+    check_exactly_once(tmp_path, run_dir, resize["epoch"])
+    assert not [p.pid for p in stopped if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    print(f"frozen worker: training again {resize['time'] - frozen_at:.1f} s after the SIGSTOP")
