@@ -287,10 +287,10 @@ def ssh_shim_args(spec: LaunchSpec) -> list[str]:
     return args + (["-F", spec.ssh_config] if spec.ssh_config else [])
 
 
-def ssh_shim_script(real_ssh: str, ssh_config: Optional[str], options: Sequence[str] = ()) -> str:
-    """The `ssh` that run_job puts first on horovodrun's PATH (--ssh-config, or an elastic job): horovodrun (its
-    checks, Gloo's rank launches) and the mpirun it starts run plain `ssh` from PATH and take no ssh config."""
-    args = [*options, *(["-F", ssh_config] if ssh_config else [])]
+def ssh_shim_script(real_ssh: str, args: Sequence[str]) -> str:
+    """The `ssh` that run_job puts first on horovodrun's PATH (--ssh-config, or an elastic job): the real one with
+    `args` (ssh_shim_args) first; horovodrun (its checks, Gloo's rank launches) and the mpirun it starts run plain
+    `ssh` from PATH and take no ssh config."""
     return f'#!/bin/sh\nexec {shlex.join([real_ssh, *args])} "$@"\n'
 
 
@@ -303,6 +303,6 @@ def make_ssh_shim(spec: LaunchSpec, path: str) -> Optional[str]:
         return None
     shim = tempfile.mkdtemp(prefix="hvdtrain-ssh-")
     script = Path(shim) / "ssh"
-    script.write_text(ssh_shim_script(real_ssh, None, args))
+    script.write_text(ssh_shim_script(real_ssh, args))
     script.chmod(0o755)
     return shim

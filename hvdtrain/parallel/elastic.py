@@ -88,11 +88,6 @@ class Commits(State):
         self._broadcast()
         self.save()
 
-    @property
-    def saved(self) -> dict[str, Any]:
-        """The last commit (what a rollback returns to)."""
-        return self._saved
-
 
 def run(state: Commits, func: Callable[[], T]) -> T:
     """Call `func` until it returns, through every reset (Horovod's hvd.elastic.run loop): after a failed

@@ -206,21 +206,23 @@ class Trainer:
             self.state.load_weights(saved)
         horovod.broadcast_state(self.model, self.state.optimizer)
         position = horovod.broadcast_object(
-            (TrainState.position_in(saved), saved["rng"], saved.get("update", {})) if self.is_main else None,
+            (self._position_of(saved), saved["rng"], saved.get("update", {})) if self.is_main else None,
             name="hvdtrain.position",
         )
-        (epoch, step_in_epoch, step, samples), rngs, update_state = position
-        self.state.position = (epoch, step_in_epoch, step, self._samples_done(step_in_epoch, samples, saved_size=None))
+        self.state.position, rngs, update_state = position
         self.update.load_state_dict(update_state)
         checkpoint.set_rng_state(rngs[self.rank])
         return path
 
-    def _samples_done(self, step_in_epoch: int, samples: Optional[int], saved_size: Optional[int]) -> int:
-        """samples_in_epoch of a checkpoint; computed from its steps when it predates the field."""
-        if samples is not None:
-            return samples
-        k = self.cfg.batch_size * self.cfg.backward_passes_per_step
-        return min(len(self.data.train), step_in_epoch * k * (saved_size or self.size))
+    def _position_of(self, saved: dict[str, Any]) -> tuple[int, int, int, int]:
+        """The position a checkpoint holds; samples_in_epoch computed from its steps (and the world size it was
+        written with) when it predates that field."""
+        epoch, step_in_epoch, step, samples = TrainState.position_in(saved)
+        if samples is None:
+            per_step = self.cfg.batch_size * self.cfg.backward_passes_per_step
+            size = saved.get("fingerprint", {}).get("world_size") or self.size
+            samples = min(len(self.data.train), step_in_epoch * per_step * size)
+        return epoch, step_in_epoch, step, samples
 
     def _load_for_elastic(self) -> Optional[Path]:
         """An elastic job's start from a checkpoint, without a collective: the worker that is rank 0 at the start
@@ -230,9 +232,7 @@ class Trainer:
             return path
         saved = checkpoint.load(path, self.fingerprint)
         self.state.load_weights(saved)
-        epoch, step_in_epoch, step, samples = TrainState.position_in(saved)
-        saved_size = saved.get("fingerprint", {}).get("world_size")
-        self.state.position = (epoch, step_in_epoch, step, self._samples_done(step_in_epoch, samples, saved_size))
+        self.state.position = self._position_of(saved)
         self.update.load_state_dict(saved.get("update", {}))
         if len(saved["rng"]) == self.size:
             checkpoint.set_rng_state(saved["rng"][self.rank])
@@ -385,7 +385,8 @@ class Trainer:
         preempt.install(cfg.preempt_signal)
         try:
             if self.elastic:
-                self._world: Optional[tuple[int, list[str]]] = None
+                self._world: Optional[tuple[int, list[str]]] = None  # (size, hosts) at the last (re)start
+                self._steps_lost = 0  # by the last rollback, until a resize record reports them
                 self.commits = elastic.Commits(self._snapshot, self._rollback, self._broadcast_state)
                 self.commits.register_reset_callbacks([self._on_reset])
                 result = elastic.run(self.commits, self._train_and_finish)
@@ -419,21 +420,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- elastic
     def _snapshot(self) -> dict[str, Any]:
-        """What a commit keeps: model, optimizer, position and the update rule's state (copies)."""
-        return copy.deepcopy(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.state.optimizer.state_dict(),
-                "position": self.state.position,
-                "update": self.update.state_dict(),
-            }
-        )
+        """What a commit keeps (copies): a checkpoint's model, optimizer and position, and the update rule's state."""
+        return copy.deepcopy({**self.state.to_checkpoint(), "update": self.update.state_dict()})
 
     def _rollback(self, saved: dict[str, Any]) -> None:
         """After a worker failed: back to the last commit (the steps since are lost and run again)."""
-        self._steps_lost = self.state.step - saved["position"][2]
+        self._steps_lost = self.state.step - saved["step"]
         self.state.load_weights(saved)
-        self.state.position = saved["position"]
+        self.state.position = TrainState.position_in(saved)
         self.update.load_state_dict(saved["update"])
 
     def _broadcast_state(self) -> None:
@@ -448,8 +442,7 @@ class Trainer:
 
     def _on_reset(self) -> None:
         """The world was re-formed (on the workers that were in it before; no collective here: new workers are
-        not in this callback). The learning rate follows the new world size."""
-        self.rank, self.size = horovod.rank(), horovod.size()
+        not in this callback). The learning rate follows the new world size (_enter_world reads it back)."""
         self.lr = self.update.learning_rate()
         for group in self.state.optimizer.param_groups:
             group["lr"] = self.lr
@@ -481,7 +474,7 @@ class Trainer:
             return
         if previous == self._world:
             return
-        lost, self._steps_lost = getattr(self, "_steps_lost", 0), 0
+        lost, self._steps_lost = self._steps_lost, 0
         self.recorder.record(
             {"event": "resize", "step": s.step, "epoch": s.epoch, "samples_in_epoch": s.samples_in_epoch,
              "old_size": previous[0], "new_size": self.size, "old_hosts": previous[1], "hosts": hosts,

@@ -22,7 +22,7 @@ def test_ssh_shim_runs_the_real_ssh_with_the_config(tmp_path):
     real = make_fake_ssh(tmp_path / "bin", log)
     shim = tmp_path / "shim" / "ssh"
     shim.parent.mkdir()
-    shim.write_text(hosts.ssh_shim_script(str(real), str(tmp_path / "my config")))
+    shim.write_text(hosts.ssh_shim_script(str(real), ["-F", str(tmp_path / "my config")]))
     shim.chmod(0o755)
     out = subprocess.run([str(shim), "-o", "X=1", "node2", "echo a b"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["node2", "eth0", "lo"], out
