@@ -13,16 +13,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from elastichooks import check_exactly_once, finish, records, wait_for_step  # noqa: E402
+from elastichooks import check_exactly_once, finish, records, train_samples, wait_for_step  # noqa: E402
 
 HOOKS = "elastichooks:SlowSteps,elastichooks:RecordSamples"
 
 
-def start(cluster, tmp_path: Path, hosts: str, *extra) -> tuple[subprocess.Popen, Path, Path, Path]:
+def start(
+    cluster, tmp_path: Path, hosts: str, *extra, step_sleep: float = 0.03
+) -> tuple[subprocess.Popen, Path, Path, Path]:
     hosts_file, run_dir, log = tmp_path / "hosts", tmp_path / "run", tmp_path / "job.log"
     hosts_file.write_text(hosts)
     env = {**cluster.env, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
-           "HVDTRAIN_TEST_RECORD": str(tmp_path / "record"), "HVDTRAIN_TEST_STEP_SLEEP": "0.03"}  # fmt: skip
+           "HVDTRAIN_TEST_RECORD": str(tmp_path / "record"), "HVDTRAIN_TEST_STEP_SLEEP": str(step_sleep)}  # fmt: skip
     argv = [sys.executable, "-m", "hvdtrain", "train", "--elastic", "--hosts-file", hosts_file, "--min-np", 1,
             "--max-np", 2, "--network-interface", "eth0", "--run-dir", run_dir, "--commit-every", 5, "--log-every", 5,
             "--epochs", 6, "--hooks", HOOKS, *extra]  # fmt: skip
@@ -39,13 +41,15 @@ def the_resize(run_dir: Path) -> dict:
 
 
 def test_node2_joins_a_job_on_node1(cluster, tmp_path):
-    proc, hosts_file, run_dir, log = start(cluster, tmp_path, "node1:1\n")
-    wait_for_step(proc, run_dir, 30)
+    # Slow steps (45 per epoch, 0.1 s each): node2, listed at step 10, is taken in well before the epoch's end.
+    proc, hosts_file, run_dir, log = start(cluster, tmp_path, "node1:1\n", step_sleep=0.1)
+    wait_for_step(proc, run_dir, 10)
     hosts_file.write_text("node1:1\nnode2:1\n")
     out = finish(proc, log)
     assert proc.returncode == 0, out[-3000:]
     resize = the_resize(run_dir)
     assert (resize["old_size"], resize["new_size"], resize["hosts"]) == (1, 2, ["node1", "node2"]), resize
+    assert 0 < resize["samples_in_epoch"] < train_samples(), "node2 did not join mid-epoch"
     result = json.loads((run_dir / "result.json").read_text())
     assert result["world_size"] == 2 and result["test_accuracy"] >= 0.9, result
     check_exactly_once(tmp_path, run_dir, resize["epoch"])

@@ -78,8 +78,11 @@ def no_job_processes(marker: str) -> list[str]:
 def test_a_host_joins_mid_epoch_and_training_goes_on(elastic_env, tmp_path):
     hosts_file, run_dir, log = tmp_path / "hosts", tmp_path / "run", tmp_path / "job.log"
     hosts_file.write_text("localhost:1\n")
-    proc = start(elastic_args(run_dir, hosts_file, "--epochs", "6"), elastic_env, tmp_path, log)
-    wait_for_step(proc, run_dir, 30)  # epoch 1 has 45 steps on one rank: the host comes mid-epoch
+    # 45 steps per epoch on one rank, 0.1 s each: the host is listed at step 10 and taken in at a commit about
+    # 1-2 s later (discovery every second, then the next commit), well before the epoch's end at step 45.
+    env = {**elastic_env, "HVDTRAIN_TEST_STEP_SLEEP": "0.1"}
+    proc = start(elastic_args(run_dir, hosts_file, "--epochs", "6"), env, tmp_path, log)
+    wait_for_step(proc, run_dir, 10)
     hosts_file.write_text("localhost:1\n127.0.0.1:1\n")
     added = time.monotonic()
     out = finish(proc, log)
