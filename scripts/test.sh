@@ -6,6 +6,12 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 py=${HVDTRAIN_VENV:-$repo/.venv}/bin/python
 export PATH=$(dirname "$py"):$PATH OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mpi_pytest() {  # NP LIMIT_S PYTEST_ARGS...
+  local np=$1 limit=$2
+  shift 2
+  timeout -k 10 "$limit" mpirun -np "$np" --oversubscribe --bind-to none \
+    "$py" -m mpi4py -m pytest -p no:cacheprovider -q -x "$@"
+}
 tiers=("$@")
 [ ${#tiers[@]} -eq 0 ] && tiers=(unit mpi e2e slurm cluster)
 failed=()
@@ -15,8 +21,10 @@ for tier in "${tiers[@]}"; do
     mpi)
       # Every rank runs the same pytest session; `python -m mpi4py` aborts the job on an uncaught
       # exception, pytest-timeout ends a rank stuck in a collective, and `timeout` is the last backstop.
-      timeout -k 10 900 mpirun -np 2 --oversubscribe --bind-to none \
-        "$py" -m mpi4py -m pytest tests/mpi -p no:cacheprovider -q -x --timeout=300 ;;
+      # Then the sharded optimizer again with world sizes that do not divide its parameter count.
+      mpi_pytest 2 900 tests/mpi --timeout=300 &&
+        mpi_pytest 3 300 tests/mpi/test_zero.py --timeout=120 &&
+        mpi_pytest 4 300 tests/mpi/test_zero.py --timeout=120 ;;
     unit|e2e|slurm|cluster)
       "$py" -m pytest "tests/$tier" -q --timeout=900 ;;
     *) echo "unknown tier '$tier' (valid: unit mpi e2e slurm cluster)" >&2; exit 2 ;;

@@ -4,6 +4,8 @@ Every test must take the same collective path on every rank. `python -m mpi4py` 
 a rank raises outside pytest; pytest-timeout ends a rank stuck in a collective.
 """
 
+import os
+
 import pytest
 
 
@@ -11,6 +13,7 @@ import pytest
 def hvd():
     from hvdtrain.parallel import horovod
 
+    os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"  # test_zero makes a process set of each rank alone
     h = horovod.init(threads=1)
     if h.size() < 2:
         pytest.skip("the mpi tier needs at least 2 ranks: run it under mpirun -np 2")

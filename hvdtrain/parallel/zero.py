@@ -1,0 +1,384 @@
+"""Optimizer-state partitioning (ZeRO stage 1) on Horovod's collectives.
+
+    opt = ShardedOptimizer(torch.optim.Adam, model, lr=1e-3)        # instead of hvd.DistributedOptimizer(...)
+    hvdtrain train --shard-optimizer --optimizer adam ...
+
+The model's trainable parameters are laid out, in the optimizer's order, into flat buckets (at most
+`bucket_mb` each; a bucket never mixes parameter groups, devices or dtypes), each padded with zeros to a
+multiple of the world size n. Rank r owns the r-th of the n equal slices of every bucket: one flat tensor per
+bucket, which is all the wrapped optimizer ever sees, so its state (Adam's two moments, SGD's momentum) is
+1/n of the unsharded one. A step:
+
+    backward    as each bucket's gradients are complete (after the last of backward_passes_per_step passes),
+                the bucket is flattened and reduce-scattered with Average (hvd.reducescatter_async): rank r
+                receives the mean gradient of its slice, while backward goes on with the other buckets
+    step()      every rank steps its optimizer on its slices, then the updated slices are all-gathered
+                (hvd.allgather_async) and copied back into every rank's parameters
+
+That is the same traffic as a ring allreduce (reduce-scatter + all-gather = 2(n-1)/n x S bytes per rank),
+and the same arithmetic as hvd.DistributedOptimizer for any optimizer that treats each element on its own.
+Padding keeps every slice the same length (Horovod's reducescatter would otherwise give ranks 0..k-1 one extra
+element each); padded elements have zero gradients and are never copied back.
+
+`state_dict()` is collective and returns the consolidated state in torch's ordinary (unsharded) format, so a
+checkpoint written by n sharded ranks loads into m sharded ranks, into an unsharded optimizer, and back;
+`load_state_dict` takes such a dict on every rank and keeps only this rank's slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any, Iterable, Optional, Union
+
+import horovod.torch as hvd
+import torch
+from torch import nn
+
+from hvdtrain.errors import ConfigError
+
+# torch optimizers whose update of an element reads only that element's parameter, gradient and state (plus
+# scalars such as the step count), so stepping a slice equals slicing the full step.
+ELEMENTWISE = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
+# Those that are not, and why.
+REFUSED = {
+    "LBFGS": "it keeps a history of whole flattened gradients and searches along one direction over all "
+    "parameters (a closure re-evaluating the full loss), so it cannot step a slice on its own",
+    "SparseAdam": "it takes sparse gradients, which cannot be flattened into buckets",
+    "Adafactor": "it factors each matrix's second moment into row and column statistics, which a flat slice "
+    "does not have",
+    "Muon": "it orthogonalises each matrix's whole update (Newton-Schulz), which a flat slice does not have",
+}
+# State entries that are one number per parameter tensor rather than one per element.
+SCALAR_STATE = ("step", "mu_product", "eta", "mu")
+
+
+def check_optimizer(optimizer_class: type, elementwise: bool = False) -> None:
+    """Raise ConfigError unless stepping a slice of the parameters with `optimizer_class` equals slicing the
+    full step. Classes hvdtrain does not know (LAMB, LARS... compute norms over a whole tensor) are refused
+    unless the caller vouches for them with elementwise=True."""
+    name = getattr(optimizer_class, "__name__", str(optimizer_class))
+    if name in REFUSED and getattr(torch.optim, name, None) is optimizer_class:
+        raise ConfigError(f"the sharded optimizer cannot run {name}: {REFUSED[name]}")
+    if getattr(torch.optim, name, None) is optimizer_class and name in ELEMENTWISE:
+        return
+    if not elementwise:
+        raise ConfigError(
+            f"the sharded optimizer runs only optimizers that update each element on its own ({', '.join(ELEMENTWISE)}); "
+            f"{name} is not one hvdtrain knows: pass elementwise=True if its update of an element reads only that "
+            "element (no per-tensor norms or factored statistics)"
+        )
+
+
+@dataclasses.dataclass
+class Piece:
+    """Part of one parameter inside a rank's slice of a bucket: elements [start, end) of the flattened
+    parameter are elements [at, at + end - start) of the slice."""
+
+    index: int  # the parameter's position in the optimizer's order (its key in a state dict)
+    slot: int  # its position in the bucket
+    start: int
+    end: int
+    at: int
+
+
+@dataclasses.dataclass
+class Bucket:
+    """Parameters flattened back to back (param i at offsets[i]), padded to `padded` = n x shard elements."""
+
+    group: int  # the parameter group
+    params: list[nn.Parameter]
+    indices: list[int]  # each parameter's position in the optimizer's order
+    offsets: list[int]
+    length: int  # elements of the parameters, unpadded
+    padded: int
+    shard: int  # elements per rank
+    pieces: list[Piece] = dataclasses.field(default_factory=list)  # of this rank's slice
+
+
+def layout(groups: list[list[torch.Tensor]], size: int, rank: int, bucket_elements: int) -> list[Bucket]:
+    """The buckets of `groups` (lists of parameters; only those that require gradients are laid out) for rank
+    `rank` of `size`: pure arithmetic, the same on every rank."""
+    buckets: list[Bucket] = []
+    index = 0
+    for g, params in enumerate(groups):
+        open_buckets: dict[tuple, Bucket] = {}
+        for p in params:
+            i, index = index, index + 1
+            if not p.requires_grad:
+                continue
+            key = (p.device, p.dtype)
+            b = open_buckets.get(key)
+            if b is None or (b.length and b.length + p.numel() > bucket_elements):
+                b = open_buckets[key] = Bucket(g, [], [], [], 0, 0, 0)
+                buckets.append(b)
+            b.params.append(p)
+            b.indices.append(i)
+            b.offsets.append(b.length)
+            b.length += p.numel()
+    for b in buckets:
+        b.shard = max(1, math.ceil(b.length / size))
+        b.padded = b.shard * size
+        lo, hi = rank * b.shard, (rank + 1) * b.shard
+        for slot, (p, i, off) in enumerate(zip(b.params, b.indices, b.offsets)):
+            start, end = max(lo, off), min(hi, off + p.numel())
+            if start < end:
+                b.pieces.append(Piece(i, slot, start - off, end - off, start - lo))
+    return buckets
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """`optimizer_class(params, **kwargs)` with its state partitioned over the ranks of `process_set`.
+
+    params: an nn.Module (its parameters), parameters, or parameter groups, as for any torch optimizer.
+    compression: "none" or "fp16" (the gradients' reduce-scatter travels in fp16, as hvd.Compression.fp16).
+    backward_passes_per_step: local backward passes (accumulated) before each step, as for DistributedOptimizer.
+    elementwise: vouch that an optimizer class hvdtrain does not know updates each element on its own.
+    Gradients are averaged over the ranks (no Adasum: it combines whole gradient vectors pairwise).
+    `param_groups` are the usual ones (over the model's parameters), so learning-rate schedulers work; their
+    settings are handed to the wrapped optimizer before every step.
+    """
+
+    def __init__(
+        self,
+        optimizer_class: type,
+        params: Union[nn.Module, Iterable],
+        *,
+        compression: str = "none",
+        backward_passes_per_step: int = 1,
+        bucket_mb: float = 25.0,
+        process_set=None,
+        elementwise: bool = False,
+        **kwargs,
+    ):
+        check_optimizer(optimizer_class, elementwise)
+        comp = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}.get(compression)
+        if comp is None:
+            raise ConfigError(f"--compression: '{compression}' is not one of none, fp16")
+        if backward_passes_per_step < 1:
+            raise ConfigError(f"backward_passes_per_step {backward_passes_per_step}: must be at least 1")
+        if isinstance(params, nn.Module):
+            params = params.parameters()
+        # The class itself normalises the groups and fills in its defaults (it allocates no state yet).
+        probe = optimizer_class(params, **kwargs)
+        self._ready = False
+        super().__init__(probe.param_groups, probe.defaults)
+        self._ready = True
+        self._compression = comp
+        self._passes_per_step = backward_passes_per_step
+        self._process_set = process_set or hvd.global_process_set
+        self.world_size, self.shard_rank = self._process_set.size(), self._process_set.rank()
+        itemsize = max((p.element_size() for g in self.param_groups for p in g["params"]), default=4)
+        self.buckets = layout(
+            [g["params"] for g in self.param_groups],
+            self.world_size,
+            self.shard_rank,
+            max(1, int(bucket_mb * 2**20) // itemsize),
+        )
+        self._shards: list[nn.Parameter] = []
+        with torch.no_grad():
+            for b in self.buckets:
+                flat = torch.zeros(b.shard, dtype=b.params[0].dtype, device=b.params[0].device)
+                self._shards.append(nn.Parameter(flat, requires_grad=False))
+                self._read_slice(b, flat)
+        # One group of the wrapped optimizer per group here that has trainable parameters.
+        self._base_groups = [g for g in range(len(self.param_groups)) if any(b.group == g for b in self.buckets)]
+        if not self._base_groups:
+            raise ConfigError("the sharded optimizer got no parameter that requires a gradient")
+        self.optimizer = optimizer_class(
+            [
+                {**self._settings(g), "params": [s for b, s in zip(self.buckets, self._shards) if b.group == g]}
+                for g in self._base_groups
+            ],
+            **kwargs,
+        )
+        self._bucket_of = {}
+        for n, b in enumerate(self.buckets):
+            for p in b.params:
+                self._bucket_of[p] = n
+                p.register_post_accumulate_grad_hook(self._on_grad)
+        self._reset_passes()
+
+    # ------------------------------------------------------------------------------------------ step
+    def _settings(self, group: int) -> dict[str, Any]:
+        return {k: v for k, v in self.param_groups[group].items() if k != "params"}
+
+    def _reset_passes(self) -> None:
+        self._passes = {p: 0 for b in self.buckets for p in b.params}
+        self._complete = [0] * len(self.buckets)
+        self._handles: list[Optional[tuple]] = [None] * len(self.buckets)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        """A parameter's gradient was accumulated: after its last pass, reduce-scatter its bucket if complete."""
+        self._passes[p] += 1
+        if self._passes[p] > self._passes_per_step:
+            raise RuntimeError(
+                f"gradients were computed more than backward_passes_per_step={self._passes_per_step} times before "
+                "step(): raise backward_passes_per_step, or call step() after that many backward passes"
+            )
+        if self._passes[p] == self._passes_per_step:
+            n = self._bucket_of[p]
+            self._complete[n] += 1
+            if self._complete[n] == len(self.buckets[n].params):
+                self._launch(n)
+
+    def _launch(self, n: int) -> None:
+        b = self.buckets[n]
+        flat = torch.zeros(b.padded, dtype=b.params[0].dtype, device=b.params[0].device)
+        for p, off in zip(b.params, b.offsets):
+            if p.grad is not None:  # as DistributedOptimizer: a parameter without a gradient counts as zeros
+                flat[off : off + p.numel()].copy_(p.grad.reshape(-1))
+        sent, ctx = self._compression.compress(flat)
+        handle = hvd.reducescatter_async(
+            sent, name=f"hvdtrain.zero.grad.{n}", op=hvd.Average, process_set=self._process_set
+        )
+        self._handles[n] = (handle, ctx, sent)
+
+    def _read_slice(self, b: Bucket, into: torch.Tensor) -> None:
+        """This rank's slice of the bucket's parameter values (zeros where it is padding)."""
+        for piece in b.pieces:
+            p = b.params[piece.slot]
+            into[piece.at : piece.at + piece.end - piece.start].copy_(p.detach().reshape(-1)[piece.start : piece.end])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for n in range(len(self.buckets)):
+            if self._handles[n] is None:  # parameters that got no gradient in this step's passes
+                self._launch(n)
+        for n, (b, shard) in enumerate(zip(self.buckets, self._shards)):
+            handle, ctx, _sent = self._handles[n]
+            shard.grad = self._compression.decompress(hvd.synchronize(handle), ctx).to(shard.dtype)
+            # The parameters may have been set from outside since the last step (a broadcast, a loaded model).
+            self._read_slice(b, shard.data)
+        for g, group in zip(self._base_groups, self.optimizer.param_groups):
+            group.update(self._settings(g))
+        self.optimizer.step()
+        gathers = [
+            hvd.allgather_async(shard.detach(), name=f"hvdtrain.zero.param.{n}", process_set=self._process_set)
+            for n, shard in enumerate(self._shards)
+        ]
+        for b, handle in zip(self.buckets, gathers):
+            full = hvd.synchronize(handle)
+            for p, off in zip(b.params, b.offsets):
+                p.copy_(full[off : off + p.numel()].view_as(p))
+        for shard in self._shards:
+            shard.grad = None
+        self._reset_passes()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if any(h is not None for h in self._handles):
+            raise RuntimeError(
+                "zero_grad() was called after backward() but before step(): the reduce-scatter of those gradients "
+                "is under way; call step() first"
+            )
+        self._reset_passes()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._ready:
+            raise ConfigError("the sharded optimizer's parameters are laid out once: pass every group at creation")
+        super().add_param_group(param_group)
+
+    # -------------------------------------------------------------------------------------- state
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (its slices' state only)."""
+        return sum(
+            v.numel() * v.element_size()
+            for s in self.optimizer.state.values()
+            for v in s.values()
+            if torch.is_tensor(v)
+        )
+
+    def state_dict(self, root_rank: Optional[int] = None) -> Optional[dict[str, Any]]:
+        """Collective: the consolidated state in torch's unsharded format (indices in the optimizer's order).
+        With root_rank, only that rank keeps it (the others return None and hold one bucket at a time)."""
+        keep = root_rank is None or hvd.rank() == root_rank
+        every_keys = [sorted(self.optimizer.state.get(shard, {})) for shard in self._shards]
+        # Agreed first: a rank whose state differs (loaded on one rank only) would leave the others waiting.
+        digest = int.from_bytes(hashlib.sha256(repr(every_keys).encode()).digest()[:7], "big")
+        digests = hvd.allgather(torch.tensor([digest]), name="hvdtrain.zero.keys", process_set=self._process_set)
+        if (digests != digest).any():
+            raise RuntimeError(
+                "the ranks' sharded optimizer states differ (e.g. load_state_dict was called on some ranks only): "
+                "call load_state_dict on every rank with the same dict"
+            )
+        state: dict[int, dict[str, Any]] = {}
+        for n, (b, shard, keys) in enumerate(zip(self.buckets, self._shards, every_keys)):
+            local = self.optimizer.state.get(shard, {})
+            flat_keys = [k for k in keys if torch.is_tensor(local[k]) and local[k].dim() == 1]
+            fulls = {}
+            if flat_keys:
+                handles = [
+                    hvd.allgather_async(
+                        local[k].detach(), name=f"hvdtrain.zero.state.{n}.{k}", process_set=self._process_set
+                    )
+                    for k in flat_keys
+                ]
+                fulls = {k: hvd.synchronize(h) for k, h in zip(flat_keys, handles)}
+            if not keep or not keys:
+                continue
+            for p, i, off in zip(b.params, b.indices, b.offsets):
+                entry = {}
+                for k in keys:
+                    if k in fulls:
+                        entry[k] = fulls[k][off : off + p.numel()].view_as(p).clone()
+                    else:
+                        v = local[k]
+                        entry[k] = v.clone() if torch.is_tensor(v) else v
+                state[i] = entry
+        if not keep:
+            return None
+        groups, index = [], 0
+        for group in self.param_groups:
+            groups.append({**self._settings(len(groups)), "params": list(range(index, index + len(group["params"])))})
+            index += len(group["params"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take a consolidated (unsharded-format) state: the groups' settings, and this rank's slices of every
+        parameter's state. Needs no collective, and any world size may have written it; call it on every rank
+        with the same dict (each keeps a different part of it)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            raise ValueError(
+                "the optimizer state does not fit this model: "
+                f"{[len(s['params']) for s in saved_groups]} parameters per group saved, "
+                f"{[len(g['params']) for g in self.param_groups]} here"
+            )
+        order = [i for s in saved_groups for i in s["params"]]  # saved keys, in this optimizer's order
+        saved_state = {pos: state_dict["state"][key] for pos, key in enumerate(order) if key in state_dict["state"]}
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        base_state = {}
+        for n, (b, shard) in enumerate(zip(self.buckets, self._shards)):
+            present = [saved_state[i] for i in b.indices if i in saved_state]
+            if not present:
+                continue
+            entry: dict[str, Any] = {}
+            for k in sorted({k for s in present for k in s}):
+                sample = next(s[k] for s in present if k in s)
+                if not torch.is_tensor(sample) or (k in SCALAR_STATE and sample.numel() == 1):
+                    # A copy: optimizers count steps in place, and the dict may be another optimizer's own state.
+                    entry[k] = sample.clone() if torch.is_tensor(sample) else sample
+                    continue
+                flat = torch.zeros(b.shard, dtype=sample.dtype, device=shard.device)
+                for piece in b.pieces:
+                    s = saved_state.get(piece.index, {})
+                    if k in s:
+                        flat[piece.at : piece.at + piece.end - piece.start] = s[k].reshape(-1)[piece.start : piece.end]
+                entry[k] = flat
+            base_state[n] = entry
+        base_groups = [
+            {**self._settings(g), "params": [n for n, b in enumerate(self.buckets) if b.group == g]}
+            for g in self._base_groups
+        ]
+        # The wrapped optimizer's own load casts each entry as it expects (e.g. Adam keeps `step` a CPU float).
+        self.optimizer.load_state_dict({"state": base_state, "param_groups": base_groups})
