@@ -22,9 +22,14 @@ from hvdtrain.rundir import RunDir
 STRATEGIES = ("data", "model", "hybrid")
 MODELS = ("mlp", "cnn", "deep_mlp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+DEFAULT_LR = {"sgd": 0.05, "adam": 0.001, "adamw": 0.001}  # for one rank, on the reference models
 COMPRESSIONS = ("none", "fp16")
 REDUCE_OPS = ("average", "adasum")
 PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT")
+SHARDED_NOT_ELASTIC = (
+    "--shard-optimizer cannot be elastic: a lost worker would take its slice of the optimizer state with it; "
+    "drop --elastic or --shard-optimizer"
+)
 # A hook reference: a dotted module path, a colon, a dotted attribute path.
 HOOK_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -53,7 +58,7 @@ class TrainConfig:
     epochs: int = _f(15, "passes over the training set")
     max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs when reached)")
     batch_size: int = _f(32, "samples per rank per step (per backward pass with accumulation)")
-    lr: float = _f(0.05, "base learning rate (for one rank)")
+    lr: Optional[float] = _f(None, "base learning rate (for one rank); default 0.05 for sgd, 0.001 for adam and adamw")
     scale_lr: bool = _f(True, "multiply lr by the number of ranks (x backward_passes_per_step), Goyal et al.")
     optimizer: str = _f("sgd", "the optimizer every rank steps", OPTIMIZERS)
     momentum: float = _f(0.9, "sgd only")
@@ -61,6 +66,11 @@ class TrainConfig:
     backward_passes_per_step: int = _f(1, "gradient accumulation: local backward passes per allreduce + step")
     compression: str = _f("none", "fp16: compress gradients for the allreduce", COMPRESSIONS)
     reduce_op: str = _f("average", "how gradients are combined across ranks", REDUCE_OPS)
+    shard_optimizer: bool = _f(
+        False,
+        "ZeRO stage 1: each rank keeps and updates 1/N of the optimizer state (gradients reduce-scattered, "
+        "parameters all-gathered); checkpoints hold the whole state, loadable with or without it",
+    )
     seed: int = _f(0, "model initialisation and data order; rank r also seeds its own RNGs with seed + r")
     deterministic: bool = _f(False, "torch deterministic algorithms, HOROVOD_FUSION_THRESHOLD=0, fixed seeds")
     run_dir: Optional[str] = _f(None, "where config.json, metrics.jsonl, TensorBoard events, checkpoints go")
@@ -119,10 +129,15 @@ class TrainConfig:
                 bad(flag, f"{value} is too small (at least {low})")
         if self.max_steps is not None and self.max_steps < 1:
             bad("max-steps", f"{self.max_steps} is too small (at least 1)")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             bad("lr", f"{self.lr} must be positive")
         if self.micro_batches > self.batch_size:
             bad("micro-batches", f"{self.micro_batches} micro-batches cannot split a batch of {self.batch_size}")
+        if self.shard_optimizer and self.reduce_op != "average":
+            bad(
+                "shard-optimizer",
+                f"needs --reduce-op average: {self.reduce_op} combines whole gradients, a rank holds a slice",
+            )
         if self.strategy == "data" and (self.devices_per_rank != 1 or self.balance):
             bad("strategy", "--devices-per-rank/--balance need --strategy model or hybrid")
         if self.balance is not None:
@@ -143,14 +158,15 @@ class TrainConfig:
         return self
 
     def with_defaults(self, environ: Optional[Mapping[str, str]] = None) -> TrainConfig:
-        """A copy with the fields derived at launch time filled in: run_dir defaults to runs/train-<time>, or
-        inside Slurm to runs/train-<job id> (array: <array job id>_<task id>) so that a requeued job finds its
-        checkpoints."""
-        if self.run_dir is not None:
-            return self
+        """A copy with the fields derived at launch time filled in: lr from the optimizer (DEFAULT_LR); run_dir
+        defaults to runs/train-<time>, or inside Slurm to runs/train-<job id> (array: <array job id>_<task id>)
+        so that a requeued job finds its checkpoints."""
+        cfg = self if self.lr is not None else dataclasses.replace(self, lr=DEFAULT_LR[self.optimizer])
+        if cfg.run_dir is not None:
+            return cfg
         label = SlurmEnv.read(environ).job_label
         name = f"train-{label}" if label else time.strftime("train-%Y%m%d-%H%M%S")
-        return dataclasses.replace(self, run_dir=os.path.join("runs", name))
+        return dataclasses.replace(cfg, run_dir=os.path.join("runs", name))
 
     def hook_refs(self) -> list[str]:
         """--hooks as a list of module:Name references."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from hvdtrain import hosts, launch, preempt
-from hvdtrain.config import TrainConfig
+from hvdtrain.config import SHARDED_NOT_ELASTIC, TrainConfig
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError, LaunchError
 from hvdtrain.rundir import RunDir
@@ -36,6 +36,8 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
             "--strategy model runs one replica on one rank, so it cannot be elastic: drop --elastic, or use "
             "--strategy data or hybrid"
         )
+    if cfg.shard_optimizer and spec.elastic is not None:
+        raise ConfigError(SHARDED_NOT_ELASTIC)
     if cfg.strategy == "model" and spec.np > 1:
         raise ConfigError(
             f"--strategy model runs one replica on one rank, but -np is {spec.np}: use -np 1, or --strategy "

@@ -5,7 +5,7 @@
 
     fit -> _run_epoch -> _train_step
       TrainState   model, optimizer, epoch, step_in_epoch, step      (train/state.py)
-      UpdateRule   how a step's gradients become parameters: sync    (train/update.py)
+      UpdateRule   how a step's gradients become parameters: sync, sharded (train/update.py)
       ReportWindow loss/samples/preemption votes summed every log_every steps, overlapped (train/reporting.py)
       Hooks        on_fit_start, on_step_start/end, on_epoch_end, on_checkpoint, on_fit_end (train/hooks.py)
 
@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from hvdtrain import preempt
-from hvdtrain.config import TrainConfig
+from hvdtrain.config import SHARDED_NOT_ELASTIC, TrainConfig
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
 from hvdtrain.parallel import elastic, horovod
@@ -114,6 +114,8 @@ class Trainer:
         self.rank, self.size = horovod.rank(), horovod.size()
         self.is_main = self.rank == 0
         self.elastic = elastic.enabled()
+        if self.elastic and cfg.shard_optimizer:
+            raise ConfigError(SHARDED_NOT_ELASTIC)
         if cfg.strategy == "model" and self.size > 1:
             raise ConfigError(
                 f"--strategy model runs one replica on one rank, but this job has {self.size} ranks: "
@@ -202,9 +204,7 @@ class Trainer:
             # Parameters only: Horovod's broadcast_optimizer_state would take a dummy step to create state.
             horovod.broadcast_state(self.model, None)
             return None
-        if self.is_main:
-            self.state.load_weights(saved)
-        horovod.broadcast_state(self.model, self.state.optimizer)
+        self.update.restore(self.state, saved)
         position = horovod.broadcast_object(
             (self._position_of(saved), saved["rng"], saved.get("update", {})) if self.is_main else None,
             name="hvdtrain.position",
@@ -241,10 +241,11 @@ class Trainer:
     def _checkpoint(self) -> Optional[Path]:
         """Collective: every rank hands in its RNG states; rank 0 writes the file atomically."""
         rngs = horovod.allgather_object(checkpoint.rng_state(), name="hvdtrain.rng")
+        optimizer_state = self.update.optimizer_state(self.state.optimizer, root_rank=0)
         path = None
         if self.is_main:
             saved = {
-                **self.state.to_checkpoint(),
+                **self.state.to_checkpoint(optimizer_state),
                 "rng": rngs,
                 "update": self.update.state_dict(),
                 "fingerprint": self.fingerprint,

@@ -51,6 +51,7 @@ def dry_config(output):
         (["--resume-from", "missing.pt"], "no such checkpoint 'missing.pt'"),
         (["--preempt-signal", "KILL"], "--preempt-signal: 'KILL' is not USR1"),
         (["--compression", "int8"], "--compression: 'int8' is not one of none, fp16"),
+        (["--shard-optimizer", "--reduce-op", "adasum"], "--shard-optimizer: needs --reduce-op average"),
         (["-np", "2", "--strategy", "model", "--devices-per-rank", "2"], "use -np 1, or --strategy hybrid"),
         (["--epochs", "many"], "'many' is not a valid integer"),
         (["-np", "0"], "at least 1"),
@@ -158,6 +159,19 @@ def test_config_file_malformed(run, tmp_path, text, needle):
 
 def test_missing_config_file(run):
     assert_usage_error(run("--config", "nope.yaml"), "no such file 'nope.yaml'")
+
+
+def test_a_sharded_optimizer_is_not_elastic(run, tmp_path):
+    (tmp_path / "hosts").write_text("localhost:2\n")
+    result = run("--shard-optimizer", "--elastic", "--hosts-file", "hosts", "--run-dir", "r")
+    assert_usage_error(result, "--shard-optimizer cannot be elastic: a lost worker would take its slice")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adam", 0.001), ("adamw", 0.001)])
+def test_the_default_lr_follows_the_optimizer(run, optimizer, lr):
+    assert dry_config(run("--optimizer", optimizer, "--dry-run").output)["lr"] == lr
+    assert dry_config(run("--optimizer", optimizer, "--lr", "0.3", "--dry-run").output)["lr"] == 0.3
 
 
 def test_dry_run_shows_the_worker_command_and_writes_nothing(run, tmp_path):
