@@ -24,8 +24,8 @@ IMPLS = ("horovod_mpi", "mpi4py", "horovod_gloo", "torch_gloo")
 IMPL_LABELS = {"horovod_mpi": "hvd-mpi", "mpi4py": "mpi4py", "horovod_gloo": "hvd-gloo", "torch_gloo": "torch-gloo"}
 
 # How the throughput worker drives a step; trainer_lean is a diagnostic, run only when asked for.
-ARMS = ("horovod", "trainer", "ddp", "trainer_lean")
-DEFAULT_ARMS = ("horovod", "trainer", "ddp")
+ARMS = ("horovod", "trainer", "ddp", "sharded", "trainer_lean")
+DEFAULT_ARMS = ("horovod", "trainer", "ddp", "sharded")
 TRAIN_TARGETS = {"trainer_over_horovod": 0.98, "trainer_over_ddp": 1.0}
 
 
@@ -103,6 +103,13 @@ MODEL_SHAPES = {
 TINY_MODEL_SHAPES = {
     "deep_mlp": ModelShape("deep_mlp", hidden=32, depth=4, about="many small tensors (12)"),
     "wide_mlp": ModelShape("mlp", hidden=256, depth=1, about="few large tensors (6)"),
+}
+# Not run unless named in --models: a model whose optimizer state is worth sharding.
+LARGE_MODEL_SHAPES = {
+    "big_mlp": ModelShape("deep_mlp", hidden=2048, depth=3, about="12.7 M parameters: the optimizer state"),
+}
+TINY_LARGE_MODEL_SHAPES = {
+    "big_mlp": ModelShape("deep_mlp", hidden=512, depth=1, about="0.3 M parameters: the optimizer state"),
 }
 
 
@@ -187,7 +194,11 @@ class TrainSettings:
     max_np: Optional[int] = option(
         None, "Sweep np = 1..N; N is -np if given, else SLURM_NTASKS inside an allocation, else the cores.", low=1
     )
-    models: tuple[str, ...] = option(tuple(MODEL_SHAPES), "Comma-separated model shapes.", choices=tuple(MODEL_SHAPES))
+    models: tuple[str, ...] = option(
+        tuple(MODEL_SHAPES),
+        "Comma-separated model shapes (big_mlp, 12.7 M parameters, only when named).",
+        choices=(*MODEL_SHAPES, *LARGE_MODEL_SHAPES),
+    )
     arms: tuple[str, ...] = option(
         DEFAULT_ARMS, "Comma-separated arms (trainer_lean: a diagnostic, see docs/performance.md).", choices=ARMS
     )
@@ -205,7 +216,9 @@ class TrainSettings:
 
     @property
     def model_shapes(self) -> dict[str, ModelShape]:
-        catalogue = TINY_MODEL_SHAPES if self.tiny else MODEL_SHAPES
+        catalogue = (
+            {**TINY_MODEL_SHAPES, **TINY_LARGE_MODEL_SHAPES} if self.tiny else {**MODEL_SHAPES, **LARGE_MODEL_SHAPES}
+        )
         return {name: catalogue[name] for name in self.models}
 
 

@@ -88,6 +88,16 @@ def train(result: dict) -> str:
             ]
             if verdicts:
                 out.append(f"  {s['model']} np={s['np']}: " + "; ".join(verdicts))
+        sharded = [s for s in sbs if s["sharded_total"] is not None]
+        if sharded:
+            out.append("")
+            out.append(report.render_table(
+                ["model", "np", "horovod", "sharded", "ratio", "state bytes/rank: horovod", "sharded", "ratio"],
+                [[s["model"], s["np"], s["horovod_total"], s["sharded_total"], s["sharded_over_horovod"],
+                  s["horovod_state_bytes"], s["sharded_state_bytes"], s["state_sharded_over_horovod"]] for s in sharded],
+                "sharded optimizer (ZeRO-1) vs DistributedOptimizer, SGD-momentum (total samples/s; optimizer state "
+                "bytes per rank)",
+            ))  # fmt: skip
     abl = result["ablations"]
     if abl and any(a["no_fusion_total"] is not None or a["fp16_total"] is not None for a in abl):
         out.append("")

@@ -54,7 +54,7 @@ def measurement_order(models: Sequence[str], arms: Sequence[str], rounds: int, f
     model the Horovod loop and the Trainer(s), their order reversed every other round, then the fp16 loop."""
     measure = plans.Measurement
     out = [measure("ddp", model, "none", r) for r in range(rounds) for model in models] if "ddp" in arms else []
-    pair = [a for a in ("horovod", "trainer", "trainer_lean") if a in arms]
+    pair = [a for a in ("horovod", "trainer", "sharded", "trainer_lean") if a in arms]
     for r in range(rounds):
         for model in models:
             out += [measure(arm, model, "none", r) for arm in (pair if r % 2 == 0 else pair[::-1])]
@@ -146,7 +146,9 @@ def throughput_rows(parts: Sequence[tuple[bool, dict]]) -> list[dict]:
             for rank, rates in enumerate(m["rank_rates"]):
                 entry["rank_rates"][rank].extend(rates)
             entry["rounds"][m["round"]] = report.summary_stats(m["rank_rates"][0])["mean"]
-            entry["extra"].update({k: v for k, v in m.items() if k in ("method", "fit_samples_per_s")})
+            entry["extra"].update(
+                {k: v for k, v in m.items() if k in ("method", "fit_samples_per_s", "optimizer_state_bytes")}
+            )
             entry.update(compression=m["compression"], fusion=fusion, threads=part["meta"]["threads_per_rank"])
     rows = []
     for (n, config, model), e in sorted(pooled.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
@@ -181,10 +183,11 @@ def scaling_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def side_by_side(rows: Sequence[dict]) -> list[dict]:
-    """Trainer, minimal Horovod loop and DDP at the same np and model: totals and their ratios."""
+    """Trainer, minimal Horovod loop, DDP and the sharded-optimizer loop at the same np and model: totals and
+    their ratios; the two Horovod loops' optimizer state per rank."""
     out = []
     for np, model in sorted({(r["np"], r["model"]) for r in rows}):
-        got = {c: report.find(rows, np=np, model=model, config=c) for c in ("trainer", "horovod", "ddp")}
+        got = {c: report.find(rows, np=np, model=model, config=c) for c in ("trainer", "horovod", "ddp", "sharded")}
         if sum(r is not None for r in got.values()) < 2:
             continue  # nothing to compare
         totals = {c: (r["total"] if r else None) for c, r in got.items()}
@@ -192,6 +195,10 @@ def side_by_side(rows: Sequence[dict]) -> list[dict]:
         line["trainer_over_horovod"] = report.ratio(totals["trainer"], totals["horovod"])
         line["trainer_over_ddp"] = report.ratio(totals["trainer"], totals["ddp"])
         line["horovod_over_ddp"] = report.ratio(totals["horovod"], totals["ddp"])
+        line["sharded_over_horovod"] = report.ratio(totals["sharded"], totals["horovod"])
+        for c in ("horovod", "sharded"):
+            line[f"{c}_state_bytes"] = got[c].get("optimizer_state_bytes") if got[c] else None
+        line["state_sharded_over_horovod"] = report.ratio(line["sharded_state_bytes"], line["horovod_state_bytes"])
         # The Trainer and the loop alternate within each round: the median of per-round ratios resists
         # load that comes and goes on a shared machine better than the ratio of the pooled means.
         if got["trainer"] and got["horovod"]:

@@ -8,6 +8,8 @@ lists measurements in order, each an arm (how the step is driven), a model shape
   ddp      torch DistributedDataParallel over a gloo process group (baseline; runs before Horovod starts,
            because Horovod's background thread polls even when idle and would slow it)
   horovod  a minimal hand-written Horovod loop: DistributedOptimizer, broadcast, forward/backward/step
+  sharded  the same loop with hvdtrain.parallel.zero.ShardedOptimizer (ZeRO-1: gradients reduce-scattered,
+           parameters all-gathered, 1/np of the momentum per rank) instead of the DistributedOptimizer
   trainer  hvdtrain's Trainer.fit(), timed per step by a hook (StepStamps)
   trainer_lean  (diagnostic, not run by default) the Trainer without a preemption signal handler and with
            log_every past the last step: its window sums of [loss, samples, preemption votes] (one
@@ -122,7 +124,24 @@ def horovod_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tup
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     data = batches(dataset, rank, size, plan.timing.batch_size)
-    return timed_loop(sgd_step(model, opt), data, plan.timing), {}
+    rates = timed_loop(sgd_step(model, opt), data, plan.timing)
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    return rates, {"optimizer_state_bytes": state}
+
+
+def sharded_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
+    import horovod.torch as hvd
+
+    from hvdtrain.parallel.zero import ShardedOptimizer
+
+    rank, size = hvd.rank(), hvd.size()
+    dataset = make_dataset(plan.timing, size)
+    model = build_model(shape, dataset)
+    opt = ShardedOptimizer(torch.optim.SGD, model, lr=plan.lr * size, momentum=0.9, compression=m.compression)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    data = batches(dataset, rank, size, plan.timing.batch_size)
+    rates = timed_loop(sgd_step(model, opt), data, plan.timing)
+    return rates, {"optimizer_state_bytes": opt.state_bytes()}
 
 
 class StepStamps(Hook):
@@ -177,7 +196,9 @@ def trainer_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tup
     return rates_from_stamps(timer.stamps, plan.timing), {**extra, "method": "per-step stamps"}
 
 
-ARM_RUNNERS = {"ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm, "trainer_lean": trainer_arm}
+ARM_RUNNERS = {
+    "ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm, "trainer_lean": trainer_arm, "sharded": sharded_arm,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

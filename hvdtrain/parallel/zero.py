@@ -176,12 +176,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.shard_rank,
             max(1, int(bucket_mb * 2**20) // itemsize),
         )
+        # Every parameter and its gradient become views into their bucket's flat (padded) buffers: backward
+        # accumulates straight into what is reduce-scattered, this rank's slice of the parameter buffer is the
+        # tensor the wrapped optimizer steps in place, and the all-gather lands in one copy.
+        self._flat_params: list[torch.Tensor] = []
+        self._flat_grads: list[torch.Tensor] = []
         self._shards: list[nn.Parameter] = []
         with torch.no_grad():
             for b in self.buckets:
-                flat = torch.zeros(b.shard, dtype=b.params[0].dtype, device=b.params[0].device)
-                self._shards.append(nn.Parameter(flat, requires_grad=False))
-                self._read_slice(b, flat)
+                like = b.params[0]
+                flat = torch.zeros(b.padded, dtype=like.dtype, device=like.device)
+                grads = torch.zeros(b.padded, dtype=like.dtype, device=like.device)
+                for p, off in zip(b.params, b.offsets):
+                    flat[off : off + p.numel()].copy_(p.detach().reshape(-1))
+                    p.data = flat[off : off + p.numel()].view_as(p)
+                    if p.grad is not None:
+                        grads[off : off + p.numel()].copy_(p.grad.reshape(-1))
+                    p.grad = grads[off : off + p.numel()].view_as(p)
+                lo = self.shard_rank * b.shard
+                self._flat_params.append(flat)
+                self._flat_grads.append(grads)
+                self._shards.append(nn.Parameter(flat[lo : lo + b.shard], requires_grad=False))
         # One group of the wrapped optimizer per group here that has trainable parameters.
         self._base_groups = [g for g in range(len(self.param_groups)) if any(b.group == g for b in self.buckets)]
         if not self._base_groups:
@@ -224,22 +239,29 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._launch(n)
 
     def _launch(self, n: int) -> None:
-        b = self.buckets[n]
-        flat = torch.zeros(b.padded, dtype=b.params[0].dtype, device=b.params[0].device)
+        b, grads = self.buckets[n], self._flat_grads[n]
         for p, off in zip(b.params, b.offsets):
-            if p.grad is not None:  # as DistributedOptimizer: a parameter without a gradient counts as zeros
-                flat[off : off + p.numel()].copy_(p.grad.reshape(-1))
-        sent, ctx = self._compression.compress(flat)
+            view = grads[off : off + p.numel()]
+            if p.grad is None:  # as DistributedOptimizer: a parameter without a gradient counts as zeros
+                view.zero_()
+                p.grad = view.view_as(p)
+            elif p.grad.data_ptr() != view.data_ptr():  # set from outside (model.zero_grad(), a user): take it in
+                view.copy_(p.grad.reshape(-1))
+                p.grad = view.view_as(p)
+        sent, ctx = self._compression.compress(grads)
         handle = hvd.reducescatter_async(
             sent, name=f"hvdtrain.zero.grad.{n}", op=hvd.Average, process_set=self._process_set
         )
         self._handles[n] = (handle, ctx, sent)
 
-    def _read_slice(self, b: Bucket, into: torch.Tensor) -> None:
-        """This rank's slice of the bucket's parameter values (zeros where it is padding)."""
-        for piece in b.pieces:
-            p = b.params[piece.slot]
-            into[piece.at : piece.at + piece.end - piece.start].copy_(p.detach().reshape(-1)[piece.start : piece.end])
+    def _check_views(self) -> None:
+        for b, flat in zip(self.buckets, self._flat_params):
+            for p, off in zip(b.params, b.offsets):
+                if p.data_ptr() != flat[off:].data_ptr():
+                    raise RuntimeError(
+                        "a parameter was replaced after the sharded optimizer was created (model.to(), "
+                        "load_state_dict(assign=True)...): create the optimizer after the model is in place"
+                    )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -247,38 +269,46 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_views()
         for n in range(len(self.buckets)):
             if self._handles[n] is None:  # parameters that got no gradient in this step's passes
                 self._launch(n)
-        for n, (b, shard) in enumerate(zip(self.buckets, self._shards)):
+        for n, shard in enumerate(self._shards):
             handle, ctx, _sent = self._handles[n]
             shard.grad = self._compression.decompress(hvd.synchronize(handle), ctx).to(shard.dtype)
-            # The parameters may have been set from outside since the last step (a broadcast, a loaded model).
-            self._read_slice(b, shard.data)
         for g, group in zip(self._base_groups, self.optimizer.param_groups):
             group.update(self._settings(g))
-        self.optimizer.step()
+        self.optimizer.step()  # in place: this rank's slice of every parameter
         gathers = [
             hvd.allgather_async(shard.detach(), name=f"hvdtrain.zero.param.{n}", process_set=self._process_set)
             for n, shard in enumerate(self._shards)
         ]
-        for b, handle in zip(self.buckets, gathers):
-            full = hvd.synchronize(handle)
-            for p, off in zip(b.params, b.offsets):
-                p.copy_(full[off : off + p.numel()].view_as(p))
+        for flat, handle in zip(self._flat_params, gathers):
+            flat.copy_(hvd.synchronize(handle))
         for shard in self._shards:
             shard.grad = None
         self._reset_passes()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients stay views into the buckets (zeroed in place, whatever set_to_none says); a parameter of no
+        bucket (frozen) follows set_to_none."""
         if any(h is not None for h in self._handles):
             raise RuntimeError(
                 "zero_grad() was called after backward() but before step(): the reduce-scatter of those gradients "
                 "is under way; call step() first"
             )
         self._reset_passes()
-        super().zero_grad(set_to_none=set_to_none)
+        for grads in self._flat_grads:
+            grads.zero_()
+        bucketed = set(self._bucket_of)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in bucketed and p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._ready:

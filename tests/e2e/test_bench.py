@@ -41,7 +41,7 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
     out = tmp_path / "tr"
     r = hvdtrain("bench", "train", "--max-np", "2", "--tiny", "--out", out, timeout=420)
     assert r.returncode == 0, r.stdout + r.stderr
-    for heading in ("samples/s per rank", "weak-scaling eff.", "trainer/horovod", "ablations"):
+    for heading in ("samples/s per rank", "weak-scaling eff.", "trainer/horovod", "ablations", "ZeRO-1"):
         assert heading in r.stdout
     assert (out / "train.png").read_bytes()[:8] == PNG
     result = json.loads((out / "train.json").read_text())
@@ -49,7 +49,7 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
     assert result["meta"]["controller"] == "mpi" and result["meta"]["np_list"] == [1, 2]
     assert all(w["threads_per_rank"] == 1 for w in result["meta"]["workers"])
     rows = result["rows"]
-    configs = {"horovod", "horovod+fp16", "horovod-nofusion", "trainer", "ddp"}
+    configs = {"horovod", "horovod+fp16", "horovod-nofusion", "trainer", "ddp", "sharded"}
     assert {(r["config"], r["model"], r["np"]) for r in rows} == {
         (c, m, n) for c in configs for m in ("deep_mlp", "wide_mlp") for n in (1, 2)
     }
@@ -70,6 +70,10 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
         assert s["trainer_over_horovod"] == pytest.approx(t / h)
         assert s["trainer_over_ddp"] == pytest.approx(t / d)
         assert s["trainer_over_horovod_target_met"] == (t / h >= 0.98)
+        assert s["sharded_over_horovod"] == pytest.approx(total[("sharded", *key)] / h)
+        # SGD's momentum: the sharded loop keeps 1/np of it per rank (plus < np padding elements per bucket).
+        assert s["sharded_state_bytes"] * s["np"] >= s["horovod_state_bytes"]
+        assert s["sharded_state_bytes"] * s["np"] < s["horovod_state_bytes"] + 4 * s["np"] * 8
     for a in result["ablations"]:
         key = (a["model"], a["np"])
         assert a["no_fusion_over_base"] == pytest.approx(total[("horovod-nofusion", *key)] / total[("horovod", *key)])

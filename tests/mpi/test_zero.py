@@ -236,3 +236,46 @@ def test_state_of_a_large_model_is_one_nth_per_rank(hvd):
     # Every rank holds the same share.
     shares = horovod.allgather_object(opt.state_bytes(), name="test.shares")
     assert max(shares) == min(shares)
+
+
+def test_unused_parameters_and_model_zero_grad_as_with_distributed_optimizer(hvd):
+    """A layer that gets no gradient counts as zeros (weight decay still moves it, as under DistributedOptimizer),
+    and gradients dropped by model.zero_grad() (set to None) are taken in again."""
+
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.spare = make_model(), nn.Linear(3, 3).double()
+
+        def forward(self, x):
+            return self.body(x)
+
+    data = batches(6)
+    cls, kwargs = OPTIMIZERS["sgd-momentum"]
+    models, losses = [], []
+    for wrap in ("reference", "sharded"):
+        torch.manual_seed(0)
+        model = WithSpare()
+        if wrap == "reference":
+            opt = horovod.distributed_optimizer(cls(model.parameters(), **kwargs), model)
+        else:
+            opt = ShardedOptimizer(cls, model, bucket_mb=SMALL_BUCKETS, **kwargs)
+        run = []
+        for x, y in data:
+            model.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        models.append(model)
+        losses.append(run)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat(models[1]), flat(models[0]), atol=1e-6, rtol=0)
+
+
+def test_a_parameter_replaced_after_creation_is_reported(hvd):
+    model = make_model()
+    opt = ShardedOptimizer(torch.optim.SGD, model, lr=0.1)
+    model.float()  # new parameter tensors: the optimizer's views no longer hold them
+    with pytest.raises(RuntimeError, match="create the optimizer after the model is in place"):
+        opt.step()

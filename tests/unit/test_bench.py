@@ -206,6 +206,9 @@ def fake_train_parts():
     def part(n, fusion, rates):
         ms = [{"arm": arm, "model": "m", "compression": comp, "round": 0, "rank_rates": [list(v) for _ in range(n)]}
               for (arm, comp), v in rates.items()]  # fmt: skip
+        for m in ms:  # momentum buffers of 1000 float32 parameters, or 1/n of them
+            if m["arm"] in ("horovod", "sharded"):
+                m["optimizer_state_bytes"] = 4000 if m["arm"] == "horovod" else 4000 // n
         return fusion, {"meta": {"np": n, "threads_per_rank": 1}, "measurements": ms}
 
     one = {
@@ -219,6 +222,7 @@ def fake_train_parts():
         ("trainer", "none"): [81, 81],
         ("ddp", "none"): [50, 50],
         ("horovod", "fp16"): [45, 45],
+        ("sharded", "none"): [72, 72],
     }
     return [part(1, True, one), part(1, False, {("horovod", "none"): [100, 100]}), part(2, True, two),
             part(2, False, {("horovod", "none"): [30, 30]})]  # fmt: skip
@@ -238,8 +242,11 @@ def test_train_collect():
     assert sbs[1]["trainer_over_horovod_target_met"] is True and sbs[2]["trainer_over_horovod_target_met"] is False
     abl = {a["np"]: a for a in result["ablations"]}
     assert abl[2]["no_fusion_over_base"] == pytest.approx(60 / 180) and abl[2]["fp16_over_base"] == pytest.approx(0.5)
+    assert sbs[2]["sharded_over_horovod"] == pytest.approx(144 / 180) and sbs[1]["sharded_total"] is None
+    assert sbs[2]["horovod_state_bytes"] == 4000 and sbs[2]["state_sharded_over_horovod"] == pytest.approx(0.5)
     text = tables.train(result)
     assert "trainer/horovod" in text and "no fusion" in text and "180 +- 0" in text
+    assert "sharded optimizer (ZeRO-1) vs DistributedOptimizer" in text
 
 
 def test_paired_ratio_per_round():
