@@ -248,6 +248,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             elif p.grad.data_ptr() != view.data_ptr():  # set from outside (model.zero_grad(), a user): take it in
                 view.copy_(p.grad.reshape(-1))
                 p.grad = view.view_as(p)
+        if self.world_size == 1:  # the slice is the whole bucket: nothing to reduce
+            self._handles[n] = (None, None, grads)
+            return
         sent, ctx = self._compression.compress(grads)
         handle = hvd.reducescatter_async(
             sent, name=f"hvdtrain.zero.grad.{n}", op=hvd.Average, process_set=self._process_set
@@ -274,15 +277,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if self._handles[n] is None:  # parameters that got no gradient in this step's passes
                 self._launch(n)
         for n, shard in enumerate(self._shards):
-            handle, ctx, _sent = self._handles[n]
-            shard.grad = self._compression.decompress(hvd.synchronize(handle), ctx).to(shard.dtype)
+            handle, ctx, sent = self._handles[n]
+            if handle is None:
+                shard.grad = sent
+            else:
+                shard.grad = self._compression.decompress(hvd.synchronize(handle), ctx).to(shard.dtype)
         for g, group in zip(self._base_groups, self.optimizer.param_groups):
             group.update(self._settings(g))
         self.optimizer.step()  # in place: this rank's slice of every parameter
-        gathers = [
-            hvd.allgather_async(shard.detach(), name=f"hvdtrain.zero.param.{n}", process_set=self._process_set)
-            for n, shard in enumerate(self._shards)
-        ]
+        gathers = (
+            []
+            if self.world_size == 1
+            else [
+                hvd.allgather_async(shard.detach(), name=f"hvdtrain.zero.param.{n}", process_set=self._process_set)
+                for n, shard in enumerate(self._shards)
+            ]
+        )
         for flat, handle in zip(self._flat_params, gathers):
             flat.copy_(hvd.synchronize(handle))
         for shard in self._shards:

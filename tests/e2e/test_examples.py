@@ -11,6 +11,7 @@ CASES = [
     ("03_model_parallel.py", 1, 0.9),
     ("04_hybrid.py", 2, 0.9),
     ("05_own_model_and_data.py", 2, 0.8),
+    ("06_sharded_optimizer.py", 2, 0.9),
 ]
 
 

@@ -221,8 +221,8 @@ def test_sharded_n_to_sharded_one(hvd, shared_dir):
 
 
 def test_state_of_a_large_model_is_one_nth_per_rank(hvd):
-    """12.6 M float32 parameters, Adam: the unsharded state is two copies of them (100.7 MB on every rank);
-    each sharded rank holds 1/n of it, plus its padding (< n elements per bucket) and one step count per bucket."""
+    """10.4 M float32 parameters, Adam: the unsharded state is two copies of them (83.6 MB on every rank); each
+    sharded rank holds 1/n of it, plus its padding (< n elements per bucket) and one step count per bucket."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 1001))
     total = sum(p.numel() for p in model.parameters())
