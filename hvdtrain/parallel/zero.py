@@ -5,15 +5,17 @@
 
 The model's trainable parameters are laid out, in the optimizer's order, into flat buckets (at most
 `bucket_mb` each; a bucket never mixes parameter groups, devices or dtypes), each padded with zeros to a
-multiple of the world size n. Rank r owns the r-th of the n equal slices of every bucket: one flat tensor per
-bucket, which is all the wrapped optimizer ever sees, so its state (Adam's two moments, SGD's momentum) is
-1/n of the unsharded one. A step:
+multiple of the world size n; every parameter and its gradient become views into the bucket's flat parameter
+and gradient buffers. Rank r owns the r-th of the n equal slices of every bucket: one flat tensor per bucket
+(a view of its slice of the parameter buffer), which is all the wrapped optimizer ever sees, so its state
+(Adam's two moments, SGD's momentum) is 1/n of the unsharded one. A step:
 
-    backward    as each bucket's gradients are complete (after the last of backward_passes_per_step passes),
-                the bucket is flattened and reduce-scattered with Average (hvd.reducescatter_async): rank r
-                receives the mean gradient of its slice, while backward goes on with the other buckets
-    step()      every rank steps its optimizer on its slices, then the updated slices are all-gathered
-                (hvd.allgather_async) and copied back into every rank's parameters
+    backward    gradients accumulate straight into the flat gradient buffers; as each bucket's are complete
+                (after the last of backward_passes_per_step passes), the buffer is reduce-scattered with
+                Average (hvd.reducescatter_async): rank r receives the mean gradient of its slice, while
+                backward goes on with the other buckets
+    step()      every rank steps its optimizer on its slices (in place: they are the parameters' memory), then
+                the slices are all-gathered (hvd.allgather_async) into every rank's parameter buffers
 
 That is the same traffic as a ring allreduce (reduce-scatter + all-gather = 2(n-1)/n x S bytes per rank),
 and the same arithmetic as hvd.DistributedOptimizer for any optimizer that treats each element on its own.
@@ -140,6 +142,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     settings are handed to the wrapped optimizer before every step.
     """
 
+    _created = 0
+
     def __init__(
         self,
         optimizer_class: type,
@@ -165,6 +169,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._ready = False
         super().__init__(probe.param_groups, probe.defaults)
         self._ready = True
+        # Collective names: optimizers are created in the same order on every rank, so the count agrees.
+        ShardedOptimizer._created += 1
+        self._name = f"hvdtrain.zero{ShardedOptimizer._created}"
         self._compression = comp
         self._passes_per_step = backward_passes_per_step
         self._process_set = process_set or hvd.global_process_set
@@ -253,7 +260,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         sent, ctx = self._compression.compress(grads)
         handle = hvd.reducescatter_async(
-            sent, name=f"hvdtrain.zero.grad.{n}", op=hvd.Average, process_set=self._process_set
+            sent, name=f"{self._name}.grad.{n}", op=hvd.Average, process_set=self._process_set
         )
         self._handles[n] = (handle, ctx, sent)
 
@@ -289,7 +296,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             []
             if self.world_size == 1
             else [
-                hvd.allgather_async(shard.detach(), name=f"hvdtrain.zero.param.{n}", process_set=self._process_set)
+                hvd.allgather_async(shard.detach(), name=f"{self._name}.param.{n}", process_set=self._process_set)
                 for n, shard in enumerate(self._shards)
             ]
         )
@@ -342,7 +349,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         every_keys = [sorted(self.optimizer.state.get(shard, {})) for shard in self._shards]
         # Agreed first: a rank whose state differs (loaded on one rank only) would leave the others waiting.
         digest = int.from_bytes(hashlib.sha256(repr(every_keys).encode()).digest()[:7], "big")
-        digests = hvd.allgather(torch.tensor([digest]), name="hvdtrain.zero.keys", process_set=self._process_set)
+        digests = hvd.allgather(torch.tensor([digest]), name=f"{self._name}.keys", process_set=self._process_set)
         if (digests != digest).any():
             raise RuntimeError(
                 "the ranks' sharded optimizer states differ (e.g. load_state_dict was called on some ranks only): "
@@ -356,7 +363,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if flat_keys:
                 handles = [
                     hvd.allgather_async(
-                        local[k].detach(), name=f"hvdtrain.zero.state.{n}.{k}", process_set=self._process_set
+                        local[k].detach(), name=f"{self._name}.state.{n}.{k}", process_set=self._process_set
                     )
                     for k in flat_keys
                 ]
