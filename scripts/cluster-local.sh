@@ -21,6 +21,7 @@
 # host), daemons with pid files and keys under HVDTRAIN_CLUSTER_DIR (default /tmp/hvdtrain-cluster). The
 # user's ~/.ssh and the machine's /etc/hosts are never touched.
 set -euo pipefail
+PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin  # sysctl, sshd, slurmd: a caller's PATH (cron, env -i) may lack sbin
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 self=$here/$(basename "${BASH_SOURCE[0]}")
@@ -188,8 +189,9 @@ up() {
     echo "already up"
     return 0
   fi
-  # Anything left by an earlier (crashed) run goes first.
+  # Anything left by an earlier (crashed) run goes first; a failure from here on takes back what was made.
   down >/dev/null
+  trap 'rc=$?; trap - EXIT; if [ $rc -ne 0 ]; then say "up failed: removing what it made"; down >/dev/null 2>&1 || true; fi; exit $rc' EXIT
   # The hosts' addresses must not be this machine's (a VM may itself sit in a documentation range).
   if ip -o -4 addr show | awk '{print $4}' | grep -q "^${subnet//./\\.}\\."; then
     die "this machine already has an address in $subnet.0/24; pick another range: HVDTRAIN_CLUSTER_SUBNET=203.0.113"
@@ -206,6 +208,7 @@ up() {
   else
     say "Slurm is not installed: hosts and ssh only (scripts/setup.sh --slurm installs it)"
   fi
+  trap - EXIT
   echo "up"
 }
 
@@ -241,6 +244,7 @@ down() {
     fi
     case $ns in "$prefix"-node*) rm -rf "/etc/netns/$ns" ;; esac
   done
+  rm -rf /etc/netns/"$prefix"-node[0-9]*  # also those of hosts whose namespace a failed up never made
   rmdir /etc/netns 2>/dev/null || true
   rm -rf "$state"
   echo "down"

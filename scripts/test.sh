@@ -5,7 +5,8 @@ set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 py=${HVDTRAIN_VENV:-$repo/.venv}/bin/python
-export PATH=$(dirname "$py"):$PATH OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# sbin too: the slurm and cluster tiers need slurmctld, sshd, sysctl whatever PATH the caller had.
+export PATH=$(dirname "$py"):$PATH:/usr/local/sbin:/usr/sbin:/sbin OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpi_pytest() {  # NP LIMIT_S PYTEST_ARGS...
   local np=$1 limit=$2
   shift 2
