@@ -116,6 +116,8 @@ def ddp_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[l
 def horovod_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
     import horovod.torch as hvd
 
+    from hvdtrain.parallel.zero import state_bytes
+
     rank, size = hvd.rank(), hvd.size()
     dataset = make_dataset(plan.timing, size)
     model = build_model(shape, dataset)
@@ -125,8 +127,7 @@ def horovod_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tup
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     data = batches(dataset, rank, size, plan.timing.batch_size)
     rates = timed_loop(sgd_step(model, opt), data, plan.timing)
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    return rates, {"optimizer_state_bytes": state}
+    return rates, {"optimizer_state_bytes": state_bytes(opt)}
 
 
 def sharded_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:

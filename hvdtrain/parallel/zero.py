@@ -130,6 +130,11 @@ def layout(groups: list[list[torch.Tensor]], size: int, rank: int, bucket_elemen
     return buckets
 
 
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the state tensors `optimizer` holds (momenta, moments, step counts)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
 class ShardedOptimizer(torch.optim.Optimizer):
     """`optimizer_class(params, **kwargs)` with its state partitioned over the ranks of `process_set`.
 
@@ -189,6 +194,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._flat_params: list[torch.Tensor] = []
         self._flat_grads: list[torch.Tensor] = []
         self._shards: list[nn.Parameter] = []
+        self._addresses: list[list[tuple[int, int]]] = []  # per bucket: each parameter's and gradient's data_ptr
         with torch.no_grad():
             for b in self.buckets:
                 like = b.params[0]
@@ -200,19 +206,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     if p.grad is not None:
                         grads[off : off + p.numel()].copy_(p.grad.reshape(-1))
                     p.grad = grads[off : off + p.numel()].view_as(p)
+                self._addresses.append([(p.data_ptr(), p.grad.data_ptr()) for p in b.params])
                 lo = self.shard_rank * b.shard
                 self._flat_params.append(flat)
                 self._flat_grads.append(grads)
                 self._shards.append(nn.Parameter(flat[lo : lo + b.shard], requires_grad=False))
-        # One group of the wrapped optimizer per group here that has trainable parameters.
-        self._base_groups = [g for g in range(len(self.param_groups)) if any(b.group == g for b in self.buckets)]
-        if not self._base_groups:
+        # One group of the wrapped optimizer per group here that has trainable parameters: group -> its buckets
+        # (in bucket order, which is the wrapped optimizer's parameter order).
+        self._members: dict[int, list[int]] = {}
+        for n, b in enumerate(self.buckets):
+            self._members.setdefault(b.group, []).append(n)
+        if not self._members:
             raise ConfigError("the sharded optimizer got no parameter that requires a gradient")
         self.optimizer = optimizer_class(
-            [
-                {**self._settings(g), "params": [s for b, s in zip(self.buckets, self._shards) if b.group == g]}
-                for g in self._base_groups
-            ],
+            [{**self._settings(g), "params": [self._shards[n] for n in ns]} for g, ns in self._members.items()],
             **kwargs,
         )
         self._bucket_of = {}
@@ -247,14 +254,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _launch(self, n: int) -> None:
         b, grads = self.buckets[n], self._flat_grads[n]
-        for p, off in zip(b.params, b.offsets):
+        for p, off, (_, address) in zip(b.params, b.offsets, self._addresses[n]):
+            if p.grad is not None and p.grad.data_ptr() == address:
+                continue  # accumulated in place, as laid out
             view = grads[off : off + p.numel()]
             if p.grad is None:  # as DistributedOptimizer: a parameter without a gradient counts as zeros
                 view.zero_()
-                p.grad = view.view_as(p)
-            elif p.grad.data_ptr() != view.data_ptr():  # set from outside (model.zero_grad(), a user): take it in
+            else:  # set from outside (model.zero_grad(), a user): take it in
                 view.copy_(p.grad.reshape(-1))
-                p.grad = view.view_as(p)
+            p.grad = view.view_as(p)
         if self.world_size == 1:  # the slice is the whole bucket: nothing to reduce
             self._handles[n] = (None, None, grads)
             return
@@ -265,9 +273,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._handles[n] = (handle, ctx, sent)
 
     def _check_views(self) -> None:
-        for b, flat in zip(self.buckets, self._flat_params):
-            for p, off in zip(b.params, b.offsets):
-                if p.data_ptr() != flat[off:].data_ptr():
+        for b, addresses in zip(self.buckets, self._addresses):
+            for p, (address, _) in zip(b.params, addresses):
+                if p.data_ptr() != address:
                     raise RuntimeError(
                         "a parameter was replaced after the sharded optimizer was created (model.to(), "
                         "load_state_dict(assign=True)...): create the optimizer after the model is in place"
@@ -289,7 +297,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 shard.grad = sent
             else:
                 shard.grad = self._compression.decompress(hvd.synchronize(handle), ctx).to(shard.dtype)
-        for g, group in zip(self._base_groups, self.optimizer.param_groups):
+        for g, group in zip(self._members, self.optimizer.param_groups):
             group.update(self._settings(g))
         self.optimizer.step()  # in place: this rank's slice of every parameter
         gathers = (
@@ -335,12 +343,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # -------------------------------------------------------------------------------------- state
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (its slices' state only)."""
-        return sum(
-            v.numel() * v.element_size()
-            for s in self.optimizer.state.values()
-            for v in s.values()
-            if torch.is_tensor(v)
-        )
+        return state_bytes(self.optimizer)
 
     def state_dict(self, root_rank: Optional[int] = None) -> Optional[dict[str, Any]]:
         """Collective: the consolidated state in torch's unsharded format (indices in the optimizer's order).
@@ -423,9 +426,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                         flat[piece.at : piece.at + piece.end - piece.start] = s[k].reshape(-1)[piece.start : piece.end]
                 entry[k] = flat
             base_state[n] = entry
-        base_groups = [
-            {**self._settings(g), "params": [n for n, b in enumerate(self.buckets) if b.group == g]}
-            for g in self._base_groups
-        ]
+        base_groups = [{**self._settings(g), "params": ns} for g, ns in self._members.items()]
         # The wrapped optimizer's own load casts each entry as it expects (e.g. Adam keeps `step` a CPU float).
         self.optimizer.load_state_dict({"state": base_state, "param_groups": base_groups})
