@@ -8,6 +8,12 @@ rank) and to DIR/rank.R.log, passes on the signals a scheduler sends, and finall
 the exit status, so that the launching side can say which rank failed (or which host was lost) and show its
 last lines.
 
+A rank never outlives its job: the command dies with the wrapper (the kernel's parent-death signal), and a thread
+ends the command (SIGTERM to its process group, SIGKILL after END_GRACE_S) once the process that started the
+wrapper is gone (the launcher's daemon, sshd's session, slurmstepd: the wrapper's parent changes) or, on the
+launching machine, the hvdtrain process that launched the job (HVDTRAIN_LAUNCHER) is: a SIGKILLed hvdtrain leaves
+mpirun or horovodrun alive for a moment, and their ranks in sessions of their own.
+
 In an elastic job (horovodrun sets HOROVOD_ELASTIC=1, and per worker HOROVOD_HOSTNAME and HOROVOD_LOCAL_RANK:
 the host as the discovery names it and the slot there, stable for the process's life while its rank changes at
 every reset) the records are the worker's instead: DIR/worker.<host>.<slot>.{host,log,exit}. A worker started
@@ -23,9 +29,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Mapping, Optional
 
+from hvdtrain import procs
 from hvdtrain.env import rank_info
 from hvdtrain.files import write_text_atomic
 from hvdtrain.rundir import RankLogs
@@ -33,6 +42,8 @@ from hvdtrain.rundir import RankLogs
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 USAGE = "usage: python -m hvdtrain.rank --log-dir DIR [--threads auto|N] -- COMMAND..."
 AUTO = "auto"
+WATCH_INTERVAL_S = 0.5  # how often a rank checks that its job is still there
+END_GRACE_S = 3.0  # after SIGTERM, how long an orphaned command may take to end before it is SIGKILLed
 
 
 def parse_args(argv: list[str]) -> Optional[tuple[Path, Optional[str], list[str]]]:
@@ -80,12 +91,54 @@ def started_line(host: str, slot: int, now: Optional[datetime.datetime] = None) 
     return f"=== hvdtrain: worker {host}[{slot}] started {now:%Y-%m-%d %H:%M:%S} UTC ===\n"
 
 
+def orphaned(parent: int, launcher: Optional[str]) -> Optional[str]:
+    """Why this rank has lost its job, None while it has not: the process that started the wrapper (pid `parent`)
+    is gone, or the launching hvdtrain process (`launcher`, procs.identity form) is, where this machine can tell."""
+    if os.getppid() != parent:
+        return f"the process that started it (pid {parent}) is gone"
+    if launcher and procs.alive(launcher) is False:
+        return f"the hvdtrain process that launched the job (pid {launcher.split()[1]}) is gone"
+    return None
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the command's process group, SIGKILL after END_GRACE_S if it is still there."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + END_GRACE_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            return
+
+
+def watch(proc: subprocess.Popen, parent: int, launcher: Optional[str], say) -> threading.Thread:
+    """A daemon thread that ends `proc` (its group) once this rank has lost its job (`orphaned`)."""
+
+    def run():
+        while proc.poll() is None:
+            why = orphaned(parent, launcher)
+            if why is not None:
+                say(f"hvdtrain: {why}: ending this rank's command\n".encode())
+                _end_group(proc)
+                return
+            time.sleep(WATCH_INTERVAL_S)
+
+    thread = threading.Thread(target=run, name="hvdtrain-orphan-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str]) -> int:
     parsed = parse_args(argv)
     if parsed is None:
         print(USAGE, file=sys.stderr)
         return 2
     log_dir, threads, command = parsed
+    parent = os.getppid()
     logs = RankLogs(log_dir)
     info = rank_info()
     worker = elastic_worker(os.environ)
@@ -110,7 +163,15 @@ def main(argv: list[str]) -> int:
         if worker is not None:
             log.write(started_line(*worker).encode())
         try:
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            # Its own process group (ended as one); SIGKILLed by the kernel if the wrapper dies first.
+            proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                process_group=0,
+                preexec_fn=procs.die_with_parent(signal.SIGKILL),
+            )
         except OSError as e:
             msg = f"hvdtrain: {name}: cannot start {command[0]!r}: {e.strerror}\n".encode()
             log.write(msg)
@@ -119,6 +180,7 @@ def main(argv: list[str]) -> int:
         else:
             for s in _FORWARDED:
                 signal.signal(s, lambda signum, _frame: proc.send_signal(signum))
+            watch(proc, parent, os.environ.get(procs.LAUNCHER_ENV), log.write)
             out = sys.stdout.buffer
             for chunk in iter(lambda: proc.stdout.readline(), b""):
                 log.write(chunk)
