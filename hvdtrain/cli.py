@@ -213,6 +213,8 @@ def run(command, dry_run, **launch_options):
     from hvdtrain import hosts, launch
 
     spec = launch.make_spec(command, **launch_options)
+    for warning in spec.warnings:
+        click.echo(f"hvdtrain: warning: {warning}", err=True)
     if not dry_run:
         hosts.preflight(spec)
     sys.exit(launch.run_job(spec, dry_run=dry_run))
@@ -266,12 +268,44 @@ def _config_file(ctx, param, value):
     if value:
         from hvdtrain.config import load_yaml_defaults
 
-        valid = {p.name for p in ctx.command.params if p.name not in ("config", "dry_run")}
+        params = {p.name: p for p in ctx.command.params if p.name not in ("config", "dry_run")}
         try:
-            ctx.default_map = {**(ctx.default_map or {}), **load_yaml_defaults(value, valid)}
+            loaded = load_yaml_defaults(value, set(params))
         except HvdtrainError as e:
             raise click.BadParameter(str(e).removeprefix("--config: "), ctx=ctx, param=param) from None
+        for name, item in loaded.items():
+            _check_config_value(value, params[name], item, ctx)
+        if isinstance(loaded.get("balance"), list):  # click passes a default through its type (str) first
+            loaded["balance"] = ",".join(map(str, loaded["balance"]))
+        ctx.default_map = {**(ctx.default_map or {}), **loaded}
     return value
+
+
+def _check_config_value(path: str, param: click.Parameter, item, ctx) -> None:
+    """A --config value has the option's type (a list only for --balance), so that click's conversion of it
+    later cannot fail with a traceback."""
+    flag = param.opts[0]
+    fail = None
+    if isinstance(item, dict) or (isinstance(item, list) and param.name != "balance"):
+        fail = f"{flag} takes a single value, not {item!r}"
+    elif isinstance(item, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in item):
+            fail = f"{flag} takes layer counts, e.g. [3, 4], not {item!r}"
+    elif item is not None and not isinstance(item, bool) and isinstance(param.type, click.types.BoolParamType):
+        fail = f"{flag} takes true or false, not {item!r}"
+    elif isinstance(item, float) and isinstance(param.type, click.types.IntParamType) and not item.is_integer():
+        fail = f"{flag} takes a whole number, not {item!r}"
+    elif item is not None:
+        try:
+            param.type.convert(item, param, ctx)
+        except click.BadParameter as e:
+            fail = f"{flag}: {e.message}"
+        except (HvdtrainError, TypeError, ValueError) as e:
+            fail = str(e)
+    if fail:
+        from hvdtrain.errors import ConfigError
+
+        raise ConfigError(f"--config {path}: {fail}")
 
 
 @cli.command(context_settings=CONTEXT)

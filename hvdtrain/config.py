@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -23,6 +24,7 @@ STRATEGIES = ("data", "model", "hybrid")
 MODELS = ("mlp", "cnn", "deep_mlp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_LR = {"sgd": 0.05, "adam": 0.001, "adamw": 0.001}  # for one rank, on the reference models
+DIGITS_SAMPLES = 1797  # scikit-learn's digits; 20% held out for testing (train.datasets.digits)
 COMPRESSIONS = ("none", "fp16")
 REDUCE_OPS = ("average", "adasum")
 PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT")
@@ -129,8 +131,16 @@ class TrainConfig:
                 bad(flag, f"{value} is too small (at least {low})")
         if self.max_steps is not None and self.max_steps < 1:
             bad("max-steps", f"{self.max_steps} is too small (at least 1)")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(field.name.replace("_", "-"), f"{value} is not a finite number")
         if self.lr is not None and not self.lr > 0:
             bad("lr", f"{self.lr} must be positive")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", f"{self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            bad("weight-decay", f"{self.weight_decay} must not be negative")
         if self.micro_batches > self.batch_size:
             bad("micro-batches", f"{self.micro_batches} micro-batches cannot split a batch of {self.batch_size}")
         if self.shard_optimizer and self.reduce_op != "average":
@@ -203,7 +213,13 @@ def load_yaml_defaults(path: str, valid: set[str]) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--config: no such file '{path}'")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not a text file; give a YAML file of option: value lines") from None
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path} ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.machinery
+import math
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from hvdtrain import hosts, launch, preempt
-from hvdtrain.config import SHARDED_NOT_ELASTIC, TrainConfig
+from hvdtrain import hosts, launch, npz, preempt, runlock
+from hvdtrain.config import DIGITS_SAMPLES, SHARDED_NOT_ELASTIC, TrainConfig
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError, LaunchError
+from hvdtrain.files import check_creatable_dir
 from hvdtrain.rundir import RunDir
 from hvdtrain.train import checkpoint
 
@@ -72,11 +74,33 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
         # is bad input, reported before any rank starts.
         # An elastic job resumes on any number of ranks: its world size is not part of what must match.
         checkpoint.load(resume_path, checkpoint.fingerprint(cfg, None if spec.elastic is not None else spec.np))
-    parent = Path(cfg.run_dir).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--run-dir {cfg.run_dir}: {parent} is not writable; choose another directory")
+    check_creatable_dir(cfg.run_dir, "--run-dir")
+    if spec.output_dir:
+        check_creatable_dir(spec.output_dir, "--output-dir")
+    check_data(cfg, None if spec.elastic is not None else spec.np)
+
+
+def check_data(cfg: TrainConfig, world: Optional[int]) -> None:
+    """The data fits the job: a --data file's arrays (from their headers), its inputs suit the model, and a batch
+    fits a rank's share of the training set (`world` ranks; None: an elastic job, any number)."""
+    if cfg.data == "digits":
+        samples, shape = DIGITS_SAMPLES - math.ceil(DIGITS_SAMPLES * 0.2), (1, 8, 8)
+    elif cfg.data == "synthetic":
+        samples, shape = cfg.synthetic_samples, (1, 8, 8)
+    else:
+        info = npz.check(cfg.data)
+        samples, shape = info.train_samples, info.input_shape
+    if cfg.model == "cnn" and len(shape) != 3:
+        raise ConfigError(
+            f"--model cnn needs image inputs (channels, height, width); --data {cfg.data} has samples of shape "
+            f"{shape}: use --model mlp or deep_mlp"
+        )
+    share = math.ceil(samples / world) if world else samples
+    if world is not None and cfg.batch_size > share:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is more than a rank's share of the training set ({share} of {samples} "
+            f"samples over {world} rank(s)): use at most {share}, or fewer ranks"
+        )
 
 
 def train(
@@ -98,18 +122,35 @@ def train(
     launch_options["output_dir"] = launch_options.get("output_dir") or str(run_dir.logs.path)
     spec = launch.make_spec(command, environ=environ, check_cmd=False, **launch_options)
     preflight(cfg, spec, environ)
+    for warning in spec.warnings:
+        print(f"hvdtrain: warning: {warning}", file=sys.stderr)
     text = cfg.to_json()
     if dry_run:
         echo(f"# {config_path}:\n" + "\n".join(f"#   {line}" for line in text.splitlines()))
         return launch.run_job(spec, dry_run=True, echo=echo)
     hosts.preflight(spec)  # the hosts (ssh, interfaces), before anything is written
-    cfg.save(run_dir)
+    with runlock.hold(run_dir.lock, "--run-dir", environ):
+        cfg.save(run_dir)
+        run_dir.interrupted.unlink(missing_ok=True)
+        try:
+            return launch.run_job(spec, echo=echo, on_interrupt=lambda: interrupt(run_dir))
+        except LaunchError as e:
+            if e.cause in REQUEUE_CAUSES and requeue_after_fault(cfg, e, echo, environ):
+                return e.exit_code
+            raise
+        finally:
+            run_dir.interrupted.unlink(missing_ok=True)
+
+
+def interrupt(run_dir: RunDir) -> bool:
+    """At the first Ctrl-C: ask the ranks for a checkpoint and a stop by leaving a mark in the run directory
+    (which every rank reads, like config.json), read where they agree on preemption requests (every --log-every
+    steps); rank 0 then does not requeue. False (end the ranks) when it cannot be written."""
     try:
-        return launch.run_job(spec, echo=echo)
-    except LaunchError as e:
-        if e.cause in REQUEUE_CAUSES and requeue_after_fault(cfg, e, echo, environ):
-            return e.exit_code
-        raise
+        run_dir.interrupted.write_text("SIGINT\n")
+    except OSError:
+        return False
+    return True
 
 
 # What a requeued job can get over: a rank that stalled (a frozen process or host, a hung file system) or a lost

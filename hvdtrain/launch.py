@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Optional, Sequence
 
+from hvdtrain import procs
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import LaunchError, UsageError
 from hvdtrain.failures import diagnose, diagnose_elastic, log_sizes, worker_log_sizes
@@ -97,6 +98,7 @@ class LaunchSpec:
     # An elastic job (horovodrun, Gloo): np is the number it starts with, hosts what --hosts-file listed when the
     # job was made (empty for a discovery script): the discovery decides while it runs.
     elastic: Optional[ElasticSpec] = None
+    warnings: tuple[str, ...] = ()  # legal but rarely meant (e.g. far more ranks than cores): said, not refused
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +106,29 @@ class LaunchSpec:
 # --------------------------------------------------------------------------------------------------
 
 
+IPV6_HOSTS = (
+    "IPv6 addresses cannot be passed on: horovodrun and mpirun split host lists at ':'; give the host a name "
+    "(in /etc/hosts or ~/.ssh/config) or use its IPv4 address"
+)
+
+
+def _is_ipv6(token: str) -> bool:
+    """An IPv6 address, bracketed or not, with or without a :slots suffix."""
+    import ipaddress
+
+    token = token.strip()
+    for candidate in (token, token.rpartition(":")[0]):
+        try:
+            ipaddress.IPv6Address(candidate.removeprefix("[").removesuffix("]"))
+            return True
+        except ValueError:
+            pass
+    return "[" in token
+
+
 def _parse_host(token: str, where: str) -> Host:
+    if _is_ipv6(token):
+        raise UsageError(f"{where}: bad host '{token.strip()}': {IPV6_HOSTS}")
     name, sep, slots_text = token.strip().rpartition(":")
     if not sep:
         name, slots_text = token.strip(), "1"
@@ -163,6 +187,8 @@ def parse_hostfile_text(text: str, path: str, slots_per_host: int = 1) -> list[H
             continue
         where = f"{path}:{lineno}"
         fields = line.split()
+        if _is_ipv6(fields[0]):
+            raise UsageError(f"{where}: bad host '{fields[0]}': {IPV6_HOSTS}")
         if len(fields) == 1:
             host = _parse_host(fields[0], where)
             hosts.append(host if ":" in fields[0] else _host(host.name, slots_per_host, where))
@@ -485,6 +511,7 @@ def make_spec(
     horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's); an
     elastic job is always horovodrun with Gloo (`make_elastic` checks its options).
     What needs the hosts themselves (ssh, their interfaces, the discovery's answer) is checked by `hosts.preflight`."""
+    warnings: list[str] = []
     environ = os.environ if environ is None else environ
     command = list(command)
     elastic_options = dict(
@@ -537,6 +564,12 @@ def make_spec(
             np = sum(h.slots for h in host_list) if host_list else 1
         if not host_list:
             host_list = [Host("localhost", np)]
+            cores = os.cpu_count() or 1
+            if np > OVERSUBSCRIBED * cores:
+                warnings.append(
+                    f"-np {np} puts {np} ranks on the {cores} cores of this machine ({np / cores:.1f} ranks a core): they "
+                    "will share them (oversubscribed); lower -np, or give the hosts with -H/--hostfile"
+                )
         total = sum(h.slots for h in host_list)
         if np > total:
             raise UsageError(f"-np {np} is more than the {total} slots given by the hosts; add slots or lower -np")
@@ -575,6 +608,7 @@ def make_spec(
         stall_timeout=stall_timeout,
         ssh_config=resolve_ssh_config(ssh_config, environ, launcher),
         elastic=elastic_spec,
+        warnings=tuple(warnings),
     )
 
 
@@ -723,7 +757,8 @@ def build_argv(spec: LaunchSpec, log_dir: str, is_root: bool, horovodrun: Option
     if spec.launcher == "horovodrun":
         return build_horovodrun_argv(spec, log_dir, prefix=[horovodrun] if horovodrun else horovodrun_command(spec))
     if spec.launcher == "mpirun":
-        return build_mpirun_argv(spec, log_dir, [*rank_env(spec, is_root), *forwarded_names(os.environ)])
+        names = [*rank_env(spec, is_root), *forwarded_names(os.environ), procs.LAUNCHER_ENV]
+        return build_mpirun_argv(spec, log_dir, names)
     return build_srun_argv(spec, log_dir)
 
 
@@ -784,6 +819,21 @@ def _signal_tree(pid: int, signum: int) -> list:
         except psutil.Error:
             pass
     return tree
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _say(line: str) -> None:
+    """One line on stderr from a signal handler (os.write: not the buffered stream the handler may have cut into)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
 
 
 def _reap(processes: list, timeout: float) -> None:
@@ -857,8 +907,20 @@ class _Tee:
         return list(self.lines)
 
 
-def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None] = print) -> int:
+_TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
+OVERSUBSCRIBED = 2  # ranks per core on this machine, without -H/--hostfile, above which make_spec warns
+INTERRUPTED = 130  # the exit status of a job stopped by Ctrl-C (128 + SIGINT), as a shell reports it
+
+
+def run_job(
+    spec: LaunchSpec,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+    on_interrupt: Optional[Callable[[], bool]] = None,
+) -> int:
     """Run the job (or print it with dry_run); returns the job's exit status, raising LaunchError on failure.
+    A job stopped by Ctrl-C ends with status 130 (INTERRUPTED); `on_interrupt`, called at the first Ctrl-C,
+    asks the ranks to stop gracefully and returns True, or returns False: then the launcher ends them.
 
     The launcher's own stderr goes to our stdout with the ranks' output (the wrapper merges each rank's), so
     stderr carries hvdtrain's own message only, whatever the launcher prints on its way out. An elastic job's
@@ -902,30 +964,54 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
         env["PATH"] = shim + os.pathsep + env.get("PATH", os.defpath)
     import psutil  # noqa: F401  (here, not in a signal handler: an import there can be interrupted by the next signal)
 
+    # The job names its launcher: a rank on this machine ends itself when this process is gone (hvdtrain.rank).
+    env[procs.LAUNCHER_ENV] = procs.identity()
+    # The launcher runs in a process group of its own, so that Ctrl-C reaches this process alone and is turned into
+    # a stop here (below); no stdin, which a background group may not read; and it gets a signal from the kernel
+    # when this process dies, however (SIGKILL, OOM killer): mpirun ends its ranks on SIGTERM; horovodrun's Gloo
+    # path is SIGKILLed (its per-rank middlemen end their ranks when it is gone; on SIGTERM it would first print a
+    # traceback of its own into a terminal that hvdtrain no longer holds).
+    gloo = spec.launcher == "horovodrun" and (spec.controller == "gloo" or spec.elastic is not None)
+    if gloo:  # ... and its multiprocessing resource tracker, which then frees its semaphores, not warn about them
+        warnings = [w for w in [env.get("PYTHONWARNINGS", ""), _TRACKER_QUIET] if w]
+        env["PYTHONWARNINGS"] = ",".join(warnings)
+    popen = {
+        "env": env,
+        "stdin": subprocess.DEVNULL,
+        "process_group": 0,
+        "preexec_fn": procs.die_with_parent(signal.SIGKILL if gloo else signal.SIGTERM),
+    }
     tee = None
     try:
         if spec.elastic is not None:
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
             tee = _Tee(proc.stdout)
         else:
-            proc = subprocess.Popen(argv, env=env, stderr=subprocess.STDOUT, start_new_session=False)
+            proc = subprocess.Popen(argv, stderr=subprocess.STDOUT, **popen)
 
-        # Ctrl-C reaches the launcher from the terminal by itself; USR1/USR2 (preemption warnings) are passed on
-        # to it, and it passes them to the ranks; SIGTERM (a scheduler, timeout) goes to the launcher's whole local
-        # process tree (_signal_tree), waited for below. A stop (TERM, INT) is remembered: the report then says
-        # so instead of guessing from the records.
+        # USR1/USR2 (preemption warnings) are passed on to the launcher, and it passes them to the ranks. SIGTERM (a
+        # scheduler, timeout) goes to the launcher's whole local process tree (_signal_tree), waited for below. The
+        # first Ctrl-C (SIGINT) asks for a graceful stop when the job has one (`on_interrupt`: a training job
+        # checkpoints and stops), else goes to the launcher's group as a terminal's would; another is a SIGTERM.
+        # A stop (TERM, INT) is remembered: the report then says so.
         def forward(signum, _frame):
             if signum in (signal.SIGTERM, signal.SIGINT):
                 stops.append(signal.Signals(signum).name)
-            if signum == signal.SIGTERM:
+            if signum == signal.SIGINT and stops.count("SIGINT") == 1:
+                if on_interrupt is not None and on_interrupt():
+                    _say("hvdtrain: interrupted: the ranks checkpoint and stop (Ctrl-C again to end them at once)")
+                else:
+                    _signal_group(proc.pid, signal.SIGINT)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
                 if stopping:  # a second SIGTERM (Slurm sends one per step and one to the batch shell): once is enough
                     return
-                stopping.extend(_signal_tree(proc.pid, signum) or [None])
-            elif signum != signal.SIGINT:
+                stopping.extend(_signal_tree(proc.pid, signal.SIGTERM) or [None])
+            else:
                 proc.send_signal(signum)
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, forward)
+        previous = {
+            s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+        }
         try:
             status = proc.wait()
             if stopping:  # let mpirun (or horovodrun) finish ending the ranks, so that their records are there
@@ -949,7 +1035,8 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
             where = placement(spec)
             here = _this_machine(set(where.values()))
             found = diagnose(log_dir, status, spec.np, where, here, starts, stopped_by)
-        raise LaunchError(found.message, status if status > 0 else 128 - status, found.cause)
+        code = INTERRUPTED if stopped_by == "SIGINT" else status if status > 0 else 128 - status
+        raise LaunchError(found.message, code, found.cause)
     if keep_logs or any(is_local_host(h.name) for h in spec.hosts):
         # Where the records must be (a chosen directory, or ranks on this machine): a launcher that says success
         # although no rank started (srun does, when a step is aborted before its tasks launch) is a failure.
@@ -965,4 +1052,4 @@ def run_job(spec: LaunchSpec, dry_run: bool = False, echo: Callable[[str], None]
         echo(f"per-{'rank' if spec.elastic is None else 'worker'} logs: {log_dir}")
     else:
         shutil.rmtree(log_dir, ignore_errors=True)
-    return 0
+    return INTERRUPTED if "SIGINT" in stops else 0

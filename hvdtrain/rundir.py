@@ -9,6 +9,8 @@
       logs/rank.R.{log,exit,host}         .logs         RankLogs: every rank's output, exit status and host
       logs/worker.H.S.{log,exit,host}                   elastic jobs: the same per worker (host H, slot S)
       job.sbatch, slurm-<id>.out          .job_script   .slurm_output(job, task)  (hvdtrain submit)
+      hvdtrain.lock                       .lock         who runs a job here (hvdtrain train, while it runs)
+      interrupted                         .interrupted  Ctrl-C asked the ranks to stop (while they stop)
 
 Only names live here: no module imports anything heavy, so the CLI, the launcher, the rank wrapper, the
 Slurm jobs module and the Trainer all take their paths from it.
@@ -119,6 +121,8 @@ class RunDir:
         self.result = self.path / "result.json"
         self.logs = RankLogs(self.path / "logs")
         self.job_script = self.path / "job.sbatch"
+        self.lock = self.path / "hvdtrain.lock"
+        self.interrupted = self.path / "interrupted"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"

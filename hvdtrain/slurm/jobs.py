@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from hvdtrain.env import SlurmEnv
-from hvdtrain.errors import LaunchError, UsageError
+from hvdtrain.errors import HvdtrainError, LaunchError, UsageError
 from hvdtrain.files import write_json, write_text_atomic
 from hvdtrain.rundir import RankLogs, RunDir
 from hvdtrain.slurm.script import render_script
@@ -31,9 +31,24 @@ def sbatch_argv(script_path: str) -> list[str]:
     return ["sbatch", "--parsable", script_path]
 
 
+# What Slurm's commands say when this machine has them but no configuration (no slurm.conf, no configless
+# controller found through DNS SRV records).
+_UNCONFIGURED = ("Could not establish a configuration source", "fetch_config", "Unable to process configuration file")
+
+
 def _run(argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run a Slurm client command; one-line errors when it is missing, hangs, or Slurm is not configured here."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):  # Slurm's commands would retry reading it for a minute
+        raise UsageError(f"SLURM_CONF={conf}: no such file; point it at the cluster's slurm.conf, or unset it")
     try:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0 and any(s in proc.stderr for s in _UNCONFIGURED):
+            raise UsageError(
+                f"Slurm is installed here but not configured ({argv[0]} finds no slurm.conf and no controller): run "
+                "this on a node of a Slurm cluster, or point SLURM_CONF at its slurm.conf"
+            )
+        return proc
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]} not found: install Slurm's client commands or run this on a login node") from None
     except subprocess.TimeoutExpired:
@@ -88,13 +103,22 @@ def submit(
         return None
     if shutil.which("sbatch") is None:
         raise UsageError("sbatch not found: run hvdtrain submit on a Slurm login node (or install slurm-wlm)")
+    new_dir = Path(spec.run_dir)  # the outermost folder this submission creates, removed again if sbatch refuses
+    while not new_dir.parent.exists():
+        new_dir = new_dir.parent
+    new_dir = None if new_dir.exists() else new_dir
     write_text_atomic(script, text, mode=0o755)
-    proc = _run(argv)
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise LaunchError(
-            f"sbatch refused the job: {detail[-1] if detail else f'exit {proc.returncode}'} (script: {script})"
-        )
+    try:
+        proc = _run(argv)
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise LaunchError(f"sbatch refused the job: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    except HvdtrainError:
+        if new_dir is not None:
+            shutil.rmtree(new_dir, ignore_errors=True)
+        else:
+            Path(script).unlink(missing_ok=True)
+        raise
     job_id = proc.stdout.strip().split(";")[0]
     output = run.slurm_output(job_id, "*" if spec.array else None)
     _remember(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hvdtrain.errors import UsageError
+from hvdtrain.files import check_creatable_dir
 from hvdtrain.launch import UNKNOWN_LAUNCHER
 from hvdtrain.rundir import SLURM_ARRAY_OUTPUT, SLURM_OUTPUT
 
@@ -88,6 +89,35 @@ class SlurmSpec:
         return out
 
 
+def _valid_time(text: str) -> bool:
+    """A --time in one of sbatch's forms, its fields in range (sbatch takes 99:99:99 and the job gets a limit no
+    one meant)."""
+    if not _TIME_RE.match(text):
+        return False
+    days, _, rest = text.rpartition("-") if "-" in text else ("", "", text)
+    fields = [int(f) for f in rest.split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        return fields[0] < 24 and all(f < 60 for f in fields[1:])
+    # M, M:S, H:M:S: the first field is unbounded, the ones after it are minutes and seconds
+    return all(f < 60 for f in fields[1:])
+
+
+def _valid_array(text: str) -> bool:
+    """A --array: indexes and ranges start-end[:step] upwards, an optional %limit, all of them at least 1 where a
+    count (step, limit)."""
+    if not _ARRAY_RE.match(text):
+        return False
+    ranges, _, limit = text.partition("%")
+    if limit and int(limit) < 1:
+        return False
+    for part in ranges.split(","):
+        bounds, _, step = part.partition(":")
+        first, _, last = bounds.partition("-")
+        if (last and int(last) < int(first)) or (step and int(step) < 1):
+            return False
+    return True
+
+
 def _positive(flag: str, value: Optional[int], minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise UsageError(f"--{flag} {value}: must be at least {minimum}")
@@ -126,14 +156,18 @@ def make_spec(*, now: Optional[str] = None, **options: Any) -> SlurmSpec:
             f"--ntasks-per-node {ntasks_per_node} is more than --gpus-per-node {gpus_per_node}: "
             "give each rank a GPU, or drop --gpus-per-node for a CPU job"
         )
-    if time is not None and time.upper() not in ("UNLIMITED", "INFINITE") and not _TIME_RE.match(time):
+    if time is not None and time.upper() not in ("UNLIMITED", "INFINITE") and not _valid_time(time):
         raise UsageError(
-            f"--time '{time}': not a Slurm time; use minutes (30), HH:MM:SS (01:30:00) or D-HH:MM:SS (1-12:00:00)"
+            f"--time '{time}': not a Slurm time; use minutes (30), MM:SS, HH:MM:SS (01:30:00) or D-HH[:MM[:SS]] "
+            "(1-12:00:00), with minutes and seconds below 60 and hours below 24 after a day count"
         )
     if mem is not None and not _MEM_RE.match(mem):
         raise UsageError(f"--mem '{mem}': not a memory size; use a number with an optional K/M/G/T suffix, e.g. 8G")
-    if array is not None and not _ARRAY_RE.match(array):
-        raise UsageError(f"--array '{array}': not a Slurm array; use e.g. 0-2, 1,3,5, 0-9:2 or 0-99%4")
+    if array is not None and not _valid_array(array):
+        raise UsageError(
+            f"--array '{array}': not a Slurm array; use e.g. 0-2, 1,3,5, 0-9:2 or 0-99%4 (ranges upwards, steps and "
+            "%limit at least 1)"
+        )
     if signal:
         m = _SIGNAL_RE.match(signal)
         if not m or not (m.group(1).isdigit() or m.group(1).upper() in _SIGNALS):
@@ -152,16 +186,8 @@ def make_spec(*, now: Optional[str] = None, **options: Any) -> SlurmSpec:
     run_dir = spec.run_dir
     if run_dir is None:
         run_dir = os.path.join("runs", f"slurm-{now or _time.strftime('%Y%m%d-%H%M%S')}")
-        Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
     if not run_dir or any(c in run_dir for c in "\n\r\0"):
         raise UsageError("--run-dir: must be a non-empty single-line path")
     path = Path(run_dir).expanduser().absolute()
-    if not path.parent.is_dir():
-        raise UsageError(
-            f"--run-dir {run_dir}: the parent directory {path.parent} does not exist; create it or choose another"
-        )
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--run-dir {run_dir}: exists and is not a directory; choose another path")
-    if not os.access(path if path.exists() else path.parent, os.W_OK):
-        raise UsageError(f"--run-dir {run_dir}: not writable; choose another directory")
+    check_creatable_dir(path, "--run-dir")
     return dataclasses.replace(spec, run_dir=str(path), ntasks_per_node=ntasks_per_node or 1, signal=signal or None)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from hvdtrain.errors import ConfigError
+from hvdtrain.npz import check as check_npz
 
 
 @dataclasses.dataclass
@@ -56,25 +56,18 @@ def synthetic(samples: int, input_shape=(1, 8, 8), num_classes: int = 10, seed: 
 
 
 def npz(path: str, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
-    """A user's arrays: `x` (N x ...) and integer `y` (N); `x_test`/`y_test` if given, else a fixed split."""
-    p = Path(path)
-    try:
-        arrays = np.load(p)
-        x, y = arrays["x"], arrays["y"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"--data {path}: cannot read arrays 'x' and 'y' ({e}); save them with np.savez(path, x=..., y=...)"
-        ) from None
-    if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"--data {path}: 'y' must be one integer label per row of 'x' ({x.shape} vs {y.shape})")
-    if "x_test" in arrays and "y_test" in arrays:
+    """A user's arrays: `x` (N x ...) and integer `y` (N); `x_test`/`y_test` if given, else a fixed split.
+    Checked from the file's headers first (hvdtrain.npz.check, as the launching side does)."""
+    info = check_npz(path, test_fraction)
+    arrays = np.load(Path(path), allow_pickle=False)
+    x, y = arrays["x"], arrays["y"]
+    if info.has_test:
         x_tr, y_tr, x_te, y_te = x, y, arrays["x_test"], arrays["y_test"]
     else:
         order = np.random.default_rng(split_seed).permutation(len(x))
-        n_test = max(1, int(len(x) * test_fraction))
+        n_test = info.test_samples
         x_tr, y_tr, x_te, y_te = x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]]
-    num_classes = int(max(y_tr.max(), y_te.max())) + 1
-    return Dataset(_tensors(x_tr, y_tr), _tensors(x_te, y_te), tuple(x.shape[1:]), num_classes)
+    return Dataset(_tensors(x_tr, y_tr), _tensors(x_te, y_te), info.input_shape, info.num_classes)
 
 
 def load(name: str, synthetic_samples: int = 2048, seed: int = 0) -> Dataset:

@@ -328,7 +328,7 @@ class Trainer:
                 s.samples_in_epoch = base + min(rest, j * per_step)
                 stop = self._report()
                 if self.window.due(s.step, self.steps_total):
-                    self.window.start(s.step, s.epoch, preempt.requested())
+                    self.window.start(s.step, s.epoch, self._stop_requested())
                 if stop:
                     break
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
@@ -487,13 +487,21 @@ class Trainer:
             f"{lost} uncommitted step(s) run again, lr {self.lr:g}"
         )
 
+    def _stop_requested(self) -> bool:
+        """This rank's vote for a stop: the preemption signal came, or Ctrl-C of `hvdtrain train` left its mark."""
+        return preempt.requested() or self.run_dir.interrupted.exists()
+
     def _stop_preempted(self) -> dict[str, Any]:
         path = self._checkpoint()
-        self.progress.say(f"preempted at step {self.state.step}: checkpoint {path}")
+        # `hvdtrain train` marks a stop that Ctrl-C asked for: no preemption, so no requeue.
+        interrupted = self.run_dir.interrupted.exists()
+        self.progress.say(
+            f"{'interrupted' if interrupted else 'preempted'} at step {self.state.step}: checkpoint {path}"
+        )
         requeued = None
-        if self.is_main:
+        if self.is_main and not interrupted:
             requeued = preempt.requeue_after_preemption(self.cfg.requeue, self.cfg.max_requeues, self.progress.say)
-        return self._finish({"preempted": True, "requeued": requeued})
+        return self._finish({"preempted": not interrupted, "interrupted": interrupted, "requeued": requeued})
 
     def _finish_training(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.state

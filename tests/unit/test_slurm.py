@@ -294,11 +294,15 @@ def test_good_options(tmp_path):
 
 
 def test_run_dir_checks(tmp_path):
-    with pytest.raises(UsageError, match="parent directory .* does not exist"):
-        slurm.make_spec(run_dir=str(tmp_path / "missing" / "r"))
     (tmp_path / "f").write_text("")
+    with pytest.raises(UsageError, match="f is a file, not a directory"):
+        slurm.make_spec(run_dir=str(tmp_path / "f" / "r"))
     with pytest.raises(UsageError, match="not a directory"):
         slurm.make_spec(run_dir=str(tmp_path / "f"))
+    with pytest.raises(UsageError, match="cannot create directories in /proc"):
+        slurm.make_spec(run_dir="/proc/hvdtrain-r")
+    assert slurm.make_spec(run_dir=str(tmp_path / "missing" / "r")).run_dir == str(tmp_path / "missing" / "r")
+    assert not (tmp_path / "missing").exists()  # checked, not made
     assert slurm.make_spec(run_dir="rel", now="x").run_dir == os.path.abspath("rel")
 
 
@@ -338,7 +342,7 @@ def invoke(*args):
         (["--nodes", "0"], "--nodes 0"),
         (["--bogus"], "No such option '--bogus'"),
         (["--nodes", "two"], "'two' is not a valid integer"),
-        (["--run-dir", "/nonexistent-hvdtrain/r"], "does not exist"),
+        (["--run-dir", "/proc/hvdtrain-r"], "cannot create directories in /proc"),
         (["--array", "x"], "not a Slurm array"),
     ],
 )

@@ -1,0 +1,82 @@
+"""One job per run directory: `hvdtrain train` holds RUN_DIR/hvdtrain.lock while its job runs.
+
+The lock file names its holder (procs.identity: host, pid, start time) and, inside Slurm, its job. A second job
+on the same directory (a `--resume` while the first still trains) is refused in one line, before anything is
+written. A lock left by a holder that is gone (SIGKILL, a lost node) is stale and taken over: on the holder's
+host, the process is checked; a requeued Slurm job recognises its own earlier incarnation by its job id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+from hvdtrain import procs
+from hvdtrain.env import SlurmEnv
+from hvdtrain.errors import UsageError
+
+
+def _holder(environ: Mapping[str, str]) -> str:
+    job = SlurmEnv.read(environ).job_label
+    return procs.identity() + (f" slurm-job {job}" if job else "") + "\n"
+
+
+def _stale(text: str, environ: Mapping[str, str]) -> Optional[bool]:
+    """Whether the lock holder written as `text` is gone: True, False (it runs), None (cannot tell)."""
+    fields = text.split()
+    job = SlurmEnv.read(environ).job_label
+    if job is not None and fields[3:5] == ["slurm-job", job]:
+        return True  # this job's own lock from before a requeue: that incarnation has ended
+    alive = procs.alive(" ".join(fields[:3]))
+    return None if alive is None else not alive
+
+
+def describe(text: str) -> str:
+    """The holder written as `text`, in words."""
+    fields = text.split()
+    if len(fields) < 3:
+        return "an unknown process"
+    job = f", Slurm job {fields[4]}" if len(fields) > 4 and fields[3] == "slurm-job" else ""
+    return f"pid {fields[1]} on {fields[0]}{job}"
+
+
+@contextlib.contextmanager
+def hold(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) -> Iterator[None]:
+    """Hold the lock file `path` (its folder is created) while the block runs; UsageError naming `flag` and the
+    holder when a live job holds it."""
+    environ = os.environ if environ is None else environ
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _attempt in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                text = path.read_text()
+            except OSError:
+                text = ""
+            stale = _stale(text, environ) if text.strip() else True
+            if not stale:
+                raise UsageError(
+                    f"{flag} {path.parent}: a job is already running there ({describe(text)}"
+                    + (", which this host cannot check" if stale is None else "")
+                    + "); wait for it or stop it, or choose another directory"
+                    + (f" (if it is gone, delete {path})" if stale is None else "")
+                ) from None
+            path.unlink(missing_ok=True)  # stale: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(_holder(environ))  # its size is small: one write, seen whole by a reader
+        break
+    else:
+        raise UsageError(f"{flag} {path.parent}: another job took {path} just now; try again")
+    mine = _holder(environ)
+    try:
+        yield
+    finally:
+        try:
+            if path.read_text() == mine:  # not a lock another job took over
+                path.unlink()
+        except OSError:
+            pass

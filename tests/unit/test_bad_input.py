@@ -1,0 +1,188 @@
+"""Everything a user can get wrong, through the real command line (`python -m hvdtrain` in a fresh process):
+one line `hvdtrain: error: ...` on stderr naming the problem, exit status 2, no traceback, nothing launched and
+nothing written. One row per case: the next class of bad input is one more row.
+
+Each row runs in an empty directory holding the files of FILES (made by the test); "nothing written" is that
+directory's tree (names, sizes, times) unchanged afterwards, and no process under the test's process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+DIGITS_TRAIN = 1437  # digits' training split: 1797 less 20% held out
+
+
+def _npz(**arrays):
+    def make(path):
+        np.savez(path, **arrays)
+
+    return make
+
+
+def _bytes(data: bytes):
+    return lambda path: path.write_bytes(data)
+
+
+def _text(text: str):
+    return lambda path: path.write_text(text)
+
+
+x64, x_img = np.zeros((40, 64), np.float32), np.zeros((40, 1, 8, 8), np.float32)
+labels = np.arange(40) % 10
+
+FILES = {
+    "binary.yaml": _bytes(bytes(range(256)) * 4),
+    "list.yaml": _text("- epochs\n- 3\n"),
+    "epochs-list.yaml": _text("epochs: [1, 2]\n"),
+    "lr-word.yaml": _text("lr: fast\n"),
+    "epochs-half.yaml": _text("epochs: 1.5\n"),
+    "gloo-number.yaml": _text("gloo: 3\n"),
+    "strategy.yaml": _text("strategy: pipe\n"),
+    "broken.yaml": _text("epochs: [1\n"),
+    "no-arrays.npz": _npz(a=np.zeros(3)),
+    "mismatch.npz": _npz(x=x_img, y=labels[:39]),
+    "pickled.npz": _npz(x=np.array([object()] * 40, dtype=object), y=labels),
+    "negative.npz": _npz(x=x_img, y=labels - 1),
+    "float-labels.npz": _npz(x=x_img, y=labels + 0.5),
+    "one-class.npz": _npz(x=x_img, y=np.zeros(40, np.int64)),
+    "test-half.npz": _npz(x=x_img, y=labels, x_test=x_img[:5]),
+    "test-shape.npz": _npz(x=x_img, y=labels, x_test=x64[:5], y_test=labels[:5]),
+    "flat.npz": _npz(x=x64, y=labels),
+    "not-a-zip.npz": _text("x,y\n1,2\n"),
+    "a-file": _text(""),
+    "ipv6-hostfile": _text("fe80::1 slots=2\n"),
+}
+
+CASES = [
+    # config files: not text, not a mapping, wrong types
+    (["train", "--config", "binary.yaml"], "binary.yaml is not a text file"),
+    (["train", "--config", "list.yaml"], "list.yaml must be a mapping of option: value"),
+    (["train", "--config", "epochs-list.yaml"], "--epochs takes a single value, not [1, 2]"),
+    (["train", "--config", "lr-word.yaml"], "--lr: 'fast' is not a valid float"),
+    (["train", "--config", "epochs-half.yaml"], "--epochs takes a whole number, not 1.5"),
+    (["train", "--config", "gloo-number.yaml"], "--gloo takes true or false, not 3"),
+    (["train", "--config", "strategy.yaml"], "--strategy: 'pipe' is not one of data, model, hybrid"),
+    (["train", "--config", "broken.yaml"], "broken.yaml:2: not valid YAML"),
+    (["train", "--config", "missing.yaml"], "no such file 'missing.yaml'"),
+    # --data FILE.npz, checked from its headers before launch
+    (["train", "--data", "no-arrays.npz"], "no array 'x' in the file (it has ['a'])"),
+    (["train", "--data", "mismatch.npz"], "'y' must be one integer label per row of its inputs (40 rows"),
+    (["train", "--data", "pickled.npz"], "array 'x' holds Python objects"),
+    (["train", "--data", "negative.npz"], "'y' has a negative label (-1)"),
+    (["train", "--data", "float-labels.npz"], "dtype float64"),
+    (["train", "--data", "one-class.npz"], "a single class"),
+    (["train", "--data", "test-half.npz"], "give both x_test and y_test, or neither"),
+    (["train", "--data", "test-shape.npz"], "'x_test' must hold samples shaped like those of 'x'"),
+    (["train", "--data", "flat.npz"], "--model cnn needs image inputs (channels, height, width)"),
+    (["train", "--data", "not-a-zip.npz"], "not an .npz archive"),
+    (["train", "--data", "nope.npz"], "no such file 'nope.npz'"),
+    # run and log directories that are files, or cannot be made
+    (["train", "--run-dir", "a-file"], "a-file: exists and is not a directory"),
+    (["train", "--run-dir", "a-file/r"], "a-file is a file, not a directory"),
+    (["train", "--run-dir", "/proc/hvdtrain-r"], "cannot create directories in /proc"),
+    (["train", "--output-dir", "a-file"], "--output-dir"),
+    (["submit", "--run-dir", "a-file/r", "--", "true"], "a-file is a file, not a directory"),
+    # numbers: finite, in range, a batch that fits a rank's share
+    (["train", "--lr", "inf"], "--lr: inf is not a finite number"),
+    (["train", "--lr", "nan"], "--lr: nan is not a finite number"),
+    (["train", "--momentum", "1.5"], "--momentum: 1.5 must be in [0, 1)"),
+    (["train", "--weight-decay", "-1"], "--weight-decay: -1.0 must not be negative"),
+    (["train", "-np", "2", "--batch-size", "5000"], f"a rank's share of the training set (719 of {DIGITS_TRAIN}"),
+    (["train", "--data", "synthetic", "--synthetic-samples", "64", "--batch-size", "65"], "(64 of 64 samples"),
+    # hosts hvdtrain cannot pass on
+    (["run", "-H", "[::1]:2", "-np", "2", "--", "true"], "bad host '[::1]:2': IPv6 addresses cannot be passed on"),
+    (["run", "-H", "fe80::1", "--", "true"], "bad host 'fe80::1': IPv6"),
+    (["train", "--hostfile", "ipv6-hostfile"], "IPv6 addresses cannot be passed on"),
+    # Slurm values sbatch would refuse or misread
+    (["submit", "--time", "99:99:99", "--", "true"], "--time '99:99:99': not a Slurm time"),
+    (["submit", "--time", "1-24:00:00", "--", "true"], "not a Slurm time"),
+    (["submit", "--array", "5-1", "--", "true"], "--array '5-1': not a Slurm array"),
+    (["submit", "--array", "0-9:0", "--", "true"], "not a Slurm array"),
+    (["submit", "--array", "0-9%0", "--", "true"], "not a Slurm array"),
+    (["submit", "--mem", "12XB", "--", "true"], "--mem '12XB': not a memory size"),
+    (["submit", "--signal", "FOO", "--", "true"], "--signal 'FOO'"),
+    # Slurm's commands without a configuration
+    (["status", "1234", "@SLURM_CONF=/nonexistent/slurm.conf"], "SLURM_CONF=/nonexistent/slurm.conf: no such file"),
+    (["logs", "1234", "@SLURM_CONF=/nonexistent/slurm.conf"], "SLURM_CONF=/nonexistent/slurm.conf: no such file"),
+]
+
+
+def tree(root):
+    """Every path under `root` with its size and modification time."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(folder, name)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def hvdtrain(args, cwd, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "hvdtrain", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_one_line_error(proc, needle):
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvdtrain: error: "), proc.stderr
+    assert needle in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    for name, make in FILES.items():
+        make(folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("args,needle", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_is_one_line_exit_2_nothing_launched_nothing_written(args, needle, inputs, tmp_path):
+    cwd = tmp_path / "cwd"
+    shutil.copytree(inputs, cwd)
+    env = dict(a[1:].split("=", 1) for a in args if a.startswith("@"))
+    args = [a for a in args if not a.startswith("@")]
+    if args[0] in ("status", "logs") and shutil.which("scontrol") is None:
+        pytest.skip("Slurm's client commands are not installed")
+    before = tree(cwd)
+    proc = hvdtrain(args, cwd, env)
+    assert_one_line_error(proc, needle)
+    assert tree(cwd) == before, "something was written"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_a_run_dir_on_a_read_only_file_system(tmp_path):
+    """Root may write anywhere its permissions allow: only trying tells a read-only file system. A private mount
+    namespace (unshare -m) holds the read-only tmpfs, gone with the command."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = f'mount -t tmpfs -o ro none {ro} && exec "$@"'
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "hvdtrain", "train", "--run-dir", str(ro / "r")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert_one_line_error(proc, f"--run-dir {ro / 'r'}: cannot create directories in {ro} (Read-only file system)")
+
+
+def test_far_more_ranks_than_cores_is_a_warning(tmp_path):
+    cores = os.cpu_count() or 1
+    proc = hvdtrain(["run", "-np", str(4 * cores), "--dry-run", "--", "true"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(f"hvdtrain: warning: -np {4 * cores} puts {4 * cores} ranks on the {cores} cores")
+    assert len(proc.stderr.splitlines()) == 1
+    quiet = hvdtrain(["run", "-np", str(cores), "--dry-run", "--", "true"], tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == ""
