@@ -185,3 +185,40 @@ def test_signalled_job_checkpoints_requeues_resumes_and_matches(slurm, tmp_path)
     assert res["steps"] == ref_res["steps"] == 100 and not res["preempted"]
     assert res["params_sha256"] == ref_res["params_sha256"]
     print(f"preempted at step {m.group(1)}, requeued, resumed, equal weights in {time.monotonic() - start:.0f} s wall")
+
+
+def test_sigkill_of_hvdtrain_in_a_job_ends_its_srun_ranks(slurm, tmp_path):
+    """The OOM killer (or kill -9) takes `hvdtrain train` inside an allocation: srun gets SIGTERM from the kernel
+    and ends the step, and each rank's wrapper sees its launcher gone; no rank of the job is left."""
+    import psutil
+
+    run = tmp_path / "k"
+    job = slurm.sbatch(
+        ["--ntasks-per-node=2", TEMPLATES / "data-parallel.sbatch", "hvdtrain", "train", "--epochs", "500",
+         "--log-every", "5", "--run-dir", run],
+        cwd=tmp_path,
+    )  # fmt: skip
+    out_file = tmp_path / f"hvdtrain-dp-{job}.out"
+    deadline = time.monotonic() + 240
+    while not re.search(r"step (1\d|[2-9]\d)/", text(out_file)):
+        assert time.monotonic() < deadline, f"no progress line in time:\n{text(out_file)}"
+        time.sleep(0.5)
+
+    def of_job(*module):
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if str(run) in " ".join(cmd) and (not module or cmd[1:3] == list(module)):
+                found.append(p)
+        return found
+
+    (launcher,) = [
+        p for p in of_job() if p.info["cmdline"][1].endswith("/hvdtrain") and p.info["cmdline"][2] == "train"
+    ]
+    assert len(of_job("-m", "hvdtrain.worker")) == 2
+    launcher.kill()
+    deadline = time.monotonic() + 15
+    while of_job("-m", "hvdtrain.worker") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not of_job("-m", "hvdtrain.worker"), "ranks outlived hvdtrain"
+    slurm.wait(job, timeout=60)
