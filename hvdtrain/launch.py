@@ -853,7 +853,7 @@ def _this_machine(hosts: Collection[str]) -> set[str]:
 
 
 class _Tee:
-    """An elastic launcher's output (stdout and stderr, one pipe) copied line by line to our stdout as it comes,
+    """horovodrun's output (Gloo path, elastic; stdout and stderr, one pipe) copied line by line to our stdout as it comes,
     its last `keep` lines kept for the failure report; read by a thread, so that run_job waits on the launcher
     itself (and its signals) as for any job."""
 
@@ -923,9 +923,10 @@ def run_job(
     asks the ranks to stop gracefully and returns True, or returns False: then the launcher ends them.
 
     The launcher's own stderr goes to our stdout with the ranks' output (the wrapper merges each rank's), so
-    stderr carries hvdtrain's own message only, whatever the launcher prints on its way out. An elastic job's
-    horovodrun ends a failed job with a Python traceback: its output passes through a pipe (`_Tee`), and the
-    report (failures.diagnose_elastic) names the cause from its own lines instead."""
+    stderr carries hvdtrain's own message only, whatever the launcher prints on its way out. horovodrun's Gloo
+    path (and every elastic job) ends a failed job with a Python traceback: its output passes through a pipe
+    (`_Tee`) that holds the traceback back, and the report (failures.diagnose, diagnose_elastic) names the cause
+    instead."""
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     if sys.stdout.isatty() and "HVDTRAIN_TTY" not in spec.env:
         # The ranks' stdout is a pipe whatever happens; tell them a person is watching (progress bars).
@@ -981,9 +982,11 @@ def run_job(
         "process_group": 0,
         "preexec_fn": procs.die_with_parent(signal.SIGKILL if gloo else signal.SIGTERM),
     }
+    # horovodrun driving the ranks itself (Gloo, elastic) ends a failed job with a Python traceback of its own: its
+    # output passes through a pipe (_Tee) that holds that back; with MPI it execs mpirun, whose output is passed on.
     tee = None
     try:
-        if spec.elastic is not None:
+        if spec.launcher == "horovodrun" and spec.controller != "mpi":
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
             tee = _Tee(proc.stdout)
         else:
@@ -1035,6 +1038,8 @@ def run_job(
             where = placement(spec)
             here = _this_machine(set(where.values()))
             found = diagnose(log_dir, status, spec.np, where, here, starts, stopped_by)
+            if tee is not None and found.cause is None:
+                tee.release()
         code = INTERRUPTED if stopped_by == "SIGINT" else status if status > 0 else 128 - status
         raise LaunchError(found.message, code, found.cause)
     if keep_logs or any(is_local_host(h.name) for h in spec.hosts):
