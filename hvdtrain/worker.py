@@ -30,7 +30,28 @@ def main(argv: list[str]) -> int:
     except HvdtrainError as e:
         print(f"hvdtrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except Exception as e:
+        if not _peer_gone(e):
+            raise  # a bug: its traceback is the report
+        # Horovod shut down under this rank (another rank died, left, or stalled past --stall-timeout): the launcher
+        # names the rank that failed first; a traceback here would only bury that.
+        print(f"hvdtrain: error: {HOROVOD_SHUT_DOWN}", file=sys.stderr, flush=True)
+        return PEER_GONE
     return 0
+
+
+PEER_GONE = 3  # this rank's exit status when Horovod shut down because of another rank
+HOROVOD_SHUT_DOWN = "Horovod has been shut down: another rank failed or left the job (the launch report names it)"
+
+
+def _peer_gone(error: BaseException) -> bool:
+    """Whether `error` is Horovod's shutdown (HorovodInternalError, raised on every rank when the collective layer
+    stops: a rank died or a stall shut Horovod down), not an error of this rank's own."""
+    try:
+        from horovod.common.exceptions import HorovodInternalError
+    except ImportError:
+        return False
+    return isinstance(error, HorovodInternalError)
 
 
 if __name__ == "__main__":

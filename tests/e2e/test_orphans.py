@@ -34,10 +34,11 @@ def job_processes(marker: str) -> list:
 def start(child_env, cwd, run_dir, *extra, stderr=subprocess.DEVNULL):
     """`hvdtrain train` in a session of its own (its process group stands for a terminal's foreground group);
     returns once rank 0 has trained a few steps and both ranks run."""
-    proc = subprocess.Popen(
-        [*HVDTRAIN, *TRAIN, "--run-dir", str(run_dir), *extra], env=child_env, cwd=cwd,
-        stdout=subprocess.DEVNULL, stderr=stderr, text=True, start_new_session=True,
-    )  # fmt: skip
+    with open(cwd / "stdout.txt", "w") as stdout:  # what a terminal would show, beside stderr
+        proc = subprocess.Popen(
+            [*HVDTRAIN, *TRAIN, "--run-dir", str(run_dir), *extra], env=child_env, cwd=cwd, stdout=stdout,
+            stderr=stderr, text=True, start_new_session=True,
+        )  # fmt: skip
     deadline = time.monotonic() + 120
     log = run_dir / "logs" / "rank.0.log"
     while not (log.exists() and "step 10/" in log.read_text() and (run_dir / "logs" / "rank.1.log").exists()):
@@ -135,3 +136,24 @@ def test_a_run_dir_in_use_is_refused_and_a_killed_jobs_lock_is_taken_over(child_
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr
     assert not (run_dir / "hvdtrain.lock").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_a_rank_killed_by_a_signal_is_reported_without_a_traceback(launcher, signum, child_env, tmp_path):
+    """Rank 1's worker dies of a signal the user did not cause: the report names it; the survivors (Horovod shut
+    down under them, with Gloo) and horovodrun (its closing RuntimeError) print no traceback."""
+    run_dir = tmp_path / "run"
+    proc = start(child_env, tmp_path, run_dir, *LAUNCHERS[launcher], stderr=subprocess.PIPE)
+    try:
+        workers = [p for p in job_processes(str(run_dir)) if p.cmdline()[1:3] == ["-m", "hvdtrain.worker"]]
+        rank = {p.environ().get("OMPI_COMM_WORLD_RANK", p.environ().get("HOROVOD_RANK")): p for p in workers}
+        rank["1"].send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        kill_all(proc, str(run_dir))
+    assert proc.returncode != 0
+    assert err.startswith(f"hvdtrain: error: rank 1 failed with exit status {128 + signum}"), err
+    out = (tmp_path / "stdout.txt").read_text()
+    logs = "".join(p.read_text() for p in (run_dir / "logs").glob("rank.*.log"))
+    assert "Traceback" not in err + out + logs, err + out + logs
