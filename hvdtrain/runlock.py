@@ -19,16 +19,22 @@ from hvdtrain.errors import UsageError
 
 
 def _holder(environ: Mapping[str, str]) -> str:
-    job = SlurmEnv.read(environ).job_label
-    return procs.identity() + (f" slurm-job {job}" if job else "") + "\n"
+    slurm = SlurmEnv.read(environ)
+    job = f" slurm-job {slurm.job_label} restart {slurm.restart_count}" if slurm.job_label else ""
+    return procs.identity() + job + "\n"
 
 
 def _stale(text: str, environ: Mapping[str, str]) -> Optional[bool]:
     """Whether the lock holder written as `text` is gone: True, False (it runs), None (cannot tell)."""
     fields = text.split()
-    job = SlurmEnv.read(environ).job_label
-    if job is not None and fields[3:5] == ["slurm-job", job]:
-        return True  # this job's own lock from before a requeue: that incarnation has ended
+    slurm = SlurmEnv.read(environ)
+    if (
+        slurm.job_label is not None
+        and fields[3:5] == ["slurm-job", slurm.job_label]
+        and fields[5:6] == ["restart"]
+        and fields[6:7] != [str(slurm.restart_count)]
+    ):
+        return True  # this job's own lock from before its requeue: that run of it has ended
     alive = procs.alive(" ".join(fields[:3]))
     return None if alive is None else not alive
 
