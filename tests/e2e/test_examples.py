@@ -12,6 +12,7 @@ CASES = [
     ("04_hybrid.py", 2, 0.9),
     ("05_own_model_and_data.py", 2, 0.8),
     ("06_sharded_optimizer.py", 2, 0.9),
+    ("07_local_sgd.py", 2, 0.9),
 ]
 
 
