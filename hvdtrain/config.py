@@ -27,6 +27,9 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 0.001, "adamw": 0.001}  # for one rank, on th
 DIGITS_SAMPLES = 1797  # scikit-learn's digits; 20% held out for testing (train.datasets.digits)
 COMPRESSIONS = ("none", "fp16")
 REDUCE_OPS = ("average", "adasum")
+UPDATES = ("sync", "local-sgd", "async")
+DEFAULT_AVERAGE_EVERY = 4  # local SGD's period H when --average-every is not given
+DEFAULT_MAX_STALENESS = 4  # async: how many steps the fastest worker may be ahead of the slowest
 PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT")
 SHARDED_NOT_ELASTIC = (
     "--shard-optimizer cannot be elastic: a lost worker would take its slice of the optimizer state with it; "
@@ -72,6 +75,27 @@ class TrainConfig:
         False,
         "ZeRO stage 1: each rank keeps and updates 1/N of the optimizer state (gradients reduce-scattered, "
         "parameters all-gathered); checkpoints hold the whole state, loadable with or without it",
+    )
+    update: str = _f(
+        "sync",
+        "how gradients become parameters: sync (allreduce every step), local-sgd (own steps, parameters averaged "
+        "every --average-every steps), async (parameter servers, bounded staleness); docs/updates.md",
+        UPDATES,
+    )
+    average_every: Optional[int] = _f(
+        None, f"local-sgd: local steps between parameter averages, H (default {DEFAULT_AVERAGE_EVERY})"
+    )
+    local_sgd_warmup: Optional[int] = _f(
+        None, "local-sgd: synchronous steps (gradients averaged) before local steps begin, W (default 0)"
+    )
+    ps_ranks: Optional[int] = _f(
+        None,
+        "async: ranks that serve parameters (the last ones; each holds a shard and its optimizer state), P (default 1)",
+    )
+    max_staleness: Optional[int] = _f(
+        None,
+        "async: steps the fastest worker may be ahead of the slowest, S (0: synchronous, the server steps on "
+        f"the mean of every worker's gradient; default {DEFAULT_MAX_STALENESS})",
     )
     seed: int = _f(0, "model initialisation and data order; rank r also seeds its own RNGs with seed + r")
     deterministic: bool = _f(False, "torch deterministic algorithms, HOROVOD_FUSION_THRESHOLD=0, fixed seeds")
@@ -148,6 +172,7 @@ class TrainConfig:
                 "shard-optimizer",
                 f"needs --reduce-op average: {self.reduce_op} combines whole gradients, a rank holds a slice",
             )
+        self._validate_update(bad)
         if self.strategy == "data" and (self.devices_per_rank != 1 or self.balance):
             bad("strategy", "--devices-per-rank/--balance need --strategy model or hybrid")
         if self.balance is not None:
@@ -166,6 +191,50 @@ class TrainConfig:
         if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in PREEMPT_SIGNALS:
             bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
         return self
+
+    def _validate_update(self, bad) -> None:
+        own = {
+            "local-sgd": [("average-every", self.average_every), ("local-sgd-warmup", self.local_sgd_warmup)],
+            "async": [("ps-ranks", self.ps_ranks), ("max-staleness", self.max_staleness)],
+        }
+        for update, options in own.items():
+            for flag, value in options:
+                if value is not None and self.update != update:
+                    bad(flag, f"applies to --update {update}, not {self.update}")
+        for flag, value, low in [
+            ("average-every", self.average_every, 1),
+            ("local-sgd-warmup", self.local_sgd_warmup, 0),
+            ("ps-ranks", self.ps_ranks, 1),
+            ("max-staleness", self.max_staleness, 0),
+        ]:
+            if value is not None and value < low:
+                bad(flag, f"{value} is too small (at least {low})")
+        if self.update == "sync":
+            return
+        what = {"local-sgd": "local SGD", "async": "the parameter servers"}[self.update]
+        for flag, value, why in [
+            ("shard-optimizer", self.shard_optimizer, f"{what} keep the whole optimizer state"),
+            ("reduce-op", self.reduce_op != "average", f"{what} average (or apply) whole updates"),
+            ("compression", self.compression != "none", f"{what} exchange full-precision tensors"),
+        ]:
+            if value:
+                bad(flag, f"does not combine with --update {self.update}: {why}")
+        if self.update == "async" and self.strategy != "data":
+            bad("strategy", f"{self.strategy} does not combine with --update async: workers train whole replicas "
+                "(--strategy data)")  # fmt: skip
+
+    def ps_ranks_or_default(self) -> int:
+        return self.ps_ranks if self.ps_ranks is not None else 1
+
+    def data_ranks(self, ranks: int) -> int:
+        """Of a job's ranks, those that train on data (all but the parameter servers of an async job)."""
+        return ranks - self.ps_ranks_or_default() if self.update == "async" else ranks
+
+    def max_staleness_or_default(self) -> int:
+        return self.max_staleness if self.max_staleness is not None else DEFAULT_MAX_STALENESS
+
+    def average_every_or_default(self) -> int:
+        return self.average_every if self.average_every is not None else DEFAULT_AVERAGE_EVERY
 
     def with_defaults(self, environ: Optional[Mapping[str, str]] = None) -> TrainConfig:
         """A copy with the fields derived at launch time filled in: lr from the optimizer (DEFAULT_LR); run_dir

@@ -31,8 +31,29 @@ def visible_gpus(environ: Mapping[str, str]) -> int:
     return len([p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)])
 
 
+def async_launch(launch_options: dict[str, Any]) -> None:
+    """An asynchronous job's launch: its parameter servers talk MPI (mpi4py), so Horovod's controller is MPI and
+    the world is fixed."""
+    if launch_options.get("elastic"):
+        raise ConfigError(
+            "--update async cannot be elastic: a lost server would take its shard of the parameters with it; drop "
+            "--elastic"
+        )
+    if launch_options.get("gloo"):
+        raise ConfigError(
+            "--update async needs MPI (the parameter servers exchange messages with mpi4py): drop --gloo; mpirun, "
+            "srun and horovodrun --mpi all run it"
+        )
+    launch_options["mpi"] = True
+
+
 def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, str]) -> None:
     """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
+    if cfg.update == "async" and cfg.ps_ranks_or_default() >= spec.np:
+        raise ConfigError(
+            f"--ps-ranks {cfg.ps_ranks_or_default()} leaves no worker among {spec.np} ranks: use -np "
+            f"{cfg.ps_ranks_or_default() + 1} or more (servers are the last ranks, workers the first)"
+        )
     if cfg.strategy == "model" and spec.elastic is not None:
         raise ConfigError(
             "--strategy model runs one replica on one rank, so it cannot be elastic: drop --elastic, or use "
@@ -73,11 +94,12 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
         # Read it here (torch is imported only now, and only for a resume): a corrupt or mismatched checkpoint
         # is bad input, reported before any rank starts.
         # An elastic job resumes on any number of ranks: its world size is not part of what must match.
-        checkpoint.load(resume_path, checkpoint.fingerprint(cfg, None if spec.elastic is not None else spec.np))
+        world = None if spec.elastic is not None else cfg.data_ranks(spec.np)
+        checkpoint.load(resume_path, checkpoint.fingerprint(cfg, world))
     check_creatable_dir(cfg.run_dir, "--run-dir")
     if spec.output_dir:
         check_creatable_dir(spec.output_dir, "--output-dir")
-    check_data(cfg, None if spec.elastic is not None else spec.np)
+    check_data(cfg, None if spec.elastic is not None else cfg.data_ranks(spec.np))
 
 
 def check_data(cfg: TrainConfig, world: Optional[int]) -> None:
@@ -120,6 +142,8 @@ def train(
     config_path = run_dir.config
     command = [sys.executable, "-m", "hvdtrain.worker", str(config_path.resolve())]
     launch_options["output_dir"] = launch_options.get("output_dir") or str(run_dir.logs.path)
+    if cfg.update == "async":
+        async_launch(launch_options)
     spec = launch.make_spec(command, environ=environ, check_cmd=False, **launch_options)
     preflight(cfg, spec, environ)
     for warning in spec.warnings:

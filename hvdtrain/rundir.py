@@ -130,6 +130,10 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
 
+    def ps_log(self, server: int) -> Path:
+        """An async job's parameter server `server`: one line per update it applied (written by that server)."""
+        return self.path / "ps" / f"server.{server}.updates.csv"
+
     def slurm_output(self, job: str, task: Optional[str] = None) -> Path:
         """The output file of Slurm job `job` (array task `task`) submitted from this run directory."""
         name = SLURM_ARRAY_OUTPUT if task is not None else SLURM_OUTPUT

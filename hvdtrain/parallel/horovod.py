@@ -1,11 +1,17 @@
 """Data parallelism with Horovod: init, device pinning, DistributedOptimizer, broadcast, sharding,
 metric averaging and uneven data. Every distributed line of the trainer goes through here.
+
+The collectives here run over the job's group: every rank, or, when `init(group=...)` named a subset (the
+workers of an asynchronous job, whose other ranks serve parameters), that subset as a Horovod process set;
+rank() and size() are then this rank's place in the group.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from typing import Mapping, Optional
+import time
+from typing import Mapping, Optional, Sequence
 
 import horovod.torch as hvd
 import torch
@@ -13,18 +19,47 @@ from torch.utils.data.distributed import DistributedSampler
 
 from hvdtrain.errors import ConfigError
 
+_group = None  # the process set of init(group=...) on its members; None: every rank (Horovod's global set)
 
-def init(threads: Optional[int] = None, deterministic: bool = False):
-    """Initialise Horovod and this rank's threads; returns the `horovod.torch` module."""
+
+def _set():
+    return _group if _group is not None else hvd.global_process_set
+
+
+def init(threads: Optional[int] = None, deterministic: bool = False, group: Optional[Sequence[int]] = None):
+    """Initialise Horovod and this rank's threads; returns the `horovod.torch` module. `group`: the ranks this
+    module's collectives run over (every rank calls init with the same list; on the others they are not used)."""
+    global _group
     if deterministic:
         # No tensor fusion: every gradient is reduced on its own, in the same grouping every run.
         os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", "0")
-    hvd.init()
+    if group is None:
+        hvd.init()
+    else:
+        members = hvd.ProcessSet(sorted(group))
+        hvd.init(process_sets=[members])
+        _group = members if hvd.rank() in group else None
+        if _group is not None:
+            _await_registration(members)
     # Oversubscribed CPUs: leave room for Horovod's background thread; OMP_NUM_THREADS is set by the launcher.
     threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None
     if threads:
         torch.set_num_threads(threads)
     return hvd
+
+
+def _await_registration(members) -> None:
+    """Horovod's background thread registers the process sets given to hvd.init a few cycles after init returns
+    (the ranks agree on them first); until then a member's set reports itself unknown."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            members.size()
+            return
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
 
 
 def device() -> torch.device:
@@ -37,7 +72,7 @@ def device() -> torch.device:
 
 def scaled_lr(lr: float, scale: bool, backward_passes_per_step: int = 1) -> float:
     """Linear scaling: the effective batch is size x backward passes times larger (Goyal et al., 2017)."""
-    return lr * hvd.size() * backward_passes_per_step if scale else lr
+    return lr * size() * backward_passes_per_step if scale else lr
 
 
 def distributed_optimizer(
@@ -65,23 +100,31 @@ def distributed_optimizer(
 
 def broadcast_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, root_rank: int = 0):
     """Make every rank start from root_rank's parameters and optimizer state (also after a resume)."""
-    hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
+    if _group is None:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
+    else:  # hvd.broadcast_parameters knows no process sets
+        handles = [
+            hvd.broadcast_async_(t, root_rank, name=f"hvdtrain.params.{k}", process_set=_group)
+            for k, t in sorted(model.state_dict().items())
+        ]
+        for h in handles:
+            hvd.synchronize(h)
     if optimizer is not None:
         # As one object, not hvd.broadcast_optimizer_state: that one takes a dummy optimizer step to create
         # missing state, which moves the weights when weight decay is on.
-        state = hvd.broadcast_object(optimizer.state_dict(), root_rank=root_rank, name="hvdtrain.optimizer_state")
+        state = broadcast_object(optimizer.state_dict(), root_rank=root_rank, name="hvdtrain.optimizer_state")
         optimizer.load_state_dict(state)
 
 
 def broadcast_object(obj, root_rank: int = 0, name: str = "broadcast_object"):
     """Any picklable object from root_rank to every rank (small things: positions, errors, RNG states)."""
-    return hvd.broadcast_object(obj, root_rank=root_rank, name=name)
+    return hvd.broadcast_object(obj, root_rank=root_rank, name=name, process_set=_set())
 
 
 def sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> DistributedSampler:
     """This rank's shard of `dataset`; call `set_epoch(e)` every epoch for a new, agreed order."""
     return DistributedSampler(
-        dataset, num_replicas=hvd.size(), rank=hvd.rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
+        dataset, num_replicas=size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
     )
 
 
@@ -91,8 +134,9 @@ class PendingSum:
 
     def __init__(self, values: list[float], name: str):
         local = torch.tensor(values, dtype=torch.float64)
-        self._local = local if hvd.size() == 1 else None
-        self._handle = None if hvd.size() == 1 else hvd.allreduce_async(local, op=hvd.Sum, name=name)
+        alone = size() == 1
+        self._local = local if alone else None
+        self._handle = None if alone else hvd.allreduce_async(local, op=hvd.Sum, name=name, process_set=_set())
 
     def result(self) -> list[float]:
         total = self._local if self._local is not None else hvd.synchronize(self._handle)
@@ -109,7 +153,8 @@ def average_metrics(sums: Mapping[str, float], count: float, name: str = "metric
 def any_rank(flag: bool, name: str = "any_rank") -> bool:
     """True on every rank if `flag` is true on at least one, in a blocking allreduce of its own. (The Trainer
     agrees on preemption through its overlapped window sums instead, see PendingSum.)"""
-    return hvd.allreduce(torch.tensor([int(flag)], dtype=torch.int32), op=hvd.Max, name=name).item() > 0
+    flag_t = torch.tensor([int(flag)], dtype=torch.int32)
+    return hvd.allreduce(flag_t, op=hvd.Max, name=name, process_set=_set()).item() > 0
 
 
 def join_and_resync(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
@@ -121,15 +166,31 @@ def join_and_resync(model: torch.nn.Module, optimizer: Optional[torch.optim.Opti
 
 
 def allgather_object(obj, name: str = "allgather_object") -> list:
-    return hvd.allgather_object(obj, name=name)
+    """Every rank's `obj`, in rank order, on every rank (small things: RNG states, host names)."""
+    if _group is None:
+        return hvd.allgather_object(obj, name=name)
+    import cloudpickle  # hvd.allgather_object knows no process sets: its two allgathers, on the group
+
+    data = torch.frombuffer(bytearray(cloudpickle.dumps(obj)), dtype=torch.uint8)
+    sizes = hvd.allgather(torch.tensor([len(data)]), name=f"{name}.sz", process_set=_group).tolist()
+    gathered = hvd.allgather(data, name=f"{name}.t", process_set=_group).numpy()
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [cloudpickle.load(io.BytesIO(gathered[offsets[i] : offsets[i + 1]].tobytes())) for i in range(len(sizes))]
 
 
 def rank() -> int:
-    return hvd.rank()
+    """This rank's place in the group (its Horovod rank when the group is every rank)."""
+    return _set().rank()
 
 
 def size() -> int:
-    return hvd.size()
+    """Ranks in the group."""
+    return _set().size()
+
+
+def world() -> tuple[int, int]:
+    """(rank, size) in the whole job, whatever the group."""
+    return hvd.rank(), hvd.size()
 
 
 def local_rank() -> int:

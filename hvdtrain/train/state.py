@@ -42,12 +42,18 @@ class TrainState:
     def position(self, value: tuple[int, int, int, int]) -> None:
         self.epoch, self.step_in_epoch, self.step, self.samples_in_epoch = value
 
-    def to_checkpoint(self, optimizer_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        """The model, optimizer and position entries of a checkpoint (the Trainer adds RNGs and checks).
-        `optimizer_state`: the optimizer's state when already taken (a sharded optimizer's is collective)."""
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The model, optimizer and position entries of a checkpoint (an elastic commit's copy; the Trainer's
+        checkpoint files take model and optimizer from the update rule, which may gather them)."""
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "optimizer": self.optimizer.state_dict(),
+            **self.position_entries(),
+        }
+
+    def position_entries(self) -> dict[str, int]:
+        """The position entries of a checkpoint."""
+        return {
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "step": self.step,

@@ -5,7 +5,7 @@
 
     fit -> _run_epoch -> _train_step
       TrainState   model, optimizer, epoch, step_in_epoch, step      (train/state.py)
-      UpdateRule   how a step's gradients become parameters: sync, sharded (train/update.py)
+      UpdateRule   how a step's gradients become parameters: sync, sharded, local-sgd (train/update.py)
       ReportWindow loss/samples/preemption votes summed every log_every steps, overlapped (train/reporting.py)
       Hooks        on_fit_start, on_step_start/end, on_epoch_end, on_checkpoint, on_fit_end (train/hooks.py)
 
@@ -53,6 +53,7 @@ from torch import nn
 
 from hvdtrain import preempt
 from hvdtrain.config import SHARDED_NOT_ELASTIC, TrainConfig
+from hvdtrain.env import rank_info
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
 from hvdtrain.parallel import elastic, horovod
@@ -110,12 +111,15 @@ class Trainer:
         cfg = self.cfg
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        horovod.init(deterministic=cfg.deterministic)
+        horovod.init(deterministic=cfg.deterministic, group=self._workers())
+        # In an async job: this rank's place among the workers (a server's: its place in the job).
         self.rank, self.size = horovod.rank(), horovod.size()
         self.is_main = self.rank == 0
         self.elastic = elastic.enabled()
         if self.elastic and cfg.shard_optimizer:
             raise ConfigError(SHARDED_NOT_ELASTIC)
+        if self.elastic and cfg.update == "async":
+            raise ConfigError("--update async cannot be elastic: a lost server would take its shard with it")
         if cfg.strategy == "model" and self.size > 1:
             raise ConfigError(
                 f"--strategy model runs one replica on one rank, but this job has {self.size} ranks: "
@@ -130,12 +134,25 @@ class Trainer:
         )
         # From here on each rank draws its own random numbers (dropout): seed + rank.
         seed_everything(cfg.seed + self.rank)
-        self.update = update_rule(cfg)
+        global_rank, world_size = horovod.world()
+        self.update = update_rule(cfg, world_size=world_size, rank=global_rank)
         self.lr = self.update.learning_rate()
         self.state = TrainState(model, self.update.make_optimizer(model, self.lr))
         self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed)
         # An elastic job resumes on any world size: its position counts samples, not steps.
         self.fingerprint = checkpoint.fingerprint(cfg, None if self.elastic else self.size)
+
+    def _workers(self) -> Optional[list[int]]:
+        """An async job's worker ranks (the group every collective of the loop runs over); None: every rank."""
+        cfg = self.cfg
+        if cfg.update != "async":
+            return None
+        from hvdtrain.parallel.ps import roles
+
+        size = rank_info().size
+        if cfg.ps_ranks_or_default() >= size:
+            raise ConfigError(f"--ps-ranks {cfg.ps_ranks_or_default()} leaves no worker among {size} ranks")
+        return roles(size, cfg.ps_ranks_or_default())[0]
 
     @property
     def model(self) -> nn.Module:
@@ -241,13 +258,13 @@ class Trainer:
     def _checkpoint(self) -> Optional[Path]:
         """Collective: every rank hands in its RNG states; rank 0 writes the file atomically."""
         rngs = horovod.allgather_object(checkpoint.rng_state(), name="hvdtrain.rng")
-        optimizer_state = self.update.optimizer_state(self.state.optimizer, root_rank=0)
+        entries = self.update.checkpoint_entries(self.state, root_rank=0)
         path = None
         if self.is_main:
             saved = {
-                **self.state.to_checkpoint(optimizer_state),
+                **self.state.position_entries(),
+                **entries,
                 "rng": rngs,
-                "update": self.update.state_dict(),
                 "fingerprint": self.fingerprint,
                 "config": dataclasses.asdict(self.cfg),
             }
@@ -343,13 +360,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Exact test loss and accuracy over the whole test split: each rank takes samples rank, rank+size..."""
-        self.model.eval()
+        model = self.update.eval_model(self.state)
+        model.eval()
         x_all, y_all = self.data.test.tensors
         mine = torch.arange(self.rank, len(y_all), self.size)
         loss_sum, correct = 0.0, 0.0
         for chunk in mine.split(256):
             x, y = x_all[chunk].to(self.in_device), y_all[chunk].to(self.out_device)
-            out = self.model(x)
+            out = model(x)
             loss_sum += self.loss_fn(out, y, reduction="sum").item()
             correct += (out.argmax(1) == y).sum().item()
         return horovod.average_metrics(
@@ -365,9 +383,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self._setup()
+        if getattr(self.update, "serves", False):
+            return self._serve()
         self._plan_steps()
         self._open_outputs()
         resumed = self._load_for_elastic() if self.elastic else self._restore_or_broadcast()
+        self.update.start(self.state)
         s = self.state
         self.progress = Progress(self.steps_total, cfg.epochs, self.is_main, self._echo, start_step=s.step)
         if resumed is not None:
@@ -376,7 +397,7 @@ class Trainer:
             )
         if s.step == 0:
             self.progress.say(
-                f"training {cfg.model} on {cfg.data}: {self.size} rank(s), strategy {cfg.strategy}, "
+                f"training {cfg.model} on {cfg.data}: {self._ranks_said()}, strategy {cfg.strategy}, "
                 f"{self.steps_total} steps of {cfg.batch_size} x {cfg.backward_passes_per_step} samples per rank, "
                 f"lr {self.lr:g}"
             )
@@ -396,8 +417,24 @@ class Trainer:
         finally:
             preempt.uninstall()
             self.progress.close()
+        self.update.close()
         self.hooks.on_fit_end(self, result)
         return result
+
+    def _serve(self) -> dict[str, Any]:
+        """An async job's parameter server: serve the workers until each is finished (no loop, no files but its
+        log of updates)."""
+        index = self.update.servers.index(horovod.world()[0])
+        print(f"hvdtrain: async: this rank serves parameter shard {index} of {len(self.update.servers)}", flush=True)
+        result = self.update.serve(self.run_dir.ps_log(index))
+        print(f"hvdtrain: async: server {index} applied {result['version']} updates", flush=True)
+        return {"parameter_server": index, **result}
+
+    def _ranks_said(self) -> str:
+        if self.cfg.update != "async":
+            return f"{self.size} rank(s)"
+        servers, staleness = len(self.update.servers), self.update.staleness
+        return f"{self.size} worker(s) and {servers} parameter server(s), max staleness {staleness}"
 
     def _train_and_finish(self) -> dict[str, Any]:
         """The epochs, then the final evaluation and checkpoint (or the preemption checkpoint): in an elastic job
@@ -505,6 +542,7 @@ class Trainer:
 
     def _finish_training(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.state
+        self.update.finish(s)
         metrics = self._evaluate_and_record()
         if not (cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0):
             self._checkpoint()  # the end state, unless the last step just wrote it
@@ -527,6 +565,7 @@ class Trainer:
             "steps": self.state.step,
             "epochs_done": self.state.epoch,
             "world_size": self.size,
+            "update": self.update.name,
             "seconds_training": round(seconds, 3),
             "samples_per_s": total / seconds if seconds > 0 else math.nan,
             "params_sha256": params_sha256(self.model),

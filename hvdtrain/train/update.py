@@ -12,6 +12,7 @@ servers) is one new class here rather than another branch in the loop:
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -67,6 +68,29 @@ class UpdateRule:
         elsewhere is allowed). Collective for rules whose state is spread over the ranks."""
         return optimizer.state_dict()
 
+    def checkpoint_entries(self, state: TrainState, root_rank: int) -> Optional[dict[str, Any]]:
+        """Called on every rank when a checkpoint is written: its "model", "optimizer" and "update" entries (and
+        any the rule adds) as root_rank will save them (None elsewhere is allowed). Collective where the rule's
+        state is spread over the ranks."""
+        return {
+            "model": state.model.state_dict(),
+            "optimizer": self.optimizer_state(state.optimizer, root_rank),
+            "update": self.state_dict(),
+        }
+
+    def eval_model(self, state: TrainState) -> nn.Module:
+        """The model to evaluate (every rank calls it; collective where the ranks' models differ)."""
+        return state.model
+
+    def start(self, state: TrainState) -> None:
+        """After every rank holds the starting state (fresh or resumed), before the first step."""
+
+    def finish(self, state: TrainState) -> None:
+        """After the last training step, before the final evaluation and checkpoint (every rank)."""
+
+    def close(self) -> None:
+        """At the very end of fit(), after the final checkpoint (every rank)."""
+
     def state_dict(self) -> dict[str, Any]:
         """The rule's own state for a checkpoint (e.g. a schedule position); none by default."""
         return {}
@@ -120,6 +144,182 @@ class ShardedUpdate(SyncUpdate):
         return optimizer.state_dict(root_rank=root_rank)
 
 
-def update_rule(cfg: TrainConfig) -> UpdateRule:
-    """The rule for this configuration."""
+class LocalSGDUpdate(SyncUpdate):
+    """Local SGD: each rank steps its own (plain, not distributed) optimizer; the parameters are averaged every
+    H steps (parallel.local_sgd.LocalSGD). The learning rate is the synchronous rule's (scaled the same way): with
+    H = 1 and plain SGD the two rules are the same update.
+
+    Between averaging steps the ranks' models differ. Evaluation then uses the average (a copy: training goes on
+    from each rank's own model); a checkpoint holds the average as "model" (what a sync job or inference loads)
+    plus every rank's own model and optimizer state under "local", which a resume on the same number of ranks
+    restores exactly. The last step of a run averages, so the final model is the same on every rank."""
+
+    name = "local-sgd"
+
+    def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        from hvdtrain.parallel.local_sgd import LocalSGD
+
+        self.averager = LocalSGD(model, self.cfg.average_every_or_default(), self.cfg.local_sgd_warmup or 0)
+        return base_optimizer(self.cfg, model.parameters(), lr)
+
+    def step(self, state: TrainState) -> None:
+        self.averager.model = state.model  # an elastic reset or a resume may have replaced nothing but the values
+        self.averager.step(state.optimizer)
+
+    def checkpoint_entries(self, state: TrainState, root_rank: int) -> Optional[dict[str, Any]]:
+        if self.averager.in_sync or horovod.size() == 1:
+            return super().checkpoint_entries(state, root_rank)
+        average = self.averager.averaged_state()
+        local = horovod.allgather_object(
+            (state.model.state_dict(), state.optimizer.state_dict()), name="hvdtrain.local_sgd.states"
+        )
+        return {
+            "model": average,
+            "optimizer": state.optimizer.state_dict(),
+            "update": self.state_dict(),
+            "local": [{"model": m, "optimizer": o} for m, o in local],
+        }
+
+    def restore(self, state: TrainState, saved: Optional[dict[str, Any]]) -> None:
+        # Every rank learns whether the checkpoint holds one state per rank of this world.
+        local = horovod.broadcast_object(
+            saved and len(saved.get("local") or []) == horovod.size() and saved["local"],
+            name="hvdtrain.local_sgd.local",
+        )
+        self._own_states = bool(local)
+        if not local:
+            super().restore(state, saved)  # the average (and root's optimizer state) on every rank
+            return
+        state.load_weights(local[horovod.rank()])
+
+    def eval_model(self, state: TrainState) -> nn.Module:
+        if self.averager.in_sync or horovod.size() == 1:
+            return state.model
+        model = copy.deepcopy(state.model)
+        model.load_state_dict(self.averager.averaged_state())
+        return model
+
+    def finish(self, state: TrainState) -> None:
+        if not self.averager.in_sync:
+            self.averager.average()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"local_sgd": self.averager.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # After a broadcast (a resume from the average, an elastic reset) the ranks are equal; after a resume of
+        # each rank's own state, as the schedule says.
+        own, self._own_states = getattr(self, "_own_states", False), False
+        if "local_sgd" in state:
+            self.averager.load_state_dict(state["local_sgd"], in_sync=not own)
+
+
+class AsyncUpdate(UpdateRule):
+    """Asynchronous SGD on parameter servers (parallel.ps): the first N - P ranks are workers and run the
+    Trainer's loop over Horovod's process set of the workers (their sampler shards, metric sums and checkpoints
+    are the workers'); the last P ranks serve (`serves`), and the Trainer hands them to serve() instead.
+
+    Learning rate: with S = 0 the servers step on the mean of the W workers' gradients, so the rate is the
+    synchronous one (scaled by W); with S > 0 each gradient is a step of its own, W of them per round, so the
+    rate is the one-rank rate (scaled only by backward passes): the same distance per round of W gradients."""
+
+    name = "async"
+
+    def __init__(self, cfg: TrainConfig, world_size: int, rank: int):
+        super().__init__(cfg)
+        from hvdtrain.parallel import ps
+
+        self.staleness = cfg.max_staleness_or_default()
+        self.workers, self.servers = ps.roles(world_size, cfg.ps_ranks_or_default())
+        self.serves = rank in self.servers
+        self.global_rank = rank
+        self._saved: Optional[dict[str, Any]] = None  # rank 0: the checkpoint it resumed from
+
+    def learning_rate(self) -> float:
+        # Computed from the roles, not horovod.size(): a server is outside the workers' group.
+        cfg = self.cfg
+        gradients = len(self.workers) if self.staleness == 0 else 1  # averaged into one step
+        return cfg.lr * gradients * cfg.backward_passes_per_step if cfg.scale_lr else cfg.lr
+
+    def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        from mpi4py import MPI
+
+        from hvdtrain.parallel import ps
+
+        self.comm = MPI.COMM_WORLD.Dup()  # every rank, servers too: the job's channel for the servers' messages
+        params = list(model.parameters())
+        self.layout = ps.Layout.of(params, len(self.servers))
+        if self.serves:
+            self.server = ps.Server(
+                self.comm, self.layout, self.servers.index(self.global_rank), self.workers, self.staleness,
+                lambda shard: base_optimizer(self.cfg, shard, lr), params[0].dtype, log=None,
+            )  # fmt: skip
+            return self.server.optimizer
+        self.client = ps.Client(self.comm, self.layout, self.servers, params)
+        # The workers' own optimizer only holds the settings and clears the gradients: the servers step.
+        return base_optimizer(self.cfg, params, lr)
+
+    def serve(self, log_path) -> dict[str, Any]:
+        """A server's whole part in the job; returns its counts."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            log.write("worker,clock,version_pulled,version_applied\n")
+            self.server.log = log
+            return self.server.serve()
+
+    def step(self, state: TrainState) -> None:
+        self.client.step()
+
+    def restore(self, state: TrainState, saved: Optional[dict[str, Any]]) -> None:
+        # Rank 0 keeps the checkpoint's optimizer state for the servers (start); the workers take its model.
+        if saved is not None:
+            state.model.load_state_dict(saved["model"])
+            self._saved = saved
+        horovod.broadcast_state(state.model, None)
+
+    def start(self, state: TrainState) -> None:
+        # Rank 0 gives every server its shard first (a server takes nothing else before): the starting parameters
+        # and, on a resume, the checkpoint's optimizer state and version.
+        if horovod.rank() == 0:
+            saved = self._saved or {}
+            version = saved.get("update", {}).get("ps_versions", [0])[0]
+            self.client.init_servers(saved.get("optimizer"), version)
+        self._saved = None
+
+    def checkpoint_entries(self, state: TrainState, root_rank: int) -> Optional[dict[str, Any]]:
+        if horovod.rank() != root_rank:
+            return None
+        flat, optimizer_state, versions = self.client.gather()
+        model = {k: v.clone() for k, v in state.model.state_dict().items()}
+        names = [name for name, _ in state.model.named_parameters()]
+        for name, piece in zip(names, self.layout.pieces(flat)):
+            model[name] = piece.clone()
+        return {"model": model, "optimizer": optimizer_state, "update": {**self.state_dict(), "ps_versions": versions}}
+
+    def eval_model(self, state: TrainState) -> nn.Module:
+        self.client.pull()  # the servers' parameters now (with S > 0 they move on while the workers evaluate)
+        return state.model
+
+    def finish(self, state: TrainState) -> None:
+        # Every worker's last gradient is applied once it has its reply; after the others are done too, every
+        # worker pulls the same final parameters.
+        self.client.done()
+        horovod.PendingSum([0.0], name="hvdtrain.ps.finished").result()
+        self.client.pull()
+
+    def close(self) -> None:
+        # The communicator is left to MPI_Finalize: freeing it while Horovod's background thread runs MPI calls
+        # crashed Open MPI 4.1 (ompi_attr_delete_all) now and then.
+        self.client.bye()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"async": {"servers": len(self.servers), "max_staleness": self.staleness}}
+
+
+def update_rule(cfg: TrainConfig, world_size: int = 1, rank: int = 0) -> UpdateRule:
+    """The rule for this configuration (an async job's also needs the job's world size and this rank)."""
+    if cfg.update == "local-sgd":
+        return LocalSGDUpdate(cfg)
+    if cfg.update == "async":
+        return AsyncUpdate(cfg, world_size, rank)
     return ShardedUpdate(cfg) if cfg.shard_optimizer else SyncUpdate(cfg)
