@@ -7,6 +7,7 @@ a rank raises outside pytest; pytest-timeout ends a rank stuck in a collective.
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +19,18 @@ def hvd():
     if h.size() < 2:
         pytest.skip("the mpi tier needs at least 2 ranks: run it under mpirun -np 2")
     return h
+
+
+def batches(steps, per_rank=4, seed=1):
+    """This rank's part of every step's global batch (7 inputs, 2 outputs, float64; the same global batches on
+    every rank)."""
+    from hvdtrain.parallel import horovod
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(per_rank * horovod.size(), 7, generator=g, dtype=torch.float64)
+        y = torch.randn(per_rank * horovod.size(), 2, generator=g, dtype=torch.float64)
+        r = horovod.rank()
+        out.append((x[r * per_rank : (r + 1) * per_rank], y[r * per_rank : (r + 1) * per_rank]))
+    return out

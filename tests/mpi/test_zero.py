@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 import torch
+from conftest import batches
 from torch import nn
 
 from hvdtrain.parallel import horovod
@@ -20,18 +21,6 @@ SMALL_BUCKETS = 30 * 8 / 2**20  # about 30 float64 elements per bucket: 4 bucket
 def make_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 2)).double()
-
-
-def batches(steps, per_rank=4, seed=1):
-    """This rank's part of every step's global batch."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(steps):
-        x = torch.randn(per_rank * horovod.size(), 7, generator=g, dtype=torch.float64)
-        y = torch.randn(per_rank * horovod.size(), 2, generator=g, dtype=torch.float64)
-        r = horovod.rank()
-        out.append((x[r * per_rank : (r + 1) * per_rank], y[r * per_rank : (r + 1) * per_rank]))
-    return out
 
 
 OPTIMIZERS = {
