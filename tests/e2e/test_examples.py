@@ -13,6 +13,7 @@ CASES = [
     ("05_own_model_and_data.py", 2, 0.8),
     ("06_sharded_optimizer.py", 2, 0.9),
     ("07_local_sgd.py", 2, 0.9),
+    ("08_parameter_server.py", 3, 0.9),
 ]
 
 
@@ -25,7 +26,8 @@ def test_example_runs_and_learns(hvdtrain, examples_dir, tmp_path, name, np_, ba
     args = [sys.executable, examples_dir / name, "--epochs", "3"]
     if name.startswith("05"):
         args += ["--run-dir", tmp_path / "own"]
-    proc = hvdtrain("run", "-np", np_, "--", *args, timeout=300)
+    mpi = ["--mpi"] if name.startswith("08") else []  # its server talks MPI (mpi4py)
+    proc = hvdtrain("run", "-np", np_, *mpi, "--", *args, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = re.findall(r"test accuracy: ([0-9.]+)", proc.stdout)
     assert len(found) == 1, proc.stdout  # rank 0 alone reports
