@@ -351,7 +351,7 @@ def doctor(as_json):
 
 @cli.group(context_settings=CONTEXT)
 def bench():
-    """Benchmarks: allreduce bandwidth, and training throughput with scaling and side-by-side ratios.
+    """Benchmarks: allreduce bandwidth, training throughput with scaling and side-by-side ratios, update rules.
 
     Each prints a table and writes JSON and a PNG into --out; --tiny is a seconds-long smoke run.
     """
@@ -445,6 +445,25 @@ def bench_train(dry_run, options, **launch_options):
 
     plan = throughput.make_plan(options, launch_options=launch_options)
     throughput.run(plan, dry_run=dry_run, echo=click.echo)
+
+
+@bench.command("updates", context_settings=CONTEXT)
+@launch_options
+@bench_options("UpdatesSettings")
+@handle_errors
+def bench_updates(dry_run, options, **launch_options):
+    """The update rules side by side (sync, local-sgd, async) on the digits CNN, with and without a straggler:
+    samples/s per worker, training time and steps to each target accuracy, collectives or messages per step,
+    and accuracy curves against time and step.
+
+    \b
+      hvdtrain bench updates                               # 2 workers (async: + 1 server), stragglers 1,2
+      hvdtrain bench updates --modes sync,async --stragglers 1,3 --rounds 3
+    """
+    from hvdtrain.bench import updates
+
+    plan = updates.make_plan(options, launch_options=launch_options)
+    updates.run(plan, dry_run=dry_run, echo=click.echo)
 
 
 # --- Slurm: submit, status, logs -------------------------------------------------------------------------

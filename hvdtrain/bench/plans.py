@@ -27,6 +27,8 @@ IMPL_LABELS = {"horovod_mpi": "hvd-mpi", "mpi4py": "mpi4py", "horovod_gloo": "hv
 ARMS = ("horovod", "trainer", "ddp", "sharded", "trainer_lean")
 DEFAULT_ARMS = ("horovod", "trainer", "ddp", "sharded")
 TRAIN_TARGETS = {"trainer_over_horovod": 0.98, "trainer_over_ddp": 1.0}
+# `hvdtrain bench updates`: the update rules it compares (hvdtrain train --update).
+UPDATE_MODES = ("sync", "local-sgd", "async")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,6 +158,18 @@ class TrainWorkerPlan(JsonPlan):
     store: str = ""  # torch.distributed's FileStore file (absolute path; the runner fills it in)
 
 
+@dataclasses.dataclass(frozen=True)
+class UpdatesWorkerPlan(JsonPlan):
+    """One launch of hvdtrain.bench.updates_worker: one training run of the built-in job with one update rule."""
+
+    mode: str  # one of UPDATE_MODES
+    config: dict[str, Any]  # the TrainConfig's fields
+    straggler: float  # the slowed worker's steps take this many times as long (1: none)
+    straggler_rank: int  # which worker (its place among the workers)
+    round: int
+    store: str = ""  # unused (the runner fills it in for every benchmark)
+
+
 # --------------------------------------------------------------------------------------------------
 # The benchmarks' options: one field each, generated into click options by hvdtrain.cli
 # --------------------------------------------------------------------------------------------------
@@ -220,6 +234,43 @@ class TrainSettings:
             {**TINY_MODEL_SHAPES, **TINY_LARGE_MODEL_SHAPES} if self.tiny else {**MODEL_SHAPES, **LARGE_MODEL_SHAPES}
         )
         return {name: catalogue[name] for name in self.models}
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdatesSettings:
+    """`hvdtrain bench updates`'s own options."""
+
+    out: str = option("runs/bench-updates", "Directory for updates.json/.png, parts/, logs/, runs/.")
+    workers: int = option(2, "Ranks that train (async adds --ps-ranks server ranks to them).", low=1)
+    modes: tuple[str, ...] = option(UPDATE_MODES, "Comma-separated update rules.", choices=UPDATE_MODES)
+    stragglers: str = option("1,2", "Comma-separated slow-down factors of the last worker (1: none).")
+    epochs: int = option(10, "Epochs of the digits CNN per run.", tiny=2, low=1)
+    batch_size: int = option(32, "Samples per worker per step.", low=1)
+    average_every: int = option(4, "local-sgd: H.", low=1)
+    local_sgd_warmup: int = option(0, "local-sgd: synchronous steps first.", low=0)
+    ps_ranks: int = option(1, "async: server ranks.", low=1)
+    max_staleness: int = option(4, "async: S.", low=0)
+    targets: str = option("0.9,0.95", "Comma-separated test accuracies to time.")
+    rounds: int = option(1, "Repeat every run (alternating the modes' order).", low=1)
+    tiny: bool = option(False, "Two epochs: the smoke run of the test suite.")
+
+    def factors(self) -> list[float]:
+        return _floats(self.stragglers, "--stragglers", low=1.0, high=None)
+
+    def accuracy_targets(self) -> list[float]:
+        return _floats(self.targets, "--targets", low=0.0, high=1.0)
+
+
+def _floats(text: str, flag_name: str, low: float, high: Optional[float]) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"{flag_name} '{text}': give comma-separated numbers, e.g. 1,2") from None
+    bad = [v for v in values if not (v >= low and (high is None or v <= high))]
+    if not values or bad:
+        bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise UsageError(f"{flag_name} '{text}': every value must be {bound}")
+    return list(dict.fromkeys(values))
 
 
 def flag(name: str) -> str:

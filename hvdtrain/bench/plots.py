@@ -82,3 +82,33 @@ def _bars(ax, rows: Sequence[dict], np: int, configs: Sequence[str], title: str)
     ax.set_ylabel("total samples/s")
     ax.set_title(f"{title}, np={np}")
     ax.legend(fontsize=8)
+
+
+def updates(result: dict, path: Path) -> Path:
+    """Test accuracy against training time and against step, one line per (mode, straggler), the first round."""
+    runs = [r for r in result["runs"] if r["round"] == 0]
+
+    def draw(axes):
+        by_time, by_step = axes
+        colours = {}
+        for run in sorted(runs, key=lambda r: (r["mode"], r["straggler"])):
+            xs_t = [p["seconds"] for p in run["curve"]]
+            xs_s = [p["step"] for p in run["curve"]]
+            ys = [p["test_accuracy"] for p in run["curve"]]
+            style = {"linestyle": "-" if run["straggler"] == 1 else "--", "marker": "o", "markersize": 3}
+            if run["mode"] in colours:
+                style["color"] = colours[run["mode"]]
+            label = run["mode"] + ("" if run["straggler"] == 1 else f", straggler x{run['straggler']:g}")
+            line = by_time.plot(xs_t, ys, label=label, **style)
+            colours.setdefault(run["mode"], line[0].get_color())
+            by_step.plot(xs_s, ys, label=label, **{**style, "color": colours[run["mode"]]})
+        for ax, xlabel in ((by_time, "training time (s, evaluations excluded)"), (by_step, "step (per worker)")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+            ax.set_ylim(bottom=max(0.0, min((p["test_accuracy"] for r in runs for p in r["curve"]), default=0) - 0.05))
+        by_time.set_title("accuracy against time")
+        by_step.set_title("accuracy against step")
+
+    return report.save_plot(path, draw, ncols=2, width=6.0)

@@ -108,3 +108,33 @@ def train(result: dict) -> str:
             "ablations of the Horovod loop (total samples/s; ratio to fusion on, no compression)",
         ))  # fmt: skip
     return "\n".join(out)
+
+
+def updates(result: dict) -> str:
+    """Per (straggler, mode): samples/s per worker, training seconds and steps to each target accuracy, the final
+    accuracy and what the rule exchanged per step; then how much throughput each mode kept under a straggler."""
+    targets = [f"{t:g}" for t in result["meta"]["targets"]]
+    headers = ["straggler", "mode", "workers", "samples/s/worker"]
+    headers += [f"s to {t}" for t in targets] + [f"step to {t}" for t in targets]
+    headers += ["final acc.", "exchanges/step"]
+    lines = []
+    for r in result["rows"]:
+        if "messages_per_step" in r:
+            exchanged = f"{r['messages_per_step']:.2f} msgs"
+        else:
+            exchanged = f"{r['collectives_per_step']:.2f} coll."
+        lines.append(
+            [f"x{r['straggler']:g}", r["mode"], r["workers"], r["samples_per_s_per_worker"]]
+            + [r[f"seconds_to_{t}"] for t in targets] + [r[f"step_to_{t}"] for t in targets]
+            + [r["final_accuracy"], exchanged]
+        )  # fmt: skip
+    out = [report.render_table(headers, lines, "update rules on the digits CNN (medians over rounds; seconds of "
+                               "training, evaluations excluded; - : not reached)")]  # fmt: skip
+    if result["slowdowns"]:
+        out.append("")
+        out.append(report.render_table(
+            ["straggler", "mode", "throughput kept"],
+            [[f"x{s['straggler']:g}", s["mode"], s["throughput_kept"]] for s in result["slowdowns"]],
+            "samples/s per worker with the straggler / without (1.0: unaffected)",
+        ))  # fmt: skip
+    return "\n".join(out)

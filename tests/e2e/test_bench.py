@@ -79,3 +79,25 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
         assert a["no_fusion_over_base"] == pytest.approx(total[("horovod-nofusion", *key)] / total[("horovod", *key)])
         assert a["fp16_over_base"] == pytest.approx(total[("horovod+fp16", *key)] / total[("horovod", *key)])
     assert not (out / "trainer-runs").exists()
+
+
+def test_bench_updates_tiny(hvdtrain, tmp_path):
+    """Every mode with and without a straggler, for real: the curves, the counts and the table."""
+    out = tmp_path / "u"
+    r = hvdtrain("bench", "updates", "--tiny", "--out", out, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "update rules on the digits CNN" in r.stdout and "throughput kept" in r.stdout
+    assert (out / "updates.png").read_bytes()[:8] == PNG
+    result = json.loads((out / "updates.json").read_text())
+    assert {(row["mode"], row["straggler"]) for row in result["rows"]} == {
+        (m, f) for m in ("sync", "local-sgd", "async") for f in (1.0, 2.0)
+    }
+    for run in result["runs"]:
+        assert [p["epoch"] for p in run["curve"]] == [1, 2]
+        assert run["curve"][0]["seconds"] < run["curve"][1]["seconds"] and run["samples_per_s_per_worker"] > 0
+        assert run["workers"] == 2 and run["final_accuracy"] == run["curve"][-1]["test_accuracy"]
+        if run["mode"] == "async":
+            assert run["messages_per_step"] == 2.0  # one push and one reply per server (1) per step
+        elif run["mode"] == "local-sgd":
+            assert run["collectives_per_step"] == pytest.approx(1 / 4, abs=0.02)  # one average every H = 4 steps
+    assert not (out / "runs").exists()  # the runs' directories are scratch

@@ -12,7 +12,7 @@ from clichecks import assert_usage_error
 from click.testing import CliRunner
 
 from hvdtrain import launch
-from hvdtrain.bench import allreduce, plans, plots, report, tables, throughput
+from hvdtrain.bench import allreduce, plans, plots, report, tables, throughput, updates
 from hvdtrain.cli import cli, launch_options
 from hvdtrain.errors import UsageError
 
@@ -322,6 +322,68 @@ def test_bench_train_bad_input(args, needle, no_processes, clean_env, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--stragglers", "0.5"], "--stragglers '0.5': every value must be at least 1"),
+        (["--stragglers", "two"], "give comma-separated numbers"),
+        (["--targets", "0.9,1.5"], "--targets '0.9,1.5': every value must be between 0 and 1"),
+        (["--modes", "sync,hogwild"], "unknown 'hogwild'"),
+        (["-np", "2"], "-np: give --workers"),
+        (["--gloo"], "the async mode needs MPI"),
+        (["--workers", "0"], "--workers 0"),
+        (["--average-every", "0"], "--average-every 0"),
+    ],
+)
+def test_bench_updates_bad_input(args, needle, no_processes, clean_env, tmp_path):
+    assert_usage_error(invoke("bench", "updates", "--out", tmp_path / "o", *args), needle)
+    assert no_processes == []
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_updates_plan_gives_async_its_servers_and_alternates_the_modes(no_processes, clean_env, tmp_path):
+    plan = updates.make_plan({"out": str(tmp_path / "o"), "rounds": 2, "stragglers": "1,3"}, launch_options={})
+    names = [job.name for job in plan.jobs]
+    assert names[:6] == ["sync-x1-r0", "local-sgd-x1-r0", "async-x1-r0", "async-x1-r1", "local-sgd-x1-r1",
+                         "sync-x1-r1"]  # fmt: skip
+    assert len(names) == 12
+    by = {job.name: job for job in plan.jobs}
+    assert by["async-x3-r0"].spec.np == 3 and by["async-x3-r0"].spec.controller == "mpi"
+    assert by["sync-x3-r0"].spec.np == 2
+    assert by["sync-x3-r0"].plan.straggler == 3.0 and by["sync-x3-r0"].plan.straggler_rank == 1
+    cfg = by["local-sgd-x1-r0"].plan.config
+    assert (cfg["update"], cfg["average_every"], cfg["ps_ranks"]) == ("local-sgd", 4, None)
+    assert by["async-x1-r0"].plan.config["max_staleness"] == 4
+
+
+def _updates_part(mode, straggler, rate, accuracies, **extra):
+    curve = [{"epoch": i + 1, "step": 10 * (i + 1), "seconds": 2.0 * (i + 1), "test_accuracy": a}
+             for i, a in enumerate(accuracies)]  # fmt: skip
+    return {"mode": mode, "straggler": straggler, "round": 0, "workers": 2, "samples_per_s_per_worker": rate,
+            "steps": 10 * len(accuracies), "seconds_training": 2.0 * len(accuracies),
+            "final_accuracy": accuracies[-1], "curve": curve, **extra}  # fmt: skip
+
+
+def test_bench_updates_collect_table_and_plot(tmp_path):
+    parts = [
+        _updates_part("sync", 1.0, 1000.0, [0.8, 0.92, 0.96], collectives_per_step=8.0),
+        _updates_part("sync", 2.0, 500.0, [0.8, 0.91, 0.94], collectives_per_step=8.0),
+        _updates_part("async", 1.0, 900.0, [0.85, 0.95, 0.97], messages_per_step=2.0),
+        _updates_part("async", 2.0, 810.0, [0.85, 0.9, 0.96], messages_per_step=2.0),
+    ]
+    settings = plans.resolve(plans.UpdatesSettings, {"modes": "sync,async"})
+    result = updates.collect(parts, settings)
+    sync1 = report.find(result["rows"], mode="sync", straggler=1.0)
+    assert (sync1["seconds_to_0.9"], sync1["step_to_0.9"], sync1["seconds_to_0.95"]) == (4.0, 20, 6.0)
+    assert report.find(result["rows"], mode="sync", straggler=2.0)["seconds_to_0.95"] is None  # never reached
+    assert report.find(result["rows"], mode="async", straggler=1.0)["step_to_0.95"] == 20
+    kept = {s["mode"]: s["throughput_kept"] for s in result["slowdowns"]}
+    assert kept == {"sync": 0.5, "async": pytest.approx(0.9)}
+    text = tables.updates(result)
+    assert "s to 0.95" in text and "2.00 msgs" in text and "8.00 coll." in text and "throughput kept" in text
+    assert plots.updates(result, tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_out_must_be_a_directory(no_processes, clean_env, tmp_path):
     f = tmp_path / "file"
     f.write_text("")
@@ -365,7 +427,8 @@ def test_bench_checks_the_hosts_before_the_first_job(fake_ssh, clean_env, tmp_pa
 def test_bench_modules_import_nothing_heavy():
     code = (
         "import sys, hvdtrain.cli, hvdtrain.bench.allreduce, hvdtrain.bench.throughput, hvdtrain.bench.report, "
-        "hvdtrain.bench.plans, hvdtrain.bench.runner, hvdtrain.bench.tables, hvdtrain.bench.plots; "
+        "hvdtrain.bench.plans, hvdtrain.bench.runner, hvdtrain.bench.tables, hvdtrain.bench.plots, "
+        "hvdtrain.bench.updates; "
         "sys.exit(sorted({'torch', 'horovod', 'numpy', 'matplotlib', 'mpi4py'} & set(sys.modules)) != [])"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -379,7 +442,7 @@ def _expected_default_text(field):
 
     if field.default is True:
         return f"[default: --{field.name.replace('_', '-')}]"
-    shown = [] if field.default in (None, False) else [f"default: {show(field.default)}"]
+    shown = [] if field.default is None or field.default is False else [f"default: {show(field.default)}"]
     if "tiny" in field.metadata:
         shown.append(f"tiny: {show(field.metadata['tiny'])}")
     return f"[{'; '.join(shown)}]" if shown else None
@@ -388,7 +451,8 @@ def _expected_default_text(field):
 @pytest.mark.parametrize(
     "name,module,settings,args",
     [("allreduce", allreduce, plans.AllreduceSettings, ["-np", "2"]),
-     ("train", throughput, plans.TrainSettings, ["--max-np", "1"])],
+     ("train", throughput, plans.TrainSettings, ["--max-np", "1"]),
+     ("updates", updates, plans.UpdatesSettings, [])],
 )  # fmt: skip
 def test_bench_options_are_generated_from_the_settings(
     name, module, settings, args, monkeypatch, no_processes, clean_env, tmp_path
@@ -399,7 +463,8 @@ def test_bench_options_are_generated_from_the_settings(
     fields = dataclasses.fields(settings)
     # Exactly one option per field, named after it, and nothing else of its own.
     assert [p.name for p in own] == [f.name for f in fields]
-    help_text = " ".join(invoke("bench", name, "--help").output.split())
+    # Compared without white space: click wraps lines at spaces and after hyphens (local-sgd).
+    help_text = "".join(invoke("bench", name, "--help").output.split())
     for field, param in zip(fields, own):
         assert param.opts[0] == "--" + field.name.replace("_", "-")
         expected = _expected_default_text(field)
@@ -408,7 +473,7 @@ def test_bench_options_are_generated_from_the_settings(
         assert not param.show_default
         if expected:
             assert param.help.endswith(expected), (param.help, expected)
-        assert " ".join(param.help.split()) in help_text
+        assert "".join(param.help.split()) in help_text
     # Options not given take the dataclass's defaults, or its tiny defaults with --tiny.
     parsed = []
     monkeypatch.setattr(module, "run", lambda plan, **_: parsed.append(plan.settings))
