@@ -263,14 +263,16 @@ class Client:
         start, end = self.layout.bounds[p]
         return _buffer(t[start:end])
 
-    def init_servers(self, optimizer_state: Optional[dict[str, Any]], version: int = 0) -> None:
+    def init_servers(self, optimizer_state: Optional[dict[str, Any]], versions: Optional[list[int]] = None) -> None:
         """Rank 0, before any worker's first step: every server's shard of the current parameters and of
-        `optimizer_state` (torch format, the whole model's; None for a fresh start)."""
+        `optimizer_state` (torch format, the whole model's; None for a fresh start), and the update count each
+        server starts from (a checkpoint's; zeros for a fresh start)."""
         flat = self.layout.flatten([p.detach() for p in self.params], self._flat)
         states = optimizer_to_shards(optimizer_state, self.layout)
+        versions = versions if versions is not None and len(versions) == len(self.servers) else [0] * len(states)
         for p, server in enumerate(self.servers):
             start, end = self.layout.bounds[p]
-            message = {"param": flat[start:end].clone(), "optimizer": states[p], "version": version}
+            message = {"param": flat[start:end].clone(), "optimizer": states[p], "version": versions[p]}
             self.comm.send(message, dest=server, tag=INIT)
 
     def step(self) -> None:

@@ -282,8 +282,7 @@ class AsyncUpdate(UpdateRule):
         # and, on a resume, the checkpoint's optimizer state and version.
         if horovod.rank() == 0:
             saved = self._saved or {}
-            version = saved.get("update", {}).get("ps_versions", [0])[0]
-            self.client.init_servers(saved.get("optimizer"), version)
+            self.client.init_servers(saved.get("optimizer"), saved.get("update", {}).get("ps_versions"))
         self._saved = None
 
     def checkpoint_entries(self, state: TrainState, root_rank: int) -> Optional[dict[str, Any]]:
