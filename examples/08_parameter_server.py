@@ -3,7 +3,7 @@ DistributedOptimizer. The last rank serves the parameters (and their momentum); 
 gradients and receive fresh parameters, at most --max-staleness steps ahead of the slowest worker. Needs MPI
 (mpi4py messages). (`hvdtrain train --update async` does the same for the built-in job.)
 
-hvdtrain run -np 3 --mpi -- python examples/08_parameter_server.py --epochs 5
+hvdtrain run -np 3 --mpi -- python examples/08_parameter_server.py --epochs 6
 """
 
 import argparse
@@ -17,9 +17,10 @@ from hvdtrain.parallel import horovod, ps  # +ps
 from hvdtrain.train import datasets, models
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--epochs", type=int, default=5)
+parser.add_argument("--epochs", type=int, default=6)
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--lr", type=float, default=0.05)
+parser.add_argument("--momentum", type=float, default=0.9)
 parser.add_argument("--max-staleness", type=int, default=2)  # +ps: S
 args = parser.parse_args()
 
@@ -35,8 +36,9 @@ model = models.cnn(data.input_shape, data.num_classes)
 layout = ps.Layout.of(list(model.parameters()), len(servers))  # +ps: the flat parameters, one shard per server
 if me in servers:  # +ps: serve until every worker says bye, then leave
     server = ps.Server(comm, layout, servers.index(me), workers, args.max_staleness,
-                       lambda shard: torch.optim.SGD(shard, lr=args.lr, momentum=0.9), torch.float32)  # fmt: skip
+                       lambda shard: torch.optim.SGD(shard, lr=args.lr, momentum=args.momentum), torch.float32)  # fmt: skip
     server.serve()
+    hvd.barrier(process_set=hvd.global_process_set)  # +ps: leave together (one rank's exit ends Horovod for all)
     sys.exit(0)
 client = ps.Client(comm, layout, servers, list(model.parameters()))  # +ps
 horovod.broadcast_state(model)  # every worker starts from rank 0's weights
@@ -66,3 +68,4 @@ if horovod.rank() == 0:
     print(f"test accuracy: {accuracy:.4f} on {horovod.size()} workers and {len(servers)} server "
           f"({client.messages} messages)")  # fmt: skip
 client.bye()  # +ps
+hvd.barrier(process_set=hvd.global_process_set)  # +ps: leave together with the server

@@ -178,6 +178,13 @@ def allgather_object(obj, name: str = "allgather_object") -> list:
     return [cloudpickle.load(io.BytesIO(gathered[offsets[i] : offsets[i + 1]].tobytes())) for i in range(len(sizes))]
 
 
+def barrier_all() -> None:
+    """Every rank of the job, whatever the group, waits for all the others. An async job ends with it: Horovod
+    shuts down on every rank as soon as one rank's process exits (taking MPI with it), so no rank may leave while
+    another still needs Horovod or MPI."""
+    hvd.barrier(process_set=hvd.global_process_set)
+
+
 def rank() -> int:
     """This rank's place in the group (its Horovod rank when the group is every rank)."""
     return _set().rank()

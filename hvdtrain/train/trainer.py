@@ -417,8 +417,8 @@ class Trainer:
         finally:
             preempt.uninstall()
             self.progress.close()
-        self.update.close()
         self.hooks.on_fit_end(self, result)
+        self.update.close()
         return result
 
     def _serve(self) -> dict[str, Any]:

@@ -89,7 +89,7 @@ class UpdateRule:
         """After the last training step, before the final evaluation and checkpoint (every rank)."""
 
     def close(self) -> None:
-        """At the very end of fit(), after the final checkpoint (every rank)."""
+        """At the very end of fit(), after the hooks' on_fit_end (every rank)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's own state for a checkpoint (e.g. a schedule position); none by default."""
@@ -260,12 +260,15 @@ class AsyncUpdate(UpdateRule):
         return base_optimizer(self.cfg, params, lr)
 
     def serve(self, log_path) -> dict[str, Any]:
-        """A server's whole part in the job; returns its counts."""
+        """A server's whole part in the job (until every worker is finished, then the job's last barrier);
+        returns its counts."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
             log.write("worker,clock,version_pulled,version_applied\n")
             self.server.log = log
-            return self.server.serve()
+            result = self.server.serve()
+        horovod.barrier_all()
+        return result
 
     def step(self, state: TrainState) -> None:
         self.client.step()
@@ -308,8 +311,10 @@ class AsyncUpdate(UpdateRule):
 
     def close(self) -> None:
         # The communicator is left to MPI_Finalize: freeing it while Horovod's background thread runs MPI calls
-        # crashed Open MPI 4.1 (ompi_attr_delete_all) now and then.
+        # crashed Open MPI 4.1 (ompi_attr_delete_all) now and then. Then every rank, servers too, meets once more:
+        # a rank that exits shuts Horovod (and MPI) down on all the others.
         self.client.bye()
+        horovod.barrier_all()
 
     def state_dict(self) -> dict[str, Any]:
         return {"async": {"servers": len(self.servers), "max_staleness": self.staleness}}

@@ -23,7 +23,8 @@ def test_every_example_is_covered(examples_dir):
 
 @pytest.mark.parametrize("name,np_,bar", CASES)
 def test_example_runs_and_learns(hvdtrain, examples_dir, tmp_path, name, np_, bar):
-    args = [sys.executable, examples_dir / name, "--epochs", "3"]
+    # Stale gradients need more steps: 3 epochs of async training end anywhere between 0.80 and 0.93.
+    args = [sys.executable, examples_dir / name, "--epochs", "6" if name.startswith("08") else "3"]
     if name.startswith("05"):
         args += ["--run-dir", tmp_path / "own"]
     mpi = ["--mpi"] if name.startswith("08") else []  # its server talks MPI (mpi4py)
