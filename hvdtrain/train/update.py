@@ -155,6 +155,7 @@ class LocalSGDUpdate(SyncUpdate):
     restores exactly. The last step of a run averages, so the final model is the same on every rank."""
 
     name = "local-sgd"
+    _own_states = False  # restore() gave each rank its own saved state (not a broadcast one)
 
     def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         from hvdtrain.parallel.local_sgd import LocalSGD
@@ -163,7 +164,6 @@ class LocalSGDUpdate(SyncUpdate):
         return base_optimizer(self.cfg, model.parameters(), lr)
 
     def step(self, state: TrainState) -> None:
-        self.averager.model = state.model  # an elastic reset or a resume may have replaced nothing but the values
         self.averager.step(state.optimizer)
 
     def checkpoint_entries(self, state: TrainState, root_rank: int) -> Optional[dict[str, Any]]:
@@ -209,7 +209,7 @@ class LocalSGDUpdate(SyncUpdate):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # After a broadcast (a resume from the average, an elastic reset) the ranks are equal; after a resume of
         # each rank's own state, as the schedule says.
-        own, self._own_states = getattr(self, "_own_states", False), False
+        own, self._own_states = self._own_states, False
         if "local_sgd" in state:
             self.averager.load_state_dict(state["local_sgd"], in_sync=not own)
 
