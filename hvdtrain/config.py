@@ -31,6 +31,9 @@ UPDATES = ("sync", "local-sgd", "async")
 DEFAULT_AVERAGE_EVERY = 4  # local SGD's period H when --average-every is not given
 DEFAULT_MAX_STALENESS = 4  # async: how many steps the fastest worker may be ahead of the slowest
 PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT")
+ASYNC_NOT_ELASTIC = (
+    "--update async cannot be elastic: a lost server would take its shard of the parameters with it; drop --elastic"
+)
 SHARDED_NOT_ELASTIC = (
     "--shard-optimizer cannot be elastic: a lost worker would take its slice of the optimizer state with it; "
     "drop --elastic or --shard-optimizer"
@@ -223,29 +226,36 @@ class TrainConfig:
             bad("strategy", f"{self.strategy} does not combine with --update async: workers train whole replicas "
                 "(--strategy data)")  # fmt: skip
 
-    def ps_ranks_or_default(self) -> int:
-        return self.ps_ranks if self.ps_ranks is not None else 1
-
     def data_ranks(self, ranks: int) -> int:
-        """Of a job's ranks, those that train on data (all but the parameter servers of an async job)."""
-        return ranks - self.ps_ranks_or_default() if self.update == "async" else ranks
-
-    def max_staleness_or_default(self) -> int:
-        return self.max_staleness if self.max_staleness is not None else DEFAULT_MAX_STALENESS
-
-    def average_every_or_default(self) -> int:
-        return self.average_every if self.average_every is not None else DEFAULT_AVERAGE_EVERY
+        """Of a job's `ranks`, those that train on data: all but the parameter servers of an async job (raises
+        ConfigError when none would be left). Needs with_defaults()."""
+        if self.update != "async":
+            return ranks
+        if self.ps_ranks >= ranks:
+            raise ConfigError(
+                f"--ps-ranks {self.ps_ranks} leaves no worker among {ranks} ranks: use -np {self.ps_ranks + 1} or "
+                "more (servers are the last ranks, workers the first)"
+            )
+        return ranks - self.ps_ranks
 
     def with_defaults(self, environ: Optional[Mapping[str, str]] = None) -> TrainConfig:
         """A copy with the fields derived at launch time filled in: lr from the optimizer (DEFAULT_LR); run_dir
         defaults to runs/train-<time>, or inside Slurm to runs/train-<job id> (array: <array job id>_<task id>)
-        so that a requeued job finds its checkpoints."""
-        cfg = self if self.lr is not None else dataclasses.replace(self, lr=DEFAULT_LR[self.optimizer])
-        if cfg.run_dir is not None:
-            return cfg
-        label = SlurmEnv.read(environ).job_label
-        name = f"train-{label}" if label else time.strftime("train-%Y%m%d-%H%M%S")
-        return dataclasses.replace(cfg, run_dir=os.path.join("runs", name))
+        so that a requeued job finds its checkpoints. The options of the chosen update rule take their defaults
+        (those of the other rules stay None)."""
+        derived: dict[str, Any] = {}
+        if self.lr is None:
+            derived["lr"] = DEFAULT_LR[self.optimizer]
+        if self.run_dir is None:
+            label = SlurmEnv.read(environ).job_label
+            name = f"train-{label}" if label else time.strftime("train-%Y%m%d-%H%M%S")
+            derived["run_dir"] = os.path.join("runs", name)
+        own = {
+            "local-sgd": {"average_every": DEFAULT_AVERAGE_EVERY, "local_sgd_warmup": 0},
+            "async": {"ps_ranks": 1, "max_staleness": DEFAULT_MAX_STALENESS},
+        }.get(self.update, {})
+        derived.update({k: v for k, v in own.items() if getattr(self, k) is None})
+        return dataclasses.replace(self, **derived) if derived else self
 
     def hook_refs(self) -> list[str]:
         """--hooks as a list of module:Name references."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from hvdtrain import hosts, launch, npz, preempt, runlock
-from hvdtrain.config import DIGITS_SAMPLES, SHARDED_NOT_ELASTIC, TrainConfig
+from hvdtrain.config import ASYNC_NOT_ELASTIC, DIGITS_SAMPLES, SHARDED_NOT_ELASTIC, TrainConfig
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError, LaunchError
 from hvdtrain.files import check_creatable_dir
@@ -35,10 +35,7 @@ def async_launch(launch_options: dict[str, Any]) -> None:
     """An asynchronous job's launch: its parameter servers talk MPI (mpi4py), so Horovod's controller is MPI and
     the world is fixed."""
     if launch_options.get("elastic"):
-        raise ConfigError(
-            "--update async cannot be elastic: a lost server would take its shard of the parameters with it; drop "
-            "--elastic"
-        )
+        raise ConfigError(ASYNC_NOT_ELASTIC)
     if launch_options.get("gloo"):
         raise ConfigError(
             "--update async needs MPI (the parameter servers exchange messages with mpi4py): drop --gloo; mpirun, "
@@ -49,11 +46,8 @@ def async_launch(launch_options: dict[str, Any]) -> None:
 
 def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, str]) -> None:
     """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
-    if cfg.update == "async" and cfg.ps_ranks_or_default() >= spec.np:
-        raise ConfigError(
-            f"--ps-ranks {cfg.ps_ranks_or_default()} leaves no worker among {spec.np} ranks: use -np "
-            f"{cfg.ps_ranks_or_default() + 1} or more (servers are the last ranks, workers the first)"
-        )
+    # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).
+    world = None if spec.elastic is not None else cfg.data_ranks(spec.np)
     if cfg.strategy == "model" and spec.elastic is not None:
         raise ConfigError(
             "--strategy model runs one replica on one rank, so it cannot be elastic: drop --elastic, or use "
@@ -94,12 +88,11 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
         # Read it here (torch is imported only now, and only for a resume): a corrupt or mismatched checkpoint
         # is bad input, reported before any rank starts.
         # An elastic job resumes on any number of ranks: its world size is not part of what must match.
-        world = None if spec.elastic is not None else cfg.data_ranks(spec.np)
         checkpoint.load(resume_path, checkpoint.fingerprint(cfg, world))
     check_creatable_dir(cfg.run_dir, "--run-dir")
     if spec.output_dir:
         check_creatable_dir(spec.output_dir, "--output-dir")
-    check_data(cfg, None if spec.elastic is not None else cfg.data_ranks(spec.np))
+    check_data(cfg, world)
 
 
 def check_data(cfg: TrainConfig, world: Optional[int]) -> None:

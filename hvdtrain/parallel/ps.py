@@ -202,10 +202,8 @@ class Server:
         if self.staleness == 0:
             self._sum += self._incoming
             self.batch.append(worker)
-            self.waiting.append(worker)
-            self._release()
-            return
-        self._apply(self._incoming, [worker])
+        else:
+            self._apply(self._incoming, [worker])
         self.waiting.append(worker)
         self._release()
 

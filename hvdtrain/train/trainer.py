@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from hvdtrain import preempt
-from hvdtrain.config import SHARDED_NOT_ELASTIC, TrainConfig
+from hvdtrain.config import ASYNC_NOT_ELASTIC, SHARDED_NOT_ELASTIC, TrainConfig
 from hvdtrain.env import rank_info
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
@@ -119,7 +119,7 @@ class Trainer:
         if self.elastic and cfg.shard_optimizer:
             raise ConfigError(SHARDED_NOT_ELASTIC)
         if self.elastic and cfg.update == "async":
-            raise ConfigError("--update async cannot be elastic: a lost server would take its shard with it")
+            raise ConfigError(ASYNC_NOT_ELASTIC)
         if cfg.strategy == "model" and self.size > 1:
             raise ConfigError(
                 f"--strategy model runs one replica on one rank, but this job has {self.size} ranks: "
@@ -150,9 +150,8 @@ class Trainer:
         from hvdtrain.parallel.ps import roles
 
         size = rank_info().size
-        if cfg.ps_ranks_or_default() >= size:
-            raise ConfigError(f"--ps-ranks {cfg.ps_ranks_or_default()} leaves no worker among {size} ranks")
-        return roles(size, cfg.ps_ranks_or_default())[0]
+        cfg.data_ranks(size)  # raises when the servers leave no worker
+        return roles(size, cfg.ps_ranks)[0]
 
     @property
     def model(self) -> nn.Module:
@@ -383,7 +382,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self._setup()
-        if getattr(self.update, "serves", False):
+        if self.update.serves:
             return self._serve()
         self._plan_steps()
         self._open_outputs()
@@ -424,7 +423,7 @@ class Trainer:
     def _serve(self) -> dict[str, Any]:
         """An async job's parameter server: serve the workers until each is finished (no loop, no files but its
         log of updates)."""
-        index = self.update.servers.index(horovod.world()[0])
+        index = self.update.server.index
         print(f"hvdtrain: async: this rank serves parameter shard {index} of {len(self.update.servers)}", flush=True)
         result = self.update.serve(self.run_dir.ps_log(index))
         print(f"hvdtrain: async: server {index} applied {result['version']} updates", flush=True)

@@ -41,6 +41,7 @@ class UpdateRule:
     """The interface; subclasses override what differs."""
 
     name = "base"
+    serves = False  # True on the ranks that do not train but serve the others (async's parameter servers)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -160,7 +161,7 @@ class LocalSGDUpdate(SyncUpdate):
     def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         from hvdtrain.parallel.local_sgd import LocalSGD
 
-        self.averager = LocalSGD(model, self.cfg.average_every_or_default(), self.cfg.local_sgd_warmup or 0)
+        self.averager = LocalSGD(model, self.cfg.average_every, self.cfg.local_sgd_warmup)
         return base_optimizer(self.cfg, model.parameters(), lr)
 
     def step(self, state: TrainState) -> None:
@@ -170,12 +171,11 @@ class LocalSGDUpdate(SyncUpdate):
         if self.averager.in_sync or horovod.size() == 1:
             return super().checkpoint_entries(state, root_rank)
         average = self.averager.averaged_state()
-        local = horovod.allgather_object(
-            (state.model.state_dict(), state.optimizer.state_dict()), name="hvdtrain.local_sgd.states"
-        )
+        own_optimizer = state.optimizer.state_dict()
+        local = horovod.allgather_object((state.model.state_dict(), own_optimizer), name="hvdtrain.local_sgd.states")
         return {
             "model": average,
-            "optimizer": state.optimizer.state_dict(),
+            "optimizer": own_optimizer,
             "update": self.state_dict(),
             "local": [{"model": m, "optimizer": o} for m, o in local],
         }
@@ -229,8 +229,8 @@ class AsyncUpdate(UpdateRule):
         super().__init__(cfg)
         from hvdtrain.parallel import ps
 
-        self.staleness = cfg.max_staleness_or_default()
-        self.workers, self.servers = ps.roles(world_size, cfg.ps_ranks_or_default())
+        self.staleness = cfg.max_staleness
+        self.workers, self.servers = ps.roles(world_size, cfg.ps_ranks)
         self.serves = rank in self.servers
         self.global_rank = rank
         self._saved: Optional[dict[str, Any]] = None  # rank 0: the checkpoint it resumed from
