@@ -3,7 +3,7 @@ DistributedOptimizer. The last rank serves the parameters (and their momentum); 
 gradients and receive fresh parameters, at most --max-staleness steps ahead of the slowest worker. Needs MPI
 (mpi4py messages). (`hvdtrain train --update async` does the same for the built-in job.)
 
-hvdtrain run -np 3 --mpi -- python examples/08_parameter_server.py --epochs 6
+hvdtrain run -np 3 --mpi -- python examples/08_parameter_server.py --epochs 10
 """
 
 import argparse
@@ -17,7 +17,7 @@ from hvdtrain.parallel import horovod, ps  # +ps
 from hvdtrain.train import datasets, models
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--epochs", type=int, default=6)
+parser.add_argument("--epochs", type=int, default=10)
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--lr", type=float, default=0.05)
 parser.add_argument("--momentum", type=float, default=0.9)

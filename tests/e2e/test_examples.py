@@ -23,8 +23,10 @@ def test_every_example_is_covered(examples_dir):
 
 @pytest.mark.parametrize("name,np_,bar", CASES)
 def test_example_runs_and_learns(hvdtrain, examples_dir, tmp_path, name, np_, bar):
-    # Stale gradients need more steps: 3 epochs of async training end anywhere between 0.80 and 0.93.
-    args = [sys.executable, examples_dir / name, "--epochs", "6" if name.startswith("08") else "3"]
+    # Stale gradients (momentum 0.9, staleness 2) need more steps: async training ended between 0.80 and 0.93
+    # after 3 epochs, between 0.87 and 0.96 after 6, and between 0.955 and 0.981 after 10 (also with a third
+    # process busy on the 2 cores).
+    args = [sys.executable, examples_dir / name, "--epochs", "10" if name.startswith("08") else "3"]
     if name.startswith("05"):
         args += ["--run-dir", tmp_path / "own"]
     mpi = ["--mpi"] if name.startswith("08") else []  # its server talks MPI (mpi4py)
