@@ -32,7 +32,7 @@ def launch_options(f):
         click.option(
             "--launcher",
             type=OneOf(LAUNCHERS, UNKNOWN_LAUNCHER),
-            help="[default: srun inside a Slurm allocation, else horovodrun].",
+            help="[default: srun inside a Slurm allocation; horovodrun for --gloo, --elastic or other hosts; else mpirun].",
         ),
         click.option(
             "--env",
@@ -464,6 +464,25 @@ def bench_updates(dry_run, options, **launch_options):
 
     plan = updates.make_plan(options, launch_options=launch_options)
     updates.run(plan, dry_run=dry_run, echo=click.echo)
+
+
+@bench.command("launch", context_settings=CONTEXT)
+@bench_options("LaunchSettings")
+@click.option("--dry-run", is_flag=True, help="Print every command, run nothing.")
+@handle_errors
+def bench_launch(dry_run, options):
+    """Time to start a trivial Horovod job (hvd.init + one allreduce) through plain mpirun, hvdtrain run (its
+    default launcher, and horovodrun), and plain horovodrun; and the built-in job's time to its first step by
+    phase (launch, imports, hvd.init, data, model, broadcast, first step).
+
+    \b
+      hvdtrain bench launch                                # 2 ranks, 7 rounds
+      hvdtrain bench launch --arms mpirun,hvdtrain --rounds 15 --no-train
+    """
+    from hvdtrain.bench import launching
+
+    plan = launching.make_plan(options)
+    launching.run(plan, dry_run=dry_run, echo=click.echo)
 
 
 # --- Slurm: submit, status, logs -------------------------------------------------------------------------

@@ -23,10 +23,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Optional, Sequence
 
-from hvdtrain import procs
+from hvdtrain import procs, startup
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import LaunchError, UsageError
 from hvdtrain.failures import diagnose, diagnose_elastic, log_sizes, worker_log_sizes
@@ -295,13 +296,28 @@ def resolve_ssh_config(ssh_config: Optional[str], environ: Mapping[str, str], la
     return resolved
 
 
-def resolve_launcher(launcher: Optional[str], in_allocation: bool) -> str:
-    """The launcher a job uses: the one asked for, else srun inside a Slurm allocation, else horovodrun."""
+def resolve_launcher(launcher: Optional[str], in_allocation: bool, horovodrun_adds: bool = True) -> str:
+    """The launcher a job uses: the one asked for; else srun inside a Slurm allocation; else horovodrun where it
+    adds something (`horovodrun_adds`: see horovodrun_adds); else mpirun when it is on PATH. mpirun starts a static
+    job on this machine in the time plain mpirun takes; horovodrun, which runs that same mpirun after importing
+    itself and checking the hosts, takes about 2.5 s longer (docs/performance.md, "Launch")."""
     if launcher is not None and launcher not in LAUNCHERS:
         raise UsageError("--launcher: " + UNKNOWN_LAUNCHER.format(value=launcher, choices=", ".join(LAUNCHERS)))
     if launcher is None:
-        return "srun" if in_allocation else "horovodrun"
+        if in_allocation:
+            return "srun"
+        return "horovodrun" if horovodrun_adds or shutil.which("mpirun") is None else "mpirun"
     return launcher
+
+
+def horovodrun_adds(gloo: bool, elastic: bool, hosts: Sequence[Host]) -> bool:
+    """Whether horovodrun brings something a job needs: Gloo's rendezvous (--gloo), elastic training, or for hosts
+    other than this machine its own checks (ssh to each, the interfaces they have in common, which it gives MPI).
+    A host counts as this machine by its name alone here (localhost, 127.0.0.1, this host's name): no DNS."""
+    if gloo or elastic:
+        return True
+    here = socket.gethostname()
+    return any(h.name not in ("localhost", "127.0.0.1", here, here.split(".")[0]) for h in hosts)
 
 
 def resolve_controller(launcher: str, gloo: bool, mpi: bool, default: Optional[str] = None) -> Optional[str]:
@@ -528,7 +544,10 @@ def make_spec(
     if elastic:
         _check_elastic_launch(hosts, hostfile, launcher, mpi)
     slurm = SlurmEnv.read(environ)
-    launcher = resolve_launcher(launcher, slurm.in_allocation and not (hosts or hostfile or elastic))
+    given = parse_hostfile(hostfile) if hostfile else parse_hosts(hosts) if hosts else []
+    launcher = resolve_launcher(
+        launcher, slurm.in_allocation and not (given or elastic), horovodrun_adds(gloo, elastic, given)
+    )
     controller = resolve_controller(launcher, gloo, mpi, default_controller)
     if np is not None and np <= 0:
         raise UsageError(f"-np {np}: the number of ranks must be at least 1")
@@ -554,11 +573,8 @@ def make_spec(
                 f"ask sbatch for --ntasks={np} or run with -np {allocated}"
             )
     else:
-        if hostfile:
-            host_list = parse_hostfile(hostfile)
-        elif hosts:
-            host_list = parse_hosts(hosts)
-        elif slurm.in_allocation and np is None:
+        host_list = given
+        if not host_list and slurm.in_allocation and np is None:
             np = slurm.ntasks
         if np is None:
             np = sum(h.slots for h in host_list) if host_list else 1
@@ -727,6 +743,9 @@ def build_mpirun_argv(
     # Horovod's recommended settings: no core binding (its background thread needs a core of its own
     # choosing), slot-order mapping so local ranks are contiguous.
     argv += ["--bind-to", "none", "--map-by", "slot"]
+    # Every output line prefixed with [jobid,rank]<stdout|stderr>: as horovodrun's MPI path does (the ranks' own
+    # logs are untagged).
+    argv.append("--tag-output")
     if max(ranks_per_host(spec.np, spec.hosts)) > cores:
         argv.append("--oversubscribe")
     if spec.nics:
@@ -757,7 +776,7 @@ def build_argv(spec: LaunchSpec, log_dir: str, is_root: bool, horovodrun: Option
     if spec.launcher == "horovodrun":
         return build_horovodrun_argv(spec, log_dir, prefix=[horovodrun] if horovodrun else horovodrun_command(spec))
     if spec.launcher == "mpirun":
-        names = [*rank_env(spec, is_root), *forwarded_names(os.environ), procs.LAUNCHER_ENV]
+        names = [*rank_env(spec, is_root), *forwarded_names(os.environ), procs.LAUNCHER_ENV, startup.LAUNCHED_ENV]
         return build_mpirun_argv(spec, log_dir, names)
     return build_srun_argv(spec, log_dir)
 
@@ -967,6 +986,7 @@ def run_job(
 
     # The job names its launcher: a rank on this machine ends itself when this process is gone (hvdtrain.rank).
     env[procs.LAUNCHER_ENV] = procs.identity()
+    env[startup.LAUNCHED_ENV] = f"{time.time():.6f}"  # the start of the "launch" phase (hvdtrain.startup)
     # The launcher runs in a process group of its own, so that Ctrl-C reaches this process alone and is turned into
     # a stop here (below); no stdin, which a background group may not read; and it gets a signal from the kernel
     # when this process dies, however (SIGKILL, OOM killer): mpirun ends its ranks on SIGTERM; horovodrun's Gloo

@@ -35,10 +35,17 @@ class AllreducePlan:
     jobs: list[runner.Job]  # one per controller, named after it, in launch order
 
 
-def controllers_for(spec: launch.LaunchSpec) -> list[str]:
-    """The controller make_spec decided; both (MPI first) when it left the choice open (horovodrun, neither
-    --gloo nor --mpi)."""
-    return [spec.controller] if spec.controller else ["mpi", "gloo"]
+def controller_specs(command: list[str], launch_options: Mapping[str, Any]) -> list[launch.LaunchSpec]:
+    """One launch per controller, MPI first: the controller the launch options decide; both when they leave it open.
+    Open: neither --gloo, --mpi nor --launcher outside Slurm (MPI through the default launcher, mpirun, and Gloo
+    through horovodrun), or --launcher horovodrun alone (both through it)."""
+    decided = launch.make_spec(command, **launch_options)
+    if decided.controller is None:
+        return [dataclasses.replace(decided, controller=c) for c in ("mpi", "gloo")]
+    chosen = any(launch_options.get(k) for k in ("launcher", "gloo", "mpi"))
+    if chosen or decided.launcher != "mpirun":
+        return [decided]
+    return [decided, launch.make_spec(command, **{**launch_options, "gloo": True})]
 
 
 def message_sizes(settings: plans.AllreduceSettings, range_given: bool) -> list[int]:
@@ -62,14 +69,14 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
     out = runner.out_dir(settings.out)
     launch_options = dict(launch_options)
     logs = Path(launch_options.pop("output_dir", None) or out / "logs")
-    decided = launch.make_spec(runner.worker_command(WORKER, out, "mpi"), **launch_options)
-    if decided.np < 2:
-        raise UsageError(f"-np {decided.np}: an allreduce benchmark needs at least 2 ranks, e.g. -np 2")
+    decided = controller_specs(runner.worker_command(WORKER, out, "mpi"), launch_options)
+    if decided[0].np < 2:
+        raise UsageError(f"-np {decided[0].np}: an allreduce benchmark needs at least 2 ranks, e.g. -np 2")
     jobs = []
-    for controller in controllers_for(decided):
+    for spec in decided:
+        controller = spec.controller
         spec = dataclasses.replace(
-            decided,
-            controller=controller,
+            spec,
             command=runner.worker_command(WORKER, out, controller),
             output_dir=str(logs / controller),
         )

@@ -58,6 +58,7 @@ from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
 from hvdtrain.parallel import elastic, horovod
 from hvdtrain.rundir import RunDir
+from hvdtrain.startup import Startup
 from hvdtrain.train import checkpoint, datasets, models
 from hvdtrain.train.hooks import Hook, Hooks
 from hvdtrain.train.reporting import Progress, Recorder, ReportWindow
@@ -105,13 +106,16 @@ class Trainer:
         self._echo = echo
         self.hooks = Hooks(hooks)
         self.run_dir = RunDir(self.cfg.run_dir)
+        self.startup = Startup()  # time to the first step, in phases (hvdtrain.startup)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         cfg = self.cfg
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
+        self.startup.mark("imports")
         horovod.init(deterministic=cfg.deterministic, group=self._workers())
+        self.startup.mark("hvd.init")
         # In an async job: this rank's place among the workers (a server's: its place in the job).
         self.rank, self.size = horovod.rank(), horovod.size()
         self.is_main = self.rank == 0
@@ -126,6 +130,7 @@ class Trainer:
                 "use -np 1, or --strategy hybrid for data parallelism across model-parallel replicas"
             )
         self.data = self._user_dataset or datasets.load(cfg.data, cfg.synthetic_samples, cfg.seed)
+        self.startup.mark("data")
         # Same seed on every rank for the initial weights (rank 0's are broadcast anyway).
         seed_everything(cfg.seed)
         model = self._place(
@@ -141,6 +146,7 @@ class Trainer:
         self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed)
         # An elastic job resumes on any world size: its position counts samples, not steps.
         self.fingerprint = checkpoint.fingerprint(cfg, None if self.elastic else self.size)
+        self.startup.mark("model")
 
     def _workers(self) -> Optional[list[int]]:
         """An async job's worker ranks (the group every collective of the loop runs over); None: every rank."""
@@ -341,6 +347,8 @@ class Trainer:
                 if s.step >= self.steps_total:
                     break
                 self._train_step(group)
+                if not self.startup.done:
+                    self._started()
                 s.samples_in_epoch = base + min(rest, j * per_step)
                 stop = self._report()
                 if self.window.due(s.step, self.steps_total):
@@ -355,6 +363,13 @@ class Trainer:
         finally:
             self.train_seconds += time.perf_counter() - started
         return stop
+
+    def _started(self) -> None:
+        """After the first step: the start-up's phases, said by rank 0 and kept for result.json."""
+        self.startup.mark("first step")
+        self.startup.done = True
+        if self.startup.marks:
+            self.progress.say(self.startup.line())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -388,6 +403,7 @@ class Trainer:
         self._open_outputs()
         resumed = self._load_for_elastic() if self.elastic else self._restore_or_broadcast()
         self.update.start(self.state)
+        self.startup.mark("restore" if resumed is not None else "broadcast")
         s = self.state
         self.progress = Progress(self.steps_total, cfg.epochs, self.is_main, self._echo, start_step=s.step)
         if resumed is not None:
@@ -569,6 +585,7 @@ class Trainer:
             "samples_per_s": total / seconds if seconds > 0 else math.nan,
             "params_sha256": params_sha256(self.model),
             "run_dir": str(self.run_dir.path),
+            "startup_s": self.startup.phases(),  # rank 0's phases up to the first step (hvdtrain.startup)
             **extra,
         }
         if self.is_main:

@@ -27,6 +27,13 @@ def test_default_job_reaches_the_accuracy_bar(hvdtrain, tmp_path):
     assert any("train_loss" in r for r in rows) and any("test_accuracy" in r for r in rows)
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == f"step-{res['steps']:08d}.pt"
+    # Launched by mpirun (the default for a job on this machine), output tagged by rank as horovodrun's was; the
+    # start-up said by rank 0 in phases from hvdtrain's launch on.
+    assert "[1,0]<stdout>:test accuracy: " in proc.stdout
+    phases = ["launch", "imports", "hvd.init", "data", "model", "broadcast", "first step"]
+    assert list(res["startup_s"]) == sorted(phases) and all(v >= 0 for v in res["startup_s"].values())  # JSON: sorted
+    assert 0 < res["startup_s"]["launch"] < time.monotonic() - start
+    assert proc.stdout.count("start-up: ") == 1
     print(f"default job: {res['test_accuracy']:.4f} in {time.monotonic() - start:.1f} s wall")
 
 

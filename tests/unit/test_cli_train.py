@@ -79,7 +79,7 @@ def test_hybrid_on_cpu_passes_preflight_with_cpu_stages(run):
     result = run("-np", "2", "--strategy", "hybrid", "--devices-per-rank", "2", "--run-dir", "r", "--dry-run",
                  env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert re.search(r"horovodrun -np 2 -H localhost:2 .*-m hvdtrain\.worker \S+/r/config\.json$", result.output, re.M)
+    assert re.search(r"^mpirun -np 2 -H localhost:2 .*-m hvdtrain\.worker \S+/r/config\.json$", result.output, re.M)
     assert devices_for_rank(1, 2, 2, cuda_count=0) == ["cpu", "cpu"]
     assert devices_for_rank(1, 2, 2, cuda_count=4) == ["cuda:2", "cuda:3"]
 
@@ -141,7 +141,7 @@ def test_config_file_precedence_cli_over_file_over_defaults(run, tmp_path):
     assert result.exit_code == 0, result.output
     cfg = dry_config(result.output)
     assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["momentum"]) == (3, 16, 0.3, 0.9)
-    assert re.search(r"horovodrun -np 1 -H localhost:1 ", result.output)
+    assert re.search(r"^mpirun -np 1 -H localhost:1 ", result.output, re.M)
 
 
 def test_config_file_unknown_keys_list_the_valid_ones(run, tmp_path):

@@ -117,10 +117,10 @@ def test_preflight_checks_the_launching_machine(fake_ssh, monkeypatch):
 def test_preflight_all_local_horovodrun_needs_the_loopback(fake_ssh):
     """horovodrun with every host here keeps only interfaces holding 127.0.0.1 (and fails without one)."""
     with pytest.raises(UsageError) as e:
-        hosts.preflight(spec(np=2, network_interface="eth0"))
+        hosts.preflight(spec(np=2, network_interface="eth0", launcher="horovodrun"))
     assert str(e.value) == (
         "--network-interface eth0: every host is this machine, and then horovodrun only takes an interface holding "
         "127.0.0.1 (here: lo); give --network-interface lo, leave the option out, or use --launcher mpirun"
     )
-    assert hosts.preflight(spec(np=2, network_interface="lo"))
-    assert hosts.preflight(spec(np=2, network_interface="eth0", launcher="mpirun"))
+    assert hosts.preflight(spec(np=2, network_interface="lo", launcher="horovodrun"))
+    assert hosts.preflight(spec(np=2, network_interface="eth0"))  # the default here: mpirun

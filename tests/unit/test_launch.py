@@ -4,6 +4,7 @@ import dataclasses
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,7 +88,23 @@ def test_missing_hostfile(tmp_path):
 
 def test_defaults():
     s = spec(np=2)
-    assert (s.np, s.hosts, s.launcher, s.controller) == (2, [launch.Host("localhost", 2)], "horovodrun", None)
+    assert (s.np, s.hosts, s.launcher, s.controller) == (2, [launch.Host("localhost", 2)], "mpirun", "mpi")
+    s = spec(np=2, launcher="horovodrun")
+    assert (s.launcher, s.controller) == ("horovodrun", None)  # horovodrun's own choice
+
+
+def test_default_launcher_is_horovodrun_where_it_adds_something(monkeypatch):
+    """mpirun for a static job on this machine; horovodrun for Gloo, elastic, or hosts that are not this machine
+    (its ssh and interface checks); srun inside an allocation; horovodrun when there is no mpirun."""
+    here = socket.gethostname()
+    assert spec(np=2, hosts=f"localhost:1,127.0.0.1:1,{here}:1").launcher == "mpirun"
+    assert spec(np=2, mpi=True).launcher == "mpirun"
+    assert spec(np=2, gloo=True).launcher == "horovodrun"
+    assert spec(np=2, hosts="localhost:1,n2:1").launcher == "horovodrun"
+    assert spec(np=2, hosts="n1:1,n2:1", mpi=True).launcher == "horovodrun"
+    assert spec(environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}).launcher == "srun"
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    assert spec(np=2).launcher == "horovodrun"
 
 
 def test_np_defaults_to_all_slots():
@@ -179,7 +196,8 @@ def test_mpirun_argv():
     names = launch.rank_env(s, is_root=True).keys()
     argv = launch.build_mpirun_argv(s, "/logs", names, cores=2)
     assert argv == [
-        "mpirun", "-np", "4", "-H", "localhost:4", "--bind-to", "none", "--map-by", "slot", "--oversubscribe",
+        "mpirun", "-np", "4", "-H", "localhost:4", "--bind-to", "none", "--map-by", "slot", "--tag-output",
+        "--oversubscribe",
         "-x", "HOROVOD_STALL_CHECK_TIME_SECONDS", "-x", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "-x", "NCCL_DEBUG",
         "-x", "OMPI_ALLOW_RUN_AS_ROOT", "-x", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
         "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/logs", "--threads", "1", "--", *HOSTILE,
@@ -245,7 +263,7 @@ def test_network_interface_argv_per_launcher():
     mp.python = "/py"
     names = launch.rank_env(mp, is_root=False).keys()
     assert launch.build_mpirun_argv(mp, "/l", names, cores=8) == [
-        "mpirun", "-np", "2", "-H", "n1:1,n2:1", "--bind-to", "none", "--map-by", "slot",
+        "mpirun", "-np", "2", "-H", "n1:1,n2:1", "--bind-to", "none", "--map-by", "slot", "--tag-output",
         "--mca", "btl_tcp_if_include", "eth0,ib0", "--mca", "oob_tcp_if_include", "eth0,ib0",
         "-x", "HOROVOD_STALL_CHECK_TIME_SECONDS", "-x", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
         "-x", "NCCL_SOCKET_IFNAME",
@@ -311,9 +329,9 @@ def test_ssh_config_from_option_or_environment(tmp_path):
         spec(environ=slurm, ssh_config=str(config))
     spaced = tmp_path / "a b.ssh"
     spaced.write_text("")
-    assert spec(np=2, ssh_config=str(spaced)).ssh_config.endswith("a b.ssh")  # horovodrun: through the shim
+    assert spec(np=2, ssh_config=str(spaced), gloo=True).ssh_config.endswith("a b.ssh")  # horovodrun: the shim
     with pytest.raises(UsageError, match="splits its ssh command"):
-        spec(np=2, ssh_config=str(spaced), launcher="mpirun")
+        spec(np=2, ssh_config=str(spaced))  # mpirun
 
 
 def test_ssh_config_argv(tmp_path):
@@ -358,7 +376,7 @@ def test_a_launcher_that_says_success_without_starting_a_rank_fails(tmp_path, mo
     horovodrun.chmod(0o755)
     monkeypatch.setattr(launch, "find_horovodrun", lambda: str(horovodrun))
     with pytest.raises(LaunchError, match=r"horovodrun exited with status 0 but no rank started \(no rank records"):
-        launch.run_job(spec(np=2, output_dir=str(tmp_path / "logs")), echo=lambda _: None)
+        launch.run_job(spec(np=2, launcher="horovodrun", output_dir=str(tmp_path / "logs")), echo=lambda _: None)
 
 
 def test_dry_run_names_the_ssh_shim(tmp_path, capsys):
@@ -409,7 +427,8 @@ def test_sigterm_reaches_the_launcher_behind_a_shell(tmp_path):
     driver = (
         "import sys\nfrom hvdtrain import launch\n"
         f"launch.find_horovodrun = lambda: {str(horovodrun)!r}\n"
-        f"spec = launch.make_spec(['true'], np=1, environ={{}}, output_dir={str(tmp_path / 'logs')!r})\n"
+        f"spec = launch.make_spec(['true'], np=1, launcher='horovodrun', environ={{}}, "
+        f"output_dir={str(tmp_path / 'logs')!r})\n"
         "try:\n    launch.run_job(spec)\nexcept launch.LaunchError as e:\n    sys.exit(f'error: {e}')\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)

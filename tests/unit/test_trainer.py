@@ -95,6 +95,11 @@ def test_max_steps_checkpoints_eval_and_hooks(tmp_path):
     assert [r["step"] for r in got if "test_accuracy" in r] == [16, 32, 40]  # after epochs 1 and 2, and the end
     assert any(line.startswith("epoch 1/3 step 5/40 loss ") for line in lines)
     assert lines[-1].startswith(f"test accuracy: {result['test_accuracy']:.4f}")
+    # The start-up's phases, said once after the first step (no launch phase: not launched by hvdtrain here).
+    phases = ["imports", "hvd.init", "data", "model", "broadcast", "first step"]
+    assert list(result["startup_s"]) == phases and all(v >= 0 for v in result["startup_s"].values())
+    said = [line for line in lines if line.startswith("start-up: ")]
+    assert len(said) == 1 and said[0].endswith(", first step " + f"{result['startup_s']['first step']:.2f} s)")
     assert TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == cfg
 
 
