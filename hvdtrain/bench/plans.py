@@ -261,6 +261,21 @@ class UpdatesSettings:
         return _floats(self.targets, "--targets", low=0.0, high=1.0)
 
 
+LAUNCH_ARMS = ("mpirun", "hvdtrain", "hvdtrain-horovodrun", "horovodrun")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSettings:
+    """`hvdtrain bench launch`'s own options."""
+
+    out: str = option("runs/bench-launch", "Directory for launch.json.")
+    ranks: int = option(2, "Ranks of every job (all on this machine).", low=1)
+    arms: tuple[str, ...] = option(LAUNCH_ARMS, "Comma-separated launchers to time.", choices=LAUNCH_ARMS)
+    rounds: int = option(7, "Runs of every arm (alternating, rotated order).", tiny=1, low=1)
+    train: bool = option(True, "Also time the built-in job's start-up, by phase (hvdtrain train --max-steps 1).")
+    tiny: bool = option(False, "One round: the smoke run of the test suite.")
+
+
 def _floats(text: str, flag_name: str, low: float, high: Optional[float]) -> list[float]:
     try:
         values = [float(t) for t in text.split(",") if t.strip()]

@@ -101,3 +101,24 @@ def test_bench_updates_tiny(hvdtrain, tmp_path):
         elif run["mode"] == "local-sgd":
             assert run["collectives_per_step"] == pytest.approx(1 / 4, abs=0.02)  # one average every H = 4 steps
     assert not (out / "runs").exists()  # the runs' directories are scratch
+
+
+def test_bench_launch_tiny(hvdtrain, tmp_path):
+    """Every launcher arm once, and the built-in job's start-up by phase through the default launcher and
+    horovodrun: times positive, ratios from the measured medians, nothing left in the scratch directories."""
+    out = tmp_path / "bl"
+    r = hvdtrain("bench", "launch", "--tiny", "--out", out, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "x mpirun" in r.stdout and "to 1st step" in r.stdout
+    result = json.loads((out / "launch.json").read_text())
+    jobs = result["job"]
+    assert list(jobs) == ["mpirun", "hvdtrain", "hvdtrain-horovodrun", "horovodrun"] and result["meta"]["np"] == 2
+    for row in jobs.values():
+        assert row["n"] == 1 and row["median"] == row["min"] == row["max"] > 0
+        assert row["vs_mpirun"] == pytest.approx(row["median"] / jobs["mpirun"]["median"])
+    phases = ["launch", "imports", "hvd.init", "data", "model", "broadcast", "first step"]
+    for arm in ("hvdtrain", "hvdtrain-horovodrun"):
+        t = result["train"][arm]
+        assert sorted(t["phases"]) == sorted(phases) and all(v >= 0 for v in t["phases"].values())
+        assert 0 < sum(t["phases"].values()) < t["wall"]["median"]
+    assert [p.name for p in out.iterdir()] == ["launch.json"]

@@ -112,6 +112,10 @@ CASES = [
     (["train", "--update", "async", "-np", "3", "--gloo"], "--update async needs MPI"),
     (["train", "--update", "async", "--strategy", "hybrid"], "--strategy: hybrid does not combine with --update"),
     (["train", "--update", "async", "-np", "2", "--elastic"], "--update async cannot be elastic"),
+    # bench launch
+    (["bench", "launch", "--arms", "mpirun,srun"], "--arms': unknown 'srun'; choose from mpirun"),
+    (["bench", "launch", "--rounds", "0"], "--rounds 0: must be at least 1"),
+    (["bench", "launch", "--out", "a-file"], "--out a-file: exists and is not a directory"),
     # hosts hvdtrain cannot pass on
     (["run", "-H", "[::1]:2", "-np", "2", "--", "true"], "bad host '[::1]:2': IPv6 addresses cannot be passed on"),
     (["run", "-H", "fe80::1", "--", "true"], "bad host 'fe80::1': IPv6"),

@@ -12,7 +12,7 @@ from clichecks import assert_usage_error
 from click.testing import CliRunner
 
 from hvdtrain import launch
-from hvdtrain.bench import allreduce, plans, plots, report, tables, throughput, updates
+from hvdtrain.bench import allreduce, launching, plans, plots, report, tables, throughput, updates
 from hvdtrain.cli import cli, launch_options
 from hvdtrain.errors import UsageError
 
@@ -175,13 +175,16 @@ def test_allreduce_plot_writes_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_controllers_for(clean_env):
+def test_controller_specs(clean_env):
     def decided(**options):
-        return launch.make_spec([sys.executable, "-m", allreduce.WORKER], np=2, **options)
+        specs = allreduce.controller_specs([sys.executable, "-m", allreduce.WORKER], {"np": 2, **options})
+        return [(s.launcher, s.controller) for s in specs]
 
-    assert allreduce.controllers_for(decided(launcher=None)) == ["mpi", "gloo"]
-    assert allreduce.controllers_for(decided(launcher="horovodrun", gloo=True)) == ["gloo"]
-    assert allreduce.controllers_for(decided(launcher="mpirun")) == ["mpi"]
+    assert decided(launcher=None) == [("mpirun", "mpi"), ("horovodrun", "gloo")]  # the defaults of each
+    assert decided(launcher="horovodrun") == [("horovodrun", "mpi"), ("horovodrun", "gloo")]
+    assert decided(launcher="horovodrun", gloo=True) == [("horovodrun", "gloo")]
+    assert decided(mpi=True) == [("mpirun", "mpi")]
+    assert decided(launcher="mpirun") == [("mpirun", "mpi")]
 
 
 # --- train: from per-iteration rates to the report -------------------------------------------------
@@ -396,7 +399,7 @@ def test_bench_allreduce_dry_run(no_processes, clean_env, tmp_path):
     assert result.exit_code == 0, result.output
     commands = [line for line in result.output.splitlines() if "hvdtrain.bench.allreduce_worker" in line]
     assert len(commands) == 2
-    assert " -np 2 -H localhost:2 --mpi " in commands[0] and " --gloo " in commands[1]
+    assert commands[0].startswith("mpirun -np 2 -H localhost:2 ") and " --gloo " in commands[1]
     assert no_processes == [] and not (tmp_path / "o").exists()
     only_mpi = invoke("bench", "allreduce", "-np", "2", "--launcher", "mpirun", "--out", tmp_path / "o", "--dry-run")
     lines = [line for line in only_mpi.output.splitlines() if "allreduce_worker" in line]
@@ -409,7 +412,7 @@ def test_bench_train_dry_run(no_processes, clean_env, tmp_path):
     out = result.output.splitlines()
     commands = [line for line in out if "hvdtrain.bench.throughput_worker" in line]
     assert len(commands) == 4  # np 1 and 2, fusion on and off
-    assert all("--mpi" in c for c in commands)
+    assert all(c.startswith("mpirun -np ") for c in commands)  # MPI, through the default launcher
     assert out.count("export HOROVOD_FUSION_THRESHOLD=0") == 2 and all(" --threads 1 -- " in c for c in commands)
     assert no_processes == [] and not (tmp_path / "o").exists()
     plain = invoke("bench", "train", "--max-np", "1", "--no-ablations", "--gloo", "--out", tmp_path / "o", "--dry-run")
@@ -501,3 +504,43 @@ def test_worker_plans_round_trip_through_json():
     assert plans.AllreduceWorkerPlan.from_json(ar.to_json()) == ar
     with pytest.raises(ValueError, match=r"unknown keys \['iter'\]; valid keys are: controller, sizes"):
         plans.AllreduceWorkerPlan.from_json(ar.to_json().replace('"iters"', '"iter"'))
+
+
+# --- launch: arms, spread, report -----------------------------------------------------------------
+
+
+def test_launch_arms_rotate_and_build_the_commands_users_type(no_processes, tmp_path):
+    assert [launching.rotated("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    job = ["-m", launching.JOB]
+    mpirun = launching.arm_argv("mpirun", "job", 2, "unused", cores=2)
+    assert mpirun[:7] == ["mpirun", "-np", "2", "--bind-to", "none", "--map-by", "slot"] and mpirun[-2:] == job
+    assert "--oversubscribe" in launching.arm_argv("mpirun", "job", 3, "unused", cores=2)
+    default = launching.arm_argv("hvdtrain", "job", 2, "unused")
+    assert default[-6:] == ["run", "-np", "2", "--", sys.executable, *job][-6:] and "--launcher" not in default
+    assert default[default.index("run") - 1].endswith("hvdtrain") or default[:3] == [sys.executable, "-m", "hvdtrain"]
+    assert launching.arm_argv("hvdtrain-horovodrun", "job", 2, "x")[-6:-4] == ["--launcher", "horovodrun"]
+    assert launching.arm_argv("horovodrun", "job", 4, "x")[0].endswith("horovodrun")
+    train = launching.arm_argv("hvdtrain-horovodrun", "train", 2, str(tmp_path / "r"))
+    assert train[-8:] == ["--max-steps", "1", "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--launcher",
+                          "horovodrun"]  # fmt: skip
+    plan = launching.make_plan({"tiny": True, "out": str(tmp_path / "o")})
+    assert len(plan.runs) == 4 + 2 and not (tmp_path / "o").exists() and no_processes == []
+    assert_usage_error(invoke("bench", "launch", "--arms", "mpirun,srun"), "srun")
+    assert_usage_error(invoke("bench", "launch", "--ranks", "0"), "--ranks 0: must be at least 1")
+
+
+def test_launch_collect_medians_quartiles_ratio_and_phases():
+    settings = plans.resolve(plans.LaunchSettings, {"arms": "mpirun,hvdtrain", "rounds": 5})
+    samples = [{"what": "job", "arm": "mpirun", "seconds": s} for s in (3.0, 3.2, 3.1, 2.9, 9.0)]
+    samples += [{"what": "job", "arm": "hvdtrain", "seconds": s} for s in (3.3, 3.4, 3.2, 3.1, 3.5)]
+    phases = [{"launch": 0.5, "imports": 1.0, "first step": 0.2}, {"launch": 0.7, "imports": 1.2, "first step": 0.4}]
+    samples += [{"what": "train", "arm": "hvdtrain", "seconds": s, "startup_s": p} for s, p in zip((5, 7), phases)]
+    result = launching.collect(samples, settings)
+    m, h = result["job"]["mpirun"], result["job"]["hvdtrain"]
+    assert (m["median"], m["q1"], m["q3"], m["min"], m["max"], m["n"]) == (3.1, 3.0, 3.2, 2.9, 9.0, 5)
+    assert h["median"] == 3.3 and h["vs_mpirun"] == pytest.approx(3.3 / 3.1) and m["vs_mpirun"] == 1.0
+    t = result["train"]["hvdtrain"]
+    assert t["wall"]["median"] == 6 and t["phases"] == pytest.approx({"launch": 0.6, "imports": 1.1, "first step": 0.3})
+    assert list(t["phases"]) == ["launch", "imports", "first step"] and "hvdtrain-horovodrun" not in result["train"]
+    text = launching.table(result)
+    assert "x mpirun" in text and "1.065" in text and "to 1st step" in text and "2.000" in text
