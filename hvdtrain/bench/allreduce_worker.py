@@ -126,13 +126,29 @@ def horovod_rows(plan: AllreduceWorkerPlan, impl: str, comm=None) -> list[dict]:
     def slowest(t):
         return hvd.allreduce(torch.tensor([t], dtype=torch.float64), op=hvd.Max, name="bench.slowest").item()
 
-    def make(size):
+    def in_place(size):  # the path training takes: DistributedOptimizer's allreduce_async_ on the gradient itself
         buf = torch.zeros(size // ELEMENT_BYTES)
         name = f"bench.allreduce.{size}"
         return (lambda: hvd.allreduce_(buf, op=hvd.Sum, name=name)), buf
 
+    def out_of_place(size):  # a new output tensor per call; the result checked is the call's, not buf
+        buf = torch.zeros(size // ELEMENT_BYTES)
+        name = f"bench.allreduce_oop.{size}"
+        out = [buf]
+
+        def op():
+            out[0] = hvd.allreduce(buf, op=hvd.Sum, name=name)
+
+        return op, out
+
     check = _check_sum(lambda b: b[0].item(), lambda b, v: b.fill_(v), hvd.size(), impl)
-    return _sweep(impl, plan, make, check, hvd.barrier, slowest)
+    rows = _sweep(impl, plan, in_place, check, hvd.barrier, slowest)
+
+    def fill(out, value):
+        out[0].fill_(value)  # out[0] is buf until the first call: the check fills the input, then reads the output
+
+    check_oop = _check_sum(lambda out: out[0][0].item(), fill, hvd.size(), f"{impl}_oop")
+    return rows + _sweep(f"{impl}_oop", plan, out_of_place, check_oop, hvd.barrier, slowest)
 
 
 def main(argv: list[str]) -> int:

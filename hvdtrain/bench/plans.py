@@ -20,13 +20,26 @@ T = TypeVar("T")
 _UNSET = object()
 
 # Implementations the allreduce worker times, in the order of the report's columns.
-IMPLS = ("horovod_mpi", "mpi4py", "horovod_gloo", "torch_gloo")
-IMPL_LABELS = {"horovod_mpi": "hvd-mpi", "mpi4py": "mpi4py", "horovod_gloo": "hvd-gloo", "torch_gloo": "torch-gloo"}
+# horovod_*: in place (hvd.allreduce_, the path training's DistributedOptimizer takes); *_oop: out of place
+# (hvd.allreduce, a new output tensor per call).
+IMPLS = ("horovod_mpi", "horovod_mpi_oop", "mpi4py", "horovod_gloo", "horovod_gloo_oop", "torch_gloo")
+IMPL_LABELS = {
+    "horovod_mpi": "hvd-mpi", "horovod_mpi_oop": "hvd-mpi-oop", "mpi4py": "mpi4py", "horovod_gloo": "hvd-gloo",
+    "horovod_gloo_oop": "hvd-gloo-oop", "torch_gloo": "torch-gloo",
+}  # fmt: skip
 
 # How the throughput worker drives a step; trainer_lean is a diagnostic, run only when asked for.
-ARMS = ("horovod", "trainer", "ddp", "sharded", "trainer_lean")
-DEFAULT_ARMS = ("horovod", "trainer", "ddp", "sharded")
-TRAIN_TARGETS = {"trainer_over_horovod": 0.98, "trainer_over_ddp": 1.0}
+ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm", "trainer_lean")
+DEFAULT_ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm")
+# The reference arms: they run before Horovod starts (its background thread would slow them); mpi4py and nocomm
+# need the MPI controller (MPI's Allreduce and Barrier).
+BASELINE_ARMS = ("ddp", "mpi4py", "nocomm")
+MPI_ARMS = ("mpi4py", "nocomm")
+TRAIN_TARGETS = {
+    "trainer_over_mpi4py": 0.9,  # what the communication allows
+    "trainer_over_ddp": 1.3,
+    "trainer_over_nocomm": 0.8,  # the hardware ceiling: N processes that do not communicate
+}
 # `hvdtrain bench updates`: the update rules it compares (hvdtrain train --update).
 UPDATE_MODES = ("sync", "local-sgd", "async")
 

@@ -63,7 +63,7 @@ def train(result: dict, path: Path) -> Path:
         scale.set_ylabel("total samples/s")
         scale.set_title("weak scaling, minimal Horovod loop")
         scale.legend(fontsize=8)
-        _bars(sbs, rows, top, ("trainer", "horovod", "ddp"), "side by side")
+        _bars(sbs, rows, top, ("trainer", "horovod", "ddp", "mpi4py", "nocomm"), "side by side")
         _bars(abl, rows, top, ("horovod", "horovod-nofusion", "horovod+fp16"), "ablations")
 
     return report.save_plot(path, draw, ncols=3, width=5.0)

@@ -50,10 +50,15 @@ class TrainBenchPlan:
 
 
 def measurement_order(models: Sequence[str], arms: Sequence[str], rounds: int, fp16: bool) -> list[plans.Measurement]:
-    """The "fusion" run's measurements: every ddp one first (before Horovod starts), then per round and
-    model the Horovod loop and the Trainer(s), their order reversed every other round, then the fp16 loop."""
+    """The "fusion" run's measurements: every ddp one first, then the mpi4py loop and the no-communication
+    loop (all before Horovod starts), then per round and model the Horovod loop and the Trainer(s); each group's
+    order reversed every other round; then the fp16 loop."""
     measure = plans.Measurement
     out = [measure("ddp", model, "none", r) for r in range(rounds) for model in models] if "ddp" in arms else []
+    references = [a for a in plans.MPI_ARMS if a in arms]
+    for r in range(rounds):
+        for model in models:
+            out += [measure(arm, model, "none", r) for arm in (references if r % 2 == 0 else references[::-1])]
     pair = [a for a in ("horovod", "trainer", "sharded", "trainer_lean") if a in arms]
     for r in range(rounds):
         for model in models:
@@ -76,6 +81,21 @@ def sweep_top(max_np: Optional[int], np_flag: Optional[int]) -> int:
     return top
 
 
+def mpi_arms_checked(settings: plans.TrainSettings, arms_given: bool, launch_options: Mapping[str, Any]):
+    """The mpi4py and no-communication arms need the MPI controller (MPI's Allreduce and Barrier): under Gloo
+    they are left out of the default arms, and named in --arms they are an error."""
+    probe = launch.make_spec(["true"], np=1, default_controller="mpi", check_cmd=False, **launch_options)
+    named = [a for a in plans.MPI_ARMS if a in settings.arms]
+    if probe.controller == "mpi" or not named:
+        return settings
+    if arms_given:
+        raise UsageError(
+            f"--arms {','.join(named)}: the reference loops run on MPI (mpi4py), not under Gloo; drop --gloo, or "
+            f"drop {'it' if len(named) == 1 else 'them'} from --arms"
+        )
+    return dataclasses.replace(settings, arms=tuple(a for a in settings.arms if a not in plans.MPI_ARMS))
+
+
 def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) -> TrainBenchPlan:
     """Validate every option (TrainSettings' fields; None: not given) and build one job per (np, fusion);
     raises UsageError before any run."""
@@ -87,6 +107,7 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
     if launch_options.get("threads_per_rank") is None:
         launch_options["threads_per_rank"] = 1
     user_env = list(launch_options.pop("env", ()) or ())
+    settings = mpi_arms_checked(settings, options.get("arms") is not None, launch_options)
     shapes, run_root = settings.model_shapes, str((out / TRAINER_RUNS).resolve())
     runs = []
     for np in range(1, top + 1):
@@ -183,11 +204,13 @@ def scaling_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def side_by_side(rows: Sequence[dict]) -> list[dict]:
-    """Trainer, minimal Horovod loop, DDP and the sharded-optimizer loop at the same np and model: totals and
-    their ratios; the two Horovod loops' optimizer state per rank."""
+    """Trainer, minimal Horovod loop, DDP, the sharded-optimizer loop and the two references (the minimal mpi4py
+    loop: what the communication allows; no communication: the hardware ceiling) at the same np and model: totals
+    and their ratios; the two Horovod loops' optimizer state per rank."""
     out = []
+    configs = ("trainer", "horovod", "ddp", "sharded", "mpi4py", "nocomm")
     for np, model in sorted({(r["np"], r["model"]) for r in rows}):
-        got = {c: report.find(rows, np=np, model=model, config=c) for c in ("trainer", "horovod", "ddp", "sharded")}
+        got = {c: report.find(rows, np=np, model=model, config=c) for c in configs}
         if sum(r is not None for r in got.values()) < 2:
             continue  # nothing to compare
         totals = {c: (r["total"] if r else None) for c, r in got.items()}
@@ -196,6 +219,10 @@ def side_by_side(rows: Sequence[dict]) -> list[dict]:
         line["trainer_over_ddp"] = report.ratio(totals["trainer"], totals["ddp"])
         line["horovod_over_ddp"] = report.ratio(totals["horovod"], totals["ddp"])
         line["sharded_over_horovod"] = report.ratio(totals["sharded"], totals["horovod"])
+        for c in ("trainer", "horovod", "mpi4py"):
+            line[f"{c}_over_nocomm"] = report.ratio(totals[c], totals["nocomm"])
+        for c in ("trainer", "horovod"):
+            line[f"{c}_over_mpi4py"] = report.ratio(totals[c], totals["mpi4py"])
         for c in ("horovod", "sharded"):
             line[f"{c}_state_bytes"] = got[c].get("optimizer_state_bytes") if got[c] else None
         line["state_sharded_over_horovod"] = report.ratio(line["sharded_state_bytes"], line["horovod_state_bytes"])

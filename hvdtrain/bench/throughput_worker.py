@@ -7,6 +7,11 @@ lists measurements in order, each an arm (how the step is driven), a model shape
 
   ddp      torch DistributedDataParallel over a gloo process group (baseline; runs before Horovod starts,
            because Horovod's background thread polls even when idle and would slow it)
+  mpi4py   the minimal synchronous data-parallel loop on MPI itself: the gradients live in one flat buffer,
+           one in-place Allreduce (sum) of it per step, divided by n, then the step: what the communication allows
+           (the "ceiling" of any data-parallel loop on this MPI)
+  nocomm   the same loop with a plain optimizer and no communication on every rank at once: N independent
+           processes, the hardware ceiling at this np (ddp, mpi4py and nocomm run before Horovod starts)
   horovod  a minimal hand-written Horovod loop: DistributedOptimizer, broadcast, forward/backward/step
   sharded  the same loop with hvdtrain.parallel.zero.ShardedOptimizer (ZeRO-1: gradients reduce-scattered,
            parameters all-gathered, 1/np of the momentum per rank) instead of the DistributedOptimizer
@@ -35,7 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hvdtrain.bench.plans import Measurement, ModelShape, Timing, TrainWorkerPlan
+from hvdtrain.bench.plans import BASELINE_ARMS, Measurement, ModelShape, Timing, TrainWorkerPlan
 from hvdtrain.bench.report import tuning_env, write_json
 from hvdtrain.env import rank_info
 from hvdtrain.train import datasets, models
@@ -111,6 +116,49 @@ def ddp_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[l
     opt = torch.optim.SGD(model.parameters(), lr=plan.lr * size, momentum=0.9)
     data = batches(dataset, rank, size, plan.timing.batch_size)
     return timed_loop(sgd_step(model, opt), data, plan.timing), {}
+
+
+def mpi4py_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    dataset = make_dataset(plan.timing, size)
+    model = build_model(shape, dataset)  # the same seed on every rank: the weights a broadcast would give
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.zeros(sum(p.numel() for p in params))
+    offset = 0
+    for p in params:  # backward accumulates into these views of the flat buffer: no copies
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    opt = torch.optim.SGD(params, lr=plan.lr * size, momentum=0.9)
+    buffer = flat.numpy()
+
+    def step(x, y):
+        flat.zero_()  # (zero_grad would drop the views)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        flat.div_(size)
+        opt.step()
+        loss.item()
+
+    comm.Barrier()
+    return timed_loop(step, batches(dataset, rank, size, plan.timing.batch_size), plan.timing), {}
+
+
+def nocomm_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    dataset = make_dataset(plan.timing, size)
+    model = build_model(shape, dataset)
+    opt = torch.optim.SGD(model.parameters(), lr=plan.lr * size, momentum=0.9)
+    comm.Barrier()  # every rank at once, as in the other arms
+    rates = timed_loop(sgd_step(model, opt), batches(dataset, rank, size, plan.timing.batch_size), plan.timing)
+    comm.Barrier()
+    return rates, {}
 
 
 def horovod_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
@@ -199,6 +247,7 @@ def trainer_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tup
 
 ARM_RUNNERS = {
     "ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm, "trainer_lean": trainer_arm, "sharded": sharded_arm,
+    "mpi4py": mpi4py_arm, "nocomm": nocomm_arm,
 }  # fmt: skip
 
 
@@ -217,9 +266,9 @@ def main(argv: list[str]) -> int:
     hvd_started = False
     ddp_group = False
     for m in plan.measurements:
+        if m.arm in BASELINE_ARMS and hvd_started:
+            raise RuntimeError(f"the plan puts a {m.arm} measurement after Horovod started; the baselines come first")
         if m.arm == "ddp":
-            if hvd_started:
-                raise RuntimeError("the plan puts a ddp measurement after Horovod started; ddp must come first")
             if not ddp_group:
                 import torch.distributed as dist
 
@@ -232,10 +281,11 @@ def main(argv: list[str]) -> int:
 
                 dist.destroy_process_group()
                 ddp_group = False
-            if not hvd_started:
+            if not hvd_started and m.arm not in BASELINE_ARMS:
                 import horovod.torch as hvd
 
-                hvd.init()
+                # On the MPI that mpi4py started, when a reference arm did (Horovod then leaves it running).
+                hvd.init(comm=sys.modules["mpi4py.MPI"].COMM_WORLD) if "mpi4py.MPI" in sys.modules else hvd.init()
                 torch.set_num_threads(threads)
                 hvd_started = True
         rates, extra = ARM_RUNNERS[m.arm](plan, plan.models[m.model], m)
@@ -245,12 +295,14 @@ def main(argv: list[str]) -> int:
         import horovod.torch as hvd
 
         everyone = hvd.allgather_object(results)
-    else:
+    elif ddp_group:
         import torch.distributed as dist
 
         everyone = [None] * info.size
         dist.all_gather_object(everyone, results)
         dist.destroy_process_group()
+    else:  # the reference arms alone: MPI, through mpi4py
+        everyone = sys.modules["mpi4py.MPI"].COMM_WORLD.allgather(results)
     if info.rank == 0:
         import horovod
 

@@ -18,7 +18,7 @@ def test_bench_allreduce_tiny(hvdtrain, tmp_path):
     assert set(result) == {"meta", "rows", "summary"}
     meta, rows, summary = result["meta"], result["rows"], result["summary"]
     assert meta["np"] == 2 and meta["sizes"] == [4, 1024, 65536] and meta["tiny"] is True
-    impls = {"memcpy", "mpi4py", "horovod_mpi", "torch_gloo", "horovod_gloo"}
+    impls = {"memcpy", "mpi4py", "horovod_mpi", "horovod_mpi_oop", "torch_gloo", "horovod_gloo", "horovod_gloo_oop"}
     assert {(r["impl"], r["bytes"]) for r in rows} == {(i, s) for i in impls for s in meta["sizes"]}
     for row in rows:
         assert row["time_s"] > 0 and row["algbw_GBps"] > 0 and row["iters"] >= 1
@@ -33,7 +33,8 @@ def test_bench_allreduce_tiny(hvdtrain, tmp_path):
     assert summary["horovod_gloo_over_torch_gloo_busbw"] == pytest.approx(busbw("horovod_gloo") / busbw("torch_gloo"))
     assert summary["target_met"] == (summary["horovod_mpi_over_mpi4py_busbw"] >= 0.9)
     assert summary["memcpy_peak_GBps"] > 0
-    assert set(summary["ring_model"]) == {"mpi4py", "horovod_mpi", "torch_gloo", "horovod_gloo"}
+    assert set(summary["ring_model"]) == impls - {"memcpy"}
+    assert summary["horovod_mpi_oop_over_mpi4py_busbw"] == pytest.approx(busbw("horovod_mpi_oop") / busbw("mpi4py"))
     assert all((out / "logs" / c / "rank.1.log").exists() for c in ("mpi", "gloo"))
 
 
@@ -41,7 +42,14 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
     out = tmp_path / "tr"
     r = hvdtrain("bench", "train", "--max-np", "2", "--tiny", "--out", out, timeout=420)
     assert r.returncode == 0, r.stdout + r.stderr
-    for heading in ("samples/s per rank", "weak-scaling eff.", "trainer/horovod", "ablations", "ZeRO-1"):
+    for heading in (
+        "samples/s per rank",
+        "weak-scaling eff.",
+        "trainer/horovod",
+        "ablations",
+        "ZeRO-1",
+        "trainer/nocomm",
+    ):
         assert heading in r.stdout
     assert (out / "train.png").read_bytes()[:8] == PNG
     result = json.loads((out / "train.json").read_text())
@@ -49,7 +57,7 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
     assert result["meta"]["controller"] == "mpi" and result["meta"]["np_list"] == [1, 2]
     assert all(w["threads_per_rank"] == 1 for w in result["meta"]["workers"])
     rows = result["rows"]
-    configs = {"horovod", "horovod+fp16", "horovod-nofusion", "trainer", "ddp", "sharded"}
+    configs = {"horovod", "horovod+fp16", "horovod-nofusion", "trainer", "ddp", "sharded", "mpi4py", "nocomm"}
     assert {(r["config"], r["model"], r["np"]) for r in rows} == {
         (c, m, n) for c in configs for m in ("deep_mlp", "wide_mlp") for n in (1, 2)
     }
@@ -69,7 +77,11 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
         t, h, d = (total[(c, *key)] for c in ("trainer", "horovod", "ddp"))
         assert s["trainer_over_horovod"] == pytest.approx(t / h)
         assert s["trainer_over_ddp"] == pytest.approx(t / d)
-        assert s["trainer_over_horovod_target_met"] == (t / h >= 0.98)
+        m, c = total[("mpi4py", *key)], total[("nocomm", *key)]
+        assert s["trainer_over_mpi4py"] == pytest.approx(t / m) and s["trainer_over_nocomm"] == pytest.approx(t / c)
+        assert s["trainer_over_mpi4py_target_met"] == (t / m >= 0.9) and s["trainer_over_ddp_target_met"] == (
+            t / d >= 1.3
+        )
         assert s["sharded_over_horovod"] == pytest.approx(total[("sharded", *key)] / h)
         # SGD's momentum: the sharded loop keeps 1/np of it per rank (plus < np padding elements per bucket).
         assert s["sharded_state_bytes"] * s["np"] >= s["horovod_state_bytes"]

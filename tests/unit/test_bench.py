@@ -125,7 +125,7 @@ def test_render_table_aligns_columns():
 # --- allreduce: from raw times to the report -------------------------------------------------------
 
 
-def fake_allreduce_parts(n=2, sizes=(4, 1024, 64 * MiB), bw=2.0, lat=1e-5):
+def fake_allreduce_parts(n=2, sizes=(4, 1024, MiB, 64 * MiB), bw=2.0, lat=1e-5, in_place=1.25):
     def rows(impl, scale):
         return [
             {
@@ -140,7 +140,7 @@ def fake_allreduce_parts(n=2, sizes=(4, 1024, 64 * MiB), bw=2.0, lat=1e-5):
 
     mpi = {
         "meta": {"np": n, "controller": "mpi"},
-        "rows": rows("memcpy", 0.1) + rows("mpi4py", 1.0) + rows("horovod_mpi", 1.25),
+        "rows": rows("memcpy", 0.1) + rows("mpi4py", 1.0) + rows("horovod_mpi", in_place) + rows("horovod_mpi_oop", 2),
     }
     gloo = {"meta": {"np": n, "controller": "gloo"}, "rows": rows("torch_gloo", 1.0) + rows("horovod_gloo", 0.5)}
     return [mpi, gloo]
@@ -156,12 +156,16 @@ def test_collect_computes_bandwidths_and_ratios_from_times():
     assert s["reference_bytes"] == 64 * MiB
     assert s["horovod_mpi_over_mpi4py_busbw"] == pytest.approx(1 / 1.25)
     assert s["horovod_gloo_over_torch_gloo_busbw"] == pytest.approx(2.0)
+    assert s["horovod_mpi_oop_over_mpi4py_busbw"] == pytest.approx(0.5)  # out of place, labelled apart
+    assert s["horovod_mpi_over_mpi4py_busbw_at"] == {str(MiB): pytest.approx(0.8), str(64 * MiB): pytest.approx(0.8)}
     assert s["target_met"] is False
+    assert allreduce.collect(fake_allreduce_parts(in_place=1.05))["summary"]["target_met"] is True  # 0.95 at both
     # Times made by the ring model itself: the fit reproduces the bandwidth and every size exactly.
     fit = s["ring_model"]["mpi4py"]
     assert all(v == pytest.approx(1.0, rel=1e-3) for v in fit["model_over_measured"].values())
     text = tables.allreduce(result)
-    assert "hvd-mpi us" in text and "64 MiB" in text and "NOT met" in text
+    assert "hvd-mpi us" in text and "hvd-mpi-oop us" in text and "NOT met" in text
+    assert "x mpi4py at 1 MiB and 64 MiB: NOT met" in text
 
 
 def test_reference_size():
@@ -203,6 +207,11 @@ def test_measurement_order_puts_ddp_first_and_alternates():
     ]
     assert round0 == [("horovod", "none"), ("trainer", "none"), ("horovod", "fp16")]
     assert round1 == [("trainer", "none"), ("horovod", "none"), ("horovod", "fp16")]
+    # The references run after ddp and before every Horovod arm (Horovod's background thread would slow them),
+    # alternating their order every round.
+    arms = [(m.arm, m.round) for m in throughput.measurement_order(["a"], plans.DEFAULT_ARMS, rounds=2, fp16=False)]
+    assert arms[:6] == [("ddp", 0), ("ddp", 1), ("mpi4py", 0), ("nocomm", 0), ("nocomm", 1), ("mpi4py", 1)]
+    assert not {a for a, _ in arms[6:]} & set(plans.BASELINE_ARMS)
 
 
 def fake_train_parts():
@@ -226,6 +235,8 @@ def fake_train_parts():
         ("ddp", "none"): [50, 50],
         ("horovod", "fp16"): [45, 45],
         ("sharded", "none"): [72, 72],
+        ("mpi4py", "none"): [100, 100],
+        ("nocomm", "none"): [110, 110],
     }
     return [part(1, True, one), part(1, False, {("horovod", "none"): [100, 100]}), part(2, True, two),
             part(2, False, {("horovod", "none"): [30, 30]})]  # fmt: skip
@@ -242,7 +253,14 @@ def test_train_collect():
     sbs = {s["np"]: s for s in result["side_by_side"]}
     assert sbs[2]["trainer_over_horovod"] == pytest.approx(162 / 180)
     assert sbs[2]["trainer_over_ddp"] == pytest.approx(162 / 100)
-    assert sbs[1]["trainer_over_horovod_target_met"] is True and sbs[2]["trainer_over_horovod_target_met"] is False
+    # Against the references (np=2 only): what MPI allows and the hardware ceiling; the targets.
+    assert sbs[2]["trainer_over_mpi4py"] == pytest.approx(162 / 200) and sbs[1]["trainer_over_mpi4py"] is None
+    assert sbs[2]["horovod_over_nocomm"] == pytest.approx(180 / 220) and sbs[2]["mpi4py_over_nocomm"] == pytest.approx(
+        200 / 220
+    )
+    assert [sbs[2][f"{k}_target_met"] for k in ("trainer_over_mpi4py", "trainer_over_ddp", "trainer_over_nocomm")] == [
+        False, True, False]  # fmt: skip
+    assert sbs[1]["trainer_over_mpi4py_target_met"] is None and sbs[1]["trainer_over_ddp_target_met"] is False
     abl = {a["np"]: a for a in result["ablations"]}
     assert abl[2]["no_fusion_over_base"] == pytest.approx(60 / 180) and abl[2]["fp16_over_base"] == pytest.approx(0.5)
     assert sbs[2]["sharded_over_horovod"] == pytest.approx(144 / 180) and sbs[1]["sharded_total"] is None
@@ -250,6 +268,7 @@ def test_train_collect():
     text = tables.train(result)
     assert "trainer/horovod" in text and "no fusion" in text and "180 +- 0" in text
     assert "sharded optimizer (ZeRO-1) vs DistributedOptimizer" in text
+    assert "against the references" in text and "trainer/nocomm" in text
 
 
 def test_paired_ratio_per_round():
@@ -415,8 +434,12 @@ def test_bench_train_dry_run(no_processes, clean_env, tmp_path):
     assert all(c.startswith("mpirun -np ") for c in commands)  # MPI, through the default launcher
     assert out.count("export HOROVOD_FUSION_THRESHOLD=0") == 2 and all(" --threads 1 -- " in c for c in commands)
     assert no_processes == [] and not (tmp_path / "o").exists()
+    assert "mpi4py/deep_mlp, nocomm/deep_mlp" in result.output  # the references, under MPI
     plain = invoke("bench", "train", "--max-np", "1", "--no-ablations", "--gloo", "--out", tmp_path / "o", "--dry-run")
     assert [line for line in plain.output.splitlines() if "throughput_worker" in line][0].count("--gloo") == 1
+    assert "mpi4py/" not in plain.output and "nocomm/" not in plain.output  # left out under Gloo
+    named = invoke("bench", "train", "--gloo", "--arms", "horovod,mpi4py", "--out", tmp_path / "o", "--dry-run")
+    assert_usage_error(named, "--arms mpi4py: the reference loops run on MPI (mpi4py), not under Gloo; drop --gloo")
 
 
 def test_bench_checks_the_hosts_before_the_first_job(fake_ssh, clean_env, tmp_path, monkeypatch):
