@@ -193,13 +193,13 @@ def test_horovodrun_argv():
 def test_mpirun_argv():
     s = spec(HOSTILE, np=4, env=["NCCL_DEBUG=INFO"], threads_per_rank=1)
     s.python = "/venv/bin/python"
-    names = launch.rank_env(s, is_root=True).keys()
+    names = launch.rank_env(s, is_root=True, environ={}).keys()
     argv = launch.build_mpirun_argv(s, "/logs", names, cores=2)
     assert argv == [
         "mpirun", "-np", "4", "-H", "localhost:4", "--bind-to", "none", "--map-by", "slot", "--tag-output",
         "--oversubscribe",
         "-x", "HOROVOD_STALL_CHECK_TIME_SECONDS", "-x", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "-x", "NCCL_DEBUG",
-        "-x", "OMPI_ALLOW_RUN_AS_ROOT", "-x", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+        "-x", "OMPI_ALLOW_RUN_AS_ROOT", "-x", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "-x", "OMPI_MCA_mpi_yield_when_idle",
         "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/logs", "--threads", "1", "--", *HOSTILE,
     ]  # fmt: skip
     assert "--oversubscribe" not in launch.build_mpirun_argv(s, "/logs", names, cores=8)
@@ -217,11 +217,18 @@ def test_srun_argv():
 def test_rank_env():
     s = spec(np=2, threads_per_rank=3, env=["X=1"])
     stall = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "60", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600"}
-    assert launch.rank_env(s, is_root=False) == {**stall, "X": "1"}
+    yield_ = {"OMPI_MCA_mpi_yield_when_idle": "1"}  # MPI's waits give the core away now and then
+    assert launch.rank_env(s, is_root=False, environ={}) == {**stall, **yield_, "X": "1"}
     assert launch.rank_env(s, is_root=True)["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
-    # --env wins over hvdtrain's own settings.
-    mine = spec(np=2, env=["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=5"])
+    # --env wins over hvdtrain's own settings, and so does the caller's environment over its MPI defaults.
+    mine = spec(np=2, env=["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=5", "OMPI_MCA_mpi_yield_when_idle=0"])
     assert launch.rank_env(mine, is_root=False)["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "5"
+    assert launch.rank_env(mine, is_root=False, environ={})["OMPI_MCA_mpi_yield_when_idle"] == "0"
+    exported = launch.rank_env(s, is_root=False, environ={"OMPI_MCA_mpi_yield_when_idle": "0"})
+    assert "OMPI_MCA_mpi_yield_when_idle" not in exported  # the exported 0 reaches the ranks as it is
+    elastic = spec(elastic=True, min_np=1, host_discovery_script="/bin/true", network_interface="lo")
+    for no_mpi in (spec(np=2, gloo=True), elastic):
+        assert "OMPI_MCA_mpi_yield_when_idle" not in launch.rank_env(no_mpi, is_root=False, environ={})
 
 
 # --- network interfaces ---------------------------------------------------------------------------
@@ -261,12 +268,12 @@ def test_network_interface_argv_per_launcher():
     assert not any(a.startswith("--mpi-args") for a in launch.build_horovodrun_argv(gloo, "/l"))
     mp = spec(HOSTILE, np=2, hosts="n1:1,n2:1", network_interface="eth0,ib0", launcher="mpirun", threads_per_rank=1)
     mp.python = "/py"
-    names = launch.rank_env(mp, is_root=False).keys()
+    names = launch.rank_env(mp, is_root=False, environ={}).keys()
     assert launch.build_mpirun_argv(mp, "/l", names, cores=8) == [
         "mpirun", "-np", "2", "-H", "n1:1,n2:1", "--bind-to", "none", "--map-by", "slot", "--tag-output",
         "--mca", "btl_tcp_if_include", "eth0,ib0", "--mca", "oob_tcp_if_include", "eth0,ib0",
         "-x", "HOROVOD_STALL_CHECK_TIME_SECONDS", "-x", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
-        "-x", "NCCL_SOCKET_IFNAME",
+        "-x", "NCCL_SOCKET_IFNAME", "-x", "OMPI_MCA_mpi_yield_when_idle",
         "/py", "-m", "hvdtrain.rank", "--log-dir", "/l", "--threads", "1", "--", *HOSTILE,
     ]  # fmt: skip
     assert launch.rank_env(mp, is_root=False)["NCCL_SOCKET_IFNAME"] == "eth0,ib0"
