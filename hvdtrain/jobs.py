@@ -138,6 +138,8 @@ def train(
     if cfg.update == "async":
         async_launch(launch_options)
     spec = launch.make_spec(command, environ=environ, check_cmd=False, **launch_options)
+    if not dry_run:  # a live job's run directory is refused before its checkpoints are read (it rewrites them)
+        runlock.check(run_dir.lock, "--run-dir", environ)
     preflight(cfg, spec, environ)
     for warning in spec.warnings:
         print(f"hvdtrain: warning: {warning}", file=sys.stderr)

@@ -48,6 +48,28 @@ def describe(text: str) -> str:
     return f"pid {fields[1]} on {fields[0]}{job}"
 
 
+def _refusal(path: Path, flag: str, text: str, stale: Optional[bool]) -> UsageError:
+    return UsageError(
+        f"{flag} {path.parent}: a job is already running there ({describe(text)}"
+        + (", which this host cannot check" if stale is None else "")
+        + "); wait for it or stop it, or choose another directory"
+        + (f" (if it is gone, delete {path})" if stale is None else "")
+    )
+
+
+def check(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) -> None:
+    """Refuse now, as `hold` would, when a live job holds `path`: before anything reads the run directory (its
+    checkpoints, which that job keeps rewriting and deleting). `hold` takes the lock later."""
+    environ = os.environ if environ is None else environ
+    try:
+        text = path.read_text()
+    except OSError:
+        return  # no lock: hold() takes it (or finds one taken just now)
+    stale = _stale(text, environ) if text.strip() else True
+    if not stale:
+        raise _refusal(path, flag, text, stale)
+
+
 @contextlib.contextmanager
 def hold(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) -> Iterator[None]:
     """Hold the lock file `path` (its folder is created) while the block runs; UsageError naming `flag` and the
@@ -64,12 +86,7 @@ def hold(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) -> 
                 text = ""
             stale = _stale(text, environ) if text.strip() else True
             if not stale:
-                raise UsageError(
-                    f"{flag} {path.parent}: a job is already running there ({describe(text)}"
-                    + (", which this host cannot check" if stale is None else "")
-                    + "); wait for it or stop it, or choose another directory"
-                    + (f" (if it is gone, delete {path})" if stale is None else "")
-                ) from None
+                raise _refusal(path, flag, text, stale) from None
             path.unlink(missing_ok=True)  # stale: take it over
             continue
         with os.fdopen(fd, "w") as f:

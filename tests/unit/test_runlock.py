@@ -65,13 +65,26 @@ def test_the_lock_is_held_while_the_block_runs_and_refused_to_a_second_holder(tm
 )
 def test_stale_locks_are_taken_over_and_unknown_ones_refused(tmp_path, holder, environ, taken):
     lock = tmp_path / "hvdtrain.lock"
-    lock.write_text(holder())
+    text = holder()
+    lock.write_text(text)
     if taken:
+        runlock.check(lock, "--run-dir", environ=environ)  # the early check lets it through, touching nothing
+        assert lock.read_text() == text
         with runlock.hold(lock, "--run-dir", environ=environ):
             assert str(os.getpid()) in lock.read_text()
         assert not lock.exists()
     else:
-        with pytest.raises(UsageError, match="which this host cannot check.*if it is gone, delete"):
-            with runlock.hold(lock, "--run-dir", environ=environ):
-                pass
-        assert lock.read_text() == holder()  # left as it was
+        for attempt in (lambda: runlock.check(lock, "--run-dir", environ=environ), lambda: runlock.hold(lock, "--run-dir", environ=environ).__enter__()):  # fmt: skip
+            with pytest.raises(UsageError, match="which this host cannot check.*if it is gone, delete"):
+                attempt()
+        assert lock.read_text() == text  # left as it was
+
+
+def test_the_early_check_refuses_a_live_holder_and_passes_no_lock(tmp_path):
+    """`hvdtrain train` checks before it reads the run directory's checkpoints (a live job rewrites them)."""
+    lock = tmp_path / "run" / "hvdtrain.lock"
+    runlock.check(lock, "--run-dir", environ={})  # no lock, no directory: nothing to refuse, nothing written
+    assert not lock.parent.exists()
+    with runlock.hold(lock, "--run-dir", environ={}):
+        with pytest.raises(UsageError, match=rf"--run-dir {tmp_path / 'run'}: a job is already running there \(pid "):
+            runlock.check(lock, "--run-dir", environ={})
