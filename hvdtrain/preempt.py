@@ -29,13 +29,16 @@ def _handler(signum, _frame) -> None:
     _requested = True
 
 
-def install(name: str) -> None:
-    """Record `name` (USR1, USR2, TERM, INT) as a preemption request instead of dying of it. Idempotent."""
+def install(name: str) -> bool:
+    """Record `name` (USR1, USR2, TERM, INT) as a preemption request instead of dying of it. Idempotent: True when
+    this call installed the handler (its caller then owns the uninstall), False when it was in place already."""
     if not name:
-        return
+        return False
     num = signal_number(name)
-    if num not in _installed:
-        _installed[num] = signal.signal(num, _handler)
+    if num in _installed:
+        return False
+    _installed[num] = signal.signal(num, _handler)
+    return True
 
 
 def uninstall() -> None:

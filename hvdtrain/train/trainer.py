@@ -419,7 +419,10 @@ class Trainer:
         self.window = ReportWindow(cfg.log_every)
         self.train_seconds, self.train_samples = 0.0, 0
         self.hooks.on_fit_start(self)
-        preempt.install(cfg.preempt_signal)
+        # The worker process installed the handler before its imports and keeps it to the end: a warning signal
+        # during the final evaluation, checkpoint or Horovod's shutdown is then a no-op, not a death by USR2.
+        # Used as a library, the Trainer installs it for fit() and restores the caller's afterwards.
+        own_handler = preempt.install(cfg.preempt_signal)
         try:
             if self.elastic:
                 self._world: Optional[tuple[int, list[str]]] = None  # (size, hosts) at the last (re)start
@@ -430,7 +433,8 @@ class Trainer:
             else:
                 result = self._train_and_finish()
         finally:
-            preempt.uninstall()
+            if own_handler:
+                preempt.uninstall()
             self.progress.close()
         self.hooks.on_fit_end(self, result)
         self.update.close()

@@ -143,8 +143,11 @@ def test_signal_to_the_batch_shell_reaches_mpirun_ranks(slurm, tmp_path):
     assert (run / "checkpoints" / f"step-{int(m.group(1)):08d}.pt").is_file()
 
 
+STEPS = 400  # ~2 s of training at ~5 ms a step: the signal, sent after step 10 shows, lands before the end
+
+
 def _train_args(run_dir: Path) -> list[str]:
-    return ["hvdtrain", "train", "--deterministic", "--max-steps", "100", "--epochs", "50", "--log-every", "5",
+    return ["hvdtrain", "train", "--deterministic", "--max-steps", str(STEPS), "--epochs", "50", "--log-every", "5",
             "--no-eval-every-epoch", "--run-dir", str(run_dir)]  # fmt: skip
 
 
@@ -160,7 +163,7 @@ def test_signalled_job_checkpoints_requeues_resumes_and_matches(slurm, tmp_path)
 
     # Wait for a progress line (training is under way), then send the warning signal to the job's steps.
     deadline = time.monotonic() + 240
-    while not re.search(r"step (1\d|[2-9]\d)/100", text(out_file)):
+    while not re.search(rf"step (1\d|[2-9]\d)/{STEPS}", text(out_file)):
         assert time.monotonic() < deadline, f"no progress line in time:\n{text(out_file)}"
         assert slurm.show(job)[0]["JobState"] in ("PENDING", "RUNNING"), text(out_file)
         time.sleep(0.5)
@@ -177,12 +180,12 @@ def test_signalled_job_checkpoints_requeues_resumes_and_matches(slurm, tmp_path)
     assert ref_task["JobState"] == "COMPLETED", text(tmp_path / "ref" / f"slurm-{ref}.out")
 
     m = re.search(r"preempted at step (\d+)", out)
-    assert m and 10 <= int(m.group(1)) < 100, out
+    assert m and 10 <= int(m.group(1)) < STEPS, out
     assert f"requeued Slurm job {job}" in out
     assert "restart 1," in out  # the job script's banner of the second run
     assert f"step-{int(m.group(1)):08d}.pt" in out
     res, ref_res = result_of(tmp_path / "pre" / "train"), result_of(tmp_path / "ref" / "train")
-    assert res["steps"] == ref_res["steps"] == 100 and not res["preempted"]
+    assert res["steps"] == ref_res["steps"] == STEPS and not res["preempted"]
     assert res["params_sha256"] == ref_res["params_sha256"]
     print(f"preempted at step {m.group(1)}, requeued, resumed, equal weights in {time.monotonic() - start:.0f} s wall")
 

@@ -166,3 +166,24 @@ def test_a_sharded_optimizer_on_one_rank_trains_and_saves_like_the_plain_one(tmp
     for i, state in saved[False]["state"].items():
         for k, v in state.items():
             assert torch.equal(saved[True]["state"][i][k], v), (i, k)
+
+
+def test_the_preemption_handler_is_the_callers_after_fit(tmp_path):
+    """Used as a library, fit() installs the handler and restores the caller's; in the worker process, which
+    installed it before its imports, it stays to the end, so a warning signal during the final evaluation,
+    checkpoint or shutdown is not a death by USR2 (Slurm may send it at any time)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR2)
+    Trainer(config(tmp_path, max_steps=3), echo=lambda _: None).fit()
+    assert signal.getsignal(signal.SIGUSR2) is before
+    assert preempt.install("USR2")  # as hvdtrain.worker does
+    try:
+        Trainer(config(tmp_path, "worker", max_steps=3), echo=lambda _: None).fit()
+        assert signal.getsignal(signal.SIGUSR2) is preempt._handler
+        os.kill(os.getpid(), signal.SIGUSR2)  # after fit: recorded, and this process lives on
+        assert preempt.requested()
+    finally:
+        preempt.uninstall()
+        preempt.reset()
+    assert signal.getsignal(signal.SIGUSR2) is before
