@@ -42,7 +42,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # we take the portable subset (it also goes unquoted into Open MPI's and horovodrun's argument strings).
 _NIC_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 # Variables that every rank needs whatever the launcher.
-_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 # --stall-timeout's default. Horovod's own is 0: a rank that stops calling collectives (a deadlock, a rank
 # stuck in I/O, a frozen host) makes every other rank wait forever, holding the allocation. 600 s is far
 # above the longest legitimate gap between ranks at one collective that we know of (rank 0 writing a large
@@ -649,8 +649,8 @@ def stall_env(stall_timeout: int) -> dict[str, str]:
 # Open MPI's defaults for an MPI job, unless the caller's environment or --env sets them: a process waiting in MPI
 # (Horovod's background thread at every cycle's coordination, the ranks' collectives) yields its core to a
 # runnable thread now and then instead of only spinning. On CPU ranks the thread waiting for it is the other
-# ranks' compute: the minimal Horovod loop went from 0.54 to 0.79 of a minimal mpi4py loop's samples/s on 2 ranks
-# (docs/performance.md, "Step time"). Open MPI turns this on by itself only when a host is oversubscribed.
+# ranks' compute: on 2 ranks the Trainer went from 0.45 to 0.62 of a minimal mpi4py loop's samples/s (medians of
+# 4 launches of bench train; docs/performance.md, "Step time"). Open MPI turns this on by itself only when a host is oversubscribed.
 MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
@@ -672,7 +672,7 @@ def rank_env(spec: LaunchSpec, is_root: bool, environ: Optional[Mapping[str, str
             env["OMPI_MCA_btl_tcp_if_include"] = env["OMPI_MCA_oob_tcp_if_include"] = ",".join(spec.nics)
     env.update(spec.env)
     if is_root:
-        env.update(_ROOT_ENV)
+        env.update(ROOT_ENV)
     return env
 
 

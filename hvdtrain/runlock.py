@@ -48,15 +48,6 @@ def describe(text: str) -> str:
     return f"pid {fields[1]} on {fields[0]}{job}"
 
 
-def _refusal(path: Path, flag: str, text: str, stale: Optional[bool]) -> UsageError:
-    return UsageError(
-        f"{flag} {path.parent}: a job is already running there ({describe(text)}"
-        + (", which this host cannot check" if stale is None else "")
-        + "); wait for it or stop it, or choose another directory"
-        + (f" (if it is gone, delete {path})" if stale is None else "")
-    )
-
-
 def check(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) -> None:
     """Refuse now, as `hold` would, when a live job holds `path`: before anything reads the run directory (its
     checkpoints, which that job keeps rewriting and deleting). `hold` takes the lock later."""
@@ -65,9 +56,14 @@ def check(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) ->
         text = path.read_text()
     except OSError:
         return  # no lock: hold() takes it (or finds one taken just now)
-    stale = _stale(text, environ) if text.strip() else True
+    stale = _stale(text, environ) if text.strip() else True  # empty: a holder killed while writing it
     if not stale:
-        raise _refusal(path, flag, text, stale)
+        raise UsageError(
+            f"{flag} {path.parent}: a job is already running there ({describe(text)}"
+            + (", which this host cannot check" if stale is None else "")
+            + "); wait for it or stop it, or choose another directory"
+            + (f" (if it is gone, delete {path})" if stale is None else "")
+        )
 
 
 @contextlib.contextmanager
@@ -80,14 +76,8 @@ def hold(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) -> 
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            try:
-                text = path.read_text()
-            except OSError:
-                text = ""
-            stale = _stale(text, environ) if text.strip() else True
-            if not stale:
-                raise _refusal(path, flag, text, stale) from None
-            path.unlink(missing_ok=True)  # stale: take it over
+            check(path, flag, environ)  # a live holder: refused
+            path.unlink(missing_ok=True)  # stale (or gone since): take it over
             continue
         with os.fdopen(fd, "w") as f:
             f.write(_holder(environ))  # its size is small: one write, seen whole by a reader

@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from hvdtrain import launch
 from hvdtrain.bench import plans, report, runner
 from hvdtrain.errors import HvdtrainError, UsageError
 
 TRAIN_ARMS = ("hvdtrain", "hvdtrain-horovodrun")  # `hvdtrain train` through the default launcher / horovodrun
 JOB = "hvdtrain.bench.trivial_job"
 TIMEOUT_S = 300
-_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +48,9 @@ def make_plan(options: Mapping[str, Any]) -> LaunchPlan:
     """Validate the options (LaunchSettings' fields; None: not given); raises UsageError before anything runs."""
     settings = plans.resolve(plans.LaunchSettings, {k: v for k, v in options.items() if v is not None})
     out = runner.out_dir(settings.out)
+    commands = {"mpirun": "mpirun", "horovodrun": launch.find_horovodrun()}  # as the arms run them
     for tool in ("mpirun", "horovodrun") if "horovodrun" in settings.arms else ("mpirun",):
-        if shutil.which(tool) is None and not (Path(sys.executable).parent / tool).exists():
+        if shutil.which(commands[tool]) is None:
             raise UsageError(f"{tool} is not on PATH: this benchmark times it; install it or put it on PATH")
     runs = []
     for r in range(settings.rounds):
@@ -65,15 +66,11 @@ def rotated(items: Sequence[str], by: int) -> list[str]:
     return [*items[k:], *items[:k]]
 
 
-def _beside_python(tool: str) -> str:
-    beside = Path(sys.executable).parent / tool
-    return str(beside) if beside.exists() else tool
-
-
 def arm_argv(arm: str, what: str, np: int, run_dir: str, cores: Optional[int] = None) -> list[str]:
     """The command of one arm (pure): the trivial job ("job"), or one step of the built-in job ("train")."""
     py = sys.executable
-    hvdtrain = [_beside_python("hvdtrain")] if (Path(py).parent / "hvdtrain").exists() else [py, "-m", "hvdtrain"]
+    beside = Path(py).parent / "hvdtrain"  # the console script of this interpreter's environment
+    hvdtrain = [str(beside)] if beside.exists() else [py, "-m", "hvdtrain"]
     if what == "train":
         argv = [*hvdtrain, "train", "-np", str(np), "--max-steps", "1", "--epochs", "1", "--run-dir", run_dir]
         return argv + (["--launcher", "horovodrun"] if arm == "hvdtrain-horovodrun" else [])
@@ -82,7 +79,7 @@ def arm_argv(arm: str, what: str, np: int, run_dir: str, cores: Optional[int] = 
         over = ["--oversubscribe"] if np > (cores or os.cpu_count() or 1) else []
         return ["mpirun", "-np", str(np), "--bind-to", "none", "--map-by", "slot", *over, *job]
     if arm == "horovodrun":
-        return [_beside_python("horovodrun"), "-np", str(np), *job]
+        return [launch.find_horovodrun(), "-np", str(np), *job]
     argv = [*hvdtrain, "run", "-np", str(np)]
     return argv + (["--launcher", "horovodrun"] if arm == "hvdtrain-horovodrun" else []) + ["--", *job]
 
@@ -114,7 +111,7 @@ def run(plan: LaunchPlan, dry_run: bool = False, echo: Callable[[str], None] = p
 
 
 def _timed(argv: list[str], run_dir: Optional[str]) -> dict:
-    env = {**os.environ, **(_ROOT_ENV if os.geteuid() == 0 else {})}
+    env = {**os.environ, **(launch.ROOT_ENV if os.geteuid() == 0 else {})}
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT_S)
     seconds = time.perf_counter() - started
