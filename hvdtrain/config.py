@@ -20,7 +20,8 @@ from hvdtrain.errors import ConfigError
 from hvdtrain.files import write_text_atomic
 from hvdtrain.rundir import RunDir
 
-STRATEGIES = ("data", "model", "hybrid")
+STRATEGIES = ("data", "model", "hybrid", "pipeline")
+SCHEDULES = ("1f1b", "gpipe")  # --strategy pipeline's micro-batch schedules (parallel.pipe)
 MODELS = ("mlp", "cnn", "deep_mlp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_LR = {"sgd": 0.05, "adam": 0.001, "adamw": 0.001}  # for one rank, on the reference models
@@ -37,6 +38,10 @@ ASYNC_NOT_ELASTIC = (
 SHARDED_NOT_ELASTIC = (
     "--shard-optimizer cannot be elastic: a lost worker would take its slice of the optimizer state with it; "
     "drop --elastic or --shard-optimizer"
+)
+PIPELINE_NOT_ELASTIC = (
+    "--strategy pipeline cannot be elastic: a lost rank would take its stage of every replica's model with it; "
+    "drop --elastic"
 )
 # A hook reference: a dotted module path, a colon, a dotted attribute path.
 HOOK_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -56,8 +61,19 @@ class TrainConfig:
         "data", "how one replica spreads over devices, replicas over ranks (docs/architecture.md)", STRATEGIES
     )
     devices_per_rank: int = _f(1, "model/hybrid: devices holding one replica (cuda:local_rank*k+i, or k CPU stages)")
-    balance: Optional[list[int]] = _f(None, "model/hybrid: layers per stage; None balances by parameter count")
-    micro_batches: int = _f(1, "model/hybrid: GPipe micro-batches per batch (pipeline bubble (p-1)/(m+p-1))")
+    stages: Optional[int] = _f(
+        None,
+        "pipeline: ranks per replica, P; ranks r*P ... r*P+P-1 hold the P consecutive stages of replica r, and -np "
+        "must be a multiple of P",
+    )
+    schedule: Optional[str] = _f(
+        None,
+        "pipeline: 1f1b (one forward, one backward: at most P micro-batches' activations per stage; the default) "
+        "or gpipe (all forwards, then all backwards)",
+        SCHEDULES,
+    )
+    balance: Optional[list[int]] = _f(None, "model/hybrid/pipeline: layers per stage; None balances by parameter count")
+    micro_batches: int = _f(1, "model/hybrid/pipeline: micro-batches per batch (pipeline bubble (p-1)/(m+p-1))")
     model: str = _f("cnn", "reference model: cnn for 8x8 images, deep_mlp (many layers) for benchmarks", MODELS)
     hidden: int = _f(64, "width of the hidden layers of mlp and deep_mlp")
     depth: int = _f(8, "number of hidden layers of deep_mlp")
@@ -137,7 +153,7 @@ class TrainConfig:
                 bad(flag, f"'{value}' is not one of {', '.join(allowed)}")
 
         for field in dataclasses.fields(self):
-            if "choices" in field.metadata:
+            if "choices" in field.metadata and getattr(self, field.name) is not None:
                 choice(field.name.replace("_", "-"), getattr(self, field.name), field.metadata["choices"])
         for flag, value, low in [
             ("devices-per-rank", self.devices_per_rank, 1),
@@ -176,11 +192,7 @@ class TrainConfig:
                 f"needs --reduce-op average: {self.reduce_op} combines whole gradients, a rank holds a slice",
             )
         self._validate_update(bad)
-        if self.strategy == "data" and (self.devices_per_rank != 1 or self.balance):
-            bad("strategy", "--devices-per-rank/--balance need --strategy model or hybrid")
-        if self.balance is not None:
-            if len(self.balance) != self.devices_per_rank or any(b < 1 for b in self.balance):
-                bad("balance", f"{self.balance} must give {self.devices_per_rank} stage sizes of at least 1 layer")
+        self._validate_layout(bad)
         if check_data and self.data not in ("digits", "synthetic"):
             if not self.data.endswith(".npz"):
                 bad("data", f"'{self.data}' is not digits, synthetic or a .npz file")
@@ -194,6 +206,44 @@ class TrainConfig:
         if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in PREEMPT_SIGNALS:
             bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
         return self
+
+    def _validate_layout(self, bad) -> None:
+        """How one replica spreads: over a rank's devices (model, hybrid) or over ranks (pipeline)."""
+        if self.strategy == "data" and (self.devices_per_rank != 1 or self.balance):
+            bad("strategy", "--devices-per-rank/--balance need --strategy model, hybrid or pipeline")
+        for flag, value in [("stages", self.stages), ("schedule", self.schedule)]:
+            if value is not None and self.strategy != "pipeline":
+                bad(flag, f"applies to --strategy pipeline, not {self.strategy}")
+        parts = self.devices_per_rank
+        if self.strategy == "pipeline":
+            if self.stages is None:
+                bad("stages", "--strategy pipeline needs --stages P, the ranks one replica spreads over (e.g. 2)")
+            if self.stages < 1:
+                bad("stages", f"{self.stages} is too small (at least 1)")
+            if self.devices_per_rank != 1:
+                bad("devices-per-rank", "a pipeline stage is a rank with one device: drop it, or use --strategy hybrid")
+            for flag, value, why in [
+                ("update", self.update != "sync", f"--update {self.update} moves whole replicas' parameters"),
+                ("shard-optimizer", self.shard_optimizer, "each stage's optimizer state is already its own"),
+                ("reduce-op", self.reduce_op != "average", "Horovod's Adasum has no process sets (one per stage)"),
+            ]:
+                if value:
+                    bad(flag, f"does not combine with --strategy pipeline: {why}")
+            parts = self.stages
+        if self.balance is not None:
+            if len(self.balance) != parts or any(b < 1 for b in self.balance):
+                what = "--stages" if self.strategy == "pipeline" else "--devices-per-rank"
+                bad("balance", f"{self.balance} must give {parts} stage sizes ({what}) of at least 1 layer")
+
+    def layers(self) -> tuple[int, list[int]]:
+        """The reference model --model's layers (children of its nn.Sequential): how many, and which of them hold
+        parameters (train.models builds them; a unit test holds the two together). Known without importing torch:
+        a pipeline's stages are checked against them before a launch."""
+        if self.model == "mlp":
+            return 6, [1, 3, 5]
+        if self.model == "cnn":
+            return 10, [0, 2, 7, 9]
+        return 3 + 2 * self.depth + 1, [1, *range(3, 3 + 2 * self.depth, 2), 3 + 2 * self.depth]
 
     def _validate_update(self, bad) -> None:
         own = {
@@ -227,8 +277,16 @@ class TrainConfig:
                 "(--strategy data)")  # fmt: skip
 
     def data_ranks(self, ranks: int) -> int:
-        """Of a job's `ranks`, those that train on data: all but the parameter servers of an async job (raises
-        ConfigError when none would be left). Needs with_defaults()."""
+        """Of a job's `ranks`, how many take their own share of the data: all but the parameter servers of an async
+        job, one per replica of a pipeline (ranks / stages); raises ConfigError when the ranks do not fit the
+        layout. Needs with_defaults()."""
+        if self.strategy == "pipeline":
+            if ranks % self.stages:
+                raise ConfigError(
+                    f"--stages {self.stages} does not divide {ranks} ranks: each replica is {self.stages} ranks, so "
+                    f"use -np {max(1, ranks // self.stages) * self.stages} (or a multiple of {self.stages})"
+                )
+            return ranks // self.stages
         if self.update != "async":
             return ranks
         if self.ps_ranks >= ranks:
@@ -254,6 +312,8 @@ class TrainConfig:
             "local-sgd": {"average_every": DEFAULT_AVERAGE_EVERY, "local_sgd_warmup": 0},
             "async": {"ps_ranks": 1, "max_staleness": DEFAULT_MAX_STALENESS},
         }.get(self.update, {})
+        if self.strategy == "pipeline":
+            own["schedule"] = "1f1b"
         derived.update({k: v for k, v in own.items() if getattr(self, k) is None})
         return dataclasses.replace(self, **derived) if derived else self
 

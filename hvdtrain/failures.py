@@ -250,6 +250,7 @@ def diagnose(
     this_machine: Optional[Collection[str]] = None,
     starts: Optional[Mapping[int, int]] = None,
     stopped_by: Optional[str] = None,
+    roles: Sequence[str] = (),
 ) -> Diagnosis:
     """What went wrong first (`cause`), and a message naming it from the wrappers' records, with the last lines of
     the log that shows it best. In order: Horovod's stall shutdown (the stalled ranks first: they never exit by themselves and
@@ -258,7 +259,8 @@ def diagnose(
     `rank 1 failed with exit status 1 (then also ranks 0); last lines of DIR/rank.1.log:` and the lines.
     `np`: the job's ranks; `placement`: rank -> host name (`launch.placement`); `this_machine`: names of this host;
     `starts`: where this job's part of each log begins (`log_sizes` before the launch); `stopped_by`: the signal
-    hvdtrain got and passed on (then that is the cause, and no host is called lost: the stop killed its ranks)."""
+    hvdtrain got and passed on (then that is the cause, and no host is called lost: the stop killed its ranks);
+    `roles`: what each rank is in the job (a pipeline's "stage 1 of replica 0"), said beside the rank that failed."""
     starts = starts or {}
     records = read_records(log_dir, starts)
     all_ranks = set(range(np)) if np else set(records)
@@ -280,8 +282,9 @@ def diagnose(
         causes.append(f"then {_ranks([r.rank for r in failed])} failed ({exit_words})")
     elif failed:
         first, others = failed[0], ", ".join(str(r.rank) for r in failed[1:])
+        role = f" ({roles[first.rank]})" if first.rank < len(roles) else ""
         causes.append(
-            f"rank {first.rank} failed with exit status {first.status}"
+            f"rank {first.rank}{role} failed with exit status {first.status}"
             + (f" (then also ranks {others})" if others else "")
         )
     first_cause = (

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from hvdtrain import hosts, launch, npz, preempt, runlock
-from hvdtrain.config import ASYNC_NOT_ELASTIC, DIGITS_SAMPLES, SHARDED_NOT_ELASTIC, TrainConfig
+from hvdtrain.config import (
+    ASYNC_NOT_ELASTIC,
+    DIGITS_SAMPLES,
+    PIPELINE_NOT_ELASTIC,
+    SHARDED_NOT_ELASTIC,
+    TrainConfig,
+)
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError, LaunchError
 from hvdtrain.files import check_creatable_dir
@@ -31,15 +37,15 @@ def visible_gpus(environ: Mapping[str, str]) -> int:
     return len([p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)])
 
 
-def async_launch(launch_options: dict[str, Any]) -> None:
-    """An asynchronous job's launch: its parameter servers talk MPI (mpi4py), so Horovod's controller is MPI and
-    the world is fixed."""
+def mpi_launch(launch_options: dict[str, Any], what: str, not_elastic: str) -> None:
+    """The launch of a job whose ranks also exchange mpi4py messages (async's parameter servers, a pipeline's
+    stages): Horovod's controller is MPI and the world is fixed."""
     if launch_options.get("elastic"):
-        raise ConfigError(ASYNC_NOT_ELASTIC)
+        raise ConfigError(not_elastic)
     if launch_options.get("gloo"):
         raise ConfigError(
-            "--update async needs MPI (the parameter servers exchange messages with mpi4py): drop --gloo; mpirun, "
-            "srun and horovodrun --mpi all run it"
+            f"{what} needs MPI (its ranks exchange messages with mpi4py): drop --gloo; mpirun, srun and horovodrun "
+            "--mpi all run it"
         )
     launch_options["mpi"] = True
 
@@ -55,6 +61,8 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
         )
     if cfg.shard_optimizer and spec.elastic is not None:
         raise ConfigError(SHARDED_NOT_ELASTIC)
+    if cfg.strategy == "pipeline":
+        check_stages(cfg)
     if cfg.strategy == "model" and spec.np > 1:
         raise ConfigError(
             f"--strategy model runs one replica on one rank, but -np is {spec.np}: use -np 1, or --strategy "
@@ -93,6 +101,35 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
     if spec.output_dir:
         check_creatable_dir(spec.output_dir, "--output-dir")
     check_data(cfg, world)
+
+
+def check_stages(cfg: TrainConfig) -> None:
+    """A pipeline's stages fit the reference model: each stage at least one layer, and one with parameters (a
+    stage without any would have nothing to train)."""
+    layers, weighted = cfg.layers()
+    what = f"--model {cfg.model}" + (f" --depth {cfg.depth}" if cfg.model == "deep_mlp" else "")
+    deeper = ", or a larger --depth" if cfg.model == "deep_mlp" else ""
+    if cfg.stages > len(weighted):
+        raise ConfigError(
+            f"--stages {cfg.stages} is more than the {len(weighted)} layers with parameters of {what} ({layers} "
+            f"layers in all): use at most {len(weighted)} stages{deeper}"
+        )
+    if cfg.balance is None:
+        return  # balanced by parameter count: every stage gets a layer with parameters
+    given = f"--balance {','.join(map(str, cfg.balance))}"
+    if sum(cfg.balance) != layers:
+        raise ConfigError(
+            f"{given} adds up to {sum(cfg.balance)} layers, but {what} has {layers}: give {cfg.stages} stage "
+            f"sizes adding up to {layers}"
+        )
+    start = 0
+    for s, size in enumerate(cfg.balance):
+        if not any(start <= w < start + size for w in weighted):
+            raise ConfigError(
+                f"{given}: stage {s} (layers {start}-{start + size - 1}) holds no parameters; the layers of {what} "
+                f"with parameters are {', '.join(map(str, weighted))}"
+            )
+        start += size
 
 
 def check_data(cfg: TrainConfig, world: Optional[int]) -> None:
@@ -136,8 +173,16 @@ def train(
     command = [sys.executable, "-m", "hvdtrain.worker", str(config_path.resolve())]
     launch_options["output_dir"] = launch_options.get("output_dir") or str(run_dir.logs.path)
     if cfg.update == "async":
-        async_launch(launch_options)
+        mpi_launch(launch_options, "--update async", ASYNC_NOT_ELASTIC)
+    if cfg.strategy == "pipeline":
+        mpi_launch(launch_options, "--strategy pipeline", PIPELINE_NOT_ELASTIC)
     spec = launch.make_spec(command, environ=environ, check_cmd=False, **launch_options)
+    if cfg.strategy == "pipeline":
+        from hvdtrain.parallel.grid import Grid
+
+        cfg.data_ranks(spec.np)  # -np a multiple of --stages, said in the words of the options
+        grid = Grid(spec.np, cfg.stages)
+        spec = dataclasses.replace(spec, roles=tuple(grid.role(r) for r in range(spec.np)))
     if not dry_run:  # a live job's run directory is refused before its checkpoints are read (it rewrites them)
         runlock.check(run_dir.lock, "--run-dir", environ)
     preflight(cfg, spec, environ)

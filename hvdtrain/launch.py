@@ -100,6 +100,7 @@ class LaunchSpec:
     # job was made (empty for a discovery script): the discovery decides while it runs.
     elastic: Optional[ElasticSpec] = None
     warnings: tuple[str, ...] = ()  # legal but rarely meant (e.g. far more ranks than cores): said, not refused
+    roles: tuple[str, ...] = ()  # what each rank is (a pipeline's stage and replica): a failure report names it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1074,7 +1075,7 @@ def run_job(
         else:
             where = placement(spec)
             here = _this_machine(set(where.values()))
-            found = diagnose(log_dir, status, spec.np, where, here, starts, stopped_by)
+            found = diagnose(log_dir, status, spec.np, where, here, starts, stopped_by, spec.roles)
             if tee is not None and found.cause is None:
                 tee.release()
         code = INTERRUPTED if stopped_by == "SIGINT" else status if status > 0 else 128 - status

@@ -23,11 +23,13 @@ for tier in "${tiers[@]}"; do
       # Every rank runs the same pytest session; `python -m mpi4py` aborts the job on an uncaught
       # exception, pytest-timeout ends a rank stuck in a collective, and `timeout` is the last backstop.
       # Then the sharded optimizer again with world sizes that do not divide its parameter count, and local SGD
-      # with a mean of ranks that is not a half, and parameter servers with 2 workers or 2 servers.
+      # with a mean of ranks that is not a half, parameter servers with 2 workers or 2 servers, and pipelines of
+      # 3 stages, of 2 stages x 2 replicas and of 4 stages.
       mpi_pytest 2 900 tests/mpi --timeout=300 &&
         mpi_pytest 3 300 tests/mpi/test_zero.py --timeout=120 &&
         mpi_pytest 4 300 tests/mpi/test_zero.py --timeout=120 &&
-        mpi_pytest 3 300 tests/mpi/test_local_sgd.py tests/mpi/test_ps.py --timeout=120 ;;
+        mpi_pytest 3 300 tests/mpi/test_local_sgd.py tests/mpi/test_ps.py tests/mpi/test_pipe.py --timeout=120 &&
+        mpi_pytest 4 300 tests/mpi/test_pipe.py --timeout=120 ;;
     unit|e2e|slurm|cluster)
       "$py" -m pytest "tests/$tier" -q --timeout=900 ;;
     *) echo "unknown tier '$tier' (valid: unit mpi e2e slurm cluster)" >&2; exit 2 ;;

@@ -20,27 +20,42 @@ from torch.utils.data.distributed import DistributedSampler
 from hvdtrain.errors import ConfigError
 
 _group = None  # the process set of init(group=...) on its members; None: every rank (Horovod's global set)
+_part = None  # this rank's process set of init(parts=...) (a pipeline stage's replicas); None: no parts
 
 
 def _set():
     return _group if _group is not None else hvd.global_process_set
 
 
-def init(threads: Optional[int] = None, deterministic: bool = False, group: Optional[Sequence[int]] = None):
+def init(
+    threads: Optional[int] = None,
+    deterministic: bool = False,
+    group: Optional[Sequence[int]] = None,
+    parts: Optional[Sequence[Sequence[int]]] = None,
+):
     """Initialise Horovod and this rank's threads; returns the `horovod.torch` module. `group`: the ranks this
-    module's collectives run over (every rank calls init with the same list; on the others they are not used)."""
-    global _group
+    module's collectives run over (every rank calls init with the same list; on the others they are not used).
+    `parts`: disjoint lists of ranks covering the job (a pipeline's stages: the ranks holding one stage of every
+    replica), each a process set; `part()` is this rank's, for the gradients of its stage."""
+    global _group, _part
     if deterministic:
         # No tensor fusion: every gradient is reduced on its own, in the same grouping every run.
         os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", "0")
-    if group is None:
-        hvd.init()
-    else:
+    if group is not None:
         members = hvd.ProcessSet(sorted(group))
         hvd.init(process_sets=[members])
         _group = members if hvd.rank() in group else None
         if _group is not None:
             _await_registration(members)
+    elif parts is not None and len(parts) > 1:
+        sets = [hvd.ProcessSet(sorted(p)) for p in parts]
+        hvd.init(process_sets=sets)
+        _part = next(s for s, p in zip(sets, parts) if hvd.rank() in p)
+        _await_registration(_part)
+    else:
+        hvd.init()
+        if parts is not None:  # one part: every rank
+            _part = hvd.global_process_set
     # Oversubscribed CPUs: leave room for Horovod's background thread; OMP_NUM_THREADS is set by the launcher.
     threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None
     if threads:
@@ -75,14 +90,22 @@ def scaled_lr(lr: float, scale: bool, backward_passes_per_step: int = 1) -> floa
     return lr * size() * backward_passes_per_step if scale else lr
 
 
+def part():
+    """This rank's process set of init(parts=...) (None without parts)."""
+    return _part
+
+
 def distributed_optimizer(
     optimizer: torch.optim.Optimizer,
     model: torch.nn.Module,
     compression: str = "none",
     backward_passes_per_step: int = 1,
     reduce_op: str = "average",
+    process_set=None,
+    named_parameters=None,
 ) -> torch.optim.Optimizer:
-    """Wrap `optimizer` so gradients are ring-allreduced (averaged, or Adasum) before each step."""
+    """Wrap `optimizer` so gradients are ring-allreduced (averaged, or Adasum) before each step, over every rank
+    or over `process_set`; `named_parameters` (default the model's) name the allreduces."""
     comp = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}.get(compression)
     if comp is None:
         raise ConfigError(f"--compression: '{compression}' is not one of none, fp16")
@@ -91,20 +114,28 @@ def distributed_optimizer(
         raise ConfigError(f"--reduce-op: '{reduce_op}' is not one of average, adasum")
     return hvd.DistributedOptimizer(
         optimizer,
-        named_parameters=model.named_parameters(),
+        named_parameters=named_parameters if named_parameters is not None else model.named_parameters(),
         compression=comp,
         backward_passes_per_step=backward_passes_per_step,
         op=op,
+        process_set=process_set if process_set is not None else hvd.global_process_set,
     )
 
 
-def broadcast_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, root_rank: int = 0):
-    """Make every rank start from root_rank's parameters and optimizer state (also after a resume)."""
-    if _group is None:
+def broadcast_state(
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    root_rank: int = 0,
+    process_set=None,
+):
+    """Make every rank start from root_rank's parameters and optimizer state (also after a resume); over the
+    group, or over `process_set` (root_rank is then a global rank, Horovod's convention)."""
+    target = process_set if process_set is not None else _group
+    if target is None:
         hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
     else:  # hvd.broadcast_parameters knows no process sets
         handles = [
-            hvd.broadcast_async_(t, root_rank, name=f"hvdtrain.params.{k}", process_set=_group)
+            hvd.broadcast_async_(t, root_rank, name=f"hvdtrain.params.{k}", process_set=target)
             for k, t in sorted(model.state_dict().items())
         ]
         for h in handles:
@@ -112,20 +143,27 @@ def broadcast_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Opti
     if optimizer is not None:
         # As one object, not hvd.broadcast_optimizer_state: that one takes a dummy optimizer step to create
         # missing state, which moves the weights when weight decay is on.
-        state = broadcast_object(optimizer.state_dict(), root_rank=root_rank, name="hvdtrain.optimizer_state")
+        state = broadcast_object(
+            optimizer.state_dict(), root_rank=root_rank, name="hvdtrain.optimizer_state", process_set=process_set
+        )
         optimizer.load_state_dict(state)
 
 
-def broadcast_object(obj, root_rank: int = 0, name: str = "broadcast_object"):
-    """Any picklable object from root_rank to every rank (small things: positions, errors, RNG states)."""
-    return hvd.broadcast_object(obj, root_rank=root_rank, name=name, process_set=_set())
+def broadcast_object(obj, root_rank: int = 0, name: str = "broadcast_object", process_set=None):
+    """Any picklable object from root_rank to every rank of the group, or of `process_set` (small things:
+    positions, errors, RNG states)."""
+    target = process_set if process_set is not None else _set()
+    return hvd.broadcast_object(obj, root_rank=root_rank, name=name, process_set=target)
 
 
-def sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> DistributedSampler:
-    """This rank's shard of `dataset`; call `set_epoch(e)` every epoch for a new, agreed order."""
-    return DistributedSampler(
-        dataset, num_replicas=size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
+def sampler(
+    dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False, replica: Optional[tuple[int, int]] = None
+) -> DistributedSampler:
+    """This rank's shard of `dataset`; call `set_epoch(e)` every epoch for a new, agreed order. `replica`:
+    (index, count) of the data-parallel replica this rank is part of, when that is not its place in the group
+    (a pipeline: every stage of replica r reads replica r's shard)."""
+    index, count = replica if replica is not None else (rank(), size())
+    return DistributedSampler(dataset, num_replicas=count, rank=index, shuffle=shuffle, seed=seed, drop_last=drop_last)
 
 
 class PendingSum:

@@ -28,16 +28,20 @@ def param_count(module: nn.Module) -> int:
 def balance_by_params(layers: Sequence[nn.Module], parts: int) -> list[int]:
     """Split consecutive layers into `parts` non-empty groups minimising the largest group's parameter count.
 
-    Parameter-free layers (activations, pooling) weigh a little so they do not all pile into one group.
-    Exact dynamic programme over split points: O(parts * n^2), n is small.
+    Parameter-free layers (activations, pooling) weigh a little so they do not all pile into one group; when
+    there are at least `parts` layers with parameters, every group gets one (a stage without parameters has
+    nothing to train: a pipeline's optimizer would have no parameters). Exact dynamic programme over split
+    points: O(parts * n^2), n is small.
     """
     n = len(layers)
     if parts > n:
         raise ConfigError(f"cannot split {n} layers over {parts} devices: give at most {n} devices or a deeper model")
     weights = [param_count(layer) + 1 for layer in layers]
-    prefix = [0]
-    for w in weights:
+    prefix, holders = [0], [0]  # holders: layers with parameters among the first i
+    for layer, w in zip(layers, weights):
         prefix.append(prefix[-1] + w)
+        holders.append(holders[-1] + (param_count(layer) > 0))
+    each_holds = holders[-1] >= parts
     inf = float("inf")
     # best[k][i]: the smallest possible max-group weight putting the first i layers into k groups
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
@@ -46,6 +50,8 @@ def balance_by_params(layers: Sequence[nn.Module], parts: int) -> list[int]:
     for k in range(1, parts + 1):
         for i in range(k, n - (parts - k) + 1):
             for j in range(k - 1, i):
+                if each_holds and holders[i] == holders[j]:
+                    continue
                 cost = max(best[k - 1][j], prefix[i] - prefix[j])
                 if cost < best[k][i]:
                     best[k][i], cut[k][i] = cost, j

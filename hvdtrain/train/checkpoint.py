@@ -29,8 +29,15 @@ FINGERPRINT_FIELDS = (
 
 def fingerprint(cfg, world_size: Optional[int]) -> dict[str, Any]:
     """The settings a checkpoint records and a resuming job must share (else its position means nothing).
-    `world_size` None leaves the world size out: an elastic job resumes on any number of ranks."""
+    `world_size`: the data-parallel replicas (cfg.data_ranks); None leaves it out: an elastic job resumes on any
+    number of ranks."""
     out = {k: getattr(cfg, k) for k in FINGERPRINT_FIELDS}
+    if cfg.strategy in ("data", "pipeline"):
+        # Both write one replica's parameters under the unsplit model's names, the optimizer state in its order
+        # (a pipeline gathers its stages): the same checkpoint, resumable by either on as many replicas.
+        out["strategy"] = "data"
+        for k in ("devices_per_rank", "balance", "micro_batches"):
+            del out[k]
     if world_size is not None:
         out["world_size"] = world_size
     return out

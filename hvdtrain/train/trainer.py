@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from hvdtrain import preempt
-from hvdtrain.config import ASYNC_NOT_ELASTIC, SHARDED_NOT_ELASTIC, TrainConfig
+from hvdtrain.config import ASYNC_NOT_ELASTIC, PIPELINE_NOT_ELASTIC, SHARDED_NOT_ELASTIC, TrainConfig
 from hvdtrain.env import rank_info
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
@@ -66,10 +66,11 @@ from hvdtrain.train.state import TrainState
 from hvdtrain.train.update import update_rule
 
 
-def params_sha256(model: nn.Module) -> str:
-    """A fingerprint of the parameters' exact bits (what the resume tests compare)."""
+def params_sha256(model: nn.Module | dict[str, torch.Tensor]) -> str:
+    """A fingerprint of the parameters' exact bits (what the resume tests compare), of a model or its state_dict."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    state = model if isinstance(model, dict) else model.state_dict()
+    for name, t in sorted(state.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -114,16 +115,23 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         self.startup.mark("imports")
-        horovod.init(deterministic=cfg.deterministic, group=self._workers())
+        self.grid = self._grid()
+        horovod.init(deterministic=cfg.deterministic, group=self._workers(), parts=self.grid and self.grid.stage_sets())
         self.startup.mark("hvd.init")
         # In an async job: this rank's place among the workers (a server's: its place in the job).
         self.rank, self.size = horovod.rank(), horovod.size()
         self.is_main = self.rank == 0
+        self.stage = None  # a pipeline's: this rank's parallel.pipe.Stage
+        if self.grid is not None:  # the data-parallel place: this rank's replica, and how many there are
+            self.rank, self.size = self.grid.replica_of(self.rank), self.grid.replicas
         self.elastic = elastic.enabled()
-        if self.elastic and cfg.shard_optimizer:
-            raise ConfigError(SHARDED_NOT_ELASTIC)
-        if self.elastic and cfg.update == "async":
-            raise ConfigError(ASYNC_NOT_ELASTIC)
+        for setting, message in [
+            (cfg.shard_optimizer, SHARDED_NOT_ELASTIC),
+            (cfg.update == "async", ASYNC_NOT_ELASTIC),
+            (cfg.strategy == "pipeline", PIPELINE_NOT_ELASTIC),
+        ]:
+            if self.elastic and setting:
+                raise ConfigError(message)
         if cfg.strategy == "model" and self.size > 1:
             raise ConfigError(
                 f"--strategy model runs one replica on one rank, but this job has {self.size} ranks: "
@@ -137,13 +145,13 @@ class Trainer:
             self._user_model
             or models.build(cfg.model, self.data.input_shape, self.data.num_classes, cfg.hidden, cfg.depth)
         )
-        # From here on each rank draws its own random numbers (dropout): seed + rank.
-        seed_everything(cfg.seed + self.rank)
         global_rank, world_size = horovod.world()
-        self.update = update_rule(cfg, world_size=world_size, rank=global_rank)
+        # From here on each rank draws its own random numbers (dropout): seed + rank.
+        seed_everything(cfg.seed + global_rank)
+        self.update = update_rule(cfg, world_size=world_size, rank=global_rank, stage=self.stage)
         self.lr = self.update.learning_rate()
         self.state = TrainState(model, self.update.make_optimizer(model, self.lr))
-        self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed)
+        self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed, replica=(self.rank, self.size))
         # An elastic job resumes on any world size: its position counts samples, not steps.
         self.fingerprint = checkpoint.fingerprint(cfg, None if self.elastic else self.size)
         self.startup.mark("model")
@@ -159,6 +167,16 @@ class Trainer:
         cfg.data_ranks(size)  # raises when the servers leave no worker
         return roles(size, cfg.ps_ranks)[0]
 
+    def _grid(self):
+        """A pipeline's ranks as replicas of stages (parallel.pipe.Grid); None for the other strategies."""
+        if self.cfg.strategy != "pipeline":
+            return None
+        from hvdtrain.parallel.grid import Grid
+
+        size = rank_info().size
+        self.cfg.data_ranks(size)  # raises when the stages do not divide the ranks
+        return Grid(size, self.cfg.stages)
+
     @property
     def model(self) -> nn.Module:
         """The model being trained (the state's: a resume or a reset replaces it there)."""
@@ -169,6 +187,8 @@ class Trainer:
         if self.cfg.strategy == "data":
             self.in_device = self.out_device = horovod.device()
             return model.to(self.in_device)
+        if self.cfg.strategy == "pipeline":
+            return self._stage_of(model)
         from hvdtrain.parallel.hybrid import devices_for_rank
         from hvdtrain.parallel.pipeline import Pipeline
 
@@ -177,6 +197,28 @@ class Trainer:
         pipeline = Pipeline(model, devices, balance=cfg.balance, micro_batches=cfg.micro_batches)
         self.in_device, self.out_device = pipeline.input_device, pipeline.output_device
         return pipeline
+
+    def _stage_of(self, model: nn.Module) -> nn.Module:
+        """A pipeline: this rank's stage of the model (the neighbours agree on the shapes between them)."""
+        from mpi4py import MPI  # after hvd.init, which initialised MPI for threads
+
+        from hvdtrain.parallel.pipe import Stage
+
+        cfg, x = self.cfg, self.data.train.tensors[0]
+        self.in_device = self.out_device = horovod.device()
+        # A communicator of the pipeline's own; left to MPI_Finalize (freeing one while Horovod runs crashed MPI).
+        self.stage = Stage.build(
+            model, self.grid, MPI.COMM_WORLD.Dup(), x.shape[1:], x.dtype, cfg.balance, cfg.schedule,
+            cfg.micro_batches, self.in_device,
+        )  # fmt: skip
+        st = self.stage
+        first, layers = st.bounds[st.index][:2]
+        print(
+            f"hvdtrain: pipeline: this rank is {self.grid.role(st.rank)} (layers {first}-{first + layers - 1}; "
+            f"{self.grid.stages} stages, {self.grid.replicas} replica(s))",
+            flush=True,
+        )
+        return st.module
 
     def _steps_for(self, samples: int) -> int:
         """Optimizer steps over `samples` samples shared by the current world (what is left is dropped)."""
@@ -224,7 +266,7 @@ class Trainer:
             raise CheckpointError(error)
         if path is None:
             # Parameters only: Horovod's broadcast_optimizer_state would take a dummy step to create state.
-            horovod.broadcast_state(self.model, None)
+            self.update.broadcast(self.state)
             return None
         self.update.restore(self.state, saved)
         position = horovod.broadcast_object(
@@ -233,7 +275,8 @@ class Trainer:
         )
         self.state.position, rngs, update_state = position
         self.update.load_state_dict(update_state)
-        checkpoint.set_rng_state(rngs[self.rank])
+        if len(rngs) == horovod.size():  # (a checkpoint of another layout: the ranks keep their fresh seeds)
+            checkpoint.set_rng_state(rngs[horovod.rank()])
         return path
 
     def _position_of(self, saved: dict[str, Any]) -> tuple[int, int, int, int]:
@@ -305,7 +348,9 @@ class Trainer:
         self.state.optimizer.zero_grad()
         loss_sum, samples = 0.0, 0
         x_all, y_all = self.data.train.tensors
-        for index in group:
+        if self.stage is not None:
+            loss_sum, samples = self._pipeline_passes(group, x_all, y_all)
+        for index in group if self.stage is None else ():
             x, y = x_all[index], y_all[index]
             if self.in_device.type != "cpu" or self.out_device.type != "cpu":
                 x, y = x.to(self.in_device, non_blocking=True), y.to(self.out_device, non_blocking=True)
@@ -319,6 +364,18 @@ class Trainer:
         self.window.add(loss_sum, samples)
         self.train_samples += samples
         self.hooks.on_step_end(self)
+
+    def _pipeline_passes(self, group: list[torch.Tensor], x_all, y_all) -> tuple[float, int]:
+        """A pipeline's backward passes of one step: each batch through the stages in the schedule's order (the
+        first stage feeds the inputs, the last takes the labels and the loss). (loss sum, samples) on the last."""
+        st, loss_sum, samples = self.stage, 0.0, 0
+        self.update.expect_backwards(self.state, sum(st.micro_count(len(index)) for index in group))
+        for index in group:
+            x = x_all[index].to(self.in_device) if st.first else None
+            y = y_all[index].to(self.out_device) if st.last else None
+            loss, n = st.train_pass(len(index), x, y, self.loss_fn, 1 / len(group))
+            loss_sum, samples = loss_sum + loss, samples + n
+        return loss_sum, samples
 
     def _report(self) -> bool:
         """Read the window started one step earlier, if any: record and show it; True if the ranks agreed to stop."""
@@ -373,20 +430,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Exact test loss and accuracy over the whole test split: each rank takes samples rank, rank+size..."""
+        """Exact test loss and accuracy over the whole test split: each rank (a pipeline: each replica, through its
+        stages) takes samples rank, rank+size..."""
         model = self.update.eval_model(self.state)
         model.eval()
         x_all, y_all = self.data.test.tensors
         mine = torch.arange(self.rank, len(y_all), self.size)
+        st = self.stage
         loss_sum, correct = 0.0, 0.0
         for chunk in mine.split(256):
             x, y = x_all[chunk].to(self.in_device), y_all[chunk].to(self.out_device)
-            out = model(x)
+            out = model(x) if st is None else st.forward_only(len(chunk), x if st.first else None)
+            if out is None:
+                continue  # a pipeline stage before the last
             loss_sum += self.loss_fn(out, y, reduction="sum").item()
             correct += (out.argmax(1) == y).sum().item()
-        return horovod.average_metrics(
-            {"test_loss": loss_sum, "test_accuracy": correct}, len(mine), name="hvdtrain.eval"
-        )
+        if st is not None:
+            st.flush()
+        counted = len(mine) if st is None or st.last else 0  # a pipeline's last stage alone has outputs
+        return horovod.average_metrics({"test_loss": loss_sum, "test_accuracy": correct}, counted, name="hvdtrain.eval")
 
     def _evaluate_and_record(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -450,6 +512,10 @@ class Trainer:
         return {"parameter_server": index, **result}
 
     def _ranks_said(self) -> str:
+        cfg = self.cfg
+        if self.grid is not None:
+            return (f"{self.grid.ranks} rank(s) as {self.size} replica(s) of {self.grid.stages} pipeline stages "
+                    f"({cfg.schedule}, {cfg.micro_batches} micro-batch(es) per batch)")  # fmt: skip
         if self.cfg.update != "async":
             return f"{self.size} rank(s)"
         servers, staleness = len(self.update.servers), self.update.staleness
@@ -577,9 +643,26 @@ class Trainer:
             self.cfg.save(self.run_dir)  # a no-op when launched by `hvdtrain train`, which wrote it already
         self.recorder = Recorder(self.run_dir, self.is_main, self._echo)
 
+    def _pipeline_result(self) -> dict[str, Any]:
+        """A pipeline's layout, and the most activation memory each stage held (of replica 0; collective)."""
+        if self.stage is None:
+            return {}
+        peaks = horovod.allgather_object(
+            (self.stage.meter.peak_bytes, self.stage.meter.peak_micro), name="hvdtrain.pipeline_peaks"
+        )
+        return {
+            "ranks": self.grid.ranks,
+            "stages": self.grid.stages,
+            "schedule": self.cfg.schedule,
+            "micro_batches": self.cfg.micro_batches,
+            "activation_peak_bytes": [b for b, _ in peaks[: self.grid.stages]],
+            "micro_batches_in_flight_peak": [m for _, m in peaks[: self.grid.stages]],
+        }
+
     def _finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         total = horovod.PendingSum([float(self.train_samples)], name="hvdtrain.samples").result()[0]
         seconds = self.train_seconds
+        model_state = self.update.model_state(self.state)
         result = {
             "steps": self.state.step,
             "epochs_done": self.state.epoch,
@@ -587,9 +670,10 @@ class Trainer:
             "update": self.update.name,
             "seconds_training": round(seconds, 3),
             "samples_per_s": total / seconds if seconds > 0 else math.nan,
-            "params_sha256": params_sha256(self.model),
+            "params_sha256": model_state and params_sha256(model_state),
             "run_dir": str(self.run_dir.path),
             "startup_s": self.startup.phases(),  # rank 0's phases up to the first step (hvdtrain.startup)
+            **self._pipeline_result(),
             **extra,
         }
         if self.is_main:

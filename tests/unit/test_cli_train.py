@@ -34,13 +34,49 @@ def dry_config(output):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--strategy", "pipeline"], "--strategy: 'pipeline' is not one of data, model, hybrid"),
+        (["--strategy", "ring"], "--strategy: 'ring' is not one of data, model, hybrid, pipeline"),
+        (["--strategy", "pipeline"], "--stages: --strategy pipeline needs --stages P"),
+        (["--stages", "2"], "--stages: applies to --strategy pipeline, not data"),
+        (["--schedule", "1f1b"], "--schedule: applies to --strategy pipeline, not data"),
+        (["--strategy", "pipeline", "--stages", "2", "--schedule", "zigzag"], "--schedule: 'zigzag' is not one of"),
+        (["-np", "3", "--strategy", "pipeline", "--stages", "2"], "--stages 2 does not divide 3 ranks: each replica"),
+        (["-np", "1", "--strategy", "pipeline", "--stages", "2"], "use -np 2"),
+        (
+            ["-np", "4", "--strategy", "pipeline", "--stages", "4", "--model", "mlp"],
+            "--stages 4 is more than the 3 layers with parameters of --model mlp (6 layers in all)",
+        ),
+        (
+            ["-np", "2", "--strategy", "pipeline", "--stages", "2", "--balance", "1,5", "--model", "mlp"],
+            "--balance 1,5: stage 0 (layers 0-0) holds no parameters",
+        ),
+        (
+            ["-np", "2", "--strategy", "pipeline", "--stages", "2", "--balance", "3,4", "--model", "mlp"],
+            "--balance 3,4 adds up to 7 layers",
+        ),
+        (["-np", "2", "--strategy", "pipeline", "--stages", "2", "--balance", "6"], "must give 2 stage sizes"),
+        (
+            ["-np", "3", "--strategy", "pipeline", "--stages", "2", "--update", "async"],
+            "--strategy: pipeline does not combine with --update async",
+        ),
+        (
+            ["-np", "2", "--strategy", "pipeline", "--stages", "2", "--update", "local-sgd"],
+            "--update: does not combine with --strategy pipeline",
+        ),
+        (
+            ["-np", "2", "--strategy", "pipeline", "--stages", "2", "--reduce-op", "adasum"],
+            "Adasum has no process sets",
+        ),
+        (["-np", "2", "--strategy", "pipeline", "--stages", "2", "--gloo"], "--strategy pipeline needs MPI"),
+        (
+            ["-np", "2", "--strategy", "pipeline", "--stages", "2", "--elastic", "--min-np", "2"],
+            "--strategy pipeline cannot be elastic",
+        ),
         (["--model", "resnet"], "--model: 'resnet' is not one of"),
         (["--epochs", "0"], "--epochs: 0 is too small"),
         (["--batch-size", "0"], "--batch-size: 0 is too small"),
         (["--lr", "-1"], "--lr: -1.0 must be positive"),
         (["--micro-batches", "64"], "cannot split a batch of 32"),
-        (["--devices-per-rank", "2"], "need --strategy model or hybrid"),
+        (["--devices-per-rank", "2"], "need --strategy model, hybrid or pipeline"),
         (
             ["--strategy", "hybrid", "--devices-per-rank", "2", "--balance", "3"],
             "--balance: [3] must give 2 stage sizes",
