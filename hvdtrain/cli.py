@@ -324,6 +324,7 @@ def train(dry_run, **options):
       hvdtrain train -np 2                                  # data parallel, prints test accuracy
       hvdtrain train -np 1 --strategy model --devices-per-rank 2 --micro-batches 4
       hvdtrain train -np 2 --strategy hybrid --devices-per-rank 2
+      hvdtrain train -np 4 --strategy pipeline --stages 2 --micro-batches 4
       hvdtrain train -np 2 --run-dir runs/a --checkpoint-every 50 ... then --resume
 
     The run directory gets config.json, metrics.jsonl, TensorBoard events, checkpoints/, result.json and

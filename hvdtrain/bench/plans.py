@@ -29,12 +29,13 @@ IMPL_LABELS = {
 }  # fmt: skip
 
 # How the throughput worker drives a step; trainer_lean is a diagnostic, run only when asked for.
-ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm", "trainer_lean")
-DEFAULT_ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm")
-# The reference arms: they run before Horovod starts (its background thread would slow them); mpi4py and nocomm
-# need the MPI controller (MPI's Allreduce and Barrier).
-BASELINE_ARMS = ("ddp", "mpi4py", "nocomm")
-MPI_ARMS = ("mpi4py", "nocomm")
+ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm", "pipeline", "trainer_lean")
+DEFAULT_ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm", "pipeline")
+# The arms that run before Horovod starts (its background thread would slow them); mpi4py, nocomm and pipeline
+# (one replica over every rank: no collective, mpi4py messages) need MPI.
+BASELINE_ARMS = ("ddp", "mpi4py", "nocomm", "pipeline")
+MPI_ARMS = ("mpi4py", "nocomm", "pipeline")
+SCHEDULES = ("1f1b", "gpipe")  # the pipeline arm's (parallel.pipe's)
 TRAIN_TARGETS = {
     "trainer_over_mpi4py": 0.9,  # what the communication allows
     "trainer_over_ddp": 1.3,
@@ -136,9 +137,13 @@ class Measurement:
     model: str  # a key of the plan's models
     compression: str  # "none" | "fp16"
     round: int
+    schedule: str = ""  # the pipeline arm's: one of SCHEDULES
+    micro: int = 0  # the pipeline arm's micro-batches per batch, M
 
     @property
     def label(self) -> str:
+        if self.arm == "pipeline":
+            return f"pipeline/{self.model}/{self.schedule}/m{self.micro}"
         return f"{self.arm}/{self.model}" + ("/fp16" if self.compression == "fp16" else "")
 
 
@@ -169,6 +174,7 @@ class TrainWorkerPlan(JsonPlan):
     measurements: list[Measurement]
     run_root: str  # the Trainer arms' run directories go below it (absolute path)
     store: str = ""  # torch.distributed's FileStore file (absolute path; the runner fills it in)
+    pipeline_batch: int = 0  # the pipeline arm's samples per batch (one replica's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +241,21 @@ class TrainSettings:
     batches_per_iter: int = option(10, "Batches per timed iteration.", tiny=2, low=1)
     rounds: int = option(2, "Repeat every measurement, alternating arm order.", tiny=1, low=1)
     ablations: bool = option(True, "Also fusion off and fp16 compression.")
+    micro_batches: str = option(
+        "1,2,4,8",
+        "Pipeline arm: comma-separated micro-batch counts M; at each np it runs one replica of P = np stages.",
+        tiny="1,4",
+    )
+    schedules: tuple[str, ...] = option(SCHEDULES, "Pipeline arm: comma-separated schedules.", choices=SCHEDULES)
+    pipeline_batch: int = option(256, "Pipeline arm: samples per batch of the one replica.", tiny=32, low=1)
     tiny: bool = option(False, "Small models and few batches: the smoke run of the test suite.")
+
+    def micro_counts(self) -> list[int]:
+        """--micro-batches as whole numbers, each at least 1 and at most --pipeline-batch."""
+        values = _floats(self.micro_batches, "--micro-batches", low=1.0, high=float(self.pipeline_batch))
+        if any(not v.is_integer() for v in values):
+            raise UsageError(f"--micro-batches '{self.micro_batches}': give whole numbers, e.g. 1,2,4,8")
+        return [int(v) for v in values]
 
     @property
     def timing(self) -> Timing:

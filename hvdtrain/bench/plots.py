@@ -41,12 +41,16 @@ def allreduce(result: dict, path: Path) -> Path:
 
 
 def train(result: dict, path: Path) -> Path:
-    """Total throughput against np (with ideal linear scaling), side-by-side and ablation bars at the largest np."""
+    """Total throughput against np (with ideal linear scaling), side-by-side and ablation bars at the largest np;
+    with pipeline arms, their speed-up against M beside the bubble model's."""
     rows = result["rows"]
     top = max(r["np"] for r in rows)
+    pipe = result.get("pipeline") or []
 
     def draw(axes):
-        scale, sbs, abl = axes
+        scale, sbs, abl = axes[:3]
+        if pipe:
+            _pipeline(axes[3], pipe)
         for model in sorted({r["model"] for r in rows}):
             mine = sorted((r for r in rows if r["model"] == model and r["config"] == "horovod"), key=lambda r: r["np"])
             if not mine:
@@ -66,7 +70,23 @@ def train(result: dict, path: Path) -> Path:
         _bars(sbs, rows, top, ("trainer", "horovod", "ddp", "mpi4py", "nocomm"), "side by side")
         _bars(abl, rows, top, ("horovod", "horovod-nofusion", "horovod+fp16"), "ablations")
 
-    return report.save_plot(path, draw, ncols=3, width=5.0)
+    return report.save_plot(path, draw, ncols=4 if pipe else 3, width=5.0)
+
+
+def _pipeline(ax, pipe: Sequence[dict]) -> None:
+    """Measured speed-up over P = 1, M = 1 against M, per (model, schedule, P > 1), and the ideal P*M/(M+P-1)."""
+    for key in sorted({(p["model"], p["schedule"], p["stages"]) for p in pipe if p["stages"] > 1}):
+        mine = sorted(
+            (p for p in pipe if (p["model"], p["schedule"], p["stages"]) == key), key=lambda p: p["micro_batches"]
+        )
+        ms = [p["micro_batches"] for p in mine]
+        line = ax.plot(ms, [p["speedup"] or 0 for p in mine], marker="o", label=f"{key[0]} {key[1]} P={key[2]}")
+        ax.plot(ms, [p["ideal_speedup"] for p in mine], linestyle=":", color=line[0].get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("micro-batches M")
+    ax.set_ylabel("speed-up over P = 1 (dotted: P*M/(M+P-1))")
+    ax.set_title("pipeline across ranks")
+    ax.legend(fontsize=8)
 
 
 def _bars(ax, rows: Sequence[dict], np: int, configs: Sequence[str], title: str) -> None:

@@ -61,6 +61,10 @@ def _efficiency(e: Optional[dict]) -> Optional[str]:
     return f"{e['efficiency']:.3f} +- {e['efficiency_conf']:.3f}"
 
 
+def _per_stage(values) -> Optional[str]:
+    return None if not values else " / ".join(f"{v:,}" for v in values)
+
+
 def train(result: dict) -> str:
     """Throughput per (model, config, np) with weak-scaling efficiency; side by side; ablations."""
     eff = {(s["model"], s["config"], s["np"]): s for s in result["scaling"]}
@@ -113,6 +117,18 @@ def train(result: dict) -> str:
                 "sharded optimizer (ZeRO-1) vs DistributedOptimizer, SGD-momentum (total samples/s; optimizer state "
                 "bytes per rank)",
             ))  # fmt: skip
+    pipe = result.get("pipeline") or []
+    if pipe:
+        out.append("")
+        out.append(report.render_table(
+            ["model", "schedule", "P", "M", "samples/s", "speed-up", "bubble", "ideal speed-up",
+             "activation peak bytes per stage", "micro-batches held"],
+            [[p["model"], p["schedule"], p["stages"], p["micro_batches"], _pm(p["total"], p["total_conf"]),
+              p["speedup"], p["bubble"], p["ideal_speedup"], _per_stage(p["activation_peak_bytes"]),
+              _per_stage(p["micro_in_flight_peak"])] for p in pipe],
+            "pipeline across ranks, one replica of P = np stages (samples/s of the replica; speed-up over P = 1, "
+            "M = 1; bubble (P-1)/(M+P-1), ideal speed-up P*M/(M+P-1) with stages computing at once)",
+        ))  # fmt: skip
     abl = result["ablations"]
     if abl and any(a["no_fusion_total"] is not None or a["fp16_total"] is not None for a in abl):
         out.append("")

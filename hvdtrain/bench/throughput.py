@@ -49,16 +49,30 @@ class TrainBenchPlan:
     runs: list[Run]  # one per (np, fusion), in launch order
 
 
-def measurement_order(models: Sequence[str], arms: Sequence[str], rounds: int, fp16: bool) -> list[plans.Measurement]:
-    """The "fusion" run's measurements: every ddp one first, then the mpi4py loop and the no-communication
-    loop (all before Horovod starts), then per round and model the Horovod loop and the Trainer(s); each group's
-    order reversed every other round; then the fp16 loop."""
+def measurement_order(
+    models: Sequence[str],
+    arms: Sequence[str],
+    rounds: int,
+    fp16: bool,
+    pipelines: Sequence[tuple[str, int]] = (),
+    piped: Sequence[str] = (),
+) -> list[plans.Measurement]:
+    """The "fusion" run's measurements: every ddp one first, then the mpi4py loop, the no-communication loop and
+    the pipeline arm's (schedule, M) `pipelines` on the `piped` models (all before Horovod starts), then per round
+    and model the Horovod loop and the Trainer(s); each group's order reversed every other round; then the fp16
+    loop."""
     measure = plans.Measurement
     out = [measure("ddp", model, "none", r) for r in range(rounds) for model in models] if "ddp" in arms else []
     references = [a for a in plans.MPI_ARMS if a in arms]
     for r in range(rounds):
         for model in models:
-            out += [measure(arm, model, "none", r) for arm in (references if r % 2 == 0 else references[::-1])]
+            group: list[plans.Measurement] = []
+            for arm in references:
+                if arm != "pipeline":
+                    group.append(measure(arm, model, "none", r))
+                elif model in piped:
+                    group += [measure(arm, model, "none", r, schedule, m) for schedule, m in pipelines]
+            out += group if r % 2 == 0 else group[::-1]
     pair = [a for a in ("horovod", "trainer", "sharded", "trainer_lean") if a in arms]
     for r in range(rounds):
         for model in models:
@@ -109,6 +123,7 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
     user_env = list(launch_options.pop("env", ()) or ())
     settings = mpi_arms_checked(settings, options.get("arms") is not None, launch_options)
     shapes, run_root = settings.model_shapes, str((out / TRAINER_RUNS).resolve())
+    pipelines = [(schedule, m) for schedule in settings.schedules for m in settings.micro_counts()]
     runs = []
     for np in range(1, top + 1):
         for fusion in (True, False) if settings.ablations and "horovod" in settings.arms else (True,):
@@ -121,15 +136,27 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
                 output_dir=str(logs / name), **launch_options,
             )  # fmt: skip
             if fusion:
-                todo = measurement_order(settings.models, settings.arms, settings.rounds, settings.ablations)
+                todo = measurement_order(
+                    settings.models, settings.arms, settings.rounds, settings.ablations, pipelines,
+                    [m for m, shape in shapes.items() if pipeline_fits(shape, np)],
+                )  # fmt: skip
             else:
                 todo = [plans.Measurement("horovod", m, "none", r) for r in range(settings.rounds) for m in shapes]
-            worker_plan = plans.TrainWorkerPlan(settings.timing, LR, spec.controller, shapes, todo, run_root)
+            worker_plan = plans.TrainWorkerPlan(
+                settings.timing, LR, spec.controller, shapes, todo, run_root, pipeline_batch=settings.pipeline_batch
+            )
             about = f"np={np} {'fusion on' if fusion else 'HOROVOD_FUSION_THRESHOLD=0'} ({len(todo)} measurements)"
             detail = ", ".join(m.label for m in todo)
             runs.append(Run(fusion, runner.Job(name, spec, worker_plan, about, detail)))
     controller = runs[0].job.spec.controller
     return TrainBenchPlan(settings, out, list(range(1, top + 1)), controller, runs)
+
+
+def pipeline_fits(shape: plans.ModelShape, stages: int) -> bool:
+    """Whether the model splits into `stages` pipeline stages, each with a layer holding parameters."""
+    from hvdtrain.config import TrainConfig
+
+    return stages <= len(TrainConfig(model=shape.model, depth=shape.depth).layers()[1])
 
 
 def run(plan: TrainBenchPlan, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -149,18 +176,25 @@ def run(plan: TrainBenchPlan, dry_run: bool = False, echo: Callable[[str], None]
 # --------------------------------------------------------------------------------------------------
 
 
-def config_name(arm: str, compression: str, fusion: bool) -> str:
-    """'horovod', 'horovod+fp16', 'horovod-nofusion', 'trainer', 'ddp'."""
+def config_name(arm: str, compression: str, fusion: bool, schedule: str = "", micro: int = 0) -> str:
+    """'horovod', 'horovod+fp16', 'horovod-nofusion', 'trainer', 'ddp', 'pipeline-1f1b-m4'."""
+    if arm == "pipeline":
+        return f"pipeline-{schedule}-m{micro}"
     return arm + ("+fp16" if compression == "fp16" else "") + ("" if fusion else "-nofusion")
 
 
+PIPELINE_EXTRA = ("stages", "schedule", "micro", "activation_peak_bytes", "micro_in_flight_peak")
+
+
 def throughput_rows(parts: Sequence[tuple[bool, dict]]) -> list[dict]:
-    """Pool rounds per (np, config, model); per rank: rank 0's mean +- 1.96 sigma; total = np x mean."""
+    """Pool rounds per (np, config, model); per rank: rank 0's mean +- 1.96 sigma; total = np x mean (a pipeline
+    arm's np ranks are one replica, every rank steps the same samples: total = mean)."""
     pooled: dict[tuple, dict] = {}
     for fusion, part in parts:
         n = part["meta"]["np"]
         for m in part["measurements"]:
-            key = (n, config_name(m["arm"], m["compression"], fusion), m["model"])
+            config = config_name(m["arm"], m["compression"], fusion, m.get("schedule", ""), m.get("micro", 0))
+            key = (n, config, m["model"])
             entry = pooled.setdefault(
                 key, {"rank_rates": [[] for _ in range(n)], "extra": {}, "arm": m["arm"], "rounds": {}}
             )
@@ -168,17 +202,19 @@ def throughput_rows(parts: Sequence[tuple[bool, dict]]) -> list[dict]:
                 entry["rank_rates"][rank].extend(rates)
             entry["rounds"][m["round"]] = report.summary_stats(m["rank_rates"][0])["mean"]
             entry["extra"].update(
-                {k: v for k, v in m.items() if k in ("method", "fit_samples_per_s", "optimizer_state_bytes")}
-            )
+                {k: v for k, v in m.items()
+                 if k in ("method", "fit_samples_per_s", "optimizer_state_bytes") or (k in PIPELINE_EXTRA and m[k])}
+            )  # fmt: skip
             entry.update(compression=m["compression"], fusion=fusion, threads=part["meta"]["threads_per_rank"])
     rows = []
     for (n, config, model), e in sorted(pooled.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
         s = report.summary_stats(e["rank_rates"][0])
+        replicas = 1 if e["arm"] == "pipeline" else n
         rows.append({
             "np": n, "config": config, "arm": e["arm"], "model": model, "compression": e["compression"],
             "fusion": e["fusion"], "threads_per_rank": e["threads"], "iterations": s["n"],
             "per_rank_mean": s["mean"], "per_rank_sd": s["sd"], "per_rank_conf": s["conf"],
-            "total": n * s["mean"], "total_conf": n * s["conf"],
+            "total": replicas * s["mean"], "total_conf": replicas * s["conf"],
             "rank_means": [report.summary_stats(r)["mean"] for r in e["rank_rates"]],
             "round_means": [e["rounds"][k] for k in sorted(e["rounds"])], **e["extra"],
         })  # fmt: skip
@@ -189,6 +225,8 @@ def scaling_rows(rows: Sequence[dict]) -> list[dict]:
     """Weak-scaling efficiency of every config against its own np=1 throughput, with a propagated spread."""
     out = []
     for r in rows:
+        if r["arm"] == "pipeline":
+            continue  # one replica at every np: its speed-up against M is pipeline_rows'
         one = next((o for o in rows if o["np"] == 1 and o["config"] == r["config"] and o["model"] == r["model"]), None)
         if one is None:
             continue
@@ -254,6 +292,26 @@ def ablation_rows(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+def pipeline_rows(rows: Sequence[dict]) -> list[dict]:
+    """The pipeline arm against M: each (model, schedule, P = np, M) with its samples/s, the speed-up over the
+    unsplit model on one rank (P = 1, M = 1, the same schedule's row), the bubble model's (P-1)/(M+P-1) and the
+    speed-up it allows with concurrent stages, P x M / (M + P - 1); each stage's peak activation bytes."""
+    out = []
+    for r in rows:
+        if r["arm"] != "pipeline":
+            continue
+        p, m, schedule = r["np"], r["micro"], r["schedule"]
+        one = report.find(rows, np=1, model=r["model"], config=config_name("pipeline", "none", True, schedule, 1))
+        out.append({
+            "model": r["model"], "schedule": schedule, "stages": p, "micro_batches": m, "total": r["total"],
+            "total_conf": r["total_conf"], "speedup": report.ratio(r["total"], one["total"] if one else None),
+            "bubble": (p - 1) / (m + p - 1), "ideal_speedup": p * m / (m + p - 1),
+            "activation_peak_bytes": r.get("activation_peak_bytes"),
+            "micro_in_flight_peak": r.get("micro_in_flight_peak"),
+        })  # fmt: skip
+    return sorted(out, key=lambda x: (x["model"], x["schedule"], x["stages"], x["micro_batches"]))
+
+
 def collect(parts: Sequence[tuple[bool, dict]], plan: Optional[TrainBenchPlan] = None) -> dict:
     rows = throughput_rows(parts)
     meta: dict[str, Any] = {"machine": report.machine_info(), "workers": [p["meta"] for _, p in parts]}
@@ -261,7 +319,7 @@ def collect(parts: Sequence[tuple[bool, dict]], plan: Optional[TrainBenchPlan] =
         s = plan.settings
         meta.update(np_list=plan.np_list, models={m: dataclasses.asdict(v) for m, v in s.model_shapes.items()})
         meta.update(arms=list(s.arms), controller=plan.controller, tiny=s.tiny, targets=plans.TRAIN_TARGETS)
-        meta["settings"] = {**dataclasses.asdict(s.timing), "rounds": s.rounds}
+        meta["settings"] = {**dataclasses.asdict(s.timing), "rounds": s.rounds, "pipeline_batch": s.pipeline_batch}
         meta["commands"] = [
             {"np": r.np, "fusion": r.fusion, "env": launch.rank_env(r.job.spec, False),
              "command": shlex.join(launch.wrapped_command(r.job.spec, "LOGDIR"))}
@@ -273,4 +331,5 @@ def collect(parts: Sequence[tuple[bool, dict]], plan: Optional[TrainBenchPlan] =
         "scaling": scaling_rows(rows),
         "side_by_side": side_by_side(rows),
         "ablations": ablation_rows(rows),
+        "pipeline": pipeline_rows(rows),
     }

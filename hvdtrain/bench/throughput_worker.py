@@ -15,6 +15,10 @@ lists measurements in order, each an arm (how the step is driven), a model shape
   horovod  a minimal hand-written Horovod loop: DistributedOptimizer, broadcast, forward/backward/step
   sharded  the same loop with hvdtrain.parallel.zero.ShardedOptimizer (ZeRO-1: gradients reduce-scattered,
            parameters all-gathered, 1/np of the momentum per rank) instead of the DistributedOptimizer
+  pipeline the model cut into P = np stages, one per rank (hvdtrain.parallel.pipe: activations and gradients as
+           mpi4py messages), M micro-batches per batch in the GPipe or 1F1B schedule, plain SGD per stage: one
+           replica, so every rank steps the same --pipeline-batch samples (no collective: it runs before Horovod);
+           also each stage's peak activation bytes (what autograd saved) and micro-batches in flight
   trainer  hvdtrain's Trainer.fit(), timed per step by a hook (StepStamps)
   trainer_lean  (diagnostic, not run by default) the Trainer without a preemption signal handler and with
            log_every past the last step: its window sums of [loss, samples, preemption votes] (one
@@ -193,6 +197,42 @@ def sharded_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tup
     return rates, {"optimizer_state_bytes": opt.state_bytes()}
 
 
+_pipe_comm = None  # the pipeline arm's communicator (one Dup for every measurement; left to MPI_Finalize)
+
+
+def pipeline_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tuple[list[float], dict]:
+    global _pipe_comm
+    from mpi4py import MPI
+
+    from hvdtrain.parallel.grid import Grid
+    from hvdtrain.parallel.pipe import Stage
+
+    if _pipe_comm is None:
+        _pipe_comm = MPI.COMM_WORLD.Dup()
+    comm = _pipe_comm
+    timing = dataclasses.replace(plan.timing, batch_size=plan.pipeline_batch)
+    dataset = make_dataset(timing, 1)  # one replica: every stage reads the same batches
+    x = dataset.train.tensors[0]
+    stage = Stage.build(
+        build_model(shape, dataset), Grid(comm.size, comm.size), comm, x.shape[1:], x.dtype,
+        schedule=m.schedule, micro_batches=m.micro,
+    )  # fmt: skip
+    opt = torch.optim.SGD(stage.module.parameters(), lr=plan.lr, momentum=0.9)
+
+    def step(x, y):
+        opt.zero_grad()
+        stage.train_pass(len(x), x if stage.first else None, y if stage.last else None, nn.functional.cross_entropy)
+        opt.step()
+
+    comm.Barrier()
+    rates = timed_loop(step, batches(dataset, 0, 1, timing.batch_size), timing)
+    peaks = comm.allgather((stage.meter.peak_bytes, stage.meter.peak_micro))
+    return rates, {
+        "stages": comm.size, "schedule": m.schedule, "micro": m.micro,
+        "activation_peak_bytes": [b for b, _ in peaks], "micro_in_flight_peak": [n for _, n in peaks],
+    }  # fmt: skip
+
+
 class StepStamps(Hook):
     """The start of the first step, then the end of every step: whatever the Trainer does between two steps
     (progress lines, metrics records, starting and reading the window allreduce) falls inside the timed
@@ -247,7 +287,7 @@ def trainer_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tup
 
 ARM_RUNNERS = {
     "ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm, "trainer_lean": trainer_arm, "sharded": sharded_arm,
-    "mpi4py": mpi4py_arm, "nocomm": nocomm_arm,
+    "mpi4py": mpi4py_arm, "nocomm": nocomm_arm, "pipeline": pipeline_arm,
 }  # fmt: skip
 
 

@@ -49,22 +49,35 @@ def test_bench_train_tiny(hvdtrain, tmp_path):
         "ablations",
         "ZeRO-1",
         "trainer/nocomm",
+        "pipeline across ranks",
     ):
         assert heading in r.stdout
     assert (out / "train.png").read_bytes()[:8] == PNG
     result = json.loads((out / "train.json").read_text())
-    assert set(result) == {"meta", "rows", "scaling", "side_by_side", "ablations"}
+    assert set(result) == {"meta", "rows", "scaling", "side_by_side", "ablations", "pipeline"}
     assert result["meta"]["controller"] == "mpi" and result["meta"]["np_list"] == [1, 2]
     assert all(w["threads_per_rank"] == 1 for w in result["meta"]["workers"])
     rows = result["rows"]
     configs = {"horovod", "horovod+fp16", "horovod-nofusion", "trainer", "ddp", "sharded", "mpi4py", "nocomm"}
+    configs |= {f"pipeline-{s}-m{m}" for s in ("1f1b", "gpipe") for m in (1, 4)}  # --tiny: M = 1, 4
     assert {(r["config"], r["model"], r["np"]) for r in rows} == {
         (c, m, n) for c in configs for m in ("deep_mlp", "wide_mlp") for n in (1, 2)
     }
     for row in rows:
         assert row["per_rank_mean"] > 0 and row["iterations"] == 3 and len(row["rank_means"]) == row["np"]
-        assert row["total"] == pytest.approx(row["np"] * row["per_rank_mean"])
-        assert row["total_conf"] == pytest.approx(row["np"] * row["per_rank_conf"])
+        replicas = 1 if row["arm"] == "pipeline" else row["np"]  # a pipeline's ranks are one replica
+        assert row["total"] == pytest.approx(replicas * row["per_rank_mean"])
+        assert row["total_conf"] == pytest.approx(replicas * row["per_rank_conf"])
+    assert len(result["pipeline"]) == 16
+    total_of = {(r["config"], r["model"], r["np"]): r["total"] for r in rows}
+    for p in result["pipeline"]:
+        one = total_of[(f"pipeline-{p['schedule']}-m1", p["model"], 1)]
+        assert p["speedup"] == pytest.approx(p["total"] / one)
+        n, m = p["stages"], p["micro_batches"]
+        assert p["bubble"] == pytest.approx((n - 1) / (m + n - 1))
+        # measured by what autograd saved: 1F1B holds P - s micro-batches at most, GPipe all M
+        held = [min(n - s, m) for s in range(n)] if p["schedule"] == "1f1b" else [m] * n
+        assert p["micro_in_flight_peak"] == held and all(b > 0 for b in p["activation_peak_bytes"])
     trainer_rows = [r for r in rows if r["arm"] == "trainer"]
     assert all(r["method"] == "per-step stamps" for r in trainer_rows)
     total = {(r["config"], r["model"], r["np"]): r["total"] for r in rows}

@@ -214,6 +214,53 @@ def test_measurement_order_puts_ddp_first_and_alternates():
     assert not {a for a, _ in arms[6:]} & set(plans.BASELINE_ARMS)
 
 
+def test_pipeline_arms_run_with_the_references_on_the_models_that_split():
+    pipes = [("1f1b", 1), ("gpipe", 4)]
+    order = throughput.measurement_order(["a", "b"], plans.DEFAULT_ARMS, rounds=2, fp16=False, pipelines=pipes,
+                                         piped=["a"])  # fmt: skip
+    piped = [(m.model, m.schedule, m.micro, m.round) for m in order if m.arm == "pipeline"]
+    assert piped == [("a", "1f1b", 1, 0), ("a", "gpipe", 4, 0), ("a", "gpipe", 4, 1), ("a", "1f1b", 1, 1)]
+    first_horovod = next(i for i, m in enumerate(order) if m.arm not in plans.BASELINE_ARMS)
+    assert all(i < first_horovod for i, m in enumerate(order) if m.arm == "pipeline")
+    assert [m.label for m in order if m.arm == "pipeline"][0] == "pipeline/a/1f1b/m1"
+    shapes = plans.MODEL_SHAPES
+    assert throughput.pipeline_fits(shapes["deep_mlp"], 4) and not throughput.pipeline_fits(shapes["wide_mlp"], 4)
+
+
+@pytest.mark.parametrize("text,needle", [("0,2", "between 1 and 256"), ("1.5", "whole numbers"), ("2,300", "between 1 and 256")])
+def test_pipeline_micro_batches_are_checked(text, needle):
+    with pytest.raises(UsageError, match=needle):
+        plans.resolve(plans.TrainSettings, {"micro_batches": text}).micro_counts()
+    assert plans.resolve(plans.TrainSettings, {"micro_batches": "8,1,8"}).micro_counts() == [8, 1]
+
+
+def fake_pipeline_parts():
+    """np 1 and 2 runs of the pipeline arm (one replica: every rank's rate is the replica's)."""
+
+    def m(n, schedule, micro, rate):
+        return {"arm": "pipeline", "model": "m", "compression": "none", "round": 0, "schedule": schedule,
+                "micro": micro, "stages": n, "rank_rates": [[rate, rate] for _ in range(n)],
+                "activation_peak_bytes": [100 * micro] * n, "micro_in_flight_peak": [micro] * n}  # fmt: skip
+
+    one = [m(1, "gpipe", 1, 100.0), m(1, "gpipe", 4, 90.0)]
+    two = [m(2, "gpipe", 1, 80.0), m(2, "gpipe", 4, 150.0)]
+    return [(True, {"meta": {"np": n, "threads_per_rank": 1}, "measurements": ms}) for n, ms in ((1, one), (2, two))]
+
+
+def test_pipeline_rows_put_the_speed_up_beside_the_bubble_model(tmp_path):
+    result = throughput.collect(fake_pipeline_parts())
+    rows = {(p["stages"], p["micro_batches"]): p for p in result["pipeline"]}
+    assert rows[(2, 4)]["total"] == 150.0  # one replica: not np x the rate
+    assert rows[(2, 4)]["speedup"] == pytest.approx(1.5)
+    assert rows[(2, 4)]["bubble"] == pytest.approx(1 / 5) and rows[(2, 4)]["ideal_speedup"] == pytest.approx(8 / 5)
+    assert rows[(2, 1)]["speedup"] == pytest.approx(0.8) and rows[(1, 4)]["speedup"] == pytest.approx(0.9)
+    assert rows[(2, 4)]["activation_peak_bytes"] == [400, 400] and rows[(2, 4)]["micro_in_flight_peak"] == [4, 4]
+    assert not [s for s in result["scaling"] if s["config"].startswith("pipeline")]
+    text = tables.train(result)
+    assert "pipeline across ranks" in text and "400 / 400" in text
+    assert plots.train(result, tmp_path / "p.png").stat().st_size > 0
+
+
 def fake_train_parts():
     def part(n, fusion, rates):
         ms = [{"arm": arm, "model": "m", "compression": comp, "round": 0, "rank_rates": [list(v) for _ in range(n)]}
