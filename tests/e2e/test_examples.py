@@ -14,6 +14,7 @@ CASES = [
     ("06_sharded_optimizer.py", 2, 0.9),
     ("07_local_sgd.py", 2, 0.9),
     ("08_parameter_server.py", 3, 0.9),
+    ("09_pipeline.py", 2, 0.9),
 ]
 
 
@@ -29,7 +30,7 @@ def test_example_runs_and_learns(hvdtrain, examples_dir, tmp_path, name, np_, ba
     args = [sys.executable, examples_dir / name, "--epochs", "10" if name.startswith("08") else "3"]
     if name.startswith("05"):
         args += ["--run-dir", tmp_path / "own"]
-    mpi = ["--mpi"] if name.startswith("08") else []  # its server talks MPI (mpi4py)
+    mpi = ["--mpi"] if name.startswith(("08", "09")) else []  # its server, its stages talk MPI (mpi4py)
     proc = hvdtrain("run", "-np", np_, *mpi, "--", *args, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = re.findall(r"test accuracy: ([0-9.]+)", proc.stdout)
