@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -51,6 +52,36 @@ def spawn(child_env, tmp_path):
         return proc, lambda marker: _kill_tree(proc, marker)
 
     return start
+
+
+@pytest.fixture
+def kill_rank_mid_training(child_env, tmp_path):
+    """Start `hvdtrain ARGS` (a training job writing to RUN_DIR), SIGKILL the worker of `rank` once rank 0 has
+    logged step 10; returns (exit status, seconds from the kill to the job's end, the job's stderr)."""
+
+    def run(args, run_dir, rank: int, limit: float = 90):
+        proc = subprocess.Popen([*HVDTRAIN, *map(str, args)], env=child_env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            log = run_dir / "logs" / "rank.0.log"
+            while not (log.exists() and "step 10/" in log.read_text()):
+                assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+                time.sleep(0.1)
+            for p in psutil.process_iter(["cmdline"]):
+                cmd = p.info["cmdline"] or []
+                if cmd[1:3] == ["-m", "hvdtrain.worker"] and str(run_dir) in " ".join(cmd):
+                    if p.environ().get("OMPI_COMM_WORLD_RANK") == str(rank):
+                        p.send_signal(signal.SIGKILL)
+            started = time.monotonic()
+            _, err = proc.communicate(timeout=limit)
+            return proc.returncode, time.monotonic() - started, err
+        finally:
+            if proc.poll() is None:
+                psutil.Process(proc.pid).kill()
+                proc.wait()
+
+    return run
 
 
 @pytest.fixture

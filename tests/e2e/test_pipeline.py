@@ -5,12 +5,8 @@ ends where the pipeline does; a killed stage ends the job fast with its rank and
 
 import json
 import signal
-import subprocess
-import time
 
-import psutil
 import torch
-from conftest import HVDTRAIN
 
 from hvdtrain.train import checkpoint
 
@@ -82,31 +78,12 @@ def test_exact_resume_and_a_data_parallel_job_resuming_a_pipeline_checkpoint(hvd
     assert_same_state(last_checkpoint(tmp_path / "data"), last_checkpoint(tmp_path / "straight"))
 
 
-def test_a_killed_stage_ends_the_job_fast_with_rank_and_stage_named(child_env, tmp_path):
+def test_a_killed_stage_ends_the_job_fast_with_rank_and_stage_named(kill_rank_mid_training, tmp_path):
     run_dir = tmp_path / "run"
     args = ["train", "-np", 4, "--strategy", "pipeline", "--stages", 2, "--epochs", 500, "--log-every", 5,
             "--run-dir", run_dir]  # fmt: skip
-    proc = subprocess.Popen([*HVDTRAIN, *map(str, args)], env=child_env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        log = run_dir / "logs" / "rank.0.log"
-        while not (log.exists() and "step 10/" in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.1)
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if cmd[1:3] == ["-m", "hvdtrain.worker"] and str(run_dir) in " ".join(cmd):
-                if p.environ().get("OMPI_COMM_WORLD_RANK") == "3":
-                    p.send_signal(signal.SIGKILL)
-        started = time.monotonic()
-        _, err = proc.communicate(timeout=90)
-        elapsed = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            psutil.Process(proc.pid).kill()
-            proc.wait()
-    assert proc.returncode != 0
+    status, elapsed, err = kill_rank_mid_training(args, run_dir, rank=3)
+    assert status != 0
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
     expected = f"hvdtrain: error: rank 3 (stage 1 of replica 1) failed with exit status {128 + signal.SIGKILL}"
     assert err.startswith(expected), err

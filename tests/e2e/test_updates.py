@@ -5,13 +5,9 @@ resumed by a sync job, and a killed server or worker ending the job fast with it
 
 import json
 import signal
-import subprocess
-import time
 
-import psutil
 import pytest
 import torch
-from conftest import HVDTRAIN
 
 from hvdtrain.train import checkpoint
 
@@ -110,29 +106,10 @@ def test_async_with_one_synchronous_worker_is_single_process_training_and_resume
 
 
 @pytest.mark.parametrize("rank,role", [(2, "server"), (1, "worker")])
-def test_a_killed_server_or_worker_ends_the_job_fast_and_is_named(child_env, tmp_path, rank, role):
+def test_a_killed_server_or_worker_ends_the_job_fast_and_is_named(kill_rank_mid_training, tmp_path, rank, role):
     run_dir = tmp_path / "run"
     args = ["train", "-np", 3, "--update", "async", "--epochs", 500, "--log-every", 5, "--run-dir", run_dir]
-    proc = subprocess.Popen([*HVDTRAIN, *map(str, args)], env=child_env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        log = run_dir / "logs" / "rank.0.log"
-        while not (log.exists() and "step 10/" in log.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.1)
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if cmd[1:3] == ["-m", "hvdtrain.worker"] and str(run_dir) in " ".join(cmd):
-                if p.environ().get("OMPI_COMM_WORLD_RANK") == str(rank):
-                    p.send_signal(signal.SIGKILL)
-        started = time.monotonic()
-        _, err = proc.communicate(timeout=90)
-        elapsed = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            psutil.Process(proc.pid).kill()
-            proc.wait()
-    assert proc.returncode != 0
+    status, elapsed, err = kill_rank_mid_training(args, run_dir, rank)
+    assert status != 0
     assert elapsed < 60, f"{role} killed: the job took {elapsed:.0f} s to end"
     assert err.startswith(f"hvdtrain: error: rank {rank} failed with exit status {128 + signal.SIGKILL}"), err

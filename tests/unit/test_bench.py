@@ -227,7 +227,9 @@ def test_pipeline_arms_run_with_the_references_on_the_models_that_split():
     assert throughput.pipeline_fits(shapes["deep_mlp"], 4) and not throughput.pipeline_fits(shapes["wide_mlp"], 4)
 
 
-@pytest.mark.parametrize("text,needle", [("0,2", "between 1 and 256"), ("1.5", "whole numbers"), ("2,300", "between 1 and 256")])
+@pytest.mark.parametrize(
+    "text,needle", [("0,2", "between 1 and 256"), ("1.5", "whole numbers"), ("2,300", "between 1 and 256")]
+)
 def test_pipeline_micro_batches_are_checked(text, needle):
     with pytest.raises(UsageError, match=needle):
         plans.resolve(plans.TrainSettings, {"micro_batches": text}).micro_counts()
