@@ -27,6 +27,12 @@ follows the new world size (when scaled), rank 0's state is broadcast to every w
 rest of the epoch's samples are re-sharded over the new world, and metrics.jsonl records the resize. Nothing
 before the loop runs a collective: a worker that joins later starts there while the others are in the loop.
 
+Pipeline (--strategy pipeline, parallel.pipe): each rank holds one stage of a replica; self.rank and self.size
+are then the replica's index and the number of replicas (what the data shards, the steps, the learning rate and
+a checkpoint's world size follow), the steps run the stage's schedule (_pipeline_passes), the last stage alone
+has the loss and the outputs (the other stages add zeros to the sums), and checkpoints are gathered into the
+data-parallel format (train.update.PipelineUpdate).
+
 Preemption: the preempt signal (USR2 by default, what `sbatch --signal` sends before the time limit) only
 sets a flag. The ranks' votes travel in the reporting window's sum every log_every steps (one allreduce,
 started after that step and read after the next, so it costs no extra round); every rank reads the same
@@ -85,7 +91,8 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Train `model` (default: the reference model named by cfg.model) on `dataset` (default: cfg.data).
 
-    model: an nn.Sequential (required for model/hybrid strategies, which split it) or any nn.Module (data).
+    model: an nn.Sequential (required for the model/hybrid/pipeline strategies, which split it) or any nn.Module
+    (data).
     dataset: a hvdtrain.train.datasets.Dataset (train/test TensorDatasets, input shape, number of classes).
     loss_fn: defaults to cross entropy. hooks: hvdtrain.train.hooks.Hook instances, called on every rank.
     Returns from fit(): a dict of the run's results.
@@ -168,7 +175,7 @@ class Trainer:
         return roles(size, cfg.ps_ranks)[0]
 
     def _grid(self):
-        """A pipeline's ranks as replicas of stages (parallel.pipe.Grid); None for the other strategies."""
+        """A pipeline's ranks as replicas of stages (parallel.grid.Grid); None for the other strategies."""
         if self.cfg.strategy != "pipeline":
             return None
         from hvdtrain.parallel.grid import Grid

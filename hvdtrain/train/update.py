@@ -8,6 +8,8 @@ servers) is one new class here rather than another branch in the loop:
             then every rank takes the same optimizer step.
     sharded the same update with the optimizer state partitioned (ZeRO stage 1, parallel/zero.py): gradients
             reduce-scattered during backward, each rank steps its slice, the slices all-gathered.
+    pipeline --strategy pipeline's: the sync update of each stage's parameters, averaged over the replicas holding
+            that stage (a Horovod process set each; parallel/pipe.py), checkpoints gathered from the stages.
 """
 
 from __future__ import annotations
