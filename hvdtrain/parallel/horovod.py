@@ -36,7 +36,9 @@ def init(
     """Initialise Horovod and this rank's threads; returns the `horovod.torch` module. `group`: the ranks this
     module's collectives run over (every rank calls init with the same list; on the others they are not used).
     `parts`: disjoint lists of ranks covering the job (a pipeline's stages: the ranks holding one stage of every
-    replica), each a process set; `part()` is this rank's, for the gradients of its stage."""
+    replica), each a process set; `part()` is this rank's, for the gradients of its stage. Parts of one rank each
+    (one replica: nothing to average) make no process set (Horovod would coordinate each one every cycle), and
+    part() is then None; one part of every rank is the global set."""
     global _group, _part
     if deterministic:
         # No tensor fusion: every gradient is reduced on its own, in the same grouping every run.
@@ -47,14 +49,14 @@ def init(
         _group = members if hvd.rank() in group else None
         if _group is not None:
             _await_registration(members)
-    elif parts is not None and len(parts) > 1:
+    elif parts is not None and len(parts) > 1 and len(parts[0]) > 1:
         sets = [hvd.ProcessSet(sorted(p)) for p in parts]
         hvd.init(process_sets=sets)
         _part = next(s for s, p in zip(sets, parts) if hvd.rank() in p)
         _await_registration(_part)
     else:
         hvd.init()
-        if parts is not None:  # one part: every rank
+        if parts is not None and len(parts) == 1:  # one part: every rank
             _part = hvd.global_process_set
     # Oversubscribed CPUs: leave room for Horovod's background thread; OMP_NUM_THREADS is set by the launcher.
     threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None

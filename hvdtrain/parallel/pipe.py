@@ -75,6 +75,20 @@ def peak_in_flight(ops: Sequence[tuple[str, int]]) -> int:
     return peak
 
 
+def _cost(op: str, backward_cost: float = 2.0) -> float:
+    """An op's time in the simulated schedule: a forward 1 unit, a backward `backward_cost`."""
+    return 1.0 if op == FORWARD else backward_cost
+
+
+def _input_of(stage: int, op: str, i: int, stages: int) -> Optional[tuple[int, str, int]]:
+    """The op whose result (stage, op, i) waits for: the previous stage's forward, the next stage's backward."""
+    if op == FORWARD and stage > 0:
+        return stage - 1, FORWARD, i
+    if op == BACKWARD and stage < stages - 1:
+        return stage + 1, BACKWARD, i
+    return None
+
+
 def timing(kind: str, stages: int, micro: int, backward_cost: float = 2.0) -> dict[tuple[int, str, int], float]:
     """When each op starts, with forwards taking 1 time unit and backwards `backward_cost`, each stage running its
     ops in schedule order as soon as their inputs exist (F i after the previous stage's F i; B i after the next
@@ -89,18 +103,12 @@ def timing(kind: str, stages: int, micro: int, backward_cost: float = 2.0) -> di
             if pos[s] == len(ops[s]):
                 continue
             op, i = ops[s][pos[s]]
-            need = (
-                (s - 1, FORWARD, i)
-                if op == FORWARD and s > 0
-                else (s + 1, BACKWARD, i)
-                if op == BACKWARD and s < stages - 1
-                else None
-            )
+            need = _input_of(s, op, i, stages)
             if need is not None and need not in done:
                 continue
             t = max(clock[s], done[need] if need else 0.0)
             start[(s, op, i)] = t
-            clock[s] = done[(s, op, i)] = t + (1.0 if op == FORWARD else backward_cost)
+            clock[s] = done[(s, op, i)] = t + _cost(op, backward_cost)
             pos[s] += 1
             progressed = True
         if not progressed:
@@ -111,13 +119,13 @@ def timing(kind: str, stages: int, micro: int, backward_cost: float = 2.0) -> di
 def table(kind: str, stages: int, micro: int) -> str:
     """The schedule drawn as a time x stage table (forward 1 unit, backward 2), as docs/architecture.md shows it."""
     start = timing(kind, stages, micro)
-    end = max(t + (1 if op == FORWARD else 2) for (_, op, _), t in start.items())
+    end = max(t + _cost(op) for (_, op, _), t in start.items())
     rows = []
     for s in range(stages):
         cells = ["."] * int(end)
         for (stage, op, i), t in start.items():
             if stage == s:
-                for u in range(int(t), int(t) + (1 if op == FORWARD else 2)):
+                for u in range(int(t), int(t + _cost(op))):
                     cells[u] = f"{op}{i}"
         rows.append(f"stage {s} | " + " ".join(f"{c:<3}" for c in cells).rstrip())
     return "\n".join(rows)
@@ -159,9 +167,6 @@ class ActivationMeter:
         self._bytes.pop(i, None)
         self._seen.pop(i, None)
 
-    def reset(self) -> None:
-        self.peak_bytes = self.peak_micro = 0
-
 
 class Stage:
     """This rank's stage of a pipelined replica: its layers, its neighbours, the shapes crossing its boundaries,
@@ -177,8 +182,8 @@ class Stage:
         module: nn.Module,
         grid: Grid,
         comm,
-        layer_offset: int,
-        param_offset: int,
+        bounds: list[tuple[int, int, int, int]],
+        device: torch.device,
         in_shape: tuple[int, ...],
         dtype: torch.dtype,
         out_shape: tuple[int, ...],
@@ -192,9 +197,9 @@ class Stage:
         self.first, self.last = self.index == 0, self.index == grid.stages - 1
         self.prev = None if self.first else self.rank - 1
         self.next = None if self.last else self.rank + 1
-        self.layer_offset, self.param_offset = layer_offset, param_offset
-        self.bounds: list[tuple[int, int, int, int]] = []  # every stage's (layer offset, layers, param offset, params)
-        self.device = torch.device("cpu")  # where the module and the tensors it takes live
+        self.bounds = bounds  # every stage's (layer offset, layers, parameter offset, parameters)
+        self.layer_offset = bounds[self.index][0]
+        self.device = device  # where the module and the tensors it takes live
         self.in_shape, self.dtype, self.out_shape, self.out_dtype = in_shape, dtype, out_shape, out_dtype
         self.kind, self.micro_batches = kind, micro_batches
         self.meter = ActivationMeter(module)
@@ -235,7 +240,6 @@ class Stage:
                 "so that every stage has a layer with parameters"
             )
         s = grid.stage_of(comm.rank)
-        layer_offset, _, param_offset, _ = bounds[s]
         module = parts[s].to(device)
         if s == 0:
             in_shape, dtype = tuple(input_shape), input_dtype
@@ -245,10 +249,8 @@ class Stage:
         out_shape, out_dtype = tuple(out.shape[1:]), out.dtype
         if s < grid.stages - 1:
             comm.send((out_shape, out_dtype), dest=comm.rank + 1, tag=SHAPES)
-        stage = cls(module, grid, comm, layer_offset, param_offset, in_shape, dtype, out_shape, out_dtype, schedule,
-                    micro_batches)  # fmt: skip
-        stage.bounds, stage.device = bounds, torch.device(device)
-        return stage
+        return cls(module, grid, comm, bounds, torch.device(device), in_shape, dtype, out_shape, out_dtype, schedule,
+                   micro_batches)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- messages
     def _send(self, t: torch.Tensor, dest: int, tag: int) -> None:
@@ -267,9 +269,6 @@ class Stage:
         self._sends.clear()
 
     # ---------------------------------------------------------------------------------------------- passes
-    def ops(self, batch: int) -> list[tuple[str, int]]:
-        return schedule(self.kind, self.grid.stages, self.index, len(micro_sizes(batch, self.micro_batches)))
-
     def micro_count(self, batch: int) -> int:
         return len(micro_sizes(batch, self.micro_batches))
 

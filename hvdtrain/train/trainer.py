@@ -353,11 +353,20 @@ class Trainer:
         self.batch_indices = group
         self.hooks.on_step_start(self)
         self.state.optimizer.zero_grad()
-        loss_sum, samples = 0.0, 0
         x_all, y_all = self.data.train.tensors
-        if self.stage is not None:
-            loss_sum, samples = self._pipeline_passes(group, x_all, y_all)
-        for index in group if self.stage is None else ():
+        passes = self._passes if self.stage is None else self._pipeline_passes
+        loss_sum, samples = passes(group, x_all, y_all)
+        self.update.step(self.state)
+        self.state.advance()
+        self.window.add(loss_sum, samples)
+        self.train_samples += samples
+        self.hooks.on_step_end(self)
+
+    def _passes(self, group: list[torch.Tensor], x_all, y_all) -> tuple[float, int]:
+        """The backward passes of one step on this rank's model (its device, or its in-rank device pipeline):
+        (loss sum, samples)."""
+        loss_sum, samples = 0.0, 0
+        for index in group:
             x, y = x_all[index], y_all[index]
             if self.in_device.type != "cpu" or self.out_device.type != "cpu":
                 x, y = x.to(self.in_device, non_blocking=True), y.to(self.out_device, non_blocking=True)
@@ -366,11 +375,7 @@ class Trainer:
             (loss / len(group)).backward()
             loss_sum += loss.item() * len(index)
             samples += len(index)
-        self.update.step(self.state)
-        self.state.advance()
-        self.window.add(loss_sum, samples)
-        self.train_samples += samples
-        self.hooks.on_step_end(self)
+        return loss_sum, samples
 
     def _pipeline_passes(self, group: list[torch.Tensor], x_all, y_all) -> tuple[float, int]:
         """A pipeline's backward passes of one step: each batch through the stages in the schedule's order (the
