@@ -64,8 +64,10 @@ def test_resume_between_averages_is_exact(hvdtrain, tmp_path):
 
 
 def test_async_reaches_the_accuracy_bar_and_logs_every_update(hvdtrain, tmp_path):
+    # Momentum 0.5, as docs/updates.md advises for async (staleness adds momentum of its own): with 0.9 the final
+    # accuracy spread over 0.94-0.99 between runs (one CI run ended at 0.944), with 0.5 over 0.975-0.983.
     proc = hvdtrain("train", "-np", 3, "--update", "async", "--ps-ranks", 1, "--max-staleness", 2,
-                    "--run-dir", tmp_path / "run")  # fmt: skip
+                    "--momentum", 0.5, "--epochs", 20, "--run-dir", tmp_path / "run")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = result_of(tmp_path / "run")
     assert res["test_accuracy"] >= 0.95, res
