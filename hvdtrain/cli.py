@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -198,9 +199,14 @@ def cli():
 @cli.command(context_settings=PASSTHROUGH)
 @launch_options
 @elastic_options
+@click.option(
+    "--timeline", is_flag=True,
+    help="Record Horovod's timeline (HOROVOD_TIMELINE) into OUTPUT_DIR/timeline.json [--output-dir default: "
+    "runs/run-<time>]; `hvdtrain timeline` summarizes it.",
+)  # fmt: skip
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
-def run(command, dry_run, **launch_options):
+def run(command, dry_run, timeline, **launch_options):
     """Launch COMMAND on N ranks: hvdtrain run -np 2 -- python train.py --lr 0.1
 
     Everything after -- is passed through untouched. Per-rank logs go to --output-dir; when a rank fails,
@@ -212,12 +218,21 @@ def run(command, dry_run, **launch_options):
     """
     from hvdtrain import hosts, launch
 
+    if timeline:
+        from hvdtrain import timeline as tl
+
+        launch_options = tl.run_options(launch_options)
     spec = launch.make_spec(command, **launch_options)
     for warning in spec.warnings:
         click.echo(f"hvdtrain: warning: {warning}", err=True)
     if not dry_run:
         hosts.preflight(spec)
-    sys.exit(launch.run_job(spec, dry_run=dry_run))
+    if not timeline or dry_run:
+        sys.exit(launch.run_job(spec, dry_run=dry_run))
+    try:
+        sys.exit(launch.run_job(spec))
+    finally:
+        tl.after_job(Path(spec.output_dir) / tl.TIMELINE, click.echo)
 
 
 def _parse_balance(ctx, param, value):
@@ -348,6 +363,33 @@ def doctor(as_json):
     report = doctor.collect()
     click.echo(doctor.to_json(report) if as_json else doctor.to_table(report))
     sys.exit(0 if not report["problems"] else 1)
+
+
+@cli.command("timeline", context_settings=CONTEXT)
+@click.argument("target", metavar="RUN_DIR_OR_FILE")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (every tensor).")
+@click.option("--plot", metavar="PNG", help="Where the step's picture goes [default: timeline.png beside the file].")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Tensors listed in the table.")
+@handle_errors
+def timeline_command(target, as_json, plot, top):
+    """Where the step time goes, from Horovod's timeline (train --timeline / --timeline-steps A:B, run --timeline).
+
+    Per phase (negotiation, waiting for data, copies in and out of the fusion buffer, the allreduce itself) the
+    time any tensor spent in it per step and its share of the step; per tensor its time in each phase; a PNG
+    of one step's phases. A file cut short by a killed job is read up to its last whole event.
+    """
+    import json
+
+    from hvdtrain import timeline
+
+    path, steps_path = timeline.locate(Path(target))
+    data = timeline.read(path)
+    steps = timeline.read_steps(steps_path) if steps_path else []
+    summary = timeline.summarize(data, steps)
+    png = Path(plot) if plot else path.with_name(timeline.PLOT)
+    summary["plot"] = str(png)
+    summary["plot_step"] = timeline.plot_step(data, steps, png)
+    click.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else timeline.format_summary(summary, top))
 
 
 @cli.group(context_settings=CONTEXT)

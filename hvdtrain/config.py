@@ -43,6 +43,10 @@ PIPELINE_NOT_ELASTIC = (
     "--strategy pipeline cannot be elastic: a lost rank would take its stage of every replica's model with it; "
     "drop --elastic"
 )
+TIMELINE_NOT_ELASTIC = (
+    "--timeline cannot follow an elastic job: Horovod starts its timeline file afresh at every reset; drop "
+    "--elastic, or --timeline and --timeline-steps"
+)
 # A hook reference: a dotted module path, a colon, a dotted attribute path.
 HOOK_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -140,6 +144,15 @@ class TrainConfig:
         "Trainer hooks to add, comma-separated module:Name (a Hook subclass, or a function returning a Hook), "
         "imported on every rank, e.g. myhooks:LogGradNorm",
     )
+    timeline: bool = _f(
+        False,
+        "record Horovod's timeline of the whole run into RUN_DIR/timeline.json (rank 0 writes it; large for long runs: "
+        "see --timeline-steps); `hvdtrain timeline RUN_DIR` summarizes it",
+    )
+    timeline_steps: Optional[str] = _f(
+        None, "A:B: record Horovod's timeline of steps A to B only (both included; step 1 is the first) into "
+        "RUN_DIR/timeline.json",
+    )  # fmt: skip
 
     def validate(self, check_data: bool = True) -> TrainConfig:
         """Raise ConfigError naming the flag of the first bad field. check_data=False when the caller
@@ -191,6 +204,8 @@ class TrainConfig:
                 "shard-optimizer",
                 f"needs --reduce-op average: {self.reduce_op} combines whole gradients, a rank holds a slice",
             )
+        if self.timeline_steps is not None:
+            self.timeline_window()  # raises naming the flag
         self._validate_update(bad)
         self._validate_layout(bad)
         if check_data and self.data not in ("digits", "synthetic"):
@@ -320,6 +335,21 @@ class TrainConfig:
     def hook_refs(self) -> list[str]:
         """--hooks as a list of module:Name references."""
         return [h.strip() for h in (self.hooks or "").split(",") if h.strip()]
+
+    def timeline_window(self) -> Optional[tuple[int, int]]:
+        """--timeline-steps A:B as (A, B), both included; None when not given."""
+        if self.timeline_steps is None:
+            return None
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.timeline_steps))
+        if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+            raise ConfigError(
+                f"--timeline-steps: '{self.timeline_steps}' is not a window of steps A:B with 1 <= A <= B, e.g. 100:110"
+            )
+        return int(m.group(1)), int(m.group(2))
+
+    @property
+    def records_timeline(self) -> bool:
+        return self.timeline or self.timeline_steps is not None
 
     def to_json(self) -> str:
         """The run directory's config.json text (what the worker reads back with from_dict)."""

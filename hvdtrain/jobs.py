@@ -21,6 +21,7 @@ from hvdtrain.config import (
     DIGITS_SAMPLES,
     PIPELINE_NOT_ELASTIC,
     SHARDED_NOT_ELASTIC,
+    TIMELINE_NOT_ELASTIC,
     TrainConfig,
 )
 from hvdtrain.env import SlurmEnv
@@ -176,6 +177,8 @@ def train(
         mpi_launch(launch_options, "--update async", ASYNC_NOT_ELASTIC)
     if cfg.strategy == "pipeline":
         mpi_launch(launch_options, "--strategy pipeline", PIPELINE_NOT_ELASTIC)
+    if cfg.records_timeline and launch_options.get("elastic"):
+        raise ConfigError(TIMELINE_NOT_ELASTIC)
     spec = launch.make_spec(command, environ=environ, check_cmd=False, **launch_options)
     if cfg.strategy == "pipeline":
         from hvdtrain.parallel.grid import Grid
@@ -204,6 +207,10 @@ def train(
             raise
         finally:
             run_dir.interrupted.unlink(missing_ok=True)
+            if cfg.records_timeline:
+                from hvdtrain import timeline
+
+                timeline.after_job(run_dir.timeline, echo)
 
 
 def interrupt(run_dir: RunDir) -> bool:

@@ -32,14 +32,18 @@ def init(
     deterministic: bool = False,
     group: Optional[Sequence[int]] = None,
     parts: Optional[Sequence[Sequence[int]]] = None,
+    timeline: bool = False,
 ):
     """Initialise Horovod and this rank's threads; returns the `horovod.torch` module. `group`: the ranks this
     module's collectives run over (every rank calls init with the same list; on the others they are not used).
     `parts`: disjoint lists of ranks covering the job (a pipeline's stages: the ranks holding one stage of every
     replica), each a process set; `part()` is this rank's, for the gradients of its stage. Parts of one rank each
     (one replica: nothing to average) make no process set (Horovod would coordinate each one every cycle), and
-    part() is then None; one part of every rank is the global set."""
+    part() is then None; one part of every rank is the global set.
+    `timeline`: Horovod's dynamic timeline, recorded between start_timeline and stop_timeline."""
     global _group, _part
+    if timeline:
+        os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"
     if deterministic:
         # No tensor fusion: every gradient is reduced on its own, in the same grouping every run.
         os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", "0")
@@ -77,6 +81,20 @@ def _await_registration(members) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.001)
+
+
+def start_timeline(path) -> None:
+    """Record Horovod's timeline into `path` from now on (its coordinator, rank 0, writes it; every rank calls
+    this). Needs init(timeline=True)."""
+    try:
+        hvd.start_timeline(str(path), mark_cycles=False)
+    except ValueError as e:  # Horovod was initialised before, without HOROVOD_TIMELINE=DYNAMIC
+        raise ConfigError(f"--timeline: {e}") from None
+
+
+def stop_timeline() -> None:
+    """Stop recording; the file is complete (a valid JSON array) when this returns on rank 0."""
+    hvd.stop_timeline()
 
 
 def device() -> torch.device:

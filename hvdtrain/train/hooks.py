@@ -16,6 +16,7 @@ worker failed are taken (and their hooks called) again.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -83,3 +84,63 @@ def load_hooks(refs: Sequence[str]) -> list[Hook]:
             raise ConfigError(f"--hooks {ref}: gave a {type(hook).__name__}, not a hvdtrain.train.hooks.Hook")
         out.append(hook)
     return out
+
+
+class TimelineRecorder(Hook):
+    """--timeline and --timeline-steps A:B: Horovod's (dynamic) timeline of the whole run or of steps A to B
+    into `path`, and rank 0's step boundaries beside it (hvdtrain.timeline.STEPS: step, start and end in
+    microseconds since the epoch, the unit of the timeline's own clock), so that each span falls in its step."""
+
+    def __init__(self, path: Path, window: Optional[tuple[int, int]]):
+        from hvdtrain import timeline
+
+        self.path = Path(path)
+        self.steps_path = self.path.with_name(timeline.STEPS)
+        self.window = window
+        self.recording = False
+        self.steps_file = None
+        self.started_us = 0
+
+    def _start(self, trainer: Trainer) -> None:
+        from hvdtrain import timeline
+        from hvdtrain.parallel import horovod
+
+        horovod.start_timeline(self.path)
+        self.recording = True
+        if trainer.is_main:
+            self.steps_file = open(self.steps_path, "w")
+            self.steps_file.write(timeline.STEPS_HEADER + "\n")
+
+    def _stop(self) -> None:
+        from hvdtrain.parallel import horovod
+
+        if self.recording:
+            horovod.stop_timeline()
+            self.recording = False
+        if self.steps_file is not None:
+            self.steps_file.close()
+            self.steps_file = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if self.window is None:
+            self._start(trainer)
+        elif step >= self.window[1] and trainer.is_main:
+            print(f"hvdtrain: --timeline-steps {self.window[0]}:{self.window[1]}: the run starts after step {step}, "
+                  "so nothing is recorded", flush=True)  # fmt: skip
+
+    def on_step_start(self, trainer: Trainer) -> None:
+        step = trainer.state.step + 1
+        if self.window is not None and not self.recording and self.window[0] <= step <= self.window[1]:
+            self._start(trainer)
+        self.started_us = time.time_ns() // 1000
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.steps_file is not None:
+            self.steps_file.write(f"{trainer.state.step},{self.started_us},{time.time_ns() // 1000}\n")
+            self.steps_file.flush()
+        if self.window is not None and trainer.state.step >= self.window[1]:
+            self._stop()
+
+    def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        self._stop()

@@ -58,7 +58,13 @@ import torch
 from torch import nn
 
 from hvdtrain import preempt
-from hvdtrain.config import ASYNC_NOT_ELASTIC, PIPELINE_NOT_ELASTIC, SHARDED_NOT_ELASTIC, TrainConfig
+from hvdtrain.config import (
+    ASYNC_NOT_ELASTIC,
+    PIPELINE_NOT_ELASTIC,
+    SHARDED_NOT_ELASTIC,
+    TIMELINE_NOT_ELASTIC,
+    TrainConfig,
+)
 from hvdtrain.env import rank_info
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
@@ -66,7 +72,7 @@ from hvdtrain.parallel import elastic, horovod
 from hvdtrain.rundir import RunDir
 from hvdtrain.startup import Startup
 from hvdtrain.train import checkpoint, datasets, models
-from hvdtrain.train.hooks import Hook, Hooks
+from hvdtrain.train.hooks import Hook, Hooks, TimelineRecorder
 from hvdtrain.train.reporting import Progress, Recorder, ReportWindow
 from hvdtrain.train.state import TrainState
 from hvdtrain.train.update import update_rule
@@ -112,8 +118,10 @@ class Trainer:
         self._user_dataset = dataset
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self._echo = echo
-        self.hooks = Hooks(hooks)
         self.run_dir = RunDir(self.cfg.run_dir)
+        if self.cfg.records_timeline:  # first: its step boundaries exclude the other hooks' work
+            hooks = [TimelineRecorder(self.run_dir.timeline, self.cfg.timeline_window()), *hooks]
+        self.hooks = Hooks(hooks)
         self.startup = Startup()  # time to the first step, in phases (hvdtrain.startup)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -123,7 +131,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.startup.mark("imports")
         self.grid = self._grid()
-        horovod.init(deterministic=cfg.deterministic, group=self._workers(), parts=self.grid and self.grid.stage_sets())
+        horovod.init(
+            deterministic=cfg.deterministic,
+            group=self._workers(),
+            parts=self.grid and self.grid.stage_sets(),
+            timeline=cfg.records_timeline,
+        )
         self.startup.mark("hvd.init")
         # In an async job: this rank's place among the workers (a server's: its place in the job).
         self.rank, self.size = horovod.rank(), horovod.size()
@@ -136,6 +149,7 @@ class Trainer:
             (cfg.shard_optimizer, SHARDED_NOT_ELASTIC),
             (cfg.update == "async", ASYNC_NOT_ELASTIC),
             (cfg.strategy == "pipeline", PIPELINE_NOT_ELASTIC),
+            (cfg.records_timeline, TIMELINE_NOT_ELASTIC),
         ]:
             if self.elastic and setting:
                 raise ConfigError(message)

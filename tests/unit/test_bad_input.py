@@ -128,6 +128,11 @@ CASES = [
     (["submit", "--array", "0-9%0", "--", "true"], "not a Slurm array"),
     (["submit", "--mem", "12XB", "--", "true"], "--mem '12XB': not a memory size"),
     (["submit", "--signal", "FOO", "--", "true"], "--signal 'FOO'"),
+    # Horovod's timeline: the window, and what `hvdtrain timeline` reads
+    (["train", "--timeline-steps", "10:5"], "--timeline-steps: '10:5' is not a window of steps A:B"),
+    (["timeline", "missing"], "missing does not exist: give a run directory or a timeline.json"),
+    (["timeline", "."], "has no timeline.json: train with --timeline"),
+    (["timeline", "binary.yaml"], "cannot read the timeline binary.yaml"),
     # Slurm's commands without a configuration
     (["status", "1234", "@SLURM_CONF=/nonexistent/slurm.conf"], "SLURM_CONF=/nonexistent/slurm.conf: no such file"),
     (["logs", "1234", "@SLURM_CONF=/nonexistent/slurm.conf"], "SLURM_CONF=/nonexistent/slurm.conf: no such file"),

@@ -1,5 +1,6 @@
 """`hvdtrain run` and `doctor` through click's CliRunner: bad input is one line, exit 2, nothing started."""
 
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,7 @@ def hostfile(tmp_path):
         (["-np", "2", "--stall-timeout", "-1"], "--stall-timeout -1: give a number of seconds"),
         (["-np", "2", "--stall-timeout", "soon"], "'soon' is not a valid integer"),
         (["-np", "2", "--ssh-config", "/nonexistent/ssh_config"], "--ssh-config: no such file"),
+        (["-np", "2", "--timeline", "--elastic"], "--timeline cannot follow an elastic job"),
     ],
 )
 def test_bad_flags(args, needle, no_processes, clean_env):
@@ -88,6 +90,18 @@ def test_dry_run_prints_exact_command(tmp_path, no_processes, clean_env):
         f"-m hvdtrain.rank --log-dir {tmp_path}/logs --threads 1 -- {sys.executable} '{script}' --lr 0.1"
     )
     assert no_processes == []
+
+
+def test_timeline_goes_into_a_kept_output_dir(tmp_path, monkeypatch, no_processes, clean_env):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("run", "-np", "2", "--timeline", "--dry-run", "--", "python", "-c", "pass")
+    assert result.exit_code == 0, result.output
+    env = [line for line in result.output.splitlines() if line.startswith("export HOROVOD_TIMELINE=")]
+    assert len(env) == 1 and re.fullmatch(
+        rf"export HOROVOD_TIMELINE={tmp_path}/runs/run-\d{{8}}-\d{{6}}/timeline.json", env[0]
+    )
+    assert f"--log-dir {tmp_path}/runs/run-" in result.output  # the logs go there too, and are kept
+    assert not (tmp_path / "runs").exists() and no_processes == []
 
 
 def test_dry_run_leaves_threads_to_each_host(no_processes, clean_env):

@@ -92,6 +92,11 @@ def dry_config(output):
         (["--epochs", "many"], "'many' is not a valid integer"),
         (["-np", "0"], "at least 1"),
         (["--hooks", "myhooks.Stall"], "--hooks: 'myhooks.Stall' is not module:Name"),
+        (["--timeline-steps", "5"], "--timeline-steps: '5' is not a window of steps A:B with 1 <= A <= B"),
+        (["--timeline-steps", "8:5"], "--timeline-steps: '8:5' is not a window of steps A:B"),
+        (["--timeline-steps", "0:5"], "--timeline-steps: '0:5' is not a window"),
+        (["--timeline-steps", "a:b"], "--timeline-steps: 'a:b' is not a window"),
+        (["--timeline", "--elastic", "--min-np", "2"], "--timeline cannot follow an elastic job"),
         (
             ["--hooks", "no_such_module_here:Stall"],
             "--hooks no_such_module_here:Stall: no module 'no_such_module_here'",

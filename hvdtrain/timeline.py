@@ -1,0 +1,332 @@
+"""Horovod's timeline, read and summarized: where a step's time goes.
+
+Horovod's coordinator (rank 0) writes the timeline, a Chrome trace: every tensor is a "process", and on it a
+negotiation span (NEGOTIATE_ALLREDUCE, with an instant for each rank that became ready), then the operation's
+span (ALLREDUCE) holding its activities (WAIT_FOR_DATA, MEMCPY_IN_FUSION_BUFFER, MPI_ALLREDUCE,
+MEMCPY_OUT_FUSION_BUFFER...). hvdtrain's Trainer writes, beside it, when each recorded step began and ended on
+rank 0 (timeline.steps.csv, microseconds since the epoch); the timeline's metadata gives its own clock's start
+in the same unit, so each span falls in a step. The summary is per phase (the time any tensor spent in it, as a
+share of step time) and per tensor (its time in each phase).
+
+A job killed while Horovod writes leaves a file cut in the middle of an event: `read` drops the partial event
+(`repair` rewrites the file). Nothing heavy is imported: matplotlib only when a PNG is drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hvdtrain.errors import UsageError
+from hvdtrain.files import write_text_atomic
+from hvdtrain.rundir import RunDir
+
+TIMELINE = RunDir("").timeline.name
+STEPS = "timeline.steps.csv"
+STEPS_HEADER = "step,start_us,end_us"
+PLOT = "timeline.png"
+# The order phases are shown in: a tensor's life, from negotiation to the copy out of the fusion buffer.
+PHASE_ORDER = (
+    "NEGOTIATE", "QUEUE", "WAIT_FOR_DATA", "WAIT_FOR_OTHER_TENSOR_DATA", "INIT_FUSION_BUFFER", "ALLOCATE_OUTPUT",
+    "MEMCPY_IN_FUSION_BUFFER", "MPI_ALLREDUCE", "GLOO_ALLREDUCE", "MPI_ADASUM_ALLREDUCE", "MPI_ALLGATHER",
+    "GLOO_ALLGATHER", "MPI_BCAST", "GLOO_BCAST", "MPI_REDUCESCATTER", "MEMCPY_OUT_FUSION_BUFFER",
+)  # fmt: skip
+OTHER = "OTHER"  # inside an operation's span, in none of its activities
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """One phase of one tensor, in microseconds since the epoch."""
+
+    tensor: str
+    phase: str  # an activity (MPI_ALLREDUCE...), NEGOTIATE, or OTHER; the operation span itself: op
+    start: float
+    end: float
+    op: str = ""  # the operation (ALLREDUCE, BROADCAST...) the span belongs to; NEGOTIATE_X: X
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclasses.dataclass
+class Timeline:
+    path: Path
+    events: list[dict[str, Any]]
+    dropped_bytes: int  # of a partial last event (the writer was killed), 0 for a whole file
+    start_us: float  # the timeline's clock zero, in microseconds since the epoch
+
+
+def repair_text(text: str) -> tuple[str, int]:
+    """A Chrome-trace JSON array cut short (Horovod's writer killed mid-event, or before it closed the array):
+    the longest prefix of whole events, closed again. Returns (valid JSON text, bytes dropped)."""
+    try:
+        json.loads(text)
+        return text, 0
+    except json.JSONDecodeError:
+        pass
+    end = len(text)
+    while True:
+        end = text.rfind("}", 0, end)
+        if end < 0:
+            return "[]", len(text)
+        candidate = text[: end + 1].rstrip().rstrip(",") + "]"
+        try:
+            json.loads(candidate)
+            return candidate, len(text) - (end + 1)
+        except json.JSONDecodeError:
+            continue  # a '}' inside the partial event (its args): look further back
+
+
+def read(path: Path) -> Timeline:
+    """The events of a timeline file, repaired in memory when cut short."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the timeline {path}: {e}; give a run directory or a timeline.json") from None
+    if not text.lstrip().startswith("["):
+        raise UsageError(f"{path} is not a Horovod timeline (a JSON array of trace events); give a timeline.json")
+    fixed, dropped = repair_text(text)
+    events = [e for e in json.loads(fixed) if isinstance(e, dict)]
+    start = next(
+        (e["args"]["start_time_since_epoch_in_micros"] for e in events
+         if e.get("ph") == "M" and "start_time_since_epoch_in_micros" in e.get("args", {})),
+        0,
+    )  # fmt: skip
+    return Timeline(Path(path), events, dropped, float(start))
+
+
+def repair(path: Path) -> int:
+    """Rewrite a timeline cut short as valid JSON (atomically); the bytes of the partial event dropped, 0 when
+    it was whole (then nothing is written)."""
+    text = Path(path).read_text()
+    fixed, dropped = repair_text(text)
+    if fixed != text:
+        write_text_atomic(path, fixed)
+    return dropped
+
+
+def spans(timeline: Timeline) -> list[Span]:
+    """Every tensor's phases: its negotiation, and inside each operation the activities and the time in none of
+    them (OTHER), the operation span itself as phase == op. Unclosed spans (the file was cut) are left out."""
+    names: dict[int, str] = {}
+    stacks: dict[int, list[tuple[str, float]]] = {}
+    covered: dict[int, list[tuple[float, float]]] = {}
+    out: list[Span] = []
+    zero = timeline.start_us
+    for e in timeline.events:
+        ph, pid = e.get("ph"), e.get("pid")
+        if ph == "M" and e.get("name") == "process_name" and "name" in e.get("args", {}):
+            names[pid] = e["args"]["name"]
+        elif ph == "B":
+            stacks.setdefault(pid, []).append((e.get("name", ""), zero + e["ts"]))
+        elif ph == "E" and stacks.get(pid):
+            name, start = stacks[pid].pop()
+            end, tensor = zero + e["ts"], names.get(pid, str(pid))
+            if name.startswith("NEGOTIATE_"):
+                out.append(Span(tensor, "NEGOTIATE", start, end, name.removeprefix("NEGOTIATE_")))
+            elif stacks[pid]:  # an activity inside the operation
+                covered.setdefault(pid, []).append((start, end))
+                out.append(Span(tensor, name, start, end, stacks[pid][-1][0]))
+            else:  # the operation: its time outside the activities is OTHER
+                out.append(Span(tensor, name, start, end, name))
+                reach = start
+                for a, b in [*sorted(covered.pop(pid, [])), (end, end)]:
+                    if a > reach:
+                        out.append(Span(tensor, OTHER, reach, a, name))
+                    reach = max(reach, b)
+    return out
+
+
+def read_steps(path: Path) -> list[tuple[int, float, float]]:
+    """(step, start, end) of each recorded step, microseconds since the epoch, from timeline.steps.csv; a last
+    line cut short is skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    steps = []
+    for line in lines[1:]:
+        try:
+            step, start, end = line.split(",")
+            steps.append((int(step), float(start), float(end)))
+        except ValueError:
+            continue
+    return steps
+
+
+def union_length(intervals: Sequence[tuple[float, float]]) -> float:
+    """The length of the union of intervals."""
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+def _phase_key(phase: str) -> tuple[int, str]:
+    return (PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER), phase)
+
+
+def locate(target: Path) -> tuple[Path, Optional[Path]]:
+    """(timeline file, steps file or None) for a run directory or a timeline file."""
+    target = Path(target)
+    if target.is_dir():
+        path = RunDir(target).timeline
+        if not path.exists():
+            raise UsageError(
+                f"{target} has no {TIMELINE}: train with --timeline (or --timeline-steps A:B), or give the file"
+            )
+    elif target.exists():
+        path = target
+    else:
+        raise UsageError(f"{target} does not exist: give a run directory or a timeline.json")
+    steps = path.with_name(STEPS)
+    return path, steps if steps.exists() else None
+
+
+def summarize(timeline: Timeline, steps: Sequence[tuple[int, float, float]]) -> dict[str, Any]:
+    """Per phase and per tensor, the time inside the recorded steps (all of the timeline when no steps are known),
+    in milliseconds per step; each phase's `wall` is the time any tensor was in it (fused tensors share it), its
+    `share` that over the step time. `tensors[t][phase]` sums tensor t's spans; `totals` are the column sums."""
+    every = spans(timeline)
+    ops = [s for s in every if s.phase == s.op]
+    phases = [s for s in every if s.phase != s.op]
+    if steps:
+        windows = [(a, b) for _, a, b in steps]
+    else:  # no step record: the whole recording as one window
+        windows = [(min(s.start for s in every), max(s.end for s in every))] if every else []
+    step_us = sum(b - a for a, b in windows)
+    n = max(len(windows), 1)
+
+    def inside(s: Span) -> bool:
+        return any(a <= s.start < b for a, b in windows)
+
+    kept = [s for s in phases if inside(s)]
+    kept_ops = [s for s in ops if inside(s)]
+    names = sorted({s.phase for s in kept}, key=_phase_key)
+    tensors: dict[str, dict[str, float]] = {}
+    for s in kept:
+        row = tensors.setdefault(s.tensor, {})
+        row[s.phase] = row.get(s.phase, 0.0) + s.duration / 1000 / n
+    for row in tensors.values():
+        row["total"] = sum(row.values())
+    totals = {p: sum(row.get(p, 0.0) for row in tensors.values()) for p in [*names, "total"]}
+    wall = {p: union_length([(s.start, s.end) for s in kept if s.phase == p]) / 1000 / n for p in names}
+    busy = union_length([(s.start, s.end) for s in kept]) / 1000 / n
+    step_ms = step_us / 1000 / n
+    return {
+        "timeline": str(timeline.path),
+        "repaired_bytes": timeline.dropped_bytes,
+        "steps": [s for s, _, _ in steps],
+        "step_ms": step_ms,
+        "step_ms_each": [round((b - a) / 1000, 3) for a, b in windows],
+        "ops": sorted({s.op for s in kept_ops}),
+        "phases": {p: {"wall_ms": wall[p], "share": wall[p] / step_ms if step_ms else 0.0} for p in names},
+        "communication_ms": busy,
+        "communication_share": busy / step_ms if step_ms else 0.0,
+        "tensors": tensors,
+        "totals": totals,
+        "spans_outside_steps": len(phases) - len(kept),
+    }
+
+
+def format_summary(summary: dict[str, Any], top: int = 20) -> str:
+    """The summary as text: the phases, then the tensors taking the most time (all of them in `totals`)."""
+    steps = summary["steps"]
+    window = f"steps {steps[0]}-{steps[-1]} ({len(steps)})" if steps else "the whole recording (no step record)"
+    lines = [f"timeline {summary['timeline']}: {window}, {summary['step_ms']:.2f} ms per step on rank 0"]
+    if summary["repaired_bytes"]:
+        lines.append(f"  (cut short: a partial last event of {summary['repaired_bytes']} bytes was dropped)")
+    lines.append(f"{'phase':<28}{'ms/step':>10}{'of step':>9}")
+    for phase, row in summary["phases"].items():
+        lines.append(f"{phase:<28}{row['wall_ms']:>10.3f}{row['share']:>9.1%}")
+    lines.append(f"{'any communication':<28}{summary['communication_ms']:>10.3f}{summary['communication_share']:>9.1%}")
+    phases = list(summary["phases"])
+    short = [p.replace("_FUSION_BUFFER", "").replace("MEMCPY_", "COPY_").lower() for p in phases]
+    width = max([len("tensor"), *(len(t) for t in list(summary["tensors"])[:top])]) + 2
+    lines.append("")
+    lines.append("per tensor, ms per step (fused tensors each count the shared time):")
+    lines.append(f"{'tensor':<{width}}" + "".join(f"{s:>14}" for s in short) + f"{'total':>10}")
+    rows = sorted(summary["tensors"].items(), key=lambda kv: -kv[1]["total"])
+
+    def line(name: str, row: dict[str, float]) -> str:
+        return f"{name:<{width}}" + "".join(f"{row.get(p, 0.0):>14.3f}" for p in phases) + f"{row['total']:>10.3f}"
+
+    lines += [line(name, row) for name, row in rows[:top]]
+    if len(rows) > top:
+        lines.append(f"... {len(rows) - top} more tensor(s) (--json lists all)")
+    lines.append(line("all tensors", summary["totals"]))
+    if summary["spans_outside_steps"]:
+        lines.append(f"({summary['spans_outside_steps']} span(s) outside the recorded steps are not counted)")
+    return "\n".join(lines)
+
+
+def plot_step(timeline: Timeline, steps: Sequence[tuple[int, float, float]], path: Path) -> Optional[int]:
+    """A PNG of one step's phases (the median-length recorded step; without steps, the whole recording): a row per
+    tensor, a bar per phase, against ms since the step began. Returns the step drawn (None: the recording)."""
+    from hvdtrain.bench import report
+
+    every = [s for s in spans(timeline) if s.phase != s.op]
+    if steps:
+        step, a, b = sorted(steps, key=lambda s: s[2] - s[1])[len(steps) // 2]
+    elif every:
+        step, a, b = None, min(s.start for s in every), max(s.end for s in every)
+    else:
+        step, a, b = None, 0.0, 0.0
+    mine = [s for s in every if a <= s.start < b]
+    order = sorted({s.tensor for s in mine}, key=lambda t: min(s.start for s in mine if s.tensor == t))
+    phases = sorted({s.phase for s in mine}, key=_phase_key)
+
+    def draw(axes):
+        import matplotlib
+
+        ax = axes[0]
+        colors = matplotlib.colormaps["tab10"]
+        for i, phase in enumerate(phases):
+            for s in (s for s in mine if s.phase == phase):
+                y = order.index(s.tensor)
+                ax.barh(y, (s.end - s.start) / 1000, left=(s.start - a) / 1000, color=colors(i % 10), height=0.8)
+            ax.barh(0, 0, color=colors(i % 10), label=phase)  # the legend's entry
+        ax.axvline((b - a) / 1000, color="black", linestyle="--", label="step end")
+        ax.set_yticks(range(len(order)), order, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms since the step began" if step is not None else "ms since the first span")
+        ax.set_title(f"Horovod timeline, step {step}" if step is not None else "Horovod timeline")
+        ax.legend(fontsize=7, loc="lower right")
+
+    report.save_plot(path, draw, width=10)
+    return step
+
+
+def run_options(launch_options: dict[str, Any]) -> dict[str, Any]:
+    """`hvdtrain run --timeline`'s launch options: the ranks get HOROVOD_TIMELINE=OUTPUT_DIR/timeline.json (the
+    output directory, runs/run-<time> when not given, is kept)."""
+    import os
+    import time
+
+    from hvdtrain.config import TIMELINE_NOT_ELASTIC
+
+    if launch_options.get("elastic"):
+        raise UsageError(TIMELINE_NOT_ELASTIC)
+    output = launch_options.get("output_dir") or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
+    path = os.path.abspath(os.path.join(output, TIMELINE))
+    return {**launch_options, "output_dir": output, "env": (*launch_options.get("env", ()), f"HOROVOD_TIMELINE={path}")}
+
+
+def after_job(path: Path, echo) -> None:
+    """After a job that recorded a timeline (however it ended): repair a file cut short, say where it is."""
+    path = Path(path)
+    if not path.exists():
+        echo(f"hvdtrain: no timeline was written at {path} (the job ended before recording began)")
+        return
+    try:
+        dropped = repair(path)
+    except (OSError, UnicodeDecodeError) as e:
+        echo(f"hvdtrain: the timeline {path} could not be repaired: {e}")
+        return
+    cut = f" (cut short: its partial last event, {dropped} bytes, was dropped)" if dropped else ""
+    echo(f"hvdtrain: timeline {path}{cut}; `hvdtrain timeline {path.parent}` summarizes it")
