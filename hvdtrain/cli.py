@@ -204,9 +204,14 @@ def cli():
     help="Record Horovod's timeline (HOROVOD_TIMELINE) into OUTPUT_DIR/timeline.json [--output-dir default: "
     "runs/run-<time>]; `hvdtrain timeline` summarizes it.",
 )  # fmt: skip
+@click.option(
+    "--autotune", is_flag=True,
+    help="Horovod's autotuner (HOROVOD_AUTOTUNE), its log in OUTPUT_DIR/autotune.csv [--output-dir default: "
+    "runs/run-<time>].",
+)  # fmt: skip
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
-def run(command, dry_run, timeline, **launch_options):
+def run(command, dry_run, timeline, autotune, **launch_options):
     """Launch COMMAND on N ranks: hvdtrain run -np 2 -- python train.py --lr 0.1
 
     Everything after -- is passed through untouched. Per-rank logs go to --output-dir; when a rank fails,
@@ -216,12 +221,10 @@ def run(command, dry_run, timeline, **launch_options):
     Elastic (the script uses hvd.elastic.run):
       hvdtrain run --elastic --min-np 2 --max-np 8 --hosts-file hosts --network-interface eth0 -- python my.py
     """
-    from hvdtrain import hosts, launch
+    from hvdtrain import hosts, jobs, launch
+    from hvdtrain import timeline as tl
 
-    if timeline:
-        from hvdtrain import timeline as tl
-
-        launch_options = tl.run_options(launch_options)
+    launch_options = jobs.run_recordings(launch_options, timeline, autotune)
     spec = launch.make_spec(command, **launch_options)
     for warning in spec.warnings:
         click.echo(f"hvdtrain: warning: {warning}", err=True)
@@ -390,6 +393,41 @@ def timeline_command(target, as_json, plot, top):
     summary["plot"] = str(png)
     summary["plot_step"] = timeline.plot_step(data, steps, png)
     click.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else timeline.format_summary(summary, top))
+
+
+@cli.command("report", context_settings=CONTEXT)
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True)
+@click.option(
+    "--targets", default="0.9,0.95", show_default=True, metavar="ACC,ACC",
+    help="Test accuracies to time (seconds and step of the first evaluation at or above each).",
+)  # fmt: skip
+@click.option("--plot", metavar="PNG", help="Where the curves go [default: RUN_DIR/report.png for one run, else "
+              "./report.png].")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run instead of the table.")
+@handle_errors
+def report_command(run_dirs, targets, plot, as_json):
+    """What training runs did, from their run directories: loss, accuracy, samples/s and lr against step and wall
+    time as one PNG (several runs overlaid), and a table: final accuracy, time and step to each --targets
+    accuracy, resumes, elastic resizes, preemptions and requeues, and what --autotune chose.
+
+    
+      hvdtrain report runs/a
+      hvdtrain report runs/sync runs/local-sgd --targets 0.9,0.95,0.97 --plot compare.png
+    """
+    import json
+
+    from hvdtrain import report
+    from hvdtrain.bench.plans import accuracy_list
+
+    levels = accuracy_list(targets)
+    runs = [report.load(Path(d)) for d in run_dirs]
+    summaries = [report.summarize(run, levels) for run in runs]
+    png = Path(plot) if plot else (runs[0].path if len(runs) == 1 else Path(".")) / report.PLOT
+    report.plot(runs, png)
+    if as_json:
+        click.echo(json.dumps({"plot": str(png), "runs": summaries}, indent=2, sort_keys=True))
+    else:
+        click.echo(report.format_table(summaries, levels) + f"\ncurves: {png}")
 
 
 @cli.group(context_settings=CONTEXT)

@@ -149,6 +149,12 @@ class TrainConfig:
         "record Horovod's timeline of the whole run into RUN_DIR/timeline.json (rank 0 writes it; large for long runs: "
         "see --timeline-steps); `hvdtrain timeline RUN_DIR` summarizes it",
     )
+    autotune: bool = _f(
+        False,
+        "Horovod's autotuner: while training it tries fusion thresholds, cycle times and the response cache, scored "
+        "by allreduce throughput, and keeps the best; its log in RUN_DIR/autotune.csv (`hvdtrain report` shows "
+        "the choice)",
+    )
     timeline_steps: Optional[str] = _f(
         None, "A:B: record Horovod's timeline of steps A to B only (both included; step 1 is the first) into "
         "RUN_DIR/timeline.json",
@@ -206,6 +212,8 @@ class TrainConfig:
             )
         if self.timeline_steps is not None:
             self.timeline_window()  # raises naming the flag
+        if self.autotune and self.deterministic:
+            bad("autotune", "changes the fusion threshold while training, which --deterministic fixes: drop one")
         self._validate_update(bad)
         self._validate_layout(bad)
         if check_data and self.data not in ("digits", "synthetic"):

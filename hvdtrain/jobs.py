@@ -51,6 +51,23 @@ def mpi_launch(launch_options: dict[str, Any], what: str, not_elastic: str) -> N
     launch_options["mpi"] = True
 
 
+def run_recordings(launch_options: dict[str, Any], timeline: bool, autotune: bool) -> dict[str, Any]:
+    """`hvdtrain run --timeline/--autotune`'s launch options: the ranks get HOROVOD_TIMELINE=OUTPUT_DIR/timeline.json
+    and HOROVOD_AUTOTUNE=1 with HOROVOD_AUTOTUNE_LOG=OUTPUT_DIR/autotune.csv; the output directory (runs/run-<time>
+    when not given) is kept."""
+    if not (timeline or autotune):
+        return launch_options
+    if timeline and launch_options.get("elastic"):
+        raise ConfigError(TIMELINE_NOT_ELASTIC)
+    import time
+
+    output = launch_options.get("output_dir") or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
+    paths = RunDir(os.path.abspath(output))
+    env = [f"HOROVOD_TIMELINE={paths.timeline}"] if timeline else []
+    env += ["HOROVOD_AUTOTUNE=1", f"HOROVOD_AUTOTUNE_LOG={paths.autotune}"] if autotune else []
+    return {**launch_options, "output_dir": output, "env": (*launch_options.get("env", ()), *env)}
+
+
 def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, str]) -> None:
     """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
     # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).

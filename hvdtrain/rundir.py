@@ -12,6 +12,7 @@
       hvdtrain.lock                       .lock         who runs a job here (hvdtrain train, while it runs)
       interrupted                         .interrupted  Ctrl-C asked the ranks to stop (while they stop)
       timeline.json, timeline.steps.csv   .timeline     Horovod's timeline and rank 0's steps (--timeline)
+      autotune.csv                        .autotune     Horovod's autotuner log (--autotune)
 
 Only names live here: no module imports anything heavy, so the CLI, the launcher, the rank wrapper, the
 Slurm jobs module and the Trainer all take their paths from it.
@@ -125,6 +126,7 @@ class RunDir:
         self.lock = self.path / "hvdtrain.lock"
         self.interrupted = self.path / "interrupted"
         self.timeline = self.path / "timeline.json"  # and timeline.steps.csv beside it (hvdtrain.timeline)
+        self.autotune = self.path / "autotune.csv"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"

@@ -302,21 +302,6 @@ def plot_step(timeline: Timeline, steps: Sequence[tuple[int, float, float]], pat
     return step
 
 
-def run_options(launch_options: dict[str, Any]) -> dict[str, Any]:
-    """`hvdtrain run --timeline`'s launch options: the ranks get HOROVOD_TIMELINE=OUTPUT_DIR/timeline.json (the
-    output directory, runs/run-<time> when not given, is kept)."""
-    import os
-    import time
-
-    from hvdtrain.config import TIMELINE_NOT_ELASTIC
-
-    if launch_options.get("elastic"):
-        raise UsageError(TIMELINE_NOT_ELASTIC)
-    output = launch_options.get("output_dir") or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
-    path = os.path.abspath(os.path.join(output, TIMELINE))
-    return {**launch_options, "output_dir": output, "env": (*launch_options.get("env", ()), f"HOROVOD_TIMELINE={path}")}
-
-
 def after_job(path: Path, echo) -> None:
     """After a job that recorded a timeline (however it ended): repair a file cut short, say where it is."""
     path = Path(path)

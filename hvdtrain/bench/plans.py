@@ -291,7 +291,7 @@ class UpdatesSettings:
         return _floats(self.stragglers, "--stragglers", low=1.0, high=None)
 
     def accuracy_targets(self) -> list[float]:
-        return _floats(self.targets, "--targets", low=0.0, high=1.0)
+        return accuracy_list(self.targets)
 
 
 LAUNCH_ARMS = ("mpirun", "hvdtrain", "hvdtrain-horovodrun", "horovodrun")
@@ -307,6 +307,11 @@ class LaunchSettings:
     rounds: int = option(7, "Runs of every arm (alternating, rotated order).", tiny=1, low=1)
     train: bool = option(True, "Also time the built-in job's start-up, by phase (hvdtrain train --max-steps 1).")
     tiny: bool = option(False, "One round: the smoke run of the test suite.")
+
+
+def accuracy_list(text: str) -> list[float]:
+    """--targets: comma-separated test accuracies in [0, 1]."""
+    return _floats(text, "--targets", low=0.0, high=1.0)
 
 
 def _floats(text: str, flag_name: str, low: float, high: Optional[float]) -> list[float]:

@@ -206,16 +206,17 @@ def tuning_env(environ) -> dict[str, str]:
     return {k: environ[k] for k in HOROVOD_KNOBS if k in environ}
 
 
-def save_plot(path: Path, draw: Callable[[Any], None], ncols: int = 1, width: float = 7.0) -> Path:
-    """Draw a figure with `draw(axes)` (a list of ncols axes) and save it as PNG with matplotlib's Agg."""
+def save_plot(path: Path, draw: Callable[[Any], None], ncols: int = 1, width: float = 7.0, nrows: int = 1) -> Path:
+    """Draw a figure with `draw(axes)` (a list of nrows x ncols axes, row by row) and save it as PNG with
+    matplotlib's Agg."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4.8), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 4.8 * nrows), squeeze=False)
     try:
-        draw(list(axes[0]))
+        draw(list(axes.flat))
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

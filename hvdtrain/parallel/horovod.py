@@ -33,6 +33,7 @@ def init(
     group: Optional[Sequence[int]] = None,
     parts: Optional[Sequence[Sequence[int]]] = None,
     timeline: bool = False,
+    autotune_log=None,
 ):
     """Initialise Horovod and this rank's threads; returns the `horovod.torch` module. `group`: the ranks this
     module's collectives run over (every rank calls init with the same list; on the others they are not used).
@@ -40,10 +41,13 @@ def init(
     replica), each a process set; `part()` is this rank's, for the gradients of its stage. Parts of one rank each
     (one replica: nothing to average) make no process set (Horovod would coordinate each one every cycle), and
     part() is then None; one part of every rank is the global set.
-    `timeline`: Horovod's dynamic timeline, recorded between start_timeline and stop_timeline."""
+    `timeline`: Horovod's dynamic timeline, recorded between start_timeline and stop_timeline. `autotune_log`: a
+    path: Horovod's autotuner on, its log there (rank 0 writes it)."""
     global _group, _part
     if timeline:
         os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"
+    if autotune_log is not None:
+        os.environ.update(HOROVOD_AUTOTUNE="1", HOROVOD_AUTOTUNE_LOG=str(autotune_log))
     if deterministic:
         # No tensor fusion: every gradient is reduced on its own, in the same grouping every run.
         os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", "0")

@@ -78,7 +78,7 @@ class Recorder:
             return
         with open(self.run_dir.metrics, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
-        if self._tb is not None:
+        if self._tb is not None and "event" not in row:  # events (start, resize, preempted) are not curves
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self._tb.add_scalar(k, v, row["step"])

@@ -65,7 +65,7 @@ from hvdtrain.config import (
     TIMELINE_NOT_ELASTIC,
     TrainConfig,
 )
-from hvdtrain.env import rank_info
+from hvdtrain.env import SlurmEnv, rank_info
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
 from hvdtrain.parallel import elastic, horovod
@@ -136,6 +136,7 @@ class Trainer:
             group=self._workers(),
             parts=self.grid and self.grid.stage_sets(),
             timeline=cfg.records_timeline,
+            autotune_log=self.run_dir.autotune if cfg.autotune else None,
         )
         self.startup.mark("hvd.init")
         # In an async job: this rank's place among the workers (a server's: its place in the job).
@@ -493,6 +494,8 @@ class Trainer:
         self.update.start(self.state)
         self.startup.mark("restore" if resumed is not None else "broadcast")
         s = self.state
+        self.recorder.record({"event": "start", "step": s.step, "epoch": s.epoch, "ranks": self.size,
+                              "resumed_from": resumed and str(resumed), "restart": SlurmEnv.read().restart_count})  # fmt: skip
         self.progress = Progress(self.steps_total, cfg.epochs, self.is_main, self._echo, start_step=s.step)
         if resumed is not None:
             self.progress.say(
@@ -646,6 +649,9 @@ class Trainer:
         self.progress.say(
             f"{'interrupted' if interrupted else 'preempted'} at step {self.state.step}: checkpoint {path}"
         )
+        # Recorded first: a requeue ends the job at once. The requeued job's start record counts it (restart).
+        event = "interrupted" if interrupted else "preempted"
+        self.recorder.record({"event": event, "step": self.state.step, "epoch": self.state.epoch})
         requeued = None
         if self.is_main and not interrupted:
             requeued = preempt.requeue_after_preemption(self.cfg.requeue, self.cfg.max_requeues, self.progress.say)

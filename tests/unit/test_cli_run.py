@@ -92,14 +92,15 @@ def test_dry_run_prints_exact_command(tmp_path, no_processes, clean_env):
     assert no_processes == []
 
 
-def test_timeline_goes_into_a_kept_output_dir(tmp_path, monkeypatch, no_processes, clean_env):
+def test_timeline_and_autotune_go_into_a_kept_output_dir(tmp_path, monkeypatch, no_processes, clean_env):
     monkeypatch.chdir(tmp_path)
-    result = invoke("run", "-np", "2", "--timeline", "--dry-run", "--", "python", "-c", "pass")
+    result = invoke("run", "-np", "2", "--timeline", "--autotune", "--dry-run", "--", "python", "-c", "pass")
     assert result.exit_code == 0, result.output
-    env = [line for line in result.output.splitlines() if line.startswith("export HOROVOD_TIMELINE=")]
-    assert len(env) == 1 and re.fullmatch(
-        rf"export HOROVOD_TIMELINE={tmp_path}/runs/run-\d{{8}}-\d{{6}}/timeline.json", env[0]
-    )
+    env = sorted(line for line in result.output.splitlines() if line.startswith("export HOROVOD_"))
+    run = rf"{tmp_path}/runs/run-\d{{8}}-\d{{6}}"
+    assert env[0] == "export HOROVOD_AUTOTUNE=1"
+    assert re.fullmatch(rf"export HOROVOD_AUTOTUNE_LOG={run}/autotune.csv", env[1])
+    assert re.fullmatch(rf"export HOROVOD_TIMELINE={run}/timeline.json", env[-1])
     assert f"--log-dir {tmp_path}/runs/run-" in result.output  # the logs go there too, and are kept
     assert not (tmp_path / "runs").exists() and no_processes == []
 

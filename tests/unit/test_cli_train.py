@@ -97,6 +97,7 @@ def dry_config(output):
         (["--timeline-steps", "0:5"], "--timeline-steps: '0:5' is not a window"),
         (["--timeline-steps", "a:b"], "--timeline-steps: 'a:b' is not a window"),
         (["--timeline", "--elastic", "--min-np", "2"], "--timeline cannot follow an elastic job"),
+        (["--autotune", "--deterministic"], "--autotune: changes the fusion threshold while training"),
         (
             ["--hooks", "no_such_module_here:Stall"],
             "--hooks no_such_module_here:Stall: no module 'no_such_module_here'",

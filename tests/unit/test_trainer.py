@@ -91,6 +91,7 @@ def test_max_steps_checkpoints_eval_and_hooks(tmp_path):
     assert hook.calls["step_start"] == list(range(40)) and hook.calls["step_end"] == list(range(1, 41))
     assert hook.calls["fit_start"] == [0] and hook.calls["epoch_end"] == [16, 32] and hook.calls["fit_end"] == [40]
     got = rows(run_dir)
+    assert got[0]["event"] == "start" and (got[0]["step"], got[0]["resumed_from"], got[0]["restart"]) == (0, None, 0)
     assert [r["step"] for r in got if "train_loss" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert [r["step"] for r in got if "test_accuracy" in r] == [16, 32, 40]  # after epochs 1 and 2, and the end
     assert any(line.startswith("epoch 1/3 step 5/40 loss ") for line in lines)
@@ -141,6 +142,8 @@ def test_preemption_request_stops_at_the_agreed_step_and_resumes_exactly(tmp_pat
     assert resumed["steps"] == straight["steps"] == 30
     assert resumed["params_sha256"] == straight["params_sha256"]
     assert resumed["test_loss"] == straight["test_loss"]
+    events = [(r["event"], r["step"]) for r in rows(tmp_path / "run") if "event" in r and r["event"] != "checkpoint"]
+    assert events == [("start", 0), ("preempted", 11), ("start", 11)]  # what `hvdtrain report` counts
 
 
 def test_params_sha256_sees_every_bit():
