@@ -273,6 +273,17 @@ def dataclass_options(cls, **overrides):
     return decorate
 
 
+def dataclass_options_subset(*names: str):
+    """The options of these TrainConfig fields only (as `hvdtrain train` has them)."""
+    import dataclasses
+
+    from hvdtrain.config import TrainConfig
+
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name in names]
+    subset = dataclasses.make_dataclass("Subset", [(f.name, f.type, f) for f in fields])
+    return dataclass_options(subset)
+
+
 def train_options(f):
     """The options of `hvdtrain train`: one per TrainConfig field."""
     from hvdtrain.config import TrainConfig
@@ -393,6 +404,61 @@ def timeline_command(target, as_json, plot, top):
     summary["plot"] = str(png)
     summary["plot_step"] = timeline.plot_step(data, steps, png)
     click.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else timeline.format_summary(summary, top))
+
+
+@cli.command("plan", context_settings=CONTEXT)
+@click.option(
+    "-np", "--num-proc", "np", type=click.IntRange(min=1), help="Ranks to plan for [default: this machine's cores]."
+)
+@click.option("--nodes", type=click.IntRange(min=1), help="Plan for K nodes of --ntasks-per-node ranks (a Slurm job).")
+@click.option("--ntasks-per-node", type=click.IntRange(min=1), help="Ranks per node, with --nodes.")
+@click.option("--memory-per-rank", type=click.FloatRange(min=0, min_open=True), metavar="GiB",
+              help="Memory a rank may use [default: this machine's available memory / its ranks].")  # fmt: skip
+@click.option("--bench-json", metavar="FILE", help="A `hvdtrain bench allreduce` allreduce.json: its busbw models "
+              "communication across nodes [default: the probe's, on this machine].")  # fmt: skip
+@click.option("--validate", type=click.IntRange(min=1), metavar="STEPS", help="Then run the fastest fitting layout "
+              "of each kind for real, STEPS steps each, and print predicted against measured step time and memory.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@dataclass_options_subset("model", "hidden", "depth", "data", "synthetic_samples", "batch_size", "optimizer",
+                          "momentum", "seed")  # fmt: skip
+@handle_errors
+def plan_command(np, nodes, ntasks_per_node, memory_per_rank, bench_json, validate, as_json, **fields):
+    """Which layout to train with on this machine, from measured costs: data parallel, with the sharded optimizer,
+    local SGD, or a pipeline of P stages x N/P replicas with M micro-batches (docs/plan.md).
+
+    Measures the model (bytes, each stage's forward+backward time and activations), probes a real job of the
+    ranks (a rank's memory before training, one step's allreduces), models every layout's memory per rank,
+    communication, bubble, step time and samples/s, and recommends the fastest synchronous one that fits, with
+    its command.
+
+    \b
+      hvdtrain plan -np 2 --model deep_mlp
+      hvdtrain plan --nodes 4 --ntasks-per-node 2 --bench-json runs/bench-allreduce/allreduce.json --json
+    """
+    import json
+    import os
+
+    from hvdtrain import jobs, plan
+    from hvdtrain.config import TrainConfig
+    from hvdtrain.errors import UsageError
+
+    if (nodes is None) != (ntasks_per_node is None):
+        raise UsageError("--nodes and --ntasks-per-node go together: give both (or -np for this machine)")
+    if nodes and np:
+        raise UsageError("-np excludes --nodes/--ntasks-per-node: give the ranks one way")
+    ranks = nodes * ntasks_per_node if nodes else np or os.cpu_count() or 1
+    cfg = TrainConfig(**fields).validate().with_defaults()
+    jobs.check_data(cfg, ranks)
+    if bench_json and not Path(bench_json).is_file():
+        raise UsageError(f"--bench-json: no such file '{bench_json}'")
+    if validate and nodes:
+        raise UsageError("--validate runs the layouts on this machine: give -np, not --nodes")
+    say = functools.partial(click.echo, err=True)
+    result = plan.run(cfg, ranks, nodes, ntasks_per_node, memory_per_rank, bench_json, {}, echo=say)
+    if validate:
+        result["validation"] = plan.validate(result, cfg, validate, echo=say)
+    text = plan.format_plan(result) + ("\n\n" + plan.format_validation(result["validation"]) if validate else "")
+    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else text)
 
 
 @cli.command("report", context_settings=CONTEXT)

@@ -48,6 +48,7 @@ import hashlib
 import math
 import os
 import random
+import resource
 import socket
 import time
 from pathlib import Path
@@ -693,6 +694,8 @@ class Trainer:
 
     def _finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         total = horovod.PendingSum([float(self.train_samples)], name="hvdtrain.samples").result()[0]
+        # Each rank's peak resident memory (Linux reports KiB): what `hvdtrain plan` predicts per rank.
+        rss = horovod.allgather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, name="hvdtrain.rss")
         seconds = self.train_seconds
         model_state = self.update.model_state(self.state)
         result = {
@@ -704,6 +707,7 @@ class Trainer:
             "samples_per_s": total / seconds if seconds > 0 else math.nan,
             "params_sha256": model_state and params_sha256(model_state),
             "run_dir": str(self.run_dir.path),
+            "peak_rss_bytes": rss,
             "startup_s": self.startup.phases(),  # rank 0's phases up to the first step (hvdtrain.startup)
             **self._pipeline_result(),
             **extra,
