@@ -5,22 +5,22 @@ Three steps:
    for every way of cutting it into P pipeline stages, each stage's forward+backward time and the activation
    bytes autograd keeps (a real forward+backward, timed with the threads a rank gets) at every micro-batch size;
    the optimizer's step time; the dataset's bytes;
-2. probe (a real job of N ranks, `python -m hvdtrain.plan_probe`): the memory a rank holds before training
-   (Python, torch, Horovod and its fusion buffer, the Trainer's imports: its peak RSS), and one data-parallel
-   step's communication as the DistributedOptimizer does it (one allreduce per gradient, fused by Horovod);
+2. probe (a real job of the ranks of one node, `python -m hvdtrain.plan_probe`): what a rank holds besides its
+   model's state (peak RSS), how much slower the compute is with every rank computing at once, one data-parallel
+   step's allreduces as the DistributedOptimizer issues them, a 4-byte allreduce, and a real pipeline of its ranks
+   (what a message between stages costs);
 3. model every candidate layout (data; data with the sharded optimizer; local SGD with H; a pipeline of P stages
    x N/P replicas with M micro-batches, 1F1B or GPipe): memory per rank, bytes and collectives per step, the
    pipeline bubble (P-1)/(M+P-1), step time and samples/s; recommend the fastest synchronous layout that fits.
 
-The formulas (S: gradient bytes, n: ranks averaging, B: batch per rank):
-  data      mem = base + W + G + O + A(B);  t = c(B) + opt + comm(S, n)
-  sharded   mem = base + W + G + O/n + A(B); t = c(B) + opt/n + comm(S, n)   (reduce-scatter + all-gather: the
-            same 2(n-1)/n x S on the wire as one allreduce)
-  local-sgd mem as data;  t = c(B) + opt + comm(W + buffers, n)/H            (approximate: changes the optimisation)
-  pipeline  per stage s: mem_s = base + W_s + G_s + O_s + k x A_s(B/M), k = min(P - s, M) (1F1B) or M (GPipe);
-            t = (M + P - 1) x max_s c_s(B/M) + 2(P-1) x M x p2p + opt_max + comm(S_max, N/P)
-  comm(S, n) = the probe's measured step for data (its n, its S), else 2(n-1)/n x S / busbw + latency per fused
-            collective (busbw from a `bench allreduce` JSON when given)
+The formulas are docs/plan.md's (W: parameter bytes = gradient bytes, O: optimizer state, A(b): activations of
+b samples, c(b): forward+backward, s: contention, n: ranks averaging, B: batch per rank):
+  data      mem = base + 2W + O + A(B);   t = c(B) s + opt + comm(W, n)
+  sharded   mem = base + 2W + O/n + A(B); t = c(B) s + opt/n + comm(W, n) + lat   (reduce-scatter + all-gather)
+  local-sgd mem as data;  t = c(B) s + opt + comm(W, n)/H                         (approximate)
+  pipeline  mem_s = base + W_s (2 + O/W) + k A_s(B/M), k = min(P - s, M) (1F1B) or M (GPipe);
+            t = (sum_s c_s(B/M) + (M - 1) max_s c_s(B/M)) s + 2(P-1) M p2p + opt W_max/W + comm(W_max, N/P)
+  comm(S, n) = the probe's measured step for data (its n), else 2(n-1)/n x S / busbw + lat
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ class Probe:
     latency_seconds: float  # one 4-byte allreduce, median
     busbw_Bps: float  # bus bandwidth the step's allreduce reached
     p2p_seconds: float  # one small mpi4py message from a rank to the next (half a round trip)
+    compute_seconds: float  # forward + backward of one batch with every rank computing at once (the slowest)
+    pipeline_seconds: float = 0.0  # one batch through a real pipeline of every rank as a stage (M = 1); 0: none
 
 
 @dataclasses.dataclass
@@ -242,11 +244,26 @@ def comm_seconds(size: float, n: int, pr: Probe, collectives: int = 1) -> float:
     return ring_bytes(size, n) / pr.busbw_Bps + collectives * pr.latency_seconds
 
 
+def p2p_seconds(costs: Costs, pr: Probe, slow: float) -> float:
+    """What one of a pipeline's messages costs: from the probe's real pipeline of its ranks (M = 1: its step less
+    its stages' compute, over its 2(P-1) messages) when it ran one, else the probe's ping-pong."""
+    p = pr.ranks
+    stages = [costs.stages.get(f"{p}:{s}:1") for s in range(p)]
+    if pr.pipeline_seconds <= 0 or None in stages:
+        return pr.p2p_seconds
+    busy = sum(st.seconds for st in stages) * slow
+    return max(0.0, (pr.pipeline_seconds - busy) / (2 * (p - 1)))
+
+
 def candidates(costs: Costs, pr: Probe, ranks: int, cores: int, memory_bytes: int, batch: int) -> list[Candidate]:
     """Every layout of `ranks` ranks on a machine of `cores` cores and `memory_bytes` per rank, modelled."""
-    slow = max(1.0, ranks / cores)  # ranks beyond the cores share them
+    # Compute slows down when the ranks compute at once (the probe saw it: memory bandwidth, Horovod's polling
+    # thread), and ranks beyond the cores share them; every compute time is scaled by the larger factor.
+    slow = max(1.0, ranks / cores, pr.compute_seconds / costs.step_seconds if costs.step_seconds else 1.0)
     compute = costs.step_seconds * slow
-    base = pr.base_rss_bytes + costs.data_bytes
+    # The probe's ranks held the whole model's parameters, gradients, optimizer state and one batch's activations
+    # (and the dataset): a rank's own share of those is added per layout to what it holds besides them.
+    base = max(0, pr.base_rss_bytes - (2 * costs.param_bytes + costs.state_bytes + costs.activation_bytes))
     w, o = costs.param_bytes, costs.state_bytes
     out = []
     data_comm = pr.comm_seconds if pr.ranks == ranks else comm_seconds(w, ranks, pr)
@@ -264,16 +281,18 @@ def candidates(costs: Costs, pr: Probe, ranks: int, cores: int, memory_bytes: in
             out.append(Candidate("local-sgd", ["--update", "local-sgd", "--average-every", str(h)], mem,
                                  int(ring_bytes(w, ranks) / h), 1 / h, 0.0, step, ranks * batch / step, False,
                                  note="approximate: changes the optimisation (docs/updates.md)"))  # fmt: skip
+    message = p2p_seconds(costs, pr, slow)
     for key in sorted({k.rsplit(":", 2)[0] + ":" + k.rsplit(":", 1)[1] for k in costs.stages}):
         p, m = (int(v) for v in key.split(":"))
         stages = [costs.stages[f"{p}:{s}:{m}"] for s in range(p)]
         replicas = ranks // p
-        p2p = 2 * (p - 1) * m * pr.p2p_seconds
-        slowest = max(st.seconds for st in stages) * slow
+        p2p = 2 * (p - 1) * m * message
+        # The first micro-batch passes every stage, each further one adds the slowest stage's time.
+        busy = (sum(st.seconds for st in stages) + (m - 1) * max(st.seconds for st in stages)) * slow
         grads = max(st.param_bytes for st in stages)
         sync = comm_seconds(grads, replicas, pr)
         opt = costs.optimizer_seconds * grads / max(w, 1)
-        step = (m + p - 1) * slowest + p2p + opt + sync
+        step = busy + p2p + opt + sync
         for schedule in ("1f1b", "gpipe"):
             held = [min(p - s, m) if schedule == "1f1b" else m for s in range(p)]
             mem = max(base + st.param_bytes * (2 + o / max(w, 1)) + k * st.activation_bytes
@@ -305,6 +324,8 @@ def memory_per_rank(ranks_here: int, given_gib: Optional[float]) -> tuple[int, s
 
 
 def _gib(b: float) -> str:
+    if b < 1024**2:
+        return f"{b / 1024:.0f} KiB"
     return f"{b / 1024**2:.0f} MiB" if b < 1024**3 else f"{b / 1024**3:.2f} GiB"
 
 
@@ -338,7 +359,8 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{name:<26}{_gib(cand['memory_bytes']):>10}{_gib(cand['comm_bytes']):>11}{cand['bubble']:>8.2f}"
             f"{cand['step_seconds'] * 1e3:>9.2f}{cand['samples_per_s']:>11,.0f}{flags}"
         )
-    lines.append("* local SGD: approximate (averages every H steps), never recommended by speed alone")
+    if any(not cand["exact"] for cand in plan["candidates"]):
+        lines.append("* local SGD: approximate (averages every H steps), never recommended by speed alone")
     best = plan["recommended"]
     if best is None:
         lines.append("no synchronous layout fits the memory per rank: use more ranks, a smaller --batch-size or model")
@@ -357,9 +379,12 @@ def explain(best: Candidate, cands: Sequence[Candidate], costs: Costs) -> list[s
         if pipes:
             top = max(pipes, key=lambda c: c.samples_per_s)
             why.append(f"  a pipeline pays its bubble and messages: at best {top.samples_per_s:,.0f} samples/s "
-                       f"({' '.join(top.args[3:6])}), {top.samples_per_s / data.samples_per_s:.2f}x data")  # fmt: skip
-        why.append(f"  the whole model and its state fit each rank ({_gib(best.memory_bytes)}), so every rank "
-                   "computes a full batch with one allreduce per step")  # fmt: skip
+                       f"({label(vars(top))}), {top.samples_per_s / data.samples_per_s:.2f}x data")  # fmt: skip
+        if data.collectives == 0:  # one rank
+            why.append("  one rank: nothing to split or to average")
+        else:
+            why.append(f"  the whole model and its state fit each rank ({_gib(best.memory_bytes)}), so every rank "
+                       "computes a full batch with one allreduce per step")  # fmt: skip
     elif best.layout == "sharded":
         why.append(f"  the optimizer's step is {costs.optimizer_seconds * 1e3:.2f} ms of the step: sharding it "
                    "saves more than its second collective costs")  # fmt: skip

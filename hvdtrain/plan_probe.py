@@ -1,10 +1,13 @@
 """Runs on every rank of `hvdtrain plan`'s probe: ``python -m hvdtrain.plan_probe CONFIG.json OUT.json``.
 
-What a rank of the training job holds before it trains (its peak RSS after the worker's imports, Horovod's
-start, the dataset and the model; rank 0 also imports TensorBoard's writer, as the Trainer's rank 0 does) and
-what one data-parallel step's communication takes: an allreduce of every gradient as the DistributedOptimizer
-issues them (one asynchronous allreduce per parameter, fused by Horovod), and a 4-byte allreduce (the latency).
-Medians of REPS; rank 0 writes OUT (hvdtrain.plan.Probe's fields).
+What a rank of the training job holds besides its model's state and activations (its peak RSS after the
+worker's imports, Horovod's start, the dataset, the model, the allreduces that allocate Horovod's fusion buffer
+and one step of the training's optimizer through the DistributedOptimizer; rank 0 also imports TensorBoard's
+writer, as the Trainer's rank 0 does); one batch's
+forward+backward with every rank computing at once (the contention the planning process alone does not see);
+one data-parallel step's communication as the DistributedOptimizer issues it (one asynchronous allreduce per
+parameter, fused by Horovod); one batch through a real pipeline of every rank as a stage (its messages); a 4-byte allreduce (the latency); a small mpi4py message to the next rank. Medians
+of REPS (the compute: the slowest rank's); rank 0 writes OUT (hvdtrain.plan.Probe's fields).
 """
 
 from __future__ import annotations
@@ -35,6 +38,34 @@ def ping_pong(rank: int, size: int) -> None:
         comm.Send(buf, dest=0, tag=7)
 
 
+def pipeline_step(model, data, batch: int, timed) -> float:
+    """One batch through a real pipeline of every rank as a stage (hvdtrain.parallel.pipe.Stage, one micro-batch,
+    1F1B), Horovod running as in training: its messages meet what a pipeline's meet. 0.0 when the model has fewer
+    layers with parameters than there are ranks, or there is one rank."""
+    import torch
+    from mpi4py import MPI
+
+    from hvdtrain.parallel.grid import Grid
+    from hvdtrain.parallel.pipe import Stage
+
+    weighted = [m for m in model if any(True for _ in m.parameters())]
+    size = MPI.COMM_WORLD.size
+    if size < 2 or len(weighted) < size:
+        return 0.0
+    comm = MPI.COMM_WORLD.Dup()  # left to MPI_Finalize: freeing it while Horovod runs is not safe
+    x_all, y_all = data.train.tensors
+    x, y = x_all[:batch], y_all[:batch]
+    stage = Stage.build(model, Grid(size, size), comm, x.shape[1:], x.dtype, schedule="1f1b", micro_batches=1)
+
+    def step() -> None:
+        stage.module.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy
+        stage.train_pass(batch, x if stage.first else None, y if stage.last else None, loss)
+
+    comm.Barrier()
+    return timed(step)
+
+
 def main(argv: list[str]) -> None:
     import torch
 
@@ -43,6 +74,7 @@ def main(argv: list[str]) -> None:
     from hvdtrain.parallel import horovod
     from hvdtrain.plan import ring_bytes
     from hvdtrain.train import datasets, models, trainer  # noqa: F401  (the worker's imports, for its memory)
+    from hvdtrain.train.update import base_optimizer
 
     cfg = TrainConfig.from_dict(json.loads(Path(argv[0]).read_text()))
     hvd = horovod.init()
@@ -51,7 +83,7 @@ def main(argv: list[str]) -> None:
     data = datasets.load(cfg.data, cfg.synthetic_samples, cfg.seed)
     model = models.build(cfg.model, data.input_shape, data.num_classes, cfg.hidden, cfg.depth)
     grads = [torch.randn_like(p) for p in model.parameters()]
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    x, y = data.train.tensors[0][: cfg.batch_size], data.train.tensors[1][: cfg.batch_size]
 
     def timed(fn) -> float:
         for _ in range(WARMUP):
@@ -68,16 +100,33 @@ def main(argv: list[str]) -> None:
         for h in handles:
             hvd.synchronize(h)
 
+    def compute() -> None:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
     tiny = torch.zeros(1)
+    seconds = timed(compute)  # every rank at once, Horovod's thread running: the compute's contention
     comm = timed(step)
     latency = timed(lambda: hvd.allreduce_(tiny, name="plan.latency", op=hvd.Sum))
+    # With Horovod running, a message waits for MPI's progress behind the background thread's collectives (each
+    # cycle, even when idle): on these machines about a cycle, not the wire's microseconds. The median is what a
+    # pipeline's messages meet.
     p2p = timed(lambda: ping_pong(hvd.rank(), hvd.size())) / 2
+    pipeline = pipeline_step(model, data, cfg.batch_size, timed)
     size = sum(g.numel() * g.element_size() for g in grads)
+    # One real step of the training's optimizer through the DistributedOptimizer: the first optimizer a process
+    # makes imports much of torch (tens of MiB), and the step allocates its state.
+    optimizer = horovod.distributed_optimizer(base_optimizer(cfg, model.parameters(), cfg.lr), model)
+    optimizer.zero_grad()
+    compute()
+    optimizer.step()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after the fusion buffer and autograd's use
     peaks = horovod.allgather_object(rss, name="plan.rss")
+    seconds = max(horovod.allgather_object(seconds, name="plan.compute"))
     if hvd.rank() == 0:
         write_json(argv[1], {
             "ranks": hvd.size(), "base_rss_bytes": max(peaks), "comm_seconds": comm, "latency_seconds": latency,
             "busbw_Bps": ring_bytes(size, hvd.size()) / comm if hvd.size() > 1 else 0.0, "p2p_seconds": p2p,
+            "compute_seconds": seconds, "pipeline_seconds": pipeline,
         })  # fmt: skip
     horovod.barrier_all()
 
