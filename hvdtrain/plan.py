@@ -120,8 +120,10 @@ def bubble(stages: int, micro: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _median_time(fn, reps: int = REPS) -> float:
-    fn()  # warm-up
+def median_time(fn, reps: int = REPS, warmup: int = 1) -> float:
+    """The median of `reps` timed calls of fn, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -155,11 +157,11 @@ def measure(cfg: TrainConfig, ranks: int, threads: int) -> Costs:
         (nn.functional.cross_entropy(out, target) if target is not None else out.sum()).backward()
 
     activation_bytes = meter_bytes(model, x, y)
-    step_seconds = _median_time(lambda: run(model, x, y))
+    step_seconds = median_time(lambda: run(model, x, y))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=cfg.momentum)
     if cfg.optimizer != "sgd":
         optimizer = getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[cfg.optimizer])(model.parameters(), lr=1e-9)
-    optimizer_seconds = _median_time(optimizer.step)
+    optimizer_seconds = median_time(optimizer.step)
 
     layers = list(model)
     stages: dict[str, Stage] = {}
@@ -183,7 +185,7 @@ def measure(cfg: TrainConfig, ranks: int, threads: int) -> Costs:
                 with meter.forward(0):
                     o = part(stage_in)
                 (nn.functional.cross_entropy(o, target) if target is not None else o.sum()).backward()
-                seconds = _median_time(lambda: run(part, stage_in, target))  # noqa: B023 (used at once)
+                seconds = median_time(lambda: run(part, stage_in, target))  # noqa: B023 (used at once)
                 stages[f"{p}:{s}:{m}"] = Stage(
                     bounds[s], bounds[s + 1], micro, seconds, meter.peak_bytes, out.numel() * out.element_size(),
                     sum(q.numel() * q.element_size() for q in part.parameters()),

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPS, WARMUP = 30, 5
@@ -72,7 +70,7 @@ def main(argv: list[str]) -> None:
     from hvdtrain.config import TrainConfig
     from hvdtrain.files import write_json
     from hvdtrain.parallel import horovod
-    from hvdtrain.plan import ring_bytes
+    from hvdtrain.plan import median_time, ring_bytes
     from hvdtrain.train import datasets, models, trainer  # noqa: F401  (the worker's imports, for its memory)
     from hvdtrain.train.update import base_optimizer
 
@@ -86,14 +84,7 @@ def main(argv: list[str]) -> None:
     x, y = data.train.tensors[0][: cfg.batch_size], data.train.tensors[1][: cfg.batch_size]
 
     def timed(fn) -> float:
-        for _ in range(WARMUP):
-            fn()
-        times = []
-        for _ in range(REPS):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_time(fn, REPS, WARMUP)
 
     def step() -> None:
         handles = [hvd.allreduce_async_(g, name=f"plan.grad.{i}", op=hvd.Average) for i, g in enumerate(grads)]
