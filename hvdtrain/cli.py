@@ -222,7 +222,7 @@ def run(command, dry_run, timeline, autotune, **launch_options):
       hvdtrain run --elastic --min-np 2 --max-np 8 --hosts-file hosts --network-interface eth0 -- python my.py
     """
     from hvdtrain import hosts, jobs, launch
-    from hvdtrain import timeline as tl
+    from hvdtrain.rundir import RunDir
 
     launch_options = jobs.run_recordings(launch_options, timeline, autotune)
     spec = launch.make_spec(command, **launch_options)
@@ -235,7 +235,9 @@ def run(command, dry_run, timeline, autotune, **launch_options):
     try:
         sys.exit(launch.run_job(spec))
     finally:
-        tl.after_job(Path(spec.output_dir) / tl.TIMELINE, click.echo)
+        from hvdtrain import timeline as tl
+
+        tl.after_job(RunDir(spec.output_dir).timeline, click.echo)
 
 
 def _parse_balance(ctx, param, value):
@@ -399,10 +401,11 @@ def timeline_command(target, as_json, plot, top):
     path, steps_path = timeline.locate(Path(target))
     data = timeline.read(path)
     steps = timeline.read_steps(steps_path) if steps_path else []
-    summary = timeline.summarize(data, steps)
+    every = timeline.spans(data)  # read once: a whole run's trace is large
+    summary = timeline.summarize(data, steps, every)
     png = Path(plot) if plot else path.with_name(timeline.PLOT)
     summary["plot"] = str(png)
-    summary["plot_step"] = timeline.plot_step(data, steps, png)
+    summary["plot_step"] = timeline.plot_step(every, steps, png)
     click.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else timeline.format_summary(summary, top))
 
 

@@ -14,6 +14,7 @@ A job killed while Horovod writes leaves a file cut in the middle of an event: `
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 from pathlib import Path
@@ -23,7 +24,6 @@ from hvdtrain.errors import UsageError
 from hvdtrain.files import write_text_atomic
 from hvdtrain.rundir import RunDir
 
-TIMELINE = RunDir("").timeline.name
 STEPS = "timeline.steps.csv"
 STEPS_HEADER = "step,start_us,end_us"
 PLOT = "timeline.png"
@@ -178,7 +178,7 @@ def locate(target: Path) -> tuple[Path, Optional[Path]]:
         path = RunDir(target).timeline
         if not path.exists():
             raise UsageError(
-                f"{target} has no {TIMELINE}: train with --timeline (or --timeline-steps A:B), or give the file"
+                f"{target} has no {path.name}: train with --timeline (or --timeline-steps A:B), or give the file"
             )
     elif target.exists():
         path = target
@@ -188,25 +188,39 @@ def locate(target: Path) -> tuple[Path, Optional[Path]]:
     return path, steps if steps.exists() else None
 
 
-def summarize(timeline: Timeline, steps: Sequence[tuple[int, float, float]]) -> dict[str, Any]:
+def windows_of(every: Sequence[Span], steps: Sequence[tuple[int, float, float]]) -> list[tuple[float, float]]:
+    """The recorded steps' (start, end), in order; without a step record, the whole recording as one window."""
+    if steps:
+        return sorted((a, b) for _, a, b in steps)
+    return [(min(s.start for s in every), max(s.end for s in every))] if every else []
+
+
+def within(items: Sequence[Span], windows: Sequence[tuple[float, float]]) -> list[Span]:
+    """The spans that start inside one of the (sorted, disjoint) windows: a bisection per span."""
+    starts = [a for a, _ in windows]
+    out = []
+    for s in items:
+        i = bisect.bisect_right(starts, s.start) - 1
+        if i >= 0 and s.start < windows[i][1]:
+            out.append(s)
+    return out
+
+
+def summarize(
+    timeline: Timeline, steps: Sequence[tuple[int, float, float]], every: Optional[Sequence[Span]] = None
+) -> dict[str, Any]:
     """Per phase and per tensor, the time inside the recorded steps (all of the timeline when no steps are known),
     in milliseconds per step; each phase's `wall` is the time any tensor was in it (fused tensors share it), its
-    `share` that over the step time. `tensors[t][phase]` sums tensor t's spans; `totals` are the column sums."""
-    every = spans(timeline)
+    `share` that over the step time. `tensors[t][phase]` sums tensor t's spans; `totals` are the column sums.
+    `every`: the timeline's spans, when the caller has them already."""
+    every = spans(timeline) if every is None else every
     ops = [s for s in every if s.phase == s.op]
     phases = [s for s in every if s.phase != s.op]
-    if steps:
-        windows = [(a, b) for _, a, b in steps]
-    else:  # no step record: the whole recording as one window
-        windows = [(min(s.start for s in every), max(s.end for s in every))] if every else []
+    windows = windows_of(every, steps)
     step_us = sum(b - a for a, b in windows)
     n = max(len(windows), 1)
-
-    def inside(s: Span) -> bool:
-        return any(a <= s.start < b for a, b in windows)
-
-    kept = [s for s in phases if inside(s)]
-    kept_ops = [s for s in ops if inside(s)]
+    kept = within(phases, windows)
+    kept_ops = within(ops, windows)
     names = sorted({s.phase for s in kept}, key=_phase_key)
     tensors: dict[str, dict[str, float]] = {}
     for s in kept:
@@ -265,19 +279,18 @@ def format_summary(summary: dict[str, Any], top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def plot_step(timeline: Timeline, steps: Sequence[tuple[int, float, float]], path: Path) -> Optional[int]:
-    """A PNG of one step's phases (the median-length recorded step; without steps, the whole recording): a row per
-    tensor, a bar per phase, against ms since the step began. Returns the step drawn (None: the recording)."""
+def plot_step(every: Sequence[Span], steps: Sequence[tuple[int, float, float]], path: Path) -> Optional[int]:
+    """A PNG of one step's phases (the median-length recorded step; without steps, the whole recording) from the
+    timeline's spans: a row per tensor, a bar per phase, against ms since the step began. Returns the step drawn
+    (None: the recording)."""
     from hvdtrain.bench import report
 
-    every = [s for s in spans(timeline) if s.phase != s.op]
+    every = [s for s in every if s.phase != s.op]
     if steps:
         step, a, b = sorted(steps, key=lambda s: s[2] - s[1])[len(steps) // 2]
-    elif every:
-        step, a, b = None, min(s.start for s in every), max(s.end for s in every)
     else:
-        step, a, b = None, 0.0, 0.0
-    mine = [s for s in every if a <= s.start < b]
+        step, (a, b) = None, (windows_of(every, steps) or [(0.0, 0.0)])[0]
+    mine = within(every, [(a, b)])
     order = sorted({s.tensor for s in mine}, key=lambda t: min(s.start for s in mine if s.tensor == t))
     phases = sorted({s.phase for s in mine}, key=_phase_key)
 
