@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -44,7 +45,7 @@ class Run:
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("event") == kind]
 
-    @property
+    @functools.cached_property
     def t0(self) -> float:
         """Wall time zero: the first start of the run (or its first record, for runs before start records)."""
         starts = self.events("start")
