@@ -452,12 +452,11 @@ def plan_command(np, nodes, ntasks_per_node, memory_per_rank, bench_json, valida
     ranks = nodes * ntasks_per_node if nodes else np or os.cpu_count() or 1
     cfg = TrainConfig(**fields).validate().with_defaults()
     jobs.check_data(cfg, ranks)
-    if bench_json and not Path(bench_json).is_file():
-        raise UsageError(f"--bench-json: no such file '{bench_json}'")
     if validate and nodes:
         raise UsageError("--validate runs the layouts on this machine: give -np, not --nodes")
+    bench = plan.bench_rows(bench_json) if bench_json else None
     say = functools.partial(click.echo, err=True)
-    result = plan.run(cfg, ranks, nodes, ntasks_per_node, memory_per_rank, bench_json, {}, echo=say)
+    result = plan.run(cfg, ranks, nodes, ntasks_per_node, memory_per_rank, bench, echo=say)
     if validate:
         result["validation"] = plan.validate(result, cfg, validate, echo=say)
     text = plan.format_plan(result) + ("\n\n" + plan.format_validation(result["validation"]) if validate else "")

@@ -140,6 +140,7 @@ def measure(cfg: TrainConfig, ranks: int, threads: int) -> Costs:
     from hvdtrain.parallel.pipe import ActivationMeter
     from hvdtrain.parallel.pipeline import balance_by_params
     from hvdtrain.train import datasets, models
+    from hvdtrain.train.update import base_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -153,21 +154,27 @@ def measure(cfg: TrainConfig, ranks: int, threads: int) -> Costs:
     x, y = x_all[:b], y_all[:b]
 
     def run(module: nn.Module, inp, target=None):
+        """Forward and backward: the loss on the last stage (target given), else the outputs' sum."""
         out = module(inp)
         (nn.functional.cross_entropy(out, target) if target is not None else out.sum()).backward()
+        return out
 
-    activation_bytes = meter_bytes(model, x, y)
+    def metered(module: nn.Module, inp, target=None):
+        """run once, counting what autograd keeps (the pipeline's own meter): (the output, its bytes)."""
+        meter = ActivationMeter(module)
+        with meter.forward(0):
+            out = run(module, inp, target)
+        return out.detach(), meter.peak_bytes
+
+    activation_bytes = metered(model, x, y)[1]
     step_seconds = median_time(lambda: run(model, x, y))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=cfg.momentum)
-    if cfg.optimizer != "sgd":
-        optimizer = getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW"}[cfg.optimizer])(model.parameters(), lr=1e-9)
-    optimizer_seconds = median_time(optimizer.step)
+    optimizer_seconds = median_time(base_optimizer(cfg, model.parameters(), 1e-9).step)
 
     layers = list(model)
     stages: dict[str, Stage] = {}
     for p in sorted({d for d in range(2, ranks + 1) if ranks % d == 0}):
-        if p > len([m for m in layers if any(True for _ in m.parameters())]):
-            continue
+        if p > len(cfg.layers()[1]):
+            continue  # a stage without parameters: --strategy pipeline refuses it
         sizes = balance_by_params(layers, p)
         bounds = [sum(sizes[:i]) for i in range(p + 1)]
         for m in MICRO_BATCHES:
@@ -177,17 +184,12 @@ def measure(cfg: TrainConfig, ranks: int, threads: int) -> Costs:
             inp = x[:micro]
             for s in range(p):
                 part = nn.Sequential(*layers[bounds[s] : bounds[s + 1]])
-                with torch.no_grad():
-                    out = part(inp)
-                stage_in = inp.detach().requires_grad_(s > 0)
+                stage_in = inp.requires_grad_(s > 0)  # a stage after the first sends its input's gradient back
                 target = y[:micro] if s == p - 1 else None
-                meter = ActivationMeter(part)
-                with meter.forward(0):
-                    o = part(stage_in)
-                (nn.functional.cross_entropy(o, target) if target is not None else o.sum()).backward()
+                out, held = metered(part, stage_in, target)
                 seconds = median_time(lambda: run(part, stage_in, target))  # noqa: B023 (used at once)
                 stages[f"{p}:{s}:{m}"] = Stage(
-                    bounds[s], bounds[s + 1], micro, seconds, meter.peak_bytes, out.numel() * out.element_size(),
+                    bounds[s], bounds[s + 1], micro, seconds, held, out.numel() * out.element_size(),
                     sum(q.numel() * q.element_size() for q in part.parameters()),
                 )  # fmt: skip
                 inp = out
@@ -198,26 +200,12 @@ def measure(cfg: TrainConfig, ranks: int, threads: int) -> Costs:
     )  # fmt: skip
 
 
-def meter_bytes(model, x, y) -> int:
-    """Autograd's saved tensors for one forward of x (bytes)."""
-    from torch import nn
-
-    from hvdtrain.parallel.pipe import ActivationMeter
-
-    meter = ActivationMeter(model)
-    with meter.forward(0):
-        loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return meter.peak_bytes
-
-
 # --------------------------------------------------------------------------------------------------
 # 2. Probe (a real job)
 # --------------------------------------------------------------------------------------------------
 
 
-def probe(cfg: TrainConfig, ranks: int, launch_options: dict[str, Any], echo) -> Probe:
+def probe(cfg: TrainConfig, ranks: int) -> Probe:
     """Run `python -m hvdtrain.plan_probe` on `ranks` ranks of this machine (its logs in a temporary directory,
     removed) and read what it measured."""
     from hvdtrain import launch
@@ -226,8 +214,7 @@ def probe(cfg: TrainConfig, ranks: int, launch_options: dict[str, Any], echo) ->
         config, out = Path(tmp) / "config.json", Path(tmp) / "probe.json"
         config.write_text(cfg.to_json())
         command = [sys.executable, "-m", "hvdtrain.plan_probe", str(config), str(out)]
-        spec = launch.make_spec(command, np=ranks, output_dir=str(Path(tmp) / "logs"), check_cmd=False,
-                                **launch_options)  # fmt: skip
+        spec = launch.make_spec(command, np=ranks, output_dir=str(Path(tmp) / "logs"), check_cmd=False)
         launch.run_job(spec, echo=lambda _line: None)
         got = json.loads(out.read_text())
     return Probe(**got)
@@ -238,12 +225,12 @@ def probe(cfg: TrainConfig, ranks: int, launch_options: dict[str, Any], echo) ->
 # --------------------------------------------------------------------------------------------------
 
 
-def comm_seconds(size: float, n: int, pr: Probe, collectives: int = 1) -> float:
-    """An allreduce of `size` bytes over n ranks: the probe's measured step scaled by the ring's bytes, plus a
-    latency per collective beyond the probe's."""
+def comm_seconds(size: float, n: int, pr: Probe) -> float:
+    """An allreduce of `size` bytes over n ranks: the ring's bytes at the bus bandwidth, plus one collective's
+    fixed cost (the probe's 4-byte allreduce)."""
     if n <= 1 or size <= 0:
         return 0.0
-    return ring_bytes(size, n) / pr.busbw_Bps + collectives * pr.latency_seconds
+    return ring_bytes(size, n) / pr.busbw_Bps + pr.latency_seconds
 
 
 def p2p_seconds(costs: Costs, pr: Probe, slow: float) -> float:
@@ -284,8 +271,7 @@ def candidates(costs: Costs, pr: Probe, ranks: int, cores: int, memory_bytes: in
                                  int(ring_bytes(w, ranks) / h), 1 / h, 0.0, step, ranks * batch / step, False,
                                  note="approximate: changes the optimisation (docs/updates.md)"))  # fmt: skip
     message = p2p_seconds(costs, pr, slow)
-    for key in sorted({k.rsplit(":", 2)[0] + ":" + k.rsplit(":", 1)[1] for k in costs.stages}):
-        p, m = (int(v) for v in key.split(":"))
+    for p, m in sorted({(int(p), int(m)) for p, _, m in (key.split(":") for key in costs.stages)}):
         stages = [costs.stages[f"{p}:{s}:{m}"] for s in range(p)]
         replicas = ranks // p
         p2p = 2 * (p - 1) * m * message
@@ -402,17 +388,24 @@ def explain(best: Candidate, cands: Sequence[Candidate], costs: Costs) -> list[s
 # --------------------------------------------------------------------------------------------------
 
 
-def bench_busbw(path: str, size: int) -> float:
-    """The busbw (bytes/s) a `hvdtrain bench allreduce` JSON measured for Horovod's in-place allreduce (the path
-    training uses) at the size nearest `size`."""
+def bench_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a `hvdtrain bench allreduce` JSON for Horovod's in-place MPI allreduce (the path training
+    uses); read before anything starts: a file that is not one is bad input."""
+    if not Path(path).is_file():
+        raise UsageError(f"--bench-json: no such file '{path}'")
     try:
         rows = json.loads(Path(path).read_text())["rows"]
-        mine = [r for r in rows if r["impl"] == "horovod_mpi"]  # in place, MPI: what training uses here
+        mine = [r for r in rows if r["impl"] == "horovod_mpi" and r["bytes"] > 0 and r["busbw_GBps"] >= 0]
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"--bench-json {path}: not a `hvdtrain bench allreduce` result (allreduce.json)") from None
     if not mine:
         raise UsageError(f"--bench-json {path}: holds no Horovod allreduce rows; run hvdtrain bench allreduce")
-    best = min(mine, key=lambda r: abs(math.log(r["bytes"]) - math.log(max(size, 1))))
+    return mine
+
+
+def bench_busbw(rows: Sequence[dict[str, Any]], size: int) -> float:
+    """The busbw (bytes/s) of the row (bench_rows) whose size is nearest `size`."""
+    best = min(rows, key=lambda r: abs(math.log(r["bytes"]) - math.log(max(size, 1))))
     return best["busbw_GBps"] * 1e9
 
 
@@ -424,16 +417,16 @@ def train_command(cfg: TrainConfig, best: Candidate, ranks: int, nodes: Optional
 
 
 def run(cfg: TrainConfig, ranks: int, nodes: Optional[int], per_node: Optional[int], memory_gib: Optional[float],
-        bench_json: Optional[str], launch_options: dict[str, Any], echo) -> dict[str, Any]:  # fmt: skip
+        bench: Optional[Sequence[dict[str, Any]]], echo) -> dict[str, Any]:  # fmt: skip
     """Measure, probe, model, recommend (module docstring); returns the plan as a JSON-able dict."""
     cores = os.cpu_count() or 1
     here = per_node or ranks
     threads = max(1, cores // here)
     echo(f"hvdtrain: plan: measuring {cfg.model} on {threads} thread(s), then a {here}-rank probe ...")
     costs = measure(cfg, ranks, threads)
-    pr = probe(cfg, here, launch_options, echo)
-    if bench_json:
-        pr.busbw_Bps = bench_busbw(bench_json, costs.param_bytes)
+    pr = probe(cfg, here)
+    if bench:
+        pr.busbw_Bps = bench_busbw(bench, costs.param_bytes)
     memory, said = memory_per_rank(here, memory_gib)
     cands = sorted(candidates(costs, pr, ranks, cores * (nodes or 1), memory, cfg.batch_size),
                    key=lambda c: -c.samples_per_s)  # fmt: skip

@@ -36,19 +36,18 @@ def ping_pong(rank: int, size: int) -> None:
         comm.Send(buf, dest=0, tag=7)
 
 
-def pipeline_step(model, data, batch: int, timed) -> float:
+def pipeline_step(model, data, batch: int, weighted: int, timed) -> float:
     """One batch through a real pipeline of every rank as a stage (hvdtrain.parallel.pipe.Stage, one micro-batch,
     1F1B), Horovod running as in training: its messages meet what a pipeline's meet. 0.0 when the model has fewer
-    layers with parameters than there are ranks, or there is one rank."""
+    layers with parameters (`weighted`) than there are ranks, or there is one rank."""
     import torch
     from mpi4py import MPI
 
     from hvdtrain.parallel.grid import Grid
     from hvdtrain.parallel.pipe import Stage
 
-    weighted = [m for m in model if any(True for _ in m.parameters())]
     size = MPI.COMM_WORLD.size
-    if size < 2 or len(weighted) < size:
+    if size < 2 or weighted < size:
         return 0.0
     comm = MPI.COMM_WORLD.Dup()  # left to MPI_Finalize: freeing it while Horovod runs is not safe
     x_all, y_all = data.train.tensors
@@ -102,7 +101,7 @@ def main(argv: list[str]) -> None:
     # cycle, even when idle): on these machines about a cycle, not the wire's microseconds. The median is what a
     # pipeline's messages meet.
     p2p = timed(lambda: ping_pong(hvd.rank(), hvd.size())) / 2
-    pipeline = pipeline_step(model, data, cfg.batch_size, timed)
+    pipeline = pipeline_step(model, data, cfg.batch_size, len(cfg.layers()[1]), timed)
     size = sum(g.numel() * g.element_size() for g in grads)
     # One real step of the training's optimizer through the DistributedOptimizer: the first optimizer a process
     # makes imports much of torch (tens of MiB), and the step allocates its state.

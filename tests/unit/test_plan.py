@@ -107,7 +107,8 @@ def test_busbw_comes_from_a_bench_allreduce_json(tmp_path):
     rows = [{"impl": "horovod_mpi", "bytes": b, "busbw_GBps": g} for b, g in ((MiB, 1.0), (64 * MiB, 3.0))]
     rows.append({"impl": "mpi4py", "bytes": MiB, "busbw_GBps": 9.0})
     path.write_text(json.dumps({"rows": rows}))
-    assert plan.bench_busbw(str(path), 2 * MiB) == 1e9 and plan.bench_busbw(str(path), 40 * MiB) == 3e9
+    rows = plan.bench_rows(str(path))
+    assert plan.bench_busbw(rows, 2 * MiB) == 1e9 and plan.bench_busbw(rows, 40 * MiB) == 3e9
 
 
 @pytest.mark.parametrize(
@@ -117,6 +118,7 @@ def test_busbw_comes_from_a_bench_allreduce_json(tmp_path):
         (["-np", "2", "--nodes", "2", "--ntasks-per-node", "1"], "-np excludes --nodes"),
         (["--nodes", "2", "--ntasks-per-node", "1", "--validate", "5"], "--validate runs the layouts on this machine"),
         (["-np", "2", "--bench-json", "missing.json"], "--bench-json: no such file 'missing.json'"),
+        (["-np", "2", "--bench-json", "."], "--bench-json: no such file '.'"),
         (["-np", "64"], "--batch-size 32 is more than a rank's share"),
         (["-np", "0"], "0 is not in the range x>=1"),
         (["--model", "resnet"], "'resnet' is not one of"),
@@ -136,3 +138,18 @@ def test_a_message_costs_what_the_probes_real_pipeline_left_over():
     assert plan.p2p_seconds(costs(), PROBE, 1.0) == PROBE.p2p_seconds  # no pipeline ran: the ping-pong
     pipe = by_label(plan.candidates(costs(), probe, 2, 2, 10**12, 32))["pipeline P=2 M=4 1f1b"]
     assert pipe.step_seconds == pytest.approx(5 * 0.010 / 8 + 8 * 0.002 + 0.002 / 2)
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ('{"rows": [{"impl": "mpi4py", "bytes": 4, "busbw_GBps": 1.0}]}', "holds no Horovod allreduce rows"),
+        ('{"meta": {}}', "not a `hvdtrain bench allreduce` result"),
+        ("not json", "not a `hvdtrain bench allreduce` result"),
+    ],
+)
+def test_a_bench_json_is_read_before_anything_starts(content, needle, no_processes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "allreduce.json").write_text(content)
+    assert_usage_error(CliRunner().invoke(cli, ["plan", "-np", "2", "--bench-json", "allreduce.json"]), needle)
+    assert no_processes == [] and [p.name for p in tmp_path.iterdir()] == ["allreduce.json"]
