@@ -59,25 +59,29 @@ class Timeline:
     start_us: float  # the timeline's clock zero, in microseconds since the epoch
 
 
-def repair_text(text: str) -> tuple[str, int]:
-    """A Chrome-trace JSON array cut short (Horovod's writer killed mid-event, or before it closed the array):
-    the longest prefix of whole events, closed again. Returns (valid JSON text, bytes dropped)."""
+def _parse(text: str) -> tuple[Any, str, int]:
+    """A Chrome-trace JSON array, cut short or not (Horovod's writer killed mid-event, or before it closed the
+    array): (its parsed longest prefix of whole events, that prefix's JSON text closed again, bytes dropped)."""
     try:
-        json.loads(text)
-        return text, 0
+        return json.loads(text), text, 0
     except json.JSONDecodeError:
         pass
     end = len(text)
     while True:
         end = text.rfind("}", 0, end)
         if end < 0:
-            return "[]", len(text)
+            return [], "[]", len(text)
         candidate = text[: end + 1].rstrip().rstrip(",") + "]"
         try:
-            json.loads(candidate)
-            return candidate, len(text) - (end + 1)
+            return json.loads(candidate), candidate, len(text) - (end + 1)
         except json.JSONDecodeError:
             continue  # a '}' inside the partial event (its args): look further back
+
+
+def repair_text(text: str) -> tuple[str, int]:
+    """The longest prefix of whole events of a trace cut short, closed again: (valid JSON text, bytes dropped)."""
+    _, fixed, dropped = _parse(text)
+    return fixed, dropped
 
 
 def read(path: Path) -> Timeline:
@@ -88,8 +92,8 @@ def read(path: Path) -> Timeline:
         raise UsageError(f"cannot read the timeline {path}: {e}; give a run directory or a timeline.json") from None
     if not text.lstrip().startswith("["):
         raise UsageError(f"{path} is not a Horovod timeline (a JSON array of trace events); give a timeline.json")
-    fixed, dropped = repair_text(text)
-    events = [e for e in json.loads(fixed) if isinstance(e, dict)]
+    parsed, _, dropped = _parse(text)  # parsed once: a whole run's trace is large
+    events = [e for e in parsed if isinstance(e, dict)]
     start = next(
         (e["args"]["start_time_since_epoch_in_micros"] for e in events
          if e.get("ph") == "M" and "start_time_since_epoch_in_micros" in e.get("args", {})),
