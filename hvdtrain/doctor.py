@@ -43,6 +43,8 @@ try:
         "tensor_operations": {"NCCL": hvd.nccl_built() != 0, "DDL": hvd.ddl_built(), "CCL": hvd.ccl_built(),
                               "MPI": hvd.mpi_built(), "Gloo": hvd.gloo_built()},
     }
+    import ctypes, horovod.torch.mpi_lib_v2 as lib
+    out["horovod_build"]["wake_on_wait"] = hasattr(ctypes.CDLL(lib.__file__), "_ZN7horovod6common15AnyBlockingWaitEv")
 except Exception as e:
     out["horovod_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 try:
@@ -238,6 +240,13 @@ def assess(report: dict) -> tuple[list[dict], list[dict]]:
     for controller, built in build.get("controllers", {}).items():
         if not built:
             problems.append({"what": f"Horovod was built without the {controller} controller", "fix": SETUP_FIX})
+    if build.get("wake_on_wait") is False:
+        notes.append(
+            {
+                "what": "Horovod is stock: a blocking collective waits out the 1 ms cycle, an idle rank spins in MPI",
+                "fix": f"for hvdtrain's patched build (docs/performance.md), {SETUP_FIX}",
+            }
+        )
     if not report["mpi4py"]:
         problems.append(
             {
@@ -333,6 +342,10 @@ def to_table(report: dict) -> str:
         ("  frameworks", _flags(build.get("frameworks", {})) or "-"),
         ("  controllers", _flags(build.get("controllers", {})) or "-"),
         ("  tensor ops", _flags(build.get("tensor_operations", {})) or "-"),
+        (
+            "  wake on wait",
+            {True: "yes (hvdtrain's patch)", False: "no (stock Horovod)"}.get(build.get("wake_on_wait"), "-"),
+        ),
         ("mpi4py", report["mpi4py"] or "MISSING"),
         ("MPI", _mpi_cell(report["mpi_status"])),
         ("Slurm", _slurm_cell(report["slurm_status"])),

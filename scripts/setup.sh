@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sets up hvdtrain on a Debian machine, idempotently: OpenMPI (and, with --slurm, Slurm + MUNGE) from
 # Debian packages, a virtualenv in .venv, torch, the Python dependencies, and Horovod 0.28.1 built from
-# its PyPI sdist with PyTorch + MPI + Gloo. The Horovod wheel is cached outside the repository, keyed by
-# the Horovod, torch and Python versions, so a second set-up on the same machine takes well under a minute.
+# its PyPI sdist with PyTorch + MPI + Gloo and hvdtrain's patch (scripts/patches: a blocking wait no longer
+# waits out Horovod's cycle, an idle rank no longer spins in MPI). The Horovod wheel is cached outside the
+# repository, keyed by the Horovod, torch and Python versions and the patch, so a second set-up on the same
+# machine takes well under a minute.
 # When nothing changed since the last good set-up (the stamp in the venv matches a hash of setup.py, this
 # script, the Horovod version, the torch spec and the venv's Python) and the quick checks pass, it skips
 # pip and the `horovodrun -cb` verification and prints one `ready` line, in a few seconds.
@@ -16,6 +18,7 @@ set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+horovod_patch=$repo/scripts/patches/horovod-$HOROVOD_VERSION-hvdtrain.patch
 venv=${HVDTRAIN_VENV:-$repo/.venv}
 cache=${HVDTRAIN_CACHE:-$HOME/.cache/hvdtrain}
 python=${PYTHON:-python3}
@@ -61,7 +64,7 @@ apt_install() {
   [ $rc -eq 0 ] || die "apt-get could not install ${missing[*]} (exit $rc)"
 }
 apt_changed=0
-apt_install openmpi-bin libopenmpi-dev cmake g++ make
+apt_install openmpi-bin libopenmpi-dev cmake g++ make patch
 # The cluster tier's simulated hosts are network namespaces with their own sshd and slurmd.
 [ $want_slurm -eq 1 ] && apt_install slurm-wlm munge openssh-server openssh-client iproute2
 
@@ -69,7 +72,8 @@ apt_install openmpi-bin libopenmpi-dev cmake g++ make
 py=$venv/bin/python
 stamp=$venv/.hvdtrain-setup-stamp
 
-# Prints torch's version when Horovod imports with PyTorch and was built with MPI and Gloo.
+# Prints torch's version when Horovod imports with PyTorch, was built with MPI and Gloo, and has hvdtrain's
+# patch in (its library exports AnyBlockingWait).
 horovod_ok() {
   "$py" - "$HOROVOD_VERSION" <<'PY' 2>/dev/null
 import sys, importlib.metadata as md
@@ -77,6 +81,8 @@ assert md.version("horovod") == sys.argv[1]
 import horovod.torch as hvd, horovod, json, os, torch
 meta = json.load(open(os.path.join(os.path.dirname(horovod.__file__), "metadata.json")))
 assert hvd.mpi_built() and hvd.gloo_built()
+import ctypes, horovod.torch.mpi_lib_v2 as lib
+assert hasattr(ctypes.CDLL(lib.__file__), "_ZN7horovod6common15AnyBlockingWaitEv")
 print(torch.__version__)
 PY
 }
@@ -104,6 +110,7 @@ setup_key() {
     echo "horovod=$HOROVOD_VERSION torch_spec=$torch_spec repo=$repo"
     echo "python=$(readlink -f "$py") $("$py" -c 'import sys; print(sys.version)')"
     sha256sum <"${BASH_SOURCE[0]}"
+    sha256sum <"$horovod_patch"
     if [ -f "$repo/setup.py" ]; then sha256sum <"$repo/setup.py"; else echo "no setup.py"; fi
   } | sha256sum | cut -d' ' -f1
 }
@@ -140,10 +147,12 @@ fi
 # --- Horovod, built from the sdist against this torch, cached ------------------------------------------
 torch_version=$("$py" -c 'import torch; print(torch.__version__)')
 py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-key="horovod-$HOROVOD_VERSION-torch${torch_version//+/_}-$py_tag"
+key="horovod-$HOROVOD_VERSION-torch${torch_version//+/_}-$py_tag-patch$(sha256sum <"$horovod_patch" | cut -c1-12)"
 wheel_dir=$cache/wheels/$key
 
-if ! horovod_ok >/dev/null; then
+# The key of the wheel installed in this venv: a Horovod built from another key (an older patch) is replaced.
+installed_key=$venv/.hvdtrain-horovod-wheel
+if ! horovod_ok >/dev/null || [ "$(cat "$installed_key" 2>/dev/null)" != "$key" ]; then
   if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $HOROVOD_VERSION against torch $torch_version (about 5 minutes on 2 cores)"
     build=$(mktemp -d)
@@ -157,6 +166,7 @@ if ! horovod_ok >/dev/null; then
       grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || die "unexpected Horovod sdist: no C++14 line in $f"
       sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$f"
     done
+    patch -s -p1 -d "$src" <"$horovod_patch" || die "hvdtrain's patch does not apply to the Horovod sdist: $horovod_patch"
     (
       cd "$src"
       export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
@@ -171,6 +181,7 @@ if ! horovod_ok >/dev/null; then
   fi
   say "installing Horovod from $wheel_dir"
   pip install --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+  echo "$key" >"$installed_key"
 fi
 
 # --- hvdtrain itself -----------------------------------------------------------------------------------

@@ -276,6 +276,18 @@ def test_horovod_without_mpi_controller_is_a_problem():
     assert "OK" not in table.splitlines()[-1]
 
 
+def test_stock_horovod_is_a_note_and_the_patched_build_is_shown():
+    stock = {"frameworks": {"PyTorch": True}, "controllers": {"MPI": True, "Gloo": True}, "wake_on_wait": False}
+    problems, notes = doctor.assess(make_report(horovod_build=stock))
+    assert problems == [] and any("Horovod is stock" in n["what"] and "scripts/setup.sh" in n["fix"] for n in notes)
+    table = doctor.to_table(make_report(horovod_build=stock))
+    assert "wake on wait  no (stock Horovod)" in table and table.splitlines()[-1].startswith("OK")
+    patched = {**stock, "wake_on_wait": True}
+    problems, notes = doctor.assess(make_report(horovod_build=patched))
+    assert problems == [] and not any("Horovod is stock" in n["what"] for n in notes)
+    assert "wake on wait  yes (hvdtrain's patch)" in doctor.to_table(make_report(horovod_build=patched))
+
+
 # --- collect() and the CLI, with a fake at the subprocess boundary ------------------------------------
 
 
