@@ -127,9 +127,12 @@ def distributed_optimizer(
     reduce_op: str = "average",
     process_set=None,
     named_parameters=None,
+    groups: int = 0,
 ) -> torch.optim.Optimizer:
     """Wrap `optimizer` so gradients are ring-allreduced (averaged, or Adasum) before each step, over every rank
-    or over `process_set`; `named_parameters` (default the model's) name the allreduces."""
+    or over `process_set`; `named_parameters` (default the model's) name the allreduces. `groups`: 0 reduces each
+    gradient as soon as it is ready; N >= 1, in N grouped allreduces of consecutive parameters (Horovod's groups),
+    each once its last gradient is ready (at most one group per parameter)."""
     comp = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}.get(compression)
     if comp is None:
         raise ConfigError(f"--compression: '{compression}' is not one of none, fp16")
@@ -143,6 +146,7 @@ def distributed_optimizer(
         backward_passes_per_step=backward_passes_per_step,
         op=op,
         process_set=process_set if process_set is not None else hvd.global_process_set,
+        groups=min(groups, sum(1 for p in model.parameters() if p.requires_grad)) or None,
     )
 
 

@@ -171,7 +171,9 @@ class Trainer:
         global_rank, world_size = horovod.world()
         # From here on each rank draws its own random numbers (dropout): seed + rank.
         seed_everything(cfg.seed + global_rank)
-        self.update = update_rule(cfg, world_size=world_size, rank=global_rank, stage=self.stage)
+        self.update = update_rule(
+            cfg, world_size=world_size, rank=global_rank, stage=self.stage, builtin_model=self._user_model is None
+        )
         self.lr = self.update.learning_rate()
         self.state = TrainState(model, self.update.make_optimizer(model, self.lr))
         self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed, replica=(self.rank, self.size))

@@ -121,11 +121,28 @@ class SyncUpdate(UpdateRule):
         cfg = self.cfg
         return horovod.scaled_lr(cfg.lr, cfg.scale_lr and cfg.reduce_op == "average", cfg.backward_passes_per_step)
 
+    def __init__(self, cfg: TrainConfig, builtin_model: bool = True):
+        super().__init__(cfg)
+        self.builtin_model = builtin_model
+
     def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         cfg = self.cfg
         return horovod.distributed_optimizer(
-            super().make_optimizer(model, lr), model, cfg.compression, cfg.backward_passes_per_step, cfg.reduce_op
-        )
+            super().make_optimizer(model, lr), model, cfg.compression, cfg.backward_passes_per_step, cfg.reduce_op,
+            groups=self.grad_groups(model),
+        )  # fmt: skip
+
+    def grad_groups(self, model: nn.Module) -> int:
+        """--grad-groups, or its default: one grouped allreduce per step for a built-in model on CPU ranks (their
+        cores all compute, so reducing while the backward runs overlaps nothing, and every gradient reduced on its
+        own costs Horovod's per-tensor work: docs/performance.md), averaged. Otherwise Horovod's own default, each
+        gradient as soon as it is ready: a user's model may leave a parameter without a gradient on some rank, where
+        a group would wait for it, and on GPUs reducing during the backward overlaps."""
+        cfg = self.cfg
+        if cfg.grad_groups is not None:
+            return cfg.grad_groups
+        cpu = all(p.device.type == "cpu" for p in model.parameters())
+        return 1 if self.builtin_model and cpu and cfg.reduce_op == "average" else 0
 
 
 class ShardedUpdate(SyncUpdate):
@@ -411,13 +428,15 @@ class PipelineUpdate(SyncUpdate):
         return None if gathered is None else gathered[0]
 
 
-def update_rule(cfg: TrainConfig, world_size: int = 1, rank: int = 0, stage=None) -> UpdateRule:
+def update_rule(
+    cfg: TrainConfig, world_size: int = 1, rank: int = 0, stage=None, builtin_model: bool = True
+) -> UpdateRule:
     """The rule for this configuration (an async job's also needs the job's world size and this rank; a pipeline's,
-    this rank's parallel.pipe.Stage)."""
+    this rank's parallel.pipe.Stage; the synchronous rule, whether the model is one of train.models)."""
     if stage is not None:
         return PipelineUpdate(cfg, stage)
     if cfg.update == "local-sgd":
         return LocalSGDUpdate(cfg)
     if cfg.update == "async":
         return AsyncUpdate(cfg, world_size, rank)
-    return ShardedUpdate(cfg) if cfg.shard_optimizer else SyncUpdate(cfg)
+    return ShardedUpdate(cfg) if cfg.shard_optimizer else SyncUpdate(cfg, builtin_model)

@@ -36,9 +36,11 @@ def params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def _distributed_run(hvd, model, per_rank, steps, lr, momentum, compression="none", passes=1):
+def _distributed_run(hvd, model, per_rank, steps, lr, momentum, compression="none", passes=1, groups=0):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    opt = horovod.distributed_optimizer(opt, model, compression=compression, backward_passes_per_step=passes)
+    opt = horovod.distributed_optimizer(
+        opt, model, compression=compression, backward_passes_per_step=passes, groups=groups
+    )
     horovod.broadcast_state(model, opt)
     for x, y in per_rank[:steps]:
         opt.zero_grad()
@@ -48,26 +50,30 @@ def _distributed_run(hvd, model, per_rank, steps, lr, momentum, compression="non
     return model
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_data_parallel_equals_single_process_on_concatenated_batch(hvd, momentum):
+@pytest.mark.parametrize("momentum,groups", [(0.0, 0), (0.9, 0), (0.9, 1), (0.9, 3), (0.9, 100)])
+def test_data_parallel_equals_single_process_on_concatenated_batch(hvd, momentum, groups):
+    """Each gradient reduced on its own (groups 0), in one grouped allreduce (1, the Trainer's default on CPU), in
+    3 groups, and with more groups than parameters (one per parameter)."""
     b, steps = 8, 3
     n = hvd.size()
     data = [global_batch(b * n, seed=s) for s in range(steps)]
     mine = [(x[hvd.rank() * b : (hvd.rank() + 1) * b], y[hvd.rank() * b : (hvd.rank() + 1) * b]) for x, y in data]
     # Rank 0's weights are broadcast: start the other ranks from different ones to prove it.
-    dist = _distributed_run(hvd, make_model(seed=hvd.rank()), mine, steps, 0.1, momentum)
+    dist = _distributed_run(hvd, make_model(seed=hvd.rank()), mine, steps, 0.1, momentum, groups=groups)
     ref = reference_steps(make_model(seed=0), data, 0.1, momentum, steps)
     assert torch.allclose(params(dist), params(ref), atol=1e-6, rtol=0)
 
 
-def test_gradient_accumulation_equals_the_larger_batch(hvd):
+@pytest.mark.parametrize("groups", [0, 1])
+def test_gradient_accumulation_equals_the_larger_batch(hvd, groups):
     b, passes = 8, 2
     n = hvd.size()
     x, y = global_batch(b * n)
     r = hvd.rank()
     dist = _distributed_run(
-        hvd, make_model(), [(x[r * b : (r + 1) * b], y[r * b : (r + 1) * b])], 1, 0.1, 0.0, passes=passes
-    )
+        hvd, make_model(), [(x[r * b : (r + 1) * b], y[r * b : (r + 1) * b])], 1, 0.1, 0.0, passes=passes,
+        groups=groups,
+    )  # fmt: skip
     ref = reference_steps(make_model(), [(x, y)], 0.1, 0.0, 1)
     assert torch.allclose(params(dist), params(ref), atol=1e-6, rtol=0)
 

@@ -99,6 +99,10 @@ CASES = [
     # update rules: their options, and what does not combine with them
     (["train", "--update", "local-sgd", "--average-every", "0"], "--average-every: 0 is too small (at least 1"),
     (["train", "--average-every", "4"], "--average-every: applies to --update local-sgd, not sync"),
+    (["train", "--grad-groups", "-1"], "--grad-groups: -1 is too small (at least 0"),
+    (["train", "--update", "local-sgd", "--grad-groups", "1"], "--grad-groups: applies to the synchronous allreduce"),
+    (["train", "--shard-optimizer", "--grad-groups", "1"], "--grad-groups: applies to the synchronous allreduce"),
+    (["train", "-np", "2", "--strategy", "pipeline", "--stages", "2", "--grad-groups", "2"], "--grad-groups: applies"),
     (["train", "--local-sgd-warmup", "10"], "--local-sgd-warmup: applies to --update local-sgd, not sync"),
     (["train", "--update", "local-sgd", "--local-sgd-warmup", "-1"], "--local-sgd-warmup: -1 is too small"),
     (["train", "--update", "local-sgd", "--shard-optimizer"], "--shard-optimizer: does not combine with --update"),

@@ -190,3 +190,16 @@ def test_the_preemption_handler_is_the_callers_after_fit(tmp_path):
         preempt.uninstall()
         preempt.reset()
     assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_grad_groups_default_one_group_for_built_in_models_on_cpu_else_horovods_own():
+    from hvdtrain.train.update import SyncUpdate, update_rule
+
+    model = models.mlp((1, 8, 8), 10, hidden=16)
+    cfg = TrainConfig(model="mlp").with_defaults()
+    assert update_rule(cfg).grad_groups(model) == 1  # built-in model, CPU, average
+    assert update_rule(cfg, builtin_model=False).grad_groups(model) == 0  # a user's model may skip a gradient
+    assert SyncUpdate(TrainConfig(reduce_op="adasum").with_defaults()).grad_groups(model) == 0
+    for n in (0, 3):
+        explicit = TrainConfig(grad_groups=n).with_defaults()
+        assert update_rule(explicit, builtin_model=False).grad_groups(model) == n
