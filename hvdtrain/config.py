@@ -47,6 +47,10 @@ TIMELINE_NOT_ELASTIC = (
     "--timeline cannot follow an elastic job: Horovod starts its timeline file afresh at every reset; drop "
     "--elastic, or --timeline and --timeline-steps"
 )
+GROUPS_NOT_ELASTIC = (
+    "--grad-groups cannot be elastic: Horovod's groups agree on their order once, when the optimizer is made, and "
+    "a worker that joins later would ask the others again; drop --elastic or --grad-groups"
+)
 # A hook reference: a dotted module path, a colon, a dotted attribute path.
 HOOK_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -99,7 +103,7 @@ class TrainConfig:
         "sync: Horovod reduces the gradients in this many groups of consecutive parameters per step, each once its "
         "last gradient is ready (DistributedOptimizer's groups); 0: each gradient on its own as soon as it is ready "
         "(Horovod's default). Default: 1 for the built-in models on CPU ranks (measured faster: docs/performance.md), "
-        "else 0. A group needs every one of its gradients on every rank",
+        "else 0 (and always 0 for an elastic job). A group needs every one of its gradients on every rank",
     )
     shard_optimizer: bool = _f(
         False,

@@ -19,6 +19,7 @@ from hvdtrain import hosts, launch, npz, preempt, runlock
 from hvdtrain.config import (
     ASYNC_NOT_ELASTIC,
     DIGITS_SAMPLES,
+    GROUPS_NOT_ELASTIC,
     PIPELINE_NOT_ELASTIC,
     SHARDED_NOT_ELASTIC,
     TIMELINE_NOT_ELASTIC,
@@ -196,6 +197,8 @@ def train(
         mpi_launch(launch_options, "--strategy pipeline", PIPELINE_NOT_ELASTIC)
     if cfg.records_timeline and launch_options.get("elastic"):
         raise ConfigError(TIMELINE_NOT_ELASTIC)
+    if cfg.grad_groups and launch_options.get("elastic"):
+        raise ConfigError(GROUPS_NOT_ELASTIC)
     spec = launch.make_spec(command, environ=environ, check_cmd=False, **launch_options)
     if cfg.strategy == "pipeline":
         from hvdtrain.parallel.grid import Grid

@@ -61,6 +61,7 @@ from torch import nn
 from hvdtrain import preempt
 from hvdtrain.config import (
     ASYNC_NOT_ELASTIC,
+    GROUPS_NOT_ELASTIC,
     PIPELINE_NOT_ELASTIC,
     SHARDED_NOT_ELASTIC,
     TIMELINE_NOT_ELASTIC,
@@ -152,6 +153,7 @@ class Trainer:
             (cfg.update == "async", ASYNC_NOT_ELASTIC),
             (cfg.strategy == "pipeline", PIPELINE_NOT_ELASTIC),
             (cfg.records_timeline, TIMELINE_NOT_ELASTIC),
+            (bool(cfg.grad_groups), GROUPS_NOT_ELASTIC),
         ]:
             if self.elastic and setting:
                 raise ConfigError(message)

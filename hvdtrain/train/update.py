@@ -137,12 +137,15 @@ class SyncUpdate(UpdateRule):
         cores all compute, so reducing while the backward runs overlaps nothing, and every gradient reduced on its
         own costs Horovod's per-tensor work: docs/performance.md), averaged. Otherwise Horovod's own default, each
         gradient as soon as it is ready: a user's model may leave a parameter without a gradient on some rank, where
-        a group would wait for it, and on GPUs reducing during the backward overlaps."""
+        a group would wait for it, and on GPUs reducing during the backward overlaps. Never in an elastic job: Horovod's
+        groups agree on their order when the optimizer is made, which a worker that joins later would redo alone."""
+        from hvdtrain.parallel import elastic
+
         cfg = self.cfg
         if cfg.grad_groups is not None:
             return cfg.grad_groups
         cpu = all(p.device.type == "cpu" for p in model.parameters())
-        return 1 if self.builtin_model and cpu and cfg.reduce_op == "average" else 0
+        return 1 if self.builtin_model and cpu and cfg.reduce_op == "average" and not elastic.enabled() else 0
 
 
 class ShardedUpdate(SyncUpdate):

@@ -116,6 +116,7 @@ CASES = [
     (["train", "--update", "async", "-np", "3", "--gloo"], "--update async needs MPI"),
     (["train", "--update", "async", "--strategy", "hybrid"], "--strategy: hybrid does not combine with --update"),
     (["train", "--update", "async", "-np", "2", "--elastic"], "--update async cannot be elastic"),
+    (["train", "-np", "2", "--elastic", "--grad-groups", "1"], "--grad-groups cannot be elastic"),
     # bench launch
     (["bench", "launch", "--arms", "mpirun,srun"], "--arms': unknown 'srun'; choose from mpirun"),
     (["bench", "launch", "--rounds", "0"], "--rounds 0: must be at least 1"),

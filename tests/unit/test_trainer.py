@@ -203,3 +203,11 @@ def test_grad_groups_default_one_group_for_built_in_models_on_cpu_else_horovods_
     for n in (0, 3):
         explicit = TrainConfig(grad_groups=n).with_defaults()
         assert update_rule(explicit, builtin_model=False).grad_groups(model) == n
+
+
+def test_grad_groups_default_is_per_gradient_in_an_elastic_job(monkeypatch):
+    from hvdtrain.train.update import update_rule
+
+    monkeypatch.setenv("HOROVOD_ELASTIC", "1")  # a worker of horovodrun's elastic driver
+    model = models.mlp((1, 8, 8), 10, hidden=16)
+    assert update_rule(TrainConfig(model="mlp").with_defaults()).grad_groups(model) == 0
