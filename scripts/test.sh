@@ -24,8 +24,12 @@ for tier in "${tiers[@]}"; do
       # exception, pytest-timeout ends a rank stuck in a collective, and `timeout` is the last backstop.
       # Then the sharded optimizer again with world sizes that do not divide its parameter count, and local SGD
       # with a mean of ranks that is not a half, parameter servers with 2 workers or 2 servers, and pipelines of
-      # 3 stages, of 2 stages x 2 replicas and of 4 stages.
-      mpi_pytest 2 900 tests/mpi --timeout=300 &&
+      # 3 stages, of 2 stages x 2 replicas and of 4 stages. The flat groups run in a session of their own:
+      # Horovod's groups (DistributedOptimizer(groups=...), stock or flat) hang when made after the hvd.join()
+      # of test_data_parallel's uneven test in the same process (docs/architecture.md, "One grouped allreduce").
+      mpi_pytest 2 900 tests/mpi --ignore=tests/mpi/test_flat_groups.py --timeout=300 &&
+        mpi_pytest 2 300 tests/mpi/test_flat_groups.py --timeout=120 &&
+        mpi_pytest 3 300 tests/mpi/test_flat_groups.py --timeout=120 &&
         mpi_pytest 3 300 tests/mpi/test_zero.py --timeout=120 &&
         mpi_pytest 4 300 tests/mpi/test_zero.py --timeout=120 &&
         mpi_pytest 3 300 tests/mpi/test_local_sgd.py tests/mpi/test_ps.py tests/mpi/test_pipe.py --timeout=120 &&

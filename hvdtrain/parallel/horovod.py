@@ -132,13 +132,16 @@ def distributed_optimizer(
     """Wrap `optimizer` so gradients are ring-allreduced (averaged, or Adasum) before each step, over every rank
     or over `process_set`; `named_parameters` (default the model's) name the allreduces. `groups`: 0 reduces each
     gradient as soon as it is ready; N >= 1, in N grouped allreduces of consecutive parameters (Horovod's groups),
-    each once its last gradient is ready (at most one group per parameter)."""
+    each once its last gradient is ready (at most one group per parameter). With hvdtrain's Horovod patch a group's
+    gradients live in one flat buffer (each .grad a view of it), reduced as one tensor in place (flat_groups)."""
     comp = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}.get(compression)
     if comp is None:
         raise ConfigError(f"--compression: '{compression}' is not one of none, fp16")
     op = {"average": hvd.Average, "adasum": hvd.Adasum}.get(reduce_op)
     if op is None:
         raise ConfigError(f"--reduce-op: '{reduce_op}' is not one of average, adasum")
+    groups = min(groups, sum(1 for p in model.parameters() if p.requires_grad))
+    flat = {"flat_groups": True} if groups and flat_groups_supported() else {}
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=named_parameters if named_parameters is not None else model.named_parameters(),
@@ -146,8 +149,17 @@ def distributed_optimizer(
         backward_passes_per_step=backward_passes_per_step,
         op=op,
         process_set=process_set if process_set is not None else hvd.global_process_set,
-        groups=min(groups, sum(1 for p in model.parameters() if p.requires_grad)) or None,
+        groups=groups or None,
+        **flat,
     )
+
+
+def flat_groups_supported() -> bool:
+    """Whether this Horovod's DistributedOptimizer takes flat_groups (hvdtrain's patch; a stock Horovod reduces
+    the groups through its fusion buffer)."""
+    import inspect
+
+    return "flat_groups" in inspect.signature(hvd.DistributedOptimizer).parameters
 
 
 def broadcast_state(
