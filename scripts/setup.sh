@@ -2,7 +2,8 @@
 # Sets up hvdtrain on a Debian machine, idempotently: OpenMPI (and, with --slurm, Slurm + MUNGE) from
 # Debian packages, a virtualenv in .venv, torch, the Python dependencies, and Horovod 0.28.1 built from
 # its PyPI sdist with PyTorch + MPI + Gloo and hvdtrain's patch (scripts/patches: a blocking wait no longer
-# waits out Horovod's cycle, an idle rank no longer spins in MPI). The Horovod wheel is cached outside the
+# waits out Horovod's cycle, an idle rank neither spins in MPI nor coordinates every cycle, a group of gradients
+# is reduced in place as one flat buffer). The Horovod wheel is cached outside the
 # repository, keyed by the Horovod, torch and Python versions and the patch, so a second set-up on the same
 # machine takes well under a minute.
 # When nothing changed since the last good set-up (the stamp in the venv matches a hash of setup.py, this
