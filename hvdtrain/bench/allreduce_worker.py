@@ -1,21 +1,25 @@
 """Runs on every rank: ``python -m hvdtrain.bench.allreduce_worker PLAN.json OUT.json``.
 
 PLAN (an AllreduceWorkerPlan, hvdtrain.bench.plans) gives the controller of this run ("mpi" or "gloo"), the
-message sizes, warm-up and iterations. Each
+message sizes, warm-up, iterations and repeats. Each
 implementation is timed on float32 tensors of every size: after a correctness check (ones summed over n
-ranks give n) and `warmup` untimed calls, `iterations_for(size)` back-to-back allreduces are timed after a
-barrier; a rank's time is the mean per call and the reported time is the slowest rank's.
+ranks give n) and `warmup` untimed calls, `repeats` blocks of `iterations_for(size)` back-to-back allreduces
+are timed, each after a barrier; a block's time is the slowest rank's mean per call, and a size's time the
+median block's (every block's time is kept: a hiccup of the machine spoils one block, not the size).
 
 The MPI run times memcpy, then mpi4py's Allreduce, and only then initialises Horovod (on the same
 MPI_COMM_WORLD); the Gloo run times torch.distributed's gloo all_reduce and only then initialises Horovod.
-The baselines run before Horovod starts because Horovod's background thread polls even when idle (the MPI
-controller spins a core), which would slow them on a small machine. Rank 0 writes OUT with raw times;
+The baselines run before Horovod starts because Horovod's background thread wakes even when idle (stock
+Horovod's MPI controller spins a core), which would slow them on a small machine. The MPI run then times
+mpi4py and Horovod (in place) once more at `paired_sizes`, in pairs of back-to-back blocks: a shared machine
+swings by several times over seconds, and a pair meets it in one state. Rank 0 writes OUT with raw times;
 bandwidths are computed by the launching side (hvdtrain.bench.allreduce).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,8 +48,9 @@ def _sweep(impl: str, plan: AllreduceWorkerPlan, make, check, barrier, slowest) 
         for _ in range(plan.warmup):
             op()
         n = iterations_for(size, plan.iters)
-        t = slowest(_time_calls(op, barrier, n))
-        rows.append({"impl": impl, "bytes": size, "elements": size // ELEMENT_BYTES, "iters": n, "time_s": t})
+        blocks = [slowest(_time_calls(op, barrier, n)) for _ in range(plan.repeats)]
+        row = {"impl": impl, "bytes": size, "elements": size // ELEMENT_BYTES, "iters": n}
+        rows.append({**row, "time_s": statistics.median(blocks), "block_times_s": blocks})
     return rows
 
 
@@ -92,7 +97,27 @@ def mpi_run(plan: AllreduceWorkerPlan) -> tuple[list[dict], dict]:
     rows += _sweep("mpi4py", plan, make_mpi, check, comm.Barrier, slowest)
     rows += horovod_rows(plan, "horovod_mpi", comm=comm)
     info = {"mpi_vendor": ".".join(map(str, MPI.get_vendor()[1])), "mpi_library": MPI.get_vendor()[0]}
-    return rows, info
+    return rows, {**info, "paired": paired_blocks(plan, comm, make_mpi, slowest)}
+
+
+def paired_blocks(plan: AllreduceWorkerPlan, comm, make_mpi, slowest) -> list[dict]:
+    """At each of plan.paired_sizes, with Horovod up: `repeats` pairs of blocks, mpi4py's Allreduce and Horovod's
+    in-place allreduce back to back (the order alternating), so that each pair meets the machine in one state."""
+    import horovod.torch as hvd
+
+    out = []
+    for size in plan.paired_sizes:
+        ops = {"mpi4py": make_mpi(size)[0], "horovod": horovod_in_place(hvd, size, f"bench.paired.{size}")[0]}
+        n = iterations_for(size, plan.iters)
+        for op in ops.values():
+            for _ in range(plan.warmup):
+                op()
+        times: dict[str, list[float]] = {"mpi4py": [], "horovod": []}
+        for k in range(plan.repeats):
+            for impl in ("mpi4py", "horovod") if k % 2 == 0 else ("horovod", "mpi4py"):
+                times[impl].append(slowest(_time_calls(ops[impl], comm.Barrier, n)))
+        out.append({"bytes": size, "iters": n, **{f"{impl}_block_times_s": t for impl, t in times.items()}})
+    return out
 
 
 def torch_gloo_rows(plan: AllreduceWorkerPlan) -> list[dict]:
@@ -118,6 +143,12 @@ def torch_gloo_rows(plan: AllreduceWorkerPlan) -> list[dict]:
         dist.destroy_process_group()
 
 
+def horovod_in_place(hvd, size: int, name: str):
+    """The path training takes (DistributedOptimizer's allreduce_async_ on the gradient itself): (op, buffer)."""
+    buf = torch.zeros(size // ELEMENT_BYTES)
+    return (lambda: hvd.allreduce_(buf, op=hvd.Sum, name=name)), buf
+
+
 def horovod_rows(plan: AllreduceWorkerPlan, impl: str, comm=None) -> list[dict]:
     import horovod.torch as hvd
 
@@ -126,10 +157,8 @@ def horovod_rows(plan: AllreduceWorkerPlan, impl: str, comm=None) -> list[dict]:
     def slowest(t):
         return hvd.allreduce(torch.tensor([t], dtype=torch.float64), op=hvd.Max, name="bench.slowest").item()
 
-    def in_place(size):  # the path training takes: DistributedOptimizer's allreduce_async_ on the gradient itself
-        buf = torch.zeros(size // ELEMENT_BYTES)
-        name = f"bench.allreduce.{size}"
-        return (lambda: hvd.allreduce_(buf, op=hvd.Sum, name=name)), buf
+    def in_place(size):
+        return horovod_in_place(hvd, size, f"bench.allreduce.{size}")
 
     def out_of_place(size):  # a new output tensor per call; the result checked is the call's, not buf
         buf = torch.zeros(size // ELEMENT_BYTES)
@@ -167,8 +196,9 @@ def main(argv: list[str]) -> int:
 
     if info.rank == 0:
         meta = {"np": info.size, "controller": plan.controller, "torch": torch.__version__}
+        paired = extra.pop("paired", [])
         meta.update(horovod=horovod.__version__, env=tuning_env(os.environ), **extra)
-        write_json(out, {"meta": meta, "rows": rows})
+        write_json(out, {"meta": meta, "rows": rows, "paired": paired})
     return 0
 
 

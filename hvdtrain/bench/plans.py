@@ -99,6 +99,8 @@ class AllreduceWorkerPlan(JsonPlan):
     sizes: list[int]  # message sizes in bytes (float32 tensors of size/4 elements)
     warmup: int  # untimed calls per size
     iters: int  # timed calls per size up to 16 MiB (fewer above, see report.iterations_for)
+    repeats: int = 1  # timed blocks of those calls per size; a size's time is the median block's
+    paired_sizes: list[int] = dataclasses.field(default_factory=list)  # MPI run: mpi4py and Horovod alternating
     store: str = ""  # torch.distributed's FileStore file (absolute path; the runner fills it in)
 
 
@@ -215,7 +217,13 @@ class AllreduceSettings:
     max_bytes: str = option("256MiB", "Largest message.")
     step_factor: int = option(2, "Multiply the size by this each step.", low=2)
     warmup: int = option(5, "Untimed calls per size.", tiny=1, low=0)
-    iters: int = option(20, "Timed calls per size up to 16 MiB, fewer above.", tiny=3, low=1)
+    iters: int = option(20, "Timed calls per block up to 16 MiB, fewer above.", tiny=3, low=1)
+    repeats: int = option(
+        5,
+        "Timed blocks of --iters calls per size; its time is the median block's, with the blocks' range.",
+        tiny=2,
+        low=1,
+    )
     tiny: bool = option(False, "A few small sizes and iterations: the smoke run of the test suite.")
 
 

@@ -46,6 +46,14 @@ def allreduce(result: dict) -> str:
         at = s.get("horovod_mpi_over_mpi4py_busbw_at") or {str(s["reference_bytes"]): None}
         where = " and ".join(report.format_bytes(int(k)) for k in at)
         out.append(f"target Horovod (MPI, in place) busbw >= {target} x mpi4py at {where}: {verdict}")
+        for k in at:
+            size, paired = report.format_bytes(int(k)), (s.get("paired_at") or {}).get(k)
+            if paired:
+                (lo, hi), sweep = paired["range"], (s.get("sweep_horovod_mpi_over_mpi4py_busbw_at") or {}).get(k)
+                line = f"  at {size}: {paired['median']:.3f}, median of {paired['pairs']} pairs of back-to-back blocks"
+                out.append(
+                    f"{line} ({lo:.2f}-{hi:.2f})" + (f"; the sweep above: {sweep:.3f}" if sweep is not None else "")
+                )
     return "\n".join(out)
 
 

@@ -125,7 +125,11 @@ def test_render_table_aligns_columns():
 # --- allreduce: from raw times to the report -------------------------------------------------------
 
 
-def fake_allreduce_parts(n=2, sizes=(4, 1024, MiB, 64 * MiB), bw=2.0, lat=1e-5, in_place=1.25):
+def fake_allreduce_parts(
+    n=2, sizes=(4, 1024, MiB, 64 * MiB), bw=2.0, lat=1e-5, in_place=1.25, paired=None, paired_sizes=(MiB, 64 * MiB)
+):
+    times = paired or ()
+
     def rows(impl, scale):
         return [
             {
@@ -141,6 +145,11 @@ def fake_allreduce_parts(n=2, sizes=(4, 1024, MiB, 64 * MiB), bw=2.0, lat=1e-5, 
     mpi = {
         "meta": {"np": n, "controller": "mpi"},
         "rows": rows("memcpy", 0.1) + rows("mpi4py", 1.0) + rows("horovod_mpi", in_place) + rows("horovod_mpi_oop", 2),
+        "paired": [
+            {"bytes": s, "iters": 3, "mpi4py_block_times_s": [1.0, 2.0, 1.0], "horovod_block_times_s": list(times)}
+            for s in sizes
+            if paired is not None and s in paired_sizes
+        ],
     }
     gloo = {"meta": {"np": n, "controller": "gloo"}, "rows": rows("torch_gloo", 1.0) + rows("horovod_gloo", 0.5)}
     return [mpi, gloo]
@@ -166,6 +175,27 @@ def test_collect_computes_bandwidths_and_ratios_from_times():
     text = tables.allreduce(result)
     assert "hvd-mpi us" in text and "hvd-mpi-oop us" in text and "NOT met" in text
     assert "x mpi4py at 1 MiB and 64 MiB: NOT met" in text
+
+
+def test_paired_blocks_decide_the_verdict_where_measured():
+    # Pairs of back-to-back blocks: mpi4py 1, 2, 1 s against Horovod's; ratios 1/1.25, 2/2.5, 1/0.9.
+    result = allreduce.collect(fake_allreduce_parts(in_place=1.25, paired=(1.25, 2.5, 0.9)))
+    s = result["summary"]
+    paired = s["paired_at"][str(MiB)]
+    assert paired["median"] == pytest.approx(0.8) and paired["pairs"] == 3
+    assert paired["range"] == [pytest.approx(0.8), pytest.approx(1 / 0.9)]
+    assert s["horovod_mpi_over_mpi4py_busbw_at"][str(MiB)] == pytest.approx(0.8) and s["target_met"] is False
+    assert s["sweep_horovod_mpi_over_mpi4py_busbw_at"][str(MiB)] == pytest.approx(0.8)
+    # The sweep says 0.8 (one implementation's blocks, then the other's); the pairs say 0.95: the pairs decide.
+    s = allreduce.collect(fake_allreduce_parts(in_place=1.25, paired=(1 / 0.95, 2 / 0.95, 1 / 0.95)))["summary"]
+    assert s["horovod_mpi_over_mpi4py_busbw_at"] == {str(MiB): pytest.approx(0.95), str(64 * MiB): pytest.approx(0.95)}
+    assert s["sweep_horovod_mpi_over_mpi4py_busbw_at"][str(64 * MiB)] == pytest.approx(0.8) and s["target_met"] is True
+    text = tables.allreduce({**allreduce.collect(fake_allreduce_parts(paired=(1.25, 2.5, 0.9))), "rows": []})
+    assert "at 1 MiB: 0.800, median of 3 pairs of back-to-back blocks (0.80-1.11); the sweep above: 0.800" in text
+    # No target size measured: the pairs at the reference size decide.
+    parts = fake_allreduce_parts(sizes=(4, 1024), paired=(1 / 0.95, 2 / 0.95, 1 / 0.95), paired_sizes=(1024,))
+    s = allreduce.collect(parts)["summary"]
+    assert s["horovod_mpi_over_mpi4py_busbw"] == pytest.approx(0.8) and s["target_met"] is True
 
 
 def test_reference_size():
@@ -357,6 +387,7 @@ def test_rates_from_stamps():
         (["--sizes", "4", "--min-bytes", "8"], "excludes"),
         (["--min-bytes", "1MiB", "--max-bytes", "4"], "larger than"),
         (["--iters", "0"], "--iters 0"),
+        (["--repeats", "0"], "--repeats 0"),
         (["--warmup", "-1"], "--warmup -1"),
         (["--step-factor", "1"], "--step-factor"),
         (["-np", "1"], "at least 2 ranks"),
