@@ -247,7 +247,12 @@ class TrainSettings:
     warmup: int = option(10, "Untimed warm-up batches.", tiny=2, low=0)
     iters: int = option(10, "Timed iterations per round.", tiny=3, low=1)
     batches_per_iter: int = option(10, "Batches per timed iteration.", tiny=2, low=1)
-    rounds: int = option(2, "Repeat every measurement, alternating arm order.", tiny=1, low=1)
+    rounds: int = option(
+        3,
+        "Rounds of every measurement, one after another (alternating arm order); ratios: median of rounds.",
+        tiny=1,
+        low=1,
+    )
     ablations: bool = option(True, "Also fusion off and fp16 compression.")
     micro_batches: str = option(
         "1,2,4,8",

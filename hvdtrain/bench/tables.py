@@ -57,6 +57,16 @@ def allreduce(result: dict) -> str:
     return "\n".join(out)
 
 
+def _with_rounds(line: dict, key: str) -> Optional[str]:
+    """A side-by-side ratio, pooled, then the median of its per-round ratios and their range when it has rounds."""
+    pooled, rounds = line.get(key), line.get(f"{key}_per_round") or []
+    if pooled is None:
+        return None
+    if not rounds or None in rounds:
+        return f"{pooled:.3f}"
+    return f"{pooled:.3f} [{line[f'{key}_median_round']:.2f}: {min(rounds):.2f}-{max(rounds):.2f}]"
+
+
 def _pm(mean: float, conf: float) -> str:
     return f"{mean:,.0f} +- {conf:,.0f}"
 
@@ -102,9 +112,10 @@ def train(result: dict) -> str:
                 ["model", "np", "trainer", "horovod", "mpi4py", "nocomm", "trainer/mpi4py", "horovod/mpi4py",
                  "trainer/nocomm", "horovod/nocomm", "mpi4py/nocomm"],
                 [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["mpi4py_total"], s["nocomm_total"],
-                  s["trainer_over_mpi4py"], s["horovod_over_mpi4py"], s["trainer_over_nocomm"],
-                  s["horovod_over_nocomm"], s["mpi4py_over_nocomm"]] for s in refs],
-                "against the references (total samples/s): mpi4py = one flat MPI Allreduce per step, what the "
+                  *(_with_rounds(s, k) for k in ("trainer_over_mpi4py", "horovod_over_mpi4py", "trainer_over_nocomm")),
+                  s["horovod_over_nocomm"], _with_rounds(s, "mpi4py_over_nocomm")] for s in refs],
+                "against the references (total samples/s; ratios: pooled, then [median of rounds: their range]; the "
+                "verdicts take the median of rounds): mpi4py = one flat MPI Allreduce per step, what the "
                 "communication allows; nocomm = the same processes not communicating, the hardware ceiling",
             ))  # fmt: skip
         for s in sbs:

@@ -57,13 +57,16 @@ def measurement_order(
     pipelines: Sequence[tuple[str, int]] = (),
     piped: Sequence[str] = (),
 ) -> list[plans.Measurement]:
-    """The "fusion" run's measurements: every ddp one first, then the mpi4py loop, the no-communication loop and
-    the pipeline arm's (schedule, M) `pipelines` on the `piped` models (all before Horovod starts), then per round
-    and model the Horovod loop and the Trainer(s); each group's order reversed every other round; then the fp16
-    loop."""
+    """The "fusion" run's measurements: every DDP one first, then round after round, so that the arms of a round
+    meet the machine in about one state (a shared machine's speed comes and goes over seconds): the mpi4py loop,
+    the no-communication loop and the pipeline arm's (schedule, M) `pipelines` on the `piped` models (these
+    references run with Horovod shut down: its background thread would take their cores), then the Horovod loop
+    and the Trainer(s) (Horovod initialised again); each group's order reversed every other round; the fp16 loop
+    last in its round."""
     measure = plans.Measurement
-    out = [measure("ddp", model, "none", r) for r in range(rounds) for model in models] if "ddp" in arms else []
     references = [a for a in plans.MPI_ARMS if a in arms]
+    pair = [a for a in ("horovod", "trainer", "sharded", "trainer_lean") if a in arms]
+    out = [measure("ddp", model, "none", r) for r in range(rounds) for model in models] if "ddp" in arms else []
     for r in range(rounds):
         for model in models:
             group: list[plans.Measurement] = []
@@ -73,8 +76,6 @@ def measurement_order(
                 elif model in piped:
                     group += [measure(arm, model, "none", r, schedule, m) for schedule, m in pipelines]
             out += group if r % 2 == 0 else group[::-1]
-    pair = [a for a in ("horovod", "trainer", "sharded", "trainer_lean") if a in arms]
-    for r in range(rounds):
         for model in models:
             out += [measure(arm, model, "none", r) for arm in (pair if r % 2 == 0 else pair[::-1])]
             if fp16 and "horovod" in arms:
@@ -241,6 +242,11 @@ def scaling_rows(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+# Arms that run in every round (DDP runs first, all its rounds: its ratios are the pooled means').
+PAIRED_RATIOS = (("trainer", "horovod"), ("trainer", "mpi4py"), ("trainer", "nocomm"), ("horovod", "mpi4py"),
+                 ("mpi4py", "nocomm"))  # fmt: skip
+
+
 def side_by_side(rows: Sequence[dict]) -> list[dict]:
     """Trainer, minimal Horovod loop, DDP, the sharded-optimizer loop and the two references (the minimal mpi4py
     loop: what the communication allows; no communication: the hardware ceiling) at the same np and model: totals
@@ -264,14 +270,17 @@ def side_by_side(rows: Sequence[dict]) -> list[dict]:
         for c in ("horovod", "sharded"):
             line[f"{c}_state_bytes"] = got[c].get("optimizer_state_bytes") if got[c] else None
         line["state_sharded_over_horovod"] = report.ratio(line["sharded_state_bytes"], line["horovod_state_bytes"])
-        # The Trainer and the loop alternate within each round: the median of per-round ratios resists
+        # Every arm runs once per round, the rounds one after another: the median of per-round ratios resists
         # load that comes and goes on a shared machine better than the ratio of the pooled means.
-        if got["trainer"] and got["horovod"]:
-            paired = [report.ratio(a, b) for a, b in zip(got["trainer"]["round_means"], got["horovod"]["round_means"])]
-            line["trainer_over_horovod_per_round"] = paired
-            line["trainer_over_horovod_median_round"] = statistics.median(paired) if paired else None
+        for a, b in PAIRED_RATIOS:
+            if got[a] and got[b]:
+                paired = [report.ratio(x, y) for x, y in zip(got[a]["round_means"], got[b]["round_means"])]
+                line[f"{a}_over_{b}_per_round"] = paired
+                line[f"{a}_over_{b}_median_round"] = statistics.median(paired) if paired else None
+        # The verdicts: the median of rounds where there are rounds to pair, else the pooled ratio.
         for key, target in plans.TRAIN_TARGETS.items():
-            line[f"{key}_target_met"] = None if line[key] is None else line[key] >= target
+            value = line.get(f"{key}_median_round", line[key])
+            line[f"{key}_target_met"] = None if value is None else value >= target
         out.append(line)
     return out
 

@@ -6,18 +6,18 @@ batch_size x batches_per_iter / seconds samples/s on this rank. PLAN (a TrainWor
 lists measurements in order, each an arm (how the step is driven), a model shape and a gradient compression:
 
   ddp      torch DistributedDataParallel over a gloo process group (baseline; runs before Horovod starts,
-           because Horovod's background thread polls even when idle and would slow it)
+           because Horovod's background thread wakes even when idle and would slow it)
   mpi4py   the minimal synchronous data-parallel loop on MPI itself: the gradients live in one flat buffer,
            one in-place Allreduce (sum) of it per step, divided by n, then the step: what the communication allows
            (the "ceiling" of any data-parallel loop on this MPI)
   nocomm   the same loop with a plain optimizer and no communication on every rank at once: N independent
-           processes, the hardware ceiling at this np (ddp, mpi4py and nocomm run before Horovod starts)
+           processes, the hardware ceiling at this np (ddp, mpi4py and nocomm run with Horovod shut down)
   horovod  a minimal hand-written Horovod loop: DistributedOptimizer, broadcast, forward/backward/step
   sharded  the same loop with hvdtrain.parallel.zero.ShardedOptimizer (ZeRO-1: gradients reduce-scattered,
            parameters all-gathered, 1/np of the momentum per rank) instead of the DistributedOptimizer
   pipeline the model cut into P = np stages, one per rank (hvdtrain.parallel.pipe: activations and gradients as
            mpi4py messages), M micro-batches per batch in the GPipe or 1F1B schedule, plain SGD per stage: one
-           replica, so every rank steps the same --pipeline-batch samples (no collective: it runs before Horovod);
+           replica, so every rank steps the same --pipeline-batch samples (no collective: it runs without Horovod);
            also each stage's peak activation bytes (what autograd saved) and micro-batches in flight
   trainer  hvdtrain's Trainer.fit(), timed per step by a hook (StepStamps)
   trainer_lean  (diagnostic, not run by default) the Trainer without a preemption signal handler and with
@@ -28,7 +28,9 @@ lists measurements in order, each an arm (how the step is driven), a model shape
 Every arm trains the same model (hvdtrain.train.models.build with the same seed) on the same synthetic
 dataset, with the same batch, SGD (momentum 0.9, lr scaled by the number of ranks), the same sampler order
 (DistributedSampler, seed 0) and the same way of taking a batch (indexing the dataset's tensors), so the
-arms differ only in how the step is driven. Rank 0 writes every rank's per-iteration rates to OUT.
+arms differ only in how the step is driven. The plan goes round by round (hvdtrain.bench.throughput's
+measurement_order), DDP first: an MPI reference arm after a Horovod arm shuts Horovod down (hvd.shutdown),
+the next Horovod arm initialises it again. Rank 0 writes every rank's per-iteration rates to OUT.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hvdtrain.bench.plans import BASELINE_ARMS, Measurement, ModelShape, Timing, TrainWorkerPlan
+from hvdtrain.bench.plans import BASELINE_ARMS, MPI_ARMS, Measurement, ModelShape, Timing, TrainWorkerPlan
 from hvdtrain.bench.report import tuning_env, write_json
 from hvdtrain.env import rank_info
 from hvdtrain.train import datasets, models
@@ -307,7 +309,14 @@ def main(argv: list[str]) -> int:
     ddp_group = False
     for m in plan.measurements:
         if m.arm in BASELINE_ARMS and hvd_started:
-            raise RuntimeError(f"the plan puts a {m.arm} measurement after Horovod started; the baselines come first")
+            if m.arm not in MPI_ARMS or "mpi4py.MPI" not in sys.modules:
+                raise RuntimeError(f"the plan puts a {m.arm} measurement after Horovod started on its own MPI")
+            import horovod.torch as hvd
+
+            # The references run without Horovod's background thread; the next Horovod arm starts it again (on
+            # the MPI that mpi4py started, which Horovod's shutdown leaves running).
+            hvd.shutdown()
+            hvd_started = False
         if m.arm == "ddp":
             if not ddp_group:
                 import torch.distributed as dist

@@ -237,11 +237,11 @@ def test_measurement_order_puts_ddp_first_and_alternates():
     ]
     assert round0 == [("horovod", "none"), ("trainer", "none"), ("horovod", "fp16")]
     assert round1 == [("trainer", "none"), ("horovod", "none"), ("horovod", "fp16")]
-    # The references run after ddp and before every Horovod arm (Horovod's background thread would slow them),
-    # alternating their order every round.
+    # After ddp, round by round: the references (Horovod shut down; its background thread would slow them), then
+    # the Horovod arms, each group's order alternating every round.
     arms = [(m.arm, m.round) for m in throughput.measurement_order(["a"], plans.DEFAULT_ARMS, rounds=2, fp16=False)]
-    assert arms[:6] == [("ddp", 0), ("ddp", 1), ("mpi4py", 0), ("nocomm", 0), ("nocomm", 1), ("mpi4py", 1)]
-    assert not {a for a, _ in arms[6:]} & set(plans.BASELINE_ARMS)
+    assert arms == [("ddp", 0), ("ddp", 1), ("mpi4py", 0), ("nocomm", 0), ("horovod", 0), ("trainer", 0),
+                    ("sharded", 0), ("nocomm", 1), ("mpi4py", 1), ("sharded", 1), ("trainer", 1), ("horovod", 1)]  # fmt: skip
 
 
 def test_pipeline_arms_run_with_the_references_on_the_models_that_split():
@@ -250,8 +250,9 @@ def test_pipeline_arms_run_with_the_references_on_the_models_that_split():
                                          piped=["a"])  # fmt: skip
     piped = [(m.model, m.schedule, m.micro, m.round) for m in order if m.arm == "pipeline"]
     assert piped == [("a", "1f1b", 1, 0), ("a", "gpipe", 4, 0), ("a", "gpipe", 4, 1), ("a", "1f1b", 1, 1)]
-    first_horovod = next(i for i, m in enumerate(order) if m.arm not in plans.BASELINE_ARMS)
-    assert all(i < first_horovod for i, m in enumerate(order) if m.arm == "pipeline")
+    for r in (0, 1):  # in each round with the references, before that round's Horovod arms
+        first_horovod = next(i for i, m in enumerate(order) if m.arm not in plans.BASELINE_ARMS and m.round == r)
+        assert all(i < first_horovod for i, m in enumerate(order) if m.arm == "pipeline" and m.round == r)
     assert [m.label for m in order if m.arm == "pipeline"][0] == "pipeline/a/1f1b/m1"
     shapes = plans.MODEL_SHAPES
     assert throughput.pipeline_fits(shapes["deep_mlp"], 4) and not throughput.pipeline_fits(shapes["wide_mlp"], 4)
@@ -361,6 +362,29 @@ def test_paired_ratio_per_round():
     assert line["trainer_over_horovod_per_round"] == pytest.approx([0.99, 1.25, 0.9])
     assert line["trainer_over_horovod_median_round"] == pytest.approx(0.99)
     assert line["trainer_over_horovod"] == pytest.approx((99 + 50 + 90) / (100 + 40 + 100))
+
+
+def test_reference_verdicts_take_the_median_of_rounds():
+    def m(arm, r, rate):
+        return {"arm": arm, "model": "m", "compression": "none", "round": r, "rank_rates": [[rate], [rate]]}
+
+    # Round 1 caught the machine in a slow spell during the references: pooled 0.75, the rounds 0.95, 2.0, 0.92.
+    rates = {"mpi4py": (100, 30, 100), "trainer": (95, 60, 92), "nocomm": (110, 40, 110), "horovod": (90, 50, 90)}
+    part = {"meta": {"np": 2, "threads_per_rank": 1},
+            "measurements": [m(arm, r, v[r]) for r in range(3) for arm, v in rates.items()]}  # fmt: skip
+    (line,) = throughput.side_by_side(throughput.throughput_rows([(True, part)]))
+    assert line["trainer_over_mpi4py"] == pytest.approx(247 / 230)
+    assert line["trainer_over_mpi4py_per_round"] == pytest.approx([0.95, 2.0, 0.92])
+    assert line["trainer_over_mpi4py_median_round"] == pytest.approx(0.95) and line["trainer_over_mpi4py_target_met"]
+    assert line["trainer_over_nocomm_median_round"] == pytest.approx(95 / 110)
+    assert line["trainer_over_nocomm_target_met"] and line["mpi4py_over_nocomm_median_round"] == pytest.approx(10 / 11)
+    assert "trainer_over_ddp_per_round" not in line  # DDP runs all its rounds first: not paired
+    rates["trainer"] = (85, 60, 80)
+    part["measurements"] = [m(arm, r, v[r]) for r in range(3) for arm, v in rates.items()]
+    (line,) = throughput.side_by_side(throughput.throughput_rows([(True, part)]))
+    assert line["trainer_over_mpi4py"] > 0.9 and line["trainer_over_mpi4py_median_round"] == pytest.approx(0.85)
+    assert line["trainer_over_mpi4py_target_met"] is False  # the median of rounds decides, not the pooled ratio
+    assert tables._with_rounds(line, "trainer_over_mpi4py") == f"{(85 + 60 + 80) / 230:.3f} [0.85: 0.80-2.00]"
 
 
 def test_train_plot_writes_png(tmp_path):
