@@ -83,7 +83,7 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
         )
         paired = ([s for s in TARGET_SIZES if s in sizes] or [reference_size(sizes)]) if controller == "mpi" else []
         worker_plan = plans.AllreduceWorkerPlan(
-            controller, sizes, settings.warmup, settings.iters, settings.repeats, paired_sizes=paired
+            controller, sizes, settings.warmup, settings.iters, settings.repeats, paired, settings.pairs
         )
         jobs.append(runner.Job(controller, spec, worker_plan, about=f"{controller} controller on {spec.np} ranks"))
     return AllreducePlan(settings=settings, sizes=sizes, out=out, jobs=jobs)
@@ -187,6 +187,7 @@ def collect(parts: Sequence[dict], plan: Optional[AllreducePlan] = None) -> dict
             warmup=plan.settings.warmup,
             iters=plan.settings.iters,
             repeats=plan.settings.repeats,
+            pairs=plan.settings.pairs,
             tiny=plan.settings.tiny,
         )
         meta["commands"] = [shlex.join(launch.wrapped_command(job.spec, "LOGDIR")) for job in plan.jobs]

@@ -101,6 +101,7 @@ class AllreduceWorkerPlan(JsonPlan):
     iters: int  # timed calls per size up to 16 MiB (fewer above, see report.iterations_for)
     repeats: int = 1  # timed blocks of those calls per size; a size's time is the median block's
     paired_sizes: list[int] = dataclasses.field(default_factory=list)  # MPI run: mpi4py and Horovod alternating
+    pairs: int = 1  # pairs of back-to-back blocks at each of paired_sizes
     store: str = ""  # torch.distributed's FileStore file (absolute path; the runner fills it in)
 
 
@@ -224,6 +225,10 @@ class AllreduceSettings:
         tiny=2,
         low=1,
     )
+    pairs: int = option(
+        15, "Pairs of back-to-back mpi4py/Horovod blocks at 1 MiB and 64 MiB (their median decides the target).",
+        tiny=2, low=1,
+    )  # fmt: skip
     tiny: bool = option(False, "A few small sizes and iterations: the smoke run of the test suite.")
 
 

@@ -33,7 +33,7 @@ def test_bench_allreduce_tiny(hvdtrain, tmp_path):
     assert summary["horovod_mpi_over_mpi4py_busbw"] == pytest.approx(busbw("horovod_mpi") / busbw("mpi4py"))
     assert summary["horovod_gloo_over_torch_gloo_busbw"] == pytest.approx(busbw("horovod_gloo") / busbw("torch_gloo"))
     # Pairs of back-to-back blocks (mpi4py, Horovod in place) at the reference size decide the verdict.
-    assert meta["repeats"] == 2 and all(len(r["block_times_s"]) == 2 for r in rows)
+    assert meta["repeats"] == 2 and meta["pairs"] == 2 and all(len(r["block_times_s"]) == 2 for r in rows)
     assert all(r["time_s"] == pytest.approx(statistics.median(r["block_times_s"])) for r in rows)
     paired = summary["paired_at"][str(summary["reference_bytes"])]
     assert paired["pairs"] == 2 and paired["range"][0] <= paired["median"] <= paired["range"][1]

@@ -412,6 +412,7 @@ def test_rates_from_stamps():
         (["--min-bytes", "1MiB", "--max-bytes", "4"], "larger than"),
         (["--iters", "0"], "--iters 0"),
         (["--repeats", "0"], "--repeats 0"),
+        (["--pairs", "0"], "--pairs 0"),
         (["--warmup", "-1"], "--warmup -1"),
         (["--step-factor", "1"], "--step-factor"),
         (["-np", "1"], "at least 2 ranks"),
