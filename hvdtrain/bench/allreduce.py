@@ -168,15 +168,15 @@ def collect(parts: Sequence[dict], plan: Optional[AllreducePlan] = None) -> dict
         "target_horovod_mpi_over_mpi4py": TARGET,
     }
     at_sizes = {str(size): report.ratio(at("horovod_mpi", size), at("mpi4py", size)) for size in TARGET_SIZES}
-    summary["horovod_mpi_over_mpi4py_busbw_at"] = {k: v for k, v in at_sizes.items() if v is not None}
+    sweep = {k: v for k, v in at_sizes.items() if v is not None}
     summary["horovod_mpi_oop_over_mpi4py_busbw"] = report.ratio(at("horovod_mpi_oop", ref), at("mpi4py", ref))
-    summary["paired_at"] = paired_ratios([pair for part in parts for pair in part.get("paired", [])])
+    paired = summary["paired_at"] = paired_ratios([pair for part in parts for pair in part.get("paired", [])])
     # The verdict: the paired blocks where measured (same conditions for both), else the sweep.
-    summary["sweep_horovod_mpi_over_mpi4py_busbw_at"] = dict(summary["horovod_mpi_over_mpi4py_busbw_at"])
-    for size, paired in summary["paired_at"].items():
-        if size in summary["horovod_mpi_over_mpi4py_busbw_at"]:
-            summary["horovod_mpi_over_mpi4py_busbw_at"][size] = paired["median"]
-    at_reference = summary["paired_at"].get(str(ref), {}).get("median", summary["horovod_mpi_over_mpi4py_busbw"])
+    summary["sweep_horovod_mpi_over_mpi4py_busbw_at"] = sweep
+    summary["horovod_mpi_over_mpi4py_busbw_at"] = {
+        k: paired[k]["median"] if k in paired else v for k, v in sweep.items()
+    }
+    at_reference = paired.get(str(ref), {}).get("median", summary["horovod_mpi_over_mpi4py_busbw"])
     checked = list(summary["horovod_mpi_over_mpi4py_busbw_at"].values()) or [at_reference]
     summary["target_met"] = None if None in checked else all(v >= TARGET for v in checked)
     models = {impl: fit_ring_model([r for r in rows if r["impl"] == impl], n) for impl in plans.IMPLS}

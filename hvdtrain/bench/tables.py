@@ -112,8 +112,8 @@ def train(result: dict) -> str:
                 ["model", "np", "trainer", "horovod", "mpi4py", "nocomm", "trainer/mpi4py", "horovod/mpi4py",
                  "trainer/nocomm", "horovod/nocomm", "mpi4py/nocomm"],
                 [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["mpi4py_total"], s["nocomm_total"],
-                  *(_with_rounds(s, k) for k in ("trainer_over_mpi4py", "horovod_over_mpi4py", "trainer_over_nocomm")),
-                  s["horovod_over_nocomm"], _with_rounds(s, "mpi4py_over_nocomm")] for s in refs],
+                  *(_with_rounds(s, k) for k in ("trainer_over_mpi4py", "horovod_over_mpi4py", "trainer_over_nocomm",
+                                                 "horovod_over_nocomm", "mpi4py_over_nocomm"))] for s in refs],
                 "against the references (total samples/s; ratios: pooled, then [median of rounds: their range]; the "
                 "verdicts take the median of rounds): mpi4py = one flat MPI Allreduce per step, what the "
                 "communication allows; nocomm = the same processes not communicating, the hardware ceiling",

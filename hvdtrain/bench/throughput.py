@@ -244,7 +244,7 @@ def scaling_rows(rows: Sequence[dict]) -> list[dict]:
 
 # Arms that run in every round (DDP runs first, all its rounds: its ratios are the pooled means').
 PAIRED_RATIOS = (("trainer", "horovod"), ("trainer", "mpi4py"), ("trainer", "nocomm"), ("horovod", "mpi4py"),
-                 ("mpi4py", "nocomm"))  # fmt: skip
+                 ("horovod", "nocomm"), ("mpi4py", "nocomm"))  # fmt: skip
 
 
 def side_by_side(rows: Sequence[dict]) -> list[dict]:
