@@ -13,181 +13,19 @@ from pathlib import Path
 import click
 
 from hvdtrain import __version__
-from hvdtrain.errors import HvdtrainError
-from hvdtrain.launch import DEFAULT_STALL_TIMEOUT, LAUNCHERS, SSH_CONFIG_ENV, UNKNOWN_LAUNCHER
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-PASSTHROUGH = {**CONTEXT, "ignore_unknown_options": True, "allow_interspersed_args": False}
-
-
-def launch_options(f):
-    """The options of every command that starts ranks (run, train, bench), defined once."""
-    options = [
-        click.option(
-            "-np", "--num-proc", "np", type=int, help="Number of ranks [default: all slots, or SLURM_NTASKS]."
-        ),
-        click.option("-H", "--hosts", help="Hosts and slots, e.g. node1:4,node2:4 [default: localhost:NP]."),
-        click.option("--hostfile", help="File of 'host slots=N' lines ('#' comments allowed)."),
-        click.option("--gloo", is_flag=True, help="Use Horovod's Gloo controller (horovodrun only)."),
-        click.option("--mpi", is_flag=True, help="Use Horovod's MPI controller."),
-        click.option(
-            "--launcher",
-            type=OneOf(LAUNCHERS, UNKNOWN_LAUNCHER),
-            help="[default: srun inside a Slurm allocation; horovodrun for --gloo, --elastic or other hosts; else mpirun].",
-        ),
-        click.option(
-            "--env",
-            "env",
-            multiple=True,
-            metavar="NAME[=VALUE]",
-            help="Forward NAME (or set it) on every rank; repeatable.",
-        ),
-        click.option(
-            "--output-dir", help="Directory for per-rank logs rank.R.log [default: temporary, kept on failure]."
-        ),
-        click.option(
-            "--threads-per-rank",
-            type=int,
-            help="OMP_NUM_THREADS of every rank [default: on each host, its cores / the ranks on that host].",
-        ),
-        click.option(
-            "--network-interface",
-            metavar="IFACE[,IFACE]",
-            help="Network interface(s) the ranks talk over, e.g. eth0 (Gloo and Open MPI); every host must have it "
-            "[default: the launcher's choice].",
-        ),
-        click.option(
-            "--ssh-config",
-            metavar="FILE",
-            help=f"ssh client config for every ssh of the job (ssh -F FILE) [default: ${SSH_CONFIG_ENV}, else your "
-            "own ssh config].",
-        ),
-        click.option(
-            "--stall-timeout",
-            type=int,
-            metavar="SECONDS",
-            help="End the job when a rank has kept the others waiting at a collective this long (Horovod's stall "
-            f"shutdown); 0: wait forever [default: {DEFAULT_STALL_TIMEOUT}].",
-        ),
-        click.option("--dry-run", is_flag=True, help="Print the exact command and environment additions; run nothing."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def elastic_options(f):
-    """The options of an elastic job (run, train), horovodrun's names; checked by launch.make_spec."""
-    options = [
-        click.option(
-            "--elastic",
-            is_flag=True,
-            help="Elastic training: workers come and go between --min-np and --max-np as hosts join, leave or fail "
-            "(horovodrun, Gloo controller); needs --hosts-file or --host-discovery-script, and --network-interface "
-            "unless the hosts file lists only this machine.",
-        ),
-        click.option(
-            "--min-np",
-            type=int,
-            metavar="N",
-            help="Elastic: the fewest ranks to train with; with fewer slots the job waits --elastic-timeout for "
-            "hosts [default: -np, else 1].",
-        ),
-        click.option("--max-np", type=int, metavar="N", help="Elastic: the most ranks [default: no limit]."),
-        click.option(
-            "--hosts-file",
-            metavar="FILE",
-            help="Elastic: the available hosts, one 'host:slots', 'host slots=N' or 'host' a line ('#' comments); "
-            "re-read every second while the job runs: edit it to add or remove hosts.",
-        ),
-        click.option(
-            "--host-discovery-script",
-            metavar="FILE",
-            help="Elastic: an executable that prints the available hosts, one 'host[:slots]' a line; run every second.",
-        ),
-        click.option(
-            "--slots-per-host",
-            type=int,
-            metavar="N",
-            help="Elastic: slots of a host listed without a count [default: 1].",
-        ),
-        click.option(
-            "--elastic-timeout",
-            type=int,
-            metavar="SECONDS",
-            help="Elastic: how long to wait for enough slots (-np at the start, --min-np after a reset) before "
-            "failing; also, plus Gloo's timeout, how long a worker may keep the others waiting at a reset before it "
-            "is ended (frozen) [default: 600].",
-        ),
-        click.option(
-            "--reset-limit",
-            type=int,
-            metavar="N",
-            help="Elastic: end the job after N resets (one follows every failed worker and every change of hosts) "
-            "[default: no limit].",
-        ),
-        click.option(
-            "--blacklist-cooldown-range",
-            type=(int, int),
-            metavar="MIN MAX",
-            help="Elastic: a failed host may come back after a cooldown growing from MIN to MAX seconds [default: "
-            "never].",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def handle_errors(f):
-    """Turn hvdtrain's errors into one line on stderr and the error's exit status (2 for bad input)."""
-
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        try:
-            return f(*args, **kwargs)
-        except HvdtrainError as e:
-            click.echo(f"hvdtrain: error: {e}", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
-
-
-class OneLineErrors(click.Group):
-    """Click's usage errors as one line (`hvdtrain: error: ...`) with exit status 2, like our own errors."""
-
-    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args, prog_name, standalone_mode=False, **extra)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
-        except click.ClickException as e:
-            where = e.ctx.command_path if getattr(e, "ctx", None) else "hvdtrain"
-            click.echo(f"hvdtrain: error: {e.format_message()} (see '{where} --help')", err=True)
-            sys.exit(e.exit_code)
-        except HvdtrainError as e:  # raised while parsing, e.g. by OneOf
-            click.echo(f"hvdtrain: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-class OneOf(click.Choice):
-    """click.Choice (the values listed in --help, built from a tuple of valid values) whose error is one line
-    in the words of the validation behind it, e.g. `--strategy: 'x' is not one of data, model, hybrid`."""
-
-    def __init__(self, choices, message: str = "'{value}' is not one of {choices}"):
-        super().__init__(choices)
-        self.message = message
-
-    def convert(self, value, param, ctx):
-        if value in self.choices:
-            return value
-        from hvdtrain.errors import UsageError
-
-        raise UsageError(f"{param.opts[0]}: " + self.message.format(value=value, choices=", ".join(self.choices)))
+from hvdtrain.clickopts import (
+    CONTEXT,
+    PASSTHROUGH,
+    OneLineErrors,
+    bench_options,
+    config_file,
+    dataclass_options_subset,
+    elastic_options,
+    handle_errors,
+    launch_options,
+    slurm_options,
+    train_options,
+)
 
 
 @click.group(cls=OneLineErrors, context_settings=CONTEXT)
@@ -211,7 +49,7 @@ def cli():
 )  # fmt: skip
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
-def run(command, dry_run, timeline, autotune, **launch_options):
+def run(command, dry_run, timeline, autotune, **options):
     """Launch COMMAND on N ranks: hvdtrain run -np 2 -- python train.py --lr 0.1
 
     Everything after -- is passed through untouched. Per-rank logs go to --output-dir; when a rank fails,
@@ -221,122 +59,27 @@ def run(command, dry_run, timeline, autotune, **launch_options):
     Elastic (the script uses hvd.elastic.run):
       hvdtrain run --elastic --min-np 2 --max-np 8 --hosts-file hosts --network-interface eth0 -- python my.py
     """
-    from hvdtrain import hosts, jobs, launch
+    from hvdtrain import jobs
+    from hvdtrain.launching import preflight, supervise
+    from hvdtrain.launching.options import ElasticOptions, LaunchOptions, split
+    from hvdtrain.launching.spec import make_spec
     from hvdtrain.rundir import RunDir
 
-    launch_options = jobs.run_recordings(launch_options, timeline, autotune)
-    spec = launch.make_spec(command, **launch_options)
+    launch, elastic, _ = split(options, LaunchOptions, ElasticOptions)
+    launch = jobs.run_recordings(launch, elastic, timeline, autotune)
+    spec = make_spec(command, launch, elastic)
     for warning in spec.warnings:
         click.echo(f"hvdtrain: warning: {warning}", err=True)
     if not dry_run:
-        hosts.preflight(spec)
+        preflight.preflight(spec)
     if not timeline or dry_run:
-        sys.exit(launch.run_job(spec, dry_run=dry_run))
+        sys.exit(supervise.run_job(spec, dry_run=dry_run))
     try:
-        sys.exit(launch.run_job(spec))
+        sys.exit(supervise.run_job(spec))
     finally:
         from hvdtrain import timeline as tl
 
         tl.after_job(RunDir(spec.output_dir).timeline, click.echo)
-
-
-def _parse_balance(ctx, param, value):
-    if value is None or isinstance(value, list):
-        return value
-    try:
-        return [int(v) for v in str(value).split(",")]
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of layer counts, e.g. 3,4") from None
-
-
-def dataclass_options(cls, **overrides):
-    """One option per field of the dataclass `cls` (TrainConfig, SlurmSpec), its default and help written once
-    on the field (metadata "help", and "choices" for a OneOf); `--flag/--no-flag` for booleans. `overrides`
-    maps a field name to click.option keywords that replace the generated ones."""
-    import dataclasses
-    import typing
-
-    def decorate(f):
-        hints = typing.get_type_hints(cls)
-        for field in reversed(dataclasses.fields(cls)):
-            flag = "--" + field.name.replace("_", "-")
-            kind = hints[field.name]
-            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
-            choices, message = field.metadata.get("choices"), field.metadata.get("choices_error")
-            decls, kwargs = [flag], {"default": field.default, "show_default": field.default is not None}
-            if kind is bool:
-                decls = [f"{flag}/--no-{flag[2:]}"]
-            else:
-                kwargs["type"] = (OneOf(choices, message) if message else OneOf(choices)) if choices else kind
-            kwargs.update(help=field.metadata.get("help", ""), **overrides.get(field.name, {}))
-            f = click.option(*decls, **kwargs)(f)
-        return f
-
-    return decorate
-
-
-def dataclass_options_subset(*names: str):
-    """The options of these TrainConfig fields only (as `hvdtrain train` has them)."""
-    import dataclasses
-
-    from hvdtrain.config import TrainConfig
-
-    fields = [f for f in dataclasses.fields(TrainConfig) if f.name in names]
-    subset = dataclasses.make_dataclass("Subset", [(f.name, f.type, f) for f in fields])
-    return dataclass_options(subset)
-
-
-def train_options(f):
-    """The options of `hvdtrain train`: one per TrainConfig field."""
-    from hvdtrain.config import TrainConfig
-
-    balance = {"type": str, "callback": _parse_balance, "metavar": "N,N,...", "show_default": False}
-    return dataclass_options(TrainConfig, balance=balance)(f)
-
-
-def _config_file(ctx, param, value):
-    """--config FILE.yaml fills click's default_map: precedence is CLI > file > defaults."""
-    if value:
-        from hvdtrain.config import load_yaml_defaults
-
-        params = {p.name: p for p in ctx.command.params if p.name not in ("config", "dry_run")}
-        try:
-            loaded = load_yaml_defaults(value, set(params))
-        except HvdtrainError as e:
-            raise click.BadParameter(str(e).removeprefix("--config: "), ctx=ctx, param=param) from None
-        for name, item in loaded.items():
-            _check_config_value(value, params[name], item, ctx)
-        if isinstance(loaded.get("balance"), list):  # click passes a default through its type (str) first
-            loaded["balance"] = ",".join(map(str, loaded["balance"]))
-        ctx.default_map = {**(ctx.default_map or {}), **loaded}
-    return value
-
-
-def _check_config_value(path: str, param: click.Parameter, item, ctx) -> None:
-    """A --config value has the option's type (a list only for --balance), so that click's conversion of it
-    later cannot fail with a traceback."""
-    flag = param.opts[0]
-    fail = None
-    if isinstance(item, dict) or (isinstance(item, list) and param.name != "balance"):
-        fail = f"{flag} takes a single value, not {item!r}"
-    elif isinstance(item, list):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in item):
-            fail = f"{flag} takes layer counts, e.g. [3, 4], not {item!r}"
-    elif item is not None and not isinstance(item, bool) and isinstance(param.type, click.types.BoolParamType):
-        fail = f"{flag} takes true or false, not {item!r}"
-    elif isinstance(item, float) and isinstance(param.type, click.types.IntParamType) and not item.is_integer():
-        fail = f"{flag} takes a whole number, not {item!r}"
-    elif item is not None:
-        try:
-            param.type.convert(item, param, ctx)
-        except click.BadParameter as e:
-            fail = f"{flag}: {e.message}"
-        except (HvdtrainError, TypeError, ValueError) as e:
-            fail = str(e)
-    if fail:
-        from hvdtrain.errors import ConfigError
-
-        raise ConfigError(f"--config {path}: {fail}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -344,7 +87,7 @@ def _check_config_value(path: str, param: click.Parameter, item, ctx) -> None:
 @elastic_options
 @train_options
 @click.option(
-    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_config_file,
+    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=config_file,
     help="YAML file of option: value defaults (keys as the long options, - or _); CLI flags override it.",
 )  # fmt: skip
 @handle_errors
@@ -506,60 +249,6 @@ def bench():
     """
 
 
-class _CommaList(click.ParamType):
-    """A comma-separated list of a bench field's choices, parsed by hvdtrain.bench.plans.parse_csv."""
-
-    name = "list"
-
-    def __init__(self, flag: str, choices: tuple):
-        self.flag, self.choices = flag, choices
-
-    def convert(self, value, param, ctx):
-        from hvdtrain.bench import plans
-
-        if isinstance(value, tuple):
-            return value
-        try:
-            return plans.parse_csv(value, self.choices, self.flag)
-        except HvdtrainError as e:
-            self.fail(str(e).removeprefix(f"{self.flag}: "), param, ctx)
-
-
-def bench_options(settings_name: str):
-    """One option per field of hvdtrain.bench.plans.<settings_name>, its help, default and --tiny default
-    written once there (options not given arrive as None); the command gets them as one dict, `options`."""
-    import dataclasses
-    import typing
-
-    from hvdtrain.bench import plans
-
-    settings = getattr(plans, settings_name)
-    hints = typing.get_type_hints(settings)
-    fields = dataclasses.fields(settings)
-
-    def decorate(f):
-        @functools.wraps(f)
-        def command(*args, **kwargs):
-            return f(*args, options={field.name: kwargs.pop(field.name) for field in fields}, **kwargs)
-
-        for field in reversed(fields):
-            flag, help_text = plans.flag(field.name), plans.help_text(field)
-            kind = next((a for a in typing.get_args(hints[field.name]) if a is not type(None)), hints[field.name])
-            if field.metadata["choices"]:
-                choices = _CommaList(flag, field.metadata["choices"])
-                option = click.option(flag, type=choices, metavar="NAME,...", help=help_text)
-            elif kind is bool and field.default:
-                option = click.option(f"{flag}/--no-{flag[2:]}", default=True, help=help_text)
-            elif kind is bool:
-                option = click.option(flag, is_flag=True, help=help_text)
-            else:
-                option = click.option(flag, type=kind, help=help_text)
-            command = option(command)
-        return command
-
-    return decorate
-
-
 @bench.command("allreduce", context_settings=CONTEXT)
 @launch_options
 @bench_options("AllreduceSettings")
@@ -573,8 +262,9 @@ def bench_allreduce(dry_run, options, **launch_options):
       hvdtrain bench allreduce -np 2 --mpi --sizes 64MiB    # one controller, one size
     """
     from hvdtrain.bench import allreduce
+    from hvdtrain.launching.options import LaunchOptions
 
-    plan = allreduce.make_plan(options, launch_options=launch_options)
+    plan = allreduce.make_plan(options, launch=LaunchOptions(**launch_options))
     allreduce.run(plan, dry_run=dry_run, echo=click.echo)
 
 
@@ -591,8 +281,9 @@ def bench_train(dry_run, options, **launch_options):
       hvdtrain bench train --max-np 2 --models wide_mlp --no-ablations
     """
     from hvdtrain.bench import throughput
+    from hvdtrain.launching.options import LaunchOptions
 
-    plan = throughput.make_plan(options, launch_options=launch_options)
+    plan = throughput.make_plan(options, launch=LaunchOptions(**launch_options))
     throughput.run(plan, dry_run=dry_run, echo=click.echo)
 
 
@@ -610,8 +301,9 @@ def bench_updates(dry_run, options, **launch_options):
       hvdtrain bench updates --modes sync,async --stragglers 1,3 --rounds 3
     """
     from hvdtrain.bench import updates
+    from hvdtrain.launching.options import LaunchOptions
 
-    plan = updates.make_plan(options, launch_options=launch_options)
+    plan = updates.make_plan(options, launch=LaunchOptions(**launch_options))
     updates.run(plan, dry_run=dry_run, echo=click.echo)
 
 
@@ -632,14 +324,6 @@ def bench_launch(dry_run, options):
 
     plan = launching.make_plan(options)
     launching.run(plan, dry_run=dry_run, echo=click.echo)
-
-
-# --- Slurm: submit, status, logs -------------------------------------------------------------------------
-def slurm_options(f):
-    """The options of `hvdtrain submit`: one per SlurmSpec field."""
-    from hvdtrain.slurm.spec import SlurmSpec
-
-    return dataclass_options(SlurmSpec)(f)
 
 
 @cli.command(context_settings={**CONTEXT, "allow_interspersed_args": False})

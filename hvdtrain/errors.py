@@ -25,7 +25,7 @@ class CheckpointError(UsageError):
 
 class LaunchError(HvdtrainError):
     """A job that started but failed; the message names the failing rank where known. `cause` says what came
-    first, when the records tell (hvdtrain.failures.CAUSES): e.g. "stall" or "lost_host", which a requeued job
+    first, when the records tell (hvdtrain.launching.failures.CAUSES): e.g. "stall" or "lost_host", which a requeued job
     can get over, unlike a rank's own error ("failed")."""
 
     def __init__(self, message: str, exit_code: int = 1, cause: str | None = None):

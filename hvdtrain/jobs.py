@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from hvdtrain import hosts, launch, npz, preempt, runlock
+from hvdtrain import npz, preempt
 from hvdtrain.config import (
     ASYNC_NOT_ELASTIC,
     DIGITS_SAMPLES,
@@ -28,6 +28,11 @@ from hvdtrain.config import (
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError, LaunchError
 from hvdtrain.files import check_creatable_dir
+from hvdtrain.launching import preflight as hosts_preflight
+from hvdtrain.launching import runlock, supervise
+from hvdtrain.launching.hosts import ranks_per_host
+from hvdtrain.launching.options import ElasticOptions, LaunchOptions, split
+from hvdtrain.launching.spec import LaunchSpec, make_spec
 from hvdtrain.rundir import RunDir
 from hvdtrain.train import checkpoint
 
@@ -39,37 +44,37 @@ def visible_gpus(environ: Mapping[str, str]) -> int:
     return len([p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)])
 
 
-def mpi_launch(launch_options: dict[str, Any], what: str, not_elastic: str) -> None:
+def mpi_launch(launch: LaunchOptions, elastic: ElasticOptions, what: str, not_elastic: str) -> LaunchOptions:
     """The launch of a job whose ranks also exchange mpi4py messages (async's parameter servers, a pipeline's
     stages): Horovod's controller is MPI and the world is fixed."""
-    if launch_options.get("elastic"):
+    if elastic.elastic:
         raise ConfigError(not_elastic)
-    if launch_options.get("gloo"):
+    if launch.gloo:
         raise ConfigError(
             f"{what} needs MPI (its ranks exchange messages with mpi4py): drop --gloo; mpirun, srun and horovodrun "
             "--mpi all run it"
         )
-    launch_options["mpi"] = True
+    return dataclasses.replace(launch, mpi=True)
 
 
-def run_recordings(launch_options: dict[str, Any], timeline: bool, autotune: bool) -> dict[str, Any]:
+def run_recordings(launch: LaunchOptions, elastic: ElasticOptions, timeline: bool, autotune: bool) -> LaunchOptions:
     """`hvdtrain run --timeline/--autotune`'s launch options: the ranks get HOROVOD_TIMELINE=OUTPUT_DIR/timeline.json
     and HOROVOD_AUTOTUNE=1 with HOROVOD_AUTOTUNE_LOG=OUTPUT_DIR/autotune.csv; the output directory (runs/run-<time>
     when not given) is kept."""
     if not (timeline or autotune):
-        return launch_options
-    if timeline and launch_options.get("elastic"):
+        return launch
+    if timeline and elastic.elastic:
         raise ConfigError(TIMELINE_NOT_ELASTIC)
     import time
 
-    output = launch_options.get("output_dir") or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
+    output = launch.output_dir or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
     paths = RunDir(os.path.abspath(output))
     env = [f"HOROVOD_TIMELINE={paths.timeline}"] if timeline else []
     env += ["HOROVOD_AUTOTUNE=1", f"HOROVOD_AUTOTUNE_LOG={paths.autotune}"] if autotune else []
-    return {**launch_options, "output_dir": output, "env": (*launch_options.get("env", ()), *env)}
+    return dataclasses.replace(launch, output_dir=output, env=(*launch.env, *env))
 
 
-def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, str]) -> None:
+def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str]) -> None:
     """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
     # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).
     world = None if spec.elastic is not None else cfg.data_ranks(spec.np)
@@ -94,7 +99,7 @@ def preflight(cfg: TrainConfig, spec: launch.LaunchSpec, environ: Mapping[str, s
             per_host = max([h.slots for h in spec.hosts], default=spec.elastic.slots_per_host)
         else:
             per_host = SlurmEnv.read(environ).ntasks_per_node or (
-                max(launch.ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
+                max(ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
             )
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
     for ref in cfg.hook_refs():
@@ -182,24 +187,23 @@ def train(
 ) -> int:
     """Validate the training configuration, check the run directory and layout, write config.json, launch
     ``python -m hvdtrain.worker`` on the ranks; returns the job's exit status. `options` are the command's:
-    TrainConfig fields, the rest are launch options (hvdtrain.launch.make_spec)."""
+    TrainConfig fields, LaunchOptions and ElasticOptions (launching.spec.make_spec)."""
     environ = os.environ if environ is None else environ
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    launch_options = {k: v for k, v in options.items() if k not in names}
-    cfg = TrainConfig.from_dict({k: v for k, v in options.items() if k in names}).validate().with_defaults(environ)
+    launch, elastic, fields = split(options, LaunchOptions, ElasticOptions)
+    cfg = TrainConfig.from_dict(fields).validate().with_defaults(environ)
     run_dir = RunDir(cfg.run_dir)
     config_path = run_dir.config
     command = [sys.executable, "-m", "hvdtrain.worker", str(config_path.resolve())]
-    launch_options["output_dir"] = launch_options.get("output_dir") or str(run_dir.logs.path)
+    launch = dataclasses.replace(launch, output_dir=launch.output_dir or str(run_dir.logs.path))
     if cfg.update == "async":
-        mpi_launch(launch_options, "--update async", ASYNC_NOT_ELASTIC)
+        launch = mpi_launch(launch, elastic, "--update async", ASYNC_NOT_ELASTIC)
     if cfg.strategy == "pipeline":
-        mpi_launch(launch_options, "--strategy pipeline", PIPELINE_NOT_ELASTIC)
-    if cfg.records_timeline and launch_options.get("elastic"):
+        launch = mpi_launch(launch, elastic, "--strategy pipeline", PIPELINE_NOT_ELASTIC)
+    if cfg.records_timeline and elastic.elastic:
         raise ConfigError(TIMELINE_NOT_ELASTIC)
-    if cfg.grad_groups and launch_options.get("elastic"):
+    if cfg.grad_groups and elastic.elastic:
         raise ConfigError(GROUPS_NOT_ELASTIC)
-    spec = launch.make_spec(command, environ=environ, check_cmd=False, **launch_options)
+    spec = make_spec(command, launch, elastic, environ=environ, check_cmd=False)
     if cfg.strategy == "pipeline":
         from hvdtrain.parallel.grid import Grid
 
@@ -214,13 +218,13 @@ def train(
     text = cfg.to_json()
     if dry_run:
         echo(f"# {config_path}:\n" + "\n".join(f"#   {line}" for line in text.splitlines()))
-        return launch.run_job(spec, dry_run=True, echo=echo)
-    hosts.preflight(spec)  # the hosts (ssh, interfaces), before anything is written
+        return supervise.run_job(spec, dry_run=True, echo=echo)
+    hosts_preflight.preflight(spec)  # the hosts (ssh, interfaces), before anything is written
     with runlock.hold(run_dir.lock, "--run-dir", environ):
         cfg.save(run_dir)
         run_dir.interrupted.unlink(missing_ok=True)
         try:
-            return launch.run_job(spec, echo=echo, on_interrupt=lambda: interrupt(run_dir))
+            return supervise.run_job(spec, echo=echo, on_interrupt=lambda: interrupt(run_dir))
         except LaunchError as e:
             if e.cause in REQUEUE_CAUSES and requeue_after_fault(cfg, e, echo, environ):
                 return e.exit_code

@@ -208,14 +208,16 @@ def measure(cfg: TrainConfig, ranks: int, threads: int) -> Costs:
 def probe(cfg: TrainConfig, ranks: int) -> Probe:
     """Run `python -m hvdtrain.plan_probe` on `ranks` ranks of this machine (its logs in a temporary directory,
     removed) and read what it measured."""
-    from hvdtrain import launch
+    from hvdtrain.launching.options import LaunchOptions
+    from hvdtrain.launching.spec import make_spec
+    from hvdtrain.launching.supervise import run_job
 
     with tempfile.TemporaryDirectory(prefix="hvdtrain-plan-") as tmp:
         config, out = Path(tmp) / "config.json", Path(tmp) / "probe.json"
         config.write_text(cfg.to_json())
         command = [sys.executable, "-m", "hvdtrain.plan_probe", str(config), str(out)]
-        spec = launch.make_spec(command, np=ranks, output_dir=str(Path(tmp) / "logs"), check_cmd=False)
-        launch.run_job(spec, echo=lambda _line: None)
+        spec = make_spec(command, LaunchOptions(np=ranks, output_dir=str(Path(tmp) / "logs")), check_cmd=False)
+        run_job(spec, echo=lambda _line: None)
         got = json.loads(out.read_text())
     return Probe(**got)
 

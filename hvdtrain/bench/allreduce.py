@@ -3,7 +3,7 @@
 One launch per Horovod controller, each running hvdtrain.bench.allreduce_worker on N ranks:
   mpi  (horovodrun --mpi, or mpirun/srun): memcpy, mpi4py Allreduce, Horovod allreduce (MPI controller)
   gloo (horovodrun --gloo):                torch.distributed gloo all_reduce, Horovod allreduce (Gloo)
-Both with horovodrun and neither --gloo nor --mpi; otherwise the one controller launch.make_spec decided.
+Both with horovodrun and neither --gloo nor --mpi; otherwise the one controller make_spec decided.
 Workers write raw times; this side computes algbw = S / t and busbw = algbw x 2(n-1)/n (nccl-tests),
 and fits the ring cost model t = 2(n-1)/n x S / B + latency. The launches and the output files
 (allreduce.json, allreduce.png in --out) are hvdtrain.bench.runner's; the table and the PNG, tables.py's
@@ -18,9 +18,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from hvdtrain import launch
 from hvdtrain.bench import plans, plots, report, runner, tables
 from hvdtrain.errors import UsageError
+from hvdtrain.launching.argv import wrapped_command
+from hvdtrain.launching.options import LaunchOptions
+from hvdtrain.launching.spec import LaunchSpec, make_spec
 
 REFERENCE_BYTES = 64 * 1024**2  # the size the targets are stated at
 TARGET_SIZES = (1024**2, REFERENCE_BYTES)  # ... and 1 MiB, about a small model's gradients
@@ -36,17 +38,17 @@ class AllreducePlan:
     jobs: list[runner.Job]  # one per controller, named after it, in launch order
 
 
-def controller_specs(command: list[str], launch_options: Mapping[str, Any]) -> list[launch.LaunchSpec]:
+def controller_specs(command: list[str], launch: LaunchOptions) -> list[LaunchSpec]:
     """One launch per controller, MPI first: the controller the launch options decide; both when they leave it open.
     Open: neither --gloo, --mpi nor --launcher outside Slurm (MPI through the default launcher, mpirun, and Gloo
     through horovodrun), or --launcher horovodrun alone (both through it)."""
-    decided = launch.make_spec(command, **launch_options)
+    decided = make_spec(command, launch)
     if decided.controller is None:
         return [dataclasses.replace(decided, controller=c) for c in ("mpi", "gloo")]
-    chosen = any(launch_options.get(k) for k in ("launcher", "gloo", "mpi"))
+    chosen = launch.launcher or launch.gloo or launch.mpi
     if chosen or decided.launcher != "mpirun":
         return [decided]
-    return [decided, launch.make_spec(command, **{**launch_options, "gloo": True})]
+    return [decided, make_spec(command, dataclasses.replace(launch, gloo=True))]
 
 
 def message_sizes(settings: plans.AllreduceSettings, range_given: bool) -> list[int]:
@@ -58,7 +60,7 @@ def message_sizes(settings: plans.AllreduceSettings, range_given: bool) -> list[
     return report.size_range(lo, hi, settings.step_factor)
 
 
-def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) -> AllreducePlan:
+def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> AllreducePlan:
     """Validate every option (AllreduceSettings' fields; None: not given) and build one job per controller;
     raises UsageError before anything runs."""
     given = {k: v for k, v in options.items() if v is not None}
@@ -68,9 +70,8 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
     settings = plans.resolve(plans.AllreduceSettings, given)
     sizes = message_sizes(settings, range_given)
     out = runner.out_dir(settings.out)
-    launch_options = dict(launch_options)
-    logs = Path(launch_options.pop("output_dir", None) or out / "logs")
-    decided = controller_specs(runner.worker_command(WORKER, out, "mpi"), launch_options)
+    logs = Path(launch.output_dir or out / "logs")
+    decided = controller_specs(runner.worker_command(WORKER, out, "mpi"), dataclasses.replace(launch, output_dir=None))
     if decided[0].np < 2:
         raise UsageError(f"-np {decided[0].np}: an allreduce benchmark needs at least 2 ranks, e.g. -np 2")
     jobs = []
@@ -190,7 +191,7 @@ def collect(parts: Sequence[dict], plan: Optional[AllreducePlan] = None) -> dict
             pairs=plan.settings.pairs,
             tiny=plan.settings.tiny,
         )
-        meta["commands"] = [shlex.join(launch.wrapped_command(job.spec, "LOGDIR")) for job in plan.jobs]
+        meta["commands"] = [shlex.join(wrapped_command(job.spec, "LOGDIR")) for job in plan.jobs]
         meta["launchers"] = [
             {
                 "controller": job.name,

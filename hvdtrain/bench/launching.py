@@ -10,7 +10,7 @@ The trivial job is hvd.init and one allreduce. Then `hvdtrain train -np N --max-
 launcher and through horovodrun: its result.json's start-up phases (hvdtrain.startup) per round.
 
 The arms are commands a user types, so this benchmark starts them itself (subprocess, argv lists), the one
-process-starting place outside launch.run_job among the benchmarks: what run_job adds is what is measured.
+process-starting place outside supervise.run_job among the benchmarks: what run_job adds is what is measured.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from hvdtrain import launch
 from hvdtrain.bench import plans, report, runner
 from hvdtrain.errors import HvdtrainError, UsageError
+from hvdtrain.launching.argv import ROOT_ENV, find_horovodrun
 
 TRAIN_ARMS = ("hvdtrain", "hvdtrain-horovodrun")  # `hvdtrain train` through the default launcher / horovodrun
 JOB = "hvdtrain.bench.trivial_job"
@@ -48,7 +48,7 @@ def make_plan(options: Mapping[str, Any]) -> LaunchPlan:
     """Validate the options (LaunchSettings' fields; None: not given); raises UsageError before anything runs."""
     settings = plans.resolve(plans.LaunchSettings, {k: v for k, v in options.items() if v is not None})
     out = runner.out_dir(settings.out)
-    commands = {"mpirun": "mpirun", "horovodrun": launch.find_horovodrun()}  # as the arms run them
+    commands = {"mpirun": "mpirun", "horovodrun": find_horovodrun()}  # as the arms run them
     for tool in ("mpirun", "horovodrun") if "horovodrun" in settings.arms else ("mpirun",):
         if shutil.which(commands[tool]) is None:
             raise UsageError(f"{tool} is not on PATH: this benchmark times it; install it or put it on PATH")
@@ -79,7 +79,7 @@ def arm_argv(arm: str, what: str, np: int, run_dir: str, cores: Optional[int] = 
         over = ["--oversubscribe"] if np > (cores or os.cpu_count() or 1) else []
         return ["mpirun", "-np", str(np), "--bind-to", "none", "--map-by", "slot", *over, *job]
     if arm == "horovodrun":
-        return [launch.find_horovodrun(), "-np", str(np), *job]
+        return [find_horovodrun(), "-np", str(np), *job]
     argv = [*hvdtrain, "run", "-np", str(np)]
     return argv + (["--launcher", "horovodrun"] if arm == "hvdtrain-horovodrun" else []) + ["--", *job]
 
@@ -111,7 +111,7 @@ def run(plan: LaunchPlan, dry_run: bool = False, echo: Callable[[str], None] = p
 
 
 def _timed(argv: list[str], run_dir: Optional[str]) -> dict:
-    env = {**os.environ, **(launch.ROOT_ENV if os.geteuid() == 0 else {})}
+    env = {**os.environ, **(ROOT_ENV if os.geteuid() == 0 else {})}
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT_S)
     seconds = time.perf_counter() - started

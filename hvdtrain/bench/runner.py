@@ -2,7 +2,7 @@
 
 A benchmark builds its jobs (one launch of its worker each, with the plan its ranks read) and says how to
 turn the workers' parts into its result, table and plot (`Bench`); `run` does the rest: with --dry-run it
-prints every job's command; otherwise it checks the hosts (hosts.preflight), writes each worker plan into
+prints every job's command; otherwise it checks the hosts (launching.preflight), writes each worker plan into
 OUT/parts/, launches the job, reads every part back, and writes OUT/NAME.json and OUT/NAME.png and prints the
 table.
 """
@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from hvdtrain import hosts, launch
 from hvdtrain.bench import plans, report
 from hvdtrain.errors import UsageError
 from hvdtrain.files import write_text_atomic
+from hvdtrain.launching import preflight, supervise
+from hvdtrain.launching.spec import LaunchSpec
 
 WorkerPlan = Union[plans.AllreduceWorkerPlan, plans.TrainWorkerPlan]
 
@@ -30,7 +31,7 @@ class Job:
     """One launch of a benchmark worker."""
 
     name: str  # names its files: parts/plan-NAME.json (its plan), parts/NAME.json (its result), logs/NAME/
-    spec: launch.LaunchSpec  # whose command is worker_command(..., name)
+    spec: LaunchSpec  # whose command is worker_command(..., name)
     plan: WorkerPlan  # what its ranks read; `store` is filled in by `run`
     about: str  # one line for the progress message and the dry run's heading
     detail: str = ""  # more for the dry run's heading (the measurements, in order)
@@ -76,10 +77,10 @@ def run(
     if dry_run:
         for job in jobs:
             echo(f"# {job.about}" + (f": {job.detail}" if job.detail else ""))
-            launch.run_job(job.spec, dry_run=True, echo=echo)
+            supervise.run_job(job.spec, dry_run=True, echo=echo)
         return {}
     if jobs:
-        hosts.preflight(jobs[0].spec)  # every job of a benchmark runs on the same hosts
+        preflight.preflight(jobs[0].spec)  # every job of a benchmark runs on the same hosts
     (out / "parts").mkdir(parents=True, exist_ok=True)
     for job in jobs:
         store = out / "parts" / f".torch-store-{job.name}-{os.getpid()}-{time.time_ns()}"
@@ -88,7 +89,7 @@ def run(
         part_path(out, job.name).unlink(missing_ok=True)
         echo(f"hvdtrain bench {bench.name}: {job.about} ...")
         try:
-            launch.run_job(job.spec, echo=lambda _line: None)
+            supervise.run_job(job.spec, echo=lambda _line: None)
         finally:
             store.unlink(missing_ok=True)  # torch's FileStore file
     for scratch in bench.scratch:

@@ -20,10 +20,12 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from hvdtrain import launch
 from hvdtrain.bench import plans, plots, report, runner, tables
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
+from hvdtrain.launching.argv import rank_env, wrapped_command
+from hvdtrain.launching.options import LaunchOptions
+from hvdtrain.launching.spec import make_spec
 
 WORKER = "hvdtrain.bench.throughput_worker"
 LR = 0.01  # for one rank; every arm scales it by np
@@ -96,10 +98,10 @@ def sweep_top(max_np: Optional[int], np_flag: Optional[int]) -> int:
     return top
 
 
-def mpi_arms_checked(settings: plans.TrainSettings, arms_given: bool, launch_options: Mapping[str, Any]):
+def mpi_arms_checked(settings: plans.TrainSettings, arms_given: bool, launch: LaunchOptions):
     """The mpi4py and no-communication arms need the MPI controller (MPI's Allreduce and Barrier): under Gloo
     they are left out of the default arms, and named in --arms they are an error."""
-    probe = launch.make_spec(["true"], np=1, default_controller="mpi", check_cmd=False, **launch_options)
+    probe = make_spec(["true"], dataclasses.replace(launch, np=1), default_controller="mpi", check_cmd=False)
     named = [a for a in plans.MPI_ARMS if a in settings.arms]
     if probe.controller == "mpi" or not named:
         return settings
@@ -111,31 +113,30 @@ def mpi_arms_checked(settings: plans.TrainSettings, arms_given: bool, launch_opt
     return dataclasses.replace(settings, arms=tuple(a for a in settings.arms if a not in plans.MPI_ARMS))
 
 
-def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) -> TrainBenchPlan:
+def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> TrainBenchPlan:
     """Validate every option (TrainSettings' fields; None: not given) and build one job per (np, fusion);
     raises UsageError before any run."""
     settings = plans.resolve(plans.TrainSettings, options)
     out = runner.out_dir(settings.out)
-    launch_options = dict(launch_options)
-    top = sweep_top(settings.max_np, launch_options.pop("np", None))
-    logs = Path(launch_options.pop("output_dir", None) or out / "logs")
-    if launch_options.get("threads_per_rank") is None:
-        launch_options["threads_per_rank"] = 1
-    user_env = list(launch_options.pop("env", ()) or ())
-    settings = mpi_arms_checked(settings, options.get("arms") is not None, launch_options)
+    top = sweep_top(settings.max_np, launch.np)
+    logs = Path(launch.output_dir or out / "logs")
+    user_env = tuple(launch.env)
+    launch = dataclasses.replace(launch, np=None, output_dir=None, env=(), threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank)
+    settings = mpi_arms_checked(settings, options.get("arms") is not None, launch)
     shapes, run_root = settings.model_shapes, str((out / TRAINER_RUNS).resolve())
     pipelines = [(schedule, m) for schedule in settings.schedules for m in settings.micro_counts()]
     runs = []
     for np in range(1, top + 1):
         for fusion in (True, False) if settings.ablations and "horovod" in settings.arms else (True,):
             name = f"np{np}-{'fusion' if fusion else 'nofusion'}"
-            spec = launch.make_spec(
+            env = user_env + (() if fusion else ("HOROVOD_FUSION_THRESHOLD=0",))
+            spec = make_spec(
                 runner.worker_command(WORKER, out, name),
+                dataclasses.replace(launch, np=np, env=env, output_dir=str(logs / name)),
                 # MPI unless --gloo (horovodrun's own default when Horovod has MPI): on this 2-core machine it
                 # gave the Horovod loop a better 2-rank throughput than Gloo (docs/performance.md).
-                np=np, default_controller="mpi", env=user_env + ([] if fusion else ["HOROVOD_FUSION_THRESHOLD=0"]),
-                output_dir=str(logs / name), **launch_options,
-            )  # fmt: skip
+                default_controller="mpi",
+            )
             if fusion:
                 todo = measurement_order(
                     settings.models, settings.arms, settings.rounds, settings.ablations, pipelines,
@@ -330,8 +331,8 @@ def collect(parts: Sequence[tuple[bool, dict]], plan: Optional[TrainBenchPlan] =
         meta.update(arms=list(s.arms), controller=plan.controller, tiny=s.tiny, targets=plans.TRAIN_TARGETS)
         meta["settings"] = {**dataclasses.asdict(s.timing), "rounds": s.rounds, "pipeline_batch": s.pipeline_batch}
         meta["commands"] = [
-            {"np": r.np, "fusion": r.fusion, "env": launch.rank_env(r.job.spec, False),
-             "command": shlex.join(launch.wrapped_command(r.job.spec, "LOGDIR"))}
+            {"np": r.np, "fusion": r.fusion, "env": rank_env(r.job.spec, False),
+             "command": shlex.join(wrapped_command(r.job.spec, "LOGDIR"))}
             for r in plan.runs
         ]  # fmt: skip
     return {

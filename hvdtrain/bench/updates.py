@@ -16,10 +16,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from hvdtrain import launch
 from hvdtrain.bench import plans, plots, report, runner, tables
 from hvdtrain.config import TrainConfig
 from hvdtrain.errors import UsageError
+from hvdtrain.launching.options import LaunchOptions
+from hvdtrain.launching.spec import make_spec
 
 WORKER = "hvdtrain.bench.updates_worker"
 RUNS = "runs"  # the Trainer's run directories, under --out; removed after the last job
@@ -44,19 +45,17 @@ def train_config(settings: plans.UpdatesSettings, mode: str, run_dir: str) -> Tr
     return cfg.validate().with_defaults()
 
 
-def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) -> UpdatesBenchPlan:
+def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> UpdatesBenchPlan:
     """Validate every option and build one job per (straggler, round, mode); raises UsageError before any run."""
     settings = plans.resolve(plans.UpdatesSettings, options)
     factors, _ = settings.factors(), settings.accuracy_targets()
     out = runner.out_dir(settings.out)
-    launch_options = dict(launch_options)
-    if launch_options.pop("np", None) is not None:
+    if launch.np is not None:
         raise UsageError("-np: give --workers (async adds --ps-ranks server ranks to them)")
-    if launch_options.get("gloo") and "async" in settings.modes:
+    if launch.gloo and "async" in settings.modes:
         raise UsageError("--gloo: the async mode needs MPI (its servers use mpi4py); drop --gloo or async")
-    logs = Path(launch_options.pop("output_dir", None) or out / "logs")
-    if launch_options.get("threads_per_rank") is None:
-        launch_options["threads_per_rank"] = 1
+    logs = Path(launch.output_dir or out / "logs")
+    launch = dataclasses.replace(launch, threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank)
     jobs = []
     for factor in factors:
         for r in range(settings.rounds):
@@ -64,11 +63,11 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
                 name = f"{mode}-x{factor:g}-r{r}"
                 cfg = train_config(settings, mode, str((out / RUNS / name).resolve()))
                 ranks = settings.workers + (settings.ps_ranks if mode == "async" else 0)
-                options = {**launch_options, "mpi": True} if mode == "async" else launch_options
-                spec = launch.make_spec(
-                    runner.worker_command(WORKER, out, name), np=ranks, default_controller="mpi",
-                    output_dir=str(logs / name), **options,
-                )  # fmt: skip
+                spec = make_spec(
+                    runner.worker_command(WORKER, out, name),
+                    dataclasses.replace(launch, np=ranks, output_dir=str(logs / name), mpi=launch.mpi or mode == "async"),
+                    default_controller="mpi",
+                )
                 plan = plans.UpdatesWorkerPlan(mode, dataclasses.asdict(cfg), factor, settings.workers - 1, r)
                 straggling = f", worker {settings.workers - 1} slowed x{factor:g}" if factor > 1 else ""
                 jobs.append(runner.Job(name, spec, plan, f"{mode} on {ranks} ranks{straggling} (round {r + 1})"))

@@ -89,7 +89,7 @@ def submit(
 
     With dry_run, print the script and the sbatch argv; nothing is written or submitted."""
     environ = os.environ if environ is None else environ
-    from hvdtrain.launch import check_command
+    from hvdtrain.launching.spec import check_command
 
     check_command(command)
     text = render_script(spec, command)

@@ -210,7 +210,7 @@ def test_an_elastic_job_checkpoints_on_preemption_and_resumes_on_another_world(e
 
 def test_a_frozen_worker_is_ended_after_the_elastic_timeout_and_training_goes_on(elastic_env, tmp_path):
     """A worker stopped (SIGSTOP) on a host that stays up never rejoins nor exits; Horovod alone would wait for
-    it forever. hvdtrain.horovodrun ends it --elastic-timeout (+ Gloo's timeout) after the others rejoined."""
+    it forever. hvdtrain.launching.horovodrun ends it --elastic-timeout (+ Gloo's timeout) after the others rejoined."""
     hosts_file, run_dir, log = tmp_path / "hosts", tmp_path / "run", tmp_path / "job.log"
     hosts_file.write_text("localhost:1\n127.0.0.1:1\n")
     env = {**elastic_env, "HOROVOD_GLOO_TIMEOUT_SECONDS": "10"}

@@ -4,7 +4,7 @@ import subprocess
 import pytest
 from fakessh import make_fake_ssh
 
-from hvdtrain import hosts, launch
+from hvdtrain.launching import hosts, preflight, supervise
 
 
 class ProcessStarted(AssertionError):
@@ -20,7 +20,7 @@ def no_processes(monkeypatch):
         started.append(argv)
         raise ProcessStarted(f"a process was started: {argv}")
 
-    monkeypatch.setattr(launch.subprocess, "Popen", refuse)
+    monkeypatch.setattr(supervise.subprocess, "Popen", refuse)
     monkeypatch.setattr(subprocess, "Popen", refuse)
     return started
 
@@ -41,6 +41,14 @@ def fake_ssh(tmp_path, monkeypatch):
     log = tmp_path / "ssh-calls"
     make_fake_ssh(tmp_path / "bin", log)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(hosts, "local_interfaces", lambda: ("eth0", "lo", "wlan0"))
-    monkeypatch.setattr(hosts, "interface_addresses", lambda: {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
+    set_machine(monkeypatch, ("eth0", "lo", "wlan0"), {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
     return log
+
+
+def set_machine(monkeypatch, interfaces=None, addresses=None):
+    """This machine's interfaces (/sys/class/net) and their addresses, as the launching side sees them."""
+    for module in (hosts, preflight):
+        if interfaces is not None:
+            monkeypatch.setattr(module, "local_interfaces", lambda: interfaces)
+        if addresses is not None:
+            monkeypatch.setattr(module, "interface_addresses", lambda: addresses)

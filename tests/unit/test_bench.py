@@ -11,10 +11,12 @@ import pytest
 from clichecks import assert_usage_error
 from click.testing import CliRunner
 
-from hvdtrain import launch
 from hvdtrain.bench import allreduce, launching, plans, plots, report, tables, throughput, updates
-from hvdtrain.cli import cli, launch_options
+from hvdtrain.cli import cli
+from hvdtrain.clickopts import launch_options
 from hvdtrain.errors import UsageError
+from hvdtrain.launching import supervise
+from hvdtrain.launching.options import LaunchOptions
 
 MiB = 1024**2
 
@@ -211,7 +213,7 @@ def test_allreduce_plot_writes_png(tmp_path):
 
 def test_controller_specs(clean_env):
     def decided(**options):
-        specs = allreduce.controller_specs([sys.executable, "-m", allreduce.WORKER], {"np": 2, **options})
+        specs = allreduce.controller_specs([sys.executable, "-m", allreduce.WORKER], LaunchOptions(np=2, **options))
         return [(s.launcher, s.controller) for s in specs]
 
     assert decided(launcher=None) == [("mpirun", "mpi"), ("horovodrun", "gloo")]  # the defaults of each
@@ -469,7 +471,7 @@ def test_bench_updates_bad_input(args, needle, no_processes, clean_env, tmp_path
 
 
 def test_bench_updates_plan_gives_async_its_servers_and_alternates_the_modes(no_processes, clean_env, tmp_path):
-    plan = updates.make_plan({"out": str(tmp_path / "o"), "rounds": 2, "stragglers": "1,3"}, launch_options={})
+    plan = updates.make_plan({"out": str(tmp_path / "o"), "rounds": 2, "stragglers": "1,3"}, launch=LaunchOptions())
     names = [job.name for job in plan.jobs]
     assert names[:6] == ["sync-x1-r0", "local-sgd-x1-r0", "async-x1-r0", "async-x1-r1", "local-sgd-x1-r1",
                          "sync-x1-r1"]  # fmt: skip
@@ -549,7 +551,7 @@ def test_bench_train_dry_run(no_processes, clean_env, tmp_path):
 
 def test_bench_checks_the_hosts_before_the_first_job(fake_ssh, clean_env, tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(launch, "run_job", lambda spec, **kw: started.append(spec))
+    monkeypatch.setattr(supervise, "run_job", lambda spec, **kw: started.append(spec))
     result = invoke("bench", "allreduce", "-np", "2", "-H", "down2.invalid:2", "--tiny", "--out", tmp_path / "o")
     assert_usage_error(result, "cannot reach host down2.invalid over ssh")
     assert started == [] and not (tmp_path / "o").exists()

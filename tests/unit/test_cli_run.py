@@ -87,7 +87,7 @@ def test_dry_run_prints_exact_command(tmp_path, no_processes, clean_env):
     cmd = lines[-1]
     assert " -np 2 -H localhost:2 --gloo " in cmd
     assert cmd.endswith(
-        f"-m hvdtrain.rank --log-dir {tmp_path}/logs --threads 1 -- {sys.executable} '{script}' --lr 0.1"
+        f"-m hvdtrain.launching.rank --log-dir {tmp_path}/logs --threads 1 -- {sys.executable} '{script}' --lr 0.1"
     )
     assert no_processes == []
 
@@ -122,10 +122,10 @@ def test_ssh_config_from_the_environment(tmp_path, monkeypatch, no_processes, cl
 @pytest.fixture
 def launches(monkeypatch):
     """Records every job run_job would start (the preflight's own ssh still runs, against the fake ssh)."""
-    from hvdtrain import launch
+    from hvdtrain.launching import supervise
 
     started = []
-    monkeypatch.setattr(launch, "run_job", lambda spec, dry_run=False, echo=print: started.append(spec) or 0)
+    monkeypatch.setattr(supervise, "run_job", lambda spec, dry_run=False, echo=print: started.append(spec) or 0)
     return started
 
 
@@ -198,3 +198,42 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("run", "doctor"):
         assert command in result.output
+
+
+def test_every_launching_command_takes_the_launch_options_declared_once():
+    """run, train and the benchmarks that start ranks take one option per LaunchOptions field (run and train also
+    one per ElasticOptions field), generated from the field: same flags, type, help. So a launch option's errors,
+    tested above through `run`, are the same in every command (make_spec checks them all)."""
+    import dataclasses
+
+    from hvdtrain.launching.options import ElasticOptions, LaunchOptions
+
+    commands = {
+        "run": cli.commands["run"],
+        "train": cli.commands["train"],
+        **{f"bench {n}": cli.commands["bench"].commands[n] for n in ("allreduce", "train", "updates")},
+    }
+    reference = {p.name: p for p in cli.commands["run"].params}
+    for kind in (LaunchOptions, ElasticOptions):
+        for field in dataclasses.fields(kind):
+            param = reference[field.name]
+            assert (
+                param.help == field.metadata["help"]
+                and param.opts[0] == (field.metadata["flags"] or ["--" + field.name.replace("_", "-")])[0]
+            )
+            takers = [n for n, c in commands.items() if field.name in {p.name for p in c.params}]
+            if kind is LaunchOptions:
+                assert takers == list(commands), field.name
+            else:  # the benchmarks are not elastic (bench train's --max-np is its own: the sweep's top)
+                assert takers[:2] == ["run", "train"] and "elastic" not in {
+                    p.name for p in commands["bench train"].params
+                }
+                takers = ["run", "train"]
+            for name in takers:
+                param2 = next(p for p in commands[name].params if p.name == field.name)
+                assert (param2.opts, param2.help, param2.type.to_info_dict(), param2.multiple) == (
+                    param.opts,
+                    param.help,
+                    param.type.to_info_dict(),
+                    param.multiple,
+                ), (name, field.name)

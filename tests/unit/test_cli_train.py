@@ -235,11 +235,11 @@ def test_default_run_dir_inside_slurm_is_the_job_id(run):
 
 
 def test_unreachable_host_is_found_before_config_json_is_written(fake_ssh, clean_env, monkeypatch, tmp_path):
-    from hvdtrain import launch
+    from hvdtrain.launching import supervise
 
     monkeypatch.chdir(tmp_path)
     started = []
-    monkeypatch.setattr(launch, "run_job", lambda spec, **kw: started.append(spec) or 0)
+    monkeypatch.setattr(supervise, "run_job", lambda spec, **kw: started.append(spec) or 0)
     result = CliRunner().invoke(cli, ["train", "-H", "locked2.invalid:2", "--run-dir", "r"])
     assert_usage_error(
         result, "cannot reach host locked2.invalid over ssh: root@locked: Permission denied (publickey)."

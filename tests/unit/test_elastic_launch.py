@@ -25,10 +25,17 @@ from pathlib import Path
 import pytest
 from clichecks import assert_usage_error
 from click.testing import CliRunner
+from launchspecs import spec_of
 
-from hvdtrain import discover, failures, hosts, launch, rank
 from hvdtrain.cli import cli
 from hvdtrain.errors import LaunchError, UsageError
+from hvdtrain.launching import argv as launch_argv
+from hvdtrain.launching import discover, failures, rank
+from hvdtrain.launching.argv import build_horovodrun_argv, placement, wrapped_command
+from hvdtrain.launching.elastic import ElasticSpec
+from hvdtrain.launching.hosts import Host, interface_addresses, parse_hostfile, parse_hosts_file
+from hvdtrain.launching.preflight import ELASTIC_SSH_OPTIONS, make_ssh_shim, preflight, ssh_shim_args
+from hvdtrain.launching.supervise import _Tee, run_job
 from hvdtrain.rundir import RankLogs
 
 NO_SLURM: dict = {}
@@ -36,7 +43,7 @@ GOLDEN = Path(__file__).parent / "golden" / "elastic"
 
 
 def spec(command=("python", "-c", "pass"), environ=NO_SLURM, **kw):
-    return launch.make_spec(list(command), environ=environ, elastic=True, **kw)
+    return spec_of(command, environ=environ, elastic=True, **kw)
 
 
 @pytest.fixture
@@ -145,10 +152,10 @@ def test_spec_defaults_and_the_hosts_file_discovery(hosts_file):
     path = hosts_file("# cluster\n\nlocalhost:2\n127.0.0.1 slots=1  # same machine\n")
     s = spec(hosts_file=path)
     assert (s.np, s.launcher, s.controller, s.nics) == (1, "horovodrun", "gloo", ["lo"])  # all hosts here: lo
-    assert s.hosts == [launch.Host("localhost", 2), launch.Host("127.0.0.1", 1)]
-    assert s.elastic == launch.ElasticSpec(
+    assert s.hosts == [Host("localhost", 2), Host("127.0.0.1", 1)]
+    assert s.elastic == ElasticSpec(
         min_np=1, max_np=None, hosts_file=path, slots_per_host=1,
-        discovery=shlex.join([sys.executable, "-m", "hvdtrain.discover", path, "--slots-per-host", "1"]),
+        discovery=shlex.join([sys.executable, "-m", "hvdtrain.launching.discover", path, "--slots-per-host", "1"]),
     )  # fmt: skip
     # -np defaults to --min-np, --min-np to -np.
     assert (spec(hosts_file=path, min_np=3).np, spec(hosts_file=path, np=3).elastic.min_np) == (3, 3)
@@ -157,17 +164,17 @@ def test_spec_defaults_and_the_hosts_file_discovery(hosts_file):
     assert (s.np, s.elastic.min_np, s.elastic.max_np, s.nics) == (3, 2, 4, ["eth0"])
     assert (s.elastic.timeout, s.elastic.reset_limit, s.elastic.cooldown_range) == (30, 0, (10, 60))
     assert s.elastic.discovery.endswith("--slots-per-host 2")
-    assert launch.placement(s) == {}
+    assert placement(s) == {}
 
 
 def test_hosts_file_lines_and_slots_per_host(hosts_file):
     path = hosts_file("a\nb:3\nc slots=2\n\n# d:9\n")
-    assert launch.parse_hosts_file(path, 4) == [launch.Host("a", 4), launch.Host("b", 3), launch.Host("c", 2)]
-    assert launch.parse_hosts_file(hosts_file("", "empty"), 1) == []  # empty: the job waits for hosts
+    assert parse_hosts_file(path, 4) == [Host("a", 4), Host("b", 3), Host("c", 2)]
+    assert parse_hosts_file(hosts_file("", "empty"), 1) == []  # empty: the job waits for hosts
     # The static hostfile keeps its rules: a bare host is one slot, an empty file is an error.
-    assert launch.parse_hostfile(path) == [launch.Host("a", 1), launch.Host("b", 3), launch.Host("c", 2)]
+    assert parse_hostfile(path) == [Host("a", 1), Host("b", 3), Host("c", 2)]
     with pytest.raises(UsageError, match="lists no hosts"):
-        launch.parse_hostfile(hosts_file("# nothing\n"))
+        parse_hostfile(hosts_file("# nothing\n"))
 
 
 def test_discovery_script_is_absolute_and_quoted(script, tmp_path, monkeypatch):
@@ -190,18 +197,18 @@ def test_elastic_horovodrun_argv(hosts_file, script, tmp_path):
     path = hosts_file("localhost:2\n")
     s = spec(["python", "-m", "train", "--lr", "0.1"], hosts_file=path, np=2, max_np=4, threads_per_rank=1)
     s.python = "/venv/bin/python"
-    discovery = shlex.join([sys.executable, "-m", "hvdtrain.discover", path, "--slots-per-host", "1"])
-    assert launch.build_horovodrun_argv(s, "/logs", "horovodrun") == [
+    discovery = shlex.join([sys.executable, "-m", "hvdtrain.launching.discover", path, "--slots-per-host", "1"])
+    assert build_horovodrun_argv(s, "/logs", "horovodrun") == [
         "horovodrun", "-np", "2", "--min-np", "2", "--max-np", "4", "--host-discovery-script", discovery,
         "--gloo", "--network-interface", "lo",
-        "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/logs", "--threads", "1",
+        "/venv/bin/python", "-m", "hvdtrain.launching.rank", "--log-dir", "/logs", "--threads", "1",
         "--", "python", "-m", "train", "--lr", "0.1",
     ]  # fmt: skip
     config = tmp_path / "ssh_config"
     config.write_text("")
     d = spec(host_discovery_script=script(), network_interface="eth0", elastic_timeout=30, reset_limit=3,
              blacklist_cooldown_range=(10, 60), slots_per_host=2, ssh_config=str(config))  # fmt: skip
-    argv = launch.build_horovodrun_argv(d, "/logs", "horovodrun")
+    argv = build_horovodrun_argv(d, "/logs", "horovodrun")
     assert argv[: argv.index("-m")] == [
         "horovodrun", "-np", "1", "--min-np", "1", "--host-discovery-script", shlex.quote(script()),
         "--slots-per-host", "2", "--elastic-timeout", "30", "--reset-limit", "3", "--blacklist-cooldown-range", "10",
@@ -213,7 +220,7 @@ def test_elastic_horovodrun_argv(hosts_file, script, tmp_path):
 def test_horovodrun_parses_the_elastic_argv_and_runs_our_discovery(hosts_file, tmp_path, monkeypatch):
     """horovodrun 0.28.1's own parser takes the argv as elastic, and its discovery (the command string run through
     its shell by safe_shell_exec; it does not check that it is a file) reads the hosts file through
-    hvdtrain.discover, also from a path with a space."""
+    hvdtrain.launching.discover, also from a path with a space."""
     from horovod.runner import launch as hvd_launch
     from horovod.runner.elastic import discovery as hvd_discovery
 
@@ -221,13 +228,13 @@ def test_horovodrun_parses_the_elastic_argv_and_runs_our_discovery(hosts_file, t
     path = hosts_file("localhost\n127.0.0.1:3\n", "a dir/hosts")
     s = spec(hosts_file=path, np=2, max_np=5, slots_per_host=2, elastic_timeout=9, reset_limit=1,
              blacklist_cooldown_range=(2, 30))  # fmt: skip
-    argv = launch.build_horovodrun_argv(s, "/l", "horovodrun")
+    argv = build_horovodrun_argv(s, "/l", "horovodrun")
     monkeypatch.setattr("sys.argv", argv)
     args = hvd_launch.parse_args()
     assert hvd_launch._is_elastic(args) and args.use_gloo and args.nics == {"lo"}
     assert (args.num_proc, args.min_num_proc, args.max_num_proc) == (2, 2, 5)
     assert (args.elastic_timeout, args.reset_limit, args.cooldown_range) == (9, 1, [2, 30])
-    assert args.hosts is None and args.command == launch.wrapped_command(s, "/l")
+    assert args.hosts is None and args.command == wrapped_command(s, "/l")
     found = hvd_discovery.HostDiscoveryScript(args.host_discovery_script, args.slots).find_available_hosts_and_slots()
     assert found == {"localhost": 2, "127.0.0.1": 3}
 
@@ -262,13 +269,13 @@ def test_ssh_shim_of_an_elastic_job_adds_keepalives(hosts_file, tmp_path):
     config = tmp_path / "ssh_config"
     config.write_text("")
     path = hosts_file("localhost:1\n")
-    assert hosts.ssh_shim_args(spec(hosts_file=path)) == list(hosts.ELASTIC_SSH_OPTIONS)
-    assert hosts.ssh_shim_args(spec(hosts_file=path, ssh_config=str(config))) == [
+    assert ssh_shim_args(spec(hosts_file=path)) == list(ELASTIC_SSH_OPTIONS)
+    assert ssh_shim_args(spec(hosts_file=path, ssh_config=str(config))) == [
         "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-F", str(config),
     ]  # fmt: skip
-    static = launch.make_spec(["true"], np=1, environ={}, check_cmd=False)
-    assert hosts.ssh_shim_args(static) == []
-    shim = hosts.make_ssh_shim(spec(hosts_file=path), os.environ["PATH"])
+    static = spec_of(["true"], np=1, environ={}, check_cmd=False)
+    assert ssh_shim_args(static) == []
+    shim = make_ssh_shim(spec(hosts_file=path), os.environ["PATH"])
     try:
         text = (Path(shim) / "ssh").read_text()
     finally:
@@ -283,7 +290,7 @@ def test_ssh_shim_of_an_elastic_job_adds_keepalives(hosts_file, tmp_path):
 
 def run_discover(*args):
     return subprocess.run(
-        [sys.executable, "-m", "hvdtrain.discover", *map(str, args)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "hvdtrain.launching.discover", *map(str, args)], capture_output=True, text=True, timeout=60
     )
 
 
@@ -299,7 +306,7 @@ def test_discover_prints_host_slots_lines(hosts_file):
 def test_discover_fails_in_one_line_on_a_file_mid_edit(hosts_file):
     bad = run_discover(hosts_file("node1:2\nnode2 slots=\n"))
     assert bad.returncode == 1 and bad.stdout == ""
-    assert bad.stderr.splitlines() == [f"hvdtrain.discover: {bad.args[3]}:2: cannot parse 'node2 slots=': expected "
+    assert bad.stderr.splitlines() == [f"hvdtrain.launching.discover: {bad.args[3]}:2: cannot parse 'node2 slots=': expected "
                                        "'host slots=N'"]  # fmt: skip
     gone = run_discover(Path(bad.args[3]).parent / "nope")
     assert gone.returncode == 1 and len(gone.stderr.splitlines()) == 1 and "no such file" in gone.stderr
@@ -312,13 +319,13 @@ def test_discover_fails_in_one_line_on_a_file_mid_edit(hosts_file):
 
 def test_preflight_runs_the_discovery_and_asks_the_other_hosts(fake_ssh, script, hosts_file):
     s = spec(host_discovery_script=script("localhost:1\n\nnode2.invalid:2\n"), network_interface="eth0")
-    facts = hosts.preflight(s)
+    facts = preflight(s)
     assert [(f.name, f.local) for f in facts] == [("localhost", True), ("node2.invalid", False)]
     assert "node2.invalid" in fake_ssh.read_text()
     down = spec(hosts_file=hosts_file("localhost:1\ndown2.invalid:1\n"), network_interface="eth0")
     with pytest.raises(UsageError, match="cannot reach host down2.invalid over ssh"):
-        hosts.preflight(down)
-    assert hosts.preflight(spec(hosts_file=hosts_file("", "empty"), network_interface="eth0")) == []
+        preflight(down)
+    assert preflight(spec(hosts_file=hosts_file("", "empty"), network_interface="eth0")) == []
 
 
 @pytest.mark.parametrize(
@@ -332,7 +339,7 @@ def test_preflight_runs_the_discovery_and_asks_the_other_hosts(fake_ssh, script,
 )
 def test_preflight_rejects_a_bad_discovery(fake_ssh, script, text, status, needle):
     with pytest.raises(UsageError, match=needle):
-        hosts.preflight(spec(host_discovery_script=script(text, status), network_interface="eth0"))
+        preflight(spec(host_discovery_script=script(text, status), network_interface="eth0"))
 
 
 def test_preflight_bounds_the_discovery(fake_ssh, tmp_path):
@@ -340,18 +347,18 @@ def test_preflight_bounds_the_discovery(fake_ssh, tmp_path):
     slow.write_text("#!/bin/sh\nexec sleep 30\n")
     slow.chmod(0o755)
     with pytest.raises(UsageError, match="slow.sh gave no answer within 0.5 s"):
-        hosts.preflight(spec(host_discovery_script=str(slow), network_interface="eth0"), timeout=0.5)
+        preflight(spec(host_discovery_script=str(slow), network_interface="eth0"), timeout=0.5)
 
 
 def test_preflight_interfaces_of_an_elastic_job(fake_ssh, hosts_file):
     here = hosts_file("localhost:2\n")
-    # Started here alone on a routed interface: hvdtrain.horovodrun takes it as given, so hosts can join later.
-    routed = next((n for n, a in hosts.interface_addresses().items() if any(not x.startswith("127.") for x in a)), None)
+    # Started here alone on a routed interface: hvdtrain.launching.horovodrun takes it as given, so hosts can join later.
+    routed = next((n for n, a in interface_addresses().items() if any(not x.startswith("127.") for x in a)), None)
     if routed:
-        assert hosts.preflight(spec(hosts_file=here, network_interface=routed))
-    assert hosts.preflight(spec(hosts_file=here))  # lo, chosen by make_spec
+        assert preflight(spec(hosts_file=here, network_interface=routed))
+    assert preflight(spec(hosts_file=here))  # lo, chosen by make_spec
     with pytest.raises(UsageError, match="no IPv4 address on lo that other hosts can reach"):
-        hosts.preflight(spec(hosts_file=hosts_file("localhost:1\nnode2.invalid:1\n", "two"), network_interface="lo"))
+        preflight(spec(hosts_file=hosts_file("localhost:1\nnode2.invalid:1\n", "two"), network_interface="lo"))
 
 
 # --- the wrapper's records of an elastic worker (run for real) ---------------------------------------------
@@ -360,7 +367,7 @@ def test_preflight_interfaces_of_an_elastic_job(fake_ssh, hosts_file):
 def wrapper(log_dir, *command, env):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HOROVOD_", "OMPI_", "PMIX_", "SLURM_"))}
     return subprocess.run(
-        [sys.executable, "-m", "hvdtrain.rank", "--log-dir", str(log_dir), "--", *command],
+        [sys.executable, "-m", "hvdtrain.launching.rank", "--log-dir", str(log_dir), "--", *command],
         env={**base, **env}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -504,7 +511,7 @@ def fake_horovodrun(tmp_path, monkeypatch, output: str, status: int, worker_text
         f"cat {tmp_path / 'output'} >&2\nexit {status}\n"
     )
     horovodrun.chmod(0o755)
-    monkeypatch.setattr(launch, "horovodrun_command", lambda spec: [str(horovodrun)])
+    monkeypatch.setattr(launch_argv, "horovodrun_command", lambda spec: [str(horovodrun)])
 
 
 def test_run_job_reports_an_elastic_failure_from_horovodruns_lines(tmp_path, monkeypatch, capfd, hosts_file):
@@ -515,7 +522,7 @@ def test_run_job_reports_an_elastic_failure_from_horovodruns_lines(tmp_path, mon
     (logs / "worker.gone.0.exit").write_text("1\n")  # stale: cleared before the launch
     s = spec(hosts_file=hosts_file("localhost:1\n"), output_dir=str(logs))
     with pytest.raises(LaunchError) as e:
-        launch.run_job(s, echo=lambda _: None)
+        run_job(s, echo=lambda _: None)
     assert e.value.cause == "failed" and e.value.exit_code == 1
     assert str(e.value) == (
         f"worker localhost[0] failed with exit status 1; last lines of {logs}/worker.localhost.0.log:\n"
@@ -532,7 +539,7 @@ def test_run_job_elastic_success_counts_worker_records(tmp_path, monkeypatch, ho
     fake_horovodrun(tmp_path, monkeypatch, "", 0, "done\n")
     echoed = []
     s = spec(hosts_file=hosts_file("localhost:1\n"), output_dir=str(tmp_path / "logs"))
-    assert launch.run_job(s, echo=echoed.append) == 0
+    assert run_job(s, echo=echoed.append) == 0
     assert echoed == [f"per-worker logs: {tmp_path / 'logs'}"]
 
 
@@ -544,7 +551,7 @@ def test_horovodruns_traceback_is_held_back_unless_the_job_succeeds_or_a_rank_sp
         r, w = os.pipe()
         with os.fdopen(w, "wb") as f:
             f.write("".join(f"{line}\n" for line in [*lines, *more]).encode())
-        tee = launch._Tee(os.fdopen(r, "rb"))
+        tee = _Tee(os.fdopen(r, "rb"))
         assert tee.finish() == [*lines, *more]
         if released:
             tee.release()

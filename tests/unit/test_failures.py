@@ -2,7 +2,7 @@
 
 import os
 
-from hvdtrain import failures
+from hvdtrain.launching import failures
 
 
 def failure_report(*args, **kwargs) -> str:

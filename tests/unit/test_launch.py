@@ -11,25 +11,42 @@ import time
 from pathlib import Path
 
 import pytest
+from launchspecs import spec_of
 
-from hvdtrain import launch
 from hvdtrain.errors import LaunchError, UsageError
+from hvdtrain.launching import argv as launch_argv
+from hvdtrain.launching import spec as launch_spec
+from hvdtrain.launching import supervise
+from hvdtrain.launching.argv import (
+    build_horovodrun_argv,
+    build_mpirun_argv,
+    build_srun_argv,
+    forwarded_names,
+    placement,
+    rank_env,
+    stall_env,
+    wrapped_command,
+)
+from hvdtrain.launching.hosts import Host, parse_hostfile, parse_hosts, ranks_per_host
+from hvdtrain.launching.options import DEFAULT_STALL_TIMEOUT
+from hvdtrain.launching.spec import parse_nics
+from hvdtrain.launching.supervise import run_job
 
 NO_SLURM: dict = {}
 
 
 def spec(command=("python", "-c", "pass"), environ=NO_SLURM, **kw):
-    return launch.make_spec(list(command), environ=environ, **kw)
+    return spec_of(command, environ=environ, **kw)
 
 
 # --- hosts ----------------------------------------------------------------------------------------
 
 
 def test_parse_hosts():
-    assert launch.parse_hosts("a:2,b.example.org:4,c") == [
-        launch.Host("a", 2),
-        launch.Host("b.example.org", 4),
-        launch.Host("c", 1),
+    assert parse_hosts("a:2,b.example.org:4,c") == [
+        Host("a", 2),
+        Host("b.example.org", 4),
+        Host("c", 1),
     ]
 
 
@@ -47,17 +64,17 @@ def test_parse_hosts():
 )
 def test_parse_hosts_rejects(text, needle):
     with pytest.raises(UsageError, match=needle):
-        launch.parse_hosts(text)
+        parse_hosts(text)
 
 
 def test_parse_hostfile(tmp_path):
     f = tmp_path / "hosts"
     f.write_text("# cluster\n\nnode1 slots=4  # big one\nnode2 slots=2\nnode3:3\nnode4\n")
-    assert launch.parse_hostfile(str(f)) == [
-        launch.Host("node1", 4),
-        launch.Host("node2", 2),
-        launch.Host("node3", 3),
-        launch.Host("node4", 1),
+    assert parse_hostfile(str(f)) == [
+        Host("node1", 4),
+        Host("node2", 2),
+        Host("node3", 3),
+        Host("node4", 1),
     ]
 
 
@@ -75,12 +92,12 @@ def test_parse_hostfile_rejects(tmp_path, content, needle):
     f = tmp_path / "hosts"
     f.write_text(content)
     with pytest.raises(UsageError, match=needle):
-        launch.parse_hostfile(str(f))
+        parse_hostfile(str(f))
 
 
 def test_missing_hostfile(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        launch.parse_hostfile(str(tmp_path / "nope"))
+        parse_hostfile(str(tmp_path / "nope"))
 
 
 # --- spec validation --------------------------------------------------------------------------------
@@ -88,7 +105,7 @@ def test_missing_hostfile(tmp_path):
 
 def test_defaults():
     s = spec(np=2)
-    assert (s.np, s.hosts, s.launcher, s.controller) == (2, [launch.Host("localhost", 2)], "mpirun", "mpi")
+    assert (s.np, s.hosts, s.launcher, s.controller) == (2, [Host("localhost", 2)], "mpirun", "mpi")
     s = spec(np=2, launcher="horovodrun")
     assert (s.launcher, s.controller) == ("horovodrun", None)  # horovodrun's own choice
 
@@ -103,7 +120,7 @@ def test_default_launcher_is_horovodrun_where_it_adds_something(monkeypatch):
     assert spec(np=2, hosts="localhost:1,n2:1").launcher == "horovodrun"
     assert spec(np=2, hosts="n1:1,n2:1", mpi=True).launcher == "horovodrun"
     assert spec(environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}).launcher == "srun"
-    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    monkeypatch.setattr(launch_spec.shutil, "which", lambda name: None)
     assert spec(np=2).launcher == "horovodrun"
 
 
@@ -156,9 +173,9 @@ def test_slurm_allocation_defaults():
 
 
 def test_ranks_per_host_and_placement():
-    assert launch.ranks_per_host(5, [launch.Host("a", 2), launch.Host("b", 4)]) == [2, 3]
-    assert launch.placement(spec(np=5, hosts="a:2,b:4")) == {0: "a", 1: "a", 2: "b", 3: "b", 4: "b"}
-    assert launch.placement(spec(environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"})) == {}
+    assert ranks_per_host(5, [Host("a", 2), Host("b", 4)]) == [2, 3]
+    assert placement(spec(np=5, hosts="a:2,b:4")) == {0: "a", 1: "a", 2: "b", 3: "b", 4: "b"}
+    assert placement(spec(environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"})) == {}
 
 
 def test_threads_are_left_to_each_host_unless_given():
@@ -181,10 +198,10 @@ HOSTILE = ["python", "-c", "print('a b'); import sys", "arg with space", "it's",
 def test_horovodrun_argv():
     s = spec(HOSTILE, np=3, hosts="n1:2,n2:2", gloo=True, threads_per_rank=2)
     s.python = "/venv/bin/python"
-    argv = launch.build_horovodrun_argv(s, "/logs dir", "horovodrun")
+    argv = build_horovodrun_argv(s, "/logs dir", "horovodrun")
     assert argv == [
         "horovodrun", "-np", "3", "-H", "n1:2,n2:2", "--gloo",
-        "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/logs dir", "--threads", "2", "--", *HOSTILE,
+        "/venv/bin/python", "-m", "hvdtrain.launching.rank", "--log-dir", "/logs dir", "--threads", "2", "--", *HOSTILE,
     ]  # fmt: skip
     # The displayed form round-trips through a shell unchanged.
     assert shlex.split(shlex.join(argv)) == argv
@@ -193,24 +210,24 @@ def test_horovodrun_argv():
 def test_mpirun_argv():
     s = spec(HOSTILE, np=4, env=["NCCL_DEBUG=INFO"], threads_per_rank=1)
     s.python = "/venv/bin/python"
-    names = launch.rank_env(s, is_root=True, environ={}).keys()
-    argv = launch.build_mpirun_argv(s, "/logs", names, cores=2)
+    names = rank_env(s, is_root=True, environ={}).keys()
+    argv = build_mpirun_argv(s, "/logs", names, cores=2)
     assert argv == [
         "mpirun", "-np", "4", "-H", "localhost:4", "--bind-to", "none", "--map-by", "slot", "--tag-output",
         "--oversubscribe",
         "-x", "HOROVOD_STALL_CHECK_TIME_SECONDS", "-x", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "-x", "NCCL_DEBUG",
         "-x", "OMPI_ALLOW_RUN_AS_ROOT", "-x", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "-x", "OMPI_MCA_mpi_yield_when_idle",
-        "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/logs", "--threads", "1", "--", *HOSTILE,
+        "/venv/bin/python", "-m", "hvdtrain.launching.rank", "--log-dir", "/logs", "--threads", "1", "--", *HOSTILE,
     ]  # fmt: skip
-    assert "--oversubscribe" not in launch.build_mpirun_argv(s, "/logs", names, cores=8)
+    assert "--oversubscribe" not in build_mpirun_argv(s, "/logs", names, cores=8)
 
 
 def test_srun_argv():
     s = spec(HOSTILE, environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"})
     s.python = "/venv/bin/python"
-    assert launch.build_srun_argv(s, "/l") == [
+    assert build_srun_argv(s, "/l") == [
         "srun", "--ntasks=2", "--mpi=pmix", "--kill-on-bad-exit=1", "--export=ALL",
-        "/venv/bin/python", "-m", "hvdtrain.rank", "--log-dir", "/l", "--threads", "auto", "--", *HOSTILE,
+        "/venv/bin/python", "-m", "hvdtrain.launching.rank", "--log-dir", "/l", "--threads", "auto", "--", *HOSTILE,
     ]  # fmt: skip
 
 
@@ -218,24 +235,24 @@ def test_rank_env():
     s = spec(np=2, threads_per_rank=3, env=["X=1"])
     stall = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "60", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600"}
     yield_ = {"OMPI_MCA_mpi_yield_when_idle": "1"}  # MPI's waits give the core away now and then
-    assert launch.rank_env(s, is_root=False, environ={}) == {**stall, **yield_, "X": "1"}
-    assert launch.rank_env(s, is_root=True)["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert rank_env(s, is_root=False, environ={}) == {**stall, **yield_, "X": "1"}
+    assert rank_env(s, is_root=True)["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
     # --env wins over hvdtrain's own settings, and so does the caller's environment over its MPI defaults.
     mine = spec(np=2, env=["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=5", "OMPI_MCA_mpi_yield_when_idle=0"])
-    assert launch.rank_env(mine, is_root=False)["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "5"
-    assert launch.rank_env(mine, is_root=False, environ={})["OMPI_MCA_mpi_yield_when_idle"] == "0"
-    exported = launch.rank_env(s, is_root=False, environ={"OMPI_MCA_mpi_yield_when_idle": "0"})
+    assert rank_env(mine, is_root=False)["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "5"
+    assert rank_env(mine, is_root=False, environ={})["OMPI_MCA_mpi_yield_when_idle"] == "0"
+    exported = rank_env(s, is_root=False, environ={"OMPI_MCA_mpi_yield_when_idle": "0"})
     assert "OMPI_MCA_mpi_yield_when_idle" not in exported  # the exported 0 reaches the ranks as it is
     elastic = spec(elastic=True, min_np=1, host_discovery_script="/bin/true", network_interface="lo")
     for no_mpi in (spec(np=2, gloo=True), elastic):
-        assert "OMPI_MCA_mpi_yield_when_idle" not in launch.rank_env(no_mpi, is_root=False, environ={})
+        assert "OMPI_MCA_mpi_yield_when_idle" not in rank_env(no_mpi, is_root=False, environ={})
 
 
 # --- network interfaces ---------------------------------------------------------------------------
 
 
 def test_parse_nics():
-    assert launch.parse_nics("eth0, ib0,eth0") == ["eth0", "ib0"]
+    assert parse_nics("eth0, ib0,eth0") == ["eth0", "ib0"]
     assert spec(np=2, network_interface="eth0").nics == ["eth0"]
     assert spec(np=2).nics == []
 
@@ -259,28 +276,28 @@ def test_parse_nics_rejects(text, needle):
 def test_network_interface_argv_per_launcher():
     hr = spec(HOSTILE, np=2, hosts="n1:1,n2:1", network_interface="eth0,ib0", threads_per_rank=1)
     hr.python = "/py"
-    assert launch.build_horovodrun_argv(hr, "/l", "horovodrun") == [
+    assert build_horovodrun_argv(hr, "/l", "horovodrun") == [
         "horovodrun", "-np", "2", "-H", "n1:1,n2:1", "--network-interface", "eth0", "--network-interface", "ib0",
         "--mpi-args=-mca oob_tcp_if_include eth0,ib0",
-        "/py", "-m", "hvdtrain.rank", "--log-dir", "/l", "--threads", "1", "--", *HOSTILE,
+        "/py", "-m", "hvdtrain.launching.rank", "--log-dir", "/l", "--threads", "1", "--", *HOSTILE,
     ]  # fmt: skip
     gloo = spec(np=2, hosts="n1:1,n2:1", network_interface="eth0", gloo=True)
-    assert not any(a.startswith("--mpi-args") for a in launch.build_horovodrun_argv(gloo, "/l"))
+    assert not any(a.startswith("--mpi-args") for a in build_horovodrun_argv(gloo, "/l"))
     mp = spec(HOSTILE, np=2, hosts="n1:1,n2:1", network_interface="eth0,ib0", launcher="mpirun", threads_per_rank=1)
     mp.python = "/py"
-    names = launch.rank_env(mp, is_root=False, environ={}).keys()
-    assert launch.build_mpirun_argv(mp, "/l", names, cores=8) == [
+    names = rank_env(mp, is_root=False, environ={}).keys()
+    assert build_mpirun_argv(mp, "/l", names, cores=8) == [
         "mpirun", "-np", "2", "-H", "n1:1,n2:1", "--bind-to", "none", "--map-by", "slot", "--tag-output",
         "--mca", "btl_tcp_if_include", "eth0,ib0", "--mca", "oob_tcp_if_include", "eth0,ib0",
         "-x", "HOROVOD_STALL_CHECK_TIME_SECONDS", "-x", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
         "-x", "NCCL_SOCKET_IFNAME", "-x", "OMPI_MCA_mpi_yield_when_idle",
-        "/py", "-m", "hvdtrain.rank", "--log-dir", "/l", "--threads", "1", "--", *HOSTILE,
+        "/py", "-m", "hvdtrain.launching.rank", "--log-dir", "/l", "--threads", "1", "--", *HOSTILE,
     ]  # fmt: skip
-    assert launch.rank_env(mp, is_root=False)["NCCL_SOCKET_IFNAME"] == "eth0,ib0"
+    assert rank_env(mp, is_root=False)["NCCL_SOCKET_IFNAME"] == "eth0,ib0"
     srun = spec(environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}, network_interface="ib0")
-    env = launch.rank_env(srun, is_root=False)
+    env = rank_env(srun, is_root=False)
     assert (env["OMPI_MCA_btl_tcp_if_include"], env["OMPI_MCA_oob_tcp_if_include"]) == ("ib0", "ib0")
-    assert "OMPI_MCA_btl_tcp_if_include" not in launch.rank_env(hr, is_root=False)  # horovodrun's own business
+    assert "OMPI_MCA_btl_tcp_if_include" not in rank_env(hr, is_root=False)  # horovodrun's own business
 
 
 def _horovodrun_would_run(argv, monkeypatch):
@@ -308,10 +325,10 @@ def test_horovodrun_takes_our_interface_and_ssh_arguments(monkeypatch, tmp_path)
     config = tmp_path / "ssh_config"
     config.write_text("Host *\n")
     s = spec(np=2, hosts="n1:1,n2:1", network_interface="eth0,ib0", ssh_config=str(config))
-    argv = launch.build_horovodrun_argv(s, "/l", "horovodrun")
+    argv = build_horovodrun_argv(s, "/l", "horovodrun")
     args, mpirun = _horovodrun_would_run(argv, monkeypatch)
     assert args.nics == {"eth0", "ib0"} and args.disable_cache
-    assert args.command == launch.wrapped_command(s, "/l")
+    assert args.command == wrapped_command(s, "/l")
     # horovodrun's own -mca btl_tcp_if_include, then ours: oob_tcp_if_include and no tree spawn.
     assert "-mca btl_tcp_if_include eth0,ib0" in mpirun or "-mca btl_tcp_if_include ib0,eth0" in mpirun
     assert "-mca oob_tcp_if_include eth0,ib0 -mca plm_rsh_no_tree_spawn 1" in mpirun
@@ -345,14 +362,14 @@ def test_ssh_config_argv(tmp_path):
     config = tmp_path / "ssh_config"
     config.write_text("")
     s = spec(np=2, hosts="n1:1,n2:1", ssh_config=str(config), launcher="mpirun")
-    argv = launch.build_mpirun_argv(s, "/l", [], cores=8)
+    argv = build_mpirun_argv(s, "/l", [], cores=8)
     agent = argv.index("plm_rsh_agent")
     assert argv[agent - 1 : agent + 5] == [
         "--mca", "plm_rsh_agent", f"ssh -F {config}", "--mca", "plm_rsh_no_tree_spawn", "1",
     ]  # fmt: skip
-    hr = launch.build_horovodrun_argv(dataclasses.replace(s, launcher="horovodrun", controller=None), "/l")
+    hr = build_horovodrun_argv(dataclasses.replace(s, launcher="horovodrun", controller=None), "/l")
     assert "--disable-cache" in hr and "--mpi-args=-mca plm_rsh_no_tree_spawn 1" in hr
-    assert "--disable-cache" not in launch.build_horovodrun_argv(spec(np=2), "/l")
+    assert "--disable-cache" not in build_horovodrun_argv(spec(np=2), "/l")
 
 
 def test_run_job_puts_the_ssh_shim_first_on_horovodruns_path(tmp_path, fake_ssh, monkeypatch):
@@ -365,11 +382,11 @@ def test_run_job_puts_the_ssh_shim_first_on_horovodruns_path(tmp_path, fake_ssh,
         'while [ $# -gt 0 ]; do [ "$1" = --log-dir ] && echo 0 > "$2/rank.0.exit"; shift; done\n'
     )
     horovodrun.chmod(0o755)
-    monkeypatch.setattr(launch, "find_horovodrun", lambda: str(horovodrun))
-    monkeypatch.setattr(launch.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(launch_argv, "find_horovodrun", lambda: str(horovodrun))
+    monkeypatch.setattr(supervise.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     s = spec(np=2, hosts="node2:2", ssh_config=str(config), output_dir=str(tmp_path / "logs"))
-    assert launch.run_job(s, echo=lambda _: None) == 0
+    assert run_job(s, echo=lambda _: None) == 0
     assert fake_ssh.read_text() == f"-F {config} node2 true\n"
     shim_dir = (tmp_path / "path").read_text().split(os.pathsep)[0]
     assert Path(shim_dir).name.startswith("hvdtrain-ssh-") and not Path(shim_dir).exists()
@@ -381,15 +398,15 @@ def test_a_launcher_that_says_success_without_starting_a_rank_fails(tmp_path, mo
     horovodrun = tmp_path / "horovodrun"
     horovodrun.write_text("#!/bin/sh\necho 'srun: error: task 0 launch failed: Unspecified error'\nexit 0\n")
     horovodrun.chmod(0o755)
-    monkeypatch.setattr(launch, "find_horovodrun", lambda: str(horovodrun))
+    monkeypatch.setattr(launch_argv, "find_horovodrun", lambda: str(horovodrun))
     with pytest.raises(LaunchError, match=r"horovodrun exited with status 0 but no rank started \(no rank records"):
-        launch.run_job(spec(np=2, launcher="horovodrun", output_dir=str(tmp_path / "logs")), echo=lambda _: None)
+        run_job(spec(np=2, launcher="horovodrun", output_dir=str(tmp_path / "logs")), echo=lambda _: None)
 
 
 def test_dry_run_names_the_ssh_shim(tmp_path, capsys):
     config = tmp_path / "ssh_config"
     config.write_text("")
-    launch.run_job(spec(np=2, hosts="node2:2", ssh_config=str(config), output_dir=str(tmp_path)), dry_run=True)
+    run_job(spec(np=2, hosts="node2:2", ssh_config=str(config), output_dir=str(tmp_path)), dry_run=True)
     assert f"# horovodrun runs with an 'ssh' first on its PATH that is: ssh -F {config}" in capsys.readouterr().out
 
 
@@ -397,20 +414,20 @@ def test_dry_run_names_the_ssh_shim(tmp_path, capsys):
 
 
 def test_stall_env():
-    assert launch.stall_env(600) == {
+    assert stall_env(600) == {
         "HOROVOD_STALL_CHECK_TIME_SECONDS": "60",
         "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600",
     }
-    assert launch.stall_env(30) == {
+    assert stall_env(30) == {
         "HOROVOD_STALL_CHECK_TIME_SECONDS": "15",
         "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "30",
     }
-    assert launch.stall_env(1) == {"HOROVOD_STALL_CHECK_TIME_SECONDS": "1", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "1"}
-    assert launch.stall_env(0) == {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "0"}
+    assert stall_env(1) == {"HOROVOD_STALL_CHECK_TIME_SECONDS": "1", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "1"}
+    assert stall_env(0) == {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "0"}
     for t in range(1, 2000):  # Horovod turns the shutdown off when it comes before the check
-        env = launch.stall_env(t)
+        env = stall_env(t)
         assert 1 <= int(env["HOROVOD_STALL_CHECK_TIME_SECONDS"]) <= t
-    assert spec(np=2).stall_timeout == launch.DEFAULT_STALL_TIMEOUT == 600
+    assert spec(np=2).stall_timeout == DEFAULT_STALL_TIMEOUT == 600
     assert spec(np=2, stall_timeout=0).stall_timeout == 0
     with pytest.raises(UsageError, match="--stall-timeout -5: give a number of seconds"):
         spec(np=2, stall_timeout=-5)
@@ -432,11 +449,12 @@ def test_sigterm_reaches_the_launcher_behind_a_shell(tmp_path):
     horovodrun.write_text(f"#!/bin/sh\n{sys.executable} {tmp_path / 'mpirun.py'}\necho after\n")
     horovodrun.chmod(0o755)
     driver = (
-        "import sys\nfrom hvdtrain import launch\n"
-        f"launch.find_horovodrun = lambda: {str(horovodrun)!r}\n"
-        f"spec = launch.make_spec(['true'], np=1, launcher='horovodrun', environ={{}}, "
-        f"output_dir={str(tmp_path / 'logs')!r})\n"
-        "try:\n    launch.run_job(spec)\nexcept launch.LaunchError as e:\n    sys.exit(f'error: {e}')\n"
+        "import sys\nfrom hvdtrain.errors import LaunchError\nfrom hvdtrain.launching import argv, supervise\n"
+        "from hvdtrain.launching.options import LaunchOptions\nfrom hvdtrain.launching.spec import make_spec\n"
+        f"argv.find_horovodrun = lambda: {str(horovodrun)!r}\n"
+        f"spec = make_spec(['true'], LaunchOptions(np=1, launcher='horovodrun', output_dir={str(tmp_path / 'logs')!r}), "
+        "environ={})\n"
+        "try:\n    supervise.run_job(spec)\nexcept LaunchError as e:\n    sys.exit(f'error: {e}')\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
     try:
@@ -460,8 +478,8 @@ def test_mpirun_forwards_the_callers_runtime_environment_to_every_rank():
     HOROVOD_/NCCL_/OMP_ knobs are passed with -x; unrelated variables are not."""
     environ = {"PATH": "/venv/bin:/usr/bin", "PYTHONPATH": "/repo", "HOROVOD_FUSION_THRESHOLD": "0",
                "NCCL_DEBUG": "INFO", "HOME": "/root", "SSH_AUTH_SOCK": "/tmp/agent", "EDITOR": "vi"}  # fmt: skip
-    assert sorted(launch.forwarded_names(environ)) == ["HOROVOD_FUSION_THRESHOLD", "NCCL_DEBUG", "PATH", "PYTHONPATH"]
-    s = launch.make_spec(["true"], np=2, hosts="node1:1,node2:1", launcher="mpirun", check_cmd=False, environ={})
-    argv = launch.build_mpirun_argv(s, "/l", ["OMP_NUM_THREADS", *launch.forwarded_names(environ), "PATH"], cores=8)
+    assert sorted(forwarded_names(environ)) == ["HOROVOD_FUSION_THRESHOLD", "NCCL_DEBUG", "PATH", "PYTHONPATH"]
+    s = spec_of(["true"], np=2, hosts="node1:1,node2:1", launcher="mpirun", check_cmd=False, environ={})
+    argv = build_mpirun_argv(s, "/l", ["OMP_NUM_THREADS", *forwarded_names(environ), "PATH"], cores=8)
     xs = [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
     assert xs == sorted(set(xs)) and "PATH" in xs and "HOME" not in xs, argv

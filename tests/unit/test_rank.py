@@ -8,8 +8,8 @@ import sys
 import psutil
 import pytest
 
-from hvdtrain import rank
 from hvdtrain.env import RankInfo, expand_tasks_per_node, rank_info
+from hvdtrain.launching import rank
 from hvdtrain.rundir import RankLogs
 
 PRINT_THREADS = "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))"
@@ -18,10 +18,10 @@ PLACES = ("HOROVOD_", "OMPI_COMM_WORLD_", "PMIX_", "PMI_", "SLURM_", "MPI_LOCAL"
 
 
 def wrapper(log_dir, *args, env=None):
-    """Run `python -m hvdtrain.rank` as a launcher does; returns the CompletedProcess."""
+    """Run `python -m hvdtrain.launching.rank` as a launcher does; returns the CompletedProcess."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(PLACES) and k != "OMP_NUM_THREADS"}
     return subprocess.run(
-        [sys.executable, "-m", "hvdtrain.rank", "--log-dir", str(log_dir), *args],
+        [sys.executable, "-m", "hvdtrain.launching.rank", "--log-dir", str(log_dir), *args],
         env={**base, **(env or {})}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -56,7 +56,7 @@ def test_threads_given_or_left_alone(tmp_path):
 def test_host_record_comes_first_and_stays_when_the_rank_is_killed(tmp_path):
     """A rank SIGKILLed with its wrapper (a lost host) leaves its host record and no exit record."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hvdtrain.rank", "--log-dir", str(tmp_path), "--", sys.executable, "-c",
+        [sys.executable, "-m", "hvdtrain.launching.rank", "--log-dir", str(tmp_path), "--", sys.executable, "-c",
          "import time; print('up', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The run directory's lock (hvdtrain.runlock) and the process names it rests on (hvdtrain.procs)."""
+"""The run directory's lock (hvdtrain.launching.runlock) and the process names it rests on (hvdtrain.procs)."""
 
 import os
 import socket
@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from hvdtrain import procs, runlock
+from hvdtrain import procs
 from hvdtrain.errors import UsageError
+from hvdtrain.launching import runlock
 
 
 def dead_pid() -> int:

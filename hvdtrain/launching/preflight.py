@@ -1,18 +1,15 @@
-"""The hosts of a job before it is launched: which of them are this machine, the ssh preflight (every other
-host answers a non-interactive ssh, and every host has the interfaces of --network-interface; for an elastic job,
-the hosts its discovery lists now), and the ssh shim that gives horovodrun's own ssh the --ssh-config (and, for
-elastic jobs, keepalives).
+"""The hosts themselves, before a job is launched: the ssh preflight (every other host answers a non-interactive
+ssh, and every host has the interfaces of --network-interface; for an elastic job, the hosts its discovery lists
+now), and the ssh shim that gives horovodrun's own ssh the --ssh-config (and, for elastic jobs, keepalives).
 
 `preflight` is the only place here that starts processes (ssh, in parallel, each bounded); `make_ssh_shim`
-writes a temporary script for run_job. Nothing heavy is imported at module import time (the CLI imports the
-launcher, which imports this): psutil only inside `interface_addresses`.
+writes a temporary script for the supervisor.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
 import shlex
 import shutil
 import socket
@@ -22,23 +19,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from hvdtrain.errors import UsageError
+from hvdtrain.launching.hosts import (
+    Host,
+    interface_addresses,
+    is_local_host,
+    local_interfaces,
+    parse_discovered,
+    parse_hosts_file,
+)
 
-if TYPE_CHECKING:  # for annotations only: launch imports this module
-    from hvdtrain.launch import LaunchSpec
+if TYPE_CHECKING:  # annotations only
+    from hvdtrain.launching.spec import LaunchSpec
 
 # What the preflight runs on every other host: its name, and its network interfaces (one per line).
 PROBE = "hostname; ls /sys/class/net"
+
 SSH_CONNECT_TIMEOUT_S = 10
+
 PREFLIGHT_TIMEOUT_S = 20.0
+
 # What every ssh of an elastic job's horovodrun gets: a host whose link goes down stops answering the keepalives,
 # its ssh session ends with 255 after about 3 x 5 s, and the elastic driver counts its workers as failed and drops
 # the host (without them, a worker's ssh waits for TCP to give up, which takes many minutes).
 ELASTIC_SSH_OPTIONS = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
-
-
-# --------------------------------------------------------------------------------------------------
-# Preflight: the hosts themselves (ssh, network interfaces), before anything is launched
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,45 +52,6 @@ class HostFacts:
     local: bool  # this machine: checked here, not over ssh
     hostname: str  # what `hostname` says there
     interfaces: tuple[str, ...]  # /sys/class/net there
-
-
-def _own_names() -> set[str]:
-    name = socket.gethostname()
-    names = {"localhost", "127.0.0.1", name, name.split(".")[0]}
-    try:
-        names.add(socket.getfqdn())
-    except OSError:
-        pass
-    return names
-
-
-def interface_addresses() -> dict[str, set[str]]:
-    """This machine's interfaces and their IPv4 addresses (psutil, imported here: the CLI imports this module)."""
-    import psutil
-
-    return {
-        name: {a.address for a in addrs if a.family == socket.AF_INET} for name, addrs in psutil.net_if_addrs().items()
-    }
-
-
-def is_local_host(name: str, by_name: bool = True) -> bool:
-    """Whether `name` is this machine: localhost, 127.0.0.1, this host's name (short or full) when `by_name`,
-    or a name that resolves to an IPv4 address of one of this machine's interfaces. horovodrun decides by the
-    address alone (network.filter_local_addresses), so pass by_name=False to agree with it."""
-    if name in ("localhost", "127.0.0.1") or (by_name and name in _own_names()):
-        return True
-    try:
-        address = socket.gethostbyname(name)
-    except OSError:
-        return False
-    return any(address in addresses for addresses in interface_addresses().values())
-
-
-def local_interfaces() -> tuple[str, ...]:
-    try:
-        return tuple(sorted(os.listdir("/sys/class/net")))
-    except OSError:
-        return ()
 
 
 def ssh_command(host: str, ssh_config: Optional[str], ssh: str = "ssh") -> list[str]:
@@ -188,15 +152,13 @@ def preflight(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list[Ho
     return check_hosts(spec, spec.hosts, timeout)
 
 
-def discover(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list:
-    """The hosts an elastic job's discovery lists now (launch.Host): the --hosts-file parsed, or the output of the
+def discover(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list[Host]:
+    """The hosts an elastic job's discovery lists now: the --hosts-file parsed, or the output of the
     --host-discovery-script (run once, bounded by `timeout`, without a shell) parsed as horovodrun reads it.
     UsageError when the script fails, hangs, or prints anything but 'host[:slots]' lines."""
-    from hvdtrain import launch  # launch imports this module
-
     elastic = spec.elastic
     if elastic.hosts_file is not None:
-        return launch.parse_hosts_file(elastic.hosts_file, elastic.slots_per_host)
+        return parse_hosts_file(elastic.hosts_file, elastic.slots_per_host)
     argv = shlex.split(elastic.discovery)
     where = f"--host-discovery-script {argv[0]}"
     try:
@@ -212,11 +174,11 @@ def discover(spec: LaunchSpec, timeout: float = PREFLIGHT_TIMEOUT_S) -> list:
             f"{where} failed with exit status {proc.returncode}{detail}; horovodrun stops the job when its first "
             "run fails: fix the script"
         )
-    return launch.parse_discovered(proc.stdout, where, elastic.slots_per_host)
+    return parse_discovered(proc.stdout, where, elastic.slots_per_host)
 
 
-def check_hosts(spec: LaunchSpec, hosts: Sequence, timeout: float = PREFLIGHT_TIMEOUT_S) -> list[HostFacts]:
-    """The preflight of `hosts` (launch.Host): ssh to each that is not this machine, then the interfaces."""
+def check_hosts(spec: LaunchSpec, hosts: Sequence[Host], timeout: float = PREFLIGHT_TIMEOUT_S) -> list[HostFacts]:
+    """The preflight of `hosts`: ssh to each that is not this machine, then the interfaces."""
     by_name = spec.launcher != "horovodrun"
     names = list(dict.fromkeys(h.name for h in hosts))
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(names)))) as pool:
@@ -248,7 +210,7 @@ def _check_launcher_addresses(spec: LaunchSpec, all_local: bool) -> None:
     addresses = interface_addresses()
     nics = ",".join(spec.nics)
     if all_local:
-        # An elastic job's horovodrun (hvdtrain.horovodrun) takes the interface as given.
+        # An elastic job's horovodrun (hvdtrain.launching.horovodrun) takes the interface as given.
         fixed = spec.elastic is not None
         if (
             spec.launcher == "horovodrun"
@@ -271,11 +233,6 @@ def _check_launcher_addresses(spec: LaunchSpec, all_local: bool) -> None:
             f"{', '.join(bare)} that other hosts can reach, and the ranks connect back to the launcher through it; "
             f"pick an interface with an address{' (here: ' + ', '.join(usable) + ')' if usable else ''}"
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# The ssh shim: --ssh-config for horovodrun, which runs plain `ssh` from PATH
-# --------------------------------------------------------------------------------------------------
 
 
 def ssh_shim_args(spec: LaunchSpec) -> list[str]:

@@ -1,4 +1,4 @@
-"""The per-rank wrapper: ``python -m hvdtrain.rank --log-dir DIR [--threads auto|N] -- COMMAND...``.
+"""The per-rank wrapper: ``python -m hvdtrain.launching.rank --log-dir DIR [--threads auto|N] -- COMMAND...``.
 
 Every launcher starts the user's command through this wrapper on each rank. It first writes DIR/rank.R.host
 (the host it runs on), sets OMP_NUM_THREADS for the command (``--threads N``: N; ``auto``: this host's CPUs
@@ -40,7 +40,7 @@ from hvdtrain.files import write_text_atomic
 from hvdtrain.rundir import RankLogs
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
-USAGE = "usage: python -m hvdtrain.rank --log-dir DIR [--threads auto|N] -- COMMAND..."
+USAGE = "usage: python -m hvdtrain.launching.rank --log-dir DIR [--threads auto|N] -- COMMAND..."
 AUTO = "auto"
 WATCH_INTERVAL_S = 0.5  # how often a rank checks that its job is still there
 END_GRACE_S = 3.0  # after SIGTERM, how long an orphaned command may take to end before it is SIGKILLed
@@ -132,6 +132,52 @@ def watch(proc: subprocess.Popen, parent: int, launcher: Optional[str], say) -> 
     return thread
 
 
+def _records(logs: RankLogs, rank: int, worker: Optional[tuple[str, int]]) -> tuple[str, Path, Path, Path]:
+    """(how the report names this process, its host record, its log, its exit record): a rank's, or an elastic
+    worker's (a rank changes at every reset)."""
+    if worker is None:
+        return f"rank {rank}", logs.host(rank), logs.log(rank), logs.exit(rank)
+    return (
+        f"worker {worker[0]}[{worker[1]}]",
+        logs.worker_host(*worker),
+        logs.worker_log(*worker),
+        logs.worker_exit(*worker),
+    )
+
+
+def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: int) -> int:
+    """Run `command` with its output copied to `log` and our stdout; its exit status (128 + N for signal N; 127 when
+    it cannot start). Signals are forwarded to it; it ends when the wrapper's parent or the launcher is gone."""
+    try:
+        # Its own process group (ended as one); SIGKILLed by the kernel if the wrapper dies first.
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            process_group=0,
+            preexec_fn=procs.die_with_parent(signal.SIGKILL),
+        )
+    except OSError as e:
+        msg = f"hvdtrain: {name}: cannot start {command[0]!r}: {e.strerror}\n".encode()
+        log.write(msg)
+        sys.stderr.buffer.write(msg)
+        return 127
+    for s in _FORWARDED:
+        signal.signal(s, lambda signum, _frame: proc.send_signal(signum))
+    watch(proc, parent, os.environ.get(procs.LAUNCHER_ENV), log.write)
+    out = sys.stdout.buffer
+    for chunk in iter(lambda: proc.stdout.readline(), b""):
+        log.write(chunk)
+        try:
+            out.write(chunk)
+            out.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the launcher went away; keep the log complete
+    status = proc.wait()
+    return 128 - status if status < 0 else status
+
+
 def main(argv: list[str]) -> int:
     parsed = parse_args(argv)
     if parsed is None:
@@ -139,19 +185,9 @@ def main(argv: list[str]) -> int:
         return 2
     log_dir, threads, command = parsed
     parent = os.getppid()
-    logs = RankLogs(log_dir)
     info = rank_info()
     worker = elastic_worker(os.environ)
-    if worker is None:
-        name = f"rank {info.rank}"
-        host_record, log_path, exit_record = logs.host(info.rank), logs.log(info.rank), logs.exit(info.rank)
-    else:
-        name = f"worker {worker[0]}[{worker[1]}]"
-        host_record, log_path, exit_record = (
-            logs.worker_host(*worker),
-            logs.worker_log(*worker),
-            logs.worker_exit(*worker),
-        )
+    name, host_record, log_path, exit_record = _records(RankLogs(log_dir), info.rank, worker)
     log_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(host_record, socket.gethostname() + "\n")
     if worker is not None:
@@ -162,36 +198,7 @@ def main(argv: list[str]) -> int:
     with open(log_path, "ab", buffering=0) as log:
         if worker is not None:
             log.write(started_line(*worker).encode())
-        try:
-            # Its own process group (ended as one); SIGKILLed by the kernel if the wrapper dies first.
-            proc = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=env,
-                process_group=0,
-                preexec_fn=procs.die_with_parent(signal.SIGKILL),
-            )
-        except OSError as e:
-            msg = f"hvdtrain: {name}: cannot start {command[0]!r}: {e.strerror}\n".encode()
-            log.write(msg)
-            sys.stderr.buffer.write(msg)
-            status = 127
-        else:
-            for s in _FORWARDED:
-                signal.signal(s, lambda signum, _frame: proc.send_signal(signum))
-            watch(proc, parent, os.environ.get(procs.LAUNCHER_ENV), log.write)
-            out = sys.stdout.buffer
-            for chunk in iter(lambda: proc.stdout.readline(), b""):
-                log.write(chunk)
-                try:
-                    out.write(chunk)
-                    out.flush()
-                except (BrokenPipeError, OSError):
-                    pass  # the launcher went away; keep the log complete
-            status = proc.wait()
-            if status < 0:
-                status = 128 - status
+        status = _run_teed(command, env, log, name, parent)
     write_text_atomic(exit_record, f"{status}\n")
     return status
 

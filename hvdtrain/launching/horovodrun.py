@@ -1,4 +1,4 @@
-"""horovodrun for elastic jobs: ``python -m hvdtrain.horovodrun ARGS`` runs ``horovodrun ARGS`` (its own code) with
+"""horovodrun for elastic jobs: ``python -m hvdtrain.launching.horovodrun ARGS`` runs ``horovodrun ARGS`` (its own code) with
 two fixes and one addition, for Horovod 0.28.1's elastic driver.
 
 1. The interface. The driver picks the interface of its rendezvous server once, at the start; when every host it
@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 
-WRAPPER = "hvdtrain.rank"
+WRAPPER = "hvdtrain.launching.rank"
 
 
 def pass_on(signum: int, _frame=None) -> None:

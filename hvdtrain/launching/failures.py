@@ -257,7 +257,7 @@ def diagnose(
     are killed by the launcher, so their own records say little); lost hosts (`lost_hosts`); then the ranks
     that failed (`failed_ranks` order). A lone failure reads as before:
     `rank 1 failed with exit status 1 (then also ranks 0); last lines of DIR/rank.1.log:` and the lines.
-    `np`: the job's ranks; `placement`: rank -> host name (`launch.placement`); `this_machine`: names of this host;
+    `np`: the job's ranks; `placement`: rank -> host name (`argv.placement`); `this_machine`: names of this host;
     `starts`: where this job's part of each log begins (`log_sizes` before the launch); `stopped_by`: the signal
     hvdtrain got and passed on (then that is the cause, and no host is called lost: the stop killed its ranks);
     `roles`: what each rank is in the job (a pipeline's "stage 1 of replica 0"), said beside the rank that failed."""
@@ -276,17 +276,8 @@ def diagnose(
         f"host {host} was lost: {_ranks(ranks)} ran there and left no exit status (killed, or the host went down)"
         for host, ranks in lost
     ]
-    if failed and causes:
-        statuses = ", ".join(str(r.status) for r in failed)
-        exit_words = f"exit status {statuses}" if len(failed) == 1 else f"exit statuses {statuses}"
-        causes.append(f"then {_ranks([r.rank for r in failed])} failed ({exit_words})")
-    elif failed:
-        first, others = failed[0], ", ".join(str(r.rank) for r in failed[1:])
-        role = f" ({roles[first.rank]})" if first.rank < len(roles) else ""
-        causes.append(
-            f"rank {first.rank}{role} failed with exit status {first.status}"
-            + (f" (then also ranks {others})" if others else "")
-        )
+    if failed:
+        causes.append(_failed_words(failed, after=bool(causes), roles=roles))
     first_cause = (
         "stall" if stall else "stopped" if stopped_by else "lost_host" if lost else "failed" if failed else None
     )
@@ -299,6 +290,27 @@ def diagnose(
     ]
     if not shown:  # stopped, and no rank recorded a failure
         return Diagnosis(first_cause, f"{'; '.join(causes)}; per-rank logs are in {log_dir}")
+    return _with_last_lines(first_cause, causes, log_dir, shown, starts)
+
+
+def _failed_words(failed: Sequence[RankRecord], after: bool, roles: Sequence[str]) -> str:
+    """The ranks that failed, as a cause of their own or (`after` another cause) as what followed it."""
+    if after:
+        statuses = ", ".join(str(r.status) for r in failed)
+        exit_words = f"exit status {statuses}" if len(failed) == 1 else f"exit statuses {statuses}"
+        return f"then {_ranks([r.rank for r in failed])} failed ({exit_words})"
+    first, others = failed[0], ", ".join(str(r.rank) for r in failed[1:])
+    role = f" ({roles[first.rank]})" if first.rank < len(roles) else ""
+    return f"rank {first.rank}{role} failed with exit status {first.status}" + (
+        f" (then also ranks {others})" if others else ""
+    )
+
+
+def _with_last_lines(
+    first_cause: Optional[str], causes: list[str], log_dir: str, shown: Sequence[int], starts: Mapping[int, int]
+) -> Diagnosis:
+    """The diagnosis: the causes and the last lines of this job's part of the first log of the `shown` ranks that
+    has any (said when the first one is empty or not on this machine)."""
     logs = RankLogs(log_dir)
     rank = next((r for r in shown if tail(logs.log(r), 1, starts.get(r, 0))), shown[0])
     log, lines = logs.log(rank), tail(logs.log(rank), start=starts.get(rank, 0))
@@ -405,28 +417,12 @@ def _worker_lines(log_dir: str, worker: WorkerFailure, starts: Mapping[tuple[str
     return f"last lines of {log}:\n{body}"
 
 
-def diagnose_elastic(
-    log_dir: str,
-    status: int,
-    output: Sequence[str],
-    starts: Optional[Mapping[tuple[str, int], int]] = None,
-    stopped_by: Optional[str] = None,
-    discovery: Optional[str] = None,
-) -> Diagnosis:
-    """The report of a failed elastic job, the cause first, from horovodrun's own lines (`output`: the last lines
-    of its output, `parse_elastic_output`), then the worker that failed with the last lines of its log (this
-    job's part: `starts`, `worker_log_sizes` before the launch). Causes, in this order: the signal hvdtrain got
-    and passed on ("stopped"); --reset-limit reached ("reset_limit"); fewer slots than needed for
-    --elastic-timeout ("min_np"); every host failed ("blacklisted"); every worker failed, or one did ("failed");
-    the host discovery ("discovery": `discovery` is its command, to run by hand). horovodrun's traceback is not
-    repeated (it is above, in its output)."""
-    said = parse_elastic_output(output)
-    worker = said.get("worker")
-    if not isinstance(worker, WorkerFailure) or (stopped_by and (worker.status in _KILLED or worker.status < 0)):
-        worker = None  # no worker named, or one the stop ended
-    causes: list[tuple[str, str]] = []  # (cause, words), the first is the cause
-    if stopped_by:
-        causes.append(("stopped", f"the job was stopped by {stopped_by}"))
+def _driver_causes(
+    said: Mapping[str, object], log_dir: str, worker: Optional[WorkerFailure]
+) -> tuple[list[tuple[str, str]], Optional[WorkerFailure]]:
+    """The causes horovodrun's elastic driver stopped for (--reset-limit reached, too few slots for
+    --elastic-timeout, every host blacklisted), and the worker to show (after a reset limit: the last that failed)."""
+    causes: list[tuple[str, str]] = []
     if "reset_limit" in said:
         limit = said["reset_limit"]
         causes.append(
@@ -450,6 +446,33 @@ def diagnose_elastic(
         )
     if "blacklisted" in said:
         causes.append(("blacklisted", "every host of the job failed: horovodrun blacklisted them all and stopped"))
+    return causes, worker
+
+
+def diagnose_elastic(
+    log_dir: str,
+    status: int,
+    output: Sequence[str],
+    starts: Optional[Mapping[tuple[str, int], int]] = None,
+    stopped_by: Optional[str] = None,
+    discovery: Optional[str] = None,
+) -> Diagnosis:
+    """The report of a failed elastic job, the cause first, from horovodrun's own lines (`output`: the last lines
+    of its output, `parse_elastic_output`), then the worker that failed with the last lines of its log (this
+    job's part: `starts`, `worker_log_sizes` before the launch). Causes, in this order: the signal hvdtrain got
+    and passed on ("stopped"); --reset-limit reached ("reset_limit"); fewer slots than needed for
+    --elastic-timeout ("min_np"); every host failed ("blacklisted"); every worker failed, or one did ("failed");
+    the host discovery ("discovery": `discovery` is its command, to run by hand). horovodrun's traceback is not
+    repeated (it is above, in its output)."""
+    said = parse_elastic_output(output)
+    worker = said.get("worker")
+    if not isinstance(worker, WorkerFailure) or (stopped_by and (worker.status in _KILLED or worker.status < 0)):
+        worker = None  # no worker named, or one the stop ended
+    causes: list[tuple[str, str]] = []  # (cause, words), the first is the cause
+    if stopped_by:
+        causes.append(("stopped", f"the job was stopped by {stopped_by}"))
+    more, worker = _driver_causes(said, log_dir, worker)
+    causes += more
     if "all_failed" in said and not stopped_by and (said["all_failed"] > 1 or not worker):
         n = said["all_failed"]
         causes.append(("failed", f"every worker failed ({n} of {n})" if n > 1 else "the only worker failed"))

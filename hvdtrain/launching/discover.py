@@ -1,6 +1,6 @@
 """An elastic job's --hosts-file as horovodrun's host discovery script.
 
-``python -m hvdtrain.discover FILE [--slots-per-host N]`` prints one ``host:slots`` line per host of FILE (read
+``python -m hvdtrain.launching.discover FILE [--slots-per-host N]`` prints one ``host:slots`` line per host of FILE (read
 with the hostfile parser of hvdtrain.launch: ``host:slots``, ``host slots=N`` or a bare ``host`` a line, ``#``
 comments, blank lines); an empty file prints nothing (the job waits for hosts). horovodrun runs it every second,
 so editing FILE adds or removes hosts while the job runs. A file that does not parse (a user mid-edit) gives one
@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 
 from hvdtrain.errors import UsageError
-from hvdtrain.launch import Host, parse_hosts_file
+from hvdtrain.launching.hosts import Host, parse_hosts_file
 
-USAGE = "usage: python -m hvdtrain.discover FILE [--slots-per-host N]"
+USAGE = "usage: python -m hvdtrain.launching.discover FILE [--slots-per-host N]"
 
 
 def discovery_lines(hosts: list[Host]) -> str:
@@ -31,12 +31,12 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     if not slots.isdigit() or int(slots) < 1:
-        print(f"hvdtrain.discover: --slots-per-host {slots}: must be at least 1", file=sys.stderr)
+        print(f"hvdtrain.launching.discover: --slots-per-host {slots}: must be at least 1", file=sys.stderr)
         return 2
     try:
         hosts = parse_hosts_file(argv[0], int(slots))
     except UsageError as e:
-        print(f"hvdtrain.discover: {e}", file=sys.stderr)
+        print(f"hvdtrain.launching.discover: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(discovery_lines(hosts))
     return 0
