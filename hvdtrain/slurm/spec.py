@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from hvdtrain.errors import UsageError
 from hvdtrain.files import check_creatable_dir
-from hvdtrain.launch import UNKNOWN_LAUNCHER
+from hvdtrain.launching.options import UNKNOWN_LAUNCHER
 from hvdtrain.rundir import SLURM_ARRAY_OUTPUT, SLURM_OUTPUT
 
 # Slurm sends this to every task of the job's steps 120 s before the time limit (no `B:`: the batch shell is
@@ -127,13 +127,29 @@ def make_spec(*, now: Optional[str] = None, **options: Any) -> SlurmSpec:
     """Validate SlurmSpec's fields given as keywords (the rest keep their defaults) as sbatch would, before
     anything is written or submitted; fill in ntasks_per_node and run_dir (runs/slurm-<now>, absolute)."""
     spec = SlurmSpec(**options)
-    gpus_per_node, gpus_per_rank, ntasks_per_node = spec.gpus_per_node, spec.gpus_per_rank, spec.ntasks_per_node
-    time, mem, array, signal = spec.time, spec.mem, spec.array, spec.signal
     _positive("nodes", spec.nodes)
-    _positive("ntasks-per-node", ntasks_per_node)
-    _positive("gpus-per-node", gpus_per_node, 0)
-    _positive("gpus-per-rank", gpus_per_rank)
+    _positive("ntasks-per-node", spec.ntasks_per_node)
+    _positive("gpus-per-node", spec.gpus_per_node, 0)
+    _positive("gpus-per-rank", spec.gpus_per_rank)
     _positive("cpus-per-task", spec.cpus_per_task)
+    ntasks_per_node = _ranks_per_node(spec.gpus_per_node, spec.gpus_per_rank, spec.ntasks_per_node)
+    _check_values(spec)
+    run_dir = spec.run_dir
+    if run_dir is None:
+        run_dir = os.path.join("runs", f"slurm-{now or _time.strftime('%Y%m%d-%H%M%S')}")
+    if not run_dir or any(c in run_dir for c in "\n\r\0"):
+        raise UsageError("--run-dir: must be a non-empty single-line path")
+    path = Path(run_dir).expanduser().absolute()
+    check_creatable_dir(path, "--run-dir")
+    return dataclasses.replace(
+        spec, run_dir=str(path), ntasks_per_node=ntasks_per_node or 1, signal=spec.signal or None
+    )
+
+
+def _ranks_per_node(
+    gpus_per_node: Optional[int], gpus_per_rank: Optional[int], ntasks_per_node: Optional[int]
+) -> Optional[int]:
+    """--ntasks-per-node checked against the GPUs: gpus-per-node / gpus-per-rank, one GPU per rank by default."""
     if gpus_per_rank is not None:
         if not gpus_per_node:
             raise UsageError(f"--gpus-per-rank {gpus_per_rank} needs --gpus-per-node: give the GPUs of each node")
@@ -156,6 +172,12 @@ def make_spec(*, now: Optional[str] = None, **options: Any) -> SlurmSpec:
             f"--ntasks-per-node {ntasks_per_node} is more than --gpus-per-node {gpus_per_node}: "
             "give each rank a GPU, or drop --gpus-per-node for a CPU job"
         )
+    return ntasks_per_node
+
+
+def _check_values(spec: SlurmSpec) -> None:
+    """The values sbatch would refuse: --time, --mem, --array, --signal, names, the launcher, the job name."""
+    time, mem, array, signal = spec.time, spec.mem, spec.array, spec.signal
     if time is not None and time.upper() not in ("UNLIMITED", "INFINITE") and not _valid_time(time):
         raise UsageError(
             f"--time '{time}': not a Slurm time; use minutes (30), MM:SS, HH:MM:SS (01:30:00) or D-HH[:MM[:SS]] "
@@ -183,11 +205,3 @@ def make_spec(*, now: Optional[str] = None, **options: Any) -> SlurmSpec:
         raise UsageError("--launcher: " + UNKNOWN_LAUNCHER.format(value=spec.launcher, choices=", ".join(LAUNCHERS)))
     if not spec.job_name or any(c in spec.job_name for c in "\n\r\0"):
         raise UsageError("--job-name: must be a non-empty single line")
-    run_dir = spec.run_dir
-    if run_dir is None:
-        run_dir = os.path.join("runs", f"slurm-{now or _time.strftime('%Y%m%d-%H%M%S')}")
-    if not run_dir or any(c in run_dir for c in "\n\r\0"):
-        raise UsageError("--run-dir: must be a non-empty single-line path")
-    path = Path(run_dir).expanduser().absolute()
-    check_creatable_dir(path, "--run-dir")
-    return dataclasses.replace(spec, run_dir=str(path), ntasks_per_node=ntasks_per_node or 1, signal=signal or None)
