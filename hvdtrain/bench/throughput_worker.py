@@ -296,6 +296,64 @@ ARM_RUNNERS = {
 # --------------------------------------------------------------------------------------------------
 
 
+class _Collectives:
+    """Which collective layer is up in this worker as the measurements go: Horovod (its arms and the Trainer's),
+    torch.distributed's gloo group (DDP), or neither (the mpi4py and no-communication references, on the MPI that
+    mpi4py started)."""
+
+    def __init__(self, store: str, rank: int, size: int, threads: int):
+        self.store, self.rank, self.size, self.threads = store, rank, size, threads
+        self.hvd_started = False
+        self.ddp_group = False
+
+    def enter(self, arm: str) -> None:
+        """Bring up what `arm` runs on, and take down what it must not run beside."""
+        if arm in BASELINE_ARMS and self.hvd_started:
+            if arm not in MPI_ARMS or "mpi4py.MPI" not in sys.modules:
+                raise RuntimeError(f"the plan puts a {arm} measurement after Horovod started on its own MPI")
+            import horovod.torch as hvd
+
+            # The references run without Horovod's background thread; the next Horovod arm starts it again (on
+            # the MPI that mpi4py started, which Horovod's shutdown leaves running).
+            hvd.shutdown()
+            self.hvd_started = False
+        if arm == "ddp":
+            if not self.ddp_group:
+                import torch.distributed as dist
+
+                store = f"file://{self.store}"
+                dist.init_process_group("gloo", init_method=store, rank=self.rank, world_size=self.size)
+                self.ddp_group = True
+            return
+        if self.ddp_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.ddp_group = False
+        if not self.hvd_started and arm not in BASELINE_ARMS:
+            import horovod.torch as hvd
+
+            # On the MPI that mpi4py started, when a reference arm did (Horovod then leaves it running).
+            hvd.init(comm=sys.modules["mpi4py.MPI"].COMM_WORLD) if "mpi4py.MPI" in sys.modules else hvd.init()
+            torch.set_num_threads(self.threads)
+            self.hvd_started = True
+
+    def gather(self, results: list) -> list:
+        """Every rank's results, on every rank, through whichever group is up."""
+        if self.hvd_started:
+            import horovod.torch as hvd
+
+            return hvd.allgather_object(results)
+        if self.ddp_group:
+            import torch.distributed as dist
+
+            everyone = [None] * self.size
+            dist.all_gather_object(everyone, results)
+            dist.destroy_process_group()
+            return everyone
+        return sys.modules["mpi4py.MPI"].COMM_WORLD.allgather(results)  # the reference arms alone: MPI
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m hvdtrain.bench.throughput_worker PLAN.json OUT.json", file=sys.stderr)
@@ -304,54 +362,13 @@ def main(argv: list[str]) -> int:
     threads = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
     torch.set_num_threads(threads)
     info = rank_info()
+    collectives = _Collectives(plan.store, info.rank, info.size, threads)
     results = []
-    hvd_started = False
-    ddp_group = False
     for m in plan.measurements:
-        if m.arm in BASELINE_ARMS and hvd_started:
-            if m.arm not in MPI_ARMS or "mpi4py.MPI" not in sys.modules:
-                raise RuntimeError(f"the plan puts a {m.arm} measurement after Horovod started on its own MPI")
-            import horovod.torch as hvd
-
-            # The references run without Horovod's background thread; the next Horovod arm starts it again (on
-            # the MPI that mpi4py started, which Horovod's shutdown leaves running).
-            hvd.shutdown()
-            hvd_started = False
-        if m.arm == "ddp":
-            if not ddp_group:
-                import torch.distributed as dist
-
-                store = f"file://{plan.store}"
-                dist.init_process_group("gloo", init_method=store, rank=info.rank, world_size=info.size)
-                ddp_group = True
-        else:
-            if ddp_group:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
-                ddp_group = False
-            if not hvd_started and m.arm not in BASELINE_ARMS:
-                import horovod.torch as hvd
-
-                # On the MPI that mpi4py started, when a reference arm did (Horovod then leaves it running).
-                hvd.init(comm=sys.modules["mpi4py.MPI"].COMM_WORLD) if "mpi4py.MPI" in sys.modules else hvd.init()
-                torch.set_num_threads(threads)
-                hvd_started = True
+        collectives.enter(m.arm)
         rates, extra = ARM_RUNNERS[m.arm](plan, plan.models[m.model], m)
         results.append({**dataclasses.asdict(m), "rates": rates, **extra})
-    # Every rank's rates to rank 0, through whichever group is up.
-    if hvd_started:
-        import horovod.torch as hvd
-
-        everyone = hvd.allgather_object(results)
-    elif ddp_group:
-        import torch.distributed as dist
-
-        everyone = [None] * info.size
-        dist.all_gather_object(everyone, results)
-        dist.destroy_process_group()
-    else:  # the reference arms alone: MPI, through mpi4py
-        everyone = sys.modules["mpi4py.MPI"].COMM_WORLD.allgather(results)
+    everyone = collectives.gather(results)
     if info.rank == 0:
         import horovod
 

@@ -188,9 +188,29 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.shard_rank,
             max(1, int(bucket_mb * 2**20) // itemsize),
         )
-        # Every parameter and its gradient become views into their bucket's flat (padded) buffers: backward
-        # accumulates straight into what is reduce-scattered, this rank's slice of the parameter buffer is the
-        # tensor the wrapped optimizer steps in place, and the all-gather lands in one copy.
+        self._flatten_buckets()
+        # One group of the wrapped optimizer per group here that has trainable parameters: group -> its buckets
+        # (in bucket order, which is the wrapped optimizer's parameter order).
+        self._members: dict[int, list[int]] = {}
+        for n, b in enumerate(self.buckets):
+            self._members.setdefault(b.group, []).append(n)
+        if not self._members:
+            raise ConfigError("the sharded optimizer got no parameter that requires a gradient")
+        self.optimizer = optimizer_class(
+            [{**self._settings(g), "params": [self._shards[n] for n in ns]} for g, ns in self._members.items()],
+            **kwargs,
+        )
+        self._bucket_of = {}
+        for n, b in enumerate(self.buckets):
+            for p in b.params:
+                self._bucket_of[p] = n
+                p.register_post_accumulate_grad_hook(self._on_grad)
+        self._reset_passes()
+
+    def _flatten_buckets(self) -> None:
+        """Every parameter and its gradient become views into their bucket's flat (padded) buffers: backward
+        accumulates straight into what is reduce-scattered, this rank's slice of the parameter buffer is the
+        tensor the wrapped optimizer steps in place, and the all-gather lands in one copy."""
         self._flat_params: list[torch.Tensor] = []
         self._flat_grads: list[torch.Tensor] = []
         self._shards: list[nn.Parameter] = []
@@ -211,23 +231,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._flat_params.append(flat)
                 self._flat_grads.append(grads)
                 self._shards.append(nn.Parameter(flat[lo : lo + b.shard], requires_grad=False))
-        # One group of the wrapped optimizer per group here that has trainable parameters: group -> its buckets
-        # (in bucket order, which is the wrapped optimizer's parameter order).
-        self._members: dict[int, list[int]] = {}
-        for n, b in enumerate(self.buckets):
-            self._members.setdefault(b.group, []).append(n)
-        if not self._members:
-            raise ConfigError("the sharded optimizer got no parameter that requires a gradient")
-        self.optimizer = optimizer_class(
-            [{**self._settings(g), "params": [self._shards[n] for n in ns]} for g, ns in self._members.items()],
-            **kwargs,
-        )
-        self._bucket_of = {}
-        for n, b in enumerate(self.buckets):
-            for p in b.params:
-                self._bucket_of[p] = n
-                p.register_post_accumulate_grad_hook(self._on_grad)
-        self._reset_passes()
 
     # ------------------------------------------------------------------------------------------ step
     def _settings(self, group: int) -> dict[str, Any]:
