@@ -74,7 +74,7 @@ def run_recordings(launch: LaunchOptions, elastic: ElasticOptions, timeline: boo
     return dataclasses.replace(launch, output_dir=output, env=(*launch.env, *env))
 
 
-def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str]) -> None:
+def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], slurm: SlurmEnv) -> None:
     """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
     # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).
     world = None if spec.elastic is not None else cfg.data_ranks(spec.np)
@@ -98,9 +98,7 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str]) ->
         if spec.elastic is not None:  # any host may come with its slots full: the most slots a host has now
             per_host = max([h.slots for h in spec.hosts], default=spec.elastic.slots_per_host)
         else:
-            per_host = SlurmEnv.read(environ).ntasks_per_node or (
-                max(ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np
-            )
+            per_host = slurm.ntasks_per_node or (max(ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np)
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
     for ref in cfg.hook_refs():
         module = ref.partition(":")[0]
@@ -111,7 +109,7 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str]) ->
                 f"--hooks {ref}: no module '{top}' in {os.getcwd()} or on PYTHONPATH; put {top}.py there or fix the name"
             )
     resume_path = checkpoint.resume_path(cfg, environ)
-    if resume_path is None and cfg.resume and SlurmEnv.read(environ).restart_count == 0:
+    if resume_path is None and cfg.resume and slurm.restart_count == 0:
         raise CheckpointError(
             f"--resume: no checkpoint in {RunDir(cfg.run_dir).checkpoints}; check --run-dir, or drop --resume "
             "to start fresh"
@@ -189,6 +187,7 @@ def train(
     ``python -m hvdtrain.worker`` on the ranks; returns the job's exit status. `options` are the command's:
     TrainConfig fields, LaunchOptions and ElasticOptions (launching.spec.make_spec)."""
     environ = os.environ if environ is None else environ
+    slurm = SlurmEnv.read(environ)  # once: every check below and the launch see the same job
     launch, elastic, fields = split(options, LaunchOptions, ElasticOptions)
     cfg = TrainConfig.from_dict(fields).validate().with_defaults(environ)
     run_dir = RunDir(cfg.run_dir)
@@ -203,7 +202,7 @@ def train(
         raise ConfigError(TIMELINE_NOT_ELASTIC)
     if cfg.grad_groups and elastic.elastic:
         raise ConfigError(GROUPS_NOT_ELASTIC)
-    spec = make_spec(command, launch, elastic, environ=environ, check_cmd=False)
+    spec = make_spec(command, launch, elastic, environ=environ, check_cmd=False, slurm=slurm)
     if cfg.strategy == "pipeline":
         from hvdtrain.parallel.grid import Grid
 
@@ -211,8 +210,8 @@ def train(
         grid = Grid(spec.np, cfg.stages)
         spec = dataclasses.replace(spec, roles=tuple(grid.role(r) for r in range(spec.np)))
     if not dry_run:  # a live job's run directory is refused before its checkpoints are read (it rewrites them)
-        runlock.check(run_dir.lock, "--run-dir", environ)
-    preflight(cfg, spec, environ)
+        runlock.check(run_dir.lock, "--run-dir", slurm)
+    preflight(cfg, spec, environ, slurm)
     for warning in spec.warnings:
         print(f"hvdtrain: warning: {warning}", file=sys.stderr)
     text = cfg.to_json()
@@ -220,13 +219,13 @@ def train(
         echo(f"# {config_path}:\n" + "\n".join(f"#   {line}" for line in text.splitlines()))
         return supervise.run_job(spec, dry_run=True, echo=echo)
     hosts_preflight.preflight(spec)  # the hosts (ssh, interfaces), before anything is written
-    with runlock.hold(run_dir.lock, "--run-dir", environ):
+    with runlock.hold(run_dir.lock, "--run-dir", slurm):
         cfg.save(run_dir)
         run_dir.interrupted.unlink(missing_ok=True)
         try:
             return supervise.run_job(spec, echo=echo, on_interrupt=lambda: interrupt(run_dir))
         except LaunchError as e:
-            if e.cause in REQUEUE_CAUSES and requeue_after_fault(cfg, e, echo, environ):
+            if e.cause in REQUEUE_CAUSES and requeue_after_fault(cfg, e, echo, slurm):
                 return e.exit_code
             raise
         finally:
@@ -253,13 +252,13 @@ def interrupt(run_dir: RunDir) -> bool:
 REQUEUE_CAUSES = ("stall", "lost_host")
 
 
-def requeue_after_fault(cfg: TrainConfig, error: LaunchError, echo: Callable[[str], None], environ) -> bool:
+def requeue_after_fault(cfg: TrainConfig, error: LaunchError, echo: Callable[[str], None], slurm: SlurmEnv) -> bool:
     """Inside Slurm with --requeue, after a stall or a lost host: say what happened, then requeue the job like a
     preempted one (within --max-requeues, else a line says why not); it resumes from its last checkpoint. True
     when it said so (the error is reported), False when this is no job to requeue (the caller raises)."""
-    if not SlurmEnv.read(environ).in_job or not cfg.requeue:
+    if not slurm.in_job or not cfg.requeue:
         return False
     # Say it first: `scontrol requeue` ends this job at once, and the report must be in its output.
     echo(f"hvdtrain: error: {error}")
-    preempt.requeue_after_preemption(cfg.requeue, cfg.max_requeues, echo, environ)
+    preempt.requeue_after_preemption(cfg.requeue, cfg.max_requeues, echo, slurm)
     return True

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from typing import Mapping, Optional
+from typing import Optional
 
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import LaunchError, UsageError
@@ -71,11 +71,11 @@ def requeue_argv(job_label: str) -> list[str]:
     return ["scontrol", "requeue", job_label]
 
 
-def requeue_job(environ: Optional[Mapping[str, str]] = None, timeout: float = 60.0) -> str:
+def requeue_job(slurm: SlurmEnv, timeout: float = 60.0) -> str:
     """Run ``scontrol requeue <id>`` for this job (``<array job id>_<task>`` for an array task, the form squeue
     shows); returns the id. Raises UsageError outside Slurm, LaunchError when scontrol is missing, fails or hangs
     (e.g. the job was not submitted with --requeue and the cluster forbids it, or slurmctld is unreachable)."""
-    job = SlurmEnv.read(environ).job_label
+    job = slurm.job_label
     if job is None:
         raise UsageError("not inside a Slurm job (no SLURM_JOB_ID): there is nothing to requeue")
     argv = requeue_argv(job)
@@ -94,17 +94,15 @@ def requeue_job(environ: Optional[Mapping[str, str]] = None, timeout: float = 60
     return job
 
 
-def requeue_after_preemption(
-    requeue: bool, max_requeues: int, say, environ: Optional[Mapping[str, str]] = None
-) -> Optional[str]:
+def requeue_after_preemption(requeue: bool, max_requeues: int, say, slurm: SlurmEnv) -> Optional[str]:
     """What rank 0 does after the preemption checkpoint: inside Slurm, requeue the job unless `requeue` is off or
-    it was requeued `max_requeues` times already; returns the requeued id, or None (with a line saying why)."""
-    slurm = SlurmEnv.read(environ)
+    it was requeued `max_requeues` times already; returns the requeued id, or None (with a line saying why).
+    `slurm`: the job this process is in."""
     if not slurm.in_job or not requeue:
         return None
     if slurm.restart_count >= max_requeues:
         say(f"not requeueing: the job was already requeued {slurm.restart_count} times (--max-requeues {max_requeues})")
         return None
-    job = requeue_job(environ)
+    job = requeue_job(slurm)
     say(f"requeued Slurm job {job}; it will resume from the checkpoint")
     return job

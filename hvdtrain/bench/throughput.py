@@ -121,7 +121,13 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> TrainBenc
     top = sweep_top(settings.max_np, launch.np)
     logs = Path(launch.output_dir or out / "logs")
     user_env = tuple(launch.env)
-    launch = dataclasses.replace(launch, np=None, output_dir=None, env=(), threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank)
+    launch = dataclasses.replace(
+        launch,
+        np=None,
+        output_dir=None,
+        env=(),
+        threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank,
+    )
     settings = mpi_arms_checked(settings, options.get("arms") is not None, launch)
     shapes, run_root = settings.model_shapes, str((out / TRAINER_RUNS).resolve())
     pipelines = [(schedule, m) for schedule in settings.schedules for m in settings.micro_counts()]

@@ -55,7 +55,9 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> UpdatesBe
     if launch.gloo and "async" in settings.modes:
         raise UsageError("--gloo: the async mode needs MPI (its servers use mpi4py); drop --gloo or async")
     logs = Path(launch.output_dir or out / "logs")
-    launch = dataclasses.replace(launch, threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank)
+    launch = dataclasses.replace(
+        launch, threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank
+    )
     jobs = []
     for factor in factors:
         for r in range(settings.rounds):
@@ -65,7 +67,9 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> UpdatesBe
                 ranks = settings.workers + (settings.ps_ranks if mode == "async" else 0)
                 spec = make_spec(
                     runner.worker_command(WORKER, out, name),
-                    dataclasses.replace(launch, np=ranks, output_dir=str(logs / name), mpi=launch.mpi or mode == "async"),
+                    dataclasses.replace(
+                        launch, np=ranks, output_dir=str(logs / name), mpi=launch.mpi or mode == "async"
+                    ),
                     default_controller="mpi",
                 )
                 plan = plans.UpdatesWorkerPlan(mode, dataclasses.asdict(cfg), factor, settings.workers - 1, r)

@@ -11,23 +11,22 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Optional
 
 from hvdtrain import procs
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
 
 
-def _holder(environ: Mapping[str, str]) -> str:
-    slurm = SlurmEnv.read(environ)
+def _holder(slurm: SlurmEnv) -> str:
     job = f" slurm-job {slurm.job_label} restart {slurm.restart_count}" if slurm.job_label else ""
     return procs.identity() + job + "\n"
 
 
-def _stale(text: str, environ: Mapping[str, str]) -> Optional[bool]:
-    """Whether the lock holder written as `text` is gone: True, False (it runs), None (cannot tell)."""
+def _stale(text: str, slurm: SlurmEnv) -> Optional[bool]:
+    """Whether the lock holder written as `text` is gone: True, False (it runs), None (cannot tell); `slurm`: the
+    job this process is in (its own lock from before a requeue is stale)."""
     fields = text.split()
-    slurm = SlurmEnv.read(environ)
     if (
         slurm.job_label is not None
         and fields[3:5] == ["slurm-job", slurm.job_label]
@@ -48,15 +47,14 @@ def describe(text: str) -> str:
     return f"pid {fields[1]} on {fields[0]}{job}"
 
 
-def check(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) -> None:
+def check(path: Path, flag: str, slurm: SlurmEnv) -> None:
     """Refuse now, as `hold` would, when a live job holds `path`: before anything reads the run directory (its
     checkpoints, which that job keeps rewriting and deleting). `hold` takes the lock later."""
-    environ = os.environ if environ is None else environ
     try:
         text = path.read_text()
     except OSError:
         return  # no lock: hold() takes it (or finds one taken just now)
-    stale = _stale(text, environ) if text.strip() else True  # empty: a holder killed while writing it
+    stale = _stale(text, slurm) if text.strip() else True  # empty: a holder killed while writing it
     if not stale:
         raise UsageError(
             f"{flag} {path.parent}: a job is already running there ({describe(text)}"
@@ -67,24 +65,23 @@ def check(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) ->
 
 
 @contextlib.contextmanager
-def hold(path: Path, flag: str, environ: Optional[Mapping[str, str]] = None) -> Iterator[None]:
+def hold(path: Path, flag: str, slurm: SlurmEnv) -> Iterator[None]:
     """Hold the lock file `path` (its folder is created) while the block runs; UsageError naming `flag` and the
-    holder when a live job holds it."""
-    environ = os.environ if environ is None else environ
+    holder when a live job holds it. `slurm`: the job this process is in, written into the lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for _attempt in range(2):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            check(path, flag, environ)  # a live holder: refused
+            check(path, flag, slurm)  # a live holder: refused
             path.unlink(missing_ok=True)  # stale (or gone since): take it over
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(_holder(environ))  # its size is small: one write, seen whole by a reader
+            f.write(_holder(slurm))  # its size is small: one write, seen whole by a reader
         break
     else:
         raise UsageError(f"{flag} {path.parent}: another job took {path} just now; try again")
-    mine = _holder(environ)
+    mine = _holder(slurm)
     try:
         yield
     finally:

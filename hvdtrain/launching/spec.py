@@ -184,16 +184,18 @@ def make_spec(
     environ: Optional[Mapping[str, str]] = None,
     check_cmd: bool = True,
     default_controller: Optional[str] = None,
+    slurm: Optional[SlurmEnv] = None,
 ) -> LaunchSpec:
     """Validate everything the user gave and return a LaunchSpec; raises UsageError before anything runs.
     The launcher and the controller are decided here, once (resolve_launcher, resolve_controller): with
     horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's); an
     elastic job is always horovodrun with Gloo (`elastic.make_elastic` checks its options).
-    What needs the hosts themselves (ssh, their interfaces, the discovery's answer) is checked by `preflight`."""
+    What needs the hosts themselves (ssh, their interfaces, the discovery's answer) is checked by `preflight`.
+    `slurm`: the Slurm job this process is in, when the caller has read it (else read from `environ`)."""
     environ = os.environ if environ is None else environ
     command = list(command)
     _check_given(command if check_cmd else None, launch, elastic)
-    slurm = SlurmEnv.read(environ)
+    slurm = SlurmEnv.read(environ) if slurm is None else slurm
     given = parse_hostfile(launch.hostfile) if launch.hostfile else parse_hosts(launch.hosts) if launch.hosts else []
     launcher = resolve_launcher(
         launch.launcher,

@@ -659,7 +659,9 @@ class Trainer:
         self.recorder.record({"event": event, "step": self.state.step, "epoch": self.state.epoch})
         requeued = None
         if self.is_main and not interrupted:
-            requeued = preempt.requeue_after_preemption(self.cfg.requeue, self.cfg.max_requeues, self.progress.say)
+            requeued = preempt.requeue_after_preemption(
+                self.cfg.requeue, self.cfg.max_requeues, self.progress.say, SlurmEnv.read()
+            )
         return self._finish({"preempted": not interrupted, "interrupted": interrupted, "requeued": requeued})
 
     def _finish_training(self) -> dict[str, Any]:

@@ -290,7 +290,10 @@ def test_ssh_shim_of_an_elastic_job_adds_keepalives(hosts_file, tmp_path):
 
 def run_discover(*args):
     return subprocess.run(
-        [sys.executable, "-m", "hvdtrain.launching.discover", *map(str, args)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "hvdtrain.launching.discover", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -48,27 +48,30 @@ def fake_scontrol(tmp_path, monkeypatch):
 
 
 def test_requeue_job_runs_scontrol(fake_scontrol, tmp_path, monkeypatch):
-    assert preempt.requeue_job(ARRAY_TASK) == "10_3"
+    assert preempt.requeue_job(SlurmEnv.read(ARRAY_TASK)) == "10_3"
     assert fake_scontrol.read_text() == "requeue 10_3\n"
     with pytest.raises(LaunchError, match="Requested operation is disabled"):
-        preempt.requeue_job({"SLURM_JOB_ID": "99"})
+        preempt.requeue_job(SlurmEnv.read({"SLURM_JOB_ID": "99"}))
     with pytest.raises(UsageError, match="not inside a Slurm job"):
-        preempt.requeue_job({})
+        preempt.requeue_job(SlurmEnv.read({}))
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     with pytest.raises(LaunchError, match="scontrol is not on PATH"):
-        preempt.requeue_job({"SLURM_JOB_ID": "1"})
+        preempt.requeue_job(SlurmEnv.read({"SLURM_JOB_ID": "1"}))
 
 
 def test_requeue_after_preemption_respects_the_limit(fake_scontrol):
     said = []
-    assert preempt.requeue_after_preemption(True, 3, said.append, {}) is None  # not in Slurm
-    assert preempt.requeue_after_preemption(False, 3, said.append, {"SLURM_JOB_ID": "7"}) is None
+    assert preempt.requeue_after_preemption(True, 3, said.append, SlurmEnv.read({})) is None  # not in Slurm
+    assert preempt.requeue_after_preemption(False, 3, said.append, SlurmEnv.read({"SLURM_JOB_ID": "7"})) is None
     assert not fake_scontrol.exists() and said == []
     limit = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3"}
-    assert preempt.requeue_after_preemption(True, 3, said.append, limit) is None
+    assert preempt.requeue_after_preemption(True, 3, said.append, SlurmEnv.read(limit)) is None
     assert said == ["not requeueing: the job was already requeued 3 times (--max-requeues 3)"]
     assert (
-        preempt.requeue_after_preemption(True, 3, said.append, {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "2"}) == "7"
+        preempt.requeue_after_preemption(
+            True, 3, said.append, SlurmEnv.read({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "2"})
+        )
+        == "7"
     )
     assert fake_scontrol.read_text() == "requeue 7\n"
 
@@ -82,17 +85,19 @@ def test_a_training_job_that_stalled_or_lost_a_host_requeues_inside_slurm(fake_s
 
     error = LaunchError("rank 1 stalled: rank 0 waited more than 8 s", 1, "stall")
     said = []
-    assert jobs.requeue_after_fault(TrainConfig(), error, said.append, {"SLURM_JOB_ID": "7"})
+    assert jobs.requeue_after_fault(TrainConfig(), error, said.append, SlurmEnv.read({"SLURM_JOB_ID": "7"}))
     assert said[0] == "hvdtrain: error: rank 1 stalled: rank 0 waited more than 8 s"
     assert "requeued Slurm job 7" in said[1]
     assert fake_scontrol.read_text() == "requeue 7\n"
     said.clear()
-    assert not jobs.requeue_after_fault(TrainConfig(), error, said.append, {})
-    assert not jobs.requeue_after_fault(TrainConfig(requeue=False), error, said.append, {"SLURM_JOB_ID": "7"})
+    assert not jobs.requeue_after_fault(TrainConfig(), error, said.append, SlurmEnv.read({}))
+    assert not jobs.requeue_after_fault(
+        TrainConfig(requeue=False), error, said.append, SlurmEnv.read({"SLURM_JOB_ID": "7"})
+    )
     assert said == [] and fake_scontrol.read_text() == "requeue 7\n"
     # At --max-requeues: the report once, and why it was not requeued (the CLI then prints nothing more).
     assert jobs.requeue_after_fault(
-        TrainConfig(), error, said.append, {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3"}
+        TrainConfig(), error, said.append, SlurmEnv.read({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3"})
     )
     assert said[0].startswith("hvdtrain: error: rank 1 stalled") and said[1].startswith("not requeueing")
     assert fake_scontrol.read_text() == "requeue 7\n"

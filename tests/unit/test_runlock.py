@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from hvdtrain import procs
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
 from hvdtrain.launching import runlock
 
@@ -31,10 +32,10 @@ def test_process_names_tell_a_live_process_from_a_gone_or_reused_one():
 
 def test_the_lock_is_held_while_the_block_runs_and_refused_to_a_second_holder(tmp_path):
     lock = tmp_path / "run" / "hvdtrain.lock"
-    with runlock.hold(lock, "--run-dir", environ={}):
+    with runlock.hold(lock, "--run-dir", slurm=SlurmEnv()):
         assert lock.read_text().split()[:2] == [socket.gethostname(), str(os.getpid())]
         with pytest.raises(UsageError, match=rf"--run-dir {tmp_path / 'run'}: a job is already running there \(pid "):
-            with runlock.hold(lock, "--run-dir", environ={}):
+            with runlock.hold(lock, "--run-dir", slurm=SlurmEnv()):
                 pass
     assert not lock.exists()
 
@@ -69,13 +70,15 @@ def test_stale_locks_are_taken_over_and_unknown_ones_refused(tmp_path, holder, e
     text = holder()
     lock.write_text(text)
     if taken:
-        runlock.check(lock, "--run-dir", environ=environ)  # the early check lets it through, touching nothing
+        runlock.check(
+            lock, "--run-dir", slurm=SlurmEnv.read(environ)
+        )  # the early check lets it through, touching nothing
         assert lock.read_text() == text
-        with runlock.hold(lock, "--run-dir", environ=environ):
+        with runlock.hold(lock, "--run-dir", slurm=SlurmEnv.read(environ)):
             assert str(os.getpid()) in lock.read_text()
         assert not lock.exists()
     else:
-        for attempt in (lambda: runlock.check(lock, "--run-dir", environ=environ), lambda: runlock.hold(lock, "--run-dir", environ=environ).__enter__()):  # fmt: skip
+        for attempt in (lambda: runlock.check(lock, "--run-dir", slurm=SlurmEnv.read(environ)), lambda: runlock.hold(lock, "--run-dir", slurm=SlurmEnv.read(environ)).__enter__()):  # fmt: skip
             with pytest.raises(UsageError, match="which this host cannot check.*if it is gone, delete"):
                 attempt()
         assert lock.read_text() == text  # left as it was
@@ -84,8 +87,8 @@ def test_stale_locks_are_taken_over_and_unknown_ones_refused(tmp_path, holder, e
 def test_the_early_check_refuses_a_live_holder_and_passes_no_lock(tmp_path):
     """`hvdtrain train` checks before it reads the run directory's checkpoints (a live job rewrites them)."""
     lock = tmp_path / "run" / "hvdtrain.lock"
-    runlock.check(lock, "--run-dir", environ={})  # no lock, no directory: nothing to refuse, nothing written
+    runlock.check(lock, "--run-dir", slurm=SlurmEnv())  # no lock, no directory: nothing to refuse, nothing written
     assert not lock.parent.exists()
-    with runlock.hold(lock, "--run-dir", environ={}):
+    with runlock.hold(lock, "--run-dir", slurm=SlurmEnv()):
         with pytest.raises(UsageError, match=rf"--run-dir {tmp_path / 'run'}: a job is already running there \(pid "):
-            runlock.check(lock, "--run-dir", environ={})
+            runlock.check(lock, "--run-dir", slurm=SlurmEnv())
