@@ -39,11 +39,15 @@ from typing import Any, Optional, Sequence
 
 from hvdtrain.config import TrainConfig
 from hvdtrain.errors import UsageError
+from hvdtrain.render import fixed_row
 
 MICRO_BATCHES = (1, 2, 4, 8)
 AVERAGE_EVERY = (4, 16)
 STATE_PER_PARAM = {"sgd": 1, "adam": 2, "adamw": 2}  # optimizer state tensors per parameter (SGD: momentum)
 REPS = 15  # timed forward+backward passes per measurement (the median is used)
+PLAN_COLUMNS = (("layout", 26), ("mem/rank", 10), ("comm/step", 11), ("bubble", 8), ("step ms", 9), ("samples/s", 11))
+VALIDATION_COLUMNS = (("validated", 26), ("step ms", 9), ("measured", 10), ("ratio", 7), ("mem/rank", 10),
+                      ("peak RSS", 10), ("ratio", 7))  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -338,15 +342,14 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"allreduce {pr['latency_seconds'] * 1e6:.0f} us, a message to the next rank {pr['p2p_seconds'] * 1e6:.0f} us",
         f"memory per rank: {plan['memory_said']}",
         "",
-        f"{'layout':<26}{'mem/rank':>10}{'comm/step':>11}{'bubble':>8}{'step ms':>9}{'samples/s':>11}",
+        fixed_row(*zip(*PLAN_COLUMNS)),
     ]
+    widths = [w for _, w in PLAN_COLUMNS]
     for cand in plan["candidates"]:
-        name = label(cand)
         flags = ("" if cand["fits"] else " (does not fit)") + ("" if cand["exact"] else " *")
-        lines.append(
-            f"{name:<26}{_gib(cand['memory_bytes']):>10}{_gib(cand['comm_bytes']):>11}{cand['bubble']:>8.2f}"
-            f"{cand['step_seconds'] * 1e3:>9.2f}{cand['samples_per_s']:>11,.0f}{flags}"
-        )
+        cells = [label(cand), _gib(cand["memory_bytes"]), _gib(cand["comm_bytes"]), f"{cand['bubble']:.2f}",
+                 f"{cand['step_seconds'] * 1e3:.2f}", f"{cand['samples_per_s']:,.0f}"]  # fmt: skip
+        lines.append(fixed_row(cells, widths) + flags)
     if any(not cand["exact"] for cand in plan["candidates"]):
         lines.append("* local SGD: approximate (averages every H steps), never recommended by speed alone")
     best = plan["recommended"]
@@ -493,11 +496,11 @@ def validate(plan: dict[str, Any], cfg: TrainConfig, steps: int, echo) -> list[d
 
 
 def format_validation(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'validated':<26}{'step ms':>9}{'measured':>10}{'ratio':>7}{'mem/rank':>10}{'peak RSS':>10}{'ratio':>7}"]
+    widths = [w for _, w in VALIDATION_COLUMNS]
+    lines = [fixed_row(*zip(*VALIDATION_COLUMNS))]
     for r in rows:
-        lines.append(
-            f"{r['layout']:<26}{r['predicted_step_seconds'] * 1e3:>9.2f}{r['measured_step_seconds'] * 1e3:>10.2f}"
-            f"{r['step_ratio']:>7.2f}{_gib(r['predicted_memory_bytes']):>10}{_gib(r['measured_peak_rss_bytes']):>10}"
-            f"{r['memory_ratio']:>7.2f}"
-        )
+        cells = [r["layout"], f"{r['predicted_step_seconds'] * 1e3:.2f}", f"{r['measured_step_seconds'] * 1e3:.2f}",
+                 f"{r['step_ratio']:.2f}", _gib(r["predicted_memory_bytes"]), _gib(r["measured_peak_rss_bytes"]),
+                 f"{r['memory_ratio']:.2f}"]  # fmt: skip
+        lines.append(fixed_row(cells, widths))
     return "\n".join(lines)
