@@ -19,9 +19,9 @@ from typing import Any, Optional, Sequence
 
 from hvdtrain.errors import UsageError
 from hvdtrain.render import columns, save_plot
-from hvdtrain.rundir import RunDir
+from hvdtrain.rundir import REPORT_PLOT, RunDir
 
-PLOT = "report.png"
+PLOT = REPORT_PLOT  # in the run directory for one run (rundir's name; for the CLI)
 # Horovod's autotuner log: its header, then one row per scored sample, then (when tuning finished) the best row.
 AUTOTUNE_COLUMNS = (
     "hierarchical_allreduce", "hierarchical_allgather", "torus_allreduce", "cache_enabled", "cycle_time_ms",

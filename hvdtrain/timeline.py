@@ -23,11 +23,10 @@ from typing import Any, Optional, Sequence
 from hvdtrain.errors import UsageError
 from hvdtrain.files import write_text_atomic
 from hvdtrain.render import fixed_row, save_plot
-from hvdtrain.rundir import RunDir
+from hvdtrain.rundir import TIMELINE_PLOT, TIMELINE_STEPS, RunDir
 
-STEPS = "timeline.steps.csv"
+STEPS, PLOT = TIMELINE_STEPS, TIMELINE_PLOT  # the names beside a timeline (rundir's; for train.hooks and the CLI)
 STEPS_HEADER = "step,start_us,end_us"
-PLOT = "timeline.png"
 # The order phases are shown in: a tensor's life, from negotiation to the copy out of the fusion buffer.
 PHASE_ORDER = (
     "NEGOTIATE", "QUEUE", "WAIT_FOR_DATA", "WAIT_FOR_OTHER_TENSOR_DATA", "INIT_FUSION_BUFFER", "ALLOCATE_OUTPUT",
@@ -189,7 +188,7 @@ def locate(target: Path) -> tuple[Path, Optional[Path]]:
         path = target
     else:
         raise UsageError(f"{target} does not exist: give a run directory or a timeline.json")
-    steps = path.with_name(STEPS)
+    steps = RunDir(path.parent).timeline_steps
     return path, steps if steps.exists() else None
 
 

@@ -69,7 +69,7 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
     sizes = message_sizes(settings, range_given)
     out = runner.out_dir(settings.out)
     launch_options = dict(launch_options)
-    logs = Path(launch_options.pop("output_dir", None) or out / "logs")
+    logs = runner.logs_dir(out, launch_options.pop("output_dir", None))
     decided = controller_specs(runner.worker_command(WORKER, out, "mpi"), launch_options)
     if decided[0].np < 2:
         raise UsageError(f"-np {decided[0].np}: an allreduce benchmark needs at least 2 ranks, e.g. -np 2")

@@ -32,6 +32,7 @@ from hvdtrain import launch
 from hvdtrain.bench import plans, report, runner
 from hvdtrain.errors import HvdtrainError, UsageError
 from hvdtrain.render import render_table
+from hvdtrain.rundir import RunDir
 
 TRAIN_ARMS = ("hvdtrain", "hvdtrain-horovodrun")  # `hvdtrain train` through the default launcher / horovodrun
 JOB = "hvdtrain.bench.trivial_job"
@@ -123,7 +124,7 @@ def _timed(argv: list[str], run_dir: Optional[str]) -> dict:
         )
     out: dict[str, Any] = {"seconds": seconds}
     if run_dir is not None:
-        out["startup_s"] = json.loads((Path(run_dir) / "result.json").read_text())["startup_s"]
+        out["startup_s"] = json.loads(RunDir(run_dir).result.read_text())["startup_s"]
     return out
 
 

@@ -118,7 +118,7 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
     out = runner.out_dir(settings.out)
     launch_options = dict(launch_options)
     top = sweep_top(settings.max_np, launch_options.pop("np", None))
-    logs = Path(launch_options.pop("output_dir", None) or out / "logs")
+    logs = runner.logs_dir(out, launch_options.pop("output_dir", None))
     if launch_options.get("threads_per_rank") is None:
         launch_options["threads_per_rank"] = 1
     user_env = list(launch_options.pop("env", ()) or ())

@@ -54,7 +54,7 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
         raise UsageError("-np: give --workers (async adds --ps-ranks server ranks to them)")
     if launch_options.get("gloo") and "async" in settings.modes:
         raise UsageError("--gloo: the async mode needs MPI (its servers use mpi4py); drop --gloo or async")
-    logs = Path(launch_options.pop("output_dir", None) or out / "logs")
+    logs = runner.logs_dir(out, launch_options.pop("output_dir", None))
     if launch_options.get("threads_per_rank") is None:
         launch_options["threads_per_rank"] = 1
     jobs = []

@@ -23,23 +23,24 @@ from pathlib import Path
 from hvdtrain.config import TrainConfig
 from hvdtrain.plan.measure import median_time
 from hvdtrain.plan.model import Probe, ring_bytes
+from hvdtrain.rundir import RunDir
 
 MODULE = "hvdtrain.plan.probe"  # what every rank runs (python -m)
 REPS, WARMUP = 30, 5
 
 
 def run(cfg: TrainConfig, ranks: int) -> Probe:
-    """Run `python -m hvdtrain.plan.probe` on `ranks` ranks of this machine (its logs in a temporary directory,
-    removed) and read what it measured."""
+    """Run `python -m hvdtrain.plan.probe` on `ranks` ranks of this machine (in a temporary run directory: its
+    config, the ranks' logs and the probe's result; removed) and read what it measured."""
     from hvdtrain import launch
 
     with tempfile.TemporaryDirectory(prefix="hvdtrain-plan-") as tmp:
-        config, out = Path(tmp) / "config.json", Path(tmp) / "probe.json"
-        config.write_text(cfg.to_json())
-        command = [sys.executable, "-m", MODULE, str(config), str(out)]
-        spec = launch.make_spec(command, np=ranks, output_dir=str(Path(tmp) / "logs"), check_cmd=False)
+        run_dir = RunDir(tmp)
+        run_dir.config.write_text(cfg.to_json())
+        command = [sys.executable, "-m", MODULE, str(run_dir.config), str(run_dir.result)]
+        spec = launch.make_spec(command, np=ranks, output_dir=str(run_dir.logs.path), check_cmd=False)
         launch.run_job(spec, echo=lambda _line: None)
-        got = json.loads(out.read_text())
+        got = json.loads(run_dir.result.read_text())
     return Probe(**got)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from hvdtrain.config import TrainConfig
 from hvdtrain.errors import LaunchError
 from hvdtrain.plan.render import label, model_flags
+from hvdtrain.rundir import RunDir
 
 
 def to_validate(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -41,7 +42,7 @@ def validate(plan: dict[str, Any], cfg: TrainConfig, steps: int, echo) -> list[d
             if proc.returncode != 0:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
                 raise LaunchError(f"validating {label(cand)}: the job failed (exit {proc.returncode}):\n{tail}")
-            result = json.loads((run_dir / "result.json").read_text())
+            result = json.loads(RunDir(run_dir).result.read_text())
         measured = result["seconds_training"] / result["steps"]
         rss = max(result["peak_rss_bytes"])
         rows.append({
