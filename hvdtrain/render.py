@@ -27,9 +27,7 @@ def columns(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
     """Rows of text cells as lines: each column as wide as its widest cell, two spaces apart, right-aligned where
     `right` says (numbers) and left-aligned elsewhere; no trailing spaces."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(right))]
-    return [
-        "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in rows
-    ]
+    return ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in rows]
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:

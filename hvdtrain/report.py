@@ -180,6 +180,7 @@ CURVES = (("train_loss", "loss (train -, test --)"), ("test_accuracy", "test acc
 def plot(runs: Sequence[Run], path: Path) -> Path:
     """Loss, accuracy, samples/s and lr against step (top row) and wall time since the run's start (bottom row),
     one colour per run; resizes and preemptions marked as dotted vertical lines, resumes dash-dotted."""
+
     def curve(ax, run: Run, by_time: bool, key: str, colour: str) -> None:
         def x(r):
             return r["time"] - run.t0 if by_time else r["step"]

@@ -153,4 +153,3 @@ def bench_busbw(rows: Sequence[dict[str, Any]], size: int) -> float:
     """The busbw (bytes/s) of the row (bench_rows) whose size is nearest `size`."""
     best = min(rows, key=lambda r: abs(math.log(r["bytes"]) - math.log(max(size, 1))))
     return best["busbw_GBps"] * 1e9
-

@@ -89,7 +89,6 @@ def bubble(stages: int, micro: int) -> float:
     return (stages - 1) / (micro + stages - 1)
 
 
-
 def comm_seconds(size: float, n: int, pr: Probe) -> float:
     """An allreduce of `size` bytes over n ranks: the ring's bytes at the bus bandwidth, plus one collective's
     fixed cost (the probe's 4-byte allreduce)."""
@@ -164,4 +163,3 @@ def recommend(cands: Sequence[Candidate]) -> Optional[Candidate]:
     order = {"data": 0, "sharded": 1, "pipeline": 2}
     fitting = [c for c in cands if c.fits and c.exact]
     return max(fitting, key=lambda c: (c.samples_per_s, -order.get(c.layout, 9))) if fitting else None
-
