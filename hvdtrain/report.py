@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hvdtrain.errors import UsageError
+from hvdtrain.render import columns, save_plot
 from hvdtrain.rundir import RunDir
 
-PLOT = "report.png"
 # Horovod's autotuner log: its header, then one row per scored sample, then (when tuning finished) the best row.
 AUTOTUNE_COLUMNS = (
     "hierarchical_allreduce", "hierarchical_allgather", "torus_allreduce", "cache_enabled", "cycle_time_ms",
@@ -146,11 +146,7 @@ def format_table(summaries: Sequence[dict[str, Any]], targets: Sequence[float]) 
         row += [_cell(s["to_accuracy"][f"{t:g}"]) for t in targets]
         row += [str(s[k]) for k in ("resumes", "resizes", "preemptions", "requeues")]
         rows.append(row)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in [head, *rows]
-    ]
+    lines = columns([head, *rows], [i > 0 for i in range(len(head))])
     for s in summaries:
         tune = s["autotune"]
         if tune is None:
@@ -183,7 +179,6 @@ CURVES = (("train_loss", "loss (train -, test --)"), ("test_accuracy", "test acc
 def plot(runs: Sequence[Run], path: Path) -> Path:
     """Loss, accuracy, samples/s and lr against step (top row) and wall time since the run's start (bottom row),
     one colour per run; resizes and preemptions marked as dotted vertical lines, resumes dash-dotted."""
-    from hvdtrain.bench import report
 
     def curve(ax, run: Run, by_time: bool, key: str, colour: str) -> None:
         def x(r):
@@ -213,4 +208,4 @@ def plot(runs: Sequence[Run], path: Path) -> Path:
                 ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=8)
 
-    return report.save_plot(path, draw, ncols=4, width=4.5, nrows=2)
+    return save_plot(path, draw, ncols=4, width=4.5, nrows=2)

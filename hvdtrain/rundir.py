@@ -11,8 +11,12 @@
       job.sbatch, slurm-<id>.out          .job_script   .slurm_output(job, task)  (hvdtrain submit)
       hvdtrain.lock                       .lock         who runs a job here (hvdtrain train, while it runs)
       interrupted                         .interrupted  Ctrl-C asked the ranks to stop (while they stop)
-      timeline.json, timeline.steps.csv   .timeline     Horovod's timeline and rank 0's steps (--timeline)
+      timeline.json                       .timeline     Horovod's timeline (--timeline)
+      timeline.steps.csv                  .timeline_steps  rank 0's recorded steps, beside the timeline
+      timeline.png                        .timeline_plot   `hvdtrain timeline`'s picture of a step
       autotune.csv                        .autotune     Horovod's autotuner log (--autotune)
+      report.png                          .report_plot  `hvdtrain report`'s curves
+      ps/server.P.updates.csv             .ps_log(P)    async jobs: the updates server P applied
 
 Only names live here: no module imports anything heavy, so the CLI, the launcher, the rank wrapper, the
 Slurm jobs module and the Trainer all take their paths from it.
@@ -30,6 +34,11 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
 # sbatch's output file names (%j job id; %A array job id, %a task id), and what they become for one job.
 SLURM_OUTPUT = "slurm-%j.out"
 SLURM_ARRAY_OUTPUT = "slurm-%A_%a.out"
+# Names that also stand beside a timeline file given by itself (`hvdtrain timeline FILE`), and the plots.
+TIMELINE_STEPS = "timeline.steps.csv"  # rank 0's recorded steps (train.hooks.TimelineRecorder, hvdtrain.timeline)
+TIMELINE_STEPS_HEADER = "step,start_us,end_us"  # its columns: a step, its start and end in us since the epoch
+TIMELINE_PLOT = "timeline.png"
+REPORT_PLOT = "report.png"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +134,11 @@ class RunDir:
         self.job_script = self.path / "job.sbatch"
         self.lock = self.path / "hvdtrain.lock"
         self.interrupted = self.path / "interrupted"
-        self.timeline = self.path / "timeline.json"  # and timeline.steps.csv beside it (hvdtrain.timeline)
+        self.timeline = self.path / "timeline.json"
+        self.timeline_steps = self.path / TIMELINE_STEPS
+        self.timeline_plot = self.path / TIMELINE_PLOT
         self.autotune = self.path / "autotune.csv"
+        self.report_plot = self.path / REPORT_PLOT
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"

@@ -22,11 +22,9 @@ from typing import Any, Optional, Sequence
 
 from hvdtrain.errors import UsageError
 from hvdtrain.files import write_text_atomic
+from hvdtrain.render import fixed_row, save_plot
 from hvdtrain.rundir import RunDir
 
-STEPS = "timeline.steps.csv"
-STEPS_HEADER = "step,start_us,end_us"
-PLOT = "timeline.png"
 # The order phases are shown in: a tensor's life, from negotiation to the copy out of the fusion buffer.
 PHASE_ORDER = (
     "NEGOTIATE", "QUEUE", "WAIT_FOR_DATA", "WAIT_FOR_OTHER_TENSOR_DATA", "INIT_FUSION_BUFFER", "ALLOCATE_OUTPUT",
@@ -188,7 +186,7 @@ def locate(target: Path) -> tuple[Path, Optional[Path]]:
         path = target
     else:
         raise UsageError(f"{target} does not exist: give a run directory or a timeline.json")
-    steps = path.with_name(STEPS)
+    steps = RunDir(path.parent).timeline_steps
     return path, steps if steps.exists() else None
 
 
@@ -259,20 +257,23 @@ def format_summary(summary: dict[str, Any], top: int = 20) -> str:
     lines = [f"timeline {summary['timeline']}: {window}, {summary['step_ms']:.2f} ms per step on rank 0"]
     if summary["repaired_bytes"]:
         lines.append(f"  (cut short: a partial last event of {summary['repaired_bytes']} bytes was dropped)")
-    lines.append(f"{'phase':<28}{'ms/step':>10}{'of step':>9}")
+    widths = (28, 10, 9)
+    lines.append(fixed_row(["phase", "ms/step", "of step"], widths))
     for phase, row in summary["phases"].items():
-        lines.append(f"{phase:<28}{row['wall_ms']:>10.3f}{row['share']:>9.1%}")
-    lines.append(f"{'any communication':<28}{summary['communication_ms']:>10.3f}{summary['communication_share']:>9.1%}")
+        lines.append(fixed_row([phase, f"{row['wall_ms']:.3f}", f"{row['share']:.1%}"], widths))
+    comm = [f"{summary['communication_ms']:.3f}", f"{summary['communication_share']:.1%}"]
+    lines.append(fixed_row(["any communication", *comm], widths))
     phases = list(summary["phases"])
     short = [p.replace("_FUSION_BUFFER", "").replace("MEMCPY_", "COPY_").lower() for p in phases]
     width = max([len("tensor"), *(len(t) for t in list(summary["tensors"])[:top])]) + 2
+    widths = [width, *[14] * len(phases), 10]
     lines.append("")
     lines.append("per tensor, ms per step (fused tensors each count the shared time):")
-    lines.append(f"{'tensor':<{width}}" + "".join(f"{s:>14}" for s in short) + f"{'total':>10}")
+    lines.append(fixed_row(["tensor", *short, "total"], widths))
     rows = sorted(summary["tensors"].items(), key=lambda kv: -kv[1]["total"])
 
     def line(name: str, row: dict[str, float]) -> str:
-        return f"{name:<{width}}" + "".join(f"{row.get(p, 0.0):>14.3f}" for p in phases) + f"{row['total']:>10.3f}"
+        return fixed_row([name, *(f"{row.get(p, 0.0):.3f}" for p in phases), f"{row['total']:.3f}"], widths)
 
     lines += [line(name, row) for name, row in rows[:top]]
     if len(rows) > top:
@@ -287,8 +288,6 @@ def plot_step(every: Sequence[Span], steps: Sequence[tuple[int, float, float]], 
     """A PNG of one step's phases (the median-length recorded step; without steps, the whole recording) from the
     timeline's spans: a row per tensor, a bar per phase, against ms since the step began. Returns the step drawn
     (None: the recording)."""
-    from hvdtrain.bench import report
-
     every = [s for s in every if s.phase != s.op]
     if steps:
         step, a, b = sorted(steps, key=lambda s: s[2] - s[1])[len(steps) // 2]
@@ -315,7 +314,7 @@ def plot_step(every: Sequence[Span], steps: Sequence[tuple[int, float, float]], 
         ax.set_title(f"Horovod timeline, step {step}" if step is not None else "Horovod timeline")
         ax.legend(fontsize=7, loc="lower right")
 
-    report.save_plot(path, draw, width=10)
+    save_plot(path, draw, width=10)
     return step
 
 

@@ -70,7 +70,7 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> Allreduce
     settings = plans.resolve(plans.AllreduceSettings, given)
     sizes = message_sizes(settings, range_given)
     out = runner.out_dir(settings.out)
-    logs = Path(launch.output_dir or out / "logs")
+    logs = runner.logs_dir(out, launch.output_dir)
     decided = controller_specs(runner.worker_command(WORKER, out, "mpi"), dataclasses.replace(launch, output_dir=None))
     if decided[0].np < 2:
         raise UsageError(f"-np {decided[0].np}: an allreduce benchmark needs at least 2 ranks, e.g. -np 2")

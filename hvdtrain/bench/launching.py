@@ -31,6 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from hvdtrain.bench import plans, report, runner
 from hvdtrain.errors import HvdtrainError, UsageError
 from hvdtrain.launching.argv import ROOT_ENV, find_horovodrun
+from hvdtrain.render import render_table
+from hvdtrain.rundir import RunDir
 
 TRAIN_ARMS = ("hvdtrain", "hvdtrain-horovodrun")  # `hvdtrain train` through the default launcher / horovodrun
 JOB = "hvdtrain.bench.trivial_job"
@@ -122,7 +124,7 @@ def _timed(argv: list[str], run_dir: Optional[str]) -> dict:
         )
     out: dict[str, Any] = {"seconds": seconds}
     if run_dir is not None:
-        out["startup_s"] = json.loads((Path(run_dir) / "result.json").read_text())["startup_s"]
+        out["startup_s"] = json.loads(RunDir(run_dir).result.read_text())["startup_s"]
     return out
 
 
@@ -165,12 +167,12 @@ def table(result: dict) -> str:
     np, rounds = result["meta"]["np"], result["meta"]["rounds"]
     rows = [[arm, r["median"], f"{r['q1']:.2f}-{r['q3']:.2f}", f"{r['min']:.2f}-{r['max']:.2f}", r["vs_mpirun"]]
             for arm, r in result["job"].items()]  # fmt: skip
-    out = [report.render_table(["launcher", "median s", "quartiles", "min-max", "x mpirun"], rows,
-                               f"a trivial Horovod job (hvd.init + one allreduce) on {np} ranks, {rounds} rounds")]  # fmt: skip
+    out = [render_table(["launcher", "median s", "quartiles", "min-max", "x mpirun"], rows,
+                        f"a trivial Horovod job (hvd.init + one allreduce) on {np} ranks, {rounds} rounds")]  # fmt: skip
     if result["train"]:
         phases = list(dict.fromkeys(p for t in result["train"].values() for p in _ordered(t["phases"])))
         rows = [[arm, t["wall"]["median"], *[t["phases"].get(p) for p in phases], sum(t["phases"].values())]
                 for arm, t in result["train"].items()]  # fmt: skip
-        out += ["", report.render_table(["hvdtrain train", "wall s", *phases, "to 1st step"], rows,
-                                        "time to the first step of the built-in job, by phase (medians, s)")]  # fmt: skip
+        out += ["", render_table(["hvdtrain train", "wall s", *phases, "to 1st step"], rows,
+                                 "time to the first step of the built-in job, by phase (medians, s)")]  # fmt: skip
     return "\n".join(out)

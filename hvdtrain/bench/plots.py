@@ -1,5 +1,5 @@
 """The benchmarks' PNGs, from their results (allreduce.json, train.json) alone; matplotlib is imported by
-report.save_plot only when a plot is drawn."""
+render.save_plot only when a plot is drawn."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hvdtrain.bench import plans, report
+from hvdtrain.render import save_plot
 
 
 def allreduce(result: dict, path: Path) -> Path:
@@ -37,7 +38,7 @@ def allreduce(result: dict, path: Path) -> Path:
         bw.set_title(f"allreduce busbw, {result['meta']['np']} ranks")
         t.set_title("allreduce time")
 
-    return report.save_plot(path, draw, ncols=2, width=6.5)
+    return save_plot(path, draw, ncols=2, width=6.5)
 
 
 def train(result: dict, path: Path) -> Path:
@@ -70,7 +71,7 @@ def train(result: dict, path: Path) -> Path:
         _bars(sbs, rows, top, ("trainer", "horovod", "ddp", "mpi4py", "nocomm"), "side by side")
         _bars(abl, rows, top, ("horovod", "horovod-nofusion", "horovod+fp16"), "ablations")
 
-    return report.save_plot(path, draw, ncols=4 if pipe else 3, width=5.0)
+    return save_plot(path, draw, ncols=4 if pipe else 3, width=5.0)
 
 
 def _pipeline(ax, pipe: Sequence[dict]) -> None:
@@ -131,4 +132,4 @@ def updates(result: dict, path: Path) -> Path:
         by_time.set_title("accuracy against time")
         by_step.set_title("accuracy against step")
 
-    return report.save_plot(path, draw, ncols=2, width=6.0)
+    return save_plot(path, draw, ncols=2, width=6.0)

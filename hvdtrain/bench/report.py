@@ -1,7 +1,5 @@
-"""The pure parts of the benchmarks: sizes, bandwidth formulas, statistics, table rendering, JSON and the
-PNG's canvas (the benchmarks' own tables and plots are in tables.py and plots.py).
-
-Nothing heavy at import time: matplotlib is imported inside `save_plot` only (Agg backend, no display).
+"""The pure parts of the benchmarks: sizes, bandwidth formulas, statistics, JSON and the machine they ran on
+(the benchmarks' own tables and plots are in tables.py and plots.py, drawn with hvdtrain.render).
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from hvdtrain.errors import UsageError
 from hvdtrain.files import write_json  # noqa: F401  (re-exported: the bench workers write their JSON with it)
@@ -144,35 +142,8 @@ def efficiency_spread(total: dict[str, float], np: int, single: dict[str, float]
 
 
 # --------------------------------------------------------------------------------------------------
-# Output: table, JSON, PNG
+# Output: JSON, where it ran
 # --------------------------------------------------------------------------------------------------
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 10**-(digits)):
-            return f"{value:.{digits}g}"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:
-    """A plain aligned text table: text columns left-aligned, numbers right-aligned."""
-    cells = [[fmt(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    numeric = [
-        all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and rows for i in range(len(headers))
-    ]
-
-    def line(values):
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
-
-    out = [title] if title else []
-    out += [line(headers), line(["-" * w for w in widths])]
-    out += [line(r) for r in cells]
-    return "\n".join(out)
 
 
 def read_json(path: Path) -> Any:
@@ -204,23 +175,3 @@ HOROVOD_KNOBS = (
 def tuning_env(environ) -> dict[str, str]:
     """The Horovod and threading settings a rank ran with (unset ones are Horovod's defaults)."""
     return {k: environ[k] for k in HOROVOD_KNOBS if k in environ}
-
-
-def save_plot(path: Path, draw: Callable[[Any], None], ncols: int = 1, width: float = 7.0, nrows: int = 1) -> Path:
-    """Draw a figure with `draw(axes)` (a list of nrows x ncols axes, row by row) and save it as PNG with
-    matplotlib's Agg."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 4.8 * nrows), squeeze=False)
-    try:
-        draw(list(axes.flat))
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path

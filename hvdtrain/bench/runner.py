@@ -15,13 +15,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from hvdtrain.bench import plans, report
 from hvdtrain.errors import UsageError
 from hvdtrain.files import write_text_atomic
 from hvdtrain.launching import preflight, supervise
 from hvdtrain.launching.spec import LaunchSpec
+from hvdtrain.rundir import RunDir
 
 WorkerPlan = Union[plans.AllreduceWorkerPlan, plans.TrainWorkerPlan]
 
@@ -54,6 +55,12 @@ def out_dir(out: str) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory; give a directory")
     return path
+
+
+def logs_dir(out: Path, given: Optional[str]) -> Path:
+    """Where the jobs' rank logs go (a folder per job under it): --output-dir, else OUT's logs as in a run
+    directory."""
+    return Path(given) if given else RunDir(out).logs.path
 
 
 def plan_path(out: Path, name: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from hvdtrain.bench import plans, report
+from hvdtrain.render import render_table
 
 
 def allreduce(result: dict) -> str:
@@ -31,7 +32,7 @@ def allreduce(result: dict) -> str:
     s = result["summary"]
     n = result["meta"]["np"]
     title = f"allreduce on {n} ranks: time per call (us) and bus bandwidth busbw = algbw x 2(n-1)/n (GB/s)"
-    out = [report.render_table(headers, lines, title)]
+    out = [render_table(headers, lines, title)]
     ref = report.format_bytes(s["reference_bytes"])
     for key, label in (
         ("horovod_mpi_over_mpi4py_busbw", "Horovod (MPI, in place) / mpi4py busbw"),
@@ -91,7 +92,7 @@ def train(result: dict) -> str:
          _efficiency(eff.get((r["model"], r["config"], r["np"])))]
         for r in result["rows"]
     ]  # fmt: skip
-    out = [report.render_table(
+    out = [render_table(
         ["model", "config", "np", "samples/s per rank", "total samples/s", "weak-scaling eff."], lines,
         "throughput (mean +- 1.96 sigma over iterations; total = np x per rank, as pytorch_synthetic_benchmark)",
     )]  # fmt: skip
@@ -99,7 +100,7 @@ def train(result: dict) -> str:
     if sbs:
         targets = ", ".join(f"{k.replace('_over_', '/')} >= {v}" for k, v in plans.TRAIN_TARGETS.items())
         out.append("")
-        out.append(report.render_table(
+        out.append(render_table(
             ["model", "np", "trainer", "horovod", "ddp", "trainer/horovod", "(median of rounds)", "trainer/ddp", "horovod/ddp"],
             [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["ddp_total"], s["trainer_over_horovod"],
               s.get("trainer_over_horovod_median_round"), s["trainer_over_ddp"], s["horovod_over_ddp"]] for s in sbs],
@@ -108,7 +109,7 @@ def train(result: dict) -> str:
         refs = [s for s in sbs if s["mpi4py_total"] is not None or s["nocomm_total"] is not None]
         if refs:
             out.append("")
-            out.append(report.render_table(
+            out.append(render_table(
                 ["model", "np", "trainer", "horovod", "mpi4py", "nocomm", "trainer/mpi4py", "horovod/mpi4py",
                  "trainer/nocomm", "horovod/nocomm", "mpi4py/nocomm"],
                 [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["mpi4py_total"], s["nocomm_total"],
@@ -129,7 +130,7 @@ def train(result: dict) -> str:
         sharded = [s for s in sbs if s["sharded_total"] is not None]
         if sharded:
             out.append("")
-            out.append(report.render_table(
+            out.append(render_table(
                 ["model", "np", "horovod", "sharded", "ratio", "state bytes/rank: horovod", "sharded", "ratio"],
                 [[s["model"], s["np"], s["horovod_total"], s["sharded_total"], s["sharded_over_horovod"],
                   s["horovod_state_bytes"], s["sharded_state_bytes"], s["state_sharded_over_horovod"]] for s in sharded],
@@ -139,7 +140,7 @@ def train(result: dict) -> str:
     pipe = result.get("pipeline") or []
     if pipe:
         out.append("")
-        out.append(report.render_table(
+        out.append(render_table(
             ["model", "schedule", "P", "M", "samples/s", "speed-up", "bubble", "ideal speed-up",
              "activation peak bytes per stage", "micro-batches held"],
             [[p["model"], p["schedule"], p["stages"], p["micro_batches"], _pm(p["total"], p["total_conf"]),
@@ -151,7 +152,7 @@ def train(result: dict) -> str:
     abl = result["ablations"]
     if abl and any(a["no_fusion_total"] is not None or a["fp16_total"] is not None for a in abl):
         out.append("")
-        out.append(report.render_table(
+        out.append(render_table(
             ["model", "np", "horovod", "no fusion", "ratio", "fp16", "ratio"],
             [[a["model"], a["np"], a["base_total"], a["no_fusion_total"], a["no_fusion_over_base"], a["fp16_total"],
               a["fp16_over_base"]] for a in abl],
@@ -178,11 +179,11 @@ def updates(result: dict) -> str:
             + [r[f"seconds_to_{t}"] for t in targets] + [r[f"step_to_{t}"] for t in targets]
             + [r["final_accuracy"], exchanged]
         )  # fmt: skip
-    out = [report.render_table(headers, lines, "update rules on the digits CNN (medians over rounds; seconds of "
-                               "training, evaluations excluded; - : not reached)")]  # fmt: skip
+    out = [render_table(headers, lines, "update rules on the digits CNN (medians over rounds; seconds of "
+                        "training, evaluations excluded; - : not reached)")]  # fmt: skip
     if result["slowdowns"]:
         out.append("")
-        out.append(report.render_table(
+        out.append(render_table(
             ["straggler", "mode", "throughput kept"],
             [[f"x{s['straggler']:g}", s["mode"], s["throughput_kept"]] for s in result["slowdowns"]],
             "samples/s per worker with the straggler / without (1.0: unaffected)",

@@ -119,7 +119,7 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> TrainBenc
     settings = plans.resolve(plans.TrainSettings, options)
     out = runner.out_dir(settings.out)
     top = sweep_top(settings.max_np, launch.np)
-    logs = Path(launch.output_dir or out / "logs")
+    logs = runner.logs_dir(out, launch.output_dir)
     user_env = tuple(launch.env)
     launch = dataclasses.replace(
         launch,

@@ -54,7 +54,7 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> UpdatesBe
         raise UsageError("-np: give --workers (async adds --ps-ranks server ranks to them)")
     if launch.gloo and "async" in settings.modes:
         raise UsageError("--gloo: the async mode needs MPI (its servers use mpi4py); drop --gloo or async")
-    logs = Path(launch.output_dir or out / "logs")
+    logs = runner.logs_dir(out, launch.output_dir)
     launch = dataclasses.replace(
         launch, threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hvdtrain.bench.plans import UpdatesWorkerPlan
 from hvdtrain.bench.report import write_json
+from hvdtrain.rundir import RunDir
 from hvdtrain.train.hooks import Hook
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str]) -> int:
     if "parameter_server" in result or trainer.rank != 0:
         return 0
     accuracies = [
-        r["test_accuracy"] for r in map(json.loads, Path(cfg.run_dir, "metrics.jsonl").read_text().splitlines())
+        r["test_accuracy"] for r in map(json.loads, RunDir(cfg.run_dir).metrics.read_text().splitlines())
         if "test_accuracy" in r
     ]  # fmt: skip
     # One evaluation per epoch end (the last one is the final evaluation, after the last epoch).

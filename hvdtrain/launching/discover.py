@@ -1,7 +1,7 @@
 """An elastic job's --hosts-file as horovodrun's host discovery script.
 
 ``python -m hvdtrain.launching.discover FILE [--slots-per-host N]`` prints one ``host:slots`` line per host of FILE (read
-with the hostfile parser of hvdtrain.launch: ``host:slots``, ``host slots=N`` or a bare ``host`` a line, ``#``
+with the hostfile parser of hvdtrain.launching.hosts: ``host:slots``, ``host slots=N`` or a bare ``host`` a line, ``#``
 comments, blank lines); an empty file prints nothing (the job waits for hosts). horovodrun runs it every second,
 so editing FILE adds or removes hosts while the job runs. A file that does not parse (a user mid-edit) gives one
 line on stderr and exit status 1: after its first run horovodrun takes a failing discovery as transient, keeps

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from hvdtrain.rundir import TIMELINE_STEPS_HEADER, RunDir
+
 if TYPE_CHECKING:
     from hvdtrain.train.trainer import Trainer
 
@@ -88,28 +90,25 @@ def load_hooks(refs: Sequence[str]) -> list[Hook]:
 
 class TimelineRecorder(Hook):
     """--timeline and --timeline-steps A:B: Horovod's (dynamic) timeline of the whole run or of steps A to B
-    into `path`, and rank 0's step boundaries beside it (hvdtrain.timeline.STEPS: step, start and end in
+    into `path`, and rank 0's step boundaries beside it (RunDir.timeline_steps: step, start and end in
     microseconds since the epoch, the unit of the timeline's own clock), so that each span falls in its step."""
 
     def __init__(self, path: Path, window: Optional[tuple[int, int]]):
-        from hvdtrain import timeline
-
         self.path = Path(path)
-        self.steps_path = self.path.with_name(timeline.STEPS)
+        self.steps_path = RunDir(self.path.parent).timeline_steps
         self.window = window
         self.recording = False
         self.steps_file = None
         self.started_us = 0
 
     def _start(self, trainer: Trainer) -> None:
-        from hvdtrain import timeline
         from hvdtrain.parallel import horovod
 
         horovod.start_timeline(self.path)
         self.recording = True
         if trainer.is_main:
             self.steps_file = open(self.steps_path, "w")
-            self.steps_file.write(timeline.STEPS_HEADER + "\n")
+            self.steps_file.write(TIMELINE_STEPS_HEADER + "\n")
 
     def _stop(self) -> None:
         from hvdtrain.parallel import horovod

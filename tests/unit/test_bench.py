@@ -11,6 +11,7 @@ import pytest
 from clichecks import assert_usage_error
 from click.testing import CliRunner
 
+from hvdtrain import render
 from hvdtrain.bench import allreduce, launching, plans, plots, report, tables, throughput, updates
 from hvdtrain.cli import cli
 from hvdtrain.clickopts import launch_options
@@ -116,7 +117,7 @@ def test_ratio_and_efficiency():
 
 
 def test_render_table_aligns_columns():
-    text = report.render_table(["name", "value"], [["a", 1.5], ["longer", 22.25], ["c", None]], "title")
+    text = render.render_table(["name", "value"], [["a", 1.5], ["longer", 22.25], ["c", None]], "title")
     lines = text.splitlines()
     assert lines[0] == "title"
     assert lines[1].startswith("name") and lines[2].startswith("------")

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from hvdtrain import plan
 from hvdtrain.cli import cli
 from hvdtrain.config import TrainConfig
+from hvdtrain.plan import measure, model, render
 
 MiB = 1024**2
 W, STATE, A = 4 * MiB, 4 * MiB, 8 * MiB  # parameters (= gradients), optimizer state, activations of a batch
@@ -21,24 +22,24 @@ def costs(**over):
     stages = {}
     for m in (1, 2, 4):
         for s in range(2):  # two equal stages: half the parameters, the activations and the time each
-            stages[f"2:{s}:{m}"] = plan.Stage(s * 3, s * 3 + 3, 32 // m, 0.010 / 2 / m, A // 2 // m, 1000, W // 2)
+            stages[f"2:{s}:{m}"] = model.Stage(s * 3, s * 3 + 3, 32 // m, 0.010 / 2 / m, A // 2 // m, 1000, W // 2)
     base = dict(model="mlp", layers=6, param_bytes=W, buffer_bytes=0, state_bytes=STATE, data_bytes=MiB, batch=32,
                 step_seconds=0.010, activation_bytes=A, optimizer_seconds=0.002, threads=1, stages=stages)  # fmt: skip
-    return plan.Costs(**{**base, **over})
+    return model.Costs(**{**base, **over})
 
 
-PROBE = plan.Probe(ranks=2, base_rss_bytes=200 * MiB, comm_seconds=0.001, latency_seconds=0.0005, busbw_Bps=4e9,
+PROBE = model.Probe(ranks=2, base_rss_bytes=200 * MiB, comm_seconds=0.001, latency_seconds=0.0005, busbw_Bps=4e9,
                    p2p_seconds=0.00002, compute_seconds=0.010)  # fmt: skip
 
 
 def by_label(cands):
-    return {plan.label(vars(c)): c for c in cands}
+    return {render.label(vars(c)): c for c in cands}
 
 
 def test_the_formulas():
-    assert plan.ring_bytes(1000, 2) == 1000 and plan.ring_bytes(1000, 4) == 1500 and plan.ring_bytes(1000, 1) == 0
-    assert plan.bubble(2, 1) == 0.5 and plan.bubble(4, 4) == pytest.approx(3 / 7)
-    c = by_label(plan.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=10**12, batch=32))
+    assert model.ring_bytes(1000, 2) == 1000 and model.ring_bytes(1000, 4) == 1500 and model.ring_bytes(1000, 1) == 0
+    assert model.bubble(2, 1) == 0.5 and model.bubble(4, 4) == pytest.approx(3 / 7)
+    c = by_label(model.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=10**12, batch=32))
     base = 200 * MiB - (2 * W + STATE + A)  # what the probe's rank held besides the whole model's state
     data = c["data"]
     assert data.memory_bytes == base + 2 * W + STATE + A and data.comm_bytes == W and data.collectives == 1
@@ -60,40 +61,40 @@ def test_the_formulas():
 
 
 def test_compute_slows_with_contention_and_with_more_ranks_than_cores():
-    two = by_label(plan.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=10**12, batch=32))["data"]
+    two = by_label(model.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=10**12, batch=32))["data"]
     probe4 = dataclasses.replace(PROBE, ranks=4)  # its comm measured at 4 ranks: only the compute differs
-    four = by_label(plan.candidates(costs(), probe4, ranks=4, cores=2, memory_bytes=10**12, batch=32))["data"]
+    four = by_label(model.candidates(costs(), probe4, ranks=4, cores=2, memory_bytes=10**12, batch=32))["data"]
     assert four.step_seconds - two.step_seconds == pytest.approx(0.010)  # each rank computes at half speed
     contended = dataclasses.replace(PROBE, compute_seconds=0.015)  # the probe's ranks computing at once: 1.5x
-    cands = by_label(plan.candidates(costs(), contended, ranks=2, cores=2, memory_bytes=10**12, batch=32))
+    cands = by_label(model.candidates(costs(), contended, ranks=2, cores=2, memory_bytes=10**12, batch=32))
     assert cands["data"].step_seconds - two.step_seconds == pytest.approx(0.005)
-    pipe = by_label(plan.candidates(costs(), PROBE, 2, 2, 10**12, 32))["pipeline P=2 M=4 1f1b"]
+    pipe = by_label(model.candidates(costs(), PROBE, 2, 2, 10**12, 32))["pipeline P=2 M=4 1f1b"]
     assert cands["pipeline P=2 M=4 1f1b"].step_seconds - pipe.step_seconds == pytest.approx(0.5 * 5 * 0.010 / 8)
 
 
 def test_the_recommendation_fits_and_is_exact():
-    cands = plan.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=10**12, batch=32)
-    best = plan.recommend(cands)
+    cands = model.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=10**12, batch=32)
+    best = model.recommend(cands)
     assert best.exact and best.fits
     assert best.samples_per_s == max(c.samples_per_s for c in cands if c.exact)
     # Only the pipeline's stages fit: it is recommended, whatever data parallelism (sharded or not) would do.
     limit = by_label(cands)["sharded"].memory_bytes - 1
-    tight = plan.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=limit, batch=32)
-    best = plan.recommend(tight)
+    tight = model.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=limit, batch=32)
+    best = model.recommend(tight)
     assert best.layout == "pipeline" and best.memory_bytes <= limit
     assert all(c.fits == (c.memory_bytes <= limit) for c in tight)
-    assert plan.recommend(plan.candidates(costs(), PROBE, 2, 2, memory_bytes=MiB, batch=32)) is None
+    assert model.recommend(model.candidates(costs(), PROBE, 2, 2, memory_bytes=MiB, batch=32)) is None
 
 
 def test_the_plan_prints_the_command():
     cfg = TrainConfig(model="deep_mlp", depth=4)
-    cands = plan.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=10**12, batch=32)
-    best = plan.recommend(cands)
+    cands = model.candidates(costs(), PROBE, ranks=2, cores=2, memory_bytes=10**12, batch=32)
+    best = model.recommend(cands)
     assert (
-        plan.train_command(cfg, best, 2, None, None)
+        render.train_command(cfg, best, 2, None, None)
         == " ".join(["hvdtrain train -np 2 --model deep_mlp --depth 4", *best.args]).strip()
     )
-    assert plan.train_command(cfg, best, 8, 4, 2).startswith("hvdtrain submit --nodes 4 --ntasks-per-node 2 -- ")
+    assert render.train_command(cfg, best, 8, 4, 2).startswith("hvdtrain submit --nodes 4 --ntasks-per-node 2 -- ")
     result = {"ranks": 2, "memory_said": "x", "costs": vars(costs()) | {"stages": {}}, "probe": vars(PROBE),
               "candidates": [vars(c) for c in cands], "recommended": vars(best), "why": ["  because"],
               "command": "hvdtrain train -np 2"}  # fmt: skip
@@ -108,7 +109,7 @@ def test_busbw_comes_from_a_bench_allreduce_json(tmp_path):
     rows.append({"impl": "mpi4py", "bytes": MiB, "busbw_GBps": 9.0})
     path.write_text(json.dumps({"rows": rows}))
     rows = plan.bench_rows(str(path))
-    assert plan.bench_busbw(rows, 2 * MiB) == 1e9 and plan.bench_busbw(rows, 40 * MiB) == 3e9
+    assert measure.bench_busbw(rows, 2 * MiB) == 1e9 and measure.bench_busbw(rows, 40 * MiB) == 3e9
 
 
 @pytest.mark.parametrize(
@@ -134,9 +135,9 @@ def test_bad_input_is_one_line_nothing_started(args, needle, no_processes, tmp_p
 def test_a_message_costs_what_the_probes_real_pipeline_left_over():
     # The probe's 2-stage pipeline took 14 ms where its stages compute 10 ms: 2 ms for each of its 2 messages.
     probe = dataclasses.replace(PROBE, pipeline_seconds=0.014)
-    assert plan.p2p_seconds(costs(), probe, 1.0) == pytest.approx(0.002)
-    assert plan.p2p_seconds(costs(), PROBE, 1.0) == PROBE.p2p_seconds  # no pipeline ran: the ping-pong
-    pipe = by_label(plan.candidates(costs(), probe, 2, 2, 10**12, 32))["pipeline P=2 M=4 1f1b"]
+    assert model.p2p_seconds(costs(), probe, 1.0) == pytest.approx(0.002)
+    assert model.p2p_seconds(costs(), PROBE, 1.0) == PROBE.p2p_seconds  # no pipeline ran: the ping-pong
+    pipe = by_label(model.candidates(costs(), probe, 2, 2, 10**12, 32))["pipeline P=2 M=4 1f1b"]
     assert pipe.step_seconds == pytest.approx(5 * 0.010 / 8 + 8 * 0.002 + 0.002 / 2)
 
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from hvdtrain import timeline
 from hvdtrain.cli import cli
+from hvdtrain.rundir import TIMELINE_STEPS_HEADER, RunDir
 
 GOLDEN = Path(__file__).parent / "golden" / "timeline.json"
 T0 = 1_700_000_000_000_000  # the timeline's clock zero, microseconds since the epoch
@@ -127,15 +128,15 @@ def test_repair_rewrites_only_a_broken_file(tmp_path):
 
 
 def test_the_golden_recording_summarizes(tmp_path):
-    s = timeline.summarize(timeline.read(GOLDEN), timeline.read_steps(GOLDEN.with_name(timeline.STEPS)))
+    s = timeline.summarize(timeline.read(GOLDEN), timeline.read_steps(RunDir(GOLDEN.parent).timeline_steps))
     assert s["steps"] and "MPI_ALLREDUCE" in s["phases"]
     assert any(name.startswith("allreduce.") for name in s["tensors"])
     assert 0 < s["communication_share"] <= 1
 
 
 def test_steps_file_cut_short_keeps_whole_lines(tmp_path):
-    path = tmp_path / timeline.STEPS
-    path.write_text(f"{timeline.STEPS_HEADER}\n5,10,20\n6,20,30\n7,30")
+    path = RunDir(tmp_path).timeline_steps
+    path.write_text(f"{TIMELINE_STEPS_HEADER}\n5,10,20\n6,20,30\n7,30")
     assert timeline.read_steps(path) == [(5, 10.0, 20.0), (6, 20.0, 30.0)]
 
 
@@ -150,4 +151,4 @@ def test_steps_file_cut_short_keeps_whole_lines(tmp_path):
 def test_bad_input_is_one_line(tmp_path, make, needle):
     target = make(tmp_path)
     assert_usage_error(CliRunner().invoke(cli, ["timeline", str(target)]), needle)
-    assert not (tmp_path / timeline.PLOT).exists()
+    assert not RunDir(tmp_path).timeline_plot.exists()

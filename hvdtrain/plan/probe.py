@@ -1,13 +1,15 @@
-"""Runs on every rank of `hvdtrain plan`'s probe: ``python -m hvdtrain.plan_probe CONFIG.json OUT.json``.
+"""`hvdtrain plan`'s probe: a real job of the ranks of one node. `run` launches it (through the same launcher as
+`train`) and reads what it measured; every rank runs ``python -m hvdtrain.plan.probe CONFIG.json OUT.json``.
 
 What a rank of the training job holds besides its model's state and activations (its peak RSS after the
 worker's imports, Horovod's start, the dataset, the model, the allreduces that allocate Horovod's fusion buffer
 and one step of the training's optimizer through the DistributedOptimizer; rank 0 also imports TensorBoard's
-writer, as the Trainer's rank 0 does); one batch's
-forward+backward with every rank computing at once (the contention the planning process alone does not see);
-one data-parallel step's communication as the DistributedOptimizer issues it (one asynchronous allreduce per
-parameter, fused by Horovod); one batch through a real pipeline of every rank as a stage (its messages); a 4-byte allreduce (the latency); a small mpi4py message to the next rank. Medians
-of REPS (the compute: the slowest rank's); rank 0 writes OUT (hvdtrain.plan.Probe's fields).
+writer, as the Trainer's rank 0 does); one batch's forward+backward with every rank computing at once (the
+contention the planning process alone does not see); one data-parallel step's communication as the
+DistributedOptimizer issues it (one asynchronous allreduce per parameter, fused by Horovod); one batch through a
+real pipeline of every rank as a stage (its messages); a 4-byte allreduce (the latency); a small mpi4py message
+to the next rank. Medians of REPS (the compute: the slowest rank's); rank 0 writes OUT (plan.model.Probe's
+fields).
 """
 
 from __future__ import annotations
@@ -15,9 +17,33 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import tempfile
 from pathlib import Path
 
+from hvdtrain.config import TrainConfig
+from hvdtrain.plan.measure import median_time
+from hvdtrain.plan.model import Probe, ring_bytes
+from hvdtrain.rundir import RunDir
+
+MODULE = "hvdtrain.plan.probe"  # what every rank runs (python -m)
 REPS, WARMUP = 30, 5
+
+
+def run(cfg: TrainConfig, ranks: int) -> Probe:
+    """Run `python -m hvdtrain.plan.probe` on `ranks` ranks of this machine (in a temporary run directory: its
+    config, the ranks' logs and the probe's result; removed) and read what it measured."""
+    from hvdtrain.launching.options import LaunchOptions
+    from hvdtrain.launching.spec import make_spec
+    from hvdtrain.launching.supervise import run_job
+
+    with tempfile.TemporaryDirectory(prefix="hvdtrain-plan-") as tmp:
+        run_dir = RunDir(tmp)
+        run_dir.config.write_text(cfg.to_json())
+        command = [sys.executable, "-m", MODULE, str(run_dir.config), str(run_dir.result)]
+        spec = make_spec(command, LaunchOptions(np=ranks, output_dir=str(run_dir.logs.path)), check_cmd=False)
+        run_job(spec, echo=lambda _line: None)
+        got = json.loads(run_dir.result.read_text())
+    return Probe(**got)
 
 
 def ping_pong(rank: int, size: int) -> None:
@@ -66,10 +92,8 @@ def pipeline_step(model, data, batch: int, weighted: int, timed) -> float:
 def main(argv: list[str]) -> None:
     import torch
 
-    from hvdtrain.config import TrainConfig
     from hvdtrain.files import write_json
     from hvdtrain.parallel import horovod
-    from hvdtrain.plan import median_time, ring_bytes
     from hvdtrain.train import datasets, models, trainer  # noqa: F401  (the worker's imports, for its memory)
     from hvdtrain.train.update import base_optimizer
 
