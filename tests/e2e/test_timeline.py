@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hvdtrain.timeline import STEPS
+from hvdtrain.rundir import RunDir
 
 MLP_PARAMS = ["1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"]
 
@@ -27,7 +27,7 @@ def test_a_window_of_steps_is_recorded_and_summarized(hvdtrain, tmp_path):
     # allreduce.<first parameter>+<the other parameters' count>.
     group = f"allreduce.{MLP_PARAMS[0]}+{len(MLP_PARAMS) - 1}"
     assert any(e.get("args", {}).get("name", "") == group for e in events)
-    assert [int(line.split(",")[0]) for line in (run / STEPS).read_text().splitlines()[1:]] == [5, 6, 7, 8]
+    assert [int(line.split(",")[0]) for line in RunDir(run).timeline_steps.read_text().splitlines()[1:]] == [5, 6, 7, 8]
 
     s = summary_of(hvdtrain, run)
     assert s["steps"] == [5, 6, 7, 8] and s["repaired_bytes"] == 0 and s["ops"] == ["ALLREDUCE"]
