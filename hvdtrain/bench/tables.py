@@ -96,47 +96,7 @@ def train(result: dict) -> str:
         ["model", "config", "np", "samples/s per rank", "total samples/s", "weak-scaling eff."], lines,
         "throughput (mean +- 1.96 sigma over iterations; total = np x per rank, as pytorch_synthetic_benchmark)",
     )]  # fmt: skip
-    sbs = result["side_by_side"]
-    if sbs:
-        targets = ", ".join(f"{k.replace('_over_', '/')} >= {v}" for k, v in plans.TRAIN_TARGETS.items())
-        out.append("")
-        out.append(render_table(
-            ["model", "np", "trainer", "horovod", "ddp", "trainer/horovod", "(median of rounds)", "trainer/ddp", "horovod/ddp"],
-            [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["ddp_total"], s["trainer_over_horovod"],
-              s.get("trainer_over_horovod_median_round"), s["trainer_over_ddp"], s["horovod_over_ddp"]] for s in sbs],
-            f"side by side (total samples/s; targets: {targets})",
-        ))  # fmt: skip
-        refs = [s for s in sbs if s["mpi4py_total"] is not None or s["nocomm_total"] is not None]
-        if refs:
-            out.append("")
-            out.append(render_table(
-                ["model", "np", "trainer", "horovod", "mpi4py", "nocomm", "trainer/mpi4py", "horovod/mpi4py",
-                 "trainer/nocomm", "horovod/nocomm", "mpi4py/nocomm"],
-                [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["mpi4py_total"], s["nocomm_total"],
-                  *(_with_rounds(s, k) for k in ("trainer_over_mpi4py", "horovod_over_mpi4py", "trainer_over_nocomm",
-                                                 "horovod_over_nocomm", "mpi4py_over_nocomm"))] for s in refs],
-                "against the references (total samples/s; ratios: pooled, then [median of rounds: their range]; the "
-                "verdicts take the median of rounds): mpi4py = one flat MPI Allreduce per step, what the "
-                "communication allows; nocomm = the same processes not communicating, the hardware ceiling",
-            ))  # fmt: skip
-        for s in sbs:
-            verdicts = [
-                f"{k} {'met' if s[f'{k}_target_met'] else 'NOT met'}"
-                for k in plans.TRAIN_TARGETS
-                if s[f"{k}_target_met"] is not None
-            ]
-            if verdicts:
-                out.append(f"  {s['model']} np={s['np']}: " + "; ".join(verdicts))
-        sharded = [s for s in sbs if s["sharded_total"] is not None]
-        if sharded:
-            out.append("")
-            out.append(render_table(
-                ["model", "np", "horovod", "sharded", "ratio", "state bytes/rank: horovod", "sharded", "ratio"],
-                [[s["model"], s["np"], s["horovod_total"], s["sharded_total"], s["sharded_over_horovod"],
-                  s["horovod_state_bytes"], s["sharded_state_bytes"], s["state_sharded_over_horovod"]] for s in sharded],
-                "sharded optimizer (ZeRO-1) vs DistributedOptimizer, SGD-momentum (total samples/s; optimizer state "
-                "bytes per rank)",
-            ))  # fmt: skip
+    out += _side_by_side(result["side_by_side"])
     pipe = result.get("pipeline") or []
     if pipe:
         out.append("")
@@ -159,6 +119,54 @@ def train(result: dict) -> str:
             "ablations of the Horovod loop (total samples/s; ratio to fusion on, no compression)",
         ))  # fmt: skip
     return "\n".join(out)
+
+
+def _side_by_side(sbs: list[dict]) -> list[str]:
+    """bench train's arms side by side: the Trainer, the Horovod loop and DDP, the references, the target verdicts,
+    the sharded optimizer."""
+    out: list[str] = []
+    if not sbs:
+        return out
+    targets = ", ".join(f"{k.replace('_over_', '/')} >= {v}" for k, v in plans.TRAIN_TARGETS.items())
+    out.append("")
+    out.append(render_table(
+        ["model", "np", "trainer", "horovod", "ddp", "trainer/horovod", "(median of rounds)", "trainer/ddp", "horovod/ddp"],
+        [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["ddp_total"], s["trainer_over_horovod"],
+          s.get("trainer_over_horovod_median_round"), s["trainer_over_ddp"], s["horovod_over_ddp"]] for s in sbs],
+        f"side by side (total samples/s; targets: {targets})",
+    ))  # fmt: skip
+    refs = [s for s in sbs if s["mpi4py_total"] is not None or s["nocomm_total"] is not None]
+    if refs:
+        out.append("")
+        out.append(render_table(
+            ["model", "np", "trainer", "horovod", "mpi4py", "nocomm", "trainer/mpi4py", "horovod/mpi4py",
+             "trainer/nocomm", "horovod/nocomm", "mpi4py/nocomm"],
+            [[s["model"], s["np"], s["trainer_total"], s["horovod_total"], s["mpi4py_total"], s["nocomm_total"],
+              *(_with_rounds(s, k) for k in ("trainer_over_mpi4py", "horovod_over_mpi4py", "trainer_over_nocomm",
+                                             "horovod_over_nocomm", "mpi4py_over_nocomm"))] for s in refs],
+            "against the references (total samples/s; ratios: pooled, then [median of rounds: their range]; the "
+            "verdicts take the median of rounds): mpi4py = one flat MPI Allreduce per step, what the "
+            "communication allows; nocomm = the same processes not communicating, the hardware ceiling",
+        ))  # fmt: skip
+    for s in sbs:
+        verdicts = [
+            f"{k} {'met' if s[f'{k}_target_met'] else 'NOT met'}"
+            for k in plans.TRAIN_TARGETS
+            if s[f"{k}_target_met"] is not None
+        ]
+        if verdicts:
+            out.append(f"  {s['model']} np={s['np']}: " + "; ".join(verdicts))
+    sharded = [s for s in sbs if s["sharded_total"] is not None]
+    if sharded:
+        out.append("")
+        out.append(render_table(
+            ["model", "np", "horovod", "sharded", "ratio", "state bytes/rank: horovod", "sharded", "ratio"],
+            [[s["model"], s["np"], s["horovod_total"], s["sharded_total"], s["sharded_over_horovod"],
+              s["horovod_state_bytes"], s["sharded_state_bytes"], s["state_sharded_over_horovod"]] for s in sharded],
+            "sharded optimizer (ZeRO-1) vs DistributedOptimizer, SGD-momentum (total samples/s; optimizer state "
+            "bytes per rank)",
+        ))  # fmt: skip
+    return out
 
 
 def updates(result: dict) -> str:
