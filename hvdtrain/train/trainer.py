@@ -59,14 +59,7 @@ import torch
 from torch import nn
 
 from hvdtrain import preempt
-from hvdtrain.config import (
-    ASYNC_NOT_ELASTIC,
-    GROUPS_NOT_ELASTIC,
-    PIPELINE_NOT_ELASTIC,
-    SHARDED_NOT_ELASTIC,
-    TIMELINE_NOT_ELASTIC,
-    TrainConfig,
-)
+from hvdtrain.config import TrainConfig, check_combinations
 from hvdtrain.env import SlurmEnv, rank_info
 from hvdtrain.errors import CheckpointError, ConfigError
 from hvdtrain.files import write_json
@@ -148,20 +141,7 @@ class Trainer:
         if self.grid is not None:  # the data-parallel place: this rank's replica, and how many there are
             self.rank, self.size = self.grid.replica_of(self.rank), self.grid.replicas
         self.elastic = elastic.enabled()
-        for setting, message in [
-            (cfg.shard_optimizer, SHARDED_NOT_ELASTIC),
-            (cfg.update == "async", ASYNC_NOT_ELASTIC),
-            (cfg.strategy == "pipeline", PIPELINE_NOT_ELASTIC),
-            (cfg.records_timeline, TIMELINE_NOT_ELASTIC),
-            (bool(cfg.grad_groups), GROUPS_NOT_ELASTIC),
-        ]:
-            if self.elastic and setting:
-                raise ConfigError(message)
-        if cfg.strategy == "model" and self.size > 1:
-            raise ConfigError(
-                f"--strategy model runs one replica on one rank, but this job has {self.size} ranks: "
-                "use -np 1, or --strategy hybrid for data parallelism across model-parallel replicas"
-            )
+        check_combinations(cfg, elastic=self.elastic, ranks=horovod.world()[1])  # config.COMBINATIONS
         self.data = self._user_dataset or datasets.load(cfg.data, cfg.synthetic_samples, cfg.seed)
         self.startup.mark("data")
         # Same seed on every rank for the initial weights (rank 0's are broadcast anyway).
