@@ -3,9 +3,11 @@
     Trainer(cfg).fit()                                   # the built-in job (digits CNN by default)
     Trainer(cfg, model=my_sequential, dataset=my_data, hooks=[my_hook]).fit()
 
-    fit -> _run_epoch -> _train_step
+    fit -> _train_and_finish -> _run_epoch -> _train_step
+      Placement    where the model's parts live and what each rank does: data, device pipeline, rank pipeline,
+                   parameter servers (train/placement.py); the loop never asks for the strategy
       TrainState   model, optimizer, epoch, step_in_epoch, step      (train/state.py)
-      UpdateRule   how a step's gradients become parameters: sync, sharded, local-sgd (train/update.py)
+      UpdateRule   how a step's gradients become parameters: sync, sharded, local-sgd, async (train/update.py)
       ReportWindow loss/samples/preemption votes summed every log_every steps, overlapped (train/reporting.py)
       Hooks        on_fit_start, on_step_start/end, on_epoch_end, on_checkpoint, on_fit_end (train/hooks.py)
 
@@ -27,11 +29,9 @@ follows the new world size (when scaled), rank 0's state is broadcast to every w
 rest of the epoch's samples are re-sharded over the new world, and metrics.jsonl records the resize. Nothing
 before the loop runs a collective: a worker that joins later starts there while the others are in the loop.
 
-Pipeline (--strategy pipeline, parallel.pipe): each rank holds one stage of a replica; self.rank and self.size
-are then the replica's index and the number of replicas (what the data shards, the steps, the learning rate and
-a checkpoint's world size follow), the steps run the stage's schedule (_pipeline_passes), the last stage alone
-has the loss and the outputs (the other stages add zeros to the sums), and checkpoints are gathered into the
-data-parallel format (train.update.PipelineUpdate).
+self.rank and self.size are this rank's data-parallel place (Placement.replica): which shard of the data it
+reads, and of how many; the steps, the learning rate and a checkpoint's world size follow them. For a rank
+pipeline that is its replica's index and the number of replicas.
 
 Preemption: the preempt signal (USR2 by default, what `sbatch --signal` sends before the time limit) only
 sets a flag. The ranks' votes travel in the reporting window's sum every log_every steps (one allreduce,
@@ -66,11 +66,10 @@ from hvdtrain.files import write_json
 from hvdtrain.parallel import elastic, horovod
 from hvdtrain.rundir import RunDir
 from hvdtrain.startup import Startup
-from hvdtrain.train import checkpoint, datasets, models
+from hvdtrain.train import checkpoint, datasets, models, placement
 from hvdtrain.train.hooks import Hook, Hooks, TimelineRecorder
 from hvdtrain.train.reporting import Progress, Recorder, ReportWindow
 from hvdtrain.train.state import TrainState
-from hvdtrain.train.update import update_rule
 
 
 def params_sha256(model: nn.Module | dict[str, torch.Tensor]) -> str:
@@ -125,37 +124,31 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         self.startup.mark("imports")
-        self.grid = self._grid()
+        self.placement = placement.choose(cfg, rank_info().size)  # where the model's parts live, who does what
         horovod.init(
             deterministic=cfg.deterministic,
-            group=self._workers(),
-            parts=self.grid and self.grid.stage_sets(),
             timeline=cfg.records_timeline,
             autotune_log=self.run_dir.autotune if cfg.autotune else None,
+            **self.placement.process_sets(),
         )
         self.startup.mark("hvd.init")
-        # In an async job: this rank's place among the workers (a server's: its place in the job).
-        self.rank, self.size = horovod.rank(), horovod.size()
-        self.is_main = self.rank == 0
-        self.stage = None  # a pipeline's: this rank's parallel.pipe.Stage
-        if self.grid is not None:  # the data-parallel place: this rank's replica, and how many there are
-            self.rank, self.size = self.grid.replica_of(self.rank), self.grid.replicas
+        self.is_main = horovod.rank() == 0  # (an async job's: rank 0 of the workers)
+        # The data-parallel place: which shard of the data this rank reads, of how many.
+        self.rank, self.size = self.placement.replica()
         self.elastic = elastic.enabled()
         check_combinations(cfg, elastic=self.elastic, ranks=horovod.world()[1])  # config.COMBINATIONS
         self.data = self._user_dataset or datasets.load(cfg.data, cfg.synthetic_samples, cfg.seed)
         self.startup.mark("data")
         # Same seed on every rank for the initial weights (rank 0's are broadcast anyway).
         seed_everything(cfg.seed)
-        model = self._place(
+        model = self.placement.place(
             self._user_model
-            or models.build(cfg.model, self.data.input_shape, self.data.num_classes, cfg.hidden, cfg.depth)
+            or models.build(cfg.model, self.data.input_shape, self.data.num_classes, cfg.hidden, cfg.depth),
+            self.data,
         )
-        global_rank, world_size = horovod.world()
         # From here on each rank draws its own random numbers (dropout): seed + rank.
-        seed_everything(cfg.seed + global_rank)
-        self.update = update_rule(
-            cfg, world_size=world_size, rank=global_rank, stage=self.stage, builtin_model=self._user_model is None
-        )
+        seed_everything(cfg.seed + horovod.world()[0])
+        self.update = self.placement.update_rule(builtin_model=self._user_model is None)
         self.lr = self.update.learning_rate()
         self.state = TrainState(model, self.update.make_optimizer(model, self.lr))
         self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed, replica=(self.rank, self.size))
@@ -163,69 +156,10 @@ class Trainer:
         self.fingerprint = checkpoint.fingerprint(cfg, None if self.elastic else self.size)
         self.startup.mark("model")
 
-    def _workers(self) -> Optional[list[int]]:
-        """An async job's worker ranks (the group every collective of the loop runs over); None: every rank."""
-        cfg = self.cfg
-        if cfg.update != "async":
-            return None
-        from hvdtrain.parallel.ps import roles
-
-        size = rank_info().size
-        cfg.data_ranks(size)  # raises when the servers leave no worker
-        return roles(size, cfg.ps_ranks)[0]
-
-    def _grid(self):
-        """A pipeline's ranks as replicas of stages (parallel.grid.Grid); None for the other strategies."""
-        if self.cfg.strategy != "pipeline":
-            return None
-        from hvdtrain.parallel.grid import Grid
-
-        size = rank_info().size
-        self.cfg.data_ranks(size)  # raises when the stages do not divide the ranks
-        return Grid(size, self.cfg.stages)
-
     @property
     def model(self) -> nn.Module:
         """The model being trained (the state's: a resume or a reset replaces it there)."""
         return self.state.model
-
-    def _place(self, model: nn.Module) -> nn.Module:
-        """This rank's device (data), or a pipeline over its k devices (model, hybrid)."""
-        if self.cfg.strategy == "data":
-            self.in_device = self.out_device = horovod.device()
-            return model.to(self.in_device)
-        if self.cfg.strategy == "pipeline":
-            return self._stage_of(model)
-        from hvdtrain.parallel.hybrid import devices_for_rank
-        from hvdtrain.parallel.pipeline import Pipeline
-
-        cfg = self.cfg
-        devices = devices_for_rank(horovod.local_rank(), horovod.local_size(), cfg.devices_per_rank)
-        pipeline = Pipeline(model, devices, balance=cfg.balance, micro_batches=cfg.micro_batches)
-        self.in_device, self.out_device = pipeline.input_device, pipeline.output_device
-        return pipeline
-
-    def _stage_of(self, model: nn.Module) -> nn.Module:
-        """A pipeline: this rank's stage of the model (the neighbours agree on the shapes between them)."""
-        from mpi4py import MPI  # after hvd.init, which initialised MPI for threads
-
-        from hvdtrain.parallel.pipe import Stage
-
-        cfg, x = self.cfg, self.data.train.tensors[0]
-        self.in_device = self.out_device = horovod.device()
-        # A communicator of the pipeline's own; left to MPI_Finalize (freeing one while Horovod runs crashed MPI).
-        self.stage = Stage.build(
-            model, self.grid, MPI.COMM_WORLD.Dup(), x.shape[1:], x.dtype, cfg.balance, cfg.schedule,
-            cfg.micro_batches, self.in_device,
-        )  # fmt: skip
-        st = self.stage
-        first, layers = st.bounds[st.index][:2]
-        print(
-            f"hvdtrain: pipeline: this rank is {self.grid.role(st.rank)} (layers {first}-{first + layers - 1}; "
-            f"{self.grid.stages} stages, {self.grid.replicas} replica(s))",
-            flush=True,
-        )
-        return st.module
 
     def _steps_for(self, samples: int) -> int:
         """Optimizer steps over `samples` samples shared by the current world (what is left is dropped)."""
@@ -354,40 +288,12 @@ class Trainer:
         self.hooks.on_step_start(self)
         self.state.optimizer.zero_grad()
         x_all, y_all = self.data.train.tensors
-        passes = self._passes if self.stage is None else self._pipeline_passes
-        loss_sum, samples = passes(group, x_all, y_all)
+        loss_sum, samples = self.placement.passes(self.state, group, x_all, y_all, self.loss_fn)
         self.update.step(self.state)
         self.state.advance()
         self.window.add(loss_sum, samples)
         self.train_samples += samples
         self.hooks.on_step_end(self)
-
-    def _passes(self, group: list[torch.Tensor], x_all, y_all) -> tuple[float, int]:
-        """The backward passes of one step on this rank's model (its device, or its in-rank device pipeline):
-        (loss sum, samples)."""
-        loss_sum, samples = 0.0, 0
-        for index in group:
-            x, y = x_all[index], y_all[index]
-            if self.in_device.type != "cpu" or self.out_device.type != "cpu":
-                x, y = x.to(self.in_device, non_blocking=True), y.to(self.out_device, non_blocking=True)
-            loss = self.loss_fn(self.model(x), y)
-            # Accumulated gradients are summed: divide so the step sees the mean over the passes.
-            (loss / len(group)).backward()
-            loss_sum += loss.item() * len(index)
-            samples += len(index)
-        return loss_sum, samples
-
-    def _pipeline_passes(self, group: list[torch.Tensor], x_all, y_all) -> tuple[float, int]:
-        """A pipeline's backward passes of one step: each batch through the stages in the schedule's order (the
-        first stage feeds the inputs, the last takes the labels and the loss). (loss sum, samples) on the last."""
-        st, loss_sum, samples = self.stage, 0.0, 0
-        self.update.expect_backwards(self.state, sum(st.micro_count(len(index)) for index in group))
-        for index in group:
-            x = x_all[index].to(self.in_device) if st.first else None
-            y = y_all[index].to(self.out_device) if st.last else None
-            loss, n = st.train_pass(len(index), x, y, self.loss_fn, 1 / len(group))
-            loss_sum, samples = loss_sum + loss, samples + n
-        return loss_sum, samples
 
     def _report(self) -> bool:
         """Read the window started one step earlier, if any: record and show it; True if the ranks agreed to stop."""
@@ -448,19 +354,8 @@ class Trainer:
         model.eval()
         x_all, y_all = self.data.test.tensors
         mine = torch.arange(self.rank, len(y_all), self.size)
-        st = self.stage
-        loss_sum, correct = 0.0, 0.0
-        for chunk in mine.split(256):
-            x, y = x_all[chunk].to(self.in_device), y_all[chunk].to(self.out_device)
-            out = model(x) if st is None else st.forward_only(len(chunk), x if st.first else None)
-            if out is None:
-                continue  # a pipeline stage before the last
-            loss_sum += self.loss_fn(out, y, reduction="sum").item()
-            correct += (out.argmax(1) == y).sum().item()
-        if st is not None:
-            st.flush()
-        counted = len(mine) if st is None or st.last else 0  # a pipeline's last stage alone has outputs
-        return horovod.average_metrics({"test_loss": loss_sum, "test_accuracy": correct}, counted, name="hvdtrain.eval")
+        sums, counted = self.placement.test_sums(model, x_all, y_all, mine, self.loss_fn)
+        return horovod.average_metrics(sums, counted, name="hvdtrain.eval")
 
     def _evaluate_and_record(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -471,8 +366,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self._setup()
-        if self.update.serves:
-            return self._serve()
+        if not self.placement.trains:  # an async job's parameter server
+            return self.placement.serve(self.run_dir)
         self._plan_steps()
         self._open_outputs()
         resumed = self._load_for_elastic() if self.elastic else self._restore_or_broadcast()
@@ -488,7 +383,7 @@ class Trainer:
             )
         if s.step == 0:
             self.progress.say(
-                f"training {cfg.model} on {cfg.data}: {self._ranks_said()}, strategy {cfg.strategy}, "
+                f"training {cfg.model} on {cfg.data}: {self.placement.describe(self.size)}, strategy {cfg.strategy}, "
                 f"{self.steps_total} steps of {cfg.batch_size} x {cfg.backward_passes_per_step} samples per rank, "
                 f"lr {self.lr:g}"
             )
@@ -515,25 +410,6 @@ class Trainer:
         self.hooks.on_fit_end(self, result)
         self.update.close()
         return result
-
-    def _serve(self) -> dict[str, Any]:
-        """An async job's parameter server: serve the workers until each is finished (no loop, no files but its
-        log of updates)."""
-        index = self.update.server.index
-        print(f"hvdtrain: async: this rank serves parameter shard {index} of {len(self.update.servers)}", flush=True)
-        result = self.update.serve(self.run_dir.ps_log(index))
-        print(f"hvdtrain: async: server {index} applied {result['version']} updates", flush=True)
-        return {"parameter_server": index, **result}
-
-    def _ranks_said(self) -> str:
-        cfg = self.cfg
-        if self.grid is not None:
-            return (f"{self.grid.ranks} rank(s) as {self.size} replica(s) of {self.grid.stages} pipeline stages "
-                    f"({cfg.schedule}, {cfg.micro_batches} micro-batch(es) per batch)")  # fmt: skip
-        if self.cfg.update != "async":
-            return f"{self.size} rank(s)"
-        servers, staleness = len(self.update.servers), self.update.staleness
-        return f"{self.size} worker(s) and {servers} parameter server(s), max staleness {staleness}"
 
     def _train_and_finish(self) -> dict[str, Any]:
         """The epochs, then the final evaluation and checkpoint (or the preemption checkpoint): in an elastic job
@@ -660,22 +536,6 @@ class Trainer:
             self.cfg.save(self.run_dir)  # a no-op when launched by `hvdtrain train`, which wrote it already
         self.recorder = Recorder(self.run_dir, self.is_main, self._echo)
 
-    def _pipeline_result(self) -> dict[str, Any]:
-        """A pipeline's layout, and the most activation memory each stage held (of replica 0; collective)."""
-        if self.stage is None:
-            return {}
-        peaks = horovod.allgather_object(
-            (self.stage.meter.peak_bytes, self.stage.meter.peak_micro), name="hvdtrain.pipeline_peaks"
-        )
-        return {
-            "ranks": self.grid.ranks,
-            "stages": self.grid.stages,
-            "schedule": self.cfg.schedule,
-            "micro_batches": self.cfg.micro_batches,
-            "activation_peak_bytes": [b for b, _ in peaks[: self.grid.stages]],
-            "micro_batches_in_flight_peak": [m for _, m in peaks[: self.grid.stages]],
-        }
-
     def _finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         total = horovod.PendingSum([float(self.train_samples)], name="hvdtrain.samples").result()[0]
         # Each rank's peak resident memory (Linux reports KiB): what `hvdtrain plan` predicts per rank.
@@ -693,7 +553,7 @@ class Trainer:
             "run_dir": str(self.run_dir.path),
             "peak_rss_bytes": rss,
             "startup_s": self.startup.phases(),  # rank 0's phases up to the first step (hvdtrain.startup)
-            **self._pipeline_result(),
+            **self.placement.result(),
             **extra,
         }
         if self.is_main:
