@@ -59,6 +59,10 @@ MODEL_NOT_ELASTIC = (
 HOOK_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
+def _bad(flag: str, msg: str):
+    raise ConfigError(f"--{flag}: {msg}")
+
+
 def _f(default, help: str, choices: Optional[tuple[str, ...]] = None):
     """A field with its --help text and, for a choice, its valid values (the CLI builds one option per field
     from these)."""
@@ -176,17 +180,34 @@ class TrainConfig:
     )  # fmt: skip
 
     def validate(self, check_data: bool = True) -> TrainConfig:
-        """Raise ConfigError naming the flag of the first bad field, or of the first row of COMBINATIONS among its
+        """Raise ConfigError naming the flag of the first bad value, or of the first row of COMBINATIONS among its
         own options that refuses it. check_data=False when the caller provides its own dataset (then `data` is
         only a label)."""
+        self._check_values()
+        if self.strategy == "pipeline" and self.stages is None:
+            _bad("stages", "--strategy pipeline needs --stages P, the ranks one replica spreads over (e.g. 2)")
+        check_combinations(self)  # each value is valid on its own: now what combines with what
+        parts = self.stages if self.strategy == "pipeline" else self.devices_per_rank
+        if self.balance is not None and (len(self.balance) != parts or any(b < 1 for b in self.balance)):
+            what = "--stages" if self.strategy == "pipeline" else "--devices-per-rank"
+            _bad("balance", f"{self.balance} must give {parts} stage sizes ({what}) of at least 1 layer")
+        if check_data and self.data not in ("digits", "synthetic"):
+            if not self.data.endswith(".npz"):
+                _bad("data", f"'{self.data}' is not digits, synthetic or a .npz file")
+            if not Path(self.data).is_file():
+                _bad("data", f"no such file '{self.data}'")
+        if self.resume_from is not None and not Path(self.resume_from).is_file():
+            _bad("resume-from", f"no such checkpoint '{self.resume_from}'")
+        return self
 
-        def bad(flag: str, msg: str):
-            raise ConfigError(f"--{flag}: {msg}")
-
+    def _check_values(self) -> None:
+        """Each field on its own: a valid choice, in range, finite, well formed."""
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+            value, flag = getattr(self, field.name), field.name.replace("_", "-")
             if "choices" in field.metadata and value is not None and value not in field.metadata["choices"]:
-                bad(field.name.replace("_", "-"), f"'{value}' is not one of {', '.join(field.metadata['choices'])}")
+                _bad(flag, f"'{value}' is not one of {', '.join(field.metadata['choices'])}")
+            if isinstance(value, float) and not math.isfinite(value):
+                _bad(flag, f"{value} is not a finite number")
         for flag, value, low in [
             ("devices-per-rank", self.devices_per_rank, 1),
             ("micro-batches", self.micro_batches, 1),
@@ -201,57 +222,32 @@ class TrainConfig:
             ("commit-every", self.commit_every, 1),
             ("log-every", self.log_every, 1),
             ("max-requeues", self.max_requeues, 0),
-        ]:
-            if value < low:
-                bad(flag, f"{value} is too small (at least {low})")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad("max-steps", f"{self.max_steps} is too small (at least 1)")
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                bad(field.name.replace("_", "-"), f"{value} is not a finite number")
-        if self.lr is not None and not self.lr > 0:
-            bad("lr", f"{self.lr} must be positive")
-        if not 0 <= self.momentum < 1:
-            bad("momentum", f"{self.momentum} must be in [0, 1)")
-        if self.weight_decay < 0:
-            bad("weight-decay", f"{self.weight_decay} must not be negative")
-        if self.micro_batches > self.batch_size:
-            bad("micro-batches", f"{self.micro_batches} micro-batches cannot split a batch of {self.batch_size}")
-        if self.grad_groups is not None and self.grad_groups < 0:
-            bad("grad-groups", f"{self.grad_groups} is too small (at least 0; 0: one allreduce per gradient)")
-        for flag, value, low in [
+            ("max-steps", self.max_steps, 1),
+            ("stages", self.stages, 1),
             ("average-every", self.average_every, 1),
             ("local-sgd-warmup", self.local_sgd_warmup, 0),
             ("ps-ranks", self.ps_ranks, 1),
             ("max-staleness", self.max_staleness, 0),
         ]:
             if value is not None and value < low:
-                bad(flag, f"{value} is too small (at least {low})")
-        if self.stages is not None and self.stages < 1:
-            bad("stages", f"{self.stages} is too small (at least 1)")
+                _bad(flag, f"{value} is too small (at least {low})")
+        if self.grad_groups is not None and self.grad_groups < 0:
+            _bad("grad-groups", f"{self.grad_groups} is too small (at least 0; 0: one allreduce per gradient)")
+        if self.lr is not None and not self.lr > 0:
+            _bad("lr", f"{self.lr} must be positive")
+        if not 0 <= self.momentum < 1:
+            _bad("momentum", f"{self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            _bad("weight-decay", f"{self.weight_decay} must not be negative")
+        if self.micro_batches > self.batch_size:
+            _bad("micro-batches", f"{self.micro_batches} micro-batches cannot split a batch of {self.batch_size}")
         if self.timeline_steps is not None:
             self.timeline_window()  # raises naming the flag
-        if self.strategy == "pipeline" and self.stages is None:
-            bad("stages", "--strategy pipeline needs --stages P, the ranks one replica spreads over (e.g. 2)")
-        check_combinations(self)  # each field is valid on its own: now what combines with what
-        parts = self.stages if self.strategy == "pipeline" else self.devices_per_rank
-        if self.balance is not None and (len(self.balance) != parts or any(b < 1 for b in self.balance)):
-            what = "--stages" if self.strategy == "pipeline" else "--devices-per-rank"
-            bad("balance", f"{self.balance} must give {parts} stage sizes ({what}) of at least 1 layer")
-        if check_data and self.data not in ("digits", "synthetic"):
-            if not self.data.endswith(".npz"):
-                bad("data", f"'{self.data}' is not digits, synthetic or a .npz file")
-            if not Path(self.data).is_file():
-                bad("data", f"no such file '{self.data}'")
-        if self.resume_from is not None and not Path(self.resume_from).is_file():
-            bad("resume-from", f"no such checkpoint '{self.resume_from}'")
         for ref in self.hook_refs():
             if not HOOK_REF.fullmatch(ref):
-                bad("hooks", f"'{ref}' is not module:Name (e.g. myhooks:LogGradNorm)")
+                _bad("hooks", f"'{ref}' is not module:Name (e.g. myhooks:LogGradNorm)")
         if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in PREEMPT_SIGNALS:
-            bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
-        return self
+            _bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
 
     def layers(self) -> tuple[int, list[int]]:
         """The reference model --model's layers (children of its nn.Sequential): how many, and which of them hold
