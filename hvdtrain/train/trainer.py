@@ -6,6 +6,7 @@
     fit -> _train_and_finish -> _run_epoch -> _train_step
       Placement    where the model's parts live and what each rank does: data, device pipeline, rank pipeline,
                    parameter servers (train/placement.py); the loop never asks for the strategy
+      World        fixed as launched, or elastic: commits, rollbacks, resizes (train/elastic.py)
       TrainState   model, optimizer, epoch, step_in_epoch, step      (train/state.py)
       UpdateRule   how a step's gradients become parameters: sync, sharded, local-sgd, async (train/update.py)
       ReportWindow loss/samples/preemption votes summed every log_every steps, overlapped (train/reporting.py)
@@ -21,13 +22,10 @@ Exact resume: a checkpoint holds the model and optimizer, the epoch, the number 
 states. Resuming restores all of it, so a run interrupted at any checkpoint and resumed ends bitwise equal to
 an uninterrupted one in deterministic mode on CPU.
 
-Elastic (launched by `hvdtrain train --elastic`, HOROVOD_ELASTIC=1): the loop runs inside Horovod's elastic
-loop (hvdtrain.parallel.elastic). Every --commit-every steps and at every epoch end the ranks commit (an
-in-memory copy of model, optimizer, position and update state); a worker's failure rolls every survivor back
-to the last commit, a host change is taken at the next commit; then the world is re-formed, the learning rate
-follows the new world size (when scaled), rank 0's state is broadcast to every worker (new ones included), the
-rest of the epoch's samples are re-sharded over the new world, and metrics.jsonl records the resize. Nothing
-before the loop runs a collective: a worker that joins later starts there while the others are in the loop.
+The world the loop runs in (train/elastic.py) is fixed as launched, or elastic (`hvdtrain train --elastic`): then
+the loop runs inside Horovod's elastic loop, the ranks commit every --commit-every steps and at every epoch end, a
+worker's failure rolls the survivors back to the last commit, and the rest of the epoch is re-sharded over the new
+world. The loop asks its world where the two differ (plan, groups_left, start, run, enter, epoch_done, step_done).
 
 self.rank and self.size are this rank's data-parallel place (Placement.replica): which shard of the data it
 reads, and of how many; the steps, the learning rate and a checkpoint's world size follow them. For a rank
@@ -42,14 +40,12 @@ requeued job resumes from that checkpoint by itself.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import math
 import os
 import random
 import resource
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -61,12 +57,13 @@ from torch import nn
 from hvdtrain import preempt
 from hvdtrain.config import TrainConfig, check_combinations
 from hvdtrain.env import SlurmEnv, rank_info
-from hvdtrain.errors import CheckpointError, ConfigError
+from hvdtrain.errors import CheckpointError
 from hvdtrain.files import write_json
-from hvdtrain.parallel import elastic, horovod
+from hvdtrain.parallel import horovod
 from hvdtrain.rundir import RunDir
 from hvdtrain.startup import Startup
 from hvdtrain.train import checkpoint, datasets, models, placement
+from hvdtrain.train.elastic import world_for
 from hvdtrain.train.hooks import Hook, Hooks, TimelineRecorder
 from hvdtrain.train.reporting import Progress, Recorder, ReportWindow
 from hvdtrain.train.state import TrainState
@@ -135,8 +132,8 @@ class Trainer:
         self.is_main = horovod.rank() == 0  # (an async job's: rank 0 of the workers)
         # The data-parallel place: which shard of the data this rank reads, of how many.
         self.rank, self.size = self.placement.replica()
-        self.elastic = elastic.enabled()
-        check_combinations(cfg, elastic=self.elastic, ranks=horovod.world()[1])  # config.COMBINATIONS
+        self.world = world_for(self)  # fixed as launched, or elastic (train/elastic.py)
+        check_combinations(cfg, elastic=self.world.elastic, ranks=horovod.world()[1])  # config.COMBINATIONS
         self.data = self._user_dataset or datasets.load(cfg.data, cfg.synthetic_samples, cfg.seed)
         self.startup.mark("data")
         # Same seed on every rank for the initial weights (rank 0's are broadcast anyway).
@@ -152,43 +149,13 @@ class Trainer:
         self.lr = self.update.learning_rate()
         self.state = TrainState(model, self.update.make_optimizer(model, self.lr))
         self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed, replica=(self.rank, self.size))
-        # An elastic job resumes on any world size: its position counts samples, not steps.
-        self.fingerprint = checkpoint.fingerprint(cfg, None if self.elastic else self.size)
+        self.fingerprint = checkpoint.fingerprint(cfg, self.world.fingerprint_size())
         self.startup.mark("model")
 
     @property
     def model(self) -> nn.Module:
         """The model being trained (the state's: a resume or a reset replaces it there)."""
         return self.state.model
-
-    def _steps_for(self, samples: int) -> int:
-        """Optimizer steps over `samples` samples shared by the current world (what is left is dropped)."""
-        cfg = self.cfg
-        return math.ceil(math.ceil(samples / self.size) / cfg.batch_size) // cfg.backward_passes_per_step
-
-    def _plan_steps(self) -> None:
-        """steps_per_epoch and steps_total for the current world size (again after every elastic resize)."""
-        cfg, k, s = self.cfg, self.cfg.backward_passes_per_step, self.state
-        n = len(self.data.train)
-        self.steps_per_epoch = self._steps_for(n)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"--batch-size {cfg.batch_size} x --backward-passes-per-step {k} is more than this rank's "
-                f"{math.ceil(n / self.size)} training samples: lower them or use fewer ranks"
-            )
-        if self.elastic:  # what is done, the rest of this epoch on the current world, the epochs after it
-            rest = self._steps_for(n - s.samples_in_epoch) if s.epoch < cfg.epochs else 0
-            self.steps_total = s.step + rest + max(0, cfg.epochs - s.epoch - 1) * self.steps_per_epoch
-        else:
-            self.steps_total = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps is not None:
-            self.steps_total = min(self.steps_total, cfg.max_steps)
-
-    def _steps_left_in_epoch(self) -> int:
-        s = self.state
-        if self.elastic:
-            return self._steps_for(len(self.data.train) - s.samples_in_epoch)
-        return self.steps_per_epoch - s.step_in_epoch
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _restore_or_broadcast(self) -> Optional[Path]:
@@ -230,20 +197,6 @@ class Trainer:
             samples = min(len(self.data.train), step_in_epoch * per_step * size)
         return epoch, step_in_epoch, step, samples
 
-    def _load_for_elastic(self) -> Optional[Path]:
-        """An elastic job's start from a checkpoint, without a collective: the worker that is rank 0 at the start
-        loads it (jobs.preflight has checked it); the elastic loop's first sync gives it to every worker."""
-        path = checkpoint.resume_path(self.cfg, os.environ)
-        if path is None or not self.is_main:
-            return path
-        saved = checkpoint.load(path, self.fingerprint)
-        self.state.load_weights(saved)
-        self.state.position = self._position_of(saved)
-        self.update.load_state_dict(saved.get("update", {}))
-        if len(saved["rng"]) == self.size:
-            checkpoint.set_rng_state(saved["rng"][self.rank])
-        return path
-
     def _checkpoint(self) -> Optional[Path]:
         """Collective: every rank hands in its RNG states; rank 0 writes the file atomically."""
         rngs = horovod.allgather_object(checkpoint.rng_state(), name="hvdtrain.rng")
@@ -263,25 +216,6 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------------------ steps
-    def _batches(self, epoch: int) -> list[torch.Tensor]:
-        """This rank's batches of indices for `epoch` (a pure function of seed and epoch)."""
-        self.sampler.set_epoch(epoch)
-        return list(torch.as_tensor(list(self.sampler)).split(self.cfg.batch_size))
-
-    def _groups_left(self) -> list[list[torch.Tensor]]:
-        """This rank's remaining optimizer steps of the epoch under way, each a list of backward passes' indices.
-        Static: the epoch's batches from step_in_epoch on. Elastic: the samples not yet processed, re-sharded over
-        the current world (parallel.elastic.shard_of_rest; equal to the static batches when none were)."""
-        cfg, s, k = self.cfg, self.state, self.cfg.backward_passes_per_step
-        if self.elastic:
-            mine = elastic.shard_of_rest(
-                len(self.data.train), cfg.seed, s.epoch, s.samples_in_epoch, self.size, self.rank
-            )
-            batches = list(torch.as_tensor(mine, dtype=torch.long).split(cfg.batch_size))
-            return [batches[i : i + k] for i in range(0, self._steps_left_in_epoch() * k, k)]
-        batches = self._batches(s.epoch)
-        return [batches[i : i + k] for i in range(0, self.steps_per_epoch * k, k)][s.step_in_epoch :]
-
     def _train_step(self, group: list[torch.Tensor]) -> None:
         """One optimizer step over len(group) local backward passes."""
         self.batch_indices = group
@@ -318,7 +252,7 @@ class Trainer:
         started = time.perf_counter()
         stop = False
         try:
-            for j, group in enumerate(self._groups_left(), start=1):
+            for j, group in enumerate(self.world.groups_left(), start=1):
                 if s.step >= self.steps_total:
                     break
                 self._train_step(group)
@@ -332,8 +266,7 @@ class Trainer:
                     break
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
                     self._checkpoint()
-                if self.elastic and s.step % cfg.commit_every == 0:
-                    self.commits.commit()  # raises HostsUpdatedInterrupt when hosts changed
+                self.world.step_done()  # an elastic world commits
             stop = self._report() or stop  # the epoch's (or the run's) last window
         finally:
             self.train_seconds += time.perf_counter() - started
@@ -364,13 +297,30 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
         self._setup()
         if not self.placement.trains:  # an async job's parameter server
             return self.placement.serve(self.run_dir)
-        self._plan_steps()
+        self._start()
+        # The worker process installed the handler before its imports and keeps it to the end: a warning signal
+        # during the final evaluation, checkpoint or Horovod's shutdown is then a no-op, not a death by USR2.
+        # Used as a library, the Trainer installs it for fit() and restores the caller's afterwards.
+        own_handler = preempt.install(self.cfg.preempt_signal)
+        try:
+            result = self.world.run(self._train_and_finish)
+        finally:
+            if own_handler:
+                preempt.uninstall()
+            self.progress.close()
+        self.hooks.on_fit_end(self, result)
+        self.update.close()
+        return result
+
+    def _start(self) -> None:
+        """Every rank from the same state (a checkpoint's, or fresh), the start recorded and said, the hooks told."""
+        cfg = self.cfg
+        self.world.plan()
         self._open_outputs()
-        resumed = self._load_for_elastic() if self.elastic else self._restore_or_broadcast()
+        resumed = self.world.start()
         self.update.start(self.state)
         self.startup.mark("restore" if resumed is not None else "broadcast")
         s = self.state
@@ -390,114 +340,23 @@ class Trainer:
         self.window = ReportWindow(cfg.log_every)
         self.train_seconds, self.train_samples = 0.0, 0
         self.hooks.on_fit_start(self)
-        # The worker process installed the handler before its imports and keeps it to the end: a warning signal
-        # during the final evaluation, checkpoint or Horovod's shutdown is then a no-op, not a death by USR2.
-        # Used as a library, the Trainer installs it for fit() and restores the caller's afterwards.
-        own_handler = preempt.install(cfg.preempt_signal)
-        try:
-            if self.elastic:
-                self._world: Optional[tuple[int, list[str]]] = None  # (size, hosts) at the last (re)start
-                self._steps_lost = 0  # by the last rollback, until a resize record reports them
-                self.commits = elastic.Commits(self._snapshot, self._rollback, self._broadcast_state)
-                self.commits.register_reset_callbacks([self._on_reset])
-                result = elastic.run(self.commits, self._train_and_finish)
-            else:
-                result = self._train_and_finish()
-        finally:
-            if own_handler:
-                preempt.uninstall()
-            self.progress.close()
-        self.hooks.on_fit_end(self, result)
-        self.update.close()
-        return result
 
     def _train_and_finish(self) -> dict[str, Any]:
         """The epochs, then the final evaluation and checkpoint (or the preemption checkpoint): in an elastic job
         all of it runs inside the elastic loop, which calls this again after every reset."""
         cfg, s = self.cfg, self.state
-        if self.elastic:
-            self._enter_world()
+        self.world.enter()
         stopped = False
         while s.epoch < cfg.epochs and s.step < self.steps_total and not stopped:
             stopped = self._run_epoch()
-            if not stopped and self._steps_left_in_epoch() == 0:
+            if not stopped and self.world.steps_left_in_epoch() == 0:
                 self.hooks.on_epoch_end(self)
                 s.next_epoch()
-                if self.elastic:
-                    self._plan_steps()
-                    self.commits.commit()
+                self.world.epoch_done()  # an elastic world plans again and commits
                 if cfg.eval_every_epoch and s.epoch < cfg.epochs and s.step < self.steps_total:
                     accuracy = self._evaluate_and_record()["test_accuracy"]
                     self.progress.say(f"epoch {s.epoch}: test accuracy {accuracy:.4f}")
         return self._stop_preempted() if stopped else self._finish_training()
-
-    # ----------------------------------------------------------------------------------------- elastic
-    def _snapshot(self) -> dict[str, Any]:
-        """What a commit keeps (copies): a checkpoint's model, optimizer and position, and the update rule's state."""
-        return copy.deepcopy({**self.state.to_checkpoint(), "update": self.update.state_dict()})
-
-    def _rollback(self, saved: dict[str, Any]) -> None:
-        """After a worker failed: back to the last commit (the steps since are lost and run again)."""
-        self._steps_lost = self.state.step - saved["step"]
-        self.state.load_weights(saved)
-        self.state.position = TrainState.position_in(saved)
-        self.update.load_state_dict(saved["update"])
-
-    def _broadcast_state(self) -> None:
-        """Rank 0's model, optimizer, position and update state to every worker (after a reset, and at the
-        start: a new worker gets the state of the running ones)."""
-        horovod.broadcast_state(self.model, self.state.optimizer)
-        position, update = horovod.broadcast_object(
-            (self.state.position, self.update.state_dict()), name="hvdtrain.elastic_position"
-        )
-        self.state.position = position
-        self.update.load_state_dict(update)
-
-    def _on_reset(self) -> None:
-        """The world was re-formed (on the workers that were in it before; no collective here: new workers are
-        not in this callback). The learning rate follows the new world size (_enter_world reads it back)."""
-        self.lr = self.update.learning_rate()
-        for group in self.state.optimizer.param_groups:
-            group["lr"] = self.lr
-
-    def _enter_world(self) -> None:
-        """Every worker, after every (re)start of the elastic loop: who is who now, the plan for the current world
-        size, and (rank 0) a resize record in metrics.jsonl with the hosts before and after."""
-        self.rank, self.size = horovod.rank(), horovod.size()
-        self.is_main = self.rank == 0
-        self.lr = self.state.optimizer.param_groups[0]["lr"]
-        # The name the driver knows this worker's host by (discovery's), else the host's own name.
-        me = os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
-        hosts = sorted(horovod.allgather_object(me, name="hvdtrain.elastic_hosts"))
-        if self.is_main and not self.recorder.enabled:  # rank 0's host was lost: this worker now writes the records
-            self.recorder = Recorder(self.run_dir, True, self._echo)
-        elif not self.is_main and self.recorder.enabled:
-            self.recorder.close()
-            self.recorder = Recorder(self.run_dir, False, self._echo)
-        self.progress.enabled = self.is_main
-        self._plan_steps()
-        self.progress.total = self.steps_total
-        self.window = ReportWindow(self.cfg.log_every)  # a sum started before the reset is gone with the old world
-        s = self.state
-        print(f"hvdtrain: elastic: this worker is rank {self.rank} of {self.size} from step {s.step}", flush=True)
-        previous, self._world = self._world, (self.size, hosts)
-        if previous is None:
-            self.recorder.record({"event": "elastic_start", "step": s.step, "epoch": s.epoch, "size": self.size,
-                                  "hosts": hosts})  # fmt: skip
-            return
-        if previous == self._world:
-            return
-        lost, self._steps_lost = self._steps_lost, 0
-        self.recorder.record(
-            {"event": "resize", "step": s.step, "epoch": s.epoch, "samples_in_epoch": s.samples_in_epoch,
-             "old_size": previous[0], "new_size": self.size, "old_hosts": previous[1], "hosts": hosts,
-             "steps_redone": lost, "lr": self.lr}
-        )  # fmt: skip
-        self.progress.say(
-            f"elastic: {previous[0]} -> {self.size} ranks at step {s.step} (epoch {s.epoch + 1}, "
-            f"{s.samples_in_epoch} of its samples done; hosts {', '.join(hosts)}); "
-            f"{lost} uncommitted step(s) run again, lr {self.lr:g}"
-        )
 
     def _stop_requested(self) -> bool:
         """This rank's vote for a stop: the preemption signal came, or Ctrl-C of `hvdtrain train` left its mark."""
