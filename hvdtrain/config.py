@@ -13,7 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import ConfigError
@@ -51,8 +51,16 @@ GROUPS_NOT_ELASTIC = (
     "--grad-groups cannot be elastic: Horovod's groups agree on their order once, when the optimizer is made, and "
     "a worker that joins later would ask the others again; drop --elastic or --grad-groups"
 )
+MODEL_NOT_ELASTIC = (
+    "--strategy model runs one replica on one rank, so it cannot be elastic: drop --elastic, or use --strategy data "
+    "or hybrid"
+)
 # A hook reference: a dotted module path, a colon, a dotted attribute path.
 HOOK_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _bad(flag: str, msg: str):
+    raise ConfigError(f"--{flag}: {msg}")
 
 
 def _f(default, help: str, choices: Optional[tuple[str, ...]] = None):
@@ -172,19 +180,34 @@ class TrainConfig:
     )  # fmt: skip
 
     def validate(self, check_data: bool = True) -> TrainConfig:
-        """Raise ConfigError naming the flag of the first bad field. check_data=False when the caller
-        provides its own dataset (then `data` is only a label)."""
+        """Raise ConfigError naming the flag of the first bad value, or of the first row of COMBINATIONS among its
+        own options that refuses it. check_data=False when the caller provides its own dataset (then `data` is
+        only a label)."""
+        self._check_values()
+        if self.strategy == "pipeline" and self.stages is None:
+            _bad("stages", "--strategy pipeline needs --stages P, the ranks one replica spreads over (e.g. 2)")
+        check_combinations(self)  # each value is valid on its own: now what combines with what
+        parts = self.stages if self.strategy == "pipeline" else self.devices_per_rank
+        if self.balance is not None and (len(self.balance) != parts or any(b < 1 for b in self.balance)):
+            what = "--stages" if self.strategy == "pipeline" else "--devices-per-rank"
+            _bad("balance", f"{self.balance} must give {parts} stage sizes ({what}) of at least 1 layer")
+        if check_data and self.data not in ("digits", "synthetic"):
+            if not self.data.endswith(".npz"):
+                _bad("data", f"'{self.data}' is not digits, synthetic or a .npz file")
+            if not Path(self.data).is_file():
+                _bad("data", f"no such file '{self.data}'")
+        if self.resume_from is not None and not Path(self.resume_from).is_file():
+            _bad("resume-from", f"no such checkpoint '{self.resume_from}'")
+        return self
 
-        def bad(flag: str, msg: str):
-            raise ConfigError(f"--{flag}: {msg}")
-
-        def choice(flag: str, value: str, allowed):
-            if value not in allowed:
-                bad(flag, f"'{value}' is not one of {', '.join(allowed)}")
-
+    def _check_values(self) -> None:
+        """Each field on its own: a valid choice, in range, finite, well formed."""
         for field in dataclasses.fields(self):
-            if "choices" in field.metadata and getattr(self, field.name) is not None:
-                choice(field.name.replace("_", "-"), getattr(self, field.name), field.metadata["choices"])
+            value, flag = getattr(self, field.name), field.name.replace("_", "-")
+            if "choices" in field.metadata and value is not None and value not in field.metadata["choices"]:
+                _bad(flag, f"'{value}' is not one of {', '.join(field.metadata['choices'])}")
+            if isinstance(value, float) and not math.isfinite(value):
+                _bad(flag, f"{value} is not a finite number")
         for flag, value, low in [
             ("devices-per-rank", self.devices_per_rank, 1),
             ("micro-batches", self.micro_batches, 1),
@@ -199,84 +222,32 @@ class TrainConfig:
             ("commit-every", self.commit_every, 1),
             ("log-every", self.log_every, 1),
             ("max-requeues", self.max_requeues, 0),
+            ("max-steps", self.max_steps, 1),
+            ("stages", self.stages, 1),
+            ("average-every", self.average_every, 1),
+            ("local-sgd-warmup", self.local_sgd_warmup, 0),
+            ("ps-ranks", self.ps_ranks, 1),
+            ("max-staleness", self.max_staleness, 0),
         ]:
-            if value < low:
-                bad(flag, f"{value} is too small (at least {low})")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad("max-steps", f"{self.max_steps} is too small (at least 1)")
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                bad(field.name.replace("_", "-"), f"{value} is not a finite number")
+            if value is not None and value < low:
+                _bad(flag, f"{value} is too small (at least {low})")
+        if self.grad_groups is not None and self.grad_groups < 0:
+            _bad("grad-groups", f"{self.grad_groups} is too small (at least 0; 0: one allreduce per gradient)")
         if self.lr is not None and not self.lr > 0:
-            bad("lr", f"{self.lr} must be positive")
+            _bad("lr", f"{self.lr} must be positive")
         if not 0 <= self.momentum < 1:
-            bad("momentum", f"{self.momentum} must be in [0, 1)")
+            _bad("momentum", f"{self.momentum} must be in [0, 1)")
         if self.weight_decay < 0:
-            bad("weight-decay", f"{self.weight_decay} must not be negative")
+            _bad("weight-decay", f"{self.weight_decay} must not be negative")
         if self.micro_batches > self.batch_size:
-            bad("micro-batches", f"{self.micro_batches} micro-batches cannot split a batch of {self.batch_size}")
-        if self.grad_groups is not None:
-            if self.grad_groups < 0:
-                bad("grad-groups", f"{self.grad_groups} is too small (at least 0; 0: one allreduce per gradient)")
-            if self.update != "sync" or self.shard_optimizer or self.strategy == "pipeline":
-                bad(
-                    "grad-groups",
-                    "applies to the synchronous allreduce of whole gradients (--update sync, not with "
-                    "--shard-optimizer or --strategy pipeline)",
-                )
-        if self.shard_optimizer and self.reduce_op != "average":
-            bad(
-                "shard-optimizer",
-                f"needs --reduce-op average: {self.reduce_op} combines whole gradients, a rank holds a slice",
-            )
+            _bad("micro-batches", f"{self.micro_batches} micro-batches cannot split a batch of {self.batch_size}")
         if self.timeline_steps is not None:
             self.timeline_window()  # raises naming the flag
-        if self.autotune and self.deterministic:
-            bad("autotune", "changes the fusion threshold while training, which --deterministic fixes: drop one")
-        self._validate_update(bad)
-        self._validate_layout(bad)
-        if check_data and self.data not in ("digits", "synthetic"):
-            if not self.data.endswith(".npz"):
-                bad("data", f"'{self.data}' is not digits, synthetic or a .npz file")
-            if not Path(self.data).is_file():
-                bad("data", f"no such file '{self.data}'")
-        if self.resume_from is not None and not Path(self.resume_from).is_file():
-            bad("resume-from", f"no such checkpoint '{self.resume_from}'")
         for ref in self.hook_refs():
             if not HOOK_REF.fullmatch(ref):
-                bad("hooks", f"'{ref}' is not module:Name (e.g. myhooks:LogGradNorm)")
+                _bad("hooks", f"'{ref}' is not module:Name (e.g. myhooks:LogGradNorm)")
         if self.preempt_signal and self.preempt_signal.upper().removeprefix("SIG") not in PREEMPT_SIGNALS:
-            bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
-        return self
-
-    def _validate_layout(self, bad) -> None:
-        """How one replica spreads: over a rank's devices (model, hybrid) or over ranks (pipeline)."""
-        if self.strategy == "data" and (self.devices_per_rank != 1 or self.balance):
-            bad("strategy", "--devices-per-rank/--balance need --strategy model, hybrid or pipeline")
-        for flag, value in [("stages", self.stages), ("schedule", self.schedule)]:
-            if value is not None and self.strategy != "pipeline":
-                bad(flag, f"applies to --strategy pipeline, not {self.strategy}")
-        parts = self.devices_per_rank
-        if self.strategy == "pipeline":
-            if self.stages is None:
-                bad("stages", "--strategy pipeline needs --stages P, the ranks one replica spreads over (e.g. 2)")
-            if self.stages < 1:
-                bad("stages", f"{self.stages} is too small (at least 1)")
-            if self.devices_per_rank != 1:
-                bad("devices-per-rank", "a pipeline stage is a rank with one device: drop it, or use --strategy hybrid")
-            for flag, value, why in [
-                ("update", self.update != "sync", f"--update {self.update} moves whole replicas' parameters"),
-                ("shard-optimizer", self.shard_optimizer, "each stage's optimizer state is already its own"),
-                ("reduce-op", self.reduce_op != "average", "Horovod's Adasum has no process sets (one per stage)"),
-            ]:
-                if value:
-                    bad(flag, f"does not combine with --strategy pipeline: {why}")
-            parts = self.stages
-        if self.balance is not None:
-            if len(self.balance) != parts or any(b < 1 for b in self.balance):
-                what = "--stages" if self.strategy == "pipeline" else "--devices-per-rank"
-                bad("balance", f"{self.balance} must give {parts} stage sizes ({what}) of at least 1 layer")
+            _bad("preempt-signal", f"'{self.preempt_signal}' is not USR1, USR2, TERM or INT")
 
     def layers(self) -> tuple[int, list[int]]:
         """The reference model --model's layers (children of its nn.Sequential): how many, and which of them hold
@@ -287,37 +258,6 @@ class TrainConfig:
         if self.model == "cnn":
             return 10, [0, 2, 7, 9]
         return 3 + 2 * self.depth + 1, [1, *range(3, 3 + 2 * self.depth, 2), 3 + 2 * self.depth]
-
-    def _validate_update(self, bad) -> None:
-        own = {
-            "local-sgd": [("average-every", self.average_every), ("local-sgd-warmup", self.local_sgd_warmup)],
-            "async": [("ps-ranks", self.ps_ranks), ("max-staleness", self.max_staleness)],
-        }
-        for update, options in own.items():
-            for flag, value in options:
-                if value is not None and self.update != update:
-                    bad(flag, f"applies to --update {update}, not {self.update}")
-        for flag, value, low in [
-            ("average-every", self.average_every, 1),
-            ("local-sgd-warmup", self.local_sgd_warmup, 0),
-            ("ps-ranks", self.ps_ranks, 1),
-            ("max-staleness", self.max_staleness, 0),
-        ]:
-            if value is not None and value < low:
-                bad(flag, f"{value} is too small (at least {low})")
-        if self.update == "sync":
-            return
-        what = {"local-sgd": "local SGD", "async": "the parameter servers"}[self.update]
-        for flag, value, why in [
-            ("shard-optimizer", self.shard_optimizer, f"{what} keep the whole optimizer state"),
-            ("reduce-op", self.reduce_op != "average", f"{what} average (or apply) whole updates"),
-            ("compression", self.compression != "none", f"{what} exchange full-precision tensors"),
-        ]:
-            if value:
-                bad(flag, f"does not combine with --update {self.update}: {why}")
-        if self.update == "async" and self.strategy != "data":
-            bad("strategy", f"{self.strategy} does not combine with --update async: workers train whole replicas "
-                "(--strategy data)")  # fmt: skip
 
     def data_ranks(self, ranks: int) -> int:
         """Of a job's `ranks`, how many take their own share of the data: all but the parameter servers of an async
@@ -400,6 +340,109 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; valid keys are: {', '.join(sorted(names))}")
         return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A row of COMBINATIONS: a configuration for which `when` holds cannot meet `meets`, for the reason `message`
+    says (formatted with the configuration as `cfg` and the job's number of ranks as `ranks`)."""
+
+    meets: str  # options: its own (validate); elastic: --elastic; gloo: Horovod on Gloo; ranks: more than one rank
+    when: Callable[[TrainConfig], bool]
+    message: str
+
+
+def _needs_mpi(what: str) -> str:
+    return (
+        f"{what} needs MPI (its ranks exchange messages with mpi4py): drop --gloo; mpirun, srun and horovodrun "
+        "--mpi all run it"
+    )
+
+
+_PIPELINE = "does not combine with --strategy pipeline: "
+_LOCAL_SGD = "does not combine with --update local-sgd: local SGD "
+_ASYNC = "does not combine with --update async: the parameter servers "
+
+# What combines with what: every "X does not combine with Y" of a training job, in the order they are checked. The
+# launching side (before a launch) and the Trainer (on every rank, used as a library too) read the same rows.
+COMBINATIONS: tuple[Rule, ...] = (
+    # Options with options (TrainConfig.validate).
+    Rule("options", lambda c: c.grad_groups is not None and (c.update != "sync" or c.shard_optimizer or c.strategy == "pipeline"),
+         "--grad-groups: applies to the synchronous allreduce of whole gradients (--update sync, not with "
+         "--shard-optimizer or --strategy pipeline)"),
+    Rule("options", lambda c: c.shard_optimizer and c.reduce_op != "average",
+         "--shard-optimizer: needs --reduce-op average: {cfg.reduce_op} combines whole gradients, a rank holds a slice"),
+    Rule("options", lambda c: c.autotune and c.deterministic,
+         "--autotune: changes the fusion threshold while training, which --deterministic fixes: drop one"),
+    Rule("options", lambda c: c.average_every is not None and c.update != "local-sgd",
+         "--average-every: applies to --update local-sgd, not {cfg.update}"),
+    Rule("options", lambda c: c.local_sgd_warmup is not None and c.update != "local-sgd",
+         "--local-sgd-warmup: applies to --update local-sgd, not {cfg.update}"),
+    Rule("options", lambda c: c.ps_ranks is not None and c.update != "async",
+         "--ps-ranks: applies to --update async, not {cfg.update}"),
+    Rule("options", lambda c: c.max_staleness is not None and c.update != "async",
+         "--max-staleness: applies to --update async, not {cfg.update}"),
+    Rule("options", lambda c: c.update == "local-sgd" and c.shard_optimizer,
+         "--shard-optimizer: " + _LOCAL_SGD + "keep the whole optimizer state"),
+    Rule("options", lambda c: c.update == "local-sgd" and c.reduce_op != "average",
+         "--reduce-op: " + _LOCAL_SGD + "average (or apply) whole updates"),
+    Rule("options", lambda c: c.update == "local-sgd" and c.compression != "none",
+         "--compression: " + _LOCAL_SGD + "exchange full-precision tensors"),
+    Rule("options", lambda c: c.update == "async" and c.shard_optimizer,
+         "--shard-optimizer: " + _ASYNC + "keep the whole optimizer state"),
+    Rule("options", lambda c: c.update == "async" and c.reduce_op != "average",
+         "--reduce-op: " + _ASYNC + "average (or apply) whole updates"),
+    Rule("options", lambda c: c.update == "async" and c.compression != "none",
+         "--compression: " + _ASYNC + "exchange full-precision tensors"),
+    Rule("options", lambda c: c.update == "async" and c.strategy != "data",
+         "--strategy: {cfg.strategy} does not combine with --update async: workers train whole replicas (--strategy data)"),
+    Rule("options", lambda c: c.strategy == "data" and (c.devices_per_rank != 1 or bool(c.balance)),
+         "--strategy: --devices-per-rank/--balance need --strategy model, hybrid or pipeline"),
+    Rule("options", lambda c: c.stages is not None and c.strategy != "pipeline",
+         "--stages: applies to --strategy pipeline, not {cfg.strategy}"),
+    Rule("options", lambda c: c.schedule is not None and c.strategy != "pipeline",
+         "--schedule: applies to --strategy pipeline, not {cfg.strategy}"),
+    Rule("options", lambda c: c.strategy == "pipeline" and c.devices_per_rank != 1,
+         "--devices-per-rank: a pipeline stage is a rank with one device: drop it, or use --strategy hybrid"),
+    Rule("options", lambda c: c.strategy == "pipeline" and c.update != "sync",
+         "--update: " + _PIPELINE + "--update {cfg.update} moves whole replicas' parameters"),
+    Rule("options", lambda c: c.strategy == "pipeline" and c.shard_optimizer,
+         "--shard-optimizer: " + _PIPELINE + "each stage's optimizer state is already its own"),
+    Rule("options", lambda c: c.strategy == "pipeline" and c.reduce_op != "average",
+         "--reduce-op: " + _PIPELINE + "Horovod's Adasum has no process sets (one per stage)"),
+    # Options with the launch.
+    Rule("elastic", lambda c: c.update == "async", ASYNC_NOT_ELASTIC),
+    Rule("elastic", lambda c: c.strategy == "pipeline", PIPELINE_NOT_ELASTIC),
+    Rule("elastic", lambda c: c.records_timeline, TIMELINE_NOT_ELASTIC),
+    Rule("elastic", lambda c: bool(c.grad_groups), GROUPS_NOT_ELASTIC),
+    Rule("elastic", lambda c: c.strategy == "model", MODEL_NOT_ELASTIC),
+    Rule("elastic", lambda c: c.shard_optimizer, SHARDED_NOT_ELASTIC),
+    Rule("gloo", lambda c: c.update == "async", _needs_mpi("--update async")),
+    Rule("gloo", lambda c: c.strategy == "pipeline", _needs_mpi("--strategy pipeline")),
+    Rule("ranks", lambda c: c.strategy == "model",
+         "--strategy model runs one replica on one rank, but this job has {ranks} ranks (-np {ranks}): use -np 1, "
+         "or --strategy hybrid for data parallelism across model-parallel replicas"),
+)  # fmt: skip
+
+
+def conflicts(cfg: TrainConfig, elastic: bool = False, gloo: bool = False, ranks: int = 1) -> list[str]:
+    """What refuses `cfg` launched so (elastic, on Gloo, on `ranks` ranks): the messages of the rows of COMBINATIONS
+    that hold, in order (its own options' rows always apply)."""
+    meets = {"options"} | {name for name, on in (("elastic", elastic), ("gloo", gloo), ("ranks", ranks > 1)) if on}
+    return [r.message.format(cfg=cfg, ranks=ranks) for r in COMBINATIONS if r.meets in meets and r.when(cfg)]
+
+
+def check_combinations(cfg: TrainConfig, elastic: bool = False, gloo: bool = False, ranks: int = 1) -> None:
+    """Raise ConfigError with the first of conflicts(...): one table for TrainConfig.validate, the launching side and
+    the Trainer."""
+    found = conflicts(cfg, elastic=elastic, gloo=gloo, ranks=ranks)
+    if found:
+        raise ConfigError(found[0])
+
+
+def needs_mpi(cfg: TrainConfig) -> bool:
+    """Its ranks exchange mpi4py messages (async's servers, a pipeline's stages): Horovod's controller must be MPI."""
+    return any(r.when(cfg) for r in COMBINATIONS if r.meets == "gloo")
 
 
 def load_yaml_defaults(path: str, valid: set[str]) -> dict[str, Any]:

@@ -4,12 +4,14 @@ The Trainer runs forward and backward passes and then calls `rule.step(state)`; 
 the update lives behind this seam, so a new rule (a sharded optimizer, periodic model averaging, parameter
 servers) is one new class here rather than another branch in the loop:
 
-    sync    Horovod's DistributedOptimizer: gradients ring-allreduced (average or Adasum) during backward,
-            then every rank takes the same optimizer step.
-    sharded the same update with the optimizer state partitioned (ZeRO stage 1, parallel/zero.py): gradients
-            reduce-scattered during backward, each rank steps its slice, the slices all-gathered.
-    pipeline --strategy pipeline's: the sync update of each stage's parameters, averaged over the replicas holding
-            that stage (a Horovod process set each; parallel/pipe.py), checkpoints gathered from the stages.
+    sync       Horovod's DistributedOptimizer: gradients ring-allreduced (average or Adasum) during backward,
+               then every rank takes the same optimizer step.
+    sharded    the same update with the optimizer state partitioned (ZeRO stage 1, parallel/zero.py): gradients
+               reduce-scattered during backward, each rank steps its slice, the slices all-gathered.
+    local-sgd  own optimizer steps, the parameters averaged every H steps (parallel/local_sgd.py).
+    async      parameter servers (parallel/ps.py): workers push gradients and pull parameters; the servers step.
+
+A rank pipeline's stages step with train.placement.PipelineUpdate, beside the placement that chooses it.
 """
 
 from __future__ import annotations
@@ -351,93 +353,10 @@ class AsyncUpdate(UpdateRule):
         return {"async": {"servers": len(self.servers), "max_staleness": self.staleness}}
 
 
-class PipelineUpdate(SyncUpdate):
-    """--strategy pipeline (parallel.pipe): each rank steps its stage's parameters, their gradients averaged over
-    the replicas holding that stage (Horovod's DistributedOptimizer on the stage's process set; nothing to average
-    with one replica). The same arithmetic as SyncUpdate on the unsplit model, stage by stage. Checkpoints gather
-    replica 0's stages into one data-parallel checkpoint on global rank 0, and a resume cuts it back."""
-
-    name = "sync"
-
-    def __init__(self, cfg: TrainConfig, stage):
-        super().__init__(cfg)
-        self.stage = stage
-        self.replicas = stage.grid.replicas
-
-    def learning_rate(self) -> float:
-        cfg = self.cfg  # scaled with the replicas, the data-parallel width (horovod.size() counts every stage)
-        return cfg.lr * self.replicas * cfg.backward_passes_per_step if cfg.scale_lr else cfg.lr
-
-    def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        optimizer = base_optimizer(cfg, model.parameters(), lr)
-        if self.replicas == 1:
-            return optimizer
-        return horovod.distributed_optimizer(
-            optimizer, model, cfg.compression, cfg.backward_passes_per_step, cfg.reduce_op,
-            process_set=horovod.part(), named_parameters=self.stage.named_parameters(),
-        )  # fmt: skip
-
-    def expect_backwards(self, state: TrainState, count: int) -> None:
-        """Before a step: its micro-batches' backwards, each of which adds to every gradient (the distributed
-        optimizer allreduces a gradient after that many, where it would count backward passes)."""
-        if self.replicas > 1:
-            state.optimizer.set_backward_passes_per_step(count)
-
-    def _from_replica_0(self, state: TrainState, optimizer: bool) -> None:
-        if self.replicas > 1:
-            root = self.stage.grid.rank_of(0, self.stage.index)
-            horovod.broadcast_state(state.model, state.optimizer if optimizer else None, root, horovod.part())
-
-    def broadcast(self, state: TrainState) -> None:
-        self._from_replica_0(state, optimizer=False)
-
-    def restore(self, state: TrainState, saved: Optional[dict[str, Any]]) -> None:
-        from hvdtrain.parallel import pipe
-
-        parts = None
-        if saved is not None:
-            parts = [
-                (pipe.stage_model_state(saved["model"], layer, layers),
-                 pipe.stage_optimizer_state(saved["optimizer"], param, params))
-                for layer, layers, param, params in self.stage.bounds
-            ]  # fmt: skip
-        mine = self.stage.scatter(parts)
-        if mine is not None:
-            state.model.load_state_dict(mine[0])
-            state.optimizer.load_state_dict(mine[1])
-        self._from_replica_0(state, optimizer=True)
-
-    def _gather(self, state: TrainState, optimizer: bool) -> Optional[tuple[dict[str, Any], Optional[dict[str, Any]]]]:
-        from hvdtrain.parallel import pipe
-
-        parts = self.stage.gather((state.model.state_dict(), state.optimizer.state_dict() if optimizer else None))
-        if parts is None:
-            return None
-        bounds = self.stage.bounds
-        model = pipe.whole_model_state([(b[0], m) for b, (m, _) in zip(bounds, parts)])
-        if not optimizer:
-            return model, None
-        return model, pipe.whole_optimizer_state([(b[2], o) for b, (_, o) in zip(bounds, parts)])
-
-    def checkpoint_entries(self, state: TrainState, root_rank: int) -> Optional[dict[str, Any]]:
-        gathered = self._gather(state, optimizer=True)
-        if gathered is None:
-            return None
-        return {"model": gathered[0], "optimizer": gathered[1], "update": self.state_dict()}
-
-    def model_state(self, state: TrainState) -> Optional[dict[str, Any]]:
-        gathered = self._gather(state, optimizer=False)
-        return None if gathered is None else gathered[0]
-
-
-def update_rule(
-    cfg: TrainConfig, world_size: int = 1, rank: int = 0, stage=None, builtin_model: bool = True
-) -> UpdateRule:
-    """The rule for this configuration (an async job's also needs the job's world size and this rank; a pipeline's,
-    this rank's parallel.pipe.Stage; the synchronous rule, whether the model is one of train.models)."""
-    if stage is not None:
-        return PipelineUpdate(cfg, stage)
+def update_rule(cfg: TrainConfig, world_size: int = 1, rank: int = 0, builtin_model: bool = True) -> UpdateRule:
+    """The rule for this configuration (an async job's also needs the job's world size and this rank; the
+    synchronous rule, whether the model is one of train.models). A rank pipeline steps with its own rule
+    (train.placement.PipelineUpdate), which its placement chooses."""
     if cfg.update == "local-sgd":
         return LocalSGDUpdate(cfg)
     if cfg.update == "async":
