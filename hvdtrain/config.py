@@ -13,7 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import ConfigError
@@ -279,16 +279,16 @@ class TrainConfig:
             )
         return ranks - self.ps_ranks
 
-    def with_defaults(self, environ: Optional[Mapping[str, str]] = None) -> TrainConfig:
+    def with_defaults(self, slurm: Optional[SlurmEnv] = None) -> TrainConfig:
         """A copy with the fields derived at launch time filled in: lr from the optimizer (DEFAULT_LR); run_dir
         defaults to runs/train-<time>, or inside Slurm to runs/train-<job id> (array: <array job id>_<task id>)
-        so that a requeued job finds its checkpoints. The options of the chosen update rule take their defaults
-        (those of the other rules stay None)."""
+        so that a requeued job finds its checkpoints (`slurm`: the job this process is in; None: read it here).
+        The options of the chosen update rule take their defaults (those of the other rules stay None)."""
         derived: dict[str, Any] = {}
         if self.lr is None:
             derived["lr"] = DEFAULT_LR[self.optimizer]
         if self.run_dir is None:
-            label = SlurmEnv.read(environ).job_label
+            label = (SlurmEnv.read() if slurm is None else slurm).job_label
             name = f"train-{label}" if label else time.strftime("train-%Y%m%d-%H%M%S")
             derived["run_dir"] = os.path.join("runs", name)
         own = {

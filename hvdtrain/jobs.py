@@ -16,15 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from hvdtrain import npz, preempt
-from hvdtrain.config import (
-    ASYNC_NOT_ELASTIC,
-    DIGITS_SAMPLES,
-    GROUPS_NOT_ELASTIC,
-    PIPELINE_NOT_ELASTIC,
-    SHARDED_NOT_ELASTIC,
-    TIMELINE_NOT_ELASTIC,
-    TrainConfig,
-)
+from hvdtrain.config import DIGITS_SAMPLES, TIMELINE_NOT_ELASTIC, TrainConfig, check_combinations, needs_mpi
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError, LaunchError
 from hvdtrain.files import check_creatable_dir
@@ -42,19 +34,6 @@ def visible_gpus(environ: Mapping[str, str]) -> int:
     if "CUDA_VISIBLE_DEVICES" in environ:
         return len([d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"])
     return len([p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)])
-
-
-def mpi_launch(launch: LaunchOptions, elastic: ElasticOptions, what: str, not_elastic: str) -> LaunchOptions:
-    """The launch of a job whose ranks also exchange mpi4py messages (async's parameter servers, a pipeline's
-    stages): Horovod's controller is MPI and the world is fixed."""
-    if elastic.elastic:
-        raise ConfigError(not_elastic)
-    if launch.gloo:
-        raise ConfigError(
-            f"{what} needs MPI (its ranks exchange messages with mpi4py): drop --gloo; mpirun, srun and horovodrun "
-            "--mpi all run it"
-        )
-    return dataclasses.replace(launch, mpi=True)
 
 
 def run_recordings(launch: LaunchOptions, elastic: ElasticOptions, timeline: bool, autotune: bool) -> LaunchOptions:
@@ -78,20 +57,8 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
     """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
     # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).
     world = None if spec.elastic is not None else cfg.data_ranks(spec.np)
-    if cfg.strategy == "model" and spec.elastic is not None:
-        raise ConfigError(
-            "--strategy model runs one replica on one rank, so it cannot be elastic: drop --elastic, or use "
-            "--strategy data or hybrid"
-        )
-    if cfg.shard_optimizer and spec.elastic is not None:
-        raise ConfigError(SHARDED_NOT_ELASTIC)
     if cfg.strategy == "pipeline":
         check_stages(cfg)
-    if cfg.strategy == "model" and spec.np > 1:
-        raise ConfigError(
-            f"--strategy model runs one replica on one rank, but -np is {spec.np}: use -np 1, or --strategy "
-            "hybrid for data parallelism across model-parallel replicas"
-        )
     if cfg.strategy in ("model", "hybrid"):
         from hvdtrain.parallel.hybrid import devices_for_rank
 
@@ -108,7 +75,7 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
             raise ConfigError(
                 f"--hooks {ref}: no module '{top}' in {os.getcwd()} or on PYTHONPATH; put {top}.py there or fix the name"
             )
-    resume_path = checkpoint.resume_path(cfg, environ)
+    resume_path = checkpoint.resume_path(cfg, slurm)
     if resume_path is None and cfg.resume and slurm.restart_count == 0:
         raise CheckpointError(
             f"--resume: no checkpoint in {RunDir(cfg.run_dir).checkpoints}; check --run-dir, or drop --resume "
@@ -189,20 +156,17 @@ def train(
     environ = os.environ if environ is None else environ
     slurm = SlurmEnv.read(environ)  # once: every check below and the launch see the same job
     launch, elastic, fields = split(options, LaunchOptions, ElasticOptions)
-    cfg = TrainConfig.from_dict(fields).validate().with_defaults(environ)
+    cfg = TrainConfig.from_dict(fields).validate().with_defaults(slurm)
     run_dir = RunDir(cfg.run_dir)
     config_path = run_dir.config
     command = [sys.executable, "-m", "hvdtrain.worker", str(config_path.resolve())]
-    launch = dataclasses.replace(launch, output_dir=launch.output_dir or str(run_dir.logs.path))
-    if cfg.update == "async":
-        launch = mpi_launch(launch, elastic, "--update async", ASYNC_NOT_ELASTIC)
-    if cfg.strategy == "pipeline":
-        launch = mpi_launch(launch, elastic, "--strategy pipeline", PIPELINE_NOT_ELASTIC)
-    if cfg.records_timeline and elastic.elastic:
-        raise ConfigError(TIMELINE_NOT_ELASTIC)
-    if cfg.grad_groups and elastic.elastic:
-        raise ConfigError(GROUPS_NOT_ELASTIC)
+    # What the options cannot be launched with (config.COMBINATIONS: elastic, Gloo), then with the ranks.
+    check_combinations(cfg, elastic=elastic.elastic, gloo=launch.gloo)
+    launch = dataclasses.replace(
+        launch, output_dir=launch.output_dir or str(run_dir.logs.path), mpi=launch.mpi or needs_mpi(cfg)
+    )
     spec = make_spec(command, launch, elastic, environ=environ, check_cmd=False, slurm=slurm)
+    check_combinations(cfg, elastic=elastic.elastic, gloo=launch.gloo, ranks=spec.np)
     if cfg.strategy == "pipeline":
         from hvdtrain.parallel.grid import Grid
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from hvdtrain.bench import plans, plots, report, runner, tables
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
 from hvdtrain.launching.argv import wrapped_command
 from hvdtrain.launching.options import LaunchOptions
@@ -42,13 +43,14 @@ def controller_specs(command: list[str], launch: LaunchOptions) -> list[LaunchSp
     """One launch per controller, MPI first: the controller the launch options decide; both when they leave it open.
     Open: neither --gloo, --mpi nor --launcher outside Slurm (MPI through the default launcher, mpirun, and Gloo
     through horovodrun), or --launcher horovodrun alone (both through it)."""
-    decided = make_spec(command, launch)
+    slurm = SlurmEnv.read()  # once for both launches
+    decided = make_spec(command, launch, slurm=slurm)
     if decided.controller is None:
         return [dataclasses.replace(decided, controller=c) for c in ("mpi", "gloo")]
     chosen = launch.launcher or launch.gloo or launch.mpi
     if chosen or decided.launcher != "mpirun":
         return [decided]
-    return [decided, make_spec(command, dataclasses.replace(launch, gloo=True))]
+    return [decided, make_spec(command, dataclasses.replace(launch, gloo=True), slurm=slurm)]
 
 
 def message_sizes(settings: plans.AllreduceSettings, range_given: bool) -> list[int]:

@@ -85,23 +85,24 @@ def measurement_order(
     return out
 
 
-def sweep_top(max_np: Optional[int], np_flag: Optional[int]) -> int:
+def sweep_top(max_np: Optional[int], np_flag: Optional[int], slurm: SlurmEnv) -> int:
     """The largest np of the sweep: --max-np, else -np, else SLURM_NTASKS inside an allocation, else the cores."""
     if max_np is not None and np_flag is not None and max_np != np_flag:
         raise UsageError(f"-np {np_flag} and --max-np {max_np} disagree: give one (the sweep runs np = 1..N)")
     top = max_np if max_np is not None else np_flag
     if top is None:
-        slurm = SlurmEnv.read()
         top = slurm.ntasks if slurm.in_allocation else (os.cpu_count() or 1)
     if top < 1:
         raise UsageError(f"-np {top}: the number of ranks must be at least 1")
     return top
 
 
-def mpi_arms_checked(settings: plans.TrainSettings, arms_given: bool, launch: LaunchOptions):
+def mpi_arms_checked(settings: plans.TrainSettings, arms_given: bool, launch: LaunchOptions, slurm: SlurmEnv):
     """The mpi4py and no-communication arms need the MPI controller (MPI's Allreduce and Barrier): under Gloo
     they are left out of the default arms, and named in --arms they are an error."""
-    probe = make_spec(["true"], dataclasses.replace(launch, np=1), default_controller="mpi", check_cmd=False)
+    probe = make_spec(
+        ["true"], dataclasses.replace(launch, np=1), default_controller="mpi", check_cmd=False, slurm=slurm
+    )
     named = [a for a in plans.MPI_ARMS if a in settings.arms]
     if probe.controller == "mpi" or not named:
         return settings
@@ -118,7 +119,8 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> TrainBenc
     raises UsageError before any run."""
     settings = plans.resolve(plans.TrainSettings, options)
     out = runner.out_dir(settings.out)
-    top = sweep_top(settings.max_np, launch.np)
+    slurm = SlurmEnv.read()  # once: the sweep's top and every job's launcher see the same job
+    top = sweep_top(settings.max_np, launch.np, slurm)
     logs = runner.logs_dir(out, launch.output_dir)
     user_env = tuple(launch.env)
     launch = dataclasses.replace(
@@ -128,7 +130,7 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> TrainBenc
         env=(),
         threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank,
     )
-    settings = mpi_arms_checked(settings, options.get("arms") is not None, launch)
+    settings = mpi_arms_checked(settings, options.get("arms") is not None, launch, slurm)
     shapes, run_root = settings.model_shapes, str((out / TRAINER_RUNS).resolve())
     pipelines = [(schedule, m) for schedule in settings.schedules for m in settings.micro_counts()]
     runs = []
@@ -142,6 +144,7 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> TrainBenc
                 # MPI unless --gloo (horovodrun's own default when Horovod has MPI): on this 2-core machine it
                 # gave the Horovod loop a better 2-rank throughput than Gloo (docs/performance.md).
                 default_controller="mpi",
+                slurm=slurm,
             )
             if fusion:
                 todo = measurement_order(

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from hvdtrain.bench import plans, plots, report, runner, tables
 from hvdtrain.config import TrainConfig
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
 from hvdtrain.launching.options import LaunchOptions
 from hvdtrain.launching.spec import make_spec
@@ -58,6 +59,7 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> UpdatesBe
     launch = dataclasses.replace(
         launch, threads_per_rank=1 if launch.threads_per_rank is None else launch.threads_per_rank
     )
+    slurm = SlurmEnv.read()  # once for every job's launcher
     jobs = []
     for factor in factors:
         for r in range(settings.rounds):
@@ -71,6 +73,7 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> UpdatesBe
                         launch, np=ranks, output_dir=str(logs / name), mpi=launch.mpi or mode == "async"
                     ),
                     default_controller="mpi",
+                    slurm=slurm,
                 )
                 plan = plans.UpdatesWorkerPlan(mode, dataclasses.asdict(cfg), factor, settings.workers - 1, r)
                 straggling = f", worker {settings.workers - 1} slowed x{factor:g}" if factor > 1 else ""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError
@@ -43,14 +43,14 @@ def fingerprint(cfg, world_size: Optional[int]) -> dict[str, Any]:
     return out
 
 
-def resume_path(cfg, environ: Mapping[str, str]) -> Optional[Path]:
+def resume_path(cfg, slurm: SlurmEnv) -> Optional[Path]:
     """The checkpoint a job starts from: --resume-from; else the newest in run_dir/checkpoints when --resume is
-    given or Slurm requeued the job (SLURM_RESTART_COUNT > 0); else none. Checkpoints that nobody asked to
+    given or Slurm requeued the job (`slurm`, the job this process is in: SLURM_RESTART_COUNT > 0); else none. Checkpoints that nobody asked to
     resume from are an error rather than something to overwrite."""
     if cfg.resume_from:
         return Path(cfg.resume_from)
     found = list_checkpoints(RunDir(cfg.run_dir).checkpoints)
-    if cfg.resume or SlurmEnv.read(environ).restart_count > 0:
+    if cfg.resume or slurm.restart_count > 0:
         return found[-1] if found else None
     if found:
         raise CheckpointError(

@@ -154,7 +154,7 @@ class ElasticWorld(FixedWorld):
         """A start from a checkpoint without a collective: the worker that is rank 0 at the start loads it
         (jobs.preflight has checked it); the elastic loop's first sync gives it to every worker."""
         t = self.trainer
-        path = checkpoint.resume_path(t.cfg, os.environ)
+        path = checkpoint.resume_path(t.cfg, t.slurm)
         if path is None or not t.is_main:
             return path
         saved = checkpoint.load(path, t.fingerprint)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import random
 import resource
 import time
@@ -104,7 +103,8 @@ class Trainer:
         echo: Callable[[str], None] = print,
         hooks: Sequence[Hook] = (),
     ):
-        self.cfg = cfg.validate(check_data=dataset is None).with_defaults()
+        self.slurm = SlurmEnv.read()  # the job this process is in, read once (run dir, resume, requeue)
+        self.cfg = cfg.validate(check_data=dataset is None).with_defaults(self.slurm)
         self._user_model = model
         self._user_dataset = dataset
         self.loss_fn = loss_fn or nn.functional.cross_entropy
@@ -161,7 +161,7 @@ class Trainer:
     def _restore_or_broadcast(self) -> Optional[Path]:
         """Start every rank from the same state: a checkpoint (loaded by rank 0; returns its path), or rank 0's
         fresh weights."""
-        path = checkpoint.resume_path(self.cfg, os.environ)
+        path = checkpoint.resume_path(self.cfg, self.slurm)
         saved, error = None, None
         if path is not None and self.is_main:
             try:
@@ -325,7 +325,7 @@ class Trainer:
         self.startup.mark("restore" if resumed is not None else "broadcast")
         s = self.state
         self.recorder.record({"event": "start", "step": s.step, "epoch": s.epoch, "ranks": self.size,
-                              "resumed_from": resumed and str(resumed), "restart": SlurmEnv.read().restart_count})  # fmt: skip
+                              "resumed_from": resumed and str(resumed), "restart": self.slurm.restart_count})  # fmt: skip
         self.progress = Progress(self.steps_total, cfg.epochs, self.is_main, self._echo, start_step=s.step)
         if resumed is not None:
             self.progress.say(
@@ -375,7 +375,7 @@ class Trainer:
         requeued = None
         if self.is_main and not interrupted:
             requeued = preempt.requeue_after_preemption(
-                self.cfg.requeue, self.cfg.max_requeues, self.progress.say, SlurmEnv.read()
+                self.cfg.requeue, self.cfg.max_requeues, self.progress.say, self.slurm
             )
         return self._finish({"preempted": not interrupted, "interrupted": interrupted, "requeued": requeued})
 
