@@ -502,6 +502,8 @@ class Trainer:
         self.recorder.record({"event": "start", "step": s.step, "epoch": s.epoch, "ranks": self.size,
                               "resumed_from": resumed and str(resumed), "restart": SlurmEnv.read().restart_count})  # fmt: skip
         self.progress = Progress(self.steps_total, cfg.epochs, self.is_main, self._echo, start_step=s.step)
+        if self.is_main and not self.elastic:  # the checkpoints' one writer, before its first write (see there)
+            checkpoint.remove_interrupted_writes(self.run_dir.checkpoints, self.progress.say)
         if resumed is not None:
             self.progress.say(
                 f"resumed from {resumed} at step {s.step} (epoch {s.epoch + 1}, step {s.step_in_epoch} in it)"
