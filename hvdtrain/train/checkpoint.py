@@ -4,16 +4,20 @@ A checkpoint is `run_dir/checkpoints/step-XXXXXXXX.pt`, a torch.save of a dict h
 optimizer states, the position in training (epoch, batches done in that epoch, global step), every rank's
 RNG states, and a fingerprint of what must match to resume (model, data, batch size, world size...).
 torch is imported inside the functions that need it, so the CLI can list checkpoints instantly.
-Writes go to a temporary file in the same directory, are fsynced, then `os.replace`d over the final name,
-and the directory is fsynced: a crash mid-write leaves the previous checkpoint as the newest valid one.
+Writes go to a temporary file in the same directory (.step-XXXXXXXX.pt.<random>.tmp), are fsynced, then
+`os.replace`d over the final name, and the directory is fsynced: a crash mid-write leaves the previous checkpoint
+as the newest valid one. A write that raises (KeyboardInterrupt and SystemExit included) removes its temporary
+file; one killed outright (SIGKILL, or SIGTERM with Python's default handler: no `finally` runs) leaves it, and
+the next job on the run directory removes it at its start (remove_interrupted_writes).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError
@@ -25,6 +29,8 @@ FINGERPRINT_FIELDS = (
     "strategy", "devices_per_rank", "balance", "micro_batches", "model", "hidden", "depth", "data", "synthetic_samples",
     "batch_size", "optimizer", "backward_passes_per_step", "seed",
 )  # fmt: skip
+# The temporary file of a write in progress (or of one that was killed): save() names it so.
+TMP_RE = re.compile(r"^\.step-\d{8}\.pt\..+\.tmp$")
 
 
 def fingerprint(cfg, world_size: Optional[int]) -> dict[str, Any]:
@@ -86,7 +92,7 @@ def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Pat
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / checkpoint_name(step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir)  # matches TMP_RE
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
@@ -100,6 +106,39 @@ def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Pat
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return final
+
+
+def interrupted_writes(ckpt_dir: Path) -> list[Path]:
+    """The temporary files in `ckpt_dir` that checkpoint writes left (or are writing), by name."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if TMP_RE.match(p.name))
+
+
+def remove_interrupted_writes(ckpt_dir: Path, say: Callable[[str], None]) -> list[Path]:
+    """Remove the temporary files that interrupted checkpoint writes left in `ckpt_dir` (a writer killed by
+    SIGKILL, or by SIGTERM with Python's default handler, runs no cleanup), and say so in one line; returns them.
+
+    Call it only from the process that writes this run directory's checkpoints, at its start, before its first
+    save: then no temporary file there belongs to a live writer. Within a job that process is the only writer
+    (rank 0), and it has written nothing yet; another job cannot be writing, because `hvdtrain train` holds the
+    run directory's lock (hvdtrain.runlock) for the whole job and refuses a second one on the same directory.
+    (Not in an elastic job: a worker that starts as rank 0 there may have replaced a rank 0 that was lost with
+    its host and could still be finishing a write; nor for a Trainer that two callers run on one run directory
+    without `hvdtrain train`, which nothing protects.)"""
+    removed = []
+    for tmp in interrupted_writes(ckpt_dir):
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(tmp)
+    if removed:
+        say(
+            f"removed {len(removed)} unfinished checkpoint write(s) left by an interrupted job in {ckpt_dir}: "
+            + ", ".join(p.name for p in removed)
+        )
+    return removed
 
 
 def load(path: Path, fingerprint: Optional[dict[str, Any]] = None) -> dict[str, Any]:

@@ -106,6 +106,12 @@ class FixedWorld:
         """The loop, `train`: once."""
         return train()
 
+    def remove_interrupted_writes(self, say: Callable[[str], None]) -> None:
+        """Rank 0, the checkpoints' one writer, before its first write: what a killed write left (see
+        checkpoint.remove_interrupted_writes; the run lock keeps any other job's writer away)."""
+        if self.trainer.is_main:
+            checkpoint.remove_interrupted_writes(self.trainer.run_dir.checkpoints, say)
+
     def enter(self) -> None:
         """At every (re)start of the loop."""
 
@@ -126,6 +132,9 @@ class ElasticWorld(FixedWorld):
         self.commits: Optional[horovod_elastic.Commits] = None
         self.world: Optional[tuple[int, list[str]]] = None  # (size, hosts) at the last (re)start
         self.steps_lost = 0  # by the last rollback, until a resize record reports them
+
+    def remove_interrupted_writes(self, say: Callable[[str], None]) -> None:
+        """Not in an elastic job: rank 0 changes with the world, so no rank knows that no other is writing."""
 
     def fingerprint_size(self) -> Optional[int]:
         return None  # its position counts samples, not steps: it resumes on any world size

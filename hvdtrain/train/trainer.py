@@ -327,6 +327,7 @@ class Trainer:
         self.recorder.record({"event": "start", "step": s.step, "epoch": s.epoch, "ranks": self.size,
                               "resumed_from": resumed and str(resumed), "restart": self.slurm.restart_count})  # fmt: skip
         self.progress = Progress(self.steps_total, cfg.epochs, self.is_main, self._echo, start_step=s.step)
+        self.world.remove_interrupted_writes(self.progress.say)
         if resumed is not None:
             self.progress.say(
                 f"resumed from {resumed} at step {s.step} (epoch {s.epoch + 1}, step {s.step_in_epoch} in it)"

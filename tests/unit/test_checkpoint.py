@@ -57,17 +57,98 @@ def test_write_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
     assert torch.equal(checkpoint.load(tmp_path / "step-00000001.pt")["model"]["w"], torch.full((3,), 1.0))
 
 
-def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [OSError(28, "No space left on device"), KeyboardInterrupt(), SystemExit(143)],
+    ids=["disk-full", "ctrl-c", "signal-handler-exit"],
+)
+def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch, error):
+    """Whatever interrupts the write midway (a signal handler that raises included): no temporary file is
+    left, and the previous checkpoint is the newest, intact."""
     checkpoint.save(state(1), tmp_path, 1)
 
     def broken_save(obj, f):
         f.write(b"partial")
-        raise OSError(28, "No space left on device")
+        f.flush()
+        assert checkpoint.interrupted_writes(tmp_path), "the temporary file should exist while it is written"
+        raise error
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(type(error)):
         checkpoint.save(state(2), tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001.pt"]
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(tmp_path / "step-00000001.pt")["model"]["w"], torch.full((3,), 1.0))
+
+
+def test_interrupted_writes_are_removed_and_said_in_one_line(tmp_path):
+    checkpoint.save(state(1), tmp_path, 1)
+    checkpoint.save(state(2), tmp_path, 2)
+    left = [tmp_path / ".step-00000003.pt.k2j9x_a1.tmp", tmp_path / ".step-00000004.pt.zz.tmp"]
+    for p in left:
+        p.write_bytes(b"PK partial")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    (tmp_path / ".step-00000005.pt").write_text("not a temporary file of save()")
+    lines = []
+    assert checkpoint.remove_interrupted_writes(tmp_path, lines.append) == left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".step-00000005.pt", "notes.tmp", "step-00000001.pt", "step-00000002.pt"
+    ]  # fmt: skip
+    assert len(lines) == 1 and "removed 2 unfinished checkpoint write(s)" in lines[0]
+    assert ".step-00000003.pt.k2j9x_a1.tmp" in lines[0] and ".step-00000004.pt.zz.tmp" in lines[0]
+    assert checkpoint.load(tmp_path / "step-00000002.pt")["model"]["w"][0] == 2.0
+    # Nothing left: nothing said; no directory yet: nothing either.
+    assert checkpoint.remove_interrupted_writes(tmp_path, lines.append) == [] and len(lines) == 1
+    assert checkpoint.remove_interrupted_writes(tmp_path / "none", lines.append) == [] and len(lines) == 1
+
+
+@pytest.mark.parametrize("handler", ["default", "raises"])
+def test_sigterm_mid_write_real_process(tmp_path, handler):
+    """A process writing a 16 MB checkpoint through save() gets SIGTERM midway (written, not yet fsynced nor
+    renamed). With Python's default handler it dies at once (no `finally`) and leaves its temporary file, which
+    the next start removes; with a handler that raises SystemExit, save() removes it itself. The previous
+    checkpoint stays the newest, intact, either way."""
+    ckpt_dir = RunDir(tmp_path).checkpoints
+    checkpoint.save(state(1), ckpt_dir, 1)
+    install = "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))" if handler == "raises" else ""
+    child = textwrap.dedent(
+        f"""
+        import os, signal, sys, time, torch
+        from pathlib import Path
+        from hvdtrain.train import checkpoint
+
+        {install}
+
+        def stalled_fsync(fd):  # the data is in the temporary file, not yet fsynced nor renamed
+            print("writing", flush=True)
+            time.sleep(60)
+
+        os.fsync = stalled_fsync
+        checkpoint.save({{"model": {{"w": torch.zeros(4_000_000)}}}}, Path({str(ckpt_dir)!r}), 2)  # 16 MB
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        writing = checkpoint.interrupted_writes(ckpt_dir)
+        assert len(writing) == 1 and writing[0].stat().st_size > 16_000_000, "the write should be under way"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    lines = []
+    if handler == "default":
+        assert rc == -signal.SIGTERM
+        left = checkpoint.interrupted_writes(ckpt_dir)
+        assert len(left) == 1 and left[0].name.startswith(".step-00000002.pt.")
+        assert checkpoint.remove_interrupted_writes(ckpt_dir, lines.append) == left and len(lines) == 1
+    else:
+        assert rc == 143
+        assert checkpoint.remove_interrupted_writes(ckpt_dir, lines.append) == [] and lines == []
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step-00000001.pt"]
+    assert torch.equal(checkpoint.load(ckpt_dir / "step-00000001.pt")["model"]["w"], torch.full((3,), 1.0))
 
 
 def test_corrupt_checkpoint_names_the_intact_previous_one(tmp_path):

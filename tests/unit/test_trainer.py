@@ -146,6 +146,21 @@ def test_preemption_request_stops_at_the_agreed_step_and_resumes_exactly(tmp_pat
     assert events == [("start", 0), ("preempted", 11), ("start", 11)]  # what `hvdtrain report` counts
 
 
+def test_resume_removes_what_an_interrupted_checkpoint_write_left(tmp_path):
+    """A write killed outright (SIGTERM with Python's default handler) leaves its temporary file; the resumed
+    job's rank 0 removes it at its start, says so in one line, and keeps the real checkpoints."""
+    Trainer(config(tmp_path, max_steps=10, checkpoint_every=5), echo=lambda _line: None).fit()
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    left = ckpt_dir / ".step-00000015.pt.x7k_q2ab.tmp"
+    left.write_bytes(b"PK\x03\x04 partial")
+    lines = []
+    Trainer(config(tmp_path, max_steps=12, checkpoint_every=5, resume=True), echo=lines.append).fit()
+    assert not left.exists()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [f"step-{s:08d}.pt" for s in (5, 10, 12)]
+    said = [line for line in lines if left.name in line]
+    assert len(said) == 1 and said[0].startswith("removed 1 unfinished checkpoint write(s)")
+
+
 def test_params_sha256_sees_every_bit():
     model = torch.nn.Linear(3, 2)
     before = params_sha256(model)
