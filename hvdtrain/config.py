@@ -363,6 +363,20 @@ _PIPELINE = "does not combine with --strategy pipeline: "
 _LOCAL_SGD = "does not combine with --update local-sgd: local SGD "
 _ASYNC = "does not combine with --update async: the parameter servers "
 
+
+def _whole_updates(update: str, who: str) -> tuple[Rule, ...]:
+    """The rows of an update rule that moves whole parameters or updates (local SGD, async): no sharded state,
+    no Adasum, no compression."""
+    return (
+        Rule("options", lambda c: c.update == update and c.shard_optimizer,
+             "--shard-optimizer: " + who + "keep the whole optimizer state"),
+        Rule("options", lambda c: c.update == update and c.reduce_op != "average",
+             "--reduce-op: " + who + "average (or apply) whole updates"),
+        Rule("options", lambda c: c.update == update and c.compression != "none",
+             "--compression: " + who + "exchange full-precision tensors"),
+    )  # fmt: skip
+
+
 # What combines with what: every "X does not combine with Y" of a training job, in the order they are checked. The
 # launching side (before a launch) and the Trainer (on every rank, used as a library too) read the same rows.
 COMBINATIONS: tuple[Rule, ...] = (
@@ -382,18 +396,8 @@ COMBINATIONS: tuple[Rule, ...] = (
          "--ps-ranks: applies to --update async, not {cfg.update}"),
     Rule("options", lambda c: c.max_staleness is not None and c.update != "async",
          "--max-staleness: applies to --update async, not {cfg.update}"),
-    Rule("options", lambda c: c.update == "local-sgd" and c.shard_optimizer,
-         "--shard-optimizer: " + _LOCAL_SGD + "keep the whole optimizer state"),
-    Rule("options", lambda c: c.update == "local-sgd" and c.reduce_op != "average",
-         "--reduce-op: " + _LOCAL_SGD + "average (or apply) whole updates"),
-    Rule("options", lambda c: c.update == "local-sgd" and c.compression != "none",
-         "--compression: " + _LOCAL_SGD + "exchange full-precision tensors"),
-    Rule("options", lambda c: c.update == "async" and c.shard_optimizer,
-         "--shard-optimizer: " + _ASYNC + "keep the whole optimizer state"),
-    Rule("options", lambda c: c.update == "async" and c.reduce_op != "average",
-         "--reduce-op: " + _ASYNC + "average (or apply) whole updates"),
-    Rule("options", lambda c: c.update == "async" and c.compression != "none",
-         "--compression: " + _ASYNC + "exchange full-precision tensors"),
+    *_whole_updates("local-sgd", _LOCAL_SGD),
+    *_whole_updates("async", _ASYNC),
     Rule("options", lambda c: c.update == "async" and c.strategy != "data",
          "--strategy: {cfg.strategy} does not combine with --update async: workers train whole replicas (--strategy data)"),
     Rule("options", lambda c: c.strategy == "data" and (c.devices_per_rank != 1 or bool(c.balance)),
