@@ -132,7 +132,7 @@ def make_plan(options: Mapping[str, Any], *, launch_options: Mapping[str, Any]) 
             spec = launch.make_spec(
                 runner.worker_command(WORKER, out, name),
                 # MPI unless --gloo (horovodrun's own default when Horovod has MPI): on this 2-core machine it
-                # gave the Horovod loop a better 2-rank throughput than Gloo (docs/performance.md).
+                # gave the Horovod loop a better 2-rank throughput than Gloo (docs/performance-methods.md).
                 np=np, default_controller="mpi", env=user_env + ([] if fusion else ["HOROVOD_FUSION_THRESHOLD=0"]),
                 output_dir=str(logs / name), **launch_options,
             )  # fmt: skip
