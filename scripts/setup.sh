@@ -137,10 +137,14 @@ setup_key() {
 }
 
 # horovodrun: the venv's; with --stock-horovod a kept Horovod's may be elsewhere on PATH (a system site module).
-horovodrun=$venv/bin/horovodrun
-if [ $stock -eq 1 ] && [ ! -x "$horovodrun" ]; then
-  horovodrun=$(PATH="$venv/bin:$PATH" command -v horovodrun || echo "$venv/bin/horovodrun")
-fi
+find_horovodrun() {
+  if [ $stock -eq 1 ] && [ ! -x "$venv/bin/horovodrun" ]; then
+    PATH="$venv/bin:$PATH" command -v horovodrun || echo "$venv/bin/horovodrun"
+  else
+    echo "$venv/bin/horovodrun"
+  fi
+}
+horovodrun=$(find_horovodrun)
 if [ $apt_changed -eq 0 ] && [ -x "$py" ] && [ -x "$horovodrun" ] && [ -s "$stamp" ] \
   && [ "$(cat "$stamp")" = "$(setup_key)" ] && torch_version=$(horovod_ok) && hvdtrain_ok; then
   if [ $stock -eq 1 ]; then
@@ -237,7 +241,7 @@ if [ $stock -eq 1 ]; then
 else
   horovod_ok >/dev/null || die "Horovod does not import with PyTorch + MPI + Gloo; remove $wheel_dir and run again"
 fi
-[ -x "$horovodrun" ] || horovodrun=$venv/bin/horovodrun  # installed just now
+horovodrun=$(find_horovodrun)
 checks=$(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "$horovodrun" -cb 2>&1) \
   || die "horovodrun -cb failed: $checks"
 if [ $stock -eq 1 ]; then
