@@ -16,7 +16,7 @@ import pytest
 PATCH_SYMBOL = b"_ZN7horovod6common15AnyBlockingWaitEv"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def patched() -> bool:
     """True when horovod.torch's library exports the patch's symbol and its DistributedOptimizer takes flat_groups."""
     try:

@@ -18,11 +18,7 @@ def test_every_experiment_compiles(script, tmp_path):
 
 
 def test_every_experiment_the_docs_name_exists():
-    named = {
-        (doc.name, path)
-        for doc in DOCS
-        for path in re.findall(r"scripts/experiments/[\w.-]*\w", doc.read_text())
-    }
+    named = {(doc.name, path) for doc in DOCS for path in re.findall(r"scripts/experiments/[\w.-]*\w", doc.read_text())}
     assert SCRIPTS and named, "no experiment scripts, or no doc names one"
     missing = sorted(f"{doc}: {path}" for doc, path in named if not (REPO / path).is_file())
     assert not missing, missing
