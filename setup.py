@@ -10,7 +10,8 @@ setup(
     packages=find_packages(include=["hvdtrain", "hvdtrain.*"]),
     package_data={"hvdtrain.slurm": ["templates/*.sh"]},
     # torch and horovod are deliberately not listed: torch must be the build Horovod was compiled
-    # against, and Horovod 0.28.1 needs a patched source build (scripts/setup.sh does both).
+    # against, and Horovod 0.28.1 needs a source build, with hvdtrain's patch unless --stock-horovod (scripts/setup.sh
+    # does both).
     install_requires=[
         "click>=8.0",
         "numpy",

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SETUP_FIX = "run scripts/setup.sh (it builds Horovod 0.28.1 with PyTorch, MPI and Gloo)"
+PATCH_FIX = "run scripts/setup.sh without --stock-horovod (it rebuilds Horovod 0.28.1 with hvdtrain's patch)"
 MPI_FIX = "apt-get install openmpi-bin libopenmpi-dev (or load your cluster's MPI module)"
 # Where Debian's Slurm clients look for their config when SLURM_CONF is unset.
 DEFAULT_SLURM_CONF = "/etc/slurm/slurm.conf"
@@ -43,8 +44,17 @@ try:
         "tensor_operations": {"NCCL": hvd.nccl_built() != 0, "DDL": hvd.ddl_built(), "CCL": hvd.ccl_built(),
                               "MPI": hvd.mpi_built(), "Gloo": hvd.gloo_built()},
     }
-    import ctypes, horovod.torch.mpi_lib_v2 as lib
-    out["horovod_build"]["wake_on_wait"] = hasattr(ctypes.CDLL(lib.__file__), "_ZN7horovod6common15AnyBlockingWaitEv")
+    # hvdtrain's patch (scripts/patches): its library exports AnyBlockingWait (wake on wait), and its
+    # DistributedOptimizer takes flat_groups. A Horovod laid out otherwise is stock.
+    import inspect
+    try:
+        import ctypes, horovod.torch.mpi_lib_v2 as lib
+        wake = hasattr(ctypes.CDLL(lib.__file__), "_ZN7horovod6common15AnyBlockingWaitEv")
+    except Exception:
+        wake = False
+    out["horovod_build"]["wake_on_wait"] = wake
+    out["horovod_build"]["flat_groups"] = "flat_groups" in inspect.signature(hvd.DistributedOptimizer).parameters
+    out["horovod_build"]["patched"] = wake
 except Exception as e:
     out["horovod_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 try:
@@ -240,11 +250,22 @@ def assess(report: dict) -> tuple[list[dict], list[dict]]:
     for controller, built in build.get("controllers", {}).items():
         if not built:
             problems.append({"what": f"Horovod was built without the {controller} controller", "fix": SETUP_FIX})
-    if build.get("wake_on_wait") is False:
+    patched = horovod_patched(build)
+    if patched is False:
         notes.append(
             {
-                "what": "Horovod is stock: a blocking collective waits out the 1 ms cycle, an idle rank spins in MPI",
-                "fix": f"for hvdtrain's patched build (docs/performance.md), {SETUP_FIX}",
+                "what": "Horovod is stock (without hvdtrain's patch): everything works, slower on CPU ranks (a "
+                "blocking collective waits out the 1 ms cycle, an idle rank spins in MPI, gradient groups go through "
+                "the fusion buffer)",
+                "fix": f"for the patched build (docs/horovod-patch.md), {PATCH_FIX}",
+            }
+        )
+    elif patched and build.get("flat_groups") is False:
+        notes.append(
+            {
+                "what": "Horovod has an older hvdtrain patch, without flat groups (gradient groups go through the "
+                "fusion buffer)",
+                "fix": PATCH_FIX,
             }
         )
     if not report["mpi4py"]:
@@ -296,6 +317,23 @@ def assess(report: dict) -> tuple[list[dict], list[dict]]:
     return problems, notes
 
 
+def horovod_patched(build: dict) -> bool | None:
+    """Whether the Horovod in `horovod_build` has hvdtrain's patch; None when there is no Horovod to tell. Reports
+    from before the `patched` field say it as `wake_on_wait`."""
+    return build.get("patched", build.get("wake_on_wait"))
+
+
+def _build_cell(build: dict) -> str:
+    patched = horovod_patched(build)
+    if patched is None:
+        return "-"
+    if not patched:
+        return "stock Horovod (without hvdtrain's patch: see NOTE)"
+    if build.get("flat_groups") is False:
+        return "hvdtrain's patch, an older one (no flat groups)"
+    return "hvdtrain's patch (wake on wait, idle cycles, flat groups: docs/horovod-patch.md)"
+
+
 def verdict(problems: list[dict], slurm_state: str) -> str:
     """The table's last line: never "ready" with a problem, never "Slurm" unless Slurm answers."""
     if problems:
@@ -342,10 +380,7 @@ def to_table(report: dict) -> str:
         ("  frameworks", _flags(build.get("frameworks", {})) or "-"),
         ("  controllers", _flags(build.get("controllers", {})) or "-"),
         ("  tensor ops", _flags(build.get("tensor_operations", {})) or "-"),
-        (
-            "  wake on wait",
-            {True: "yes (hvdtrain's patch)", False: "no (stock Horovod)"}.get(build.get("wake_on_wait"), "-"),
-        ),
+        ("  build", _build_cell(build)),
         ("mpi4py", report["mpi4py"] or "MISSING"),
         ("MPI", _mpi_cell(report["mpi_status"])),
         ("Slurm", _slurm_cell(report["slurm_status"])),

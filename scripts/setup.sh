@@ -5,13 +5,16 @@
 # waits out Horovod's cycle, an idle rank neither spins in MPI nor coordinates every cycle, a group of gradients
 # is reduced in place as one flat buffer). The Horovod wheel is cached outside the
 # repository, keyed by the Horovod, torch and Python versions and the patch, so a second set-up on the same
-# machine takes well under a minute.
+# machine takes well under a minute. With --stock-horovod it builds Horovod without the patch (its own cache key,
+# `...-stock`), and keeps a Horovod already in the venv that imports with PyTorch and has MPI or Gloo (a
+# container's, your own build): everything in hvdtrain works on stock Horovod, slower (docs/horovod-patch.md).
 # When nothing changed since the last good set-up (the stamp in the venv matches a hash of setup.py, this
-# script, the Horovod version, the torch spec and the venv's Python) and the quick checks pass, it skips
-# pip and the `horovodrun -cb` verification and prints one `ready` line, in a few seconds.
+# script, the Horovod version, the torch spec, the venv's Python and the mode, patched or stock) and the quick
+# checks pass, it skips pip and the `horovodrun -cb` verification and prints one `ready` line, in a few seconds.
 #
 #   scripts/setup.sh            # MPI + venv + torch + Horovod + hvdtrain (editable, with test extras)
 #   scripts/setup.sh --slurm    # also Slurm, MUNGE, openssh-server and iproute2: the slurm and cluster tiers
+#   scripts/setup.sh --stock-horovod   # Horovod without hvdtrain's patch, or the one already in the venv
 #
 # Environment: HVDTRAIN_VENV (default: <repo>/.venv), HVDTRAIN_CACHE (default: ~/.cache/hvdtrain),
 # PYTHON (default: python3), TORCH_SPEC (default: torch==2.13.0, used only where no torch is installed).
@@ -25,11 +28,13 @@ cache=${HVDTRAIN_CACHE:-$HOME/.cache/hvdtrain}
 python=${PYTHON:-python3}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
 want_slurm=0
+stock=0
 for arg in "$@"; do
   case $arg in
     --slurm) want_slurm=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (valid: --slurm)" >&2; exit 2 ;;
+    --stock-horovod) stock=1 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (valid: --slurm, --stock-horovod)" >&2; exit 2 ;;
   esac
 done
 
@@ -74,17 +79,32 @@ py=$venv/bin/python
 stamp=$venv/.hvdtrain-setup-stamp
 
 # Prints torch's version when Horovod imports with PyTorch, was built with MPI and Gloo, and has hvdtrain's
-# patch in (its library exports AnyBlockingWait).
+# patch in (its library exports AnyBlockingWait). With --stock-horovod: when Horovod (any version, patched or not)
+# imports with PyTorch and was built with MPI or Gloo.
 horovod_ok() {
-  "$py" - "$HOROVOD_VERSION" <<'PY' 2>/dev/null
+  "$py" - "$HOROVOD_VERSION" "$stock" <<'PY' 2>/dev/null
 import sys, importlib.metadata as md
-assert md.version("horovod") == sys.argv[1]
+stock = sys.argv[2] == "1"
+assert stock or md.version("horovod") == sys.argv[1]
 import horovod.torch as hvd, horovod, json, os, torch
-meta = json.load(open(os.path.join(os.path.dirname(horovod.__file__), "metadata.json")))
-assert hvd.mpi_built() and hvd.gloo_built()
-import ctypes, horovod.torch.mpi_lib_v2 as lib
-assert hasattr(ctypes.CDLL(lib.__file__), "_ZN7horovod6common15AnyBlockingWaitEv")
+if stock:
+    assert hvd.mpi_built() or hvd.gloo_built()
+else:
+    meta = json.load(open(os.path.join(os.path.dirname(horovod.__file__), "metadata.json")))
+    assert hvd.mpi_built() and hvd.gloo_built()
+    import ctypes, horovod.torch.mpi_lib_v2 as lib
+    assert hasattr(ctypes.CDLL(lib.__file__), "_ZN7horovod6common15AnyBlockingWaitEv")
 print(torch.__version__)
+PY
+}
+
+# What the ready line says of the Horovod in the venv: its version, controllers and build.
+horovod_said() {
+  "$py" - <<'PY' 2>/dev/null || echo "Horovod"
+import ctypes, horovod, horovod.torch as hvd, horovod.torch.mpi_lib_v2 as lib
+built = ", ".join(["PyTorch"] + [n for n, b in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built())) if b])
+patched = hasattr(ctypes.CDLL(lib.__file__), "_ZN7horovod6common15AnyBlockingWaitEv")
+print(f"Horovod {horovod.__version__} ({built}; " + ("hvdtrain's patch)" if patched else "stock)"))
 PY
 }
 
@@ -105,20 +125,33 @@ PY
 }
 
 # What the pip part of the set-up depends on. --slurm is not in it: it changes only the Debian packages,
-# which apt_install checks on every run.
+# which apt_install checks on every run. --stock-horovod is, and the patch only without it.
 setup_key() {
   {
     echo "horovod=$HOROVOD_VERSION torch_spec=$torch_spec repo=$repo"
     echo "python=$(readlink -f "$py") $("$py" -c 'import sys; print(sys.version)')"
     sha256sum <"${BASH_SOURCE[0]}"
-    sha256sum <"$horovod_patch"
+    if [ $stock -eq 1 ]; then echo "stock Horovod"; else sha256sum <"$horovod_patch"; fi
     if [ -f "$repo/setup.py" ]; then sha256sum <"$repo/setup.py"; else echo "no setup.py"; fi
   } | sha256sum | cut -d' ' -f1
 }
 
-if [ $apt_changed -eq 0 ] && [ -x "$py" ] && [ -x "$venv/bin/horovodrun" ] && [ -s "$stamp" ] \
+# horovodrun: the venv's; with --stock-horovod a kept Horovod's may be elsewhere on PATH (a system site module).
+find_horovodrun() {
+  if [ $stock -eq 1 ] && [ ! -x "$venv/bin/horovodrun" ]; then
+    PATH="$venv/bin:$PATH" command -v horovodrun || echo "$venv/bin/horovodrun"
+  else
+    echo "$venv/bin/horovodrun"
+  fi
+}
+horovodrun=$(find_horovodrun)
+if [ $apt_changed -eq 0 ] && [ -x "$py" ] && [ -x "$horovodrun" ] && [ -s "$stamp" ] \
   && [ "$(cat "$stamp")" = "$(setup_key)" ] && torch_version=$(horovod_ok) && hvdtrain_ok; then
-  say "ready (nothing changed): Horovod $HOROVOD_VERSION (PyTorch, MPI, Gloo), torch $torch_version, venv $venv"
+  if [ $stock -eq 1 ]; then
+    say "ready (nothing changed): $(horovod_said), torch $torch_version, venv $venv"
+  else
+    say "ready (nothing changed): Horovod $HOROVOD_VERSION (PyTorch, MPI, Gloo), torch $torch_version, venv $venv"
+  fi
   exit 0
 fi
 # The full set-up from here on; the stamp is written again only once it has been verified.
@@ -148,14 +181,24 @@ fi
 # --- Horovod, built from the sdist against this torch, cached ------------------------------------------
 torch_version=$("$py" -c 'import torch; print(torch.__version__)')
 py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-key="horovod-$HOROVOD_VERSION-torch${torch_version//+/_}-$py_tag-patch$(sha256sum <"$horovod_patch" | cut -c1-12)"
+if [ $stock -eq 1 ]; then
+  key="horovod-$HOROVOD_VERSION-torch${torch_version//+/_}-$py_tag-stock"
+else
+  key="horovod-$HOROVOD_VERSION-torch${torch_version//+/_}-$py_tag-patch$(sha256sum <"$horovod_patch" | cut -c1-12)"
+fi
 wheel_dir=$cache/wheels/$key
 
 # The key of the wheel installed in this venv: a Horovod built from another key (an older patch) is replaced.
+# --stock-horovod keeps any Horovod that passes its check (its own stock wheel, a container's, the user's own
+# build) but hvdtrain's patched wheel, which it replaces with the stock one.
 installed_key=$venv/.hvdtrain-horovod-wheel
-if ! horovod_ok >/dev/null || [ "$(cat "$installed_key" 2>/dev/null)" != "$key" ]; then
+installed=$(cat "$installed_key" 2>/dev/null || true)
+if [ $stock -eq 1 ] && [[ $installed != *-patch* ]] && horovod_ok >/dev/null; then
+  [ "$installed" = "$key" ] || say "keeping $(horovod_said) already in $venv (--stock-horovod: not rebuilt)"
+elif ! horovod_ok >/dev/null || [ "$installed" != "$key" ]; then
   if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
-    say "building Horovod $HOROVOD_VERSION against torch $torch_version (about 5 minutes on 2 cores)"
+    if [ $stock -eq 1 ]; then what="Horovod $HOROVOD_VERSION (stock, without hvdtrain's patch)"; else what="Horovod $HOROVOD_VERSION"; fi
+    say "building $what against torch $torch_version (about 5 minutes on 2 cores)"
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
     pip download --no-deps --no-binary :all: -d "$build" "horovod==$HOROVOD_VERSION"
@@ -167,7 +210,9 @@ if ! horovod_ok >/dev/null || [ "$(cat "$installed_key" 2>/dev/null)" != "$key" 
       grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || die "unexpected Horovod sdist: no C++14 line in $f"
       sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$f"
     done
-    patch -s -p1 -d "$src" <"$horovod_patch" || die "hvdtrain's patch does not apply to the Horovod sdist: $horovod_patch"
+    if [ $stock -eq 0 ]; then
+      patch -s -p1 -d "$src" <"$horovod_patch" || die "hvdtrain's patch does not apply to the Horovod sdist: $horovod_patch"
+    fi
     (
       cd "$src"
       export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
@@ -191,12 +236,26 @@ if [ -f "$repo/setup.py" ]; then
 fi
 
 # --- verify ---------------------------------------------------------------------------------------------
-horovod_ok >/dev/null || die "Horovod does not import with PyTorch + MPI + Gloo; remove $wheel_dir and run again"
-checks=$(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "$venv/bin/horovodrun" -cb 2>&1) \
+if [ $stock -eq 1 ]; then
+  horovod_ok >/dev/null || die "Horovod does not import with PyTorch and MPI or Gloo; remove $wheel_dir and run again"
+else
+  horovod_ok >/dev/null || die "Horovod does not import with PyTorch + MPI + Gloo; remove $wheel_dir and run again"
+fi
+horovodrun=$(find_horovodrun)
+checks=$(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "$horovodrun" -cb 2>&1) \
   || die "horovodrun -cb failed: $checks"
-for want in PyTorch MPI Gloo; do
-  grep -q "\[X\] $want" <<<"$checks" || die "Horovod was built without $want:"$'\n'"$checks"
-done
+if [ $stock -eq 1 ]; then
+  grep -q "\[X\] PyTorch" <<<"$checks" || die "Horovod was built without PyTorch:"$'\n'"$checks"
+  grep -Eq "\[X\] (MPI|Gloo)" <<<"$checks" || die "Horovod was built with neither MPI nor Gloo:"$'\n'"$checks"
+else
+  for want in PyTorch MPI Gloo; do
+    grep -q "\[X\] $want" <<<"$checks" || die "Horovod was built without $want:"$'\n'"$checks"
+  done
+fi
 hvdtrain_ok || die "hvdtrain or one of its requirements is not installed in $venv (pip output above)"
 setup_key >"$stamp.tmp" && mv "$stamp.tmp" "$stamp"
-say "ready: Horovod $HOROVOD_VERSION (PyTorch, MPI, Gloo), torch $torch_version, venv $venv"
+if [ $stock -eq 1 ]; then
+  say "ready: $(horovod_said), torch $torch_version, venv $venv"
+else
+  say "ready: Horovod $HOROVOD_VERSION (PyTorch, MPI, Gloo), torch $torch_version, venv $venv"
+fi

@@ -90,7 +90,7 @@ def mpi_run(plan: AllreduceWorkerPlan) -> tuple[list[dict], dict]:
     def make_mpi(size):
         # Memory from torch's allocator, as training's gradients and Horovod's buffers here: numpy's own
         # allocator asks for transparent huge pages for large arrays, which made its 64 MiB allreduce ~12 %
-        # faster on this machine than the same call on torch's memory (docs/performance.md).
+        # faster on this machine than the same call on torch's memory (docs/performance-methods.md).
         buf = torch.zeros(size // ELEMENT_BYTES).numpy()
         return (lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)), buf
 

@@ -246,7 +246,9 @@ class TrainSettings:
         choices=(*MODEL_SHAPES, *LARGE_MODEL_SHAPES),
     )
     arms: tuple[str, ...] = option(
-        DEFAULT_ARMS, "Comma-separated arms (trainer_lean: a diagnostic, see docs/performance.md).", choices=ARMS
+        DEFAULT_ARMS,
+        "Comma-separated arms (trainer_lean: a diagnostic, see docs/performance-methods.md).",
+        choices=ARMS,
     )
     batch_size: int = option(32, "Samples per rank per batch.", tiny=16, low=1)
     warmup: int = option(10, "Untimed warm-up batches.", tiny=2, low=0)

@@ -142,7 +142,7 @@ def make_plan(options: Mapping[str, Any], *, launch: LaunchOptions) -> TrainBenc
                 runner.worker_command(WORKER, out, name),
                 dataclasses.replace(launch, np=np, env=env, output_dir=str(logs / name)),
                 # MPI unless --gloo (horovodrun's own default when Horovod has MPI): on this 2-core machine it
-                # gave the Horovod loop a better 2-rank throughput than Gloo (docs/performance.md).
+                # gave the Horovod loop a better 2-rank throughput than Gloo (docs/performance-methods.md).
                 default_controller="mpi",
                 slurm=slurm,
             )

@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+from patchcheck import requires_patch
 
 ALLREDUCE = """
 import json, os, sys
@@ -113,6 +114,7 @@ with open(os.path.join(sys.argv[1], f"out.{r}.json"), "w") as f:
 """
 
 
+@requires_patch
 @pytest.mark.parametrize("controller", ["--mpi", "--gloo"])
 def test_a_blocking_collective_does_not_wait_out_the_cycle(hvdtrain, script, tmp_path, controller):
     """hvdtrain's Horovod patch (scripts/patches): a caller blocked on a result wakes the background thread.

@@ -5,6 +5,7 @@ the groups reduced through Horovod's fusion buffer, whatever the loop does to th
 import pytest
 import torch
 from conftest import batches
+from patchcheck import patched, requires_patch
 from torch import nn
 
 from hvdtrain.parallel import horovod
@@ -58,9 +59,10 @@ CASES = {
 }
 
 
+@requires_patch
 @pytest.mark.parametrize("case", list(CASES))
 def test_flat_groups_are_bit_identical_to_horovods_groups(hvd, case):
-    assert horovod.flat_groups_supported(), "Horovod without hvdtrain's patch: run scripts/setup.sh"
+    assert horovod.flat_groups_supported()
     data = batches(4, per_rank=4, seed=7)
     flat, opt = run(hvd, data, True, **CASES[case])
     fused, _ = run(hvd, data, False, **CASES[case])
@@ -84,6 +86,7 @@ def test_flat_groups_are_bit_identical_to_horovods_groups(hvd, case):
             assert not p.grad.any()
 
 
+@requires_patch
 def test_hvdtrain_groups_are_flat(hvd):
     """hvdtrain's distributed_optimizer turns flat groups on with groups, and off without."""
     model = Net()
@@ -92,3 +95,20 @@ def test_hvdtrain_groups_are_flat(hvd):
     other = Net()
     plain = horovod.distributed_optimizer(torch.optim.SGD(other.parameters(), lr=0.1), other, groups=0)
     assert plain._flat_groups == []
+
+
+@pytest.mark.skipif(patched(), reason="checks the stock Horovod fallback (scripts/setup.sh --stock-horovod)")
+def test_hvdtrain_groups_on_stock_horovod_go_through_its_fusion_buffer(hvd):
+    """On a stock Horovod, hvdtrain's distributed_optimizer asks for Horovod's own groups (no flat_groups, which
+    stock's DistributedOptimizer does not take), and a grouped step comes out the same on every rank."""
+    assert not horovod.flat_groups_supported()
+    model = Net().double()
+    opt = horovod.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, groups=1)
+    assert not hasattr(opt, "_flat_groups")
+    for x, y in batches(2, per_rank=4, seed=3):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert not torch.equal(model.body[0].weight, Net().double().body[0].weight)
+    gathered = hvd.allgather(torch.cat([p.detach().flatten() for p in model.parameters()]).unsqueeze(0))
+    assert all(torch.equal(gathered[0], g) for g in gathered)

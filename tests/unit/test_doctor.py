@@ -276,16 +276,32 @@ def test_horovod_without_mpi_controller_is_a_problem():
     assert "OK" not in table.splitlines()[-1]
 
 
+def build_row(table: str) -> str:
+    return next(line.split(None, 1)[1] for line in table.splitlines() if line.split()[:1] == ["build"])
+
+
 def test_stock_horovod_is_a_note_and_the_patched_build_is_shown():
-    stock = {"frameworks": {"PyTorch": True}, "controllers": {"MPI": True, "Gloo": True}, "wake_on_wait": False}
+    base = {"frameworks": {"PyTorch": True}, "controllers": {"MPI": True, "Gloo": True}}
+    stock = {**base, "wake_on_wait": False, "flat_groups": False, "patched": False}
     problems, notes = doctor.assess(make_report(horovod_build=stock))
-    assert problems == [] and any("Horovod is stock" in n["what"] and "scripts/setup.sh" in n["fix"] for n in notes)
+    assert problems == [] and any("Horovod is stock" in n["what"] and "--stock-horovod" in n["fix"] for n in notes)
     table = doctor.to_table(make_report(horovod_build=stock))
-    assert "wake on wait  no (stock Horovod)" in table and table.splitlines()[-1].startswith("OK")
-    patched = {**stock, "wake_on_wait": True}
+    assert build_row(table) == "stock Horovod (without hvdtrain's patch: see NOTE)"
+    assert table.splitlines()[-1].startswith("OK")
+    assert json.loads(doctor.to_json(make_report(horovod_build=stock)))["horovod_build"]["patched"] is False
+
+    patched = {**base, "wake_on_wait": True, "flat_groups": True, "patched": True}
     problems, notes = doctor.assess(make_report(horovod_build=patched))
-    assert problems == [] and not any("Horovod is stock" in n["what"] for n in notes)
-    assert "wake on wait  yes (hvdtrain's patch)" in doctor.to_table(make_report(horovod_build=patched))
+    assert problems == [] and not any("Horovod" in n["what"] for n in notes)
+    assert build_row(doctor.to_table(make_report(horovod_build=patched))).startswith("hvdtrain's patch (wake on wait")
+
+    # An older patch (no flat groups) is a note with the fix; a report from before the `patched` field says it
+    # as wake_on_wait; no Horovod at all: no build to tell.
+    older = {**patched, "flat_groups": False}
+    assert any("older hvdtrain patch" in n["what"] for n in doctor.assess(make_report(horovod_build=older))[1])
+    assert build_row(doctor.to_table(make_report(horovod_build=older))).startswith("hvdtrain's patch, an older one")
+    assert doctor.horovod_patched({**base, "wake_on_wait": False}) is False
+    assert doctor.horovod_patched(base) is None and build_row(doctor.to_table(make_report(horovod_build=None))) == "-"
 
 
 # --- collect() and the CLI, with a fake at the subprocess boundary ------------------------------------

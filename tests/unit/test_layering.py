@@ -114,7 +114,7 @@ def lower_floor_reaches_up(i: Import) -> bool:
     inner = internal(i.target)
     if inner is None:
         return False
-    above = {"launching", "jobs", "cli", "bench", "plan", "plan_probe", "timeline", "report", "slurm", "worker"}
+    above = {"launching", "jobs", "cli", "bench", "plan", "timeline", "report", "slurm", "worker"}
     if part(i.module) == "parallel":
         return part(inner) in above | {"train"}
     if part(i.module) == "train":
