@@ -250,24 +250,7 @@ def assess(report: dict) -> tuple[list[dict], list[dict]]:
     for controller, built in build.get("controllers", {}).items():
         if not built:
             problems.append({"what": f"Horovod was built without the {controller} controller", "fix": SETUP_FIX})
-    patched = horovod_patched(build)
-    if patched is False:
-        notes.append(
-            {
-                "what": "Horovod is stock (without hvdtrain's patch): everything works, slower on CPU ranks (a "
-                "blocking collective waits out the 1 ms cycle, an idle rank spins in MPI, gradient groups go through "
-                "the fusion buffer)",
-                "fix": f"for the patched build (docs/horovod-patch.md), {PATCH_FIX}",
-            }
-        )
-    elif patched and build.get("flat_groups") is False:
-        notes.append(
-            {
-                "what": "Horovod has an older hvdtrain patch, without flat groups (gradient groups go through the "
-                "fusion buffer)",
-                "fix": PATCH_FIX,
-            }
-        )
+    notes += _build_notes(build)
     if not report["mpi4py"]:
         problems.append(
             {
@@ -287,8 +270,37 @@ def assess(report: dict) -> tuple[list[dict], list[dict]]:
         )
     if not report["tools"].get("horovodrun"):
         problems.append({"what": "horovodrun is not on PATH", "fix": SETUP_FIX})
+    notes += _slurm_notes(report["slurm_status"])
+    return problems, notes
 
-    slurm = report["slurm_status"]
+
+def _build_notes(build: dict) -> list[dict]:
+    """What to say of a Horovod without hvdtrain's patch, or with an older one."""
+    notes: list[dict] = []
+    patched = horovod_patched(build)
+    if patched is False:
+        notes.append(
+            {
+                "what": "Horovod is stock (without hvdtrain's patch): everything works, slower on CPU ranks (a "
+                "blocking collective waits out the 1 ms cycle, an idle rank spins in MPI, gradient groups go through "
+                "the fusion buffer)",
+                "fix": f"for the patched build (docs/horovod-patch.md), {PATCH_FIX}",
+            }
+        )
+    elif patched and build.get("flat_groups") is False:
+        notes.append(
+            {
+                "what": "Horovod has an older hvdtrain patch, without flat groups (gradient groups go through the "
+                "fusion buffer)",
+                "fix": PATCH_FIX,
+            }
+        )
+    return notes
+
+
+def _slurm_notes(slurm: dict) -> list[dict]:
+    """What to say when Slurm is missing, unconfigured or unreachable: only submit, status and logs need it."""
+    notes: list[dict] = []
     if slurm["state"] == "missing":
         notes.append(
             {
@@ -314,7 +326,7 @@ def assess(report: dict) -> tuple[list[dict], list[dict]]:
         )
     elif slurm["state"] != "ok":
         notes.append({"what": "Slurm's version is unreadable (see the Slurm row)", "fix": "check `sbatch --version`"})
-    return problems, notes
+    return notes
 
 
 def horovod_patched(build: dict) -> bool | None:
