@@ -2,9 +2,9 @@ import os
 import subprocess
 
 import pytest
-from fakessh import make_fake_ssh
+from fakessh import make_fake_ssh, set_machine
 
-from hvdtrain.launching import hosts, preflight, supervise
+from hvdtrain.launching import supervise
 
 
 class ProcessStarted(AssertionError):
@@ -43,12 +43,3 @@ def fake_ssh(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     set_machine(monkeypatch, ("eth0", "lo", "wlan0"), {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
     return log
-
-
-def set_machine(monkeypatch, interfaces=None, addresses=None):
-    """This machine's interfaces (/sys/class/net) and their addresses, as the launching side sees them."""
-    for module in (hosts, preflight):
-        if interfaces is not None:
-            monkeypatch.setattr(module, "local_interfaces", lambda: interfaces)
-        if addresses is not None:
-            monkeypatch.setattr(module, "interface_addresses", lambda: addresses)

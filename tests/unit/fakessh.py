@@ -1,6 +1,9 @@
-"""A stand-in for ssh, for the preflight's tests (imported by conftest.py and the test modules)."""
+"""A stand-in for ssh, and this machine's interfaces as the launching side sees them, for the preflight's tests
+(imported by conftest.py and the test modules)."""
 
 import sys
+
+from hvdtrain.launching import hosts, preflight
 
 
 def make_fake_ssh(bin_dir, log):
@@ -26,3 +29,12 @@ def make_fake_ssh(bin_dir, log):
     )
     ssh.chmod(0o755)
     return ssh
+
+
+def set_machine(monkeypatch, interfaces=None, addresses=None):
+    """This machine's interfaces (/sys/class/net) and their addresses, as the launching side sees them."""
+    for module in (hosts, preflight):
+        if interfaces is not None:
+            monkeypatch.setattr(module, "local_interfaces", lambda: interfaces)
+        if addresses is not None:
+            monkeypatch.setattr(module, "interface_addresses", lambda: addresses)

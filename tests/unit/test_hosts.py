@@ -5,8 +5,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import set_machine
-from fakessh import make_fake_ssh
+from fakessh import make_fake_ssh, set_machine
 from launchspecs import spec_of
 
 from hvdtrain.errors import UsageError
