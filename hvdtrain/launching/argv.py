@@ -142,7 +142,6 @@ def build_horovodrun_argv(
 # start from sshd's bare environment, so without these `python` would not be the venv's (horovodrun forwards
 # the whole environment itself). Names, and prefixes of names.
 _MPIRUN_FORWARD = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "TMPDIR")
-
 _MPIRUN_FORWARD_PREFIXES = ("HOROVOD_", "HVDTRAIN_", "NCCL_", "OMP_", "MKL_", "TORCH_", "CUDA_")
 
 

@@ -33,9 +33,7 @@ if TYPE_CHECKING:  # annotations only
 
 # What the preflight runs on every other host: its name, and its network interfaces (one per line).
 PROBE = "hostname; ls /sys/class/net"
-
 SSH_CONNECT_TIMEOUT_S = 10
-
 PREFLIGHT_TIMEOUT_S = 20.0
 
 # What every ssh of an elastic job's horovodrun gets: a host whose link goes down stops answering the keepalives,

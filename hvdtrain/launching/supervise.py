@@ -29,12 +29,10 @@ from hvdtrain.launching.spec import LaunchSpec
 from hvdtrain.rundir import RankLogs
 
 STOP_GRACE_S = 30.0  # after SIGTERM, how long the launcher may take to end the job before it is SIGKILLed
-
 # What run_job keeps of an elastic launcher's output (the failure report reads horovodrun's own lines in it).
 ELASTIC_OUTPUT_LINES = 300
-
+# horovodrun's multiprocessing resource tracker, which frees its semaphores when the launcher is SIGKILLed: no warning.
 _TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
-
 INTERRUPTED = 130  # the exit status of a job stopped by Ctrl-C (128 + SIGINT), as a shell reports it
 
 
