@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -16,14 +17,14 @@ SETUP = REPO / "scripts" / "setup.sh"
 MPI_TOOLS = ("mpicc", "mpicxx", "mpic++", "mpiCC", "mpirun", "mpiexec", "mpif77", "mpif90", "mpifort", "mpiexec.hydra")
 
 
-def path_without_mpi(tmp_path: Path, extra: dict[str, str] = {}) -> str:
+def path_without_mpi(tmp_path: Path, extra: Optional[dict[str, str]] = None) -> str:
     """A PATH of one folder holding every program of /usr/bin but the MPI's (and `extra`: name -> target)."""
     folder = tmp_path / "bin"
     folder.mkdir()
     for entry in Path("/usr/bin").iterdir():
         if entry.name not in MPI_TOOLS and not entry.name.startswith(("mpicc.", "mpirun.", "mpiexec.")):
             (folder / entry.name).symlink_to(entry)
-    for name, target in extra.items():
+    for name, target in (extra or {}).items():
         (folder / name).symlink_to(target)
     return str(folder)
 
