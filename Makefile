@@ -20,7 +20,7 @@ demo: setup
 test: setup-slurm
 	bash scripts/test.sh
 
-test-unit test-mpi test-e2e test-slurm test-cluster:
+test-unit test-mpi test-e2e test-slurm test-cluster test-login:
 	bash scripts/test.sh $(subst test-,,$@)
 
 bench: setup

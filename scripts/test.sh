@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the test tiers: scripts/test.sh [unit|mpi|e2e|slurm|cluster ...] (default: all, in that order).
+# Runs the test tiers: scripts/test.sh [unit|mpi|e2e|slurm|cluster|login ...] (default: all, in that order).
 # A tier that collects no tests is a failure (pytest exit 5), and so is any failing rank.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,7 +14,7 @@ mpi_pytest() {  # NP LIMIT_S PYTEST_ARGS...
     "$py" -m mpi4py -m pytest -p no:cacheprovider -q -x "$@"
 }
 tiers=("$@")
-[ ${#tiers[@]} -eq 0 ] && tiers=(unit mpi e2e slurm cluster)
+[ ${#tiers[@]} -eq 0 ] && tiers=(unit mpi e2e slurm cluster login)
 failed=()
 for tier in "${tiers[@]}"; do
   echo "=== tier: $tier"
@@ -36,7 +36,11 @@ for tier in "${tiers[@]}"; do
         mpi_pytest 4 300 tests/mpi/test_pipe.py --timeout=120 ;;
     unit|e2e|slurm|cluster)
       "$py" -m pytest "tests/$tier" -q --timeout=900 ;;
-    *) echo "unknown tier '$tier' (valid: unit mpi e2e slurm cluster)" >&2; exit 2 ;;
+    login)
+      # An ordinary account on a simulated login node: each MPI's first test includes a whole set-up as that
+      # user (PyPI's CUDA torch, mpi4py and Horovod built against the module's MPI: about 10 minutes on 2 cores).
+      "$py" -m pytest tests/login -q -s --timeout=2400 ;;
+    *) echo "unknown tier '$tier' (valid: unit mpi e2e slurm cluster login)" >&2; exit 2 ;;
   esac
   rc=$?
   [ $rc -eq 5 ] && echo "tier $tier collected no tests: that is a failure" >&2
