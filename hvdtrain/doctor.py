@@ -18,6 +18,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hvdtrain import mpi
+
 SETUP_FIX = "run scripts/setup.sh (it builds Horovod 0.28.1 with PyTorch, MPI and Gloo)"
 PATCH_FIX = "run scripts/setup.sh without --stock-horovod (it rebuilds Horovod 0.28.1 with hvdtrain's patch)"
 MPI_FIX = "apt-get install openmpi-bin libopenmpi-dev (or load your cluster's MPI module)"
@@ -84,25 +86,15 @@ class Status:
     detail: str = ""  # what the probe saw, shown in the table
 
 
-# `mpirun (Open MPI) 4.1.4`; Open MPI's derivatives print their own name in the parentheses.
-_OPEN_MPI_LIKE = re.compile(r"^(?:mpirun|mpiexec|orterun) \(([^)]+)\)\s+(\d\S*)", re.M)
-# `Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)`
-_INTEL_MPI = re.compile(r"^Intel\(R\) MPI Library\b.*?\bVersion (.+?)(?: Build\b|$)", re.M)
-# MPICH's (and MVAPICH's) launcher, Hydra: `HYDRA build details:` then `    Version:   4.0.2`
-_HYDRA = re.compile(r"^HYDRA build details:\s*\n\s*Version:\s+(\S+)", re.M)
 # `slurm-wlm 22.05.8` (Debian's packages) or `slurm 22.05.8` (upstream builds)
 _SLURM = re.compile(r"^slurm(?:-wlm)? (\d+\.\d+\S*)\s*$", re.M)
 
 
 def parse_mpi_version(text: str) -> str | None:
-    """`mpirun --version` output -> "Open MPI 4.1.4", "MPICH (Hydra) 4.0.2", "Intel MPI 2021.10"; else None."""
-    if m := _OPEN_MPI_LIKE.search(text):
-        return f"{m.group(1)} {m.group(2)}"
-    if m := _INTEL_MPI.search(text):
-        return f"Intel MPI {m.group(1).strip()}"
-    if m := _HYDRA.search(text):
-        return f"MPICH (Hydra) {m.group(1)}"
-    return None
+    """`mpirun --version` output -> "Open MPI 4.1.4", "MPICH (Hydra) 4.0.2", "Intel MPI 2021.10"; else None
+    (mpi.parse_version, whose flavour the launching side goes by)."""
+    found = mpi.parse_version(text)
+    return f"{found[1]} {found[2]}" if found else None
 
 
 def parse_slurm_version(text: str) -> str | None:

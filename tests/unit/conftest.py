@@ -4,6 +4,8 @@ import subprocess
 import pytest
 from fakessh import make_fake_ssh, set_machine
 
+from hvdtrain import mpi
+from hvdtrain.errors import UsageError
 from hvdtrain.launching import supervise
 
 
@@ -11,9 +13,26 @@ class ProcessStarted(AssertionError):
     pass
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("hvdtrain-cache")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(session_cache, monkeypatch):
+    """hvdtrain's cache (what the MPI on PATH is, which MPI a library links) is the session's, not ~/.cache: the fake
+    launchers tests make stay out of the user's."""
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(session_cache))
+
+
 @pytest.fixture
 def no_processes(monkeypatch):
-    """Fail the test if anything tries to start a process through the launcher."""
+    """Fail the test if anything tries to start a process through the launcher. What the MPI on PATH is has been
+    asked before (a probe, cached, as the previous launch would have done)."""
+    try:
+        mpi.find_launcher()
+    except UsageError:
+        pass
     started = []
 
     def refuse(argv, *a, **k):

@@ -10,44 +10,11 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
+from fakempi import INTEL_MPI_2019, INTEL_MPI_2021, MPICH_4_0_2, OPEN_MPI_4_1_4
 
-from hvdtrain import doctor
+from hvdtrain import doctor, mpi
 from hvdtrain.cli import cli
 from hvdtrain.doctor import Ran
-
-# `mpirun --version` (openmpi-bin 4.1.4-3+b1), stdout; exit 0, nothing on stderr.
-OPEN_MPI_4_1_4 = "mpirun (Open MPI) 4.1.4\n\nReport bugs to http://www.open-mpi.org/community/help/\n"
-
-# `mpiexec.hydra --version` (mpich 4.0.2-3+b1), stdout; exit 0. The CC line ends in a space.
-MPICH_4_0_2 = (
-    "HYDRA build details:\n"
-    "    Version:                                 4.0.2\n"
-    "    Release Date:                            Thu Apr  7 12:34:45 CDT 2022\n"
-    "    CC:                              gcc -Wdate-time -D_FORTIFY_SOURCE=2 -g -O2 "
-    "-ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong -Wformat "
-    "-Werror=format-security  -Wl,-z,relro \n"
-    "    Configure options:                       '--with-hwloc-prefix=/usr' '--with-device=ch4:ucx' "
-    "'FFLAGS=-O2 -ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong "
-    "-fallow-invalid-boz -fallow-argument-mismatch' '--prefix=/usr' 'CFLAGS=-g -O2 "
-    "-ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong -Wformat "
-    "-Werror=format-security' 'LDFLAGS=-Wl,-z,relro' 'CPPFLAGS=-Wdate-time -D_FORTIFY_SOURCE=2'\n"
-    "    Process Manager:                         pmi\n"
-    "    Launchers available:                     ssh rsh fork slurm ll lsf sge manual persist\n"
-    "    Topology libraries available:            hwloc\n"
-    "    Resource management kernels available:   user slurm ll lsf sge pbs cobalt\n"
-    "    Demux engines available:                 poll select\n"
-)
-
-# Intel MPI's `mpirun --version` (not captured here: no Intel MPI on this machine; the two formats as
-# published by users of Intel MPI 2021.10 and 2019 Update 2).
-INTEL_MPI_2021 = (
-    "Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)\n"
-    "Copyright 2003-2023, Intel Corporation.\n"
-)
-INTEL_MPI_2019 = (
-    "Intel(R) MPI Library for Linux* OS, Version 2019 Update 2 Build 20190123 (id: e2d820d49)\n"
-    "Copyright 2003-2019, Intel Corporation.\n"
-)
 
 # `sbatch --version` with a slurm.conf (SLURM_CONF=...), slurm-client 22.05.8-4+deb12u3: stdout, exit 0.
 SBATCH_DEBIAN = "slurm-wlm 22.05.8\n"
@@ -78,19 +45,23 @@ PING_UP = "Slurmctld(primary) at vm is UP\n"
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    "text, expected, flavour",
     [
-        (OPEN_MPI_4_1_4, "Open MPI 4.1.4"),
-        (MPICH_4_0_2, "MPICH (Hydra) 4.0.2"),
-        (INTEL_MPI_2021, "Intel MPI 2021.10"),
-        (INTEL_MPI_2019, "Intel MPI 2019 Update 2"),
-        ("", None),
-        ("bash: mpirun: command not found\n", None),
-        (SBATCH_NO_CONF, None),
+        (OPEN_MPI_4_1_4, "Open MPI 4.1.4", "openmpi"),
+        (MPICH_4_0_2, "MPICH (Hydra) 4.0.2", "mpich"),
+        (INTEL_MPI_2021, "Intel MPI 2021.10", "mpich"),  # Intel MPI's mpiexec is Hydra
+        (INTEL_MPI_2019, "Intel MPI 2019 Update 2", "mpich"),
+        ("mpirun (IBM Spectrum MPI) 10.4.0.3\n", "IBM Spectrum MPI 10.4.0.3", "openmpi"),  # an Open MPI (not captured)
+        ("mpirun (Foo MPI) 1.0\n", None, None),  # the form alone says nothing of the flavour
+        ("", None, None),
+        ("bash: mpirun: command not found\n", None, None),
+        (SBATCH_NO_CONF, None, None),
     ],
 )
-def test_parse_mpi_version(text, expected):
+def test_parse_mpi_version(text, expected, flavour):
+    """What the doctor shows, and the flavour the launching side goes by (hvdtrain.mpi.parse_version)."""
     assert doctor.parse_mpi_version(text) == expected
+    assert (mpi.parse_version(text) or [None])[0] == flavour
 
 
 @pytest.mark.parametrize(
