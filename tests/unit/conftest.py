@@ -2,6 +2,7 @@ import os
 import subprocess
 
 import pytest
+from fakempi import MPICH_4_0_2, make_fake_launcher
 from fakessh import make_fake_ssh, set_machine
 
 from hvdtrain import mpi
@@ -62,3 +63,15 @@ def fake_ssh(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     set_machine(monkeypatch, ("eth0", "lo", "wlan0"), {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
     return log
+
+
+@pytest.fixture
+def fake_mpich(tmp_path, monkeypatch):
+    """An MPICH module first on PATH, as `module load mpich` makes it: mpirun and mpiexec, links to a fake Hydra
+    mpiexec that answers --version as MPICH 4.0.2's (nothing is launched with it); returns that file."""
+    bin_dir = tmp_path / "mpich" / "bin"
+    hydra = make_fake_launcher(bin_dir, "mpiexec.hydra", MPICH_4_0_2)
+    for name in ("mpirun", "mpiexec"):
+        (bin_dir / name).symlink_to(hydra.name)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return hydra
