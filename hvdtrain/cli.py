@@ -117,8 +117,8 @@ def train(dry_run, **options):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @handle_errors
 def doctor(as_json):
-    """Check this machine: versions, Horovod's build (hvdtrain's patch or stock), launchers on PATH, cores, memory,
-    GPUs.
+    """Check this machine: versions, Horovod's build (hvdtrain's patch or stock), which MPI Horovod, mpi4py and the
+    mpirun/mpiexec on PATH are (Open MPI or MPICH, the same for all), launchers on PATH, cores, memory, GPUs.
 
     Exits non-zero naming what is missing and how to fix it.
     """

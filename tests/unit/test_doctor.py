@@ -5,12 +5,13 @@ from Debian's packages; MPICH 4.0.2 from Debian's `mpich` package), except where
 """
 
 import json
+import os
 import shutil
 import subprocess
 
 import pytest
 from click.testing import CliRunner
-from fakempi import INTEL_MPI_2019, INTEL_MPI_2021, MPICH_4_0_2, OPEN_MPI_4_1_4
+from fakempi import INTEL_MPI_2019, INTEL_MPI_2021, LDD_MPI4PY, MPICH_4_0_2, OPEN_MPI_4_1_4
 
 from hvdtrain import doctor, mpi
 from hvdtrain.cli import cli
@@ -286,6 +287,7 @@ def debian_machine(monkeypatch):
     probe["horovod_build"] = make_report()["horovod_build"]
     outputs = {
         "mpirun": Ran(0, OPEN_MPI_4_1_4),
+        "ldd": Ran(0, LDD_MPI4PY),
         "sbatch": Ran(1, "", SBATCH_NO_CONF),
         "scontrol": Ran(1, "", SBATCH_NO_CONF.replace("sbatch", "scontrol")),
     }
@@ -297,6 +299,8 @@ def debian_machine(monkeypatch):
         return outputs[argv[0].rsplit("/", 1)[-1]]
 
     monkeypatch.setattr(doctor, "_run", fake_run)
+    built = {p: mpi.Linked(f"/venv/{p}/mpi.so", "openmpi", "libmpi.so.40") for p in ("horovod", "mpi4py")}
+    monkeypatch.setattr(mpi, "built_with", built.get)
     monkeypatch.setattr(doctor.shutil, "which", lambda tool: f"/usr/bin/{tool}")
     monkeypatch.delenv("SLURM_CONF", raising=False)
     monkeypatch.setattr(doctor, "DEFAULT_SLURM_CONF", "/nonexistent/hvdtrain-test/slurm.conf")
@@ -309,6 +313,64 @@ def test_collect_reads_open_mpi_and_unconfigured_slurm(debian_machine):
     assert report["slurm_status"]["state"] == "unconfigured"
     assert report["problems"] == [] and len(report["notes"]) == 1
     assert ["/usr/bin/scontrol", "ping"] not in debian_machine  # no ping without a working sbatch
+
+
+def test_collect_names_the_mpi_of_each_part(debian_machine):
+    """The launcher on PATH as the launching side sees it; Horovod's and mpi4py's MPI from their libraries, with
+    where ldd finds that library here."""
+    parts = doctor.collect()["mpi_parts"]
+    assert parts["launcher"] == {
+        "flavour": "openmpi", "name": "Open MPI", "version": "4.1.4", "path": "/usr/bin/mpirun",
+        "realpath": os.path.realpath("/usr/bin/mpirun"),
+    }  # fmt: skip
+    libmpi = os.path.realpath("/lib/x86_64-linux-gnu/libmpi.so.40")
+    for package in ("horovod", "mpi4py"):
+        file = f"/venv/{package}/mpi.so"
+        assert parts[package] == {"file": file, "flavour": "openmpi", "library": "libmpi.so.40", "path": libmpi}
+        assert ["ldd", file] in debian_machine
+
+
+def test_parse_ldd():
+    assert doctor.parse_ldd(LDD_MPI4PY, "libmpi.so.40") == "/lib/x86_64-linux-gnu/libmpi.so.40"
+    assert doctor.parse_ldd(LDD_MPI4PY, "libmpich.so.12") is None
+    assert doctor.parse_ldd("\tlibmpi.so.40 => not found\n", "libmpi.so.40") is None
+
+
+MPICH_ON_PATH = {
+    "flavour": "mpich", "name": "MPICH (Hydra)", "version": "4.0.2", "path": "/opt/mpich/bin/mpiexec",
+    "realpath": "/opt/mpich/bin/mpiexec",
+}  # fmt: skip
+BUILT_OPEN_MPI = {
+    "file": "/venv/horovod/torch/mpi_lib_v2.so", "flavour": "openmpi", "library": "libmpi.so.40",
+    "path": "/usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4",
+}  # fmt: skip
+
+
+def test_a_part_built_for_another_mpi_than_the_launchers_is_a_problem_with_its_fix():
+    mpi4py = {**BUILT_OPEN_MPI, "file": "/venv/mpi4py/MPI.so", "flavour": "mpich", "library": "libmpich.so.12"}
+    parts = {"launcher": MPICH_ON_PATH, "horovod": BUILT_OPEN_MPI, "mpi4py": mpi4py}
+    report = make_report(mpi=doctor.Status("ok", "MPICH (Hydra) 4.0.2"), mpi_parts=parts)
+    problems, _ = doctor.assess(report)
+    assert problems == [
+        {
+            "what": "Horovod was built against Open MPI (libmpi.so.40 => /usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4) "
+            "but mpiexec on PATH is MPICH (Hydra) 4.0.2 (/opt/mpich/bin/mpiexec)",
+            "fix": "load the MPI module Horovod was built with (Open MPI), or install Horovod built against MPICH (with "
+            "this MPI's mpicc first on PATH)",
+        }
+    ]  # mpi4py was built against MPICH: nothing to say of it
+    rows = dict(line.split(None, 1) for line in doctor.to_table(report).splitlines() if line and ":" not in line[:9])
+    assert rows["MPI"] == "MPICH (Hydra) 4.0.2 (/opt/mpich/bin/mpiexec)"
+    assert rows["mpi4py"] == "4.0.1, MPICH (libmpich.so.12 => /usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4)"
+    table = doctor.to_table(report)
+    assert "  MPI          Open MPI (libmpi.so.40 => /usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4)" in table
+    assert f"PROBLEM: {problems[0]['what']} -> fix: {problems[0]['fix']}" in table
+    assert table.splitlines()[-1] == "NOT READY: 1 problem(s) above"
+    assert json.loads(doctor.to_json(report))["mpi_parts"] == parts
+    same = {**parts, "launcher": {**MPICH_ON_PATH, "flavour": "openmpi", "name": "Open MPI", "version": "4.1.4"}}
+    assert [p["what"].split()[0] for p in doctor.assess(make_report(mpi_parts=same))[0]] == ["mpi4py"]
+    unknown = {**parts, "launcher": None}  # no launcher to compare with: the MPI row says why
+    assert doctor.assess(make_report(mpi_parts=unknown))[0] == []
 
 
 def test_collect_does_not_run_sbatch_for_a_named_absent_config(debian_machine, monkeypatch):
