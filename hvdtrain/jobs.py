@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from hvdtrain import npz, preempt
+from hvdtrain import mpi, npz, preempt
 from hvdtrain.config import DIGITS_SAMPLES, TIMELINE_NOT_ELASTIC, TrainConfig, check_combinations, needs_mpi
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError, LaunchError, UsageError
@@ -57,8 +57,6 @@ def mpi_mismatches(spec: LaunchSpec, packages: Sequence[str]) -> list[tuple[str,
     """(what, fix) for each of this interpreter's `packages` (horovod, mpi4py) built against another MPI than the
     one that starts the ranks (mpirun jobs: Open MPI's or MPICH's, spec.mpi); read from their libraries, not
     imported."""
-    from hvdtrain import mpi
-
     return mpi.mismatches(spec.mpi, packages) if spec.mpi else []
 
 

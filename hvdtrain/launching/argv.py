@@ -1,6 +1,7 @@
 """The commands that start a job, built from a LaunchSpec by pure functions returning ``list[str]``: mpirun
-(Open MPI's, or MPICH's mpiexec when that is the MPI on PATH), horovodrun (static and elastic), srun; each rank's command under the rank wrapper (``python -m
-hvdtrain.launching.rank``); the variables every rank gets; what --dry-run prints.
+(Open MPI's, or MPICH's mpiexec when that is the MPI on PATH), horovodrun (static and elastic), srun; each rank's
+command under the rank wrapper (``python -m hvdtrain.launching.rank``); the variables every rank gets; what
+--dry-run prints.
 """
 
 from __future__ import annotations

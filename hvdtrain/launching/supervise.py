@@ -291,28 +291,37 @@ def _wait(job: _Job, proc: subprocess.Popen) -> int:
     """The job's exit status. Open MPI's mpirun ends a job when a rank exits non-zero; MPICH's mpiexec does only
     when an MPI process ends before MPI_Finalize or dies of a signal. Under it, a rank's non-zero exit record (where
     this machine sees them: its ranks, or a shared log directory) ends the job here as a SIGTERM would (the
-    launcher's tree), and the job's status is that rank's."""
+    launcher's tree). The job's status is the failed rank's whenever a record shows one: mpiexec says the status of
+    a rank its own cleanup SIGKILLed (9) as often as the failed rank's, and now and then 0 after a Ctrl-C."""
     if not job.spec.hydra:
         return proc.wait()
     failed = None
     while True:
         try:
             status = proc.wait(timeout=RANK_POLL_S)
-            return status if failed is None else failed[1]
+            break
         except subprocess.TimeoutExpired:
             pass
         if failed is None and not (job.stopping or job.stops):  # not while a stop (TERM, INT) ends the ranks
-            failed = next(iter(failed_ranks(job.log_dir, job.starts)), None)
+            failed = _first_failed(job)
             if failed is not None:
                 job.stopping.extend(_signal_tree(proc.pid, signal.SIGTERM) or [None])
+    failed = failed or _first_failed(job)
+    return status if failed is None else failed[1]
+
+
+def _first_failed(job: _Job) -> Optional[tuple[int, int]]:
+    """(rank, exit status) of the rank whose record shows the likely first failure of this job; None if none."""
+    return next(iter(failed_ranks(job.log_dir, job.starts)), None)
 
 
 def _forwarder(job: _Job, proc: subprocess.Popen, on_interrupt: Optional[Callable[[], bool]]):
     """The signal handler while the job runs. USR1/USR2 (preemption warnings) are passed on to the launcher, and it
-    passes them to the ranks (USR2 under MPICH's mpiexec: to this machine's rank wrappers). SIGTERM (a scheduler, timeout) goes to the launcher's whole local process tree
-    (_signal_tree), waited for by _start_and_wait. The first Ctrl-C (SIGINT) asks for a graceful stop when the job
-    has one (`on_interrupt`: a training job checkpoints and stops), else goes to the launcher's group as a
-    terminal's would; another is a SIGTERM. A stop (TERM, INT) is remembered: the report then says so."""
+    passes them to the ranks (USR2 under MPICH's mpiexec: to this machine's rank wrappers). SIGTERM (a scheduler,
+    timeout) goes to the launcher's whole local process tree (_signal_tree), waited for by _start_and_wait. The
+    first Ctrl-C (SIGINT) asks for a graceful stop when the job has one (`on_interrupt`: a training job checkpoints
+    and stops), else goes to the launcher's group as a terminal's would; another is a SIGTERM. A stop (TERM, INT) is
+    remembered: the report then says so."""
 
     def forward(signum, _frame):
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -351,7 +360,9 @@ def _diagnose(job: _Job, status: int, output: list[str], tee: Optional[_Tee]) ->
         found = diagnose(job.log_dir, status, spec.np, where, here, job.starts, stopped_by, spec.roles)
     if tee is not None and found.cause is None:
         tee.release()
-    code = INTERRUPTED if stopped_by == "SIGINT" else status if status > 0 else 128 - status
+    # Stopped by a signal: 128 + that signal, as a shell reports it (130 after Ctrl-C), whatever the launcher made
+    # of it (MPICH's mpiexec says 15 for a rank ended by SIGTERM).
+    code = 128 + signal.Signals[stopped_by] if stopped_by else status if status > 0 else 128 - status
     raise LaunchError(found.message, code, found.cause)
 
 

@@ -24,7 +24,10 @@ PLACE = (
     "print(rank_info(), sorted(k for k in os.environ if k.startswith('OMPI_')), flush=True)"
 )
 # Rank 1 fails at once; rank 0 would sleep for two minutes.
-ONE_FAILS = "import os, sys, time\nif os.environ['PMI_RANK'] == '1':\n    sys.exit('boom on purpose from rank 1')\ntime.sleep(120)\n"
+ONE_FAILS = (
+    "import os, sys, time\nif os.environ['PMI_RANK'] == '1':\n    sys.exit('boom on purpose from rank 1')\n"
+    "time.sleep(120)\n"
+)
 # MPI_Init and a barrier; the rank named by argv[1] leaves before MPI_Finalize with status 3.
 MPI_PROGRAM = r"""
 #include <mpi.h>

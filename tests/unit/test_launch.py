@@ -557,10 +557,12 @@ def test_ssh_config_reaches_hydras_ssh_through_the_shim(fake_mpich, tmp_path, ca
     assert out[-1].startswith(f"{fake_mpich} -n 2 -hosts n1:1,n2:1 -bind-to none -prepend-rank -launcher ssh")
 
 
-def test_under_hydra_a_rank_that_exits_non_zero_ends_the_job_as_mpirun_would(tmp_path, monkeypatch):
+@pytest.mark.parametrize("says", ["the worst", "0"])
+def test_under_hydra_a_rank_that_exits_non_zero_ends_the_job_as_mpirun_would(tmp_path, monkeypatch, says):
     """MPICH's mpiexec ends a job only when an MPI process dies before MPI_Finalize (or of a signal); run_job ends
-    it when a rank's exit record says it failed, and the job's status is that rank's. The stand-in runs every rank
-    as Hydra does (PMI_RANK, PMI_SIZE) and waits for all of them, whatever they do."""
+    it when a rank's exit record says it failed, and the job's status is that rank's, whatever mpiexec says (0 now
+    and then after a Ctrl-C). The stand-in runs every rank as Hydra does (PMI_RANK, PMI_SIZE) and waits for all of
+    them, whatever they do."""
     hydra = tmp_path / "bin" / "mpiexec.hydra"
     make_fake_launcher(hydra.parent, hydra.name, "")
     hydra.write_text(
@@ -568,7 +570,7 @@ def test_under_hydra_a_rank_that_exits_non_zero_ends_the_job_as_mpirun_would(tmp
         f"if sys.argv[1:] == ['--version']:\n    sys.exit(print({MPICH_4_0_2!r}))\n"
         "args = sys.argv[1:]\nn = int(args[args.index('-n') + 1])\ncommand = args[args.index('-genvlist') + 2 :]\n"
         "ranks = [subprocess.Popen(command, env={**os.environ, 'PMI_RANK': str(r), 'PMI_SIZE': str(n)}) "
-        "for r in range(n)]\nsys.exit(max(p.wait() for p in ranks))\n"
+        f"for r in range(n)]\nstatus = max(p.wait() for p in ranks)\nsys.exit({'status' if says != '0' else '0'})\n"
     )
     (hydra.parent / "mpirun").symlink_to(hydra.name)
     monkeypatch.setenv("PATH", f"{hydra.parent}{os.pathsep}{os.environ['PATH']}")
@@ -581,3 +583,7 @@ def test_under_hydra_a_rank_that_exits_non_zero_ends_the_job_as_mpirun_would(tmp
     assert time.monotonic() - start < 15
     assert e.value.exit_code == 1 and str(e.value).startswith("rank 1 failed with exit status 1 (then also ranks 0)")
     assert (tmp_path / "logs" / "rank.0.exit").read_text() == "143\n"  # ended, not left to sleep
+    quick = [sys.executable, "-c", "import os, sys; sys.exit(int(os.environ['PMI_RANK']))"]  # rank 1 exits 1 at once
+    monkeypatch.setattr(supervise, "RANK_POLL_S", 60.0)  # over before run_job looks: only the records tell
+    with pytest.raises(LaunchError, match="^rank 1 failed with exit status 1"):
+        run_job(spec(quick, np=2, output_dir=str(tmp_path / "quick")), echo=lambda _: None)
