@@ -27,6 +27,8 @@ from hvdtrain.clickopts import (
     train_options,
 )
 
+MPI_PACKAGES = ("horovod", "mpi4py")  # what `run` warns about when built against another MPI than the launcher's
+
 
 @click.group(cls=OneLineErrors, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="hvdtrain")
@@ -68,7 +70,9 @@ def run(command, dry_run, timeline, autotune, **options):
     launch, elastic, _ = split(options, LaunchOptions, ElasticOptions)
     launch = jobs.run_recordings(launch, elastic, timeline, autotune)
     spec = make_spec(command, launch, elastic)
-    for warning in spec.warnings:
+    # The command may use neither Horovod nor mpi4py: a build for another MPI is said, not refused (train refuses).
+    mismatched = [f"{what}: a command using it fails; {fix}" for what, fix in jobs.mpi_mismatches(spec, MPI_PACKAGES)]
+    for warning in [*spec.warnings, *mismatched]:
         click.echo(f"hvdtrain: warning: {warning}", err=True)
     if not dry_run:
         preflight.preflight(spec)
@@ -113,8 +117,8 @@ def train(dry_run, **options):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @handle_errors
 def doctor(as_json):
-    """Check this machine: versions, Horovod's build (hvdtrain's patch or stock), launchers on PATH, cores, memory,
-    GPUs.
+    """Check this machine: versions, Horovod's build (hvdtrain's patch or stock), which MPI Horovod, mpi4py and the
+    mpirun/mpiexec on PATH are (Open MPI or MPICH, the same for all), launchers on PATH, cores, memory, GPUs.
 
     Exits non-zero naming what is missing and how to fix it.
     """

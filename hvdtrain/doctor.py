@@ -3,7 +3,10 @@
 Probes run in subprocesses or by reading metadata, so a broken torch or Horovod install is reported, not
 raised. `collect` gathers facts; the pure functions below turn command output into versions and states, and
 `assess` turns the facts into `problems` (not ready: each with a fix) and `notes` (fine for local runs, e.g.
-no Slurm). The table and the exit status both come from `assess`, so they cannot disagree.
+no Slurm). The table and the exit status both come from `assess`, so they cannot disagree. Which MPI each part
+uses (`mpi_parts`): the launcher on PATH by its --version, Horovod's and mpi4py's by the libmpi their libraries
+need (hvdtrain.mpi, as the launching side reads them), with where ldd finds that library; a part built against
+another MPI than the launcher's is a problem.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from hvdtrain import mpi
 
 SETUP_FIX = "run scripts/setup.sh (it builds Horovod 0.28.1 with PyTorch, MPI and Gloo)"
 PATCH_FIX = "run scripts/setup.sh without --stock-horovod (it rebuilds Horovod 0.28.1 with hvdtrain's patch)"
@@ -84,25 +89,15 @@ class Status:
     detail: str = ""  # what the probe saw, shown in the table
 
 
-# `mpirun (Open MPI) 4.1.4`; Open MPI's derivatives print their own name in the parentheses.
-_OPEN_MPI_LIKE = re.compile(r"^(?:mpirun|mpiexec|orterun) \(([^)]+)\)\s+(\d\S*)", re.M)
-# `Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)`
-_INTEL_MPI = re.compile(r"^Intel\(R\) MPI Library\b.*?\bVersion (.+?)(?: Build\b|$)", re.M)
-# MPICH's (and MVAPICH's) launcher, Hydra: `HYDRA build details:` then `    Version:   4.0.2`
-_HYDRA = re.compile(r"^HYDRA build details:\s*\n\s*Version:\s+(\S+)", re.M)
 # `slurm-wlm 22.05.8` (Debian's packages) or `slurm 22.05.8` (upstream builds)
 _SLURM = re.compile(r"^slurm(?:-wlm)? (\d+\.\d+\S*)\s*$", re.M)
 
 
 def parse_mpi_version(text: str) -> str | None:
-    """`mpirun --version` output -> "Open MPI 4.1.4", "MPICH (Hydra) 4.0.2", "Intel MPI 2021.10"; else None."""
-    if m := _OPEN_MPI_LIKE.search(text):
-        return f"{m.group(1)} {m.group(2)}"
-    if m := _INTEL_MPI.search(text):
-        return f"Intel MPI {m.group(1).strip()}"
-    if m := _HYDRA.search(text):
-        return f"MPICH (Hydra) {m.group(1)}"
-    return None
+    """`mpirun --version` output -> "Open MPI 4.1.4", "MPICH (Hydra) 4.0.2", "Intel MPI 2021.10"; else None
+    (mpi.parse_version, whose flavour the launching side goes by)."""
+    found = mpi.parse_version(text)
+    return f"{found[1]} {found[2]}" if found else None
 
 
 def parse_slurm_version(text: str) -> str | None:
@@ -122,16 +117,18 @@ def _said(ran: Ran) -> str:
 
 
 def mpi_status(mpirun: str | None, version: Ran | None) -> Status:
-    """State of MPI from `mpirun`'s path (None: not on PATH) and what `mpirun --version` did."""
+    """State of MPI from the launcher's path (mpirun, else mpiexec; None: neither on PATH) and what its `--version`
+    did."""
     if not mpirun:
         return Status("missing", detail="mpirun is not on PATH")
+    name = os.path.basename(mpirun)
     if version is None or version.rc != 0:
         said = _said(version) if version else "not run"
-        return Status("unreadable", detail=f"`mpirun --version` failed ({said})")
+        return Status("unreadable", detail=f"`{name} --version` failed ({said})")
     found = parse_mpi_version(version.out + "\n" + version.err)
     if found is None:
         first = next((line.strip() for line in version.out.splitlines() if line.strip()), "no output")
-        return Status("unreadable", detail=f"`mpirun --version` printed no known version: {first!r}")
+        return Status("unreadable", detail=f"`{name} --version` printed no known version: {first!r}")
     return Status("ok", found)
 
 
@@ -210,11 +207,13 @@ def _probe_slurm(tools: dict) -> Status:
 def collect() -> dict:
     """Gather the report: versions, Horovod build, tools on PATH, hardware, and problems and notes."""
     py = _probe_python()
-    tools = {t: shutil.which(t) for t in ("horovodrun", "mpirun", "srun", "sbatch", "squeue", "scontrol")}
+    tools = {t: shutil.which(t) for t in ("horovodrun", "mpirun", "mpiexec", "srun", "sbatch", "squeue", "scontrol")}
     venv_hvdrun = Path(sys.executable).parent / "horovodrun"
     if venv_hvdrun.exists():
         tools["horovodrun"] = str(venv_hvdrun)
-    mpi = mpi_status(tools["mpirun"], _run([tools["mpirun"], "--version"]) if tools["mpirun"] else None)
+    launcher = tools["mpirun"] or tools["mpiexec"]  # as the launching side looks for it (mpi.launcher_path)
+    version = _run([launcher, "--version"]) if launcher else None
+    mpi_found = mpi_status(launcher, version)
     slurm = _probe_slurm(tools)
     report = {
         "python": platform.python_version(),
@@ -224,8 +223,9 @@ def collect() -> dict:
         "horovod_build": py.get("horovod_build"),
         "mpi4py": py.get("mpi4py"),
         "errors": {k.removesuffix("_error"): v for k, v in py.items() if k.endswith("_error")},
-        "mpi": mpi.version,
-        "mpi_status": asdict(mpi),
+        "mpi": mpi_found.version,
+        "mpi_status": asdict(mpi_found),
+        "mpi_parts": {"launcher": launcher_part(launcher, version), **{p: _built_part(p) for p in mpi.PACKAGE_NAMES}},
         "slurm": slurm.version,
         "slurm_status": asdict(slurm),
         "tools": tools,
@@ -235,6 +235,42 @@ def collect() -> dict:
     }
     report["problems"], report["notes"] = assess(report)
     return report
+
+
+def launcher_part(path: str | None, version: Ran | None) -> dict | None:
+    """The MPI launcher on PATH as the launching side sees it (mpi.Launcher's fields), from what `--version`
+    printed; None when there is none, or it is no MPI hvdtrain knows (the MPI row says why)."""
+    found = mpi.parse_version(version.out + "\n" + version.err) if path and version and version.rc == 0 else None
+    if found is None:
+        return None
+    return asdict(mpi.Launcher(*found, path, os.path.realpath(path)))
+
+
+def parse_ldd(text: str, soname: str) -> str | None:
+    """Where `ldd` says `soname` is found (`libmpi.so.40 => /lib/x86_64-linux-gnu/libmpi.so.40 (0x...)`); None when
+    it is not listed or not found."""
+    m = re.search(rf"^\s*{re.escape(soname)} => (/\S+)", text, re.M)
+    return m.group(1) if m else None
+
+
+def _built_part(package: str) -> dict | None:
+    """Which MPI this interpreter's `package` was built against (mpi.Linked's fields), with where that library is
+    found here; None when the package is not installed."""
+    built = mpi.built_with(package)
+    if built is None:
+        return None
+    ran = _run(["ldd", built.file]) if built.library else None
+    path = parse_ldd(ran.out, built.library) if ran and ran.rc == 0 else None
+    return asdict(replace(built, path=os.path.realpath(path) if path else None))
+
+
+def _mpi_problems(parts: dict) -> list[dict]:
+    """A part built against another MPI than the launcher's on PATH (mpi.mismatch's words)."""
+    if not parts.get("launcher"):
+        return []
+    launcher = mpi.Launcher(**parts["launcher"])
+    found = [mpi.mismatch(p, mpi.Linked(**parts[p]), launcher) for p in mpi.PACKAGE_NAMES if parts.get(p)]
+    return [{"what": what, "fix": fix} for what, fix in filter(None, found)]
 
 
 def assess(report: dict) -> tuple[list[dict], list[dict]]:
@@ -268,6 +304,7 @@ def assess(report: dict) -> tuple[list[dict], list[dict]]:
                 "fix": f"check `{report['tools'].get('mpirun') or 'mpirun'} --version` runs; {MPI_FIX}",
             }
         )
+    problems += _mpi_problems(report.get("mpi_parts") or {})
     if not report["tools"].get("horovodrun"):
         problems.append({"what": "horovodrun is not on PATH", "fix": SETUP_FIX})
     notes += _slurm_notes(report["slurm_status"])
@@ -363,12 +400,18 @@ def _flags(d: dict) -> str:
     return " ".join(f"[{'X' if v else ' '}] {k}" for k, v in d.items())
 
 
-def _mpi_cell(mpi: dict) -> str:
-    if mpi["state"] == "ok":
-        return mpi["version"]
-    if mpi["state"] == "missing":
-        return f"MISSING ({mpi['detail']})"
-    return f"installed, version UNREADABLE ({mpi['detail']})"
+def _mpi_cell(status: dict, launcher: dict | None) -> str:
+    """The MPI launcher on PATH: its version and where it is (which file, behind the links)."""
+    if status["state"] == "ok":
+        return mpi.Launcher(**launcher).describe() if launcher else status["version"]
+    if status["state"] == "missing":
+        return f"MISSING ({status['detail']})"
+    return f"installed, version UNREADABLE ({status['detail']})"
+
+
+def _built_cell(part: dict | None) -> str:
+    """The MPI a part was built against: `Open MPI (libmpi.so.40 => /usr/lib/...)`; "-" when not installed."""
+    return mpi.Linked(**part).describe() if part else "-"
 
 
 def _slurm_cell(slurm: dict) -> str:
@@ -385,6 +428,7 @@ def to_table(report: dict) -> str:
     """The report as aligned rows, then PROBLEM and NOTE lines with fixes, then one verdict line."""
     problems, notes = assess(report)
     build = report["horovod_build"] or {}
+    parts = report.get("mpi_parts") or {}
     rows = [
         ("Python", f"{report['python']} ({report['executable']})"),
         ("torch", report["torch"] or "MISSING"),
@@ -393,8 +437,9 @@ def to_table(report: dict) -> str:
         ("  controllers", _flags(build.get("controllers", {})) or "-"),
         ("  tensor ops", _flags(build.get("tensor_operations", {})) or "-"),
         ("  build", _build_cell(build)),
-        ("mpi4py", report["mpi4py"] or "MISSING"),
-        ("MPI", _mpi_cell(report["mpi_status"])),
+        ("  MPI", _built_cell(parts.get("horovod"))),
+        ("mpi4py", f"{report['mpi4py']}, {_built_cell(parts.get('mpi4py'))}" if report["mpi4py"] else "MISSING"),
+        ("MPI", _mpi_cell(report["mpi_status"], parts.get("launcher"))),
         ("Slurm", _slurm_cell(report["slurm_status"])),
     ]
     rows += [(f"  {tool}", path or "-") for tool, path in report["tools"].items()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 
 def write_text_atomic(path, text: str, mode: Optional[int] = None) -> Path:
@@ -18,6 +18,12 @@ def write_text_atomic(path, text: str, mode: Optional[int] = None) -> Path:
         os.chmod(tmp, mode)
     os.replace(tmp, path)
     return path
+
+
+def cache_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """hvdtrain's cache on this machine: $HVDTRAIN_CACHE, else ~/.cache/hvdtrain (as scripts/setup.sh's wheels)."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("HVDTRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hvdtrain"))
 
 
 def write_json(path, obj: Any) -> Path:

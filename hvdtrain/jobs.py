@@ -13,12 +13,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from hvdtrain import npz, preempt
+from hvdtrain import mpi, npz, preempt
 from hvdtrain.config import DIGITS_SAMPLES, TIMELINE_NOT_ELASTIC, TrainConfig, check_combinations, needs_mpi
 from hvdtrain.env import SlurmEnv
-from hvdtrain.errors import CheckpointError, ConfigError, LaunchError
+from hvdtrain.errors import CheckpointError, ConfigError, LaunchError, UsageError
 from hvdtrain.files import check_creatable_dir
 from hvdtrain.launching import preflight as hosts_preflight
 from hvdtrain.launching import runlock, supervise
@@ -53,8 +53,18 @@ def run_recordings(launch: LaunchOptions, elastic: ElasticOptions, timeline: boo
     return dataclasses.replace(launch, output_dir=output, env=(*launch.env, *env))
 
 
+def mpi_mismatches(spec: LaunchSpec, packages: Sequence[str]) -> list[tuple[str, str]]:
+    """(what, fix) for each of this interpreter's `packages` (horovod, mpi4py) built against another MPI than the
+    one that starts the ranks (mpirun jobs: Open MPI's or MPICH's, spec.mpi); read from their libraries, not
+    imported."""
+    return mpi.mismatches(spec.mpi, packages) if spec.mpi else []
+
+
 def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], slurm: SlurmEnv) -> None:
-    """What can be known before launching: the layout fits the devices, checkpoints are where they should be."""
+    """What can be known before launching: Horovod (and mpi4py, when the job sends messages with it) built for the
+    MPI that starts the ranks, the layout fits the devices, checkpoints are where they should be."""
+    for what, fix in mpi_mismatches(spec, ("horovod", "mpi4py") if needs_mpi(cfg) else ("horovod",)):
+        raise UsageError(f"{what}; {fix}")
     # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).
     world = None if spec.elastic is not None else cfg.data_ranks(spec.np)
     if cfg.strategy == "pipeline":

@@ -20,3 +20,19 @@ def child_env(tmp_path):
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "PYTHONPATH": str(REPO),
     }
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "mpich: runs under MPICH's Hydra (an MPICH module first on PATH: tests/mpich.py)"
+    )
+
+
+@pytest.fixture
+def mpich_env(child_env, tmp_path):
+    """child_env as after `module load mpich`: the module's bin/ (tests/mpich.py) first on PATH, so mpirun and
+    mpiexec are MPICH's Hydra; no Open MPI variable of the tests' own (whatever reaches the ranks is hvdtrain's)."""
+    from mpich import module_bin
+
+    env = {k: v for k, v in child_env.items() if not k.startswith("OMPI_")}
+    return {**env, "PATH": f"{module_bin(tmp_path / 'mpich')}{os.pathsep}{env['PATH']}"}

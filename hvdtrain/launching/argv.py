@@ -1,6 +1,7 @@
-"""The commands that start a job, built from a LaunchSpec by pure functions returning ``list[str]``: mpirun,
-horovodrun (static and elastic), srun; each rank's command under the rank wrapper (``python -m
-hvdtrain.launching.rank``); the variables every rank gets; what --dry-run prints.
+"""The commands that start a job, built from a LaunchSpec by pure functions returning ``list[str]``: mpirun
+(Open MPI's, or MPICH's mpiexec when that is the MPI on PATH), horovodrun (static and elastic), srun; each rank's
+command under the rank wrapper (``python -m hvdtrain.launching.rank``); the variables every rank gets; what
+--dry-run prints.
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
 def mpi_defaults(spec: LaunchSpec, environ: Mapping[str, str]) -> dict[str, str]:
-    """MPI_DEFAULTS for a job that runs MPI (not Gloo, not elastic), less what `environ` already sets."""
-    if spec.controller == "gloo" or spec.elastic is not None:
+    """MPI_DEFAULTS for a job that runs Open MPI (not Gloo, not elastic, not MPICH), less what `environ` already
+    sets."""
+    if spec.controller == "gloo" or spec.elastic is not None or spec.hydra:
         return {}
     return {k: v for k, v in MPI_DEFAULTS.items() if k not in environ}
 
 
 def rank_env(spec: LaunchSpec, is_root: bool, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The variables added to the environment of the launcher and every rank: --stall-timeout's, the interfaces',
-    MPI_DEFAULTS (where `environ`, the caller's environment by default, does not set them); --env wins over ours."""
+    MPI_DEFAULTS (where `environ`, the caller's environment by default, does not set them); --env wins over ours.
+    Open MPI's root permission only as root, and never for MPICH's mpiexec (Hydra has no root check): an MPICH job
+    gets no OMPI_* variable of ours."""
     env = stall_env(spec.stall_timeout)
     env.update(mpi_defaults(spec, os.environ if environ is None else environ))
     if spec.nics and spec.launcher != "horovodrun":  # horovodrun sets these itself from --network-interface
@@ -59,7 +63,7 @@ def rank_env(spec: LaunchSpec, is_root: bool, environ: Optional[Mapping[str, str
         if spec.launcher == "srun":  # no mpirun argv to carry them: Open MPI reads OMPI_MCA_* in each rank
             env["OMPI_MCA_btl_tcp_if_include"] = env["OMPI_MCA_oob_tcp_if_include"] = ",".join(spec.nics)
     env.update(spec.env)
-    if is_root:
+    if is_root and not spec.hydra:
         env.update(ROOT_ENV)
     return env
 
@@ -146,7 +150,8 @@ _MPIRUN_FORWARD_PREFIXES = ("HOROVOD_", "HVDTRAIN_", "NCCL_", "OMP_", "MKL_", "T
 
 
 def forwarded_names(environ: Mapping[str, str]) -> list[str]:
-    """The caller's variables that mpirun passes on to every rank (-x NAME), wherever it runs."""
+    """The caller's variables that mpirun passes on to every rank (-x NAME; MPICH's mpiexec: -genvlist), wherever
+    it runs."""
     return [k for k in environ if k in _MPIRUN_FORWARD or k.startswith(_MPIRUN_FORWARD_PREFIXES)]
 
 
@@ -175,6 +180,29 @@ def build_mpirun_argv(
     return argv + wrapped_command(spec, log_dir)
 
 
+def build_mpiexec_argv(spec: LaunchSpec, log_dir: str, env_names: Sequence[str]) -> list[str]:
+    """MPICH's mpiexec (Hydra, as found on PATH: spec.mpi) for an mpirun job: what build_mpirun_argv asks of Open
+    MPI, in Hydra's words (MPICH 4.0.2's `mpiexec -h`). The real file runs: Hydra starts its hydra_pmi_proxy from
+    the directory it was run from, which a directory of links to it (a module's, Debian's alternatives) may lack."""
+    argv = [spec.mpi.realpath, "-n", str(spec.np), "-hosts", _hosts_arg(spec.hosts)]
+    # No core binding, as with Open MPI (Horovod's background thread needs a core of its own choosing): Hydra's
+    # default, said anyway. Hydra fills each host's count in order, as --map-by slot does (rank 0 and local rank
+    # 0 first), and has no slot limit to lift (no --oversubscribe).
+    argv += ["-bind-to", "none"]
+    # Every output line prefixed with [rank] (the rank wrapper writes whole lines).
+    argv.append("-prepend-rank")
+    if spec.nics:  # one interface: make_spec refuses more
+        argv += ["-iface", spec.nics[0]]
+    if spec.ssh_config:
+        # Hydra runs `ssh` from PATH to start its proxies: run_job puts the ssh shim (-F <config>) first on it
+        # (-launcher-exec takes one executable, no arguments).
+        argv += ["-launcher", "ssh"]
+    if env_names:
+        # Hydra passes the whole environment by default (-genvall); the list says which ones the job needs.
+        argv += ["-genvlist", ",".join(sorted(set(env_names)))]
+    return argv + wrapped_command(spec, log_dir)
+
+
 def build_srun_argv(spec: LaunchSpec, log_dir: str, mpi_plugin: str = "pmix") -> list[str]:
     # pmix, not pmi2: Debian's OpenMPI is built without Slurm's PMI-2 support.
     return [
@@ -192,7 +220,7 @@ def build_argv(spec: LaunchSpec, log_dir: str, is_root: bool, horovodrun: Option
         return build_horovodrun_argv(spec, log_dir, prefix=[horovodrun] if horovodrun else horovodrun_command(spec))
     if spec.launcher == "mpirun":
         names = [*rank_env(spec, is_root), *forwarded_names(os.environ), procs.LAUNCHER_ENV, startup.LAUNCHED_ENV]
-        return build_mpirun_argv(spec, log_dir, names)
+        return build_mpiexec_argv(spec, log_dir, names) if spec.hydra else build_mpirun_argv(spec, log_dir, names)
     return build_srun_argv(spec, log_dir)
 
 

@@ -26,19 +26,12 @@ import signal
 import sys
 import threading
 
-WRAPPER = "hvdtrain.launching.rank"
+from hvdtrain.launching.rank import signal_wrappers
 
 
 def pass_on(signum: int, _frame=None) -> None:
-    """Send `signum` to every rank wrapper under this process (found by its command line)."""
-    import psutil
-
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if WRAPPER in p.cmdline():
-                p.send_signal(signum)
-        except psutil.Error:
-            continue
+    """Send `signum` to every rank wrapper under this process."""
+    signal_wrappers(signum)
 
 
 def gloo_timeout() -> int:

@@ -1,6 +1,7 @@
 """The hosts themselves, before a job is launched: the ssh preflight (every other host answers a non-interactive
 ssh, and every host has the interfaces of --network-interface; for an elastic job, the hosts its discovery lists
-now), and the ssh shim that gives horovodrun's own ssh the --ssh-config (and, for elastic jobs, keepalives).
+now), and the ssh shim that gives horovodrun's (and MPICH's mpiexec's) own ssh the --ssh-config (and, for elastic
+jobs, keepalives).
 
 `preflight` is the only place here that starts processes (ssh, in parallel, each bounded); `make_ssh_shim`
 writes a temporary script for the supervisor.
@@ -234,9 +235,10 @@ def _check_launcher_addresses(spec: LaunchSpec, all_local: bool) -> None:
 
 
 def ssh_shim_args(spec: LaunchSpec) -> list[str]:
-    """What the ssh shim adds to every ssh horovodrun runs: the elastic keepalives, then -F <--ssh-config>;
-    [] when no shim is needed (no config and not elastic, or not horovodrun)."""
-    if spec.launcher != "horovodrun":
+    """What the ssh shim adds to every ssh horovodrun (or MPICH's mpiexec, whose proxies it starts with `ssh`
+    from PATH) runs: the elastic keepalives, then -F <--ssh-config>; [] when no shim is needed (no config and not
+    elastic, or another launcher)."""
+    if spec.launcher != "horovodrun" and not spec.hydra:
         return []
     args = list(ELASTIC_SSH_OPTIONS) if spec.elastic is not None else []
     return args + (["-F", spec.ssh_config] if spec.ssh_config else [])

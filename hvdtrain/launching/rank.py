@@ -39,6 +39,7 @@ from hvdtrain.env import rank_info
 from hvdtrain.files import write_text_atomic
 from hvdtrain.rundir import RankLogs
 
+WRAPPER = "hvdtrain.launching.rank"  # how a wrapper is found among processes (its command line)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 USAGE = "usage: python -m hvdtrain.launching.rank --log-dir DIR [--threads auto|N] -- COMMAND..."
 AUTO = "auto"
@@ -145,19 +146,58 @@ def _records(logs: RankLogs, rank: int, worker: Optional[tuple[str, int]]) -> tu
     )
 
 
+def pmi_fds(environ: Mapping[str, str]) -> tuple[int, ...]:
+    """The descriptor a PMI process manager handed this process for the rank's MPI to talk over (PMI_FD: MPICH's
+    Hydra, Intel MPI, srun --mpi=pmi2), when it is open here; () otherwise."""
+    fd = environ.get("PMI_FD", "")
+    if not fd.isdigit():
+        return ()
+    try:
+        os.fstat(int(fd))
+    except OSError:
+        return ()
+    return (int(fd),)
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """The command in its own process group (ended as one), SIGKILLed by the kernel if the wrapper dies first. It
+    gets the PMI descriptor (without it MPI_Init fails under Hydra). The wrapper keeps its own copy open until it
+    exits: Hydra ends the whole job (SIGKILL) once that socket closes before MPI_Finalize, and the wrapper of a rank
+    that died must have written its exit record by then."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        process_group=0,
+        preexec_fn=procs.die_with_parent(signal.SIGKILL),
+        pass_fds=pmi_fds(env),
+    )
+
+
+def signal_wrappers(signum: int, pid: Optional[int] = None) -> None:
+    """Send `signum` to every rank wrapper under process `pid` (this one by default), found by its command line:
+    for a launcher that would die of the signal instead of passing it on (horovodrun's elastic driver, MPICH's
+    mpiexec with USR2)."""
+    import psutil
+
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for p in below:
+        try:
+            if WRAPPER in p.cmdline():
+                p.send_signal(signum)
+        except psutil.Error:
+            pass
+
+
 def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: int) -> int:
     """Run `command` with its output copied to `log` and our stdout; its exit status (128 + N for signal N; 127 when
     it cannot start). Signals are forwarded to it; it ends when the wrapper's parent or the launcher is gone."""
     try:
-        # Its own process group (ended as one); SIGKILLed by the kernel if the wrapper dies first.
-        proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            process_group=0,
-            preexec_fn=procs.die_with_parent(signal.SIGKILL),
-        )
+        proc = _start(command, env)
     except OSError as e:
         msg = f"hvdtrain: {name}: cannot start {command[0]!r}: {e.strerror}\n".encode()
         log.write(msg)

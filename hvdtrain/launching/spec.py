@@ -27,6 +27,7 @@ from hvdtrain.launching.options import (
     ElasticOptions,
     LaunchOptions,
 )
+from hvdtrain.mpi import Launcher, find_launcher
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A network interface name as `ip link` shows it: Linux allows at most 15 bytes and no '/', ':' or spaces;
@@ -56,6 +57,13 @@ class LaunchSpec:
     elastic: Optional[ElasticSpec] = None
     warnings: tuple[str, ...] = ()  # legal but rarely meant (e.g. far more ranks than cores): said, not refused
     roles: tuple[str, ...] = ()  # what each rank is (a pipeline's stage and replica): a failure report names it
+    # launcher "mpirun": the MPI launcher on PATH and its flavour (mpi.find_launcher); None: Open MPI's mpirun
+    mpi: Optional[Launcher] = None
+
+    @property
+    def hydra(self) -> bool:
+        """MPICH's mpiexec (Hydra) starts the ranks: launcher "mpirun" with an MPICH-family MPI on PATH."""
+        return self.launcher == "mpirun" and self.mpi is not None and self.mpi.flavour == "mpich"
 
 
 def parse_env(items: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
@@ -187,7 +195,9 @@ def make_spec(
     slurm: Optional[SlurmEnv] = None,
 ) -> LaunchSpec:
     """Validate everything the user gave and return a LaunchSpec; raises UsageError before anything runs.
-    The launcher and the controller are decided here, once (resolve_launcher, resolve_controller): with
+    The launcher and the controller are decided here, once (resolve_launcher, resolve_controller), and for mpirun
+    the MPI on PATH and its flavour (mpi.find_launcher: Open MPI's mpirun or MPICH's mpiexec, from what it says
+    of itself, cached by the file; UsageError for another, or none): with
     horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's); an
     elastic job is always horovodrun with Gloo (`elastic.make_elastic` checks its options).
     What needs the hosts themselves (ssh, their interfaces, the discovery's answer) is checked by `preflight`.
@@ -218,6 +228,7 @@ def make_spec(
     nics = parse_nics(launch.network_interface) if launch.network_interface is not None else []
     if elastic_spec is not None and not nics:
         nics = elastic_nics(hosts)
+    mpi = _mpi_launcher(launcher, nics)
     return LaunchSpec(
         command=command,
         np=np,
@@ -232,7 +243,21 @@ def make_spec(
         ssh_config=resolve_ssh_config(launch.ssh_config, environ, launcher),
         elastic=elastic_spec,
         warnings=tuple(warnings),
+        mpi=mpi,
     )
+
+
+def _mpi_launcher(launcher: str, nics: Sequence[str]) -> Optional[Launcher]:
+    """The MPI launcher an mpirun job runs (None for the other launchers), and what it cannot take."""
+    if launcher != "mpirun":
+        return None
+    mpi = find_launcher()
+    if mpi.flavour == "mpich" and len(nics) > 1:
+        raise UsageError(
+            f"--network-interface {','.join(nics)}: {mpi.label}'s mpiexec (Hydra) takes one interface (-iface); "
+            "give one"
+        )
+    return mpi
 
 
 def _check_given(command: Optional[list[str]], launch: LaunchOptions, elastic: ElasticOptions) -> None:

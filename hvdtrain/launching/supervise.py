@@ -22,9 +22,10 @@ from typing import Callable, Collection, Optional
 from hvdtrain import procs, startup
 from hvdtrain.errors import LaunchError
 from hvdtrain.launching.argv import build_argv, describe, placement, rank_env
-from hvdtrain.launching.failures import diagnose, diagnose_elastic, log_sizes, worker_log_sizes
+from hvdtrain.launching.failures import diagnose, diagnose_elastic, failed_ranks, log_sizes, worker_log_sizes
 from hvdtrain.launching.hosts import is_local_host
 from hvdtrain.launching.preflight import make_ssh_shim, ssh_shim_args
+from hvdtrain.launching.rank import signal_wrappers
 from hvdtrain.launching.spec import LaunchSpec
 from hvdtrain.rundir import RankLogs
 
@@ -33,6 +34,7 @@ STOP_GRACE_S = 30.0  # after SIGTERM, how long the launcher may take to end the 
 ELASTIC_OUTPUT_LINES = 300
 # horovodrun's multiprocessing resource tracker, which frees its semaphores when the launcher is SIGKILLed: no warning.
 _TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
+RANK_POLL_S = 0.5  # under MPICH's mpiexec: how often run_job looks for a rank that failed (_wait)
 INTERRUPTED = 130  # the exit status of a job stopped by Ctrl-C (128 + SIGINT), as a shell reports it
 
 
@@ -205,11 +207,12 @@ def run_job(
 
 
 def _dry_run_notes(spec: LaunchSpec) -> list[str]:
-    """What --dry-run says besides the command: the ssh shim horovodrun runs with."""
+    """What --dry-run says besides the command: the MPICH found on PATH, the ssh shim the launcher runs with."""
     shim_args = ssh_shim_args(spec)
-    notes = []
+    notes = [f"{spec.launcher}: {spec.mpi.describe()}"] if spec.hydra else []
     if shim_args:
-        notes.append(f"horovodrun runs with an 'ssh' first on its PATH that is: ssh {shlex.join(shim_args)}")
+        who = "horovodrun" if spec.launcher == "horovodrun" else os.path.basename(spec.mpi.path)
+        notes.append(f"{who} runs with an 'ssh' first on its PATH that is: ssh {shlex.join(shim_args)}")
     if spec.elastic is not None and shim_args:
         notes.append(
             "(ServerAlive*: the ssh to a host whose link goes down ends within ~15 s, and the elastic driver "
@@ -275,7 +278,7 @@ def _start_and_wait(job: _Job, on_interrupt: Optional[Callable[[], bool]]) -> tu
     forward = _forwarder(job, proc, on_interrupt)
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     try:
-        status = proc.wait()
+        status = _wait(job, proc)
         if job.stopping:  # let mpirun (or horovodrun) finish ending the ranks, so that their records are there
             _reap([p for p in job.stopping[1:] if p is not None], STOP_GRACE_S)
     finally:
@@ -284,12 +287,41 @@ def _start_and_wait(job: _Job, on_interrupt: Optional[Callable[[], bool]]) -> tu
     return status, tee
 
 
+def _wait(job: _Job, proc: subprocess.Popen) -> int:
+    """The job's exit status. Open MPI's mpirun ends a job when a rank exits non-zero; MPICH's mpiexec does only
+    when an MPI process ends before MPI_Finalize or dies of a signal. Under it, a rank's non-zero exit record (where
+    this machine sees them: its ranks, or a shared log directory) ends the job here as a SIGTERM would (the
+    launcher's tree). The job's status is the failed rank's whenever a record shows one: mpiexec says the status of
+    a rank its own cleanup SIGKILLed (9) as often as the failed rank's, and now and then 0 after a Ctrl-C."""
+    if not job.spec.hydra:
+        return proc.wait()
+    failed = None
+    while True:
+        try:
+            status = proc.wait(timeout=RANK_POLL_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if failed is None and not (job.stopping or job.stops):  # not while a stop (TERM, INT) ends the ranks
+            failed = _first_failed(job)
+            if failed is not None:
+                job.stopping.extend(_signal_tree(proc.pid, signal.SIGTERM) or [None])
+    failed = failed or _first_failed(job)
+    return status if failed is None else failed[1]
+
+
+def _first_failed(job: _Job) -> Optional[tuple[int, int]]:
+    """(rank, exit status) of the rank whose record shows the likely first failure of this job; None if none."""
+    return next(iter(failed_ranks(job.log_dir, job.starts)), None)
+
+
 def _forwarder(job: _Job, proc: subprocess.Popen, on_interrupt: Optional[Callable[[], bool]]):
     """The signal handler while the job runs. USR1/USR2 (preemption warnings) are passed on to the launcher, and it
-    passes them to the ranks. SIGTERM (a scheduler, timeout) goes to the launcher's whole local process tree
-    (_signal_tree), waited for by _start_and_wait. The first Ctrl-C (SIGINT) asks for a graceful stop when the job
-    has one (`on_interrupt`: a training job checkpoints and stops), else goes to the launcher's group as a
-    terminal's would; another is a SIGTERM. A stop (TERM, INT) is remembered: the report then says so."""
+    passes them to the ranks (USR2 under MPICH's mpiexec: to this machine's rank wrappers). SIGTERM (a scheduler,
+    timeout) goes to the launcher's whole local process tree (_signal_tree), waited for by _start_and_wait. The
+    first Ctrl-C (SIGINT) asks for a graceful stop when the job has one (`on_interrupt`: a training job checkpoints
+    and stops), else goes to the launcher's group as a terminal's would; another is a SIGTERM. A stop (TERM, INT) is
+    remembered: the report then says so."""
 
     def forward(signum, _frame):
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -303,6 +335,11 @@ def _forwarder(job: _Job, proc: subprocess.Popen, on_interrupt: Optional[Callabl
             if job.stopping:  # a second SIGTERM (Slurm sends one per step and one to the batch shell): once is enough
                 return
             job.stopping.extend(_signal_tree(proc.pid, signal.SIGTERM) or [None])
+        elif signum == signal.SIGUSR2 and job.spec.hydra:
+            # MPICH's mpiexec passes USR1 on to every rank but has no handler for USR2, which would kill it (and
+            # with it the job): this machine's rank wrappers get it instead; the preemption vote is summed over
+            # every rank, so every rank stops after the same step.
+            signal_wrappers(signum, proc.pid)
         else:
             proc.send_signal(signum)
 
@@ -323,7 +360,9 @@ def _diagnose(job: _Job, status: int, output: list[str], tee: Optional[_Tee]) ->
         found = diagnose(job.log_dir, status, spec.np, where, here, job.starts, stopped_by, spec.roles)
     if tee is not None and found.cause is None:
         tee.release()
-    code = INTERRUPTED if stopped_by == "SIGINT" else status if status > 0 else 128 - status
+    # Stopped by a signal: 128 + that signal, as a shell reports it (130 after Ctrl-C), whatever the launcher made
+    # of it (MPICH's mpiexec says 15 for a rank ended by SIGTERM).
+    code = 128 + signal.Signals[stopped_by] if stopped_by else status if status > 0 else 128 - status
     raise LaunchError(found.message, code, found.cause)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import HvdtrainError, LaunchError, UsageError
-from hvdtrain.files import write_json, write_text_atomic
+from hvdtrain.files import cache_dir, write_json, write_text_atomic
 from hvdtrain.rundir import RankLogs, RunDir
 from hvdtrain.slurm.script import render_script
 from hvdtrain.slurm.spec import SlurmSpec
@@ -58,8 +58,7 @@ def _run(argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProc
 
 
 def _jobs_dir(environ: Mapping[str, str]) -> Path:
-    cache = environ.get("HVDTRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hvdtrain")
-    return Path(cache) / "slurm-jobs"
+    return cache_dir(environ) / "slurm-jobs"
 
 
 def _remember(job_id: str, record: dict[str, Any], environ: Mapping[str, str]) -> None:

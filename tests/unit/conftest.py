@@ -2,8 +2,11 @@ import os
 import subprocess
 
 import pytest
+from fakempi import MPICH_4_0_2, make_fake_launcher
 from fakessh import make_fake_ssh, set_machine
 
+from hvdtrain import mpi
+from hvdtrain.errors import UsageError
 from hvdtrain.launching import supervise
 
 
@@ -11,9 +14,26 @@ class ProcessStarted(AssertionError):
     pass
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("hvdtrain-cache")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(session_cache, monkeypatch):
+    """hvdtrain's cache (what the MPI on PATH is, which MPI a library links) is the session's, not ~/.cache: the fake
+    launchers tests make stay out of the user's."""
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(session_cache))
+
+
 @pytest.fixture
 def no_processes(monkeypatch):
-    """Fail the test if anything tries to start a process through the launcher."""
+    """Fail the test if anything tries to start a process through the launcher. What the MPI on PATH is has been
+    asked before (a probe, cached, as the previous launch would have done)."""
+    try:
+        mpi.find_launcher()
+    except UsageError:
+        pass
     started = []
 
     def refuse(argv, *a, **k):
@@ -43,3 +63,15 @@ def fake_ssh(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     set_machine(monkeypatch, ("eth0", "lo", "wlan0"), {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
     return log
+
+
+@pytest.fixture
+def fake_mpich(tmp_path, monkeypatch):
+    """An MPICH module first on PATH, as `module load mpich` makes it: mpirun and mpiexec, links to a fake Hydra
+    mpiexec that answers --version as MPICH 4.0.2's (nothing is launched with it); returns that file."""
+    bin_dir = tmp_path / "mpich" / "bin"
+    hydra = make_fake_launcher(bin_dir, "mpiexec.hydra", MPICH_4_0_2)
+    for name in ("mpirun", "mpiexec"):
+        (bin_dir / name).symlink_to(hydra.name)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return hydra

@@ -8,6 +8,7 @@ import pytest
 from clichecks import assert_usage_error
 from click.testing import CliRunner
 
+from hvdtrain import mpi
 from hvdtrain.cli import cli
 
 
@@ -237,3 +238,21 @@ def test_every_launching_command_takes_the_launch_options_declared_once():
                     param.type.to_info_dict(),
                     param.multiple,
                 ), (name, field.name)
+
+
+def test_run_warns_of_a_horovod_or_mpi4py_built_for_another_mpi(fake_mpich, no_processes, clean_env, monkeypatch):
+    """The command may use neither: said, not refused; the command shown is Hydra's."""
+    monkeypatch.setattr(mpi, "built_with", lambda package: mpi.Linked(f"/venv/{package}.so", "openmpi", "libmpi.so.40"))
+    result = invoke("run", "-np", "2", "--dry-run", "--", "python", "-c", "pass")
+    assert result.exit_code == 0, result.output
+    where = f"MPICH (Hydra) 4.0.2 ({fake_mpich.parent / 'mpirun'} -> {fake_mpich})"
+    assert result.stderr.splitlines() == [
+        f"hvdtrain: warning: {name} was built against Open MPI (libmpi.so.40) but mpirun on PATH is {where}: a command "
+        f"using it fails; load the MPI module {name} was built with (Open MPI), or install {name} built against MPICH "
+        "(with this MPI's mpicc first on PATH)"
+        for name in ("Horovod", "mpi4py")
+    ]
+    assert result.stdout.splitlines()[-1].startswith(
+        f"{fake_mpich} -n 2 -hosts localhost:2 -bind-to none -prepend-rank"
+    )
+    assert "OMPI_" not in result.stdout

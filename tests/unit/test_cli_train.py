@@ -8,6 +8,7 @@ import torch
 from clichecks import assert_usage_error
 from click.testing import CliRunner
 
+from hvdtrain import mpi
 from hvdtrain.cli import cli
 from hvdtrain.config import TrainConfig
 from hvdtrain.parallel.hybrid import devices_for_rank
@@ -267,3 +268,24 @@ def test_hooks_load_from_the_working_directory(tmp_path, monkeypatch):
         load_hooks(["userhooks:not_a_hook"])
     with pytest.raises(ConfigError, match="--hooks userhooks:Nope: cannot load it"):
         load_hooks(["userhooks:Nope"])
+
+
+def test_a_horovod_built_for_another_mpi_is_refused_before_anything_is_written(fake_mpich, run, monkeypatch, tmp_path):
+    """MPICH's mpiexec first on PATH, Horovod built against Open MPI (read from its library: a fake here): the ranks
+    would each run alone or fail in MPI_Init; refused in one line. mpi4py counts where the job sends messages."""
+    built = {"horovod": mpi.Linked("/venv/horovod/torch/mpi_lib_v2.so", "openmpi", "libmpi.so.40")}
+    monkeypatch.setattr(mpi, "built_with", lambda package: built.get(package))
+    result = run("-np", "2", "--run-dir", str(tmp_path / "r"))
+    assert_usage_error(
+        result,
+        f"Horovod was built against Open MPI (libmpi.so.40) but mpirun on PATH is MPICH (Hydra) 4.0.2 "
+        f"({fake_mpich.parent / 'mpirun'} -> {fake_mpich}); load the MPI module Horovod was built with (Open MPI)",
+    )
+    assert not (tmp_path / "r").exists()
+    built = {
+        "horovod": mpi.Linked("h.so", "mpich", "libmpich.so.12"),
+        "mpi4py": mpi.Linked("m.so", "openmpi", "libmpi.so.40"),
+    }
+    assert run("-np", "2", "--dry-run").exit_code == 0  # a data job sends no mpi4py message
+    assert_usage_error(run("-np", "3", "--update", "async", "--dry-run"), "mpi4py was built against Open MPI")
+    assert run("-np", "2", "--gloo", "--dry-run").exit_code == 0  # Gloo under horovodrun: no MPI to match

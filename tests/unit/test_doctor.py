@@ -5,49 +5,17 @@ from Debian's packages; MPICH 4.0.2 from Debian's `mpich` package), except where
 """
 
 import json
+import os
 import shutil
 import subprocess
 
 import pytest
 from click.testing import CliRunner
+from fakempi import INTEL_MPI_2019, INTEL_MPI_2021, LDD_MPI4PY, MPICH_4_0_2, OPEN_MPI_4_1_4
 
-from hvdtrain import doctor
+from hvdtrain import doctor, mpi
 from hvdtrain.cli import cli
 from hvdtrain.doctor import Ran
-
-# `mpirun --version` (openmpi-bin 4.1.4-3+b1), stdout; exit 0, nothing on stderr.
-OPEN_MPI_4_1_4 = "mpirun (Open MPI) 4.1.4\n\nReport bugs to http://www.open-mpi.org/community/help/\n"
-
-# `mpiexec.hydra --version` (mpich 4.0.2-3+b1), stdout; exit 0. The CC line ends in a space.
-MPICH_4_0_2 = (
-    "HYDRA build details:\n"
-    "    Version:                                 4.0.2\n"
-    "    Release Date:                            Thu Apr  7 12:34:45 CDT 2022\n"
-    "    CC:                              gcc -Wdate-time -D_FORTIFY_SOURCE=2 -g -O2 "
-    "-ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong -Wformat "
-    "-Werror=format-security  -Wl,-z,relro \n"
-    "    Configure options:                       '--with-hwloc-prefix=/usr' '--with-device=ch4:ucx' "
-    "'FFLAGS=-O2 -ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong "
-    "-fallow-invalid-boz -fallow-argument-mismatch' '--prefix=/usr' 'CFLAGS=-g -O2 "
-    "-ffile-prefix-map=/build/mpich-1NaQGN/mpich-4.0.2=. -fstack-protector-strong -Wformat "
-    "-Werror=format-security' 'LDFLAGS=-Wl,-z,relro' 'CPPFLAGS=-Wdate-time -D_FORTIFY_SOURCE=2'\n"
-    "    Process Manager:                         pmi\n"
-    "    Launchers available:                     ssh rsh fork slurm ll lsf sge manual persist\n"
-    "    Topology libraries available:            hwloc\n"
-    "    Resource management kernels available:   user slurm ll lsf sge pbs cobalt\n"
-    "    Demux engines available:                 poll select\n"
-)
-
-# Intel MPI's `mpirun --version` (not captured here: no Intel MPI on this machine; the two formats as
-# published by users of Intel MPI 2021.10 and 2019 Update 2).
-INTEL_MPI_2021 = (
-    "Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)\n"
-    "Copyright 2003-2023, Intel Corporation.\n"
-)
-INTEL_MPI_2019 = (
-    "Intel(R) MPI Library for Linux* OS, Version 2019 Update 2 Build 20190123 (id: e2d820d49)\n"
-    "Copyright 2003-2019, Intel Corporation.\n"
-)
 
 # `sbatch --version` with a slurm.conf (SLURM_CONF=...), slurm-client 22.05.8-4+deb12u3: stdout, exit 0.
 SBATCH_DEBIAN = "slurm-wlm 22.05.8\n"
@@ -78,19 +46,23 @@ PING_UP = "Slurmctld(primary) at vm is UP\n"
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    "text, expected, flavour",
     [
-        (OPEN_MPI_4_1_4, "Open MPI 4.1.4"),
-        (MPICH_4_0_2, "MPICH (Hydra) 4.0.2"),
-        (INTEL_MPI_2021, "Intel MPI 2021.10"),
-        (INTEL_MPI_2019, "Intel MPI 2019 Update 2"),
-        ("", None),
-        ("bash: mpirun: command not found\n", None),
-        (SBATCH_NO_CONF, None),
+        (OPEN_MPI_4_1_4, "Open MPI 4.1.4", "openmpi"),
+        (MPICH_4_0_2, "MPICH (Hydra) 4.0.2", "mpich"),
+        (INTEL_MPI_2021, "Intel MPI 2021.10", "mpich"),  # Intel MPI's mpiexec is Hydra
+        (INTEL_MPI_2019, "Intel MPI 2019 Update 2", "mpich"),
+        ("mpirun (IBM Spectrum MPI) 10.4.0.3\n", "IBM Spectrum MPI 10.4.0.3", "openmpi"),  # an Open MPI (not captured)
+        ("mpirun (Foo MPI) 1.0\n", None, None),  # the form alone says nothing of the flavour
+        ("", None, None),
+        ("bash: mpirun: command not found\n", None, None),
+        (SBATCH_NO_CONF, None, None),
     ],
 )
-def test_parse_mpi_version(text, expected):
+def test_parse_mpi_version(text, expected, flavour):
+    """What the doctor shows, and the flavour the launching side goes by (hvdtrain.mpi.parse_version)."""
     assert doctor.parse_mpi_version(text) == expected
+    assert (mpi.parse_version(text) or [None])[0] == flavour
 
 
 @pytest.mark.parametrize(
@@ -315,6 +287,7 @@ def debian_machine(monkeypatch):
     probe["horovod_build"] = make_report()["horovod_build"]
     outputs = {
         "mpirun": Ran(0, OPEN_MPI_4_1_4),
+        "ldd": Ran(0, LDD_MPI4PY),
         "sbatch": Ran(1, "", SBATCH_NO_CONF),
         "scontrol": Ran(1, "", SBATCH_NO_CONF.replace("sbatch", "scontrol")),
     }
@@ -326,6 +299,8 @@ def debian_machine(monkeypatch):
         return outputs[argv[0].rsplit("/", 1)[-1]]
 
     monkeypatch.setattr(doctor, "_run", fake_run)
+    built = {p: mpi.Linked(f"/venv/{p}/mpi.so", "openmpi", "libmpi.so.40") for p in ("horovod", "mpi4py")}
+    monkeypatch.setattr(mpi, "built_with", built.get)
     monkeypatch.setattr(doctor.shutil, "which", lambda tool: f"/usr/bin/{tool}")
     monkeypatch.delenv("SLURM_CONF", raising=False)
     monkeypatch.setattr(doctor, "DEFAULT_SLURM_CONF", "/nonexistent/hvdtrain-test/slurm.conf")
@@ -338,6 +313,64 @@ def test_collect_reads_open_mpi_and_unconfigured_slurm(debian_machine):
     assert report["slurm_status"]["state"] == "unconfigured"
     assert report["problems"] == [] and len(report["notes"]) == 1
     assert ["/usr/bin/scontrol", "ping"] not in debian_machine  # no ping without a working sbatch
+
+
+def test_collect_names_the_mpi_of_each_part(debian_machine):
+    """The launcher on PATH as the launching side sees it; Horovod's and mpi4py's MPI from their libraries, with
+    where ldd finds that library here."""
+    parts = doctor.collect()["mpi_parts"]
+    assert parts["launcher"] == {
+        "flavour": "openmpi", "name": "Open MPI", "version": "4.1.4", "path": "/usr/bin/mpirun",
+        "realpath": os.path.realpath("/usr/bin/mpirun"),
+    }  # fmt: skip
+    libmpi = os.path.realpath("/lib/x86_64-linux-gnu/libmpi.so.40")
+    for package in ("horovod", "mpi4py"):
+        file = f"/venv/{package}/mpi.so"
+        assert parts[package] == {"file": file, "flavour": "openmpi", "library": "libmpi.so.40", "path": libmpi}
+        assert ["ldd", file] in debian_machine
+
+
+def test_parse_ldd():
+    assert doctor.parse_ldd(LDD_MPI4PY, "libmpi.so.40") == "/lib/x86_64-linux-gnu/libmpi.so.40"
+    assert doctor.parse_ldd(LDD_MPI4PY, "libmpich.so.12") is None
+    assert doctor.parse_ldd("\tlibmpi.so.40 => not found\n", "libmpi.so.40") is None
+
+
+MPICH_ON_PATH = {
+    "flavour": "mpich", "name": "MPICH (Hydra)", "version": "4.0.2", "path": "/opt/mpich/bin/mpiexec",
+    "realpath": "/opt/mpich/bin/mpiexec",
+}  # fmt: skip
+BUILT_OPEN_MPI = {
+    "file": "/venv/horovod/torch/mpi_lib_v2.so", "flavour": "openmpi", "library": "libmpi.so.40",
+    "path": "/usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4",
+}  # fmt: skip
+
+
+def test_a_part_built_for_another_mpi_than_the_launchers_is_a_problem_with_its_fix():
+    mpi4py = {**BUILT_OPEN_MPI, "file": "/venv/mpi4py/MPI.so", "flavour": "mpich", "library": "libmpich.so.12"}
+    parts = {"launcher": MPICH_ON_PATH, "horovod": BUILT_OPEN_MPI, "mpi4py": mpi4py}
+    report = make_report(mpi=doctor.Status("ok", "MPICH (Hydra) 4.0.2"), mpi_parts=parts)
+    problems, _ = doctor.assess(report)
+    assert problems == [
+        {
+            "what": "Horovod was built against Open MPI (libmpi.so.40 => /usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4) "
+            "but mpiexec on PATH is MPICH (Hydra) 4.0.2 (/opt/mpich/bin/mpiexec)",
+            "fix": "load the MPI module Horovod was built with (Open MPI), or install Horovod built against MPICH (with "
+            "this MPI's mpicc first on PATH)",
+        }
+    ]  # mpi4py was built against MPICH: nothing to say of it
+    rows = dict(line.split(None, 1) for line in doctor.to_table(report).splitlines() if line and ":" not in line[:9])
+    assert rows["MPI"] == "MPICH (Hydra) 4.0.2 (/opt/mpich/bin/mpiexec)"
+    assert rows["mpi4py"] == "4.0.1, MPICH (libmpich.so.12 => /usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4)"
+    table = doctor.to_table(report)
+    assert "  MPI          Open MPI (libmpi.so.40 => /usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4)" in table
+    assert f"PROBLEM: {problems[0]['what']} -> fix: {problems[0]['fix']}" in table
+    assert table.splitlines()[-1] == "NOT READY: 1 problem(s) above"
+    assert json.loads(doctor.to_json(report))["mpi_parts"] == parts
+    same = {**parts, "launcher": {**MPICH_ON_PATH, "flavour": "openmpi", "name": "Open MPI", "version": "4.1.4"}}
+    assert [p["what"].split()[0] for p in doctor.assess(make_report(mpi_parts=same))[0]] == ["mpi4py"]
+    unknown = {**parts, "launcher": None}  # no launcher to compare with: the MPI row says why
+    assert doctor.assess(make_report(mpi_parts=unknown))[0] == []
 
 
 def test_collect_does_not_run_sbatch_for_a_named_absent_config(debian_machine, monkeypatch):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakempi import MPICH_4_0_2, OPEN_MPI_4_1_4, make_fake_launcher
 from launchspecs import spec_of
 
 from hvdtrain.errors import LaunchError, UsageError
@@ -19,6 +20,7 @@ from hvdtrain.launching import spec as launch_spec
 from hvdtrain.launching import supervise
 from hvdtrain.launching.argv import (
     build_horovodrun_argv,
+    build_mpiexec_argv,
     build_mpirun_argv,
     build_srun_argv,
     forwarded_names,
@@ -29,6 +31,7 @@ from hvdtrain.launching.argv import (
 )
 from hvdtrain.launching.hosts import Host, parse_hostfile, parse_hosts, ranks_per_host
 from hvdtrain.launching.options import DEFAULT_STALL_TIMEOUT
+from hvdtrain.launching.preflight import ssh_shim_args
 from hvdtrain.launching.spec import parse_nics
 from hvdtrain.launching.supervise import run_job
 
@@ -483,3 +486,104 @@ def test_mpirun_forwards_the_callers_runtime_environment_to_every_rank():
     argv = build_mpirun_argv(s, "/l", ["OMP_NUM_THREADS", *forwarded_names(environ), "PATH"], cores=8)
     xs = [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
     assert xs == sorted(set(xs)) and "PATH" in xs and "HOME" not in xs, argv
+
+
+# --- MPICH's mpiexec (Hydra) for launcher mpirun ------------------------------------------------------------------
+
+
+def test_the_mpi_on_path_decides_mpiruns_command_line(fake_mpich):
+    """--launcher mpirun keeps its name; what starts the ranks is the MPI on PATH, asked what it is."""
+    s = spec(HOSTILE, np=4, hosts="n1:2,n2:2", env=["NCCL_DEBUG=INFO"], threads_per_rank=1, network_interface="eth0",
+             launcher="mpirun")  # fmt: skip
+    assert (s.launcher, s.mpi.flavour, s.mpi.label, s.hydra) == ("mpirun", "mpich", "MPICH (Hydra) 4.0.2", True)
+    s.python = "/venv/bin/python"
+    names = rank_env(s, is_root=True, environ={}).keys()
+    argv = build_mpiexec_argv(s, "/logs", names)
+    assert argv == [
+        str(fake_mpich), "-n", "4", "-hosts", "n1:2,n2:2", "-bind-to", "none", "-prepend-rank", "-iface", "eth0",
+        "-genvlist", "HOROVOD_STALL_CHECK_TIME_SECONDS,HOROVOD_STALL_SHUTDOWN_TIME_SECONDS,NCCL_DEBUG,NCCL_SOCKET_IFNAME",
+        "/venv/bin/python", "-m", "hvdtrain.launching.rank", "--log-dir", "/logs", "--threads", "1", "--", *HOSTILE,
+    ]  # fmt: skip
+    assert shlex.split(shlex.join(argv)) == argv
+    built = launch_argv.build_argv(s, "/logs", is_root=True)
+    assert built[:6] == argv[:6] and built[-len(HOSTILE) - 8 :] == argv[-len(HOSTILE) - 8 :]
+    genv = built[built.index("-genvlist") + 1].split(",")
+    assert {"PATH", "HVDTRAIN_LAUNCHER", "HVDTRAIN_LAUNCHED"} <= set(genv) and not [n for n in genv if "OMPI" in n]
+    assert placement(s) == {0: "n1", 1: "n1", 2: "n2", 3: "n2"}  # Hydra fills each host's count in order
+
+
+def test_an_mpich_job_gets_no_open_mpi_variable_even_as_root(fake_mpich):
+    s = spec(np=2, network_interface="eth0")
+    for is_root in (True, False):
+        env = rank_env(s, is_root=is_root, environ={})
+        assert env == {**stall_env(DEFAULT_STALL_TIMEOUT), "NCCL_SOCKET_IFNAME": "eth0"}, env
+    assert "OMPI_MCA_mpi_yield_when_idle" not in launch_argv.mpi_defaults(s, {})
+
+
+def test_open_mpi_on_path_keeps_open_mpis_command_line(tmp_path, monkeypatch):
+    make_fake_launcher(tmp_path / "bin", "mpirun", OPEN_MPI_4_1_4)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    s = spec(np=2)
+    assert (s.mpi.flavour, s.mpi.path, s.hydra) == ("openmpi", str(tmp_path / "bin" / "mpirun"), False)
+    assert launch_argv.build_argv(s, "/l", is_root=False)[:3] == ["mpirun", "-np", "2"]
+    assert rank_env(s, is_root=True, environ={})["OMPI_MCA_mpi_yield_when_idle"] == "1"
+
+
+def test_hydra_takes_one_interface_and_unknown_mpis_are_refused(fake_mpich, tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match=r"eth0,ib0: MPICH \(Hydra\) 4.0.2's mpiexec \(Hydra\) takes one interface"):
+        spec(np=2, network_interface="eth0,ib0")
+    assert spec(np=2, network_interface="eth0,ib0", gloo=True).mpi is None  # horovodrun: not asked
+    make_fake_launcher(tmp_path / "other", "mpirun", "mpirun (Foo MPI) 1.0\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'other'}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(
+        UsageError, match=r"mpirun is no MPI launcher hvdtrain knows: .* printed 'mpirun \(Foo MPI\) 1.0'"
+    ):
+        spec(np=2)
+
+
+def test_ssh_config_reaches_hydras_ssh_through_the_shim(fake_mpich, tmp_path, capsys):
+    """Hydra starts its proxies with `ssh` from PATH (-launcher-exec takes no arguments): the ssh shim, -F config."""
+    config = tmp_path / "ssh_config"
+    config.write_text("")
+    s = spec(np=2, hosts="n1:1,n2:1", ssh_config=str(config), launcher="mpirun")
+    argv = build_mpiexec_argv(s, "/l", [])
+    assert argv[argv.index("-launcher") : argv.index("-launcher") + 2] == ["-launcher", "ssh"]
+    assert "-genvlist" not in argv
+    assert ssh_shim_args(s) == ["-F", str(config)]
+    run_job(dataclasses.replace(s, output_dir=str(tmp_path / "logs")), dry_run=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"# mpirun: MPICH (Hydra) 4.0.2 ({fake_mpich.parent / 'mpirun'} -> {fake_mpich})"
+    assert out[1] == f"# mpirun runs with an 'ssh' first on its PATH that is: ssh -F {config}"
+    assert out[-1].startswith(f"{fake_mpich} -n 2 -hosts n1:1,n2:1 -bind-to none -prepend-rank -launcher ssh")
+
+
+@pytest.mark.parametrize("says", ["the worst", "0"])
+def test_under_hydra_a_rank_that_exits_non_zero_ends_the_job_as_mpirun_would(tmp_path, monkeypatch, says):
+    """MPICH's mpiexec ends a job only when an MPI process dies before MPI_Finalize (or of a signal); run_job ends
+    it when a rank's exit record says it failed, and the job's status is that rank's, whatever mpiexec says (0 now
+    and then after a Ctrl-C). The stand-in runs every rank as Hydra does (PMI_RANK, PMI_SIZE) and waits for all of
+    them, whatever they do."""
+    hydra = tmp_path / "bin" / "mpiexec.hydra"
+    make_fake_launcher(hydra.parent, hydra.name, "")
+    hydra.write_text(
+        f"#!{sys.executable}\nimport os, subprocess, sys\n"
+        f"if sys.argv[1:] == ['--version']:\n    sys.exit(print({MPICH_4_0_2!r}))\n"
+        "args = sys.argv[1:]\nn = int(args[args.index('-n') + 1])\ncommand = args[args.index('-genvlist') + 2 :]\n"
+        "ranks = [subprocess.Popen(command, env={**os.environ, 'PMI_RANK': str(r), 'PMI_SIZE': str(n)}) "
+        f"for r in range(n)]\nstatus = max(p.wait() for p in ranks)\nsys.exit({'status' if says != '0' else '0'})\n"
+    )
+    (hydra.parent / "mpirun").symlink_to(hydra.name)
+    monkeypatch.setenv("PATH", f"{hydra.parent}{os.pathsep}{os.environ['PATH']}")
+    job = "import os, sys, time\nif os.environ['PMI_RANK'] == '1':\n    sys.exit('rank 1 gives up')\ntime.sleep(60)\n"
+    s = spec([sys.executable, "-c", job], np=2, output_dir=str(tmp_path / "logs"))
+    assert s.hydra
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as e:
+        run_job(s, echo=lambda _: None)
+    assert time.monotonic() - start < 15
+    assert e.value.exit_code == 1 and str(e.value).startswith("rank 1 failed with exit status 1 (then also ranks 0)")
+    assert (tmp_path / "logs" / "rank.0.exit").read_text() == "143\n"  # ended, not left to sleep
+    quick = [sys.executable, "-c", "import os, sys; sys.exit(int(os.environ['PMI_RANK']))"]  # rank 1 exits 1 at once
+    monkeypatch.setattr(supervise, "RANK_POLL_S", 60.0)  # over before run_job looks: only the records tell
+    with pytest.raises(LaunchError, match="^rank 1 failed with exit status 1"):
+        run_job(spec(quick, np=2, output_dir=str(tmp_path / "quick")), echo=lambda _: None)

@@ -1,9 +1,11 @@
 """The rank wrapper (run for real, as the launchers run it) and where a rank learns its place on its host."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -33,6 +35,8 @@ def wrapper(log_dir, *args, env=None):
         (1, {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}),
         # srun --mpi=pmix: no local size variable; the step's tasks on this node (node 1 of '3,1') say 1.
         (1, {"PMIX_RANK": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "3,1", "SLURM_NODEID": "1"}),
+        # MPICH's Hydra (as `mpiexec -n 4 env` shows them)
+        (2, {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}),
     ],
 )
 def test_auto_threads_are_this_hosts_cpus_over_its_ranks(tmp_path, local_size, env):
@@ -70,6 +74,61 @@ def test_host_record_comes_first_and_stays_when_the_rank_is_killed(tmp_path):
             p.kill()
         proc.wait()
     assert not RankLogs(tmp_path).exit(0).exists()
+
+
+def test_the_pmi_socket_reaches_the_command_and_stays_open_until_the_exit_record_is_written(tmp_path):
+    """MPICH's Hydra hands each rank a socket (PMI_FD) its MPI talks over: the command gets it (MPI_Init fails
+    without), and the wrapper keeps its own copy until its exit record is written: Hydra kills every process of the
+    job once that socket closes before MPI_Finalize, and the report needs the record of the rank that died."""
+    ours, theirs = socket.socketpair()
+    fd = theirs.fileno()
+    command = f"import os, sys; os.write({fd}, b'init'); os.close({fd}); sys.exit(3)"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(PLACES)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hvdtrain.launching.rank", "--log-dir", str(tmp_path), "--", sys.executable, "-c",
+         command],
+        env={**base, "PMI_FD": str(fd), "PMI_RANK": "1", "PMI_SIZE": "2"}, pass_fds=(fd,),
+    )  # fmt: skip
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        assert ours.recv(16) == b"init"  # the command wrote on it
+        assert ours.recv(16) == b""  # closed by every holder: the wrapper's copy went last ...
+        assert RankLogs(tmp_path).exit(1).read_text() == "3\n"  # ... after its record
+    finally:
+        ours.close()
+        assert proc.wait(timeout=30) == 3
+    assert rank.pmi_fds({"PMI_FD": "not a number"}) == () and rank.pmi_fds({}) == ()
+    assert rank.pmi_fds({"PMI_FD": str(fd)}) == ()  # closed here: nothing to hand on
+
+
+def test_signal_wrappers_reaches_the_wrappers_under_a_process_and_nothing_else(tmp_path):
+    """How a launcher that would die of USR1/USR2 (horovodrun's elastic driver, MPICH's mpiexec with USR2) gets
+    them to the ranks: every rank wrapper under it, found by its command line, passes the signal on."""
+    trap = (
+        "import signal, sys, time; signal.signal(signal.SIGUSR2, lambda *a: (print('USR2', flush=True), "
+        "sys.exit(0))); print('up', flush=True); time.sleep(30)"
+    )
+    wrapped = [sys.executable, "-m", "hvdtrain.launching.rank", "--log-dir", str(tmp_path), "--", sys.executable]
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; [p.wait() for p in "
+         f"[subprocess.Popen({wrapped + ['-c', trap]!r}), subprocess.Popen({[sys.executable, '-c', trap]!r})]]"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert [launcher.stdout.readline().strip() for _ in range(2)] == ["up", "up"]
+        rank.signal_wrappers(signal.SIGUSR2, launcher.pid)
+        assert launcher.stdout.readline().strip() == "USR2"  # the wrapped command's
+        deadline = time.monotonic() + 30
+        while not RankLogs(tmp_path).exit(0).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert RankLogs(tmp_path).exit(0).read_text() == "0\n"  # it ended as its handler said
+        assert launcher.poll() is None  # the other child, no wrapper, got nothing and runs on
+    finally:
+        for p in psutil.Process(launcher.pid).children(recursive=True):
+            p.kill()
+        launcher.kill()
+        launcher.wait()
 
 
 @pytest.mark.parametrize(
