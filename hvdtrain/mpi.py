@@ -261,8 +261,8 @@ def mismatch(package: str, built: Linked, launcher: Launcher) -> Optional[tuple[
         f"{launcher.describe()}"
     )
     fix = (
-        f"load the MPI module {name} was built with ({FLAVOURS[built.flavour]}), or install {name} built against "
-        f"{FLAVOURS[launcher.flavour]} (with this MPI's mpicc first on PATH)"
+        f"load the MPI module {name} was built with ({FLAVOURS[built.flavour]}), or build this venv against "
+        f"{FLAVOURS[launcher.flavour]}: with it loaded, run scripts/setup.sh (docs/install.md)"
     )
     return what, fix
 

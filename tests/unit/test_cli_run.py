@@ -248,8 +248,8 @@ def test_run_warns_of_a_horovod_or_mpi4py_built_for_another_mpi(fake_mpich, no_p
     where = f"MPICH (Hydra) 4.0.2 ({fake_mpich.parent / 'mpirun'} -> {fake_mpich})"
     assert result.stderr.splitlines() == [
         f"hvdtrain: warning: {name} was built against Open MPI (libmpi.so.40) but mpirun on PATH is {where}: a command "
-        f"using it fails; load the MPI module {name} was built with (Open MPI), or install {name} built against MPICH "
-        "(with this MPI's mpicc first on PATH)"
+        f"using it fails; load the MPI module {name} was built with (Open MPI), or build this venv against MPICH: "
+        "with it loaded, run scripts/setup.sh (docs/install.md)"
         for name in ("Horovod", "mpi4py")
     ]
     assert result.stdout.splitlines()[-1].startswith(

@@ -355,8 +355,8 @@ def test_a_part_built_for_another_mpi_than_the_launchers_is_a_problem_with_its_f
         {
             "what": "Horovod was built against Open MPI (libmpi.so.40 => /usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4) "
             "but mpiexec on PATH is MPICH (Hydra) 4.0.2 (/opt/mpich/bin/mpiexec)",
-            "fix": "load the MPI module Horovod was built with (Open MPI), or install Horovod built against MPICH (with "
-            "this MPI's mpicc first on PATH)",
+            "fix": "load the MPI module Horovod was built with (Open MPI), or build this venv against MPICH: with it "
+            "loaded, run scripts/setup.sh (docs/install.md)",
         }
     ]  # mpi4py was built against MPICH: nothing to say of it
     rows = dict(line.split(None, 1) for line in doctor.to_table(report).splitlines() if line and ":" not in line[:9])

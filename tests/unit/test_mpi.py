@@ -164,7 +164,8 @@ def test_mismatch_says_what_was_built_against_what_and_the_fix():
         "(/opt/m/bin/mpiexec -> /usr/bin/mpiexec.hydra)"
     )
     assert fix.startswith(
-        "load the MPI module Horovod was built with (Open MPI), or install Horovod built against MPICH"
+        "load the MPI module Horovod was built with (Open MPI), or build this venv against MPICH: with it loaded, "
+        "run scripts/setup.sh"
     )
     located = mpi.Linked(built.file, "openmpi", "libmpi.so.40", "/usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4")
     assert (
