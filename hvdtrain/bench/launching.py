@@ -3,6 +3,7 @@ start-up goes.
 
 Arms, each a whole command timed from its start to its exit (wall clock), alternating in rotated order every round:
     mpirun               plain `mpirun -np N --bind-to none --map-by slot python -m hvdtrain.bench.trivial_job`
+                         (with an MPICH-family MPI on PATH: `mpiexec -n N -bind-to none python -m ...`, Hydra's own)
     hvdtrain             `hvdtrain run -np N -- python -m ...trivial_job` (the default launcher: mpirun here)
     hvdtrain-horovodrun  the same with --launcher horovodrun (the default before, and horovodrun's MPI path)
     horovodrun           plain `horovodrun -np N python -m ...trivial_job`
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from hvdtrain import mpi
 from hvdtrain.bench import plans, report, runner
 from hvdtrain.errors import HvdtrainError, UsageError
 from hvdtrain.launching.argv import ROOT_ENV, find_horovodrun
@@ -44,22 +46,24 @@ class LaunchPlan:
     settings: plans.LaunchSettings
     out: Path
     runs: list[tuple[int, str, str]]  # (round, "job" | "train", arm), in the order they run
+    hydra: bool = False  # the MPI on PATH is MPICH's Hydra: the plain arm runs its mpiexec
 
 
 def make_plan(options: Mapping[str, Any]) -> LaunchPlan:
     """Validate the options (LaunchSettings' fields; None: not given); raises UsageError before anything runs."""
     settings = plans.resolve(plans.LaunchSettings, {k: v for k, v in options.items() if v is not None})
     out = runner.out_dir(settings.out)
-    commands = {"mpirun": "mpirun", "horovodrun": find_horovodrun()}  # as the arms run them
+    commands = {"mpirun": mpi.launcher_path(), "horovodrun": shutil.which(find_horovodrun())}  # as the arms run them
     for tool in ("mpirun", "horovodrun") if "horovodrun" in settings.arms else ("mpirun",):
-        if shutil.which(commands[tool]) is None:
+        if commands[tool] is None:
             raise UsageError(f"{tool} is not on PATH: this benchmark times it; install it or put it on PATH")
+    hydra = mpi.find_launcher().flavour == "mpich"
     runs = []
     for r in range(settings.rounds):
         runs += [(r, "job", arm) for arm in rotated(settings.arms, r)]
         if settings.train:
             runs += [(r, "train", arm) for arm in rotated(TRAIN_ARMS, r)]
-    return LaunchPlan(settings, out, runs)
+    return LaunchPlan(settings, out, runs, hydra)
 
 
 def rotated(items: Sequence[str], by: int) -> list[str]:
@@ -68,7 +72,7 @@ def rotated(items: Sequence[str], by: int) -> list[str]:
     return [*items[k:], *items[:k]]
 
 
-def arm_argv(arm: str, what: str, np: int, run_dir: str, cores: Optional[int] = None) -> list[str]:
+def arm_argv(arm: str, what: str, np: int, run_dir: str, cores: Optional[int] = None, hydra: bool = False) -> list[str]:
     """The command of one arm (pure): the trivial job ("job"), or one step of the built-in job ("train")."""
     py = sys.executable
     beside = Path(py).parent / "hvdtrain"  # the console script of this interpreter's environment
@@ -77,6 +81,8 @@ def arm_argv(arm: str, what: str, np: int, run_dir: str, cores: Optional[int] = 
         argv = [*hvdtrain, "train", "-np", str(np), "--max-steps", "1", "--epochs", "1", "--run-dir", run_dir]
         return argv + (["--launcher", "horovodrun"] if arm == "hvdtrain-horovodrun" else [])
     job = [py, "-m", JOB]
+    if arm == "mpirun" and hydra:
+        return ["mpiexec", "-n", str(np), "-bind-to", "none", *job]
     if arm == "mpirun":
         over = ["--oversubscribe"] if np > (cores or os.cpu_count() or 1) else []
         return ["mpirun", "-np", str(np), "--bind-to", "none", "--map-by", "slot", *over, *job]
@@ -93,7 +99,7 @@ def run(plan: LaunchPlan, dry_run: bool = False, echo: Callable[[str], None] = p
     try:
         for r, what, arm in plan.runs:
             run_dir = str(scratch / f"{what}-{arm}-{r}")
-            argv = arm_argv(arm, what, s.ranks, run_dir)
+            argv = arm_argv(arm, what, s.ranks, run_dir, hydra=plan.hydra)
             if dry_run:
                 echo(f"# round {r}, {what}, {arm}\n{shlex.join(argv)}")
                 continue

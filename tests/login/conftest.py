@@ -32,7 +32,7 @@ MPIS = {
     "openmpi": ("4.1.4", {"mpicc": "mpicc.openmpi", "mpicxx": "mpicxx.openmpi", "mpirun": "mpirun.openmpi",
                           "mpiexec": "mpiexec.openmpi", "ompi_info": "ompi_info"}),
     "mpich": ("4.0.2", {"mpicc": "mpicc.mpich", "mpicxx": "mpicxx.mpich", "mpirun": "mpirun.mpich",
-                        "mpiexec": "mpiexec.hydra", "mpichversion": "mpichversion"}),
+                        "mpiexec": "mpiexec.hydra", "hydra_pmi_proxy": "hydra_pmi_proxy", "mpichversion": "mpichversion"}),
 }  # fmt: skip
 
 

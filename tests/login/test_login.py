@@ -85,3 +85,22 @@ def test_submit_as_the_user_runs_through_slurm(login):
     result = json.loads(login.shell(f"cat {run_dir}/train/result.json").stdout)
     assert result["world_size"] == 2 and result["steps"] == 60, result
     assert "test accuracy:" in log, log[-4000:]
+
+
+def test_bench_launch_against_the_modules_own_launcher(login):
+    """`hvdtrain bench launch` as the user: `hvdtrain run` against the plain launcher of the loaded MPI (Open MPI's
+    mpirun, MPICH's mpiexec), alternating; the table (median, quartiles, ratio) goes to the tier's output for
+    docs/install.md. Asserted: both arms ran every round, and the plain arm is the module's own launcher."""
+    out = login.repo / "runs" / f"bench-launch-{login.mpi}"
+    proc = login.run(
+        "hvdtrain", "bench", "launch", "--ranks", "2", "--rounds", "7", "--arms", "mpirun,hvdtrain", "--no-train",
+        "--out", str(out), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"\n[login] {login.mpi}: hvdtrain bench launch --ranks 2 --rounds 7 --arms mpirun,hvdtrain\n{proc.stdout}")
+    result = json.loads(login.shell(f"cat {out}/launch.json").stdout)
+    assert set(result["job"]) == {"mpirun", "hvdtrain"}, result
+    assert all(row["n"] == 7 for row in result["job"].values()), result
+    plain = "mpiexec -n 2 -bind-to none" if login.mpi == "mpich" else "mpirun -np 2 --bind-to none"
+    dry = login.run("hvdtrain", "bench", "launch", "--arms", "mpirun", "--rounds", "1", "--no-train", "--dry-run")
+    assert dry.returncode == 0 and plain in dry.stdout, dry.stdout + dry.stderr

@@ -646,6 +646,9 @@ def test_launch_arms_rotate_and_build_the_commands_users_type(no_processes, tmp_
     mpirun = launching.arm_argv("mpirun", "job", 2, "unused", cores=2)
     assert mpirun[:7] == ["mpirun", "-np", "2", "--bind-to", "none", "--map-by", "slot"] and mpirun[-2:] == job
     assert "--oversubscribe" in launching.arm_argv("mpirun", "job", 3, "unused", cores=2)
+    # an MPICH-family MPI on PATH: the plain arm is Hydra's own mpiexec
+    assert launching.arm_argv("mpirun", "job", 2, "unused", hydra=True) == ["mpiexec", "-n", "2", "-bind-to", "none",
+                                                                           sys.executable, *job]  # fmt: skip
     default = launching.arm_argv("hvdtrain", "job", 2, "unused")
     assert default[-6:] == ["run", "-np", "2", "--", sys.executable, *job][-6:] and "--launcher" not in default
     assert default[default.index("run") - 1].endswith("hvdtrain") or default[:3] == [sys.executable, "-m", "hvdtrain"]
