@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
 from hvdtrain.launching.elastic import ElasticSpec, check_elastic_launch, check_not_elastic, elastic_nics, make_elastic
-from hvdtrain.launching.hosts import Host, parse_hostfile, parse_hosts
+from hvdtrain.launching.hosts import Host, allocation_hosts, parse_hostfile, parse_hosts
 from hvdtrain.launching.options import (
     DEFAULT_STALL_TIMEOUT,
     LAUNCHERS,
@@ -208,7 +208,7 @@ def make_spec(
     warnings: list[str] = []
     elastic_spec = None
     if elastic.elastic:
-        elastic_spec, np, hosts = make_elastic(launch.np, elastic)
+        elastic_spec, np, hosts = make_elastic(launch.np, elastic, slurm)
         controller = "gloo"
     elif launcher == "srun":
         np, hosts = _srun_ranks(launch, slurm), []
@@ -257,22 +257,30 @@ def _srun_ranks(launch: LaunchOptions, slurm: SlurmEnv) -> int:
         )
     if launch.hosts or launch.hostfile:
         raise UsageError("-H/--hostfile do not apply to srun: Slurm places the ranks of its allocation")
-    allocated = slurm.ntasks
-    np = allocated if launch.np is None else launch.np
-    if np > allocated:
-        raise UsageError(
-            f"-np {np} is more than the {allocated} tasks of Slurm job {slurm.job_id}; "
-            f"ask sbatch for --ntasks={np} or run with -np {allocated}"
-        )
+    np = slurm.ntasks if launch.np is None else launch.np
+    _check_allocated(np, slurm)
     return np
+
+
+def _check_allocated(np: int, slurm: SlurmEnv) -> None:
+    """-np within the tasks of the allocation the job runs in."""
+    if np > slurm.ntasks:
+        raise UsageError(
+            f"-np {np} is more than the {slurm.ntasks} tasks of Slurm job {slurm.job_id}; "
+            f"ask sbatch for --ntasks={np} or run with -np {slurm.ntasks}"
+        )
 
 
 def _slot_ranks(np: Optional[int], given: list[Host], slurm: SlurmEnv, warnings: list[str]) -> tuple[int, list[Host]]:
     """(-np, the hosts) of an mpirun or horovodrun job: -np defaults to the slots given, else SLURM_NTASKS inside an
-    allocation, else 1; no hosts means this machine (a warning when that puts far more ranks than cores on it)."""
-    hosts = given
-    if not hosts and slurm.in_allocation and np is None:
+    allocation, else 1. No hosts given: inside an allocation its hosts (SLURM_JOB_NODELIST, SLURM_TASKS_PER_NODE),
+    else this machine (a warning when that puts far more ranks than cores on it)."""
+    allocation = not given and slurm.in_allocation
+    hosts = given or allocation_hosts(slurm)
+    if allocation and np is None:
         np = slurm.ntasks
+    if allocation and hosts:
+        _check_allocated(np, slurm)
     if np is None:
         np = sum(h.slots for h in hosts) if hosts else 1
     if not hosts:

@@ -172,6 +172,29 @@ def test_slurm_allocation_defaults():
     assert spec(environ=env, launcher="mpirun").np == 4
 
 
+ALLOCATION = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node[01-02]",
+              "SLURM_TASKS_PER_NODE": "2(x2)"}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_inside_an_allocation_its_hosts_without_a_hostfile(launcher):
+    """mpirun or horovodrun inside an allocation, no -H: the allocation's hosts and tasks (SLURM_JOB_NODELIST,
+    SLURM_TASKS_PER_NODE), not this machine alone; -np within them. Given hosts win."""
+    s = spec(environ=ALLOCATION, launcher=launcher)
+    assert (s.np, s.hosts) == (4, [Host("node01", 2), Host("node02", 2)])
+    assert placement(spec(environ=ALLOCATION, launcher=launcher, np=3)) == {0: "node01", 1: "node01", 2: "node02"}
+    with pytest.raises(UsageError, match="-np 5 is more than the 4 tasks of Slurm job 7"):
+        spec(environ=ALLOCATION, launcher=launcher, np=5)
+    assert spec(environ=ALLOCATION, launcher=launcher, hosts="a:1").hosts == [Host("a", 1)]
+    # Slurm did not say its hosts (the batch step always does): this machine, as before.
+    assert spec(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, launcher=launcher).hosts == [Host("localhost", 2)]
+
+
+def test_an_allocations_hostlist_that_does_not_parse_is_one_line():
+    with pytest.raises(UsageError, match=r"SLURM_JOB_NODELIST 'node\[02-01\]' is not a Slurm host list"):
+        spec(environ={**ALLOCATION, "SLURM_JOB_NODELIST": "node[02-01]"}, launcher="mpirun")
+
+
 def test_ranks_per_host_and_placement():
     assert ranks_per_host(5, [Host("a", 2), Host("b", 4)]) == [2, 3]
     assert placement(spec(np=5, hosts="a:2,b:4")) == {0: "a", 1: "a", 2: "b", 3: "b", 4: "b"}
