@@ -53,6 +53,9 @@ class SlurmEnv:
     job_name: Optional[str] = None
     nodelist: Optional[str] = None  # the allocation's hosts, compressed (SLURM_JOB_NODELIST: node[01-04],gpu7)
     tasks_per_node: Optional[str] = None  # its tasks on each host, compressed (SLURM_TASKS_PER_NODE: 2(x3),1)
+    # srun's MPI plugin (SLURM_MPI_TYPE): in a task of a step the one in use (None: --mpi=none), in the batch step
+    # srun's input variable, the one asked for.
+    mpi_type: Optional[str] = None
 
     @classmethod
     def read(cls, environ: Optional[Mapping[str, str]] = None) -> SlurmEnv:
@@ -68,6 +71,7 @@ class SlurmEnv:
             job_name=environ.get("SLURM_JOB_NAME") or None,
             nodelist=environ.get("SLURM_JOB_NODELIST") or None,
             tasks_per_node=environ.get("SLURM_TASKS_PER_NODE") or None,
+            mpi_type=environ.get("SLURM_MPI_TYPE") or None,
         )
 
     @property

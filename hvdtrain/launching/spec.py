@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from hvdtrain import srunmpi
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
 from hvdtrain.launching.elastic import ElasticSpec, check_elastic_launch, check_not_elastic, elastic_nics, make_elastic
@@ -56,6 +57,7 @@ class LaunchSpec:
     elastic: Optional[ElasticSpec] = None
     warnings: tuple[str, ...] = ()  # legal but rarely meant (e.g. far more ranks than cores): said, not refused
     roles: tuple[str, ...] = ()  # what each rank is (a pipeline's stage and replica): a failure report names it
+    mpi_plugin: Optional[str] = None  # srun's --mpi (srun jobs only: srunmpi.choose_mpi_plugin)
 
 
 def parse_env(items: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
@@ -185,13 +187,15 @@ def make_spec(
     check_cmd: bool = True,
     default_controller: Optional[str] = None,
     slurm: Optional[SlurmEnv] = None,
+    mpi_flavour: Optional[str] = None,
 ) -> LaunchSpec:
     """Validate everything the user gave and return a LaunchSpec; raises UsageError before anything runs.
     The launcher and the controller are decided here, once (resolve_launcher, resolve_controller): with
     horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's); an
     elastic job is always horovodrun with Gloo (`elastic.make_elastic` checks its options).
     What needs the hosts themselves (ssh, their interfaces, the discovery's answer) is checked by `preflight`.
-    `slurm`: the Slurm job this process is in, when the caller has read it (else read from `environ`)."""
+    `slurm`: the Slurm job this process is in, when the caller has read it (else read from `environ`).
+    `mpi_flavour`: the MPI's flavour (openmpi, mpich; None: unknown), for srun's plugin (`srunmpi`)."""
     environ = os.environ if environ is None else environ
     command = list(command)
     _check_given(command if check_cmd else None, launch, elastic)
@@ -232,6 +236,7 @@ def make_spec(
         ssh_config=resolve_ssh_config(launch.ssh_config, environ, launcher),
         elastic=elastic_spec,
         warnings=tuple(warnings),
+        mpi_plugin=_srun_plugin(launch.mpi_plugin, launcher, environ, slurm, mpi_flavour),
     )
 
 
@@ -312,6 +317,19 @@ def _rank_variables(launch: LaunchOptions, environ: Mapping[str, str]) -> tuple[
             raise UsageError(f"--env OMP_NUM_THREADS={value}: must be a whole number of threads, at least 1")
         threads = int(value)
     return extra, threads
+
+
+def _srun_plugin(
+    given: Optional[str], launcher: str, environ: Mapping[str, str], slurm: SlurmEnv, flavour: Optional[str]
+) -> Optional[str]:
+    """srun's --mpi for an srun job (srunmpi: what is asked for, else what srun here offers that the MPI works
+    with); None for the other launchers, which take no --mpi-plugin."""
+    if launcher != "srun":
+        if given is not None:
+            raise UsageError(f"--mpi-plugin applies to srun only (this job starts with {launcher}); drop it")
+        return None
+    requested = srunmpi.requested(given, environ, slurm)
+    return srunmpi.choose_mpi_plugin(srunmpi.offered_plugins(), flavour, requested)
 
 
 def _stall_timeout(stall_timeout: Optional[int]) -> int:

@@ -43,3 +43,20 @@ def fake_ssh(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     set_machine(monkeypatch, ("eth0", "lo", "wlan0"), {"lo": {"127.0.0.1"}, "eth0": {"10.0.0.1"}})
     return log
+
+
+# What `srun --mpi=list` prints with this project's Slurm 22.05 (Debian's slurm-wlm): the unit tests choose srun's
+# plugin from it wherever they run, srun installed or not.
+SRUN_MPI_LIST = (
+    "MPI plugin types are...\n\tpmix\n\tnone\n\tcray_shasta\n\tpmi2\nspecific pmix plugin versions available: pmix_v4\n"
+)
+
+
+@pytest.fixture(autouse=True)
+def srun_offers(monkeypatch):
+    """srun's MPI plugins as Slurm 22.05 here offers them (no process started)."""
+    from hvdtrain import srunmpi
+
+    offered = tuple(srunmpi.parse_mpi_list(SRUN_MPI_LIST))
+    monkeypatch.setattr(srunmpi, "offered_plugins", lambda: offered)
+    return offered

@@ -195,6 +195,35 @@ def test_an_allocations_hostlist_that_does_not_parse_is_one_line():
         spec(environ={**ALLOCATION, "SLURM_JOB_NODELIST": "node[02-01]"}, launcher="mpirun")
 
 
+def test_srun_gets_the_chosen_plugin(srun_offers):
+    """srun's --mpi from srunmpi (pmix here: srun offers it, Open MPI speaks it), asked for by --mpi-plugin,
+    HVDTRAIN_SRUN_MPI or SLURM_MPI_TYPE."""
+    assert srun_offers == ("pmix", "none", "cray_shasta", "pmi2", "pmix_v4")
+    s = spec(environ=ALLOCATION)
+    assert s.mpi_plugin == "pmix" and "--mpi=pmix" in build_srun_argv(s, "/l")
+    assert spec(environ=ALLOCATION, mpi_plugin="pmix_v4").mpi_plugin == "pmix_v4"
+    assert spec(environ={**ALLOCATION, "HVDTRAIN_SRUN_MPI": "pmi2"}).mpi_plugin == "pmi2"
+    assert spec(environ={**ALLOCATION, "SLURM_MPI_TYPE": "none"}).mpi_plugin == "none"
+    assert spec(environ={**ALLOCATION, "SLURM_MPI_TYPE": "none"}, mpi_plugin="pmix").mpi_plugin == "pmix"
+    assert launch_spec.make_spec(["python", "-c", "pass"], environ=ALLOCATION, mpi_flavour="mpich").mpi_plugin == "pmi2"
+    assert spec(environ=ALLOCATION, launcher="mpirun").mpi_plugin is None
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"environ": ALLOCATION, "mpi_plugin": "pmi3"}, "srun's MPI plugin 'pmi3' is not offered here"),
+        ({"environ": {**ALLOCATION, "HVDTRAIN_SRUN_MPI": "pmix_v9"}}, "'pmix_v9' is not offered here"),
+        ({"environ": ALLOCATION, "mpi_plugin": "PMI 2"}, "--mpi-plugin 'PMI 2': not an MPI plugin's name"),
+        ({"environ": ALLOCATION, "mpi_plugin": "pmi2", "launcher": "mpirun"}, "--mpi-plugin applies to srun only"),
+        ({"mpi_plugin": "pmix", "np": 2}, "--mpi-plugin applies to srun only"),
+    ],
+)
+def test_srun_plugin_rejects(kw, needle):
+    with pytest.raises(UsageError, match=needle):
+        spec(**kw)
+
+
 def test_ranks_per_host_and_placement():
     assert ranks_per_host(5, [Host("a", 2), Host("b", 4)]) == [2, 3]
     assert placement(spec(np=5, hosts="a:2,b:4")) == {0: "a", 1: "a", 2: "b", 3: "b", 4: "b"}

@@ -34,7 +34,11 @@ case ${cmd[0]##*/} in
     step=("${cmd[@]}") ;;
   *)
     case $HVDTRAIN_LAUNCHER in
-      srun) step=(srun --mpi=pmix --kill-on-bad-exit=1 --open-mode=append --output="${log_dir//%/%%}/@@RANK_LOG@@"
+      # srun's MPI plugin, chosen here on the node from what its srun offers (HVDTRAIN_SRUN_MPI or SLURM_MPI_TYPE
+      # when set): pmix for Open MPI, pmi2 for MPICH; pmix when hvdtrain cannot be imported.
+      srun) mpi=$(python3 -m hvdtrain.srunmpi 2>&1)
+            case $? in 0) ;; 2) echo "$mpi" >&2; exit 2 ;; *) mpi=${HVDTRAIN_SRUN_MPI:-pmix} ;; esac
+            step=(srun --mpi="$mpi" --kill-on-bad-exit=1 --open-mode=append --output="${log_dir//%/%%}/@@RANK_LOG@@"
                   bash -c "$pin" hvdtrain-pin "$gpus_per_rank" "${cmd[@]}") ;;
       mpirun) step=(mpirun -np "$SLURM_NTASKS" --bind-to none --map-by slot --output-filename "$log_dir"
                     bash -c "$pin" hvdtrain-pin "$gpus_per_rank" "${cmd[@]}") ;;
