@@ -51,6 +51,7 @@ class SlurmEnv:
     ntasks_per_node: Optional[int] = None  # first value of SLURM_NTASKS_PER_NODE, e.g. '2(x3)' -> 2
     nnodes: Optional[int] = None
     job_name: Optional[str] = None
+    cpus_per_task: Optional[int] = None  # the job's --cpus-per-task (SLURM_CPUS_PER_TASK)
     nodelist: Optional[str] = None  # the allocation's hosts, compressed (SLURM_JOB_NODELIST: node[01-04],gpu7)
     tasks_per_node: Optional[str] = None  # its tasks on each host, compressed (SLURM_TASKS_PER_NODE: 2(x3),1)
     # srun's MPI plugin (SLURM_MPI_TYPE): in a task of a step the one in use (None: --mpi=none), in the batch step
@@ -69,6 +70,7 @@ class SlurmEnv:
             ntasks_per_node=int_var(environ, "SLURM_NTASKS_PER_NODE"),
             nnodes=int_var(environ, "SLURM_NNODES"),
             job_name=environ.get("SLURM_JOB_NAME") or None,
+            cpus_per_task=int_var(environ, "SLURM_CPUS_PER_TASK"),
             nodelist=environ.get("SLURM_JOB_NODELIST") or None,
             tasks_per_node=environ.get("SLURM_TASKS_PER_NODE") or None,
             mpi_type=environ.get("SLURM_MPI_TYPE") or None,

@@ -219,6 +219,8 @@ def make_spec(
     else:
         np, hosts = _slot_ranks(launch.np, given, slurm, warnings)
     env, threads = _rank_variables(launch, environ)
+    if launcher == "srun":
+        env = {**_srun_variables(slurm, environ), **env}
     nics = parse_nics(launch.network_interface) if launch.network_interface is not None else []
     if elastic_spec is not None and not nics:
         nics = elastic_nics(hosts)
@@ -317,6 +319,14 @@ def _rank_variables(launch: LaunchOptions, environ: Mapping[str, str]) -> tuple[
             raise UsageError(f"--env OMP_NUM_THREADS={value}: must be a whole number of threads, at least 1")
         threads = int(value)
     return extra, threads
+
+
+def _srun_variables(slurm: SlurmEnv, environ: Mapping[str, str]) -> dict[str, str]:
+    """What srun needs from the job besides its options: Slurm >= 22.05's srun no longer takes the job's
+    --cpus-per-task by itself, so SRUN_CPUS_PER_TASK passes it on (unless the caller sets it)."""
+    if slurm.cpus_per_task is None or "SRUN_CPUS_PER_TASK" in environ:
+        return {}
+    return {"SRUN_CPUS_PER_TASK": str(slurm.cpus_per_task)}
 
 
 def _srun_plugin(

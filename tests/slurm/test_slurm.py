@@ -225,3 +225,34 @@ def test_sigkill_of_hvdtrain_in_a_job_ends_its_srun_ranks(slurm, tmp_path):
         time.sleep(0.2)
     assert not of_job("-m", "hvdtrain.worker"), "ranks outlived hvdtrain"
     slurm.wait(job, timeout=60)
+
+
+# A rank's view of its srun step: OMP_NUM_THREADS, and the CPUs Slurm gave the step (scontrol show step).
+STEP_PROBE = (
+    "import os, re, subprocess; step = os.environ['SLURM_JOB_ID'] + '.' + os.environ['SLURM_STEP_ID']; "
+    "shown = subprocess.run(['scontrol', 'show', 'step', step], capture_output=True, text=True, timeout=30).stdout; "
+    "print('probe', os.environ['SLURM_PROCID'], os.environ.get('OMP_NUM_THREADS'), "
+    "re.search(r'CPUs=(\\d+)', shown).group(1), flush=True)"
+)
+
+
+@pytest.mark.parametrize("how", ["template", "hvdtrain run"])
+def test_cpus_per_task_reaches_the_srun_step_and_openmp(slurm, tmp_path, how):
+    """--cpus-per-task=2, 2 tasks: Slurm >= 22.05's srun does not take the job's value by itself; the job script
+    (a user command) and hvdtrain's own srun (`hvdtrain run`) pass it on: each rank sees OMP_NUM_THREADS=2 and the
+    step holds 2 CPUs per task. SLURM_EXACT=1 (srun --exact) makes the step hold only what srun asked for; without
+    it a step holds all of the job's CPUs on the node, whatever srun was told."""
+    command = ["python", "-c", STEP_PROBE]
+    if how == "hvdtrain run":
+        command = ["hvdtrain", "run", "--output-dir", str(tmp_path / "logs"), "--", *command]
+    job = slurm.sbatch(
+        ["--ntasks-per-node=2", "--cpus-per-task=2", TEMPLATES / "data-parallel.sbatch", *command],
+        cwd=tmp_path, extra_env={"SLURM_EXACT": "1"},
+    )  # fmt: skip
+    (task,) = slurm.wait(job, timeout=180)
+    out = text(tmp_path / f"hvdtrain-dp-{job}.out")
+    assert task["JobState"] == "COMPLETED", out
+    logs = tmp_path / "runs" / f"hvdtrain-dp-{job}" / "logs" if how == "template" else tmp_path / "logs"
+    probes = sorted(line.split()[1:] for r in (0, 1) for line in text(logs / f"rank.{r}.log").splitlines()
+                    if line.startswith("probe "))  # fmt: skip
+    assert probes == [["0", "2", "4"], ["1", "2", "4"]], (out, probes)

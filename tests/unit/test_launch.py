@@ -195,12 +195,16 @@ def test_an_allocations_hostlist_that_does_not_parse_is_one_line():
         spec(environ={**ALLOCATION, "SLURM_JOB_NODELIST": "node[02-01]"}, launcher="mpirun")
 
 
-def test_srun_gets_the_chosen_plugin(srun_offers):
+def test_srun_gets_the_chosen_plugin_and_the_jobs_cpus_per_task(srun_offers):
     """srun's --mpi from srunmpi (pmix here: srun offers it, Open MPI speaks it), asked for by --mpi-plugin,
-    HVDTRAIN_SRUN_MPI or SLURM_MPI_TYPE."""
+    HVDTRAIN_SRUN_MPI or SLURM_MPI_TYPE; SRUN_CPUS_PER_TASK from the job's --cpus-per-task (Slurm >= 22.05's srun no
+    longer takes it by itself) unless set."""
     assert srun_offers == ("pmix", "none", "cray_shasta", "pmi2", "pmix_v4")
-    s = spec(environ=ALLOCATION)
+    s = spec(environ={**ALLOCATION, "SLURM_CPUS_PER_TASK": "2"})
     assert s.mpi_plugin == "pmix" and "--mpi=pmix" in build_srun_argv(s, "/l")
+    assert s.env == {"SRUN_CPUS_PER_TASK": "2"} and rank_env(s, False, {})["SRUN_CPUS_PER_TASK"] == "2"
+    assert spec(environ={**ALLOCATION, "SLURM_CPUS_PER_TASK": "2", "SRUN_CPUS_PER_TASK": "1"}).env == {}
+    assert spec(environ=ALLOCATION).env == {}
     assert spec(environ=ALLOCATION, mpi_plugin="pmix_v4").mpi_plugin == "pmix_v4"
     assert spec(environ={**ALLOCATION, "HVDTRAIN_SRUN_MPI": "pmi2"}).mpi_plugin == "pmi2"
     assert spec(environ={**ALLOCATION, "SLURM_MPI_TYPE": "none"}).mpi_plugin == "none"

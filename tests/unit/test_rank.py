@@ -45,6 +45,13 @@ def test_auto_threads_are_this_hosts_cpus_over_its_ranks(tmp_path, local_size, e
     assert (tmp_path / "rank.3.exit").read_text() == "0\n"
 
 
+def test_auto_threads_inside_slurm_are_the_jobs_cpus_per_task(tmp_path):
+    """sbatch --cpus-per-task=3: each rank's OpenMP gets 3 threads, whatever this host's CPUs and ranks."""
+    env = {"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_CPUS_PER_TASK": "3"}
+    proc = wrapper(tmp_path, "--threads", "auto", "--", sys.executable, "-c", PRINT_THREADS, env=env)
+    assert proc.stdout.split() == ["threads", "3"], proc.stderr
+
+
 def test_threads_given_or_left_alone(tmp_path):
     given = wrapper(tmp_path, "--threads", "3", "--", sys.executable, "-c", PRINT_THREADS)
     assert given.stdout.split() == ["threads", "3"]
@@ -103,6 +110,8 @@ def test_threads_for():
     assert rank.threads_for("auto", local_size=3, cpus=2) == 1
     assert rank.threads_for("auto", local_size=1, cpus=16) == 16
     assert rank.threads_for("6", local_size=4, cpus=2) == 6
+    assert rank.threads_for("auto", local_size=2, cpus=8, cpus_per_task=3) == 3
+    assert rank.threads_for("6", local_size=2, cpus=8, cpus_per_task=3) == 6
 
 
 def test_rank_info_local_size_from_the_srun_step():

@@ -99,12 +99,13 @@ def test_expand_hostlist_agrees_with_scontrol(tmp_path):
 
 
 ALLOCATION = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "6", "SLURM_JOB_NODELIST": "node[01-03],gpu7",
-              "SLURM_TASKS_PER_NODE": "2(x2),1,1"}  # fmt: skip
+              "SLURM_TASKS_PER_NODE": "2(x2),1,1", "SLURM_CPUS_PER_TASK": "4"}  # fmt: skip
 
 
 def test_the_allocations_hosts_with_their_tasks():
     slurm = SlurmEnv.read(ALLOCATION)
     assert slurm.hosts() == [("node01", 2), ("node02", 2), ("node03", 1), ("gpu7", 1)]
+    assert slurm.cpus_per_task == 4
     assert SlurmEnv.read({}).hosts() == [] and SlurmEnv.read({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}).hosts() == []
     with pytest.raises(UsageError, match=r"SLURM_TASKS_PER_NODE '2\(x2\)' does not give one count for each of the 4"):
         SlurmEnv.read({**ALLOCATION, "SLURM_TASKS_PER_NODE": "2(x2)"}).hosts()

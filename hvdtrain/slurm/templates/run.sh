@@ -23,6 +23,12 @@ for arg in "$@"; do
   arg=${arg//"{task}"/"$task"}
   cmd+=("${arg//"{value}"/"$value"}")
 done
+# Slurm >= 22.05: srun no longer takes the job's --cpus-per-task by itself; pass it on, and give each rank's
+# OpenMP that many threads (unless set).
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}
+fi
 log_dir=$HVDTRAIN_RUN_DIR/@@LOGS@@${task:+/@@TASK_LOGS@@}
 mkdir -p "$log_dir"
 gpus_per_rank=${HVDTRAIN_GPUS_PER_RANK:-$((${SLURM_GPUS_ON_NODE:-0} / ${SLURM_NTASKS_PER_NODE:-1}))}
