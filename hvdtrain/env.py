@@ -57,6 +57,11 @@ class SlurmEnv:
     # srun's MPI plugin (SLURM_MPI_TYPE): in a task of a step the one in use (None: --mpi=none), in the batch step
     # srun's input variable, the one asked for.
     mpi_type: Optional[str] = None
+    # This process as a task of an srun step (None when srun did not start it directly: mpirun, horovodrun or
+    # Horovod's own variables say another launcher did): the step's tasks, and whether the plugin left the MPI
+    # anything to find its world by (PMIx or PMI).
+    srun_tasks: Optional[int] = None
+    wired_up: bool = False
 
     @classmethod
     def read(cls, environ: Optional[Mapping[str, str]] = None) -> SlurmEnv:
@@ -74,6 +79,8 @@ class SlurmEnv:
             nodelist=environ.get("SLURM_JOB_NODELIST") or None,
             tasks_per_node=environ.get("SLURM_TASKS_PER_NODE") or None,
             mpi_type=environ.get("SLURM_MPI_TYPE") or None,
+            srun_tasks=_srun_tasks(environ),
+            wired_up=any(v in environ for v in _WIRE_UP),
         )
 
     @property
@@ -106,6 +113,20 @@ class SlurmEnv:
                 f"{len(names)} hosts of SLURM_JOB_NODELIST '{self.nodelist}'; give the hosts with -H or --hostfile"
             )
         return list(zip(names, slots))
+
+
+# Variables of launchers that start ranks under an srun step of their own (mpirun's daemons, horovodrun, Horovod's
+# Gloo workers): their ranks are not the step's tasks.
+_OTHER_LAUNCHERS = ("OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "HOROVOD_RANK")
+
+
+def _srun_tasks(environ: Mapping[str, str]) -> Optional[int]:
+    """The tasks of the srun step that started this process itself (SLURM_STEP_NUM_TASKS); None for another's."""
+    return None if any(v in environ for v in _OTHER_LAUNCHERS) else int_var(environ, "SLURM_STEP_NUM_TASKS")
+
+
+# What srun's MPI plugins give a task to find its world by: PMIx (pmix, pmix_v4) or PMI-1/2 (pmi2).
+_WIRE_UP = ("PMIX_RANK", "PMI_FD", "PMI_RANK")
 
 
 def expand_tasks_per_node(text: str) -> list[int]:

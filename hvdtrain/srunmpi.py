@@ -119,6 +119,23 @@ def requested(given: Optional[str], environ: Mapping[str, str], slurm: SlurmEnv)
     return given or environ.get(PLUGIN_ENV) or slurm.mpi_type
 
 
+def wire_up_problem(slurm: SlurmEnv, world_size: Optional[int] = None, flavour: Optional[str] = None) -> Optional[str]:
+    """Why this task of an srun step is not in a world of the step's tasks, in one line naming the plugin in use
+    and the one to try; None when it is, or when it is no srun task of a step of several (`slurm`, read before
+    MPI started). Before MPI starts (`world_size` None): the plugin left the task nothing to find the others by
+    (--mpi=none). After (`world_size`, what MPI says): a world smaller than the step (N singletons)."""
+    tasks = slurm.srun_tasks
+    if tasks is None or tasks < 2 or (slurm.wired_up if world_size is None else world_size >= tasks):
+        return None
+    in_use = slurm.mpi_type or "none"
+    seen = "no PMI to find the others by" if world_size is None else f"a world of {world_size}"
+    other = next((n for n in candidates(offered_plugins(), flavour) if not _same(n, in_use)), "pmix")
+    return (
+        f"srun started {tasks} tasks with --mpi={in_use} and each MPI rank has {seen}: they would run as "
+        f"{tasks} singletons (rank 0 of 1 each); try --mpi={other} (--mpi-plugin {other}, or {PLUGIN_ENV}={other})"
+    )
+
+
 def main() -> int:
     """`python -m hvdtrain.srunmpi`: the plugin for this node's srun, as `choose_mpi_plugin` picks it with what the
     environment asks for (the job scripts run it on the compute node)."""

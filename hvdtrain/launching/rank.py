@@ -6,7 +6,9 @@ Every launcher starts the user's command through this wrapper on each rank. It f
 host gets its own value whatever the launcher), runs the command, copies its output both to the wrapper's own
 stdout (which the launcher shows, prefixed by rank) and to DIR/rank.R.log, passes on the signals a scheduler
 sends, and finally writes DIR/rank.R.exit with the exit status, so that the launching side can say which rank
-failed (or which host was lost) and show its last lines.
+failed (or which host was lost) and show its last lines. A task of an srun step of several whose --mpi plugin
+left it nothing to find the others by (--mpi=none: each MPI rank would be rank 0 of 1) does not start the
+command: one line naming the plugin to try, exit status 2.
 
 A rank never outlives its job: the command dies with the wrapper (the kernel's parent-death signal), and a thread
 ends the command (SIGTERM to its process group, SIGKILL after END_GRACE_S) once the process that started the
@@ -38,6 +40,7 @@ from hvdtrain import procs
 from hvdtrain.env import SlurmEnv, rank_info
 from hvdtrain.files import write_text_atomic
 from hvdtrain.rundir import RankLogs
+from hvdtrain.srunmpi import wire_up_problem
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 USAGE = "usage: python -m hvdtrain.launching.rank --log-dir DIR [--threads auto|N] -- COMMAND..."
@@ -179,6 +182,15 @@ def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: i
     return 128 - status if status < 0 else status
 
 
+def _refuse(problem: str, log, rank: int) -> int:
+    """The command is not started: `problem` in the rank's log and (rank 0's) on stderr, as a usage error."""
+    line = f"hvdtrain: error: {problem}\n".encode()
+    log.write(line)
+    if rank == 0:
+        sys.stderr.buffer.write(line)
+    return 2
+
+
 def main(argv: list[str]) -> int:
     parsed = parse_args(argv)
     if parsed is None:
@@ -196,10 +208,11 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "HVDTRAIN_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads_for(threads, info.local_size, available_cpus(), slurm.cpus_per_task))
+    problem = wire_up_problem(slurm)  # before MPI starts: srun's --mpi=none leaves every rank alone
     with open(log_path, "ab", buffering=0) as log:
         if worker is not None:
             log.write(started_line(*worker).encode())
-        status = _run_teed(command, env, log, name, parent)
+        status = _refuse(problem, log, info.rank) if problem else _run_teed(command, env, log, name, parent)
     write_text_atomic(exit_record, f"{status}\n")
     return status
 

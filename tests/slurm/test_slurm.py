@@ -256,3 +256,25 @@ def test_cpus_per_task_reaches_the_srun_step_and_openmp(slurm, tmp_path, how):
     probes = sorted(line.split()[1:] for r in (0, 1) for line in text(logs / f"rank.{r}.log").splitlines()
                     if line.startswith("probe "))  # fmt: skip
     assert probes == [["0", "2", "4"], ["1", "2", "4"]], (out, probes)
+
+
+def test_a_step_whose_mpi_plugin_gives_no_world_ends_in_one_line(slurm, tmp_path):
+    """srun --mpi=none under Open MPI (each rank alone: Open MPI would abort in MPI_Init with twenty lines a rank; an
+    MPICH would run N singletons): the rank wrappers stop before the command, the job fails at once, and its verdict
+    is one line naming the plugin in use and the one to try."""
+    run = tmp_path / "none"
+    start = time.monotonic()
+    job = slurm.submit(
+        "--ntasks-per-node", "2", "--no-requeue", "--run-dir", run, "--",
+        "hvdtrain", "run", "--mpi-plugin", "none", "--", "python", "-c", HOROVOD_HELLO,
+        cwd=tmp_path,
+    )  # fmt: skip
+    (task,) = slurm.wait(job, timeout=120)
+    out = text(run / f"slurm-{job}.out")
+    assert task["JobState"] == "FAILED" and task["ExitCode"] == "2:0", out
+    verdict = [line for line in out.splitlines() if line.startswith("hvdtrain: error: rank ")]
+    assert len(verdict) == 1, out
+    assert "failed with exit status 2" in verdict[0] and "srun started 2 tasks with --mpi=none" in verdict[0]
+    assert verdict[0].endswith("try --mpi=pmix (--mpi-plugin pmix, or HVDTRAIN_SRUN_MPI=pmix)"), verdict
+    assert not re.search(r"hello rank \d", out) and "OMPI was not built" not in out  # the command never started
+    print(f"--mpi=none refused in {time.monotonic() - start:.0f} s wall")

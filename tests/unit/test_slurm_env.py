@@ -1,5 +1,6 @@
 """What a process reads of its Slurm allocation: host lists expanded (the forms sites use, bad input named in one
-line, and against `scontrol show hostnames` where Slurm is installed), the allocation's hosts with their tasks."""
+line, and against `scontrol show hostnames` where Slurm is installed), the allocation's hosts with their tasks, and
+the variables an srun task sees (its step, its MPI plugin)."""
 
 from __future__ import annotations
 
@@ -109,3 +110,20 @@ def test_the_allocations_hosts_with_their_tasks():
     assert SlurmEnv.read({}).hosts() == [] and SlurmEnv.read({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}).hosts() == []
     with pytest.raises(UsageError, match=r"SLURM_TASKS_PER_NODE '2\(x2\)' does not give one count for each of the 4"):
         SlurmEnv.read({**ALLOCATION, "SLURM_TASKS_PER_NODE": "2(x2)"}).hosts()
+
+
+@pytest.mark.parametrize(
+    "environ,tasks,plugin,wired",
+    [
+        ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_MPI_TYPE": "pmix", "PMIX_RANK": "1"}, 2, "pmix", True),
+        ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_MPI_TYPE": "pmi2", "PMI_FD": "11", "PMI_RANK": "1"}, 2, "pmi2", True),
+        ({"SLURM_STEP_NUM_TASKS": "2"}, 2, None, False),  # srun --mpi=none: no SLURM_MPI_TYPE, nothing to wire up
+        # ranks that mpirun's daemons or horovodrun started under a step of their own are not its tasks
+        ({"SLURM_STEP_NUM_TASKS": "2", "OMPI_COMM_WORLD_SIZE": "8"}, None, None, False),
+        ({"SLURM_STEP_NUM_TASKS": "2", "HOROVOD_RANK": "0", "HOROVOD_SIZE": "4"}, None, None, False),
+        ({}, None, None, False),
+    ],
+)
+def test_an_srun_task_its_step_and_plugin(environ, tasks, plugin, wired):
+    slurm = SlurmEnv.read(environ)
+    assert (slurm.srun_tasks, slurm.mpi_type, slurm.wired_up) == (tasks, plugin, wired)

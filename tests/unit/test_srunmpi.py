@@ -1,5 +1,6 @@
 """srun's MPI plugin: what `srun --mpi=list` prints (Slurm 22.05, 23.x, older) read, the plugin chosen for an MPI
-flavour from what srun offers (pure), an override checked, and `python -m hvdtrain.srunmpi` as the job scripts run it."""
+flavour from what srun offers (pure), an override checked, the one-line verdict on a task whose MPI cannot see
+the step's other tasks, and `python -m hvdtrain.srunmpi` as the job scripts run it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from conftest import SRUN_MPI_LIST
 from hvdtrain import srunmpi
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
-from hvdtrain.srunmpi import choose_mpi_plugin, parse_mpi_list
+from hvdtrain.srunmpi import choose_mpi_plugin, parse_mpi_list, wire_up_problem
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_22_05 = ["pmix", "none", "cray_shasta", "pmi2", "pmix_v4"]
@@ -80,6 +81,41 @@ def test_requested_plugin_order():
     assert srunmpi.requested(None, {"HVDTRAIN_SRUN_MPI": "none"}, slurm) == "none"
     assert srunmpi.requested(None, {"HVDTRAIN_SRUN_MPI": ""}, slurm) == "pmi2"
     assert srunmpi.requested(None, {}, SlurmEnv()) is None
+
+
+STEP = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+
+
+def test_a_task_without_wire_up_is_refused_before_mpi_starts():
+    """srun --mpi=none: no PMIx or PMI variable, every MPI rank would be rank 0 of 1 (Open MPI aborts instead)."""
+    problem = wire_up_problem(SlurmEnv.read(STEP))
+    assert problem == (
+        "srun started 2 tasks with --mpi=none and each MPI rank has no PMI to find the others by: they would run as 2 "
+        "singletons (rank 0 of 1 each); try --mpi=pmix (--mpi-plugin pmix, or HVDTRAIN_SRUN_MPI=pmix)"
+    )
+    assert "try --mpi=pmi2" in wire_up_problem(SlurmEnv.read(STEP), flavour="mpich")
+    for fine in (
+        {**STEP, "SLURM_MPI_TYPE": "pmix", "PMIX_RANK": "1"},
+        {**STEP, "SLURM_MPI_TYPE": "pmi2", "PMI_FD": "11", "PMI_RANK": "1"},
+        {**STEP, "SLURM_STEP_NUM_TASKS": "1"},  # a step of one task is a world of one
+        {**STEP, "OMPI_COMM_WORLD_SIZE": "2"},  # started by mpirun's daemon under its step
+        {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"},  # the batch step (mpirun's ranks), not an srun task
+        {},
+    ):
+        assert wire_up_problem(SlurmEnv.read(fine)) is None, fine
+
+
+def test_a_world_smaller_than_the_step_names_the_plugin_and_the_one_to_try():
+    """After MPI started: MPICH under srun --mpi=pmix sees a world of 1 in each of the step's tasks."""
+    slurm = SlurmEnv.read({**STEP, "SLURM_MPI_TYPE": "pmix", "PMIX_RANK": "1"})
+    assert wire_up_problem(slurm, world_size=1) == (
+        "srun started 2 tasks with --mpi=pmix and each MPI rank has a world of 1: they would run as 2 singletons "
+        "(rank 0 of 1 each); try --mpi=pmi2 (--mpi-plugin pmi2, or HVDTRAIN_SRUN_MPI=pmi2)"
+    )
+    v4 = SlurmEnv.read({**STEP, "SLURM_MPI_TYPE": "pmix_v4", "PMIX_RANK": "1"})
+    assert "try --mpi=pmi2" in wire_up_problem(v4, world_size=1)  # pmix_v4 is pmix: not the one to try
+    assert wire_up_problem(slurm, world_size=2) is None
+    assert wire_up_problem(SlurmEnv.read({**STEP, "HOROVOD_SIZE": "2"}), world_size=1) is None  # elastic, Gloo
 
 
 def test_read_offered_from_a_real_srun_output(tmp_path, monkeypatch):
