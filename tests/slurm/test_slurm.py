@@ -278,3 +278,32 @@ def test_a_step_whose_mpi_plugin_gives_no_world_ends_in_one_line(slurm, tmp_path
     assert verdict[0].endswith("try --mpi=pmix (--mpi-plugin pmix, or HVDTRAIN_SRUN_MPI=pmix)"), verdict
     assert not re.search(r"hello rank \d", out) and "OMPI was not built" not in out  # the command never started
     print(f"--mpi=none refused in {time.monotonic() - start:.0f} s wall")
+
+
+def test_time_limit_warning_checkpoints_requeues_and_the_resumed_job_finishes(slurm, tmp_path):
+    """--time=2 --signal=USR2@60: Slurm itself sends the warning (its checks run every 30 s, so 30-60 s after the
+    start; nobody calls scancel), the ranks checkpoint, rank 0 requeues the job, and the requeued run resumes and
+    finishes. The first run is slowed (slurmhooks.SlowFirstRun: 0.1 s a step) so that it cannot finish before
+    its limit; the requeued one runs at full speed."""
+    steps = 1000
+    run = tmp_path / "limit"
+    start = time.monotonic()
+    job = slurm.submit(
+        "--ntasks-per-node", "2", "--time", "2", "--signal", "USR2@60", "--run-dir", run, "--job-name", "limit", "--",
+        "hvdtrain", "train", "--model", "mlp", "--max-steps", str(steps), "--epochs", "50", "--log-every", "5",
+        "--no-eval-every-epoch", "--hooks", "slurmhooks:SlowFirstRun", "--run-dir", run / "train",
+        cwd=tmp_path, extra_env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "HVDTRAIN_TEST_STEP_SLEEP": "0.1"},
+    )  # fmt: skip
+    slurm.release_requeued(job)
+    (task,) = slurm.wait(
+        job, timeout=240, until=lambda t: t[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    )
+    out = text(run / f"slurm-{job}.out")
+    assert task["JobState"] == "COMPLETED" and int(task["Restarts"]) >= 1, (task, out)
+    m = re.search(r"preempted at step (\d+)", out)
+    assert m and 0 < int(m.group(1)) < steps, out
+    assert f"requeued Slurm job {job}" in out and "restart 1," in out
+    assert f"step-{int(m.group(1)):08d}.pt" in out
+    res = result_of(run / "train")
+    assert res["steps"] == steps and not res["preempted"], res
+    print(f"time limit: preempted at step {m.group(1)}, requeued, finished in {time.monotonic() - start:.0f} s wall")
