@@ -104,9 +104,10 @@ def choose_mpi_plugin(offered: Sequence[str], flavour: Optional[str], override: 
     """srun's --mpi for a job's ranks (pure): `override` when given (it must be a plugin srun offers, when that is
     known: UsageError otherwise), else the best of `candidates`; pmix when srun offers none of them."""
     if override:
-        if check_name(override) not in offered and offered:
+        check_name(override)
+        if offered and override not in offered:
             raise UsageError(
-                f"srun's MPI plugin '{override}' is not offered here (srun --mpi=list: {', '.join(offered) or '?'}); "
+                f"srun's MPI plugin '{override}' is not offered here (srun --mpi=list: {', '.join(offered)}); "
                 f"give one of those with --mpi-plugin or {PLUGIN_ENV}"
             )
         return override
