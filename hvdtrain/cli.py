@@ -348,7 +348,8 @@ def submit(command, dry_run, **options):
 
     Renders the job script deterministically into the run directory, submits it with sbatch, and prints the
     job id and where the logs go. `hvdtrain ...` commands start their own ranks inside the allocation; other
-    commands are started on every rank with srun --mpi=pmix (or mpirun).
+    commands are started on every rank with srun (--mpi chosen in the job: pmix for Open MPI, pmi2 for MPICH) or
+    mpirun.
     """
     from hvdtrain import slurm
 

@@ -73,11 +73,12 @@ class Slurm:
         self.jobs.append(job)
         return job
 
-    def hvdtrain(self, *args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-        return self.run([os.sys.executable, "-m", "hvdtrain", *args], cwd=cwd, timeout=timeout, check=False)
+    def hvdtrain(self, *args, cwd=None, timeout=120, extra_env=None) -> subprocess.CompletedProcess:
+        argv = [os.sys.executable, "-m", "hvdtrain", *args]
+        return self.run(argv, cwd=cwd, timeout=timeout, check=False, extra_env=extra_env)
 
-    def submit(self, *args, cwd) -> str:
-        proc = self.hvdtrain("submit", *args, cwd=cwd)
+    def submit(self, *args, cwd, extra_env=None) -> str:
+        proc = self.hvdtrain("submit", *args, cwd=cwd, extra_env=extra_env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         m = re.search(r"^submitted job (\d+)$", proc.stdout, re.M)
         assert m, proc.stdout

@@ -203,12 +203,13 @@ def build_mpiexec_argv(spec: LaunchSpec, log_dir: str, env_names: Sequence[str])
     return argv + wrapped_command(spec, log_dir)
 
 
-def build_srun_argv(spec: LaunchSpec, log_dir: str, mpi_plugin: str = "pmix") -> list[str]:
-    # pmix, not pmi2: Debian's OpenMPI is built without Slurm's PMI-2 support.
+def build_srun_argv(spec: LaunchSpec, log_dir: str) -> list[str]:
+    """srun's argv: the plugin make_spec chose (srunmpi: pmix for Open MPI, pmi2 for MPICH), a step that ends when
+    a rank fails, the caller's environment passed on (its SRUN_CPUS_PER_TASK too)."""
     return [
         "srun",
         f"--ntasks={spec.np}",
-        f"--mpi={mpi_plugin}",
+        f"--mpi={spec.mpi_plugin}",
         "--kill-on-bad-exit=1",
         "--export=ALL",
         *wrapped_command(spec, log_dir),

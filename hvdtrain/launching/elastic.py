@@ -13,13 +13,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
-from hvdtrain.launching.hosts import Host, is_local_host, parse_hosts_file
+from hvdtrain.launching.hosts import Host, allocation_hosts, is_local_host, parse_hosts_file
 from hvdtrain.launching.options import DEFAULT_ELASTIC_TIMEOUT, ElasticOptions, LaunchOptions
 
 # The range horovodrun's blacklist cooldown accepts (elastic/discovery.py; outside it, its discovery thread raises
 # when it first meets a host).
 COOLDOWN_LIMITS = (1, 3600)
+# `python -m hvdtrain.launching.discover ALLOCATION`: the hosts of the Slurm allocation it runs in.
+ALLOCATION = "--slurm-allocation"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +110,9 @@ def _limits(options: ElasticOptions) -> Optional[tuple[int, int]]:
     return cooldown
 
 
-def _discovery(options: ElasticOptions, slots: int) -> tuple[str, Optional[str], list[Host]]:
-    """(the discovery command horovodrun runs, the --hosts-file's absolute path or None, the hosts it lists now)."""
+def _discovery(options: ElasticOptions, slots: int, slurm: SlurmEnv) -> tuple[str, Optional[str], list[Host]]:
+    """(the discovery command horovodrun runs, the --hosts-file's absolute path or None, the hosts it lists now).
+    Neither --hosts-file nor --host-discovery-script, inside a Slurm allocation: the allocation's hosts."""
     if options.host_discovery_script is not None:
         given = options.host_discovery_script
         script = Path(given).expanduser()
@@ -120,28 +124,35 @@ def _discovery(options: ElasticOptions, slots: int) -> tuple[str, Optional[str],
         if not os.access(script, os.X_OK):
             raise UsageError(f"--host-discovery-script {given} is not executable: chmod +x {shlex.quote(str(script))}")
         return shlex.quote(str(script.resolve())), None, []
+    if options.hosts_file is None:
+        hosts = allocation_hosts(slurm)
+        return shlex.join([sys.executable, "-m", "hvdtrain.launching.discover", ALLOCATION]), None, hosts
     hosts = parse_hosts_file(options.hosts_file, slots)
     path = str(Path(options.hosts_file).expanduser().resolve())
     command = [sys.executable, "-m", "hvdtrain.launching.discover", path, "--slots-per-host", str(slots)]
     return shlex.join(command), path, hosts
 
 
-def make_elastic(np: Optional[int], options: ElasticOptions) -> tuple[ElasticSpec, int, list[Host]]:
+def make_elastic(
+    np: Optional[int], options: ElasticOptions, slurm: SlurmEnv = SlurmEnv()
+) -> tuple[ElasticSpec, int, list[Host]]:
     """The elastic options checked: (ElasticSpec, the number of ranks the job starts with, the hosts the
-    --hosts-file lists now, [] for a discovery script). -np defaults to --min-np, --min-np to -np, else 1."""
+    --hosts-file (or the Slurm allocation, `slurm`) lists now, [] for a discovery script). -np defaults to
+    --min-np, --min-np to -np, else 1."""
     if options.host_discovery_script is not None and options.hosts_file is not None:
         raise UsageError("--host-discovery-script and --hosts-file exclude each other: give the hosts one way")
-    if options.host_discovery_script is None and options.hosts_file is None:
+    if options.host_discovery_script is None and options.hosts_file is None and not slurm.hosts():
         raise UsageError(
             "--elastic needs its hosts: --hosts-file FILE ('host:slots' lines, re-read while the job runs) or "
-            "--host-discovery-script FILE (a program that prints them)"
+            "--host-discovery-script FILE (a program that prints them); inside a Slurm allocation its hosts are the "
+            "default"
         )
     slots = 1 if options.slots_per_host is None else options.slots_per_host
     if slots < 1:
         raise UsageError(f"--slots-per-host {slots}: must be at least 1")
     min_np, np = _bounds(np, options)
     cooldown = _limits(options)
-    discovery, hosts_path, hosts = _discovery(options, slots)
+    discovery, hosts_path, hosts = _discovery(options, slots, slurm)
     elastic = ElasticSpec(
         min_np=min_np,
         max_np=options.max_np,

@@ -35,6 +35,7 @@ _KILLED = {128 + int(signal.SIGTERM), 128 + int(signal.SIGINT), 128 + int(signal
 _STALL_SHUTDOWN_RE = re.compile(r"is stalled for longer than (\d+) seconds\. Will shutdown\.")
 _STALL_RANK_RE = re.compile(r"^(\d+)(!?): \[(.*)\]\s*$")
 _LOG_TAIL_BYTES = 64 * 1024
+_ONE_LINE = "hvdtrain: error: "  # how a rank (its wrapper, the worker) says a usage error in one line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +323,8 @@ def _with_last_lines(
     )
     if not lines:
         return Diagnosis(first_cause, f"{'; '.join(causes)}; {first} {missing}")
+    if len(lines) == 1 and lines[0].startswith(_ONE_LINE):  # the rank said why in one line (a usage error): say it
+        return Diagnosis(first_cause, f"{'; '.join(causes)}: {lines[0].removeprefix(_ONE_LINE)}")
     if rank != shown[0]:
         causes.append(f"{first.name} {missing}")
     body = "\n".join(f"  | {line}" for line in lines)

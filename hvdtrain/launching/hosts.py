@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 from typing import Sequence
 
+from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
 
 
@@ -154,6 +155,11 @@ def parse_discovered(text: str, where: str, slots_per_host: int = 1) -> list[Hos
         hosts.append(_host(m.group(1), int(m.group(2)) if m.group(2) else slots_per_host, where))
     _check_duplicates(hosts, where)
     return hosts
+
+
+def allocation_hosts(slurm: SlurmEnv) -> list[Host]:
+    """The hosts of the Slurm allocation this process runs in, each with the tasks Slurm gave it; [] outside one."""
+    return [Host(name, slots) for name, slots in slurm.hosts()]
 
 
 def ranks_per_host(np: int, hosts: Sequence[Host]) -> list[int]:

@@ -62,6 +62,11 @@ class LaunchOptions:
         "config].",
         metavar="FILE",
     )
+    mpi_plugin: Optional[str] = _option(
+        "srun's MPI plugin for the ranks (srun --mpi=NAME) [default: $HVDTRAIN_SRUN_MPI, else $SLURM_MPI_TYPE, else "
+        "what srun --mpi=list offers that the MPI works with: pmix for Open MPI, pmi2 for MPICH].",
+        metavar="NAME",
+    )
     stall_timeout: Optional[int] = _option(
         "End the job when a rank has kept the others waiting at a collective this long (Horovod's stall shutdown); "
         f"0: wait forever [default: {DEFAULT_STALL_TIMEOUT}].",

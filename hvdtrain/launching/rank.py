@@ -1,12 +1,14 @@
 """The per-rank wrapper: ``python -m hvdtrain.launching.rank --log-dir DIR [--threads auto|N] -- COMMAND...``.
 
 Every launcher starts the user's command through this wrapper on each rank. It first writes DIR/rank.R.host
-(the host it runs on), sets OMP_NUM_THREADS for the command (``--threads N``: N; ``auto``: this host's CPUs
-divided by the ranks on this host, worked out here, so each host gets its own value whatever the launcher),
-runs the command, copies its output both to the wrapper's own stdout (which the launcher shows, prefixed by
-rank) and to DIR/rank.R.log, passes on the signals a scheduler sends, and finally writes DIR/rank.R.exit with
-the exit status, so that the launching side can say which rank failed (or which host was lost) and show its
-last lines.
+(the host it runs on), sets OMP_NUM_THREADS for the command (``--threads N``: N; ``auto``: the job's
+--cpus-per-task inside Slurm, else this host's CPUs divided by the ranks on this host, worked out here, so each
+host gets its own value whatever the launcher), runs the command, copies its output both to the wrapper's own
+stdout (which the launcher shows, prefixed by rank) and to DIR/rank.R.log, passes on the signals a scheduler
+sends, and finally writes DIR/rank.R.exit with the exit status, so that the launching side can say which rank
+failed (or which host was lost) and show its last lines. A task of an srun step of several whose --mpi plugin
+left it nothing to find the others by (--mpi=none: each MPI rank would be rank 0 of 1) does not start the
+command: one line naming the plugin to try, exit status 2.
 
 A rank never outlives its job: the command dies with the wrapper (the kernel's parent-death signal), and a thread
 ends the command (SIGTERM to its process group, SIGKILL after END_GRACE_S) once the process that started the
@@ -35,9 +37,10 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from hvdtrain import procs
-from hvdtrain.env import rank_info
+from hvdtrain.env import SlurmEnv, rank_info
 from hvdtrain.files import write_text_atomic
 from hvdtrain.rundir import RankLogs
+from hvdtrain.srunmpi import wire_up_problem
 
 WRAPPER = "hvdtrain.launching.rank"  # how a wrapper is found among processes (its command line)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
@@ -71,10 +74,11 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def threads_for(choice: str, local_size: int, cpus: int) -> int:
-    """OMP_NUM_THREADS for a rank: N as given, or (auto) this host's CPUs shared by the ranks on it, at least 1."""
+def threads_for(choice: str, local_size: int, cpus: int, cpus_per_task: Optional[int] = None) -> int:
+    """OMP_NUM_THREADS for a rank: N as given, or (auto) the job's --cpus-per-task inside Slurm, else this host's
+    CPUs shared by the ranks on it, at least 1."""
     if choice == AUTO:
-        return max(1, cpus // max(1, local_size))
+        return cpus_per_task or max(1, cpus // max(1, local_size))
     return int(choice)
 
 
@@ -218,6 +222,15 @@ def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: i
     return 128 - status if status < 0 else status
 
 
+def _refuse(problem: str, log, rank: int) -> int:
+    """The command is not started: `problem` in the rank's log and (rank 0's) on stderr, as a usage error."""
+    line = f"hvdtrain: error: {problem}\n".encode()
+    log.write(line)
+    if rank == 0:
+        sys.stderr.buffer.write(line)
+    return 2
+
+
 def main(argv: list[str]) -> int:
     parsed = parse_args(argv)
     if parsed is None:
@@ -225,7 +238,7 @@ def main(argv: list[str]) -> int:
         return 2
     log_dir, threads, command = parsed
     parent = os.getppid()
-    info = rank_info()
+    info, slurm = rank_info(), SlurmEnv.read()
     worker = elastic_worker(os.environ)
     name, host_record, log_path, exit_record = _records(RankLogs(log_dir), info.rank, worker)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -234,11 +247,12 @@ def main(argv: list[str]) -> int:
         exit_record.unlink(missing_ok=True)  # the previous worker's of this slot: this one is running
     env = {**os.environ, "HVDTRAIN_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1"}
     if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads_for(threads, info.local_size, available_cpus()))
+        env["OMP_NUM_THREADS"] = str(threads_for(threads, info.local_size, available_cpus(), slurm.cpus_per_task))
+    problem = wire_up_problem(slurm)  # before MPI starts: srun's --mpi=none leaves every rank alone
     with open(log_path, "ab", buffering=0) as log:
         if worker is not None:
             log.write(started_line(*worker).encode())
-        status = _run_teed(command, env, log, name, parent)
+        status = _refuse(problem, log, info.rank) if problem else _run_teed(command, env, log, name, parent)
     write_text_atomic(exit_record, f"{status}\n")
     return status
 

@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from hvdtrain import srunmpi
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import UsageError
 from hvdtrain.launching.elastic import ElasticSpec, check_elastic_launch, check_not_elastic, elastic_nics, make_elastic
-from hvdtrain.launching.hosts import Host, parse_hostfile, parse_hosts
+from hvdtrain.launching.hosts import Host, allocation_hosts, parse_hostfile, parse_hosts
 from hvdtrain.launching.options import (
     DEFAULT_STALL_TIMEOUT,
     LAUNCHERS,
@@ -59,6 +60,7 @@ class LaunchSpec:
     roles: tuple[str, ...] = ()  # what each rank is (a pipeline's stage and replica): a failure report names it
     # launcher "mpirun": the MPI launcher on PATH and its flavour (mpi.find_launcher); None: Open MPI's mpirun
     mpi: Optional[Launcher] = None
+    mpi_plugin: Optional[str] = None  # srun's --mpi (srun jobs only: srunmpi.choose_mpi_plugin)
 
     @property
     def hydra(self) -> bool:
@@ -193,6 +195,7 @@ def make_spec(
     check_cmd: bool = True,
     default_controller: Optional[str] = None,
     slurm: Optional[SlurmEnv] = None,
+    mpi_flavour: Optional[str] = None,
 ) -> LaunchSpec:
     """Validate everything the user gave and return a LaunchSpec; raises UsageError before anything runs.
     The launcher and the controller are decided here, once (resolve_launcher, resolve_controller), and for mpirun
@@ -201,7 +204,8 @@ def make_spec(
     horovodrun and neither --gloo nor --mpi the controller is `default_controller` (None: horovodrun's); an
     elastic job is always horovodrun with Gloo (`elastic.make_elastic` checks its options).
     What needs the hosts themselves (ssh, their interfaces, the discovery's answer) is checked by `preflight`.
-    `slurm`: the Slurm job this process is in, when the caller has read it (else read from `environ`)."""
+    `slurm`: the Slurm job this process is in, when the caller has read it (else read from `environ`).
+    `mpi_flavour`: the MPI's flavour (openmpi, mpich; None: unknown), for srun's plugin (`srunmpi`)."""
     environ = os.environ if environ is None else environ
     command = list(command)
     _check_given(command if check_cmd else None, launch, elastic)
@@ -218,13 +222,15 @@ def make_spec(
     warnings: list[str] = []
     elastic_spec = None
     if elastic.elastic:
-        elastic_spec, np, hosts = make_elastic(launch.np, elastic)
+        elastic_spec, np, hosts = make_elastic(launch.np, elastic, slurm)
         controller = "gloo"
     elif launcher == "srun":
         np, hosts = _srun_ranks(launch, slurm), []
     else:
         np, hosts = _slot_ranks(launch.np, given, slurm, warnings)
     env, threads = _rank_variables(launch, environ)
+    if launcher == "srun":
+        env = {**_srun_variables(slurm, environ), **env}
     nics = parse_nics(launch.network_interface) if launch.network_interface is not None else []
     if elastic_spec is not None and not nics:
         nics = elastic_nics(hosts)
@@ -244,6 +250,7 @@ def make_spec(
         elastic=elastic_spec,
         warnings=tuple(warnings),
         mpi=mpi,
+        mpi_plugin=_srun_plugin(launch.mpi_plugin, launcher, environ, slurm, mpi_flavour),
     )
 
 
@@ -282,22 +289,30 @@ def _srun_ranks(launch: LaunchOptions, slurm: SlurmEnv) -> int:
         )
     if launch.hosts or launch.hostfile:
         raise UsageError("-H/--hostfile do not apply to srun: Slurm places the ranks of its allocation")
-    allocated = slurm.ntasks
-    np = allocated if launch.np is None else launch.np
-    if np > allocated:
-        raise UsageError(
-            f"-np {np} is more than the {allocated} tasks of Slurm job {slurm.job_id}; "
-            f"ask sbatch for --ntasks={np} or run with -np {allocated}"
-        )
+    np = slurm.ntasks if launch.np is None else launch.np
+    _check_allocated(np, slurm)
     return np
+
+
+def _check_allocated(np: int, slurm: SlurmEnv) -> None:
+    """-np within the tasks of the allocation the job runs in."""
+    if np > slurm.ntasks:
+        raise UsageError(
+            f"-np {np} is more than the {slurm.ntasks} tasks of Slurm job {slurm.job_id}; "
+            f"ask sbatch for --ntasks={np} or run with -np {slurm.ntasks}"
+        )
 
 
 def _slot_ranks(np: Optional[int], given: list[Host], slurm: SlurmEnv, warnings: list[str]) -> tuple[int, list[Host]]:
     """(-np, the hosts) of an mpirun or horovodrun job: -np defaults to the slots given, else SLURM_NTASKS inside an
-    allocation, else 1; no hosts means this machine (a warning when that puts far more ranks than cores on it)."""
-    hosts = given
-    if not hosts and slurm.in_allocation and np is None:
+    allocation, else 1. No hosts given: inside an allocation its hosts (SLURM_JOB_NODELIST, SLURM_TASKS_PER_NODE),
+    else this machine (a warning when that puts far more ranks than cores on it)."""
+    allocation = not given and slurm.in_allocation
+    hosts = given or allocation_hosts(slurm)
+    if allocation and np is None:
         np = slurm.ntasks
+    if allocation and hosts:
+        _check_allocated(np, slurm)
     if np is None:
         np = sum(h.slots for h in hosts) if hosts else 1
     if not hosts:
@@ -329,6 +344,27 @@ def _rank_variables(launch: LaunchOptions, environ: Mapping[str, str]) -> tuple[
             raise UsageError(f"--env OMP_NUM_THREADS={value}: must be a whole number of threads, at least 1")
         threads = int(value)
     return extra, threads
+
+
+def _srun_variables(slurm: SlurmEnv, environ: Mapping[str, str]) -> dict[str, str]:
+    """What srun needs from the job besides its options: Slurm >= 22.05's srun no longer takes the job's
+    --cpus-per-task by itself, so SRUN_CPUS_PER_TASK passes it on (unless the caller sets it)."""
+    if slurm.cpus_per_task is None or "SRUN_CPUS_PER_TASK" in environ:
+        return {}
+    return {"SRUN_CPUS_PER_TASK": str(slurm.cpus_per_task)}
+
+
+def _srun_plugin(
+    given: Optional[str], launcher: str, environ: Mapping[str, str], slurm: SlurmEnv, flavour: Optional[str]
+) -> Optional[str]:
+    """srun's --mpi for an srun job (srunmpi: what is asked for, else what srun here offers that the MPI works
+    with); None for the other launchers, which take no --mpi-plugin."""
+    if launcher != "srun":
+        if given is not None:
+            raise UsageError(f"--mpi-plugin applies to srun only (this job starts with {launcher}); drop it")
+        return None
+    requested = srunmpi.requested(given, environ, slurm)
+    return srunmpi.choose_mpi_plugin(srunmpi.offered_plugins(), flavour or srunmpi.path_flavour(), requested)
 
 
 def _stall_timeout(stall_timeout: Optional[int]) -> int:

@@ -13,12 +13,16 @@ from typing import Any, Optional
 
 from hvdtrain.slurm.script import compose, export_default
 from hvdtrain.slurm.spec import DEFAULT_SIGNAL
+from hvdtrain.srunmpi import PLUGIN_ENV
 
 _TEMPLATE_SETTINGS = [
     "# Where rank logs go (and, by convention, the run directory to give `hvdtrain train --run-dir`).",
     export_default("HVDTRAIN_RUN_DIR", "$PWD/runs/$SLURM_JOB_NAME-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}"),
-    "# srun (default; --mpi=pmix) or mpirun (OpenMPI reads the allocation) for commands other than hvdtrain.",
+    "# srun (default) or mpirun (OpenMPI reads the allocation) for commands other than hvdtrain.",
     export_default("HVDTRAIN_LAUNCHER", "srun"),
+    "# srun's MPI plugin (--mpi) for every srun of the job [default: chosen on the node from srun --mpi=list:",
+    "# pmix for Open MPI, pmi2 for MPICH].",
+    export_default(PLUGIN_ENV),
 ]
 _TEMPLATE_OPTIONS = {"nodes": "1", "signal": DEFAULT_SIGNAL, "requeue": None, "open-mode": "append"}
 

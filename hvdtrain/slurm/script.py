@@ -21,6 +21,7 @@ from typing import Mapping, Optional, Sequence
 from hvdtrain.errors import UsageError
 from hvdtrain.rundir import RunDir
 from hvdtrain.slurm.spec import SlurmSpec
+from hvdtrain.srunmpi import PLUGIN_ENV
 
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 
@@ -99,4 +100,6 @@ def render_script(spec: SlurmSpec, command: Sequence[str]) -> str:
         f"export HVDTRAIN_GPUS_PER_RANK={'' if spec.gpus_per_rank is None else spec.gpus_per_rank}",
         export_default("HVDTRAIN_SWEEP_VALUES"),
     ]
+    if spec.mpi_plugin:
+        settings.append(f"export {PLUGIN_ENV}={spec.mpi_plugin}")
     return compose(head, spec.sbatch_options(), settings, ["set -- " + shlex.join(command)])

@@ -18,6 +18,7 @@ from hvdtrain.errors import UsageError
 from hvdtrain.files import check_creatable_dir
 from hvdtrain.launching.options import UNKNOWN_LAUNCHER
 from hvdtrain.rundir import SLURM_ARRAY_OUTPUT, SLURM_OUTPUT
+from hvdtrain.srunmpi import check_name
 
 # Slurm sends this to every task of the job's steps 120 s before the time limit (no `B:`: the batch shell is
 # not the one that needs it; USR1 can be swallowed by NCCL). The trainer checkpoints and requeues on it.
@@ -66,6 +67,11 @@ class SlurmSpec:
     )  # absolute once made: the job script, slurm-<id>.out and logs/rank.R.log go here
     launcher: str = _f(
         "srun", "How ranks of a non-hvdtrain COMMAND start.", choices=LAUNCHERS, choices_error=UNKNOWN_LAUNCHER
+    )
+    mpi_plugin: Optional[str] = _f(
+        None,
+        "srun's MPI plugin (srun --mpi) [default: chosen in the job from what srun offers: pmix for Open MPI, pmi2 "
+        "for MPICH].",
     )
 
     def sbatch_options(self) -> dict[str, Optional[str]]:
@@ -198,6 +204,8 @@ def _check_values(spec: SlurmSpec) -> None:
             )
         if m.group(2) is not None and int(m.group(2)) > 65535:
             raise UsageError(f"--signal '{signal}': Slurm allows at most 65535 seconds of warning")
+    if spec.mpi_plugin is not None:
+        check_name(spec.mpi_plugin)
     for flag, value in (("partition", spec.partition), ("account", spec.account)):
         if value is not None and not _NAME_RE.match(value):
             raise UsageError(f"--{flag} '{value}': not a Slurm name (letters, digits, _ . - ,)")

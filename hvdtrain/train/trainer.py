@@ -56,10 +56,11 @@ from torch import nn
 from hvdtrain import preempt
 from hvdtrain.config import TrainConfig, check_combinations
 from hvdtrain.env import SlurmEnv, rank_info
-from hvdtrain.errors import CheckpointError
+from hvdtrain.errors import CheckpointError, UsageError
 from hvdtrain.files import write_json
 from hvdtrain.parallel import horovod
 from hvdtrain.rundir import RunDir
+from hvdtrain.srunmpi import wire_up_problem
 from hvdtrain.startup import Startup
 from hvdtrain.train import checkpoint, datasets, models, placement
 from hvdtrain.train.elastic import world_for
@@ -129,6 +130,9 @@ class Trainer:
             **self.placement.process_sets(),
         )
         self.startup.mark("hvd.init")
+        problem = wire_up_problem(self.slurm, world_size=horovod.world()[1])  # N singletons: srun's wrong --mpi
+        if problem:
+            raise UsageError(problem)
         self.is_main = horovod.rank() == 0  # (an async job's: rank 0 of the workers)
         # The data-parallel place: which shard of the data this rank reads, of how many.
         self.rank, self.size = self.placement.replica()

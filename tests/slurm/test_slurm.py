@@ -225,3 +225,85 @@ def test_sigkill_of_hvdtrain_in_a_job_ends_its_srun_ranks(slurm, tmp_path):
         time.sleep(0.2)
     assert not of_job("-m", "hvdtrain.worker"), "ranks outlived hvdtrain"
     slurm.wait(job, timeout=60)
+
+
+# A rank's view of its srun step: OMP_NUM_THREADS, and the CPUs Slurm gave the step (scontrol show step).
+STEP_PROBE = (
+    "import os, re, subprocess; step = os.environ['SLURM_JOB_ID'] + '.' + os.environ['SLURM_STEP_ID']; "
+    "shown = subprocess.run(['scontrol', 'show', 'step', step], capture_output=True, text=True, timeout=30).stdout; "
+    "print('probe', os.environ['SLURM_PROCID'], os.environ.get('OMP_NUM_THREADS'), "
+    "re.search(r'CPUs=(\\d+)', shown).group(1), flush=True)"
+)
+
+
+@pytest.mark.parametrize("how", ["template", "hvdtrain run"])
+def test_cpus_per_task_reaches_the_srun_step_and_openmp(slurm, tmp_path, how):
+    """--cpus-per-task=2, 2 tasks: Slurm >= 22.05's srun does not take the job's value by itself; the job script
+    (a user command) and hvdtrain's own srun (`hvdtrain run`) pass it on: each rank sees OMP_NUM_THREADS=2 and the
+    step holds 2 CPUs per task. SLURM_EXACT=1 (srun --exact) makes the step hold only what srun asked for; without
+    it a step holds all of the job's CPUs on the node, whatever srun was told."""
+    command = ["python", "-c", STEP_PROBE]
+    if how == "hvdtrain run":
+        command = ["hvdtrain", "run", "--output-dir", str(tmp_path / "logs"), "--", *command]
+    job = slurm.sbatch(
+        ["--ntasks-per-node=2", "--cpus-per-task=2", TEMPLATES / "data-parallel.sbatch", *command],
+        cwd=tmp_path, extra_env={"SLURM_EXACT": "1"},
+    )  # fmt: skip
+    (task,) = slurm.wait(job, timeout=180)
+    out = text(tmp_path / f"hvdtrain-dp-{job}.out")
+    assert task["JobState"] == "COMPLETED", out
+    logs = tmp_path / "runs" / f"hvdtrain-dp-{job}" / "logs" if how == "template" else tmp_path / "logs"
+    probes = sorted(line.split()[1:] for r in (0, 1) for line in text(logs / f"rank.{r}.log").splitlines()
+                    if line.startswith("probe "))  # fmt: skip
+    assert probes == [["0", "2", "4"], ["1", "2", "4"]], (out, probes)
+
+
+def test_a_step_whose_mpi_plugin_gives_no_world_ends_in_one_line(slurm, tmp_path):
+    """srun --mpi=none under Open MPI (each rank alone: Open MPI would abort in MPI_Init with twenty lines a rank; an
+    MPICH would run N singletons): the rank wrappers stop before the command, the job fails at once, and its verdict
+    is one line naming the plugin in use and the one to try."""
+    run = tmp_path / "none"
+    start = time.monotonic()
+    job = slurm.submit(
+        "--ntasks-per-node", "2", "--no-requeue", "--run-dir", run, "--",
+        "hvdtrain", "run", "--mpi-plugin", "none", "--", "python", "-c", HOROVOD_HELLO,
+        cwd=tmp_path,
+    )  # fmt: skip
+    (task,) = slurm.wait(job, timeout=120)
+    out = text(run / f"slurm-{job}.out")
+    assert task["JobState"] == "FAILED" and task["ExitCode"] == "2:0", out
+    verdict = [line for line in out.splitlines() if line.startswith("hvdtrain: error: rank ")]
+    assert len(verdict) == 1, out
+    assert "failed with exit status 2" in verdict[0] and "srun started 2 tasks with --mpi=none" in verdict[0]
+    assert verdict[0].endswith("try --mpi=pmix (--mpi-plugin pmix, or HVDTRAIN_SRUN_MPI=pmix)"), verdict
+    assert not re.search(r"hello rank \d", out) and "OMPI was not built" not in out  # the command never started
+    print(f"--mpi=none refused in {time.monotonic() - start:.0f} s wall")
+
+
+def test_time_limit_warning_checkpoints_requeues_and_the_resumed_job_finishes(slurm, tmp_path):
+    """--time=2 --signal=USR2@60: Slurm itself sends the warning (its checks run every 30 s, so 30-60 s after the
+    start; nobody calls scancel), the ranks checkpoint, rank 0 requeues the job, and the requeued run resumes and
+    finishes. The first run is slowed (slurmhooks.SlowFirstRun: 0.1 s a step) so that it cannot finish before
+    its limit; the requeued one runs at full speed."""
+    steps = 1000
+    run = tmp_path / "limit"
+    start = time.monotonic()
+    job = slurm.submit(
+        "--ntasks-per-node", "2", "--time", "2", "--signal", "USR2@60", "--run-dir", run, "--job-name", "limit", "--",
+        "hvdtrain", "train", "--model", "mlp", "--max-steps", str(steps), "--epochs", "50", "--log-every", "5",
+        "--no-eval-every-epoch", "--hooks", "slurmhooks:SlowFirstRun", "--run-dir", run / "train",
+        cwd=tmp_path, extra_env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "HVDTRAIN_TEST_STEP_SLEEP": "0.1"},
+    )  # fmt: skip
+    slurm.release_requeued(job)
+    (task,) = slurm.wait(
+        job, timeout=240, until=lambda t: t[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    )
+    out = text(run / f"slurm-{job}.out")
+    assert task["JobState"] == "COMPLETED" and int(task["Restarts"]) >= 1, (task, out)
+    m = re.search(r"preempted at step (\d+)", out)
+    assert m and 0 < int(m.group(1)) < steps, out
+    assert f"requeued Slurm job {job}" in out and "restart 1," in out
+    assert f"step-{int(m.group(1)):08d}.pt" in out
+    res = result_of(run / "train")
+    assert res["steps"] == steps and not res["preempted"], res
+    print(f"time limit: preempted at step {m.group(1)}, requeued, finished in {time.monotonic() - start:.0f} s wall")

@@ -75,3 +75,20 @@ def fake_mpich(tmp_path, monkeypatch):
         (bin_dir / name).symlink_to(hydra.name)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return hydra
+
+
+# What `srun --mpi=list` prints with this project's Slurm 22.05 (Debian's slurm-wlm): the unit tests choose srun's
+# plugin from it wherever they run, srun installed or not.
+SRUN_MPI_LIST = (
+    "MPI plugin types are...\n\tpmix\n\tnone\n\tcray_shasta\n\tpmi2\nspecific pmix plugin versions available: pmix_v4\n"
+)
+
+
+@pytest.fixture(autouse=True)
+def srun_offers(monkeypatch):
+    """srun's MPI plugins as Slurm 22.05 here offers them (no process started)."""
+    from hvdtrain import srunmpi
+
+    offered = tuple(srunmpi.parse_mpi_list(SRUN_MPI_LIST))
+    monkeypatch.setattr(srunmpi, "offered_plugins", lambda: offered)
+    return offered

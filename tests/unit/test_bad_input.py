@@ -60,6 +60,9 @@ FILES = {
     "ipv6-hostfile": _text("fe80::1 slots=2\n"),
 }
 
+# Inside an allocation whose host list does not parse.
+BAD_NODELIST = ["@SLURM_JOB_ID=1", "@SLURM_NTASKS=2", "@SLURM_JOB_NODELIST=n[3-1]", "@SLURM_TASKS_PER_NODE=2"]
+
 CASES = [
     # config files: not text, not a mapping, wrong types
     (["train", "--config", "binary.yaml"], "binary.yaml is not a text file"),
@@ -133,6 +136,10 @@ CASES = [
     (["submit", "--array", "0-9%0", "--", "true"], "not a Slurm array"),
     (["submit", "--mem", "12XB", "--", "true"], "--mem '12XB': not a memory size"),
     (["submit", "--signal", "FOO", "--", "true"], "--signal 'FOO'"),
+    (["submit", "--mpi-plugin", "PMI 2", "--", "true"], "--mpi-plugin 'PMI 2': not an MPI plugin's name"),
+    # srun's MPI plugin, and the allocation's hosts as Slurm names them
+    (["run", "--mpi-plugin", "pmi2", "-np", "2", "--", "true"], "--mpi-plugin applies to srun only"),
+    (["run", "--launcher", "mpirun", "--", "true", *BAD_NODELIST], "SLURM_JOB_NODELIST 'n[3-1]' is not a Slurm host"),
     # Horovod's timeline: the window, and what `hvdtrain timeline` reads
     (["train", "--timeline-steps", "10:5"], "--timeline-steps: '10:5' is not a window of steps A:B"),
     (["timeline", "missing"], "missing does not exist: give a run directory or a timeline.json"),

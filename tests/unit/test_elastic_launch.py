@@ -288,12 +288,15 @@ def test_ssh_shim_of_an_elastic_job_adds_keepalives(hosts_file, tmp_path):
 # --- the hosts file as a discovery script (run for real) ------------------------------------------------------
 
 
-def run_discover(*args):
+def run_discover(*args, env=None):
+    """The discovery run for real; `env`: Slurm's variables it runs with (none of the caller's)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     return subprocess.run(
         [sys.executable, "-m", "hvdtrain.launching.discover", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**base, **(env or {})},
     )
 
 
@@ -304,6 +307,25 @@ def test_discover_prints_host_slots_lines(hosts_file):
     assert run_discover(path).stdout.startswith("node1:1\n")
     empty = run_discover(hosts_file(""))
     assert (empty.returncode, empty.stdout, empty.stderr) == (0, "", "")
+
+
+ALLOCATION = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "gpu2-[02-3]vm1",
+              "SLURM_TASKS_PER_NODE": "2,1"}  # fmt: skip
+
+
+def test_inside_an_allocation_its_hosts_are_the_elastic_jobs_without_a_hosts_file(monkeypatch):
+    """No --hosts-file nor discovery script inside an allocation: horovodrun's discovery prints the allocation's
+    hosts (`discover --slurm-allocation`, reading the job's variables where horovodrun runs it)."""
+    s = spec(environ=ALLOCATION, network_interface="eth0", min_np=2, np=3)
+    command = shlex.join([sys.executable, "-m", "hvdtrain.launching.discover", "--slurm-allocation"])
+    assert (s.launcher, s.np, s.elastic.discovery, s.elastic.hosts_file) == ("horovodrun", 3, command, None)
+    assert s.hosts == [Host("gpu2-02vm1", 2), Host("gpu2-03vm1", 1)]
+    found = run_discover("--slurm-allocation", env=ALLOCATION)
+    assert (found.returncode, found.stdout, found.stderr) == (0, "gpu2-02vm1:2\ngpu2-03vm1:1\n", "")
+    bad = run_discover("--slurm-allocation", env={**ALLOCATION, "SLURM_JOB_NODELIST": "gpu[3-2]"})
+    assert bad.returncode == 1 and "SLURM_JOB_NODELIST 'gpu[3-2]' is not a Slurm host list" in bad.stderr
+    with pytest.raises(UsageError, match="--elastic needs its hosts"):
+        spec(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "3"}, network_interface="eth0")
 
 
 def test_discover_fails_in_one_line_on_a_file_mid_edit(hosts_file):

@@ -21,6 +21,18 @@ def test_failure_report(tmp_path):
     assert "exit status 3" in failure_report(str(tmp_path / "none"), 3)
 
 
+def test_a_rank_that_said_why_in_one_line_is_reported_in_one_line(tmp_path):
+    """The rank wrapper's (or the worker's) one-line usage error is the report, on the report's line."""
+    why = "srun started 2 tasks with --mpi=none and each MPI rank has no PMI to find the others by"
+    for r in (0, 1):
+        (tmp_path / f"rank.{r}.exit").write_text("2\n")
+        (tmp_path / f"rank.{r}.log").write_text(f"hvdtrain: error: {why}\n")
+    os.utime(tmp_path / "rank.0.exit", ns=(1_000_000_000, 1_000_000_000))
+    assert failure_report(str(tmp_path), 2) == f"rank 0 failed with exit status 2 (then also ranks 1): {why}"
+    (tmp_path / "rank.0.log").write_text(f"starting\nhvdtrain: error: {why}\n")  # more than that line: the last lines
+    assert failure_report(str(tmp_path), 2).endswith(f"rank.0.log:\n  | starting\n  | hvdtrain: error: {why}")
+
+
 def test_failure_report_names_the_rank_that_failed_first(tmp_path):
     import os
 

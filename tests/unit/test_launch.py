@@ -175,6 +175,67 @@ def test_slurm_allocation_defaults():
     assert spec(environ=env, launcher="mpirun").np == 4
 
 
+ALLOCATION = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node[01-02]",
+              "SLURM_TASKS_PER_NODE": "2(x2)"}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_inside_an_allocation_its_hosts_without_a_hostfile(launcher):
+    """mpirun or horovodrun inside an allocation, no -H: the allocation's hosts and tasks (SLURM_JOB_NODELIST,
+    SLURM_TASKS_PER_NODE), not this machine alone; -np within them. Given hosts win."""
+    s = spec(environ=ALLOCATION, launcher=launcher)
+    assert (s.np, s.hosts) == (4, [Host("node01", 2), Host("node02", 2)])
+    assert placement(spec(environ=ALLOCATION, launcher=launcher, np=3)) == {0: "node01", 1: "node01", 2: "node02"}
+    with pytest.raises(UsageError, match="-np 5 is more than the 4 tasks of Slurm job 7"):
+        spec(environ=ALLOCATION, launcher=launcher, np=5)
+    assert spec(environ=ALLOCATION, launcher=launcher, hosts="a:1").hosts == [Host("a", 1)]
+    # Slurm did not say its hosts (the batch step always does): this machine, as before.
+    assert spec(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, launcher=launcher).hosts == [Host("localhost", 2)]
+
+
+def test_an_allocations_hostlist_that_does_not_parse_is_one_line():
+    with pytest.raises(UsageError, match=r"SLURM_JOB_NODELIST 'node\[02-01\]' is not a Slurm host list"):
+        spec(environ={**ALLOCATION, "SLURM_JOB_NODELIST": "node[02-01]"}, launcher="mpirun")
+
+
+def test_srun_gets_the_chosen_plugin_and_the_jobs_cpus_per_task(srun_offers):
+    """srun's --mpi from srunmpi (pmix here: srun offers it, Open MPI speaks it), asked for by --mpi-plugin,
+    HVDTRAIN_SRUN_MPI or SLURM_MPI_TYPE; SRUN_CPUS_PER_TASK from the job's --cpus-per-task (Slurm >= 22.05's srun no
+    longer takes it by itself) unless set."""
+    assert srun_offers == ("pmix", "none", "cray_shasta", "pmi2", "pmix_v4")
+    s = spec(environ={**ALLOCATION, "SLURM_CPUS_PER_TASK": "2"})
+    assert s.mpi_plugin == "pmix" and "--mpi=pmix" in build_srun_argv(s, "/l")
+    assert s.env == {"SRUN_CPUS_PER_TASK": "2"} and rank_env(s, False, {})["SRUN_CPUS_PER_TASK"] == "2"
+    assert spec(environ={**ALLOCATION, "SLURM_CPUS_PER_TASK": "2", "SRUN_CPUS_PER_TASK": "1"}).env == {}
+    assert spec(environ=ALLOCATION).env == {}
+    assert spec(environ=ALLOCATION, mpi_plugin="pmix_v4").mpi_plugin == "pmix_v4"
+    assert spec(environ={**ALLOCATION, "HVDTRAIN_SRUN_MPI": "pmi2"}).mpi_plugin == "pmi2"
+    assert spec(environ={**ALLOCATION, "SLURM_MPI_TYPE": "none"}).mpi_plugin == "none"
+    assert spec(environ={**ALLOCATION, "SLURM_MPI_TYPE": "none"}, mpi_plugin="pmix").mpi_plugin == "pmix"
+    assert launch_spec.make_spec(["python", "-c", "pass"], environ=ALLOCATION, mpi_flavour="mpich").mpi_plugin == "pmi2"
+    assert spec(environ=ALLOCATION, launcher="mpirun").mpi_plugin is None
+
+
+def test_srun_plugin_follows_the_mpi_on_path(fake_mpich):
+    """Nobody says which MPI: the one on PATH does (an MPICH module: pmi2), as in the job scripts' choice."""
+    assert launch_spec.make_spec(["python", "-c", "pass"], environ=ALLOCATION).mpi_plugin == "pmi2"
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"environ": ALLOCATION, "mpi_plugin": "pmi3"}, "srun's MPI plugin 'pmi3' is not offered here"),
+        ({"environ": {**ALLOCATION, "HVDTRAIN_SRUN_MPI": "pmix_v9"}}, "'pmix_v9' is not offered here"),
+        ({"environ": ALLOCATION, "mpi_plugin": "PMI 2"}, "--mpi-plugin 'PMI 2': not an MPI plugin's name"),
+        ({"environ": ALLOCATION, "mpi_plugin": "pmi2", "launcher": "mpirun"}, "--mpi-plugin applies to srun only"),
+        ({"mpi_plugin": "pmix", "np": 2}, "--mpi-plugin applies to srun only"),
+    ],
+)
+def test_srun_plugin_rejects(kw, needle):
+    with pytest.raises(UsageError, match=needle):
+        spec(**kw)
+
+
 def test_ranks_per_host_and_placement():
     assert ranks_per_host(5, [Host("a", 2), Host("b", 4)]) == [2, 3]
     assert placement(spec(np=5, hosts="a:2,b:4")) == {0: "a", 1: "a", 2: "b", 3: "b", 4: "b"}

@@ -15,7 +15,20 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "hvdtrain"
 
 # The ground floor: what every other part may use, and which uses nothing above it.
-GROUND = {"errors", "files", "env", "rundir", "procs", "startup", "npz", "preempt", "render", "doctor", "mpi"}
+GROUND = {
+    "errors",
+    "files",
+    "env",
+    "srunmpi",
+    "rundir",
+    "procs",
+    "startup",
+    "npz",
+    "preempt",
+    "render",
+    "doctor",
+    "mpi",
+}
 # Libraries too heavy for the CLI's import and the launching side (seconds to import, or GPU runtimes).
 HEAVY = ("torch", "horovod.torch", "horovod.common", "mpi4py", "numpy", "matplotlib", "tensorboard")
 

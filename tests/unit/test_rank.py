@@ -49,6 +49,31 @@ def test_auto_threads_are_this_hosts_cpus_over_its_ranks(tmp_path, local_size, e
     assert (tmp_path / "rank.3.exit").read_text() == "0\n"
 
 
+def test_auto_threads_inside_slurm_are_the_jobs_cpus_per_task(tmp_path):
+    """sbatch --cpus-per-task=3: each rank's OpenMP gets 3 threads, whatever this host's CPUs and ranks."""
+    env = {"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_CPUS_PER_TASK": "3"}
+    proc = wrapper(tmp_path, "--threads", "auto", "--", sys.executable, "-c", PRINT_THREADS, env=env)
+    assert proc.stdout.split() == ["threads", "3"], proc.stderr
+
+
+def test_a_task_of_an_srun_step_without_mpi_wire_up_does_not_start(tmp_path):
+    """srun --mpi=none, 2 tasks: no PMIx or PMI variable, so each MPI rank would be rank 0 of 1; the wrapper says so in
+    one line (rank 0 on stderr, every rank in its log) and ends with status 2, its command never started."""
+    step = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}
+    started = tmp_path / "started"
+    command = ["--", sys.executable, "-c", f"open({str(started)!r}, 'w')"]
+    for r in (0, 1):
+        proc = wrapper(tmp_path, *command, env={**step, "SLURM_PROCID": str(r)})
+        line = (tmp_path / f"rank.{r}.log").read_text()
+        assert proc.returncode == 2 and (tmp_path / f"rank.{r}.exit").read_text() == "2\n"
+        assert line.startswith("hvdtrain: error: srun started 2 tasks with --mpi=none") and line.count("\n") == 1
+        assert "try --mpi=pmix" in line and proc.stderr == (line if r == 0 else "") and proc.stdout == ""
+    assert not started.exists()
+    wired = wrapper(tmp_path, *command[:-1], "pass", env={**step, "SLURM_PROCID": "0", "SLURM_MPI_TYPE": "pmix",
+                                                          "PMIX_RANK": "0"})  # fmt: skip
+    assert wired.returncode == 0, wired.stderr
+
+
 def test_threads_given_or_left_alone(tmp_path):
     given = wrapper(tmp_path, "--threads", "3", "--", sys.executable, "-c", PRINT_THREADS)
     assert given.stdout.split() == ["threads", "3"]
@@ -162,6 +187,8 @@ def test_threads_for():
     assert rank.threads_for("auto", local_size=3, cpus=2) == 1
     assert rank.threads_for("auto", local_size=1, cpus=16) == 16
     assert rank.threads_for("6", local_size=4, cpus=2) == 6
+    assert rank.threads_for("auto", local_size=2, cpus=8, cpus_per_task=3) == 3
+    assert rank.threads_for("6", local_size=2, cpus=8, cpus_per_task=3) == 6
 
 
 def test_rank_info_local_size_from_the_srun_step():

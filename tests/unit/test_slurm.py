@@ -29,7 +29,15 @@ UPDATE = os.environ.get("HVDTRAIN_UPDATE_GOLDEN") == "1"
 CASES = {
     "basic": (dict(ntasks_per_node=2, time="01:00:00"), ["hvdtrain", "train", "--run-dir", "/runs/basic/train"]),
     "array-space": (
-        dict(array="0-2%2", job_name="sweep job", mem="4G", partition="debug", account="proj-1", signal="B:USR2@300"),
+        dict(
+            array="0-2%2",
+            job_name="sweep job",
+            mem="4G",
+            partition="debug",
+            account="proj-1",
+            signal="B:USR2@300",
+            mpi_plugin="pmi2",
+        ),
         ["hvdtrain", "train", "-np", "1", "--seed", "{task}", "--run-dir", "/runs/a b/{task}"],
     ),
     "quote": (dict(nodes=2, requeue=False, signal=None), ["python", "-c", "print('hi'); import os", "a'; echo x"]),
@@ -156,13 +164,14 @@ def test_shell_templates_are_package_data():
 
 @pytest.fixture
 def fake_bin(tmp_path):
-    """srun and mpirun that record their argv as JSON, then run nothing."""
+    """srun and mpirun that record their argv (and the variables srun and OpenMP read) as JSON, then run nothing."""
     d = tmp_path / "bin"
     d.mkdir()
     for name in ("srun", "mpirun"):
         f = d / name
         f.write_text(
-            f'#!/usr/bin/env python3\nimport json, sys\nprint("ARGV " + json.dumps(["{name}", *sys.argv[1:]]))\n'
+            f'#!/usr/bin/env python3\nimport json, os, sys\nprint("ARGV " + json.dumps(["{name}", *sys.argv[1:]]))\n'
+            'print("ENV " + json.dumps({k: os.environ.get(k) for k in ("SRUN_CPUS_PER_TASK", "OMP_NUM_THREADS")}))\n'
         )
         f.chmod(0o755)
     return d
@@ -198,6 +207,42 @@ def test_body_substitutes_task_and_starts_ranks_with_srun_pmix(tmp_path, fake_bi
     assert argv[5:9] == ["bash", "-c", slurm.PIN, "hvdtrain-pin"]
     assert argv[-7:] == ["python", "t.py", "--seed", "3", "--out", "x-5-3", "a'b"]
     assert "command exited with status 0" in proc.stdout
+
+
+def recorded_env(proc) -> dict:
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("ENV ")]
+    return json.loads(line[4:])
+
+
+def test_body_passes_cpus_per_task_on_to_srun_and_openmp(tmp_path, fake_bin):
+    """Slurm >= 22.05's srun does not take the job's --cpus-per-task by itself: the script exports
+    SRUN_CPUS_PER_TASK and OMP_NUM_THREADS from SLURM_CPUS_PER_TASK, unless they are set."""
+    text = slurm.render_script(slurm.make_spec(run_dir=str(tmp_path / "r"), cpus_per_task=2), ["python", "x.py"])
+    assert "#SBATCH --cpus-per-task=2" in text
+    proc = run_script(text, tmp_path, fake_bin, SLURM_CPUS_PER_TASK="2")
+    assert recorded_env(proc) == {"SRUN_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "2"}, proc.stderr
+    kept = run_script(text, tmp_path, fake_bin, SLURM_CPUS_PER_TASK="2", SRUN_CPUS_PER_TASK="1", OMP_NUM_THREADS="5")
+    assert recorded_env(kept) == {"SRUN_CPUS_PER_TASK": "1", "OMP_NUM_THREADS": "5"}
+    assert recorded_env(run_script(text, tmp_path, fake_bin)) == {"SRUN_CPUS_PER_TASK": None, "OMP_NUM_THREADS": None}
+
+
+def test_body_chooses_srun_mpi_plugin_on_the_node(tmp_path, fake_bin):
+    """srun's --mpi is chosen when the job runs (python -m hvdtrain.srunmpi: this fake srun offers nothing it can
+    read, so pmix); HVDTRAIN_SRUN_MPI (from the environment, or `submit --mpi-plugin`) or SLURM_MPI_TYPE win; a
+    plugin srun does not offer ends the job in one line, exit 2."""
+    text = slurm.render_script(slurm.make_spec(run_dir=str(tmp_path / "r")), ["python", "x.py"])
+    assert recorded(run_script(text, tmp_path, fake_bin))[1] == "--mpi=pmix"
+    assert recorded(run_script(text, tmp_path, fake_bin, HVDTRAIN_SRUN_MPI="pmi2"))[1] == "--mpi=pmi2"
+    assert recorded(run_script(text, tmp_path, fake_bin, SLURM_MPI_TYPE="pmix_v4"))[1] == "--mpi=pmix_v4"
+    given = slurm.render_script(slurm.make_spec(run_dir=str(tmp_path / "r"), mpi_plugin="pmi2"), ["python", "x.py"])
+    assert (
+        "export HVDTRAIN_SRUN_MPI=pmi2" in given and recorded(run_script(given, tmp_path, fake_bin))[1] == "--mpi=pmi2"
+    )
+    offers = fake_bin / "srun"
+    offers.write_text("#!/bin/sh\nprintf 'MPI plugin types are...\\n\\tnone\\n\\tpmix\\n'\n")
+    bad = run_script(given, tmp_path, fake_bin)
+    assert bad.returncode == 2 and bad.stderr.startswith("hvdtrain: error: srun's MPI plugin 'pmi2' is not offered")
+    assert "running:" not in bad.stdout
 
 
 def test_body_runs_hvdtrain_commands_directly_and_mpirun_on_request(tmp_path, fake_bin):

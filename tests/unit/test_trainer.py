@@ -207,6 +207,20 @@ def test_the_preemption_handler_is_the_callers_after_fit(tmp_path):
     assert signal.getsignal(signal.SIGUSR2) is before
 
 
+def test_a_world_smaller_than_the_srun_step_ends_in_one_line(tmp_path, monkeypatch):
+    """An srun task of a 2-task step whose MPI came up as a world of 1 (MPICH under --mpi=pmix: N singletons, each
+    training alone): the Trainer stops after hvd.init with the plugin in use and the one to try, before any step."""
+    from hvdtrain.errors import UsageError
+
+    for name, value in {"SLURM_STEP_NUM_TASKS": "2", "SLURM_MPI_TYPE": "pmix", "PMIX_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    hook = Counter()
+    with pytest.raises(UsageError) as e:
+        Trainer(config(tmp_path, max_steps=3), echo=lambda _: None, hooks=[hook]).fit()
+    assert str(e.value).startswith("srun started 2 tasks with --mpi=pmix and each MPI rank has a world of 1")
+    assert "try --mpi=pmi2" in str(e.value) and "step_start" not in hook.calls
+
+
 def test_grad_groups_default_one_group_for_built_in_models_on_cpu_else_horovods_own():
     from hvdtrain.train.update import SyncUpdate, update_rule
 

@@ -23,6 +23,12 @@ for arg in "$@"; do
   arg=${arg//"{task}"/"$task"}
   cmd+=("${arg//"{value}"/"$value"}")
 done
+# Slurm >= 22.05: srun no longer takes the job's --cpus-per-task by itself; pass it on, and give each rank's
+# OpenMP that many threads (unless set).
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}
+fi
 log_dir=$HVDTRAIN_RUN_DIR/@@LOGS@@${task:+/@@TASK_LOGS@@}
 mkdir -p "$log_dir"
 gpus_per_rank=${HVDTRAIN_GPUS_PER_RANK:-$((${SLURM_GPUS_ON_NODE:-0} / ${SLURM_NTASKS_PER_NODE:-1}))}
@@ -34,7 +40,11 @@ case ${cmd[0]##*/} in
     step=("${cmd[@]}") ;;
   *)
     case $HVDTRAIN_LAUNCHER in
-      srun) step=(srun --mpi=pmix --kill-on-bad-exit=1 --open-mode=append --output="${log_dir//%/%%}/@@RANK_LOG@@"
+      # srun's MPI plugin, chosen here on the node from what its srun offers (HVDTRAIN_SRUN_MPI or SLURM_MPI_TYPE
+      # when set): pmix for Open MPI, pmi2 for MPICH; pmix when hvdtrain cannot be imported.
+      srun) mpi=$(python3 -m hvdtrain.srunmpi 2>&1)
+            case $? in 0) ;; 2) echo "$mpi" >&2; exit 2 ;; *) mpi=${HVDTRAIN_SRUN_MPI:-pmix} ;; esac
+            step=(srun --mpi="$mpi" --kill-on-bad-exit=1 --open-mode=append --output="${log_dir//%/%%}/@@RANK_LOG@@"
                   bash -c "$pin" hvdtrain-pin "$gpus_per_rank" "${cmd[@]}") ;;
       mpirun) step=(mpirun -np "$SLURM_NTASKS" --bind-to none --map-by slot --output-filename "$log_dir"
                     bash -c "$pin" hvdtrain-pin "$gpus_per_rank" "${cmd[@]}") ;;
