@@ -13,6 +13,7 @@ import time
 
 import psutil
 import pytest
+from jobprocs import job_processes
 from mpich import HYDRA, compile_mpi, requires_mpich
 
 pytestmark = [pytest.mark.mpich, requires_mpich]
@@ -112,17 +113,6 @@ def start(mpich_env, tmp_path):
 
 
 SLEEPER = "import time; print('up', flush=True); time.sleep(120)"
-
-
-def job_processes(marker: str) -> list:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(marker in part for part in (p.info["cmdline"] or [])):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 def proxies_of(marker: str) -> list:

@@ -11,24 +11,13 @@ import time
 import psutil
 import pytest
 from conftest import HVDTRAIN
+from jobprocs import job_processes
 
 from hvdtrain.train import checkpoint
 
 LAUNCHERS = {"horovodrun-gloo": ["--gloo"], "horovodrun-mpi": ["--mpi"], "mpirun": ["--launcher", "mpirun"]}
 TRAIN = ["train", "-np", "2", "--epochs", "500", "--log-every", "5", "--checkpoint-every", "20"]
 GONE_WITHIN_S = 10.0
-
-
-def job_processes(marker: str) -> list:
-    """Every process whose command line holds `marker` (the run directory: launcher, wrappers, workers)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(marker in part for part in (p.info["cmdline"] or [])):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 def start(child_env, cwd, run_dir, *extra, stderr=subprocess.DEVNULL):
