@@ -219,6 +219,49 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # This machine's pip config lists local indexes that may be absent; drop pip's warnings about them.
 pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; }; }
+py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+
+# mpi4py built against this MPI, its wheel cached by the MPI's identity: pip's own wheel cache is keyed by the
+# sdist alone and would hand a wheel built against another MPI to the next venv. Its build is one compiler process
+# for minutes: it runs in the background (a session of its own, ended with the script) beside torch's download and
+# Horovod's build, and is waited for before anything needs it.
+installed_mpi=$venv/.hvdtrain-mpi
+mpi4py_dir=$cache/wheels/mpi4py-$py_tag-$mpi_id
+mpi4py_log=$cache/logs/mpi4py-$py_tag-$mpi_id.log
+mpi4py_build=""
+build=""
+cleanup() {
+  if [ -n "$mpi4py_build" ]; then kill -- "-$mpi4py_build" 2>/dev/null || true; wait "$mpi4py_build" 2>/dev/null; rm -rf "$mpi4py_dir.tmp"; fi
+  [ -z "$build" ] || rm -rf "$build"
+}
+trap cleanup EXIT
+mpi4py_wanted() { [ "$(cat "$installed_mpi" 2>/dev/null)" != "$mpi_id" ] || ! "$py" -c 'import mpi4py' 2>/dev/null; }
+if mpi4py_wanted && ! ls "$mpi4py_dir"/mpi4py-*.whl >/dev/null 2>&1; then
+  say "building mpi4py against $mpi_flavour $mpi_version ($mpicc), in the background"
+  mkdir -p "$cache/logs" && rm -rf "$mpi4py_dir.tmp" && mkdir -p "$mpi4py_dir.tmp"
+  MPICC=$mpicc setsid "$py" -m pip --disable-pip-version-check wheel --no-cache-dir --no-binary mpi4py --no-deps \
+    -w "$mpi4py_dir.tmp" mpi4py >"$mpi4py_log" 2>&1 &
+  mpi4py_build=$!
+fi
+# Waits for the background build (its errors and log on failure), then installs the wheel of this MPI.
+finish_mpi4py() {
+  if [ -n "$mpi4py_build" ]; then
+    local rc=0
+    wait "$mpi4py_build" || rc=$?
+    mpi4py_build=""
+    if [ $rc -ne 0 ]; then
+      printf '[setup] the mpi4py build failed; the lines that say why (whole log: %s):\n' "$mpi4py_log" >&2
+      grep -E -A4 'error:|fatal error|Error [0-9]+|No such file' "$mpi4py_log" | grep -v '^--$' | head -30 >&2
+      die "mpi4py build against $mpicc failed (cause above; whole log: $mpi4py_log)"
+    fi
+    mv "$mpi4py_dir.tmp" "$mpi4py_dir"
+  fi
+  if mpi4py_wanted; then
+    pip install --force-reinstall --no-deps "$mpi4py_dir"/mpi4py-*.whl
+    echo "$mpi_id" >"$installed_mpi"
+  fi
+}
+
 if ! "$py" -c 'import torch' 2>/dev/null; then
   say "installing $torch_spec"
   pip install "$torch_spec"
@@ -229,24 +272,8 @@ pip install numpy cloudpickle psutil pyyaml packaging cffi wheel setuptools
 command -v cmake >/dev/null || [ -x "$venv/bin/cmake" ] || { say "no cmake on PATH: installing cmake from PyPI into $venv"; pip install cmake; }
 export PATH=$PATH:$venv/bin
 
-# mpi4py built against this MPI, its wheel cached by the MPI's identity: pip's own wheel cache is keyed by the
-# sdist alone and would hand a wheel built against another MPI to the next venv.
-installed_mpi=$venv/.hvdtrain-mpi
-if [ "$(cat "$installed_mpi" 2>/dev/null)" != "$mpi_id" ] || ! "$py" -c 'import mpi4py' 2>/dev/null; then
-  mpi4py_dir=$cache/wheels/mpi4py-$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')-$mpi_id
-  if ! ls "$mpi4py_dir"/mpi4py-*.whl >/dev/null 2>&1; then
-    say "building mpi4py against $mpi_flavour $mpi_version ($mpicc)"
-    mkdir -p "$mpi4py_dir.tmp"
-    MPICC=$mpicc pip wheel --no-cache-dir --no-binary mpi4py --no-deps -w "$mpi4py_dir.tmp" mpi4py
-    mv "$mpi4py_dir.tmp" "$mpi4py_dir"
-  fi
-  pip install --force-reinstall --no-deps "$mpi4py_dir"/mpi4py-*.whl
-  echo "$mpi_id" >"$installed_mpi"
-fi
-
 # --- Horovod, built from the sdist against this torch, cached ------------------------------------------
 torch_version=$("$py" -c 'import torch; print(torch.__version__)')
-py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 if [ $stock -eq 1 ]; then
   key="horovod-$HOROVOD_VERSION-torch${torch_version//+/_}-$py_tag-$mpi_id-stock"
 else
@@ -266,7 +293,6 @@ elif ! horovod_ok >/dev/null || [ "$installed" != "$key" ]; then
     if [ $stock -eq 1 ]; then what="Horovod $HOROVOD_VERSION (stock, without hvdtrain's patch)"; else what="Horovod $HOROVOD_VERSION"; fi
     say "building $what against torch $torch_version (about 5 minutes on 2 cores)"
     build=$(mktemp -d)
-    trap 'rm -rf "$build"' EXIT
     pip download --no-deps --no-binary :all: -d "$build" "horovod==$HOROVOD_VERSION"
     tar -xzf "$build"/horovod-$HOROVOD_VERSION.tar.gz -C "$build"
     src=$build/horovod-$HOROVOD_VERSION
@@ -306,6 +332,8 @@ elif ! horovod_ok >/dev/null || [ "$installed" != "$key" ]; then
   pip install --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
   echo "$key" >"$installed_key"
 fi
+
+finish_mpi4py
 
 # --- hvdtrain itself -----------------------------------------------------------------------------------
 if [ -f "$repo/setup.py" ]; then
