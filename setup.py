@@ -23,6 +23,6 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff", "hypothesis"]},
     entry_points={"console_scripts": ["hvdtrain=hvdtrain.cli:main"]},
 )

@@ -17,11 +17,11 @@ from hvdtrain.clickopts import (
     CONTEXT,
     PASSTHROUGH,
     OneLineErrors,
+    PlotPath,
     bench_options,
     config_file,
     dataclass_options_subset,
     elastic_options,
-    handle_errors,
     launch_options,
     slurm_options,
     train_options,
@@ -32,6 +32,10 @@ MPI_PACKAGES = ("horovod", "mpi4py")  # what `run` warns about when built agains
 
 @click.group(cls=OneLineErrors, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="hvdtrain")
+@click.option(
+    "--debug", is_flag=True, expose_value=False,
+    help="Show a failure's Python traceback here too (also HVDTRAIN_DEBUG=1); it is always kept in a log.",
+)  # fmt: skip
 def cli():
     """hvdtrain: launch and train PyTorch models on many ranks with Horovod (MPI or Gloo), locally or on Slurm."""
 
@@ -50,7 +54,6 @@ def cli():
     "runs/run-<time>].",
 )  # fmt: skip
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@handle_errors
 def run(command, dry_run, timeline, autotune, **options):
     """Launch COMMAND on N ranks: hvdtrain run -np 2 -- python train.py --lr 0.1
 
@@ -94,7 +97,6 @@ def run(command, dry_run, timeline, autotune, **options):
     "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=config_file,
     help="YAML file of option: value defaults (keys as the long options, - or _); CLI flags override it.",
 )  # fmt: skip
-@handle_errors
 def train(dry_run, **options):
     """Train a model on N ranks with Horovod: the CNN on scikit-learn's digits by default.
 
@@ -115,7 +117,6 @@ def train(dry_run, **options):
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@handle_errors
 def doctor(as_json):
     """Check this machine: versions, Horovod's build (hvdtrain's patch or stock), which MPI Horovod, mpi4py and the
     mpirun/mpiexec on PATH are (Open MPI or MPICH, the same for all), launchers on PATH, cores, memory, GPUs.
@@ -132,9 +133,13 @@ def doctor(as_json):
 @cli.command("timeline", context_settings=CONTEXT)
 @click.argument("target", metavar="RUN_DIR_OR_FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (every tensor).")
-@click.option("--plot", metavar="PNG", help="Where the step's picture goes [default: timeline.png beside the file].")
+@click.option(
+    "--plot",
+    type=PlotPath(),
+    metavar="PNG",
+    help="Where the step's picture goes [default: timeline.png beside the file].",
+)
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Tensors listed in the table.")
-@handle_errors
 def timeline_command(target, as_json, plot, top):
     """Where the step time goes, from Horovod's timeline (train --timeline / --timeline-steps A:B, run --timeline).
 
@@ -173,7 +178,6 @@ def timeline_command(target, as_json, plot, top):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @dataclass_options_subset("model", "hidden", "depth", "data", "synthetic_samples", "batch_size", "optimizer",
                           "momentum", "seed")  # fmt: skip
-@handle_errors
 def plan_command(np, nodes, ntasks_per_node, memory_per_rank, bench_json, validate, as_json, **fields):
     """Which layout to train with on this machine, from measured costs: data parallel, with the sharded optimizer,
     local SGD, or a pipeline of P stages x N/P replicas with M micro-batches (docs/plan.md).
@@ -218,10 +222,9 @@ def plan_command(np, nodes, ntasks_per_node, memory_per_rank, bench_json, valida
     "--targets", default="0.9,0.95", show_default=True, metavar="ACC,ACC",
     help="Test accuracies to time (seconds and step of the first evaluation at or above each).",
 )  # fmt: skip
-@click.option("--plot", metavar="PNG", help="Where the curves go [default: RUN_DIR/report.png for one run, else "
+@click.option("--plot", type=PlotPath(), metavar="PNG", help="Where the curves go [default: RUN_DIR/report.png for one run, else "
               "./report.png].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run instead of the table.")
-@handle_errors
 def report_command(run_dirs, targets, plot, as_json):
     """What training runs did, from their run directories: loss, accuracy, samples/s and lr against step and wall
     time as one PNG (several runs overlaid), and a table: final accuracy, time and step to each --targets
@@ -259,7 +262,6 @@ def bench():
 @bench.command("allreduce", context_settings=CONTEXT)
 @launch_options
 @bench_options("AllreduceSettings")
-@handle_errors
 def bench_allreduce(dry_run, options, **launch_options):
     """Allreduce time, algbw and busbw = algbw x 2(n-1)/n against message size, for Horovod (MPI and Gloo
     controllers) beside mpi4py Allreduce, torch.distributed gloo all_reduce and local memcpy.
@@ -278,7 +280,6 @@ def bench_allreduce(dry_run, options, **launch_options):
 @bench.command("train", context_settings=CONTEXT)
 @launch_options
 @bench_options("TrainSettings")
-@handle_errors
 def bench_train(dry_run, options, **launch_options):
     """Synthetic-data training throughput for np = 1..N (one thread per rank): weak-scaling efficiency, tensor
     fusion and fp16 ablations, and the hvdtrain Trainer vs a minimal Horovod loop vs torch DDP (gloo).
@@ -297,7 +298,6 @@ def bench_train(dry_run, options, **launch_options):
 @bench.command("updates", context_settings=CONTEXT)
 @launch_options
 @bench_options("UpdatesSettings")
-@handle_errors
 def bench_updates(dry_run, options, **launch_options):
     """The update rules side by side (sync, local-sgd, async) on the digits CNN, with and without a straggler:
     samples/s per worker, training time and steps to each target accuracy, collectives or messages per step,
@@ -317,7 +317,6 @@ def bench_updates(dry_run, options, **launch_options):
 @bench.command("launch", context_settings=CONTEXT)
 @bench_options("LaunchSettings")
 @click.option("--dry-run", is_flag=True, help="Print every command, run nothing.")
-@handle_errors
 def bench_launch(dry_run, options):
     """Time to start a trivial Horovod job (hvd.init + one allreduce) through plain mpirun, hvdtrain run (its
     default launcher, and horovodrun), and plain horovodrun; and the built-in job's time to its first step by
@@ -337,7 +336,6 @@ def bench_launch(dry_run, options):
 @slurm_options
 @click.option("--dry-run", is_flag=True, help="Print the job script and the sbatch command; submit nothing.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@handle_errors
 def submit(command, dry_run, **options):
     """Submit COMMAND as a Slurm batch job: hvdtrain submit --nodes 2 --ntasks-per-node 4 -- hvdtrain train ...
 
@@ -359,7 +357,6 @@ def submit(command, dry_run, **options):
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("job_id", metavar="JOBID")
-@handle_errors
 def status(job_id):
     """State of a Slurm job (each task of an array): state, reason, run time, restarts, node, output file."""
     from hvdtrain import slurm
@@ -371,7 +368,6 @@ def status(job_id):
 @click.argument("job_id", metavar="JOBID")
 @click.option("--rank", type=int, help="Show this rank's log instead of the job's output.")
 @click.option("--lines", "-n", type=int, default=0, help="Only the last N lines [default: all].")
-@handle_errors
 def logs(job_id, rank, lines):
     """Print a Slurm job's output file, or one rank's log (--rank R); array tasks as JOBID_TASK."""
     from hvdtrain import slurm

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import traceback
 import types
 
 import click
@@ -77,39 +78,84 @@ def elastic_options(f):
     return dataclass_options(ElasticOptions)(f)
 
 
-def handle_errors(f):
-    """Turn hvdtrain's errors into one line on stderr and the error's exit status (2 for bad input)."""
-
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        try:
-            return f(*args, **kwargs)
-        except HvdtrainError as e:
-            click.echo(f"hvdtrain: error: {e}", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
+DEBUG_ENV = "HVDTRAIN_DEBUG"  # =1: a failure's Python traceback on the terminal too (as `hvdtrain --debug`)
 
 
 class OneLineErrors(click.Group):
-    """Click's usage errors as one line (`hvdtrain: error: ...`) with exit status 2, like our own errors."""
+    """The command line's one error boundary: every command ends in success (0), a usage error (one line
+    `hvdtrain: error: <cause>; <fix>`, exit 2: click's own and hvdtrain's UsageError), or a runtime failure (one
+    line, exit 1 or the job's status). A failure hvdtrain did not foresee (a bug) or an operating system's error
+    is one line as well, its traceback kept in a file named in that line (errors.traceback_log: the run's logs/
+    when the command has a run directory); `hvdtrain --debug` or HVDTRAIN_DEBUG=1 prints it on the terminal too."""
 
     def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
+        from hvdtrain import errors
+
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = _debug_wanted(argv)
         try:
-            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+            rv = super().main(argv, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
+        except click.Abort:  # Ctrl-C (click's KeyboardInterrupt) or an aborted prompt
+            click.echo("hvdtrain: interrupted", err=True)
+            sys.exit(130)
         except click.ClickException as e:
             where = e.ctx.command_path if getattr(e, "ctx", None) else "hvdtrain"
-            click.echo(f"hvdtrain: error: {e.format_message()} (see '{where} --help')", err=True)
+            _say_error(f"{e.format_message()} (see '{where} --help')")
             sys.exit(e.exit_code)
-        except HvdtrainError as e:  # raised while parsing, e.g. by OneOf
-            click.echo(f"hvdtrain: error: {e}", err=True)
+        except errors.HvdtrainError as e:
+            if debug:
+                traceback.print_exc()
+            _say_error(str(e), lines=not isinstance(e, errors.UsageError))  # a failed job: its rank's last lines
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("hvdtrain: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the boundary: whatever escaped a command ends as one line
+            if debug:
+                traceback.print_exc()
+            _say_error(errors.unforeseen(e, argv))
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _say_error(message: str, lines: bool = False) -> None:
+    """`hvdtrain: error: <message>` on stderr as one line: what the message quotes of the user's input (a file's
+    contents, an argument) keeps its control characters and line breaks escaped; with `lines`, line breaks stay
+    (a failed job's report: the cause, then the failing rank's last lines)."""
+    shown = "".join(c if c.isprintable() or (lines and c == "\n") else repr(c)[1:-1] for c in message)
+    click.echo(f"hvdtrain: error: {shown}", err=True)
+
+
+def _debug_wanted(argv: list) -> bool:
+    """`hvdtrain --debug COMMAND ...` (the flag is the group's, so before the command; taken out of argv here) or
+    HVDTRAIN_DEBUG set to anything but empty or 0."""
+    import os
+
+    if argv[:1] == ["--debug"]:
+        del argv[0]
+        return True
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+# What matplotlib's savefig writes, by the file's suffix (matplotlib 3.x; a --plot is checked before any work).
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "pgf")
+
+
+class PlotPath(click.ParamType):
+    """A --plot file: its suffix names a picture format matplotlib writes (.png, .pdf, .svg, ...)."""
+
+    name = "png"
+
+    def convert(self, value, param, ctx):
+        suffix = str(value).rpartition(".")[2].lower() if "." in str(value).rpartition("/")[2] else ""
+        if suffix not in PLOT_FORMATS:
+            self.fail(
+                f"'{value}' does not end in a picture format's suffix; use .png (or {', '.join(PLOT_FORMATS[1:6])}, "
+                "...)", param, ctx,
+            )  # fmt: skip
+        return value
 
 
 class OneOf(click.Choice):

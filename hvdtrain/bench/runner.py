@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from hvdtrain import errors
 from hvdtrain.bench import plans, report
 from hvdtrain.errors import UsageError
 from hvdtrain.files import write_text_atomic
@@ -89,6 +90,7 @@ def run(
     if jobs:
         preflight.preflight(jobs[0].spec)  # every job of a benchmark runs on the same hosts
     (out / "parts").mkdir(parents=True, exist_ok=True)
+    errors.keep_tracebacks_in(out)
     for job in jobs:
         store = out / "parts" / f".torch-store-{job.name}-{os.getpid()}-{time.time_ns()}"
         plan = dataclasses.replace(job.plan, store=str(store.resolve()))

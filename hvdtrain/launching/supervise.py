@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Collection, Optional
 
-from hvdtrain import procs, startup
+from hvdtrain import errors, procs, startup
 from hvdtrain.errors import LaunchError
 from hvdtrain.launching.argv import build_argv, describe, placement, rank_env
 from hvdtrain.launching.failures import diagnose, diagnose_elastic, failed_ranks, log_sizes, worker_log_sizes
@@ -225,6 +225,7 @@ def _prepare(spec: LaunchSpec, argv: list[str], extra: dict[str, str], log_dir: 
     """The log directory (a previous job's exit and host records removed, its logs' sizes noted) and the launcher's
     environment: the rank variables, the ssh shim first on PATH, the job's launcher and start time."""
     Path(log_dir).mkdir(parents=True, exist_ok=True)
+    errors.keep_tracebacks_in(log_dir)
     logs = RankLogs(log_dir)
     for _rank, stale in [*logs.exit_records(), *logs.host_records()]:
         stale.unlink()
