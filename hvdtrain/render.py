@@ -49,8 +49,8 @@ def fixed_row(cells: Sequence[str], widths: Sequence[int]) -> str:
 
 
 def save_plot(path: Path, draw: Callable[[Any], None], ncols: int = 1, width: float = 7.0, nrows: int = 1) -> Path:
-    """Draw a figure with `draw(axes)` (a list of nrows x ncols axes, row by row) and save it as PNG with
-    matplotlib's Agg (creating the folder)."""
+    """Draw a figure with `draw(axes)` (a list of nrows x ncols axes, row by row) and save it with matplotlib's Agg
+    at exactly `path` (PNG, or the format its suffix names, e.g. .pdf or .svg), creating the folder."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,9 +60,11 @@ def save_plot(path: Path, draw: Callable[[Any], None], ncols: int = 1, width: fl
     try:
         draw(list(axes.flat))
         fig.tight_layout()
+        suffix = Path(path).suffix.lstrip(".").lower()  # .pdf, .svg: as asked; none (or unknown): PNG
+        kind = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, format=kind, dpi=100)
     finally:
         plt.close(fig)
     return path
