@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Callable, Optional, Sequence
+
 
 class HvdtrainError(Exception):
     """Base class: a problem the user can fix. `exit_code` is the CLI's exit status for it."""
@@ -23,6 +26,11 @@ class CheckpointError(UsageError):
     """A checkpoint that is missing, corrupt, or does not match the job."""
 
 
+class DiskFullError(HvdtrainError):
+    """A write the file system refused because it is full (or the user's quota is): the message names the path and
+    the space left. Exit status 1: the work had started (a check before any work is a UsageError instead)."""
+
+
 class LaunchError(HvdtrainError):
     """A job that started but failed; the message names the failing rank where known. `cause` says what came
     first, when the records tell (hvdtrain.launching.failures.CAUSES): e.g. "stall" or "lost_host", which a requeued job
@@ -32,3 +40,14 @@ class LaunchError(HvdtrainError):
         super().__init__(message)
         self.exit_code = exit_code
         self.cause = cause
+
+
+def rank_main(main: Callable[[list[str]], Optional[int]], argv: Sequence[str]) -> int:
+    """A rank's entry point (a benchmark's worker, the planner's probe): `main(argv)`'s exit status, or, when it
+    raises a HvdtrainError (a full disk under its output), the error's one line on stderr and its exit status: the
+    launch report then names the rank and shows the line, not a traceback."""
+    try:
+        return main(list(argv)) or 0
+    except HvdtrainError as e:
+        print(f"hvdtrain: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code

@@ -2,19 +2,23 @@
 
 Before work starts, every output path a command takes is checked by one helper (`check_output_path`): the wrong
 kind (a file where a directory goes, or the other way round), a part of it that is a file, a place this process
-cannot write in (permissions, a read-only file system), a file system with too little space left. Small files are
-written atomically: a reader (another rank, a test, the user) never sees half a file.
+cannot write in (permissions, a read-only file system), a file system with too little space left. While working,
+writes are atomic (a reader never sees half a file, a failed write leaves the previous file as it was and no
+temporary file behind), appends are whole lines or nothing, and a full file system is one line naming the path and
+the space left (DiskFullError), not a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import secrets
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional
 
-from hvdtrain.errors import UsageError
+from hvdtrain.errors import DiskFullError, UsageError
 
 # What an output path needs free before a command starts writing there: a run directory's first files, a plot.
 MIN_FREE_BYTES = 1024 * 1024
@@ -31,21 +35,89 @@ def size_text(b: float) -> str:
     return f"{b / 1024**2:.0f} MiB" if b < 1024**3 else f"{b / 1024**3:.2f} GiB"
 
 
-def write_text_atomic(path, text: str, mode: Optional[int] = None) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename it over `path` (creating the folder)."""
+def write_atomic(path, write: Callable[[BinaryIO], None], mode: Optional[int] = None, fsync: bool = False) -> Path:
+    """Write `path` through `write(f)` (a binary file) into a temporary file beside it (.NAME.<pid>-<random>.tmp),
+    then rename it over `path`, creating the folder. A write that fails removes the temporary file and leaves the
+    previous `path` as it was; a full file system raises DiskFullError naming `path`. `mode`: the file's
+    permissions (else as umask gives); `fsync`: the data is on disk before the rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+            if mode is not None:
+                os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
+
+
+def write_text_atomic(path, text: str, mode: Optional[int] = None) -> Path:
+    """Write `text` to `path` atomically (write_atomic)."""
+    return write_atomic(path, lambda f: f.write(text.encode()), mode=mode)
 
 
 def write_json(path, obj: Any) -> Path:
     """`obj` as indented, key-sorted JSON, written atomically."""
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def append_text(path, text: str) -> None:
+    """Append `text` (whole lines) to `path`, whole or not at all: a write the file system refuses is cut back off,
+    so the file keeps its earlier lines intact and the next append starts a line of its own; a full file system
+    raises DiskFullError naming `path`."""
+    data = memoryview(text.encode())
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+            except BaseException:
+                os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def writing(path) -> Iterator[None]:
+    """Around a write of `path`: an error that comes of a full file system (ENOSPC, EDQUOT; also wrapped, as torch's
+    writer wraps it) raises DiskFullError naming `path` and the space left; any other error passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        full = full_disk(path, e)
+        if full is None:
+            raise
+        raise full from e
+
+
+def full_disk(path, error: BaseException, fix: str = "free some space, or write elsewhere") -> Optional[DiskFullError]:
+    """A DiskFullError naming `path`, the space left on its file system and `fix`, when `error` (or an error it was
+    raised from or during) is a full file system or quota; else None."""
+    seen: Optional[BaseException] = error
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno in _FULL):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    try:
+        free, mount = free_space(path)
+        left = f"only {size_text(free)} free on {mount}"
+    except OSError:
+        left = "no space left"
+    return DiskFullError(f"cannot write {path}: the file system is full ({left}); {fix}")
 
 
 def free_space(path) -> tuple[int, Path]:

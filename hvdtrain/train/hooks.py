@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from hvdtrain.files import writing
 from hvdtrain.rundir import TIMELINE_STEPS_HEADER, RunDir
 
 if TYPE_CHECKING:
@@ -107,8 +108,9 @@ class TimelineRecorder(Hook):
         horovod.start_timeline(self.path)
         self.recording = True
         if trainer.is_main:
-            self.steps_file = open(self.steps_path, "w")
-            self.steps_file.write(TIMELINE_STEPS_HEADER + "\n")
+            with writing(self.steps_path):
+                self.steps_file = open(self.steps_path, "w")
+                self.steps_file.write(TIMELINE_STEPS_HEADER + "\n")
 
     def _stop(self) -> None:
         from hvdtrain.parallel import horovod
@@ -136,8 +138,9 @@ class TimelineRecorder(Hook):
 
     def on_step_end(self, trainer: Trainer) -> None:
         if self.steps_file is not None:
-            self.steps_file.write(f"{trainer.state.step},{self.started_us},{time.time_ns() // 1000}\n")
-            self.steps_file.flush()
+            with writing(self.steps_path):
+                self.steps_file.write(f"{trainer.state.step},{self.started_us},{time.time_ns() // 1000}\n")
+                self.steps_file.flush()
         if self.window is not None and trainer.state.step >= self.window[1]:
             self._stop()
 
