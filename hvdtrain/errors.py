@@ -26,6 +26,15 @@ class CheckpointError(UsageError):
     """A checkpoint that is missing, corrupt, or does not match the job."""
 
 
+class UserCodeError(ConfigError):
+    """The user's own code (a --hooks module, a Hook's constructor) raised while it was loaded. `user_traceback`: its
+    traceback trimmed to the user's frames (it is theirs to read), shown before the one line."""
+
+    def __init__(self, message: str, user_traceback: str = ""):
+        super().__init__(message)
+        self.user_traceback = user_traceback
+
+
 class DiskFullError(HvdtrainError):
     """A write the file system refused because it is full (or the user's quota is): the message names the path and
     the space left. Exit status 1: the work had started (a check before any work is a UsageError instead)."""

@@ -7,7 +7,6 @@ layout are checked, and only then is anything written or started.
 from __future__ import annotations
 
 import dataclasses
-import importlib.machinery
 import math
 import os
 import re
@@ -18,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from hvdtrain import mpi, npz, preempt
 from hvdtrain.config import DIGITS_SAMPLES, TIMELINE_NOT_ELASTIC, TrainConfig, check_combinations, needs_mpi
 from hvdtrain.env import SlurmEnv
-from hvdtrain.errors import CheckpointError, ConfigError, LaunchError, UsageError
+from hvdtrain.errors import CheckpointError, ConfigError, LaunchError, UsageError, UserCodeError
 from hvdtrain.files import check_output_path
 from hvdtrain.launching import preflight as hosts_preflight
 from hvdtrain.launching import runlock, supervise
@@ -26,7 +25,7 @@ from hvdtrain.launching.hosts import ranks_per_host
 from hvdtrain.launching.options import ElasticOptions, LaunchOptions, split
 from hvdtrain.launching.spec import LaunchSpec, make_spec
 from hvdtrain.rundir import RunDir
-from hvdtrain.train import checkpoint
+from hvdtrain.train import checkpoint, hooks
 
 
 def visible_gpus(environ: Mapping[str, str]) -> int:
@@ -66,7 +65,7 @@ def mpi_mismatches(spec: LaunchSpec, packages: Sequence[str]) -> list[tuple[str,
 def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], slurm: SlurmEnv) -> None:
     """What can be known before launching: Horovod (and mpi4py, when the job sends messages with it) built for the
     MPI that starts the ranks, the layout fits the devices, checkpoints are where they should be, the run and log
-    directories can be written, the data fits."""
+    directories can be written, the data fits, and the --hooks load and build."""
     for what, fix in mpi_mismatches(spec, ("horovod", "mpi4py") if needs_mpi(cfg) else ("horovod",)):
         raise UsageError(f"{what}; {fix}")
     # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).
@@ -81,14 +80,6 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
         else:
             per_host = slurm.ntasks_per_node or (max(ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np)
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
-    for ref in cfg.hook_refs():
-        module = ref.partition(":")[0]
-        top = module.split(".")[0]
-        # The ranks run `python -m hvdtrain.worker` from this directory: it and PYTHONPATH are on their path.
-        if importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is None:
-            raise ConfigError(
-                f"--hooks {ref}: no module '{top}' in {os.getcwd()} or on PYTHONPATH; put {top}.py there or fix the name"
-            )
     resume_path = checkpoint.resume_path(cfg, slurm)
     if resume_path is None and cfg.resume and slurm.restart_count == 0:
         raise CheckpointError(
@@ -104,6 +95,11 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
     if spec.output_dir:
         check_output_path(spec.output_dir, "--output-dir")
     check_data(cfg, world)
+    try:  # last, being the slowest: loaded as the ranks will load them, in a child process
+        hooks.check_in_child(cfg.hook_refs())
+    except UserCodeError as e:
+        print(e.user_traceback, file=sys.stderr, end="")  # the user's own traceback, then the one line
+        raise
 
 
 def check_stages(cfg: TrainConfig) -> None:

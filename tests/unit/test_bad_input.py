@@ -61,6 +61,16 @@ FILES = {
     "run/metrics.jsonl": _text(
         '{"time": 1.0, "step": 1, "train_loss": 1.0}\n{"time": 2.0, "step": 2, "test_accuracy": 0.5}\n'
     ),
+    "userhooks.py": _text(
+        "from hvdtrain.train.hooks import Hook\n"
+        "print('a side effect of importing userhooks')\n"
+        "class Good(Hook):\n    pass\n"
+        "class NotAHook:\n    pass\n"
+        "class NeedsArgs(Hook):\n    def __init__(self, every):\n        self.every = every\n"
+        "def returns_int():\n    return 3\n"
+        "number = 3\n"
+    ),
+    "raisinghooks.py": _text("import json\n\n\ndef setup():\n    raise RuntimeError('no GPU here')\n\n\nsetup()\n"),
     "ipv6-hostfile": _text("fe80::1 slots=2\n"),
 }
 
@@ -106,6 +116,13 @@ CASES = [
     (["report", "run", "--plot", "/proc/hvdtrain.png"], "--plot /proc/hvdtrain.png: cannot create files in /proc"),
     (["bench", "train", "--output-dir", "a-file", "--dry-run"], "--output-dir a-file: exists and is not a directory"),
     (["bench", "updates", "--out", "a-file/o", "--dry-run"], "--out a-file/o: "),
+    # --hooks module:Name, loaded before launch as the ranks will (in a child process): each refusal one line
+    (["train", "--hooks", "nohooks:Count"], "--hooks nohooks:Count: no module 'nohooks' in "),
+    (["train", "--hooks", "userhooks:Nope", "--dry-run"], "userhooks.py has no 'Nope'; its hooks: Good, NeedsArgs"),
+    (["train", "--hooks", "userhooks:NotAHook"], "NotAHook is a class but not a subclass of hvdtrain.train.hooks.Hook"),
+    (["train", "--hooks", "userhooks:number"], "number is an int, not a Hook subclass or a function returning a Hook"),
+    (["train", "--hooks", "userhooks:NeedsArgs", "--dry-run"], "NeedsArgs() needs arguments (missing a required"),
+    (["train", "--hooks", "userhooks:Good,userhooks:returns_int"], "returns_int() returned an int, not a hvdtrain"),
     # numbers: finite, in range, a batch that fits a rank's share
     (["train", "--lr", "inf"], "--lr: inf is not a finite number"),
     (["train", "--lr", "nan"], "--lr: nan is not a finite number"),
@@ -213,6 +230,31 @@ def test_bad_input_is_one_line_exit_2_nothing_launched_nothing_written(args, nee
     before = tree(cwd)
     proc = hvdtrain(args, cwd, env)
     assert_one_line_error(proc, needle)
+    assert tree(cwd) == before, "something was written"
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["launch", "dry-run"])
+def test_hooks_whose_import_raises_show_the_users_traceback_then_one_line(inputs, tmp_path, dry_run):
+    """The user's own code raised: its traceback is theirs (their frames only, none of hvdtrain's or of Python's
+    import machinery), then the one line; exit status 2, nothing launched, nothing written."""
+    cwd = tmp_path / "cwd"
+    shutil.copytree(inputs, cwd)
+    before = tree(cwd)
+    proc = hvdtrain(["train", "--hooks", "userhooks:Good,raisinghooks:setup", *dry_run], cwd)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
+    *trace, last = proc.stderr.strip().splitlines()
+    assert trace == [
+        "Traceback (most recent call last):",
+        f'  File "{cwd}/raisinghooks.py", line 8, in <module>',
+        "    setup()",
+        f'  File "{cwd}/raisinghooks.py", line 5, in setup',
+        "    raise RuntimeError('no GPU here')",
+        "RuntimeError: no GPU here",
+    ]
+    assert last == (
+        "hvdtrain: error: --hooks raisinghooks:setup: importing raisinghooks raised RuntimeError: no GPU here "
+        f"({cwd}/raisinghooks.py:5); fix your code there (its traceback is above)"
+    )
     assert tree(cwd) == before, "something was written"
 
 
