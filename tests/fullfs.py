@@ -3,6 +3,10 @@ by the command run there and gone with it (no mount is left behind, whatever hap
 
 As root the namespace is `unshare --mount`; as an ordinary user `unshare --user --map-root-user --mount`, where the
 kernel lets users make one. Where neither works, the tests that need it skip, saying why.
+
+FillDisk is a Trainer hook (`hvdtrain train --hooks fullfs:FillDisk`, tests/ on PYTHONPATH): after the job's first
+checkpoint, rank 0 fills the file system of the run directory, leaving $HVDTRAIN_TEST_LEAVE bytes (default 64 KiB):
+the next checkpoint finds it full.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import pytest
+
+from hvdtrain.train.hooks import Hook
 
 FILLER = "filler"
 # Mounts a tmpfs of size $1 on $2, fills it with $2/filler up to $3 bytes left ("none": no filler), runs the rest.
@@ -63,3 +69,28 @@ def run(
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     assert proc.returncode != 99, f"could not mount a tmpfs: {proc.stderr}"
     return proc
+
+
+def fill(path: Path, leave: int) -> None:
+    """Fill the file system of `path` with the file `path`, then give back `leave` bytes."""
+    with open(path, "wb", buffering=0) as f:
+        block = bytes(64 * 1024)
+        try:
+            while True:
+                f.write(block)
+        except OSError:
+            pass
+        f.truncate(max(0, f.tell() - leave))
+
+
+class FillDisk(Hook):
+    def __init__(self):
+        self.leave = int(os.environ.get("HVDTRAIN_TEST_LEAVE", 64 * 1024))
+        self.done = False
+
+    def on_checkpoint(self, trainer, path) -> None:
+        if path is None or self.done:
+            return
+        self.done = True
+        assert path.stat().st_size > self.leave, "the next checkpoint would fit: nothing would be tested"
+        fill(trainer.run_dir.path / FILLER, self.leave)
