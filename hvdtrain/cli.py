@@ -150,14 +150,16 @@ def timeline_command(target, as_json, plot, top):
     import json
 
     from hvdtrain import timeline
-    from hvdtrain.rundir import RunDir
+    from hvdtrain.files import check_output_path
+    from hvdtrain.rundir import TIMELINE_PLOT, RunDir
 
     path, steps_path = timeline.locate(Path(target))
+    png = Path(plot) if plot else RunDir(path.parent).timeline_plot
+    check_output_path(png, "--plot", directory=False, name=TIMELINE_PLOT)
     data = timeline.read(path)
     steps = timeline.read_steps(steps_path) if steps_path else []
     every = timeline.spans(data)  # read once: a whole run's trace is large
     summary = timeline.summarize(data, steps, every)
-    png = Path(plot) if plot else RunDir(path.parent).timeline_plot
     summary["plot"] = str(png)
     summary["plot_step"] = timeline.plot_step(every, steps, png)
     click.echo(json.dumps(summary, indent=2, sort_keys=True) if as_json else timeline.format_summary(summary, top))
@@ -238,12 +240,14 @@ def report_command(run_dirs, targets, plot, as_json):
 
     from hvdtrain import report
     from hvdtrain.bench.plans import accuracy_list
-    from hvdtrain.rundir import RunDir
+    from hvdtrain.files import check_output_path
+    from hvdtrain.rundir import REPORT_PLOT, RunDir
 
     levels = accuracy_list(targets)
     runs = [report.load(Path(d)) for d in run_dirs]
-    summaries = [report.summarize(run, levels) for run in runs]
     png = Path(plot) if plot else RunDir(runs[0].path if len(runs) == 1 else ".").report_plot
+    check_output_path(png, "--plot", directory=False, name=REPORT_PLOT)
+    summaries = [report.summarize(run, levels) for run in runs]
     report.plot(runs, png)
     if as_json:
         click.echo(json.dumps({"plot": str(png), "runs": summaries}, indent=2, sort_keys=True))

@@ -107,6 +107,8 @@ class OneLineErrors(click.Group):
         except errors.HvdtrainError as e:
             if debug:
                 traceback.print_exc()
+            if getattr(e, "user_traceback", ""):  # the user's own code raised: their traceback (theirs), then the line
+                click.echo(e.user_traceback, err=True, nl=False)
             _say_error(str(e), lines=not isinstance(e, errors.UsageError))  # a failed job: its rank's last lines
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
@@ -115,9 +117,53 @@ class OneLineErrors(click.Group):
         except Exception as e:  # noqa: BLE001 - the boundary: whatever escaped a command ends as one line
             if debug:
                 traceback.print_exc()
-            _say_error(errors.unforeseen(e, argv))
+            _say_error(_unforeseen(e, argv))
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _unforeseen(error: BaseException, argv) -> str:
+    """One line for an exception that escaped a command (the CLI's boundary, clickopts.OneLineErrors): an operating
+    system's error names its file and cause (a full disk the space left), anything else is a bug in hvdtrain. The
+    traceback, with the command line and version, is appended to a log whose path the line gives."""
+    import datetime
+    import errno
+    import os
+    from pathlib import Path
+
+    from hvdtrain import __version__
+    from hvdtrain.errors import traceback_dir
+    from hvdtrain.files import cache_dir, full_disk
+    from hvdtrain.rundir import TRACEBACK_LOG
+
+    now = datetime.datetime.now()
+    if traceback_dir() is not None:
+        log = Path(traceback_dir()) / TRACEBACK_LOG
+    else:
+        log = cache_dir() / "tracebacks" / f"{now:%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(
+                f"{now.isoformat(timespec='seconds')} hvdtrain {__version__}: hvdtrain {' '.join(map(str, argv))}\n"
+            )
+            f.write(text + "\n")
+        kept = f"the traceback is in {log}"
+    except OSError:
+        kept = "its traceback could not be kept (HVDTRAIN_DEBUG=1 shows it)"
+    if isinstance(error, OSError) and error.strerror:
+        full = full_disk(error.filename, error) if error.filename is not None else None
+        if full is not None:
+            return f"{full} ({kept})"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"a write failed: the file system is full; free some space, or write elsewhere ({kept})"
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"{where}{error.strerror}; check the path and its permissions ({kept})"
+    return (
+        f"internal error (a bug in hvdtrain): {type(error).__name__}: {error}; {kept}: please report it with that "
+        "file (hvdtrain --debug shows it here)"
+    )
 
 
 def _say_error(message: str, lines: bool = False) -> None:
@@ -140,7 +186,7 @@ def _debug_wanted(argv: list) -> bool:
 
 
 # What matplotlib's savefig writes, by the file's suffix (matplotlib 3.x; a --plot is checked before any work).
-PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "pgf")
+PLOT_FORMATS = tuple("png pdf svg svgz eps ps jpg jpeg tif tiff webp gif pgf".split())
 
 
 class PlotPath(click.ParamType):
@@ -149,8 +195,10 @@ class PlotPath(click.ParamType):
     name = "png"
 
     def convert(self, value, param, ctx):
+        import os
+
         suffix = str(value).rpartition(".")[2].lower() if "." in str(value).rpartition("/")[2] else ""
-        if suffix not in PLOT_FORMATS:
+        if suffix not in PLOT_FORMATS and not os.path.isdir(value):  # a folder: files.check_output_path says so
             self.fail(
                 f"'{value}' does not end in a picture format's suffix; use .png (or {', '.join(PLOT_FORMATS[1:6])}, "
                 "...)", param, ctx,

@@ -7,7 +7,6 @@ layout are checked, and only then is anything written or started.
 from __future__ import annotations
 
 import dataclasses
-import importlib.machinery
 import math
 import os
 import re
@@ -19,14 +18,14 @@ from hvdtrain import mpi, npz, preempt
 from hvdtrain.config import DIGITS_SAMPLES, TIMELINE_NOT_ELASTIC, TrainConfig, check_combinations, needs_mpi
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import CheckpointError, ConfigError, LaunchError, UsageError
-from hvdtrain.files import check_creatable_dir
+from hvdtrain.files import check_output_path
 from hvdtrain.launching import preflight as hosts_preflight
 from hvdtrain.launching import runlock, supervise
 from hvdtrain.launching.hosts import ranks_per_host
 from hvdtrain.launching.options import ElasticOptions, LaunchOptions, split
 from hvdtrain.launching.spec import LaunchSpec, make_spec
 from hvdtrain.rundir import RunDir
-from hvdtrain.train import checkpoint
+from hvdtrain.train import checkpoint, hooks
 
 
 def visible_gpus(environ: Mapping[str, str]) -> int:
@@ -39,14 +38,17 @@ def visible_gpus(environ: Mapping[str, str]) -> int:
 def run_recordings(launch: LaunchOptions, elastic: ElasticOptions, timeline: bool, autotune: bool) -> LaunchOptions:
     """`hvdtrain run --timeline/--autotune`'s launch options: the ranks get HOROVOD_TIMELINE=OUTPUT_DIR/timeline.json
     and HOROVOD_AUTOTUNE=1 with HOROVOD_AUTOTUNE_LOG=OUTPUT_DIR/autotune.csv; the output directory (runs/run-<time>
-    when not given) is kept."""
+    when not given) is kept. The output directory, given or not, is checked (files.check_output_path)."""
     if not (timeline or autotune):
+        if launch.output_dir:
+            check_output_path(launch.output_dir, "--output-dir")
         return launch
     if timeline and elastic.elastic:
         raise ConfigError(TIMELINE_NOT_ELASTIC)
     import time
 
     output = launch.output_dir or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
+    check_output_path(output, "--output-dir")
     paths = RunDir(os.path.abspath(output))
     env = [f"HOROVOD_TIMELINE={paths.timeline}"] if timeline else []
     env += ["HOROVOD_AUTOTUNE=1", f"HOROVOD_AUTOTUNE_LOG={paths.autotune}"] if autotune else []
@@ -62,7 +64,8 @@ def mpi_mismatches(spec: LaunchSpec, packages: Sequence[str]) -> list[tuple[str,
 
 def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], slurm: SlurmEnv) -> None:
     """What can be known before launching: Horovod (and mpi4py, when the job sends messages with it) built for the
-    MPI that starts the ranks, the layout fits the devices, checkpoints are where they should be."""
+    MPI that starts the ranks, the layout fits the devices, checkpoints are where they should be, the run and log
+    directories can be written, the data fits, and the --hooks load and build."""
     for what, fix in mpi_mismatches(spec, ("horovod", "mpi4py") if needs_mpi(cfg) else ("horovod",)):
         raise UsageError(f"{what}; {fix}")
     # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).
@@ -77,14 +80,6 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
         else:
             per_host = slurm.ntasks_per_node or (max(ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np)
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
-    for ref in cfg.hook_refs():
-        module = ref.partition(":")[0]
-        top = module.split(".")[0]
-        # The ranks run `python -m hvdtrain.worker` from this directory: it and PYTHONPATH are on their path.
-        if importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is None:
-            raise ConfigError(
-                f"--hooks {ref}: no module '{top}' in {os.getcwd()} or on PYTHONPATH; put {top}.py there or fix the name"
-            )
     resume_path = checkpoint.resume_path(cfg, slurm)
     if resume_path is None and cfg.resume and slurm.restart_count == 0:
         raise CheckpointError(
@@ -96,10 +91,11 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
         # is bad input, reported before any rank starts.
         # An elastic job resumes on any number of ranks: its world size is not part of what must match.
         checkpoint.load(resume_path, checkpoint.fingerprint(cfg, world))
-    check_creatable_dir(cfg.run_dir, "--run-dir")
+    check_output_path(cfg.run_dir, "--run-dir")
     if spec.output_dir:
-        check_creatable_dir(spec.output_dir, "--output-dir")
+        check_output_path(spec.output_dir, "--output-dir")
     check_data(cfg, world)
+    hooks.check_in_child(cfg.hook_refs())  # last, being the slowest: loaded as the ranks will, in a child process
 
 
 def check_stages(cfg: TrainConfig) -> None:

@@ -2,8 +2,8 @@
 
 Two kinds of text table: `render_table` (a title, headers, a rule, then the rows; every column as wide as its
 widest cell) and `fixed_row` (columns of widths the caller chose, for tables printed line by line). `columns` is
-their common core. Ground floor: imports nothing from hvdtrain; matplotlib only inside `save_plot` (Agg
-backend, no display), so nothing heavy at import time.
+their common core. Ground floor: imports nothing from hvdtrain but files (inside `save_plot`, its write);
+matplotlib only inside `save_plot` (Agg backend, no display), so nothing heavy at import time.
 """
 
 from __future__ import annotations
@@ -49,20 +49,23 @@ def fixed_row(cells: Sequence[str], widths: Sequence[int]) -> str:
 
 
 def save_plot(path: Path, draw: Callable[[Any], None], ncols: int = 1, width: float = 7.0, nrows: int = 1) -> Path:
-    """Draw a figure with `draw(axes)` (a list of nrows x ncols axes, row by row) and save it as PNG with
-    matplotlib's Agg (creating the folder)."""
+    """Draw a figure with `draw(axes)` (a list of nrows x ncols axes, row by row) and save it with matplotlib's Agg
+    at exactly `path` (PNG, or the format its suffix names, e.g. .pdf or .svg), atomically (files.write_atomic: creating the folder;
+    a full file system is a DiskFullError, and the previous picture stays)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hvdtrain.files import write_atomic
+
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 4.8 * nrows), squeeze=False)
     try:
         draw(list(axes.flat))
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        suffix = Path(path).suffix.lstrip(".").lower()  # .pdf, .svg: as asked; none (or unknown): PNG
+        kind = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
+        path = write_atomic(path, lambda f: fig.savefig(f, format=kind, dpi=100))
     finally:
         plt.close(fig)
     return path

@@ -8,6 +8,7 @@
       result.json                         .result       the run's results (rank 0)
       logs/rank.R.{log,exit,host}         .logs         RankLogs: every rank's output, exit status and host
       logs/worker.H.S.{log,exit,host}                   elastic jobs: the same per worker (host H, slot S)
+      logs/hvdtrain.traceback.log         TRACEBACK_LOG what the command line did not foresee: its traceback
       job.sbatch, slurm-<id>.out          .job_script   .slurm_output(job, task)  (hvdtrain submit)
       hvdtrain.lock                       .lock         who runs a job here (hvdtrain train, while it runs)
       interrupted                         .interrupted  Ctrl-C asked the ranks to stop (while they stop)
@@ -38,6 +39,7 @@ SLURM_ARRAY_OUTPUT = "slurm-%A_%a.out"
 TIMELINE_STEPS = "timeline.steps.csv"  # rank 0's recorded steps (train.hooks.TimelineRecorder, hvdtrain.timeline)
 TIMELINE_STEPS_HEADER = "step,start_us,end_us"  # its columns: a step, its start and end in us since the epoch
 TIMELINE_PLOT = "timeline.png"
+TRACEBACK_LOG = "hvdtrain.traceback.log"  # in a run's logs/ (or a benchmark's --out): the CLI's unforeseen failures
 REPORT_PLOT = "report.png"
 
 

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hvdtrain.errors import UsageError
+from hvdtrain.errors import DiskFullError, UsageError
 from hvdtrain.files import write_text_atomic
 from hvdtrain.render import fixed_row, save_plot
 from hvdtrain.rundir import RunDir
@@ -326,7 +326,7 @@ def after_job(path: Path, echo) -> None:
         return
     try:
         dropped = repair(path)
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, DiskFullError) as e:
         echo(f"hvdtrain: the timeline {path} could not be repaired: {e}")
         return
     cut = f" (cut short: its partial last event, {dropped} bytes, was dropped)" if dropped else ""

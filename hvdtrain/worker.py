@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
 
         Trainer(cfg, hooks=load_hooks(cfg.hook_refs())).fit()
     except HvdtrainError as e:
+        if getattr(e, "user_traceback", ""):  # the user's own code raised (a --hooks module): its traceback is theirs
+            print(e.user_traceback, file=sys.stderr, end="")
         print(f"hvdtrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except Exception as e:

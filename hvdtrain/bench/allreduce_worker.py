@@ -29,6 +29,7 @@ import torch
 from hvdtrain.bench.plans import AllreduceWorkerPlan
 from hvdtrain.bench.report import ELEMENT_BYTES, iterations_for, tuning_env, write_json
 from hvdtrain.env import rank_info
+from hvdtrain.errors import rank_main
 
 
 def _time_calls(op, barrier, n: int) -> float:
@@ -205,4 +206,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(rank_main(main, sys.argv[1:]))

@@ -19,8 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from hvdtrain import errors
 from hvdtrain.bench import plans, report
-from hvdtrain.errors import UsageError
-from hvdtrain.files import write_text_atomic
+from hvdtrain.files import check_output_path, write_text_atomic
 from hvdtrain.launching import preflight, supervise
 from hvdtrain.launching.spec import LaunchSpec
 from hvdtrain.rundir import RunDir
@@ -51,16 +50,17 @@ class Bench:
 
 
 def out_dir(out: str) -> Path:
-    """--out as a Path; raises UsageError when it exists and is not a directory."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory; give a directory")
-    return path
+    """--out as a Path, checked (files.check_output_path: a directory this process can write in, or create, with
+    space left); raises UsageError naming --out."""
+    check_output_path(out, "--out")
+    return Path(out)
 
 
 def logs_dir(out: Path, given: Optional[str]) -> Path:
-    """Where the jobs' rank logs go (a folder per job under it): --output-dir, else OUT's logs as in a run
-    directory."""
+    """Where the jobs' rank logs go (a folder per job under it): --output-dir (checked like --out), else OUT's logs
+    as in a run directory."""
+    if given:
+        check_output_path(given, "--output-dir")
     return Path(given) if given else RunDir(out).logs.path
 
 

@@ -49,6 +49,7 @@ from torch import nn
 from hvdtrain.bench.plans import BASELINE_ARMS, MPI_ARMS, Measurement, ModelShape, Timing, TrainWorkerPlan
 from hvdtrain.bench.report import tuning_env, write_json
 from hvdtrain.env import rank_info
+from hvdtrain.errors import rank_main
 from hvdtrain.train import datasets, models
 from hvdtrain.train.hooks import Hook
 
@@ -385,4 +386,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(rank_main(main, sys.argv[1:]))

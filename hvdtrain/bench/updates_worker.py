@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hvdtrain.bench.plans import UpdatesWorkerPlan
 from hvdtrain.bench.report import write_json
+from hvdtrain.errors import rank_main
 from hvdtrain.rundir import RunDir
 from hvdtrain.train.hooks import Hook
 
@@ -99,4 +100,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(rank_main(main, sys.argv[1:]))

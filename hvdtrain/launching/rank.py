@@ -6,7 +6,8 @@ Every launcher starts the user's command through this wrapper on each rank. It f
 host gets its own value whatever the launcher), runs the command, copies its output both to the wrapper's own
 stdout (which the launcher shows, prefixed by rank) and to DIR/rank.R.log, passes on the signals a scheduler
 sends, and finally writes DIR/rank.R.exit with the exit status, so that the launching side can say which rank
-failed (or which host was lost) and show its last lines. A task of an srun step of several whose --mpi plugin
+failed (or which host was lost) and show its last lines. A log or record it cannot write (a full file system) is
+said in one line, and the rank goes on: its output still reaches the launcher. A task of an srun step of several whose --mpi plugin
 left it nothing to find the others by (--mpi=none: each MPI rank would be rank 0 of 1) does not start the
 command: one line naming the plugin to try, exit status 2.
 
@@ -38,7 +39,8 @@ from typing import Mapping, Optional
 
 from hvdtrain import procs
 from hvdtrain.env import SlurmEnv, rank_info
-from hvdtrain.files import write_text_atomic
+from hvdtrain.errors import HvdtrainError
+from hvdtrain.files import full_disk, write_text_atomic
 from hvdtrain.rundir import RankLogs
 from hvdtrain.srunmpi import wire_up_problem
 
@@ -197,6 +199,43 @@ def signal_wrappers(signum: int, pid: Optional[int] = None) -> None:
             pass
 
 
+class _Log:
+    """The rank's log file, written as the output comes: a write that fails (a full file system) is said once on
+    the rank's output, which then goes on to the launcher only; the rank goes on."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path, self.failed = f, path, False
+
+    def write(self, data: bytes) -> None:
+        if self.failed:
+            return
+        try:
+            while data:
+                data = data[self.f.write(data) :]
+        except OSError as e:
+            self.failed = True
+            _warn(self.path, e, "this rank's output goes on to the launcher only", sys.stdout.buffer)
+
+
+def _warn(path: Path, error: Exception, then: str, out=None) -> None:
+    """One line for a record or log the wrapper could not write (the rank goes on without it)."""
+    cause = full_disk(path, error, fix=then) or f"cannot write {path} ({error}); {then}"
+    out = out or sys.stderr.buffer
+    try:
+        out.write(f"hvdtrain: warning: {cause}\n".encode())
+        out.flush()
+    except OSError:
+        pass
+
+
+def _record(path: Path, text: str) -> None:
+    """A host or exit record; one that cannot be written is said (the launch report then knows less)."""
+    try:
+        write_text_atomic(path, text)
+    except (OSError, HvdtrainError) as e:
+        _warn(path, e, "the launch report cannot read it")
+
+
 def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: int) -> int:
     """Run `command` with its output copied to `log` and our stdout; its exit status (128 + N for signal N; 127 when
     it cannot start). Signals are forwarded to it; it ends when the wrapper's parent or the launcher is gone."""
@@ -242,18 +281,19 @@ def main(argv: list[str]) -> int:
     worker = elastic_worker(os.environ)
     name, host_record, log_path, exit_record = _records(RankLogs(log_dir), info.rank, worker)
     log_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(host_record, socket.gethostname() + "\n")
+    _record(host_record, socket.gethostname() + "\n")
     if worker is not None:
         exit_record.unlink(missing_ok=True)  # the previous worker's of this slot: this one is running
     env = {**os.environ, "HVDTRAIN_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads_for(threads, info.local_size, available_cpus(), slurm.cpus_per_task))
     problem = wire_up_problem(slurm)  # before MPI starts: srun's --mpi=none leaves every rank alone
-    with open(log_path, "ab", buffering=0) as log:
+    with open(log_path, "ab", buffering=0) as f:
+        log = _Log(f, log_path)
         if worker is not None:
             log.write(started_line(*worker).encode())
         status = _refuse(problem, log, info.rank) if problem else _run_teed(command, env, log, name, parent)
-    write_text_atomic(exit_record, f"{status}\n")
+    _record(exit_record, f"{status}\n")
     return status
 
 

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from hvdtrain.config import TrainConfig
+from hvdtrain.errors import rank_main
 from hvdtrain.plan.measure import median_time
 from hvdtrain.plan.model import Probe, ring_bytes
 from hvdtrain.rundir import RunDir
@@ -146,4 +147,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(rank_main(main, sys.argv[1:]))

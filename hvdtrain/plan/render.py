@@ -6,18 +6,13 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from hvdtrain.config import TrainConfig
+from hvdtrain.files import size_text
 from hvdtrain.plan.model import Candidate, Costs
 from hvdtrain.render import fixed_row
 
 PLAN_COLUMNS = (("layout", 26), ("mem/rank", 10), ("comm/step", 11), ("bubble", 8), ("step ms", 9), ("samples/s", 11))
 VALIDATION_COLUMNS = (("validated", 26), ("step ms", 9), ("measured", 10), ("ratio", 7), ("mem/rank", 10),
                       ("peak RSS", 10), ("ratio", 7))  # fmt: skip
-
-
-def _gib(b: float) -> str:
-    if b < 1024**2:
-        return f"{b / 1024:.0f} KiB"
-    return f"{b / 1024**2:.0f} MiB" if b < 1024**3 else f"{b / 1024**3:.2f} GiB"
 
 
 def label(cand: dict[str, Any]) -> str:
@@ -36,10 +31,10 @@ def format_plan(plan: dict[str, Any]) -> str:
     c, pr = plan["costs"], plan["probe"]
     widths = [w for _, w in PLAN_COLUMNS]
     lines = [
-        f"model {c['model']}: {c['layers']} layers, parameters {_gib(c['param_bytes'])}, optimizer state "
-        f"{_gib(c['state_bytes'])}, activations {_gib(c['activation_bytes'])} per batch of {c['batch']}; "
+        f"model {c['model']}: {c['layers']} layers, parameters {size_text(c['param_bytes'])}, optimizer state "
+        f"{size_text(c['state_bytes'])}, activations {size_text(c['activation_bytes'])} per batch of {c['batch']}; "
         f"forward+backward {c['step_seconds'] * 1e3:.2f} ms per batch on {c['threads']} thread(s)",
-        f"probe ({pr['ranks']} ranks): a rank holds {_gib(pr['base_rss_bytes'])} before training; one step's "
+        f"probe ({pr['ranks']} ranks): a rank holds {size_text(pr['base_rss_bytes'])} before training; one step's "
         f"gradient allreduce {pr['comm_seconds'] * 1e3:.2f} ms ({pr['busbw_Bps'] / 1e9:.2f} GB/s bus), a 4-byte "
         f"allreduce {pr['latency_seconds'] * 1e6:.0f} us, a message to the next rank {pr['p2p_seconds'] * 1e6:.0f} us",
         f"memory per rank: {plan['memory_said']}",
@@ -48,7 +43,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     for cand in plan["candidates"]:
         flags = ("" if cand["fits"] else " (does not fit)") + ("" if cand["exact"] else " *")
-        cells = [label(cand), _gib(cand["memory_bytes"]), _gib(cand["comm_bytes"]), f"{cand['bubble']:.2f}",
+        cells = [label(cand), size_text(cand["memory_bytes"]), size_text(cand["comm_bytes"]), f"{cand['bubble']:.2f}",
                  f"{cand['step_seconds'] * 1e3:.2f}", f"{cand['samples_per_s']:,.0f}"]  # fmt: skip
         lines.append(fixed_row(cells, widths) + flags)
     if any(not cand["exact"] for cand in plan["candidates"]):
@@ -75,7 +70,7 @@ def explain(best: Candidate, cands: Sequence[Candidate], costs: Costs) -> list[s
         if data.collectives == 0:  # one rank
             why.append("  one rank: nothing to split or to average")
         else:
-            why.append(f"  the whole model and its state fit each rank ({_gib(best.memory_bytes)}), so every rank "
+            why.append(f"  the whole model and its state fit each rank ({size_text(best.memory_bytes)}), so every rank "
                        "computes a full batch with one allreduce per step")  # fmt: skip
     elif best.layout == "sharded":
         why.append(f"  the optimizer's step is {costs.optimizer_seconds * 1e3:.2f} ms of the step: sharding it "
@@ -83,7 +78,7 @@ def explain(best: Candidate, cands: Sequence[Candidate], costs: Costs) -> list[s
     else:
         why.append(f"  {best.layout} is {best.samples_per_s / data.samples_per_s:.2f}x data parallel here")
     if not data.fits:
-        why.append(f"  data parallel needs {_gib(data.memory_bytes)} per rank, more than there is")
+        why.append(f"  data parallel needs {size_text(data.memory_bytes)} per rank, more than there is")
     return why
 
 
@@ -93,7 +88,7 @@ def format_validation(rows: Sequence[dict[str, Any]]) -> str:
     lines = [fixed_row([name for name, _ in VALIDATION_COLUMNS], widths)]
     for r in rows:
         cells = [r["layout"], f"{r['predicted_step_seconds'] * 1e3:.2f}", f"{r['measured_step_seconds'] * 1e3:.2f}",
-                 f"{r['step_ratio']:.2f}", _gib(r["predicted_memory_bytes"]), _gib(r["measured_peak_rss_bytes"]),
+                 f"{r['step_ratio']:.2f}", size_text(r["predicted_memory_bytes"]), size_text(r["measured_peak_rss_bytes"]),
                  f"{r['memory_ratio']:.2f}"]  # fmt: skip
         lines.append(fixed_row(cells, widths))
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hvdtrain.errors import UsageError
-from hvdtrain.files import check_creatable_dir
+from hvdtrain.files import check_output_path
 from hvdtrain.launching.options import UNKNOWN_LAUNCHER
 from hvdtrain.rundir import SLURM_ARRAY_OUTPUT, SLURM_OUTPUT
 from hvdtrain.srunmpi import check_name
@@ -146,7 +146,7 @@ def make_spec(*, now: Optional[str] = None, **options: Any) -> SlurmSpec:
     if not run_dir or any(c in run_dir for c in "\n\r\0"):
         raise UsageError("--run-dir: must be a non-empty single-line path")
     path = Path(run_dir).expanduser().absolute()
-    check_creatable_dir(path, "--run-dir")
+    check_output_path(path, "--run-dir")
     return dataclasses.replace(
         spec, run_dir=str(path), ntasks_per_node=ntasks_per_node or 1, signal=spec.signal or None
     )

@@ -4,10 +4,10 @@ A checkpoint is `run_dir/checkpoints/step-XXXXXXXX.pt`, a torch.save of a dict h
 optimizer states, the position in training (epoch, batches done in that epoch, global step), every rank's
 RNG states, and a fingerprint of what must match to resume (model, data, batch size, world size...).
 torch is imported inside the functions that need it, so the CLI can list checkpoints instantly.
-Writes go to a temporary file in the same directory (.step-XXXXXXXX.pt.<random>.tmp), are fsynced, then
+Writes go to a temporary file in the same directory (.step-XXXXXXXX.pt.<pid>-<random>.tmp), are fsynced, then
 `os.replace`d over the final name, and the directory is fsynced: a crash mid-write leaves the previous checkpoint
 as the newest valid one. A write that raises (KeyboardInterrupt and SystemExit included) removes its temporary
-file; one killed outright (SIGKILL, or SIGTERM with Python's default handler: no `finally` runs) leaves it, and
+file; one that finds the file system full is a DiskFullError naming the last complete checkpoint to resume from; one killed outright (SIGKILL, or SIGTERM with Python's default handler: no `finally` runs) leaves it, and
 the next job on the run directory removes it at its start (remove_interrupted_writes).
 """
 
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from hvdtrain.env import SlurmEnv
-from hvdtrain.errors import CheckpointError
+from hvdtrain.errors import CheckpointError, DiskFullError
+from hvdtrain.files import full_disk, write_atomic
 from hvdtrain.rundir import RunDir, checkpoint_name, checkpoint_step
 
 FORMAT = 1
@@ -90,18 +90,17 @@ def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Pat
     prune all but the newest `keep`."""
     import torch
 
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / checkpoint_name(step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir)  # matches TMP_RE
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    try:  # the temporary file, .step-XXXXXXXX.pt.<pid>-<random>.tmp, matches TMP_RE
+        write_atomic(final, lambda f: torch.save({"format": FORMAT, **state}, f), fsync=True)
+    except DiskFullError as e:
+        previous = list_checkpoints(ckpt_dir)
+        kept = (
+            f"the last complete checkpoint {previous[-1]} is intact: free some space, then resume with --resume"
+            if previous
+            else "there is no earlier checkpoint: free some space, then start again"
+        )
+        raise (full_disk(final, e, fix=kept) or e) from e
     _fsync_dir(ckpt_dir)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from hvdtrain.files import writing
 from hvdtrain.rundir import TIMELINE_STEPS_HEADER, RunDir
 
 if TYPE_CHECKING:
@@ -66,26 +67,171 @@ class Hooks:
 
 
 def load_hooks(refs: Sequence[str]) -> list[Hook]:
-    """The hooks of `hvdtrain train --hooks module:Name,...`: each Name is a Hook subclass (instantiated without
-    arguments) or a function returning a Hook. Raises ConfigError naming the reference that does not load."""
+    """The hooks of `hvdtrain train --hooks module:Name,...`, built: each Name a Hook subclass (instantiated without
+    arguments), a function returning a Hook, or a Hook. The one loader of user hooks: the ranks build theirs with
+    it, and `hvdtrain train` runs it before launch (check_in_child). Raises ConfigError naming the reference that
+    does not load and why (no such module, no such name, the wrong kind, a constructor that needs arguments), or
+    UserCodeError when the user's code raised (an import, a constructor), with the user's traceback."""
+    return [_load_hook(ref) for ref in refs]
+
+
+def _load_hook(ref: str) -> Hook:
     import importlib
+    import inspect
+    import os
 
     from hvdtrain.errors import ConfigError
 
-    out = []
-    for ref in refs:
-        module_name, _, attr_path = ref.partition(":")
+    module_name, _, name = ref.partition(":")
+    flag = f"--hooks {ref}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if not e.name or not (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise _user_error(flag, f"importing {module_name}", e) from None  # a module the user's code imports
+        raise ConfigError(
+            f"{flag}: no module '{e.name}' in {os.getcwd()} or on PYTHONPATH; put {e.name.replace('.', '/')}.py "
+            "there or fix the name"
+        ) from None
+    except (Exception, SystemExit) as e:
+        raise _user_error(flag, f"importing {module_name}", e) from None
+    obj: Any = module
+    for attr in name.split("."):
         try:
-            obj: Any = importlib.import_module(module_name)
-            for attr in attr_path.split("."):
-                obj = getattr(obj, attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"--hooks {ref}: cannot load it ({e})") from None
-        hook = obj() if isinstance(obj, type) and issubclass(obj, Hook) else obj() if callable(obj) else obj
-        if not isinstance(hook, Hook):
-            raise ConfigError(f"--hooks {ref}: gave a {type(hook).__name__}, not a hvdtrain.train.hooks.Hook")
-        out.append(hook)
-    return out
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise ConfigError(f"{flag}: {getattr(module, '__file__', module_name)} has no '{name}'; "
+                              f"{_hooks_in(module)}") from None  # fmt: skip
+        except (Exception, SystemExit) as e:
+            raise _user_error(flag, f"looking up {name}", e) from None
+    if isinstance(obj, Hook):
+        return obj
+    if isinstance(obj, type) and not issubclass(obj, Hook):
+        raise ConfigError(f"{flag}: {name} is a class but not a subclass of hvdtrain.train.hooks.Hook; derive it "
+                          "from Hook")  # fmt: skip
+    if not callable(obj):
+        raise ConfigError(f"{flag}: {name} is {_a(obj)}, not a Hook subclass or a function returning a "
+                          "Hook; name one of those")  # fmt: skip
+    try:
+        inspect.signature(obj).bind()
+    except TypeError as e:
+        raise ConfigError(f"{flag}: {name}() needs arguments ({e}); give its parameters defaults, or name a "
+                          "function that builds it with them") from None  # fmt: skip
+    except ValueError:
+        pass  # no signature to read (a builtin): calling it tells
+    try:
+        hook = obj()
+    except (Exception, SystemExit) as e:
+        raise _user_error(flag, f"{name}()", e) from None
+    if not isinstance(hook, Hook):
+        raise ConfigError(f"{flag}: {name}() returned {_a(hook)}, not a hvdtrain.train.hooks.Hook; "
+                          "return an instance of a Hook subclass")  # fmt: skip
+    return hook
+
+
+def _a(obj: Any) -> str:
+    """What `obj` is, with its article: "an int", "a str"."""
+    kind = type(obj).__name__
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
+def _hooks_in(module: Any) -> str:
+    """The fix for a name the module lacks: the Hook subclasses it defines."""
+    found = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Hook) and v is not Hook]
+    return f"its hooks: {', '.join(found)}" if found else "it defines no Hook subclass: fix the name"
+
+
+def _user_error(flag: str, what: str, error: BaseException):
+    """`error`, raised by the user's code while `what` ran: one line saying so, and the traceback of the user's own
+    frames (hvdtrain's and Python's import machinery's left out): it is theirs to read."""
+    import importlib
+    import os
+    import traceback
+
+    from hvdtrain.errors import UserCodeError
+
+    ours = (f"{Path(__file__).resolve().parents[1]}{os.sep}", f"{Path(importlib.__file__).parent}{os.sep}", "<frozen ")
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(ours)]
+    text = "".join(["Traceback (most recent call last):\n", *traceback.format_list(frames),
+                    *traceback.format_exception_only(type(error), error)])  # fmt: skip
+    # Where: a SyntaxError's message says it already.
+    at = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames and not isinstance(error, SyntaxError) else ""
+    said = " ".join(f"{type(error).__name__}: {error}".split())
+    said = said if len(said) <= 200 else said[:197] + "..."
+    return UserCodeError(f"{flag}: {what} raised {said}{at}; fix your code there (its traceback is above)", text)
+
+
+CHECK_TIMEOUT_S = 120.0  # how long loading the hooks before a launch may take
+# check_in_child's child: like a rank (`python -m hvdtrain.worker`), the working directory first on its path.
+_CHILD = "import sys; from hvdtrain.train.hooks import _check_main; sys.exit(_check_main(sys.argv[1:]))"
+
+
+def check_in_child(refs: Sequence[str], timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Load the --hooks `refs` as a rank will (load_hooks, from this directory, with this environment and its
+    PYTHONPATH), in a short-lived child of this Python: the launching side imports none of the user's code (nor
+    the torch it may import) and runs none of its side effects, and what the ranks would fail on is said before
+    launch. Raises what load_hooks raises (UserCodeError with the user's traceback), or ConfigError when loading
+    took longer than `timeout` seconds or ended the child without a verdict. Leaves nothing behind (no bytecode,
+    no process)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from hvdtrain.errors import ConfigError, UserCodeError
+
+    if not refs:
+        return
+    flag = f"--hooks {','.join(refs)}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, *refs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, process_group=0,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ConfigError(
+            f"{flag}: loading them took longer than {timeout:g} s; make importing the module and building the hooks "
+            "quick (slow work belongs in on_fit_start)"
+        ) from None
+    try:
+        verdict = json.loads(out)
+    except ValueError:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(
+            f"{flag}: loading them ended the process with exit status {proc.returncode} ({last}); load the module "
+            "in Python to see why"
+        ) from None
+    if "error" in verdict:
+        raise (
+            UserCodeError(verdict["error"], verdict["traceback"])
+            if verdict.get("traceback")
+            else ConfigError(verdict["error"])
+        )
+
+
+def _check_main(refs: Sequence[str]) -> int:
+    """check_in_child's child: the verdict, JSON, alone on stdout (the user's prints go to stderr)."""
+    import json
+    import os
+
+    from hvdtrain.errors import ConfigError, UserCodeError
+
+    verdict_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        load_hooks(refs)
+        verdict: dict[str, Any] = {"ok": True}
+    except UserCodeError as e:
+        verdict = {"error": str(e), "traceback": e.user_traceback}
+    except ConfigError as e:
+        verdict = {"error": str(e)}
+    with os.fdopen(verdict_fd, "w") as f:
+        json.dump(verdict, f)
+    return 0
 
 
 class TimelineRecorder(Hook):
@@ -107,8 +253,9 @@ class TimelineRecorder(Hook):
         horovod.start_timeline(self.path)
         self.recording = True
         if trainer.is_main:
-            self.steps_file = open(self.steps_path, "w")
-            self.steps_file.write(TIMELINE_STEPS_HEADER + "\n")
+            with writing(self.steps_path):
+                self.steps_file = open(self.steps_path, "w")
+                self.steps_file.write(TIMELINE_STEPS_HEADER + "\n")
 
     def _stop(self) -> None:
         from hvdtrain.parallel import horovod
@@ -136,8 +283,9 @@ class TimelineRecorder(Hook):
 
     def on_step_end(self, trainer: Trainer) -> None:
         if self.steps_file is not None:
-            self.steps_file.write(f"{trainer.state.step},{self.started_us},{time.time_ns() // 1000}\n")
-            self.steps_file.flush()
+            with writing(self.steps_path):
+                self.steps_file.write(f"{trainer.state.step},{self.started_us},{time.time_ns() // 1000}\n")
+                self.steps_file.flush()
         if self.window is not None and trainer.state.step >= self.window[1]:
             self._stop()
 

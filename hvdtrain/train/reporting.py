@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from hvdtrain.files import append_text, writing
 from hvdtrain.parallel import horovod
 from hvdtrain.rundir import RunDir
 
@@ -76,17 +77,19 @@ class Recorder:
     def record(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.run_dir.metrics, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+        # A line at a time, whole or not at all; a full file system ends the job in one line (DiskFullError).
+        append_text(self.run_dir.metrics, json.dumps({"time": round(time.time(), 3), **row}) + "\n")
         if self._tb is not None and "event" not in row:  # events (start, resize, preempted) are not curves
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self._tb.add_scalar(k, v, row["step"])
+            with writing(self.run_dir.tensorboard):  # its writer thread's error comes out at the next call
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                        self._tb.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            with writing(self.run_dir.tensorboard):
+                tb.close()
 
 
 class Progress:

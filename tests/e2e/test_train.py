@@ -1,8 +1,11 @@
 """`hvdtrain train` for real: the default job's accuracy, exact resume after SIGKILL, model and hybrid jobs."""
 
 import json
+import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +129,52 @@ def test_preempt_signal_to_one_rank_stops_all_at_one_step_and_resumes_exactly(hv
     assert straight.returncode == 0, straight.stderr
     assert result_of(run_dir)["params_sha256"] == result_of(tmp_path / "straight")["params_sha256"]
     assert result_of(run_dir)["steps"] == 150
+
+
+def test_a_checkpoint_onto_a_full_disk_ends_the_job_in_one_line_and_the_last_one_resumes_exactly(
+    hvdtrain, child_env, tmp_path
+):
+    """The run directory on a small real file system (a tmpfs in a private mount namespace: tests/fullfs.py) that
+    fills up after the first checkpoint (the hook fullfs.FillDisk): rank 0's next checkpoint write finds it full.
+    The job fails with the cause in one line (the checkpoint, the space left, the last complete checkpoint to
+    resume from), no traceback, no temporary file left; with the space given back, --resume from that checkpoint
+    ends bitwise equal to a run straight through."""
+    import fullfs
+
+    common = ["-np", "2", "--deterministic", "--max-steps", "40", "--epochs", "20", "--checkpoint-every", "10",
+              "--log-every", "5", "--model", "mlp", "--hidden", "256"]  # a checkpoint of 700 KB  # fmt: skip
+    straight = hvdtrain("train", *common, "--run-dir", tmp_path / "straight", timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    run, ckpts = mnt / "run", mnt / "run" / "checkpoints"
+    out.mkdir()
+    train = f"{sys.executable} -m hvdtrain train {' '.join(common)} --run-dir {run}"
+    script = (
+        f"{train} --hooks fullfs:FillDisk > {out}/full.out 2> {out}/full.err; echo $? > {out}/full.rc; "
+        f"ls -a {ckpts} > {out}/left; rm {run}/{fullfs.FILLER}; "
+        f"{train} --resume > {out}/resumed.out 2> {out}/resumed.err; echo $? > {out}/resumed.rc; "
+        f"cp {run}/result.json {out}/"
+    )
+    env = {**child_env, "PYTHONPATH": f"{child_env['PYTHONPATH']}{os.pathsep}{Path(fullfs.__file__).parent}"}
+    proc = fullfs.run(["sh", "-c", script], mnt, size="8m", env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+
+    full_err = (out / "full.err").read_text()
+    assert "Traceback" not in full_err + (out / "full.out").read_text()
+    assert int((out / "full.rc").read_text()) not in (0, 2), full_err  # the job's status: its launcher's
+    assert full_err.startswith("hvdtrain: error: rank 0 failed with exit status 1"), full_err
+    cause = full_err.strip().splitlines()[-1]
+    assert cause.startswith(
+        f"  | hvdtrain: error: cannot write {ckpts}/step-00000020.pt: the file system is full (only "
+    ), cause
+    assert cause.endswith(
+        f"free on {mnt}); the last complete checkpoint {ckpts}/step-00000010.pt is intact: free some space, then "
+        "resume with --resume"
+    ), cause
+    assert (out / "left").read_text().split() == [".", "..", "step-00000010.pt"]  # no temporary file
+
+    assert int((out / "resumed.rc").read_text()) == 0, (out / "resumed.err").read_text()
+    assert f"resumed from {ckpts}/step-00000010.pt" in (out / "resumed.out").read_text()
+    got, expected = json.loads((out / "result.json").read_text()), result_of(tmp_path / "straight")
+    assert got["steps"] == expected["steps"] == 40
+    assert got["params_sha256"] == expected["params_sha256"]

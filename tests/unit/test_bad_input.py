@@ -57,6 +57,20 @@ FILES = {
     "flat.npz": _npz(x=x64, y=labels),
     "not-a-zip.npz": _text("x,y\n1,2\n"),
     "a-file": _text(""),
+    "a-dir/.keep": _text(""),
+    "run/metrics.jsonl": _text(
+        '{"time": 1.0, "step": 1, "train_loss": 1.0}\n{"time": 2.0, "step": 2, "test_accuracy": 0.5}\n'
+    ),
+    "userhooks.py": _text(
+        "from hvdtrain.train.hooks import Hook\n"
+        "print('a side effect of importing userhooks')\n"
+        "class Good(Hook):\n    pass\n"
+        "class NotAHook:\n    pass\n"
+        "class NeedsArgs(Hook):\n    def __init__(self, every):\n        self.every = every\n"
+        "def returns_int():\n    return 3\n"
+        "number = 3\n"
+    ),
+    "raisinghooks.py": _text("import json\n\n\ndef setup():\n    raise RuntimeError('no GPU here')\n\n\nsetup()\n"),
     "ipv6-hostfile": _text("fe80::1 slots=2\n"),
 }
 
@@ -92,6 +106,23 @@ CASES = [
     (["train", "--run-dir", "/proc/hvdtrain-r"], "cannot create directories in /proc"),
     (["train", "--output-dir", "a-file"], "--output-dir"),
     (["submit", "--run-dir", "a-file/r", "--", "true"], "a-file is a file, not a directory"),
+    # every other output path, through the same check (hvdtrain.files.check_output_path)
+    (["run", "--output-dir", "a-file", "--", "true"], "--output-dir a-file: exists and is not a directory"),
+    (["run", "--output-dir", "a-file/logs", "--dry-run", "--", "true"], "a-file is a file, not a directory"),
+    (["run", "--timeline", "--output-dir", "a-file", "--", "true"], "--output-dir a-file: exists and is not a"),
+    (["report", "run", "--plot", "a-dir"], "--plot a-dir: is a directory; give the path of a file (e.g. a-dir/report"),
+    (["report", "run", "--plot", "/"], "--plot /: is a directory"),
+    (["report", "run", "--plot", "a-file/p.png"], "a-file is a file, not a directory"),
+    (["report", "run", "--plot", "/proc/hvdtrain.png"], "--plot /proc/hvdtrain.png: cannot create files in /proc"),
+    (["bench", "train", "--output-dir", "a-file", "--dry-run"], "--output-dir a-file: exists and is not a directory"),
+    (["bench", "updates", "--out", "a-file/o", "--dry-run"], "--out a-file/o: "),
+    # --hooks module:Name, loaded before launch as the ranks will (in a child process): each refusal one line
+    (["train", "--hooks", "nohooks:Count"], "--hooks nohooks:Count: no module 'nohooks' in "),
+    (["train", "--hooks", "userhooks:Nope", "--dry-run"], "userhooks.py has no 'Nope'; its hooks: Good, NeedsArgs"),
+    (["train", "--hooks", "userhooks:NotAHook"], "NotAHook is a class but not a subclass of hvdtrain.train.hooks.Hook"),
+    (["train", "--hooks", "userhooks:number"], "number is an int, not a Hook subclass or a function returning a Hook"),
+    (["train", "--hooks", "userhooks:NeedsArgs", "--dry-run"], "NeedsArgs() needs arguments (missing a required"),
+    (["train", "--hooks", "userhooks:Good,userhooks:returns_int"], "returns_int() returned an int, not a hvdtrain"),
     # numbers: finite, in range, a batch that fits a rank's share
     (["train", "--lr", "inf"], "--lr: inf is not a finite number"),
     (["train", "--lr", "nan"], "--lr: nan is not a finite number"),
@@ -183,6 +214,7 @@ def assert_one_line_error(proc, needle):
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
     for name, make in FILES.items():
+        (folder / name).parent.mkdir(exist_ok=True)
         make(folder / name)
     return folder
 
@@ -201,18 +233,63 @@ def test_bad_input_is_one_line_exit_2_nothing_launched_nothing_written(args, nee
     assert tree(cwd) == before, "something was written"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
-def test_a_run_dir_on_a_read_only_file_system(tmp_path):
-    """Root may write anywhere its permissions allow: only trying tells a read-only file system. A private mount
-    namespace (unshare -m) holds the read-only tmpfs, gone with the command."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    script = f'mount -t tmpfs -o ro none {ro} && exec "$@"'
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "hvdtrain", "train", "--run-dir", str(ro / "r")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert_one_line_error(proc, f"--run-dir {ro / 'r'}: cannot create directories in {ro} (Read-only file system)")
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["launch", "dry-run"])
+def test_hooks_whose_import_raises_show_the_users_traceback_then_one_line(inputs, tmp_path, dry_run):
+    """The user's own code raised: its traceback is theirs (their frames only, none of hvdtrain's or of Python's
+    import machinery), then the one line; exit status 2, nothing launched, nothing written."""
+    cwd = tmp_path / "cwd"
+    shutil.copytree(inputs, cwd)
+    before = tree(cwd)
+    proc = hvdtrain(["train", "--hooks", "userhooks:Good,raisinghooks:setup", *dry_run], cwd)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
+    *trace, last = proc.stderr.strip().splitlines()
+    assert trace == [
+        "Traceback (most recent call last):",
+        f'  File "{cwd}/raisinghooks.py", line 8, in <module>',
+        "    setup()",
+        f'  File "{cwd}/raisinghooks.py", line 5, in setup',
+        "    raise RuntimeError('no GPU here')",
+        "RuntimeError: no GPU here",
+    ]
+    assert last == (
+        "hvdtrain: error: --hooks raisinghooks:setup: importing raisinghooks raised RuntimeError: no GPU here "
+        f"({cwd}/raisinghooks.py:5); fix your code there (its traceback is above)"
+    )
+    assert tree(cwd) == before, "something was written"
+
+
+@pytest.mark.parametrize(
+    "args,size,needle",
+    [
+        (["train", "--run-dir", "{mnt}/r"], "64k,ro", "--run-dir {mnt}/r: cannot create directories in {mnt} "
+         "(Read-only file system); choose another path"),
+        (["report", "run", "--plot", "{mnt}/p.png"], "64k,ro", "--plot {mnt}/p.png: cannot create files in {mnt} "),
+        (["train", "--run-dir", "{mnt}/r"], "256k", "--run-dir {mnt}/r: only 0 B free on {mnt} (at least 1 MiB "
+         "needed); free some space or choose another path"),
+        (["report", "run", "--plot", "{mnt}/p.png"], "256k", "--plot {mnt}/p.png: only 0 B free on {mnt}"),
+        (["timeline", "{mnt}/timeline.json"], "256k", "--plot {mnt}/timeline.png: only 0 B free on {mnt}"),
+        (["bench", "launch", "--out", "{mnt}/b", "--dry-run"], "256k", "--out {mnt}/b: only 0 B free on {mnt}"),
+        (["run", "--output-dir", "{mnt}/logs", "--", "true"], "256k", "--output-dir {mnt}/logs: only 0 B free"),
+        (["submit", "--run-dir", "{mnt}/s", "--dry-run", "--", "true"], "256k", "--run-dir {mnt}/s: only 0 B free"),
+    ],
+    ids=["train-ro", "report-ro", "train-full", "report-full", "timeline-full", "bench-full", "run-full", "submit-full"],
+)  # fmt: skip
+def test_an_output_path_on_a_read_only_or_full_file_system(inputs, tmp_path, args, size, needle):
+    """Only trying tells a read-only file system (root may write anywhere its permissions allow); the free space
+    is read. A small tmpfs in a private mount namespace (tests/fullfs.py), gone with the command."""
+    import fullfs
+
+    cwd, mnt = tmp_path / "cwd", tmp_path / "mnt"
+    shutil.copytree(inputs, cwd)
+    before = tree(cwd)
+    ro = size.endswith(",ro")
+    setup = [] if ro else ["sh", "-c", f'touch {mnt}/timeline.json; exec "$@"', "sh"]  # a timeline to read
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    args = [a.format(mnt=mnt) for a in args]
+    proc = fullfs.run([*setup, sys.executable, "-m", "hvdtrain", *args], mnt, size=size, leave=None if ro else 0,
+                      cwd=cwd, env=env)  # fmt: skip
+    assert_one_line_error(proc, needle.format(mnt=mnt))
+    assert tree(cwd) == before, "something was written"
 
 
 def test_far_more_ranks_than_cores_is_a_warning(tmp_path):

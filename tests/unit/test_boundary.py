@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from hvdtrain import errors
 from hvdtrain.clickopts import OneLineErrors
 from hvdtrain.errors import LaunchError, UsageError
+from hvdtrain.rundir import TRACEBACK_LOG
 
 
 @click.group(cls=OneLineErrors)
@@ -73,7 +74,7 @@ def test_the_traceback_goes_to_the_runs_logs_once_it_has_them(tmp_path, monkeypa
     monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "cache"))
     errors.keep_tracebacks_in(tmp_path / "logs")
     result = invoke("fail", "bug")
-    log = tmp_path / "logs" / errors.TRACEBACK_LOG
+    log = tmp_path / "logs" / TRACEBACK_LOG
     assert str(log) in result.stderr and "KeyError" in log.read_text()
     assert not (tmp_path / "cache").exists()
 
@@ -92,11 +93,11 @@ def test_a_full_device_is_one_line_naming_the_file_and_the_space_left(tmp_path, 
     result = invoke("fail", "full")
     assert result.exit_code == 1
     (line,) = result.stderr.splitlines()
-    assert line.startswith("hvdtrain: error: no space left on the file system; free some space or choose another")
+    assert line.startswith("hvdtrain: error: a write failed: the file system is full; free some space, or write")
     assert "the traceback is in" in line
     (line,) = invoke("fail", "full-file").stderr.splitlines()
-    assert line.startswith("hvdtrain: error: /dev/shm/x: no space left on the file system (only "), line
-    assert " free); free some space or choose another path (the traceback is in " in line
+    assert line.startswith("hvdtrain: error: cannot write /dev/shm/x: the file system is full (only "), line
+    assert "; free some space, or write elsewhere (the traceback is in " in line
 
 
 def test_a_usage_error_is_one_line_whatever_it_quotes():
@@ -131,3 +132,18 @@ def test_the_real_cli_takes_debug_before_the_command(tmp_path):
     assert plain.stderr.startswith("hvdtrain: error: afile is not a directory") and plain.stderr.count("\n") == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.splitlines()[-1] == plain.stderr.strip()
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`hvdtrain ... | head -1`: the pipe closes under the command's output; exit 1 (click's), nothing said."""
+    script = (
+        "import click\nfrom hvdtrain.clickopts import OneLineErrors\n"
+        "@click.group(cls=OneLineErrors)\ndef g(): pass\n"
+        "@g.command()\ndef flood():\n    for i in range(200_000): click.echo(f'line {i}')\n"
+        "g(['flood'])\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert writer.stdout.readline() == b"line 0\n"
+    writer.stdout.close()  # the reader goes away, as head does after its line
+    assert writer.wait(timeout=60) == 1
+    assert writer.stderr.read() == b""

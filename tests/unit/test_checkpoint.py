@@ -58,13 +58,12 @@ def test_write_killed_midway_leaves_previous_checkpoint_loadable(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "error",
-    [OSError(28, "No space left on device"), KeyboardInterrupt(), SystemExit(143)],
-    ids=["disk-full", "ctrl-c", "signal-handler-exit"],
-)
+    "error", [KeyboardInterrupt(), SystemExit(143), RuntimeError("pickling failed")],
+    ids=["ctrl-c", "signal-handler-exit", "error"],
+)  # fmt: skip
 def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch, error):
     """Whatever interrupts the write midway (a signal handler that raises included): no temporary file is
-    left, and the previous checkpoint is the newest, intact."""
+    left, and the previous checkpoint is the newest, intact. (A full disk, for real: test_files.py.)"""
     checkpoint.save(state(1), tmp_path, 1)
 
     def broken_save(obj, f):

@@ -99,10 +99,7 @@ def dry_config(output):
         (["--timeline-steps", "a:b"], "--timeline-steps: 'a:b' is not a window"),
         (["--timeline", "--elastic", "--min-np", "2"], "--timeline cannot follow an elastic job"),
         (["--autotune", "--deterministic"], "--autotune: changes the fusion threshold while training"),
-        (
-            ["--hooks", "no_such_module_here:Stall"],
-            "--hooks no_such_module_here:Stall: no module 'no_such_module_here'",
-        ),
+        # (--hooks that do not load: test_bad_input.py, through the real CLI: they are loaded in a child process)
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_started(run, args, needle, tmp_path):
@@ -251,23 +248,87 @@ def test_unreachable_host_is_found_before_config_json_is_written(fake_ssh, clean
 
 
 def test_hooks_load_from_the_working_directory(tmp_path, monkeypatch):
-    """--hooks module:Name: a Hook subclass is instantiated, a factory is called; anything else is refused."""
-    from hvdtrain.errors import ConfigError
+    """--hooks module:Name, as the ranks load them: a Hook subclass is instantiated, a factory is called, a Hook is
+    taken as it is; anything else is refused in one line saying why, the user's own errors with their traceback
+    (their frames only)."""
+    from hvdtrain.errors import ConfigError, UserCodeError
     from hvdtrain.train.hooks import Hook, load_hooks
 
     (tmp_path / "userhooks.py").write_text(
         "from hvdtrain.train.hooks import Hook\n"
         "class Count(Hook):\n    steps = 0\n    def on_step_end(self, trainer):\n        self.steps += 1\n"
         "def make():\n    return Count()\n"
+        "made = Count()\n"
         "not_a_hook = 3\n"
+        "class Needs(Hook):\n    def __init__(self, every):\n        self.every = every\n"
+        "class Broken(Hook):\n    def __init__(self):\n        raise ValueError('no\\nsuch device')\n"
     )
+    (tmp_path / "hookpkg").mkdir()
+    (tmp_path / "hookpkg" / "__init__.py").write_text("")
+    (tmp_path / "needsdep.py").write_text("import not_installed_anywhere\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    hooks = load_hooks(TrainConfig(hooks="userhooks:Count, userhooks:make").hook_refs())
-    assert [type(h).__name__ for h in hooks] == ["Count", "Count"] and all(isinstance(h, Hook) for h in hooks)
-    with pytest.raises(ConfigError, match="--hooks userhooks:not_a_hook: gave a int, not a"):
-        load_hooks(["userhooks:not_a_hook"])
-    with pytest.raises(ConfigError, match="--hooks userhooks:Nope: cannot load it"):
-        load_hooks(["userhooks:Nope"])
+    monkeypatch.chdir(tmp_path)
+    hooks = load_hooks(TrainConfig(hooks="userhooks:Count, userhooks:make, userhooks:made").hook_refs())
+    assert [type(h).__name__ for h in hooks] == ["Count"] * 3 and all(isinstance(h, Hook) for h in hooks)
+    refused = {
+        "userhooks:not_a_hook": "not_a_hook is an int, not a Hook subclass or a function returning a Hook; name one",
+        "userhooks:Nope": f"{tmp_path}/userhooks.py has no 'Nope'; its hooks: Count, Needs, Broken",
+        "userhooks:Needs": "Needs() needs arguments (missing a required argument: 'every'); give its parameters",
+        "hookpkg.missing:X": f"no module 'hookpkg.missing' in {tmp_path} or on PYTHONPATH; put hookpkg/missing.py",
+    }
+    for ref, said in refused.items():
+        with pytest.raises(ConfigError) as e:
+            load_hooks([ref])
+        assert str(e.value).startswith(f"--hooks {ref}: {said}") and not isinstance(e.value, UserCodeError)
+    with pytest.raises(UserCodeError) as e:
+        load_hooks(["userhooks:Broken"])
+    assert str(e.value) == (
+        f"--hooks userhooks:Broken: Broken() raised ValueError: no such device ({tmp_path}/userhooks.py:15); fix "
+        "your code there (its traceback is above)"
+    )
+    assert e.value.user_traceback.splitlines() == [
+        "Traceback (most recent call last):",
+        f'  File "{tmp_path}/userhooks.py", line 15, in __init__',
+        "    raise ValueError('no\\nsuch device')",
+        "ValueError: no",
+        "such device",
+    ]
+    with pytest.raises(UserCodeError, match="importing needsdep raised ModuleNotFoundError: No module named 'not_in"):
+        load_hooks(["needsdep:X"])
+
+
+def test_hooks_are_checked_in_a_child_that_neither_hangs_the_launch_nor_stays(tmp_path, monkeypatch):
+    """check_in_child: the verdict of load_hooks in a child process of this Python, in this directory. One that
+    hangs is killed at the timeout (with what it started), one that ends the process says so; the launching side
+    never imports the user's module."""
+    import sys
+    import time
+
+    import psutil
+
+    from hvdtrain.errors import ConfigError
+    from hvdtrain.train.hooks import check_in_child
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slowhooks.py").write_text(
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', 'hvdtrain-test-grandchild'])\n"
+        "time.sleep(60)\n"
+    )
+    (tmp_path / "exithooks.py").write_text("import os\nprint('bye', flush=True)\nos._exit(7)\n")
+    (tmp_path / "goodhooks.py").write_text("from hvdtrain.train.hooks import Hook\nclass Good(Hook):\n    pass\n")
+    check_in_child(["goodhooks:Good"])
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^--hooks slowhooks:X: loading them took longer than 1\.5 s; make"):
+        check_in_child(["slowhooks:X"], timeout=1.5)
+    assert time.monotonic() - started < 30
+    time.sleep(0.2)
+    left = [p for p in psutil.process_iter(["cmdline"]) if "hvdtrain-test-grandchild" in (p.info["cmdline"] or [])]
+    assert left == [], "the child's own processes should be gone with it"
+    with pytest.raises(ConfigError, match=r"^--hooks exithooks:X: loading them ended the process with exit status 7"):
+        check_in_child(["exithooks:X"])
+    assert not {"goodhooks", "slowhooks", "exithooks"} & set(sys.modules)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exithooks.py", "goodhooks.py", "slowhooks.py"]
 
 
 def test_a_horovod_built_for_another_mpi_is_refused_before_anything_is_written(fake_mpich, run, monkeypatch, tmp_path):

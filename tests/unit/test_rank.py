@@ -156,6 +156,33 @@ def test_signal_wrappers_reaches_the_wrappers_under_a_process_and_nothing_else(t
         launcher.wait()
 
 
+def test_a_full_file_system_under_the_log_is_one_line_and_the_rank_goes_on(tmp_path):
+    """The log's file system fills up while the command prints (a real small tmpfs: tests/fullfs.py): the wrapper
+    says so once, every line still reaches the launcher, the command's exit status is the rank's; the exit record
+    that no longer fits is said too. No traceback."""
+    import fullfs
+
+    mnt = tmp_path / "mnt"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(PLACES)}
+    command = [sys.executable, "-c", "for i in range(3000): print(f'line {i:04d}', 'x' * 40)\nraise SystemExit(3)"]
+    proc = fullfs.run(
+        [sys.executable, "-m", "hvdtrain.launching.rank", "--log-dir", str(mnt / "logs"), "--", *command],
+        mnt, size="256k", leave=8192, env={**base, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stdout.splitlines()
+    warned = [line for line in lines if line.startswith("hvdtrain: ")]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"hvdtrain: warning: cannot write {mnt}/logs/rank.0.log: the file system is full (only "
+    ), warned
+    assert warned[0].endswith(f"free on {mnt}); this rank's output goes on to the launcher only")
+    assert [line for line in lines if not line.startswith("hvdtrain: ")] == [
+        f"line {i:04d} {'x' * 40}" for i in range(3000)
+    ]
+    assert proc.stderr.startswith(f"hvdtrain: warning: cannot write {mnt}/logs/rank.0.exit: the file system is full")
+    assert "Traceback" not in proc.stdout + proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -1,5 +1,5 @@
 """hvdtrain.render: the text tables every command prints, and its place on the ground floor (it imports nothing
-from hvdtrain; the commands that print tables or draw plots take them from it, not from bench/)."""
+from hvdtrain but hvdtrain.files, its writes; the commands that print tables or draw plots take them from it, not from bench/)."""
 
 import ast
 from pathlib import Path
@@ -27,6 +27,6 @@ def imports(path: Path) -> set[str]:
 
 
 def test_render_is_on_the_ground_floor():
-    assert not {m for m in imports(PACKAGE / "render.py") if m.split(".")[0] == "hvdtrain"}
+    assert {m for m in imports(PACKAGE / "render.py") if m.split(".")[0] == "hvdtrain"} <= {"hvdtrain.files"}
     for user in ("timeline.py", "report.py", *(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.glob("plan/*.py"))):
         assert not {m for m in imports(PACKAGE / user) if m.startswith("hvdtrain.bench")}, user
