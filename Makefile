@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HVDTRAIN := $(VENV)/bin/hvdtrain
 
-.PHONY: setup setup-slurm demo test test-unit test-mpi test-e2e test-slurm test-cluster bench lint
+.PHONY: setup setup-slurm demo test test-unit test-mpi test-e2e test-slurm test-cluster bench lint fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -26,6 +26,13 @@ test-unit test-mpi test-e2e test-slurm test-cluster test-login:
 bench: setup
 	$(HVDTRAIN) bench allreduce -np 2 --out runs/bench-allreduce
 	$(HVDTRAIN) bench train --max-np 2 --out runs/bench-train
+
+# The error contract searched deeper than the unit tier's seeded 120 examples: FUZZ_EXAMPLES command lines, a new
+# random seed each time (tests/unit/test_contract.py); a failure it prints becomes a row of test_bad_input.py.
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	HVDTRAIN_FUZZ_DEEP=1 HVDTRAIN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/unit/test_contract.py -q \
+		-p no:cacheprovider --hypothesis-show-statistics
 
 lint:
 	$(PY) -m ruff check hvdtrain tests examples

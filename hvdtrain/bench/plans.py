@@ -197,10 +197,19 @@ class UpdatesWorkerPlan(JsonPlan):
 # --------------------------------------------------------------------------------------------------
 
 
-def option(default: Any, help: str, *, tiny: Any = _UNSET, low: Optional[int] = None, choices: Sequence[str] = ()):
-    """A settings field: its default, its default under --tiny, its --help text, the smallest value it takes
-    and, for a comma-separated list, the valid items."""
-    meta: dict[str, Any] = {"help": help, "low": low, "choices": tuple(choices)}
+# The most rounds a benchmark repeats its jobs (each round is a job per arm: a dry run lists them all), and the most
+# ranks a benchmark's job has on this machine (found by tests/unit/test_contract.py: a huge --rounds never ended).
+MAX_ROUNDS = 1000
+MAX_RANKS = 1024
+
+
+def option(
+    default: Any, help: str, *, tiny: Any = _UNSET, low: Optional[int] = None, high: Optional[int] = None,
+    choices: Sequence[str] = (),
+):  # fmt: skip
+    """A settings field: its default, its default under --tiny, its --help text, the smallest and largest values it
+    takes and, for a comma-separated list, the valid items."""
+    meta: dict[str, Any] = {"help": help, "low": low, "high": high, "choices": tuple(choices)}
     if tiny is not _UNSET:
         meta["tiny"] = tiny
     return dataclasses.field(default=default, metadata=meta)
@@ -259,6 +268,7 @@ class TrainSettings:
         "Rounds of every measurement, one after another (alternating arm order); ratios: median of rounds.",
         tiny=1,
         low=1,
+        high=MAX_ROUNDS,
     )
     ablations: bool = option(True, "Also fusion off and fp16 compression.")
     micro_batches: str = option(
@@ -294,17 +304,17 @@ class UpdatesSettings:
     """`hvdtrain bench updates`'s own options."""
 
     out: str = option("runs/bench-updates", "Directory for updates.json/.png, parts/, logs/, runs/.")
-    workers: int = option(2, "Ranks that train (async adds --ps-ranks server ranks to them).", low=1)
+    workers: int = option(2, "Ranks that train (async adds --ps-ranks server ranks to them).", low=1, high=MAX_RANKS)
     modes: tuple[str, ...] = option(UPDATE_MODES, "Comma-separated update rules.", choices=UPDATE_MODES)
     stragglers: str = option("1,2", "Comma-separated slow-down factors of the last worker (1: none).")
     epochs: int = option(10, "Epochs of the digits CNN per run.", tiny=2, low=1)
     batch_size: int = option(32, "Samples per worker per step.", low=1)
     average_every: int = option(4, "local-sgd: H.", low=1)
     local_sgd_warmup: int = option(0, "local-sgd: synchronous steps first.", low=0)
-    ps_ranks: int = option(1, "async: server ranks.", low=1)
+    ps_ranks: int = option(1, "async: server ranks.", low=1, high=MAX_RANKS)
     max_staleness: int = option(4, "async: S.", low=0)
     targets: str = option("0.9,0.95", "Comma-separated test accuracies to time.")
-    rounds: int = option(1, "Repeat every run (alternating the modes' order).", low=1)
+    rounds: int = option(1, "Repeat every run (alternating the modes' order).", low=1, high=MAX_ROUNDS)
     tiny: bool = option(False, "Two epochs: the smoke run of the test suite.")
 
     def factors(self) -> list[float]:
@@ -322,9 +332,9 @@ class LaunchSettings:
     """`hvdtrain bench launch`'s own options."""
 
     out: str = option("runs/bench-launch", "Directory for launch.json.")
-    ranks: int = option(2, "Ranks of every job (all on this machine).", low=1)
+    ranks: int = option(2, "Ranks of every job (all on this machine).", low=1, high=MAX_RANKS)
     arms: tuple[str, ...] = option(LAUNCH_ARMS, "Comma-separated launchers to time.", choices=LAUNCH_ARMS)
-    rounds: int = option(7, "Runs of every arm (alternating, rotated order).", tiny=1, low=1)
+    rounds: int = option(7, "Runs of every arm (alternating, rotated order).", tiny=1, low=1, high=MAX_ROUNDS)
     train: bool = option(True, "Also time the built-in job's start-up, by phase (hvdtrain train --max-steps 1).")
     tiny: bool = option(False, "One round: the smoke run of the test suite.")
 
@@ -398,8 +408,10 @@ def resolve(cls: type[T], given: Mapping[str, Any]) -> T:
         if f.metadata["choices"] and value is not None:
             text = value if isinstance(value, str) else ",".join(value)
             value = parse_csv(text, f.metadata["choices"], flag(f.name))
-        low = f.metadata["low"]
+        low, high = f.metadata["low"], f.metadata["high"]
         if low is not None and value is not None and value < low:
             raise UsageError(f"{flag(f.name)} {value}: must be at least {low}")
+        if high is not None and value is not None and value > high:
+            raise UsageError(f"{flag(f.name)} {value}: must be at most {high}")
         values[f.name] = value
     return cls(**values)

@@ -94,6 +94,11 @@ def sweep_top(max_np: Optional[int], np_flag: Optional[int], slurm: SlurmEnv) ->
         top = slurm.ntasks if slurm.in_allocation else (os.cpu_count() or 1)
     if top < 1:
         raise UsageError(f"-np {top}: the number of ranks must be at least 1")
+    if top > plans.MAX_RANKS:
+        given = "--max-np" if max_np is not None else "-np" if np_flag is not None else "SLURM_NTASKS"
+        raise UsageError(
+            f"{given} {top}: the sweep runs a job for every np = 1..N, {top} jobs; give --max-np {plans.MAX_RANKS} or less"
+        )
     return top
 
 

@@ -112,6 +112,12 @@ CASES = [
     (["run", "--timeline", "--output-dir", "a-file", "--", "true"], "--output-dir a-file: exists and is not a"),
     (["report", "run", "--plot", "a-dir"], "--plot a-dir: is a directory; give the path of a file (e.g. a-dir/report"),
     (["report", "run", "--plot", "/"], "--plot /: is a directory"),
+    # Found by tests/unit/test_contract.py: matplotlib's ValueError for a suffix it has no writer for; a control
+    # character of an argument (here the record separator) that split the error line in two.
+    (["report", "run", "--plot", "curves.unset"], "'curves.unset' does not end in a picture format's suffix; use .png"),
+    (["bench", "train", "--dry-run", "--max-np", "100000000000"], "the sweep runs a job for every np = 1..N"),
+    (["bench", "updates", "--dry-run", "--rounds", "9223372036854775808"], "--rounds 9223372036854775808: must be at"),
+    (["run", "--dry-run", "\x1e"], "command not found: '\\x1e'; check its spelling or give its full path"),
     (["report", "run", "--plot", "a-file/p.png"], "a-file is a file, not a directory"),
     (["report", "run", "--plot", "/proc/hvdtrain.png"], "--plot /proc/hvdtrain.png: cannot create files in /proc"),
     (["bench", "train", "--output-dir", "a-file", "--dry-run"], "--output-dir a-file: exists and is not a directory"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import click
@@ -198,6 +199,18 @@ def command_lines(draw) -> tuple[list[str], str, dict]:
     return argv + draw(arguments(name, command)), text, env
 
 
+MEMORY_LIMIT = 4 << 30  # address space an example may add to the test process's
+EXAMPLE_LIMIT_S = 60  # a dry run or a report takes well under a second (a --hooks check about one)
+
+
+class TooSlow(BaseException):
+    """An example ran past EXAMPLE_LIMIT_S: a hang, or work (a dry run's plan) growing with a number given."""
+
+
+def _too_slow(signum, frame):
+    raise TooSlow(f"the command ran past {EXAMPLE_LIMIT_S} s")
+
+
 def tree(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.is_dir(), p.stat().st_size) for p in sorted(folder.rglob("*"))}
 
@@ -205,10 +218,19 @@ def tree(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """One folder per example, under this; hvdtrain's cache (where an unforeseen error's traceback goes) beside."""
+    import resource
+
+    import psutil
+
     base = tmp_path_factory.mktemp("contract")
     old_cwd, old_cache = os.getcwd(), os.environ.get("HVDTRAIN_CACHE")
     os.environ["HVDTRAIN_CACHE"] = str(base / "cache")
+    # Memory as a limit too: a command whose work grows with a number given fails here (MemoryError, the boundary's
+    # exit 1), not by the machine's OOM killer.
+    old_limit = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + MEMORY_LIMIT, old_limit[1]))
     yield base
+    resource.setrlimit(resource.RLIMIT_AS, old_limit)
     os.chdir(old_cwd)
     if old_cache is None:
         os.environ.pop("HVDTRAIN_CACHE", None)
@@ -233,7 +255,12 @@ def test_every_command_line_is_success_or_one_line_exit_2(example, workdir):
     errors.keep_tracebacks_in(None)
     before = tree(folder)
     env = {**dict.fromkeys(k for k in os.environ if k.startswith("SLURM_")), **slurm_env}  # None: unset
-    result = CliRunner().invoke(cli, argv, env=env, catch_exceptions=True)
+    signal.signal(signal.SIGALRM, _too_slow)
+    signal.alarm(EXAMPLE_LIMIT_S)
+    try:
+        result = CliRunner().invoke(cli, argv, env=env, catch_exceptions=True)
+    finally:
+        signal.alarm(0)
     os.chdir(workdir)
     shown = (
         f"{' '.join(f'{k}={v}' for k, v in slurm_env.items())} hvdtrain {' '.join(argv)}\ngen.yaml: {config_text!r}\n"
