@@ -8,19 +8,28 @@ the rank's log keeps it whole. A traceback ending in any other exception is the 
 
 `Folder` does it on a stream of lines (the rank wrapper's copy to the terminal), `fold` on a list (the report's
 last lines of a log); `last_lines` is the end of a log as the report shows it, a user's traceback from its start.
-Pure, nothing imported.
+Pure.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Generic, Sequence, TypeVar, Union
 
 HEADER = "Traceback (most recent call last):"
 # Python's words between the tracebacks of a chain ("raise ... from", an exception while handling another).
 CHAIN = ("During handling of the above exception, another exception occurred:",
          "The above exception was the direct cause of the following exception:")  # fmt: skip
-# The last line of a traceback of Horovod's shutdown (horovod/torch/mpi_ops.py and common/exceptions.py, 0.28.1).
-SHUTDOWN = ("HorovodInternalError", "HorovodShutdownError", "RuntimeError: Horovod has been shut down")
+# What Horovod 0.28.1 raises on a rank when another rank died or Horovod shut down: HorovodInternalError (its
+# synchronize turns every RuntimeError of a collective into one), chained to the RuntimeError it came from, and
+# HorovodShutdownError; Horovod's own words, or Gloo's transport losing the peer, say it is the shutdown (a
+# RuntimeError of a collective that the user caused, e.g. mismatched shapes, says otherwise and is shown).
+SHUTDOWN_ERRORS = ("HorovodInternalError", "HorovodShutdownError", "RuntimeError")
+SHUTDOWN_WORDS = ("Horovod has been shut down", "Connection reset by peer", "Connection closed by peer",
+                  "Broken pipe")  # fmt: skip
+# Horovod's C++ log lines ("[2026-12-07 12:13:53.020805: E .../operations.cc:724] ..."): the background thread
+# writes them into the same stream, sometimes between the lines of a traceback (or cut by its header).
+LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\s*\d+: [A-Z] ")
 MAX_SHOWN = 100  # the most lines `last_lines` reaches back for the start of a user's traceback
 
 
@@ -37,9 +46,15 @@ def _text(line: Union[str, bytes]) -> str:
 
 
 def is_shutdown(exception_line: str) -> bool:
-    """Whether the last line of a traceback is Horovod's shutdown."""
-    name = exception_line.split(":", 1)[0]
-    return any(marker in name for marker in SHUTDOWN[:2]) or exception_line.startswith(SHUTDOWN[2])
+    """Whether the last line of a traceback is Horovod's shutdown (or its cause, Gloo losing a peer)."""
+    name, _, message = exception_line.partition(":")
+    if name.rsplit(".", 1)[-1] == "HorovodShutdownError":
+        return True
+    return name.rsplit(".", 1)[-1] in SHUTDOWN_ERRORS and any(words in message for words in SHUTDOWN_WORDS)
+
+
+def _header(text: str) -> bool:
+    return HEADER in text  # (a C++ log line's first character may stand before it)
 
 
 class Folder(Generic[Line]):
@@ -58,11 +73,11 @@ class Folder(Generic[Line]):
         text = _text(line)
         if self._in_traceback:
             self._held.append(line)
-            if text and not text[0].isspace() and text != HEADER:
+            if text and not text[0].isspace() and not _header(text) and not LOG_LINE.match(text):
                 self._in_traceback = False
                 self._end_traceback(is_shutdown(text))
             return
-        if text == HEADER:
+        if _header(text):
             if not self._after_fold:
                 self._release()
             self._in_traceback = True
@@ -83,7 +98,7 @@ class Folder(Generic[Line]):
             return
         held = self._held
         if self._after_fold:  # a user's traceback chained to a folded one: it alone, without the chain's words
-            held = held[max(i for i, line in enumerate(held) if _text(line) == HEADER) :]
+            held = held[max(i for i, line in enumerate(held) if _header(_text(line))) :]
         self._held, self._after_fold = [], False
         for line in held:
             self._emit(line)
@@ -116,7 +131,7 @@ def last_lines(lines: Sequence[str], n: int, folded: str) -> list[str]:
     the start of a traceback that they cut: a user's traceback is shown whole."""
     kept = fold(lines, folded)
     start = max(0, len(kept) - n)
-    header = next((i for i in range(start - 1, max(-1, len(kept) - MAX_SHOWN - 1), -1) if kept[i] == HEADER), None)
+    header = next((i for i in range(start - 1, max(-1, len(kept) - MAX_SHOWN - 1), -1) if _header(kept[i])), None)
     if header is not None and _cut_traceback(kept[header:start]):
         start = header
     return kept[start:]
@@ -125,4 +140,4 @@ def last_lines(lines: Sequence[str], n: int, folded: str) -> list[str]:
 def _cut_traceback(before: Sequence[str]) -> bool:
     """Whether `before` (from a traceback's header to the start of the window) ends inside that traceback: no
     line of its own after the header ends it (the exception's line, not indented)."""
-    return not any(line and not line[0].isspace() for line in before[1:])
+    return not any(line and not line[0].isspace() and not LOG_LINE.match(line) for line in before[1:])

@@ -33,6 +33,27 @@ Traceback (most recent call last):
 horovod.common.exceptions.HorovodInternalError: Horovod has been shut down. This was caused by an exception on one \
 of the ranks or an attempt to allreduce, allgather or broadcast a tensor after one of the ranks finished execution.
 """.splitlines()
+# The Trainer used as a library (examples/05), Gloo: Horovod's C++ line cut in two by the first traceback's header,
+# and that traceback's RuntimeError is Gloo's lost peer.
+INTERLEAVED = """\
+epoch 10: test accuracy 0.9300
+[Traceback (most recent call last):
+2026-12-07 12:13:53. 20805: E horovod/common/operations.cc:724] [0]: Horovod background loop uncaught exception: \
+[gloo/transport/tcp/pair.cc:589] Read error [127.0.0.1]:54152: Connection reset by peer
+  File "/venv/site-packages/horovod/torch/mpi_ops.py", line 1285, in synchronize
+    mpi_lib.horovod_torch_wait_and_clear(handle)
+RuntimeError: [gloo/transport/tcp/pair.cc:589] Read error [127.0.0.1]:54152: Connection reset by peer
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "/work/examples/05_own_model_and_data.py", line 35, in <module>
+    result = Trainer(cfg, model=model, dataset=data).fit()  # prints test accuracy on rank 0
+             ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/venv/site-packages/horovod/torch/mpi_ops.py", line 1290, in synchronize
+    raise HorovodInternalError(e)
+horovod.common.exceptions.HorovodInternalError: [gloo/transport/tcp/pair.cc:589] Read error [127.0.0.1]:54152: \
+Connection reset by peer""".splitlines()
 USER = """\
 Traceback (most recent call last):
   File "/work/train.py", line 9, in <module>
@@ -45,6 +66,10 @@ ValueError: bad batch""".splitlines()
 def test_a_chain_of_horovods_shutdown_is_one_line():
     assert tracebacks.fold(SHUTDOWN_CHAIN, "F") == SHUTDOWN_CHAIN[:2] + ["F"]
     assert tracebacks.fold([*SHUTDOWN_CHAIN, "after"], "F") == [*SHUTDOWN_CHAIN[:2], "F", "after"]
+
+
+def test_horovods_log_line_within_the_traceback_does_not_end_it():
+    assert tracebacks.fold(INTERLEAVED, "F") == [INTERLEAVED[0], "F"]
 
 
 def test_a_users_traceback_passes_whole():
@@ -68,6 +93,9 @@ def test_a_traceback_cut_short_passes_as_it_is():
         ("RuntimeError: Horovod has been shut down. This was caused by", True),
         ("RuntimeError: CUDA out of memory", False),
         ("ValueError: my HorovodInternalError-like message", False),
+        ("RuntimeError: [gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:21400", True),
+        # Horovod turns every RuntimeError of a collective into HorovodInternalError, the user's mistakes too
+        ("horovod.common.exceptions.HorovodInternalError: Mismatched allreduce tensor shapes: One rank sent", False),
     ],
 )
 def test_what_counts_as_horovods_shutdown(line, shutdown):
