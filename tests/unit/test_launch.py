@@ -648,3 +648,33 @@ def test_under_hydra_a_rank_that_exits_non_zero_ends_the_job_as_mpirun_would(tmp
     monkeypatch.setattr(supervise, "RANK_POLL_S", 60.0)  # over before run_job looks: only the records tell
     with pytest.raises(LaunchError, match="^rank 1 failed with exit status 1"):
         run_job(spec(quick, np=2, output_dir=str(tmp_path / "quick")), echo=lambda _: None)
+
+
+def test_a_launcher_lingering_after_its_ranks_ended_is_ended(tmp_path, monkeypatch):
+    """Every rank has ended, one failed, and the launcher does not exit (horovodrun's Gloo path once lingered 104 s
+    so): run_job ends it LINGER_S later, and the job's status and report are the failed rank's. The stand-in is an
+    Open MPI mpirun that runs the ranks as mpirun does (OMPI_COMM_WORLD_RANK) and then sleeps."""
+    mpirun = tmp_path / "bin" / "mpirun"
+    make_fake_launcher(mpirun.parent, mpirun.name, "")
+    mpirun.write_text(
+        f"#!{sys.executable}\nimport os, subprocess, sys, time\n"
+        f"if sys.argv[1:] == ['--version']:\n    sys.exit(print({OPEN_MPI_4_1_4!r}, end=''))\n"
+        "args = sys.argv[1:]\nn = int(args[args.index('-np') + 1])\ncommand = args[args.index('-m') - 1 :]\n"
+        "ranks = [subprocess.Popen(command, env={**os.environ, 'OMPI_COMM_WORLD_RANK': str(r), "
+        "'OMPI_COMM_WORLD_SIZE': str(n)}) for r in range(n)]\n[p.wait() for p in ranks]\ntime.sleep(600)\n"
+    )
+    monkeypatch.setenv("PATH", f"{mpirun.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(supervise, "LINGER_S", 2.0)
+    job = "import os, sys\nsys.exit(3 if os.environ['OMPI_COMM_WORLD_RANK'] == '1' else 0)\n"
+    s = spec([sys.executable, "-c", job], np=2, output_dir=str(tmp_path / "logs"), launcher="mpirun")
+    assert s.mpi.flavour == "openmpi" and not s.hydra
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as e:
+        run_job(s, echo=lambda _: None)
+    assert 2.0 <= time.monotonic() - start < 15
+    assert e.value.exit_code == 3 and str(e.value).startswith("rank 1 failed with exit status 3")
+    ok = "import sys\nsys.exit(0)\n"  # every rank succeeded: a launcher taking its time is left to finish
+    monkeypatch.setattr(supervise, "LINGER_S", 0.0)
+    mpirun.write_text(mpirun.read_text().replace("time.sleep(600)", "time.sleep(2)"))
+    assert run_job(spec([sys.executable, "-c", ok], np=2, output_dir=str(tmp_path / "ok"), launcher="mpirun"),
+                   echo=lambda _: None) == 0  # fmt: skip
