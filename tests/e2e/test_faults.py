@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import psutil
 import pytest
 from conftest import HVDTRAIN
-from jobprocs import job_processes
+from jobprocs import job_processes, kill_all, wait_gone
 
 from hvdtrain.train import checkpoint
 
@@ -135,7 +135,7 @@ def run_with_fault(
             pytest.fail(f"the job did not end within {bound} s of the fault")
         seconds = time.monotonic() - started
         print(f"{tmp.name}: ended {seconds:.1f} s after the fault, status {proc.returncode}")
-        left = wait_gone(str(tmp))
+        left = wait_gone(str(tmp), GONE_WITHIN_S)
         assert not left, f"left behind: {[(p.pid, p.cmdline()[:4]) for p in left]}"
     finally:
         kill_all(proc, str(tmp))
@@ -151,25 +151,6 @@ def train_with_fault(env, tmp: Path, args: list, hook: str, act=None, rank: int 
     passed = [a for name in TEST_ENV for a in ("--env", name)]
     argv = [*COMMON, "--run-dir", tmp / "run", "--hooks", f"faulthooks:{hook}", *passed, *args]
     return run_with_fault(fault_env, tmp, argv, lambda proc: act and act(tmp / "run", proc), bound)
-
-
-def wait_gone(marker: str, timeout: float = GONE_WITHIN_S) -> list:
-    deadline = time.monotonic() + timeout
-    while (left := job_processes(marker)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
-
-def kill_all(proc: subprocess.Popen, marker: str) -> None:
-    """After a failed test: whatever is left of the job."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    for p in job_processes(marker):
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    proc.wait(timeout=30)
 
 
 def tracebacks(text: str) -> list[list[str]]:
