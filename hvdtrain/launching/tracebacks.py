@@ -31,6 +31,7 @@ SHUTDOWN_WORDS = ("Horovod has been shut down", "Connection reset by peer", "Con
 # writes them into the same stream, sometimes between the lines of a traceback (or cut by its header).
 LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\s*\d+: [A-Z] ")
 MAX_SHOWN = 100  # the most lines `last_lines` reaches back for the start of a user's traceback
+MAX_HELD = 2000  # the most lines a Folder holds back waiting for a traceback's end
 
 
 def folded_line(where: str) -> str:
@@ -76,6 +77,9 @@ class Folder(Generic[Line]):
             if text and not text[0].isspace() and not _header(text) and not LOG_LINE.match(text):
                 self._in_traceback = False
                 self._end_traceback(is_shutdown(text))
+            elif len(self._held) > MAX_HELD:  # no traceback is this long: indented output of the program's own
+                self._in_traceback = self._after_fold = False
+                self._release()
             return
         if _header(text):
             if not self._after_fold:

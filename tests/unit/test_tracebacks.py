@@ -80,6 +80,14 @@ def test_a_users_traceback_passes_whole():
     assert tracebacks.fold(chained, "F") == [*SHUTDOWN_CHAIN[:2], "F", *USER]
 
 
+def test_what_only_looks_like_a_traceback_is_not_held_for_ever():
+    shown = []
+    folder = tracebacks.Folder(shown.append, "F")
+    for line in ["Traceback (most recent call last):", *["  indented"] * tracebacks.MAX_HELD]:
+        folder.feed(line)
+    assert len(shown) == tracebacks.MAX_HELD + 1
+
+
 def test_a_traceback_cut_short_passes_as_it_is():
     assert tracebacks.fold(["a", *USER[:3]], "F") == ["a", *USER[:3]]
     assert tracebacks.fold(SHUTDOWN_CHAIN[:5], "F") == SHUTDOWN_CHAIN[:5]  # not yet known to be Horovod's
