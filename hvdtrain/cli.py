@@ -153,12 +153,13 @@ def timeline_command(target, as_json, plot, top):
     from hvdtrain.files import check_output_path
     from hvdtrain.rundir import TIMELINE_PLOT, RunDir
 
-    path, steps_path = timeline.locate(Path(target))
+    path, _ = timeline.locate(Path(target))  # where the picture goes is checked before the (large) file is read
     png = Path(plot) if plot else RunDir(path.parent).timeline_plot
     check_output_path(png, "--plot", directory=False, name=TIMELINE_PLOT)
-    data = timeline.read(path)
-    steps = timeline.read_steps(steps_path) if steps_path else []
-    every = timeline.spans(data)  # read once: a whole run's trace is large
+    skipped: list[str] = []  # said once the input is known to hold something: an error is its only line
+    data, steps, every = timeline.load(Path(target), warn=skipped.append)
+    for line in skipped:
+        _warn(line)
     summary = timeline.summarize(data, steps, every)
     summary["plot"] = str(png)
     summary["plot_step"] = timeline.plot_step(every, steps, png)
@@ -244,9 +245,12 @@ def report_command(run_dirs, targets, plot, as_json):
     from hvdtrain.rundir import REPORT_PLOT, RunDir
 
     levels = accuracy_list(targets)
-    runs = [report.load(Path(d)) for d in run_dirs]
+    skipped: list[str] = []  # said once every run is known to hold something: an error is its only line
+    runs = [report.load(Path(d), warn=skipped.append) for d in run_dirs]
     png = Path(plot) if plot else RunDir(runs[0].path if len(runs) == 1 else ".").report_plot
     check_output_path(png, "--plot", directory=False, name=REPORT_PLOT)
+    for line in skipped:
+        _warn(line)
     summaries = [report.summarize(run, levels) for run in runs]
     report.plot(runs, png)
     if as_json:
@@ -377,6 +381,11 @@ def logs(job_id, rank, lines):
     from hvdtrain import slurm
 
     sys.exit(slurm.logs(job_id, rank=rank, lines=lines, echo=click.echo))
+
+
+def _warn(message: str) -> None:
+    """What a command skipped or worked around, one line on stderr."""
+    click.echo(f"hvdtrain: warning: {message}", err=True)
 
 
 def main():

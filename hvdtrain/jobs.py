@@ -64,8 +64,9 @@ def mpi_mismatches(spec: LaunchSpec, packages: Sequence[str]) -> list[tuple[str,
 
 def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], slurm: SlurmEnv) -> None:
     """What can be known before launching: Horovod (and mpi4py, when the job sends messages with it) built for the
-    MPI that starts the ranks, the layout fits the devices, checkpoints are where they should be, the run and log
-    directories can be written, the data fits, and the --hooks load and build."""
+    MPI that starts the ranks, the layout fits the devices, checkpoints are where they should be (what a resume
+    passes over, a killed job's leftovers, said on stderr once nothing is refused), the run and log directories can
+    be written, the data fits, and the --hooks load and build."""
     for what, fix in mpi_mismatches(spec, ("horovod", "mpi4py") if needs_mpi(cfg) else ("horovod",)):
         raise UsageError(f"{what}; {fix}")
     # An elastic job's world is any number of ranks; a static one's data ranks (async: without the servers).
@@ -80,12 +81,12 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
         else:
             per_host = slurm.ntasks_per_node or (max(ranks_per_host(spec.np, spec.hosts)) if spec.hosts else spec.np)
         devices_for_rank(0, per_host, cfg.devices_per_rank, cuda_count=visible_gpus(environ))
-    resume_path = checkpoint.resume_path(cfg, slurm)
+    skipped: list[str] = []
+    resume_path = checkpoint.resume_path(cfg, slurm, warn=skipped.append)
     if resume_path is None and cfg.resume and slurm.restart_count == 0:
-        raise CheckpointError(
-            f"--resume: no checkpoint in {RunDir(cfg.run_dir).checkpoints}; check --run-dir, or drop --resume "
-            "to start fresh"
-        )
+        ckpt_dir = RunDir(cfg.run_dir).checkpoints
+        what = "no complete checkpoint" if checkpoint.list_checkpoints(ckpt_dir) else "no checkpoint"
+        raise CheckpointError(f"--resume: {what} in {ckpt_dir}; check --run-dir, or drop --resume to start fresh")
     if resume_path is not None:
         # Read it here (torch is imported only now, and only for a resume): a corrupt or mismatched checkpoint
         # is bad input, reported before any rank starts.
@@ -96,6 +97,8 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
         check_output_path(spec.output_dir, "--output-dir")
     check_data(cfg, world)
     hooks.check_in_child(cfg.hook_refs())  # last, being the slowest: loaded as the ranks will, in a child process
+    for line in skipped:  # what the resume passes over, said once nothing is refused (an error is one line)
+        print(f"hvdtrain: warning: {line}", file=sys.stderr)
 
 
 def check_stages(cfg: TrainConfig) -> None:

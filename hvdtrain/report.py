@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from hvdtrain.errors import UsageError
 from hvdtrain.render import columns, save_plot
@@ -33,6 +33,7 @@ class Run:
     path: Path
     records: list[dict[str, Any]]
     result: Optional[dict[str, Any]]
+    autotune: Optional[dict[str, Any]] = None  # the autotuner's log, read (`autotune`); None without one
 
     @property
     def name(self) -> str:
@@ -52,49 +53,103 @@ class Run:
         return starts[0]["time"] if starts else self.records[0]["time"]
 
 
-def load(path: Path) -> Run:
-    """A run directory's records (a last line cut short by a killed job is skipped) and result."""
-    run_dir = RunDir(path)
-    if not run_dir.path.is_dir():
-        raise UsageError(f"{path} is not a directory: give run directories (hvdtrain train --run-dir)")
+def _ignore(_message: str) -> None:
+    pass
+
+
+def read_records(path: Path, warn: Callable[[str], None] = _ignore) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (rank 0 appends one JSON object per line). A killed job can leave its last
+    line cut short: it is skipped and said (`warn`, one line), as are lines that are not records."""
     try:
-        lines = run_dir.metrics.read_text().splitlines()
+        text = path.read_text()
     except FileNotFoundError:
-        raise UsageError(f"{path} has no metrics.jsonl: give the run directory of a hvdtrain train job") from None
+        raise UsageError(
+            f"{path.parent} has no metrics.jsonl: give the run directory of a hvdtrain train job"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {run_dir.metrics}: {e}") from None
-    records = []
-    for line in lines:
+        raise UsageError(f"cannot read {path}: {e}; give the run directory of a hvdtrain train job") from None
+    lines = text.split("\n")
+    unterminated = lines.pop()  # "" when the file ends with a newline, as every whole record does
+    records, bad, truncated = [], [], False
+    for number, line in enumerate([*lines, unterminated], start=1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            row = None
         if isinstance(row, dict) and isinstance(row.get("time"), (int, float)):
             records.append(row)
+        elif number == len(lines) + 1:
+            truncated = True  # the writer was killed within its last line
+        else:
+            bad.append(number)
+    if truncated:
+        warn(f"{path}: skipped a truncated last line (a killed job)")
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        warn(f"{path}: skipped {len(bad)} line(s) that are not metrics records (line {shown})")
     if not records:
-        raise UsageError(f"{run_dir.metrics} holds no records yet: the run has not logged a step")
+        raise UsageError(
+            f"{path} holds no complete record: the run was killed (or is still starting) before it logged a step; "
+            "report a run that has trained"
+        )
+    return records
+
+
+def unfinished_writes(folder: Path) -> list[Path]:
+    """Temporary files that atomic writes (files.write_text_atomic: .NAME.tmp) leave in `folder` when killed."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+    except OSError:
+        return []
+
+
+def load(path: Path, warn: Callable[[str], None] = _ignore) -> Run:
+    """A run directory's records and result, tolerating what a killed job leaves (each skipped thing said in one
+    line through `warn`): a last line of metrics.jsonl cut short, no result.json (the run did not finish), a
+    result.json that does not read, temporary files of writes that were killed."""
+    run_dir = RunDir(path)
+    if not run_dir.path.is_dir():
+        raise UsageError(f"{path} is not a directory: give run directories (hvdtrain train --run-dir)")
+    records = read_records(run_dir.metrics, warn)
+    for tmp in unfinished_writes(run_dir.path):
+        warn(f"{tmp}: skipped (the unfinished write of a killed job)")
+    result = None
     try:
         result = json.loads(run_dir.result.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        warn(f"{run_dir.path}: no result.json (the run did not finish: killed, or still running); reported from "
+             "metrics.jsonl alone")  # fmt: skip
+    except (OSError, ValueError) as e:
+        warn(f"{run_dir.result}: skipped, it does not read ({e})")
+    if result is not None and not isinstance(result, dict):
+        warn(f"{run_dir.result}: skipped, it is not a JSON object")
         result = None
-    return Run(run_dir.path, records, result)
+    return Run(run_dir.path, records, result, autotune(run_dir.autotune, warn))
 
 
-def autotune(path: Path) -> Optional[dict[str, Any]]:
+def autotune(path: Path, warn: Callable[[str], None] = _ignore) -> Optional[dict[str, Any]]:
     """What Horovod's autotuner tried and chose, from its log: samples scored, the best (highest score, bytes
     allreduced per microsecond) and whether tuning finished (Horovod then repeats the best row last). None
-    without a log."""
+    without a log; a row cut short (a killed job) is skipped and said."""
     try:
         with open(path, newline="") as f:
             rows = [[c.strip() for c in r] for r in csv.reader(f)]
-    except OSError:
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        if not isinstance(e, FileNotFoundError):
+            warn(f"{path}: skipped, it does not read ({e})")
         return None
-    samples = []
+    samples, cut = [], 0
     for r in rows[1:]:
+        if not any(r):
+            continue
         try:
             samples.append({k: float(v) for k, v in zip(AUTOTUNE_COLUMNS, r, strict=True)})
         except ValueError:
-            continue  # a row cut short
+            cut += 1
+    if cut:
+        warn(f"{path}: skipped {cut} row(s) cut short (a killed job)")
     if not samples:
         return {"samples": 0, "best": None, "finished": False}
     best = max(samples, key=lambda s: s["score"])
@@ -126,7 +181,7 @@ def summarize(run: Run, targets: Sequence[float]) -> dict[str, Any]:
         "requeues": len({e["restart"] for e in run.events("start") if e.get("restart")}),
         "interrupts": len(run.events("interrupted")),
         "finished": bool(run.result) and not run.result.get("preempted") and not run.result.get("interrupted"),
-        "autotune": autotune(RunDir(run.path).autotune),
+        "autotune": run.autotune,
     }
     return out
 

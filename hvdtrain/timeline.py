@@ -8,8 +8,9 @@ rank 0 (timeline.steps.csv, microseconds since the epoch); the timeline's metada
 in the same unit, so each span falls in a step. The summary is per phase (the time any tensor spent in it, as a
 share of step time) and per tensor (its time in each phase).
 
-A job killed while Horovod writes leaves a file cut in the middle of an event: `read` drops the partial event
-(`repair` rewrites the file). Nothing heavy is imported: matplotlib only when a PNG is drawn.
+A job killed while Horovod writes leaves a file cut in the middle of an event, its JSON array never closed: `read`
+drops the partial event and says so (`repair` rewrites the file); a timeline without a single operation is an
+error, not a table of zeros. Nothing heavy is imported: matplotlib only when a PNG is drawn.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import bisect
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from hvdtrain.errors import DiskFullError, UsageError
 from hvdtrain.files import write_text_atomic
@@ -55,6 +56,11 @@ class Timeline:
     events: list[dict[str, Any]]
     dropped_bytes: int  # of a partial last event (the writer was killed), 0 for a whole file
     start_us: float  # the timeline's clock zero, in microseconds since the epoch
+    closed: bool = True  # False: the JSON array was never closed (its writer was killed), read up to its last event
+
+
+def _ignore(_message: str) -> None:
+    pass
 
 
 def _parse(text: str) -> tuple[Any, str, int]:
@@ -67,8 +73,8 @@ def _parse(text: str) -> tuple[Any, str, int]:
     end = len(text)
     while True:
         end = text.rfind("}", 0, end)
-        if end < 0:
-            return [], "[]", len(text)
+        if end < 0:  # not one whole event: what follows the opening bracket is dropped
+            return [], "[]", max(0, len(text.rstrip()) - (text.find("[") + 1))
         candidate = text[: end + 1].rstrip().rstrip(",") + "]"
         try:
             return json.loads(candidate), candidate, len(text) - (end + 1)
@@ -82,22 +88,29 @@ def repair_text(text: str) -> tuple[str, int]:
     return fixed, dropped
 
 
-def read(path: Path) -> Timeline:
-    """The events of a timeline file, repaired in memory when cut short."""
+def read(path: Path, warn: Callable[[str], None] = _ignore) -> Timeline:
+    """The events of a timeline file, repaired in memory when cut short (then said through `warn`, one line)."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read the timeline {path}: {e}; give a run directory or a timeline.json") from None
     if not text.lstrip().startswith("["):
         raise UsageError(f"{path} is not a Horovod timeline (a JSON array of trace events); give a timeline.json")
-    parsed, _, dropped = _parse(text)  # parsed once: a whole run's trace is large
+    parsed, fixed, dropped = _parse(text)  # parsed once: a whole run's trace is large
+    closed = fixed is text
+    if dropped:
+        warn(f"{path}: skipped a partial last event of {dropped} bytes (a killed job never closed the file)")
+    elif not closed:
+        warn(f"{path}: read up to its last whole event (a killed job never closed the file)")
+    if not isinstance(parsed, list):
+        raise UsageError(f"{path} is not a Horovod timeline (a JSON array of trace events); give a timeline.json")
     events = [e for e in parsed if isinstance(e, dict)]
     start = next(
         (e["args"]["start_time_since_epoch_in_micros"] for e in events
          if e.get("ph") == "M" and "start_time_since_epoch_in_micros" in e.get("args", {})),
         0,
     )  # fmt: skip
-    return Timeline(Path(path), events, dropped, float(start))
+    return Timeline(Path(path), events, dropped, float(start), closed)
 
 
 def repair(path: Path) -> int:
@@ -142,20 +155,22 @@ def spans(timeline: Timeline) -> list[Span]:
     return out
 
 
-def read_steps(path: Path) -> list[tuple[int, float, float]]:
-    """(step, start, end) of each recorded step, microseconds since the epoch, from timeline.steps.csv; a last
-    line cut short is skipped."""
+def read_steps(path: Path, warn: Callable[[str], None] = _ignore) -> list[tuple[int, float, float]]:
+    """(step, start, end) of each recorded step, microseconds since the epoch, from timeline.steps.csv; a line
+    cut short (a killed job) is skipped and said through `warn`."""
     try:
         lines = Path(path).read_text().splitlines()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return []
-    steps = []
+    steps, cut = [], 0
     for line in lines[1:]:
         try:
             step, start, end = line.split(",")
             steps.append((int(step), float(start), float(end)))
         except ValueError:
-            continue
+            cut += bool(line.strip())
+    if cut:
+        warn(f"{path}: skipped {'a line' if cut == 1 else f'{cut} lines'} cut short (a killed job)")
     return steps
 
 
@@ -188,6 +203,29 @@ def locate(target: Path) -> tuple[Path, Optional[Path]]:
         raise UsageError(f"{target} does not exist: give a run directory or a timeline.json")
     steps = RunDir(path.parent).timeline_steps
     return path, steps if steps.exists() else None
+
+
+def load(target: Path, warn: Callable[[str], None] = _ignore) -> tuple[Timeline, list, list[Span]]:
+    """(the timeline, its recorded steps, its spans) for a run directory or a timeline file, what a killed job cut
+    short skipped and said through `warn`. A timeline with no operation in it, or none inside its recorded steps,
+    holds nothing to summarize: UsageError."""
+    path, steps_path = locate(target)
+    data = read(path, warn)
+    steps = read_steps(steps_path, warn) if steps_path else []
+    every = spans(data)  # read once: a whole run's trace is large
+    if not every:
+        raise UsageError(
+            f"{path} holds no recorded operation (the job ended before Horovod recorded one, or was killed first); "
+            "record a run that trains at least a step"
+        )
+    if steps and not within(every, windows_of(every, steps)):
+        first, last = steps[0][0], steps[-1][0]
+        raise UsageError(
+            f"{path} holds no operation inside the recorded steps {first}-{last} of {steps_path} (the timeline "
+            f"ended before them: a killed job); record the run again, or remove {steps_path.name} to summarize "
+            "the whole recording"
+        )
+    return data, steps, every
 
 
 def windows_of(every: Sequence[Span], steps: Sequence[tuple[int, float, float]]) -> list[tuple[float, float]]:
@@ -255,8 +293,6 @@ def format_summary(summary: dict[str, Any], top: int = 20) -> str:
     steps = summary["steps"]
     window = f"steps {steps[0]}-{steps[-1]} ({len(steps)})" if steps else "the whole recording (no step record)"
     lines = [f"timeline {summary['timeline']}: {window}, {summary['step_ms']:.2f} ms per step on rank 0"]
-    if summary["repaired_bytes"]:
-        lines.append(f"  (cut short: a partial last event of {summary['repaired_bytes']} bytes was dropped)")
     widths = (28, 10, 9)
     lines.append(fixed_row(["phase", "ms/step", "of step"], widths))
     for phase, row in summary["phases"].items():

@@ -2,7 +2,8 @@
 
 The rank wrapper leaves rank.R.host (first), rank.R.log and rank.R.exit (last) in the log directory
 (rundir.RankLogs); from them `diagnose` names, whichever launcher ran the job, Horovod's stall shutdown,
-then lost hosts, then the ranks that failed, with the last lines of the log that shows it best. An elastic job
+then lost hosts, then the ranks that failed, with the last lines of the log that shows it best (a traceback of
+Horovod's shutdown there as one line, a user's traceback whole: launching.tracebacks). An elastic job
 (horovodrun's elastic driver) ends with a traceback of its own; `diagnose_elastic` names the cause from
 horovodrun's lines instead, with the failed worker's log (worker.H.S.log). Pure but for reading the log
 directory; nothing heavy imported.
@@ -18,6 +19,7 @@ import socket
 from pathlib import Path
 from typing import Collection, Mapping, Optional, Sequence
 
+from hvdtrain.launching.tracebacks import folded_line, last_lines
 from hvdtrain.rundir import RankLogs, worker_name
 
 # A rank whose log ends with one of these failed because another rank did: Horovod shuts down everywhere, or
@@ -71,6 +73,12 @@ def _read_tail(path: Path, start: int = 0, limit: int = _LOG_TAIL_BYTES) -> str:
 
 def tail(path: Path, n: int = 15, start: int = 0) -> list[str]:
     return _read_tail(path, start).splitlines()[-n:]
+
+
+def shown_lines(path: Path, n: int = 15, start: int = 0) -> list[str]:
+    """The last lines of a log as a report shows them: a traceback of Horovod's shutdown (not the cause: another
+    rank failed) folded into one line, a user's traceback from its start (tracebacks.last_lines)."""
+    return last_lines(_read_tail(path, start).splitlines(), n, folded_line(f"{path.name} (not shown)"))
 
 
 def log_sizes(log_dir: str) -> dict[int, int]:
@@ -314,7 +322,7 @@ def _with_last_lines(
     has any (said when the first one is empty or not on this machine)."""
     logs = RankLogs(log_dir)
     rank = next((r for r in shown if tail(logs.log(r), 1, starts.get(r, 0))), shown[0])
-    log, lines = logs.log(rank), tail(logs.log(rank), start=starts.get(rank, 0))
+    log, lines = logs.log(rank), shown_lines(logs.log(rank), start=starts.get(rank, 0))
     first = logs.log(shown[0])
     missing = (
         "is empty"
@@ -411,7 +419,7 @@ def _ended(status: int) -> str:
 def _worker_lines(log_dir: str, worker: WorkerFailure, starts: Mapping[tuple[str, int], int]) -> str:
     """`last lines of DIR/worker.H.S.log:` and the lines of this job's part of it, or why there are none."""
     log = RankLogs(log_dir).worker_log(worker.host, worker.slot)
-    lines = tail(log, start=starts.get((worker_name(worker.host), worker.slot), 0))
+    lines = shown_lines(log, start=starts.get((worker_name(worker.host), worker.slot), 0))
     if not lines:
         if log.exists():
             return f"{log} is empty"

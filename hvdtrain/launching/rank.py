@@ -4,10 +4,12 @@ Every launcher starts the user's command through this wrapper on each rank. It f
 (the host it runs on), sets OMP_NUM_THREADS for the command (``--threads N``: N; ``auto``: the job's
 --cpus-per-task inside Slurm, else this host's CPUs divided by the ranks on this host, worked out here, so each
 host gets its own value whatever the launcher), runs the command, copies its output both to the wrapper's own
-stdout (which the launcher shows, prefixed by rank) and to DIR/rank.R.log, passes on the signals a scheduler
-sends, and finally writes DIR/rank.R.exit with the exit status, so that the launching side can say which rank
-failed (or which host was lost) and show its last lines. A log or record it cannot write (a full file system) is
-said in one line, and the rank goes on: its output still reaches the launcher. A task of an srun step of several whose --mpi plugin
+stdout (which the launcher shows, prefixed by rank; there a traceback of Horovod's shutdown, printed by a program
+that does not catch it after another rank failed, is one line: launching.tracebacks) and to DIR/rank.R.log
+(whole), passes on the signals a scheduler sends, and finally writes DIR/rank.R.exit with the exit status, so that
+the launching side can say which rank failed (or which host was lost) and show its last lines. A log or record it
+cannot write (a full file system) is said in one line, and the rank goes on: its output still reaches the
+launcher. A task of an srun step of several whose --mpi plugin
 left it nothing to find the others by (--mpi=none: each MPI rank would be rank 0 of 1) does not start the
 command: one line naming the plugin to try, exit status 2.
 
@@ -41,6 +43,7 @@ from hvdtrain import procs
 from hvdtrain.env import SlurmEnv, rank_info
 from hvdtrain.errors import HvdtrainError
 from hvdtrain.files import full_disk, write_text_atomic
+from hvdtrain.launching import tracebacks
 from hvdtrain.rundir import RankLogs
 from hvdtrain.srunmpi import wire_up_problem
 
@@ -250,13 +253,20 @@ def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: i
         signal.signal(s, lambda signum, _frame: proc.send_signal(signum))
     watch(proc, parent, os.environ.get(procs.LAUNCHER_ENV), log.write)
     out = sys.stdout.buffer
-    for chunk in iter(lambda: proc.stdout.readline(), b""):
-        log.write(chunk)
+
+    def show(chunk: bytes) -> None:
         try:
             out.write(chunk)
             out.flush()
         except (BrokenPipeError, OSError):
             pass  # the launcher went away; keep the log complete
+
+    # The terminal gets a traceback of Horovod's shutdown (another rank failed) as one line; the log keeps it.
+    terminal = tracebacks.Folder(show, f"{tracebacks.folded_line(str(log.path))}\n".encode())
+    for chunk in iter(lambda: proc.stdout.readline(), b""):
+        log.write(chunk)
+        terminal.feed(chunk)
+    terminal.close()
     status = proc.wait()
     return 128 - status if status < 0 else status
 

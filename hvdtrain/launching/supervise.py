@@ -34,7 +34,10 @@ STOP_GRACE_S = 30.0  # after SIGTERM, how long the launcher may take to end the 
 ELASTIC_OUTPUT_LINES = 300
 # horovodrun's multiprocessing resource tracker, which frees its semaphores when the launcher is SIGKILLed: no warning.
 _TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
-RANK_POLL_S = 0.5  # under MPICH's mpiexec: how often run_job looks for a rank that failed (_wait)
+RANK_POLL_S = 0.5  # how often run_job looks at the ranks' exit records while the launcher runs (_wait)
+# Once every rank has an exit record and one failed, how long the launcher may take to exit before it is ended
+# (horovodrun's Gloo path once lingered 104 s after both ranks of a job had ended: issue 29's fault reproduction).
+LINGER_S = 15.0
 INTERRUPTED = 130  # the exit status of a job stopped by Ctrl-C (128 + SIGINT), as a shell reports it
 
 
@@ -293,22 +296,43 @@ def _wait(job: _Job, proc: subprocess.Popen) -> int:
     when an MPI process ends before MPI_Finalize or dies of a signal. Under it, a rank's non-zero exit record (where
     this machine sees them: its ranks, or a shared log directory) ends the job here as a SIGTERM would (the
     launcher's tree). The job's status is the failed rank's whenever a record shows one: mpiexec says the status of
-    a rank its own cleanup SIGKILLed (9) as often as the failed rank's, and now and then 0 after a Ctrl-C."""
-    if not job.spec.hydra:
+    a rank its own cleanup SIGKILLed (9) as often as the failed rank's, and now and then 0 after a Ctrl-C.
+    Whatever the launcher, one still running LINGER_S after every rank's exit record is there, one of them a
+    failure, is ended the same way, and the job's status is that rank's (an elastic job's workers come and go:
+    not there)."""
+    if job.spec.elastic is not None:
         return proc.wait()
-    failed = None
+    failed, ended_at = None, None
     while True:
         try:
             status = proc.wait(timeout=RANK_POLL_S)
             break
         except subprocess.TimeoutExpired:
             pass
-        if failed is None and not (job.stopping or job.stops):  # not while a stop (TERM, INT) ends the ranks
+        if job.stopping or job.stops:  # a stop (TERM, INT) or an end already under way
+            continue
+        if job.spec.hydra:
             failed = _first_failed(job)
-            if failed is not None:
-                job.stopping.extend(_signal_tree(proc.pid, signal.SIGTERM) or [None])
-    failed = failed or _first_failed(job)
+        elif _all_ended_one_failed(job):
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at >= LINGER_S:
+                failed = _first_failed(job)
+        if failed is not None:
+            job.stopping.extend(_signal_tree(proc.pid, signal.SIGTERM) or [None])
+    if job.spec.hydra or failed is not None:
+        failed = failed or _first_failed(job)
     return status if failed is None else failed[1]
+
+
+def _all_ended_one_failed(job: _Job) -> bool:
+    """Every rank of the job has an exit record here, and one is a failure."""
+    statuses = []
+    for _rank, p in RankLogs(job.log_dir).exit_records():
+        try:
+            statuses.append(int(p.read_text().strip()))
+        except (OSError, ValueError):
+            return False
+    return len(statuses) >= job.spec.np and any(statuses)
 
 
 def _first_failed(job: _Job) -> Optional[tuple[int, int]]:

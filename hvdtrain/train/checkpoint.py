@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -49,21 +50,51 @@ def fingerprint(cfg, world_size: Optional[int]) -> dict[str, Any]:
     return out
 
 
-def resume_path(cfg, slurm: SlurmEnv) -> Optional[Path]:
-    """The checkpoint a job starts from: --resume-from; else the newest in run_dir/checkpoints when --resume is
-    given or Slurm requeued the job (`slurm`, the job this process is in: SLURM_RESTART_COUNT > 0); else none. Checkpoints that nobody asked to
-    resume from are an error rather than something to overwrite."""
+def resume_path(cfg, slurm: SlurmEnv, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The checkpoint a job starts from: --resume-from; else the newest complete one in run_dir/checkpoints when
+    --resume is given or Slurm requeued the job (`slurm`, the job this process is in: SLURM_RESTART_COUNT > 0);
+    else none. Checkpoints that nobody asked to resume from are an error rather than something to overwrite.
+
+    What a killed job can leave there is passed over, and said through `warn` (one line each): the temporary
+    files of a write that never finished (removed by the job's rank 0 at its start), and a checkpoint file cut
+    short (`complete`: copied or written by something else than `save`, which never leaves one), which a
+    resume skips for the newest complete one before it. Every caller gets the same answer from the same files."""
     if cfg.resume_from:
         return Path(cfg.resume_from)
-    found = list_checkpoints(RunDir(cfg.run_dir).checkpoints)
-    if cfg.resume or slurm.restart_count > 0:
-        return found[-1] if found else None
-    if found:
-        raise CheckpointError(
-            f"{cfg.run_dir} already has checkpoints (newest {found[-1].name}): pass --resume to continue from "
-            "it, or choose a new --run-dir"
+    ckpt_dir = RunDir(cfg.run_dir).checkpoints
+    found = list_checkpoints(ckpt_dir)
+    if not (cfg.resume or slurm.restart_count > 0):
+        if found:
+            raise CheckpointError(
+                f"{cfg.run_dir} already has checkpoints (newest {found[-1].name}): pass --resume to continue from "
+                "it, or choose a new --run-dir"
+            )
+        return None
+    warn = warn or (lambda _message: None)
+    unfinished = interrupted_writes(ckpt_dir)
+    if unfinished:
+        warn(
+            f"{ckpt_dir}: skipped {', '.join(p.name for p in unfinished)} (unfinished checkpoint write of a killed "
+            "job; removed when the job starts)"
         )
-    return None
+    cut = []
+    while found and not complete(found[-1]):
+        cut.append(found.pop())
+    if cut:
+        instead = f"resuming from {found[-1].name}" if found else "no complete checkpoint is left"
+        warn(
+            f"{ckpt_dir}: skipped {', '.join(p.name for p in cut)}, cut short (a write that did not finish); {instead}"
+        )
+    return found[-1] if found else None
+
+
+def complete(path: Path) -> bool:
+    """Whether a checkpoint file is whole, without reading it: torch.save writes a zip archive, whose directory
+    comes last, so a file cut short has none."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -8,10 +8,9 @@ import signal
 import subprocess
 import time
 
-import psutil
 import pytest
 from conftest import HVDTRAIN
-from jobprocs import job_processes
+from jobprocs import job_processes, kill_all, wait_gone
 
 from hvdtrain.train import checkpoint
 
@@ -38,27 +37,6 @@ def start(child_env, cwd, run_dir, *extra, stderr=subprocess.DEVNULL):
     return proc
 
 
-def kill_all(proc, marker):
-    """Clean-up after a failed test: whatever is left of the job."""
-    for p in [psutil.Process(proc.pid)] if proc.poll() is None else []:
-        p.kill()
-    for p in job_processes(marker):
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    proc.wait(timeout=30)
-
-
-def wait_gone(marker: str, timeout: float = GONE_WITHIN_S) -> list:
-    deadline = time.monotonic() + timeout
-    left = job_processes(marker)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = job_processes(marker)
-    return left
-
-
 @pytest.mark.parametrize("target", ["process", "group"])
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_sigkill_of_hvdtrain_leaves_no_rank_behind(launcher, target, child_env, tmp_path):
@@ -72,7 +50,7 @@ def test_sigkill_of_hvdtrain_leaves_no_rank_behind(launcher, target, child_env, 
         else:  # the OOM killer, or `kill -9 -PGID`
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        left = wait_gone(str(run_dir))
+        left = wait_gone(str(run_dir), GONE_WITHIN_S)
         assert not left, [(p.pid, p.cmdline()[:4]) for p in left]
     finally:
         kill_all(proc, str(run_dir))
@@ -87,7 +65,7 @@ def test_ctrl_c_checkpoints_stops_every_rank_and_exits_130(launcher, child_env, 
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err
         assert "hvdtrain: interrupted: the ranks checkpoint and stop" in err and "Traceback" not in err, err
-        assert not wait_gone(str(run_dir))
+        assert not wait_gone(str(run_dir), GONE_WITHIN_S)
     finally:
         kill_all(proc, str(run_dir))
     result = (run_dir / "result.json").read_text()
@@ -115,7 +93,7 @@ def test_a_run_dir_in_use_is_refused_and_a_killed_jobs_lock_is_taken_over(child_
         assert (run_dir / "config.json").stat().st_mtime_ns == config  # the second job wrote nothing
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        assert not wait_gone(str(run_dir))
+        assert not wait_gone(str(run_dir), GONE_WITHIN_S)
     finally:
         kill_all(proc, str(run_dir))
     assert (run_dir / "hvdtrain.lock").exists()  # left by the SIGKILL: stale, its holder is gone

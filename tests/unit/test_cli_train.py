@@ -2,6 +2,7 @@
 
 import json
 import re
+import zipfile
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from hvdtrain import mpi
 from hvdtrain.cli import cli
 from hvdtrain.config import TrainConfig
+from hvdtrain.env import SlurmEnv
 from hvdtrain.parallel.hybrid import devices_for_rank
 from hvdtrain.train import checkpoint
 
@@ -143,7 +145,8 @@ def test_resume_checks_the_checkpoint_before_launching(run, tmp_path):
         "world_size: checkpoint has 1, this job has 2",
     )
     newest = save_checkpoint(tmp_path, 20, batch_size=64)
-    newest.write_bytes(newest.read_bytes()[:50])
+    with zipfile.ZipFile(newest, "w") as z:  # whole, but not torch's (one cut short is passed over: below)
+        z.writestr("data.pkl", b"garbage")
     result = run("-np", "1", "--run-dir", "r", "--resume", "--batch-size", "64")
     assert_usage_error(result, "is corrupt or not a checkpoint")
     assert "step-00000010.pt is intact: resume from it with --resume-from" in result.output
@@ -173,6 +176,29 @@ def test_an_elastic_job_resumes_on_any_world_size(run, tmp_path):
 
 def test_resume_without_checkpoints(run):
     assert_usage_error(run("--run-dir", "r", "--resume"), "--resume: no checkpoint in r/checkpoints")
+
+
+def test_resume_passes_over_what_a_killed_job_left_and_says_so(run, tmp_path):
+    """A killed job's checkpoints/: the temporary file of a write that never finished, and a newest checkpoint cut
+    short (not by save, which is atomic: a copy, another writer). --resume takes the newest complete one and says
+    on stderr, one line each, what it skipped; with none complete left it is one line, exit 2."""
+    save_checkpoint(tmp_path, 10)
+    newest = save_checkpoint(tmp_path, 20)
+    newest.write_bytes(newest.read_bytes()[:200])
+    ckpt_dir = tmp_path / "r" / "checkpoints"
+    (ckpt_dir / ".step-00000030.pt.k1ll3d.tmp").write_bytes(b"PK\x03\x04")
+    result = run("-np", "1", "--run-dir", "r", "--resume", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "hvdtrain: warning: r/checkpoints: skipped .step-00000030.pt.k1ll3d.tmp (unfinished checkpoint write of a "
+        "killed job; removed when the job starts)",
+        "hvdtrain: warning: r/checkpoints: skipped step-00000020.pt, cut short (a write that did not finish); "
+        "resuming from step-00000010.pt",
+    ]  # fmt: skip
+    cfg = TrainConfig(run_dir="r", resume=True)
+    assert checkpoint.resume_path(cfg, SlurmEnv.read({})).name == "step-00000010.pt"  # what rank 0 loads
+    (ckpt_dir / "step-00000010.pt").write_bytes(b"")
+    assert_usage_error(run("-np", "1", "--run-dir", "r", "--resume"), "--resume: no complete checkpoint in r/checkp")
 
 
 def test_config_file_precedence_cli_over_file_over_defaults(run, tmp_path):

@@ -618,21 +618,29 @@ def test_ssh_config_reaches_hydras_ssh_through_the_shim(fake_mpich, tmp_path, ca
     assert out[-1].startswith(f"{fake_mpich} -n 2 -hosts n1:1,n2:1 -bind-to none -prepend-rank -launcher ssh")
 
 
+def stand_in(path: Path, version: str, np_flag: str, command_at: str, rank_vars: str, end: str) -> Path:
+    """A launcher that says it is `version` and runs its command (from `command_at`, an index into its arguments)
+    on `np_flag` ranks, each with its rank and the size in <rank_vars>_RANK and _SIZE, waits for them (`status`:
+    the largest exit status), then runs the statement `end`."""
+    make_fake_launcher(path.parent, path.name, "")
+    path.write_text(
+        f"#!{sys.executable}\nimport os, subprocess, sys, time\n"
+        f"if sys.argv[1:] == ['--version']:\n    sys.exit(print({version!r}, end=''))\n"
+        f"args = sys.argv[1:]\nn = int(args[args.index({np_flag!r}) + 1])\ncommand = args[{command_at} :]\n"
+        f"ranks = [subprocess.Popen(command, env={{**os.environ, '{rank_vars}_RANK': str(r), '{rank_vars}_SIZE': "
+        f"str(n)}}) for r in range(n)]\nstatus = max(p.wait() for p in ranks)\n{end}\n"
+    )
+    return path
+
+
 @pytest.mark.parametrize("says", ["the worst", "0"])
 def test_under_hydra_a_rank_that_exits_non_zero_ends_the_job_as_mpirun_would(tmp_path, monkeypatch, says):
     """MPICH's mpiexec ends a job only when an MPI process dies before MPI_Finalize (or of a signal); run_job ends
     it when a rank's exit record says it failed, and the job's status is that rank's, whatever mpiexec says (0 now
     and then after a Ctrl-C). The stand-in runs every rank as Hydra does (PMI_RANK, PMI_SIZE) and waits for all of
     them, whatever they do."""
-    hydra = tmp_path / "bin" / "mpiexec.hydra"
-    make_fake_launcher(hydra.parent, hydra.name, "")
-    hydra.write_text(
-        f"#!{sys.executable}\nimport os, subprocess, sys\n"
-        f"if sys.argv[1:] == ['--version']:\n    sys.exit(print({MPICH_4_0_2!r}))\n"
-        "args = sys.argv[1:]\nn = int(args[args.index('-n') + 1])\ncommand = args[args.index('-genvlist') + 2 :]\n"
-        "ranks = [subprocess.Popen(command, env={**os.environ, 'PMI_RANK': str(r), 'PMI_SIZE': str(n)}) "
-        f"for r in range(n)]\nstatus = max(p.wait() for p in ranks)\nsys.exit({'status' if says != '0' else '0'})\n"
-    )
+    hydra = stand_in(tmp_path / "bin" / "mpiexec.hydra", MPICH_4_0_2, "-n", "args.index('-genvlist') + 2", "PMI",
+                     f"sys.exit({'status' if says != '0' else '0'})")  # fmt: skip
     (hydra.parent / "mpirun").symlink_to(hydra.name)
     monkeypatch.setenv("PATH", f"{hydra.parent}{os.pathsep}{os.environ['PATH']}")
     job = "import os, sys, time\nif os.environ['PMI_RANK'] == '1':\n    sys.exit('rank 1 gives up')\ntime.sleep(60)\n"
@@ -648,3 +656,26 @@ def test_under_hydra_a_rank_that_exits_non_zero_ends_the_job_as_mpirun_would(tmp
     monkeypatch.setattr(supervise, "RANK_POLL_S", 60.0)  # over before run_job looks: only the records tell
     with pytest.raises(LaunchError, match="^rank 1 failed with exit status 1"):
         run_job(spec(quick, np=2, output_dir=str(tmp_path / "quick")), echo=lambda _: None)
+
+
+def test_a_launcher_lingering_after_its_ranks_ended_is_ended(tmp_path, monkeypatch):
+    """Every rank has ended, one failed, and the launcher does not exit (horovodrun's Gloo path once lingered 104 s
+    so): run_job ends it LINGER_S later, and the job's status and report are the failed rank's. The stand-in is an
+    Open MPI mpirun that runs the ranks as mpirun does (OMPI_COMM_WORLD_RANK) and then sleeps."""
+    mpirun = stand_in(tmp_path / "bin" / "mpirun", OPEN_MPI_4_1_4, "-np", "args.index('-m') - 1", "OMPI_COMM_WORLD",
+                      "time.sleep(600)")  # fmt: skip
+    monkeypatch.setenv("PATH", f"{mpirun.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(supervise, "LINGER_S", 2.0)
+    job = "import os, sys\nsys.exit(3 if os.environ['OMPI_COMM_WORLD_RANK'] == '1' else 0)\n"
+    s = spec([sys.executable, "-c", job], np=2, output_dir=str(tmp_path / "logs"), launcher="mpirun")
+    assert s.mpi.flavour == "openmpi" and not s.hydra
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as e:
+        run_job(s, echo=lambda _: None)
+    assert 2.0 <= time.monotonic() - start < 15
+    assert e.value.exit_code == 3 and str(e.value).startswith("rank 1 failed with exit status 3")
+    ok = "import sys\nsys.exit(0)\n"  # every rank succeeded: a launcher taking its time is left to finish
+    monkeypatch.setattr(supervise, "LINGER_S", 0.0)
+    mpirun.write_text(mpirun.read_text().replace("time.sleep(600)", "time.sleep(2)"))
+    assert run_job(spec([sys.executable, "-c", ok], np=2, output_dir=str(tmp_path / "ok"), launcher="mpirun"),
+                   echo=lambda _: None) == 0  # fmt: skip

@@ -76,7 +76,13 @@ def test_the_cli_writes_one_png_for_several_runs(run_dir, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["report", str(run_dir), str(other), "--json"])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    # What it skipped, one line each on stderr: run-a's cut last line, run-b's missing result.json.
+    assert result.stderr.splitlines() == [
+        f"hvdtrain: warning: {run_dir}/metrics.jsonl: skipped a truncated last line (a killed job)",
+        f"hvdtrain: warning: {other}: no result.json (the run did not finish: killed, or still running); reported "
+        "from metrics.jsonl alone",
+    ]  # fmt: skip
+    out = json.loads(result.stdout)
     assert out["plot"] == "report.png" and (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["final_accuracy"] for r in out["runs"]] == [0.96, None]
     assert out["runs"][1]["wall_seconds"] == 0 and out["runs"][1]["finished"] is False
@@ -87,7 +93,18 @@ def test_the_cli_writes_one_png_for_several_runs(run_dir, tmp_path, monkeypatch)
     [
         (lambda p: None, ["missing"], "missing is not a directory: give run directories"),
         (lambda p: (p / "empty").mkdir(), ["empty"], "empty has no metrics.jsonl"),
-        (lambda p: (p / "e").mkdir() or (p / "e" / "metrics.jsonl").write_text(""), ["e"], "holds no records yet"),
+        (lambda p: (p / "e").mkdir() or (p / "e" / "metrics.jsonl").write_text(""), ["e"], "holds no complete record"),
+        # A job killed within its first record (the cut line is not said: the error is the only line).
+        (
+            lambda p: (p / "k").mkdir() or (p / "k" / "metrics.jsonl").write_text('{"time": 1.5, "ev'),
+            ["k"],
+            "k/metrics.jsonl holds no complete record: the run was killed (or is still starting) before it logged",
+        ),
+        (
+            lambda p: (p / "n").mkdir() or (p / "n" / "metrics.jsonl").write_text('[1]\n"x"\n'),
+            ["n"],
+            "n/metrics.jsonl holds no complete record",
+        ),
         (lambda p: None, [".", "--targets", "1.5"], "--targets '1.5': every value must be between 0 and 1"),
     ],
 )
@@ -96,3 +113,38 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, make, a
     make(tmp_path)
     assert_usage_error(CliRunner().invoke(cli, ["report", *args]), needle)
     assert not list(tmp_path.rglob("report.png"))
+
+
+def test_what_a_killed_job_leaves_is_skipped_and_said(tmp_path):
+    """A job killed mid-write: metrics.jsonl's last line cut, a line of something else, no result.json but the
+    temporary file of its write, the autotuner's last row cut short. Each is skipped and said in one line; the
+    report is the records that are whole."""
+    d = tmp_path / "killed"
+    d.mkdir()
+    whole = "".join(json.dumps(r) + "\n" for r in RECORDS[:5])
+    (d / "metrics.jsonl").write_text(whole + "not json\n" + json.dumps(RECORDS[5]) + "\n" + json.dumps(RECORDS[6])[:9])
+    (d / ".result.json.tmp").write_text('{"steps": ')
+    (d / "autotune.csv").write_text(AUTOTUNE.splitlines()[0] + "\n0,0,0, 0,5,4,2.5\n0,0,0, 1,2")
+    said = []
+    run = report.load(d, warn=said.append)
+    assert run.records == RECORDS[:6] and run.result is None
+    assert said == [
+        f"{d}/metrics.jsonl: skipped a truncated last line (a killed job)",
+        f"{d}/metrics.jsonl: skipped 1 line(s) that are not metrics records (line 6)",
+        f"{d}/.result.json.tmp: skipped (the unfinished write of a killed job)",
+        f"{d}: no result.json (the run did not finish: killed, or still running); reported from metrics.jsonl alone",
+        f"{d}/autotune.csv: skipped 1 row(s) cut short (a killed job)",
+    ]
+    s = report.summarize(run, [0.9])
+    assert (s["steps"], s["final_accuracy"], s["finished"], s["autotune"]["samples"]) == (40, 0.92, False, 1)
+
+
+def test_a_whole_last_line_without_its_newline_is_kept(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1]))  # killed before "\n"
+    (d / "result.json").write_text("[1, 2]")  # not what hvdtrain writes
+    said = []
+    run = report.load(d, warn=said.append)
+    assert run.records == RECORDS[:2] and run.result is None
+    assert said == [f"{d}/result.json: skipped, it is not a JSON object"]

@@ -140,12 +140,63 @@ def test_steps_file_cut_short_keeps_whole_lines(tmp_path):
     assert timeline.read_steps(path) == [(5, 10.0, 20.0), (6, 20.0, 30.0)]
 
 
+def test_steps_file_cut_short_is_said(tmp_path):
+    path = RunDir(tmp_path).timeline_steps
+    path.write_text(f"{TIMELINE_STEPS_HEADER}\n5,10,20\n6,2")
+    said = []
+    assert timeline.read_steps(path, warn=said.append) == [(5, 10.0, 20.0)]
+    assert said == [f"{path}: skipped a line cut short (a killed job)"]
+
+
+def write_run(tmp_path, text, steps=None):
+    RunDir(tmp_path).timeline.write_text(text)
+    if steps is not None:
+        RunDir(tmp_path).timeline_steps.write_text(
+            TIMELINE_STEPS_HEADER + "\n" + "".join(f"{s},{a},{b}\n" for s, a, b in steps)
+        )
+    return tmp_path
+
+
+def test_a_timeline_a_killed_job_never_closed_reads_and_says_so(tmp_path):
+    """Horovod's writer killed: the array never closed, with or without a partial event after the last whole one.
+    The CLI summarizes the whole events and says on stderr what it skipped, in one line."""
+    text = json.dumps(EVENTS)[:-1]  # no closing bracket
+    cut = text + ', {"ph": "B", "ts": 95'
+    for written, warning in [
+        (text, "read up to its last whole event (a killed job never closed the file)"),
+        (cut, f"skipped a partial last event of {len(cut) - len(text)} bytes (a killed job never closed the file)"),
+    ]:
+        run = write_run(tmp_path, written, STEPS)
+        result = CliRunner().invoke(cli, ["timeline", str(run), "--json"])
+        assert result.exit_code == 0, result.output
+        assert result.stderr.splitlines() == [f"hvdtrain: warning: {run / 'timeline.json'}: {warning}"]
+        assert json.loads(result.stdout)["tensors"]["allreduce.a"]["total"] == pytest.approx(0.026)
+
+
+@pytest.mark.parametrize(
+    "text,steps,needle",
+    [
+        ("[", None, "timeline.json holds no recorded operation (the job ended before Horovod recorded one"),
+        ('[{"name": "process_name", "ph": "M", "pid": 0, "args": {"start_time_since_epoch_in_micros": 5}},\n{"na',
+         None, "holds no recorded operation"),
+        (json.dumps(trace()), None, "holds no recorded operation"),
+        # the steps recorded after the timeline ended (it was killed first): nothing inside them
+        (json.dumps(EVENTS), [(40, T0 + 5000, T0 + 6000)], "holds no operation inside the recorded steps 40-40"),
+    ],
+)  # fmt: skip
+def test_a_timeline_with_nothing_to_summarize_is_one_line(tmp_path, text, steps, needle):
+    run = write_run(tmp_path, text, steps)
+    assert_usage_error(CliRunner().invoke(cli, ["timeline", str(run)]), needle)
+    assert not RunDir(tmp_path).timeline_plot.exists()
+
+
 @pytest.mark.parametrize(
     "make,needle",
     [
         (lambda p: p / "missing", "does not exist: give a run directory or a timeline.json"),
         (lambda p: p, "has no timeline.json: train with --timeline"),
         (lambda p: (p / "x.json").write_text('{"a": 1}') and p / "x.json", "is not a Horovod timeline"),
+        (lambda p: (p / "y.json").write_text("[1, 2") and p / "y.json", "y.json holds no recorded operation"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, make, needle):
