@@ -179,9 +179,12 @@ def timeline_command(target, as_json, plot, top):
 @click.option("--validate", type=click.IntRange(min=1), metavar="STEPS", help="Then run the fastest fitting layout "
               "of each kind for real, STEPS steps each, and print predicted against measured step time and memory.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@click.option(
+    "--dry-run", is_flag=True, help="Check the options, print what would be measured and the probe's command."
+)
 @dataclass_options_subset("model", "hidden", "depth", "data", "synthetic_samples", "batch_size", "optimizer",
                           "momentum", "seed")  # fmt: skip
-def plan_command(np, nodes, ntasks_per_node, memory_per_rank, bench_json, validate, as_json, **fields):
+def plan_command(np, nodes, ntasks_per_node, memory_per_rank, bench_json, validate, as_json, dry_run, **fields):
     """Which layout to train with on this machine, from measured costs: data parallel, with the sharded optimizer,
     local SGD, or a pipeline of P stages x N/P replicas with M micro-batches (docs/plan.md).
 
@@ -211,6 +214,9 @@ def plan_command(np, nodes, ntasks_per_node, memory_per_rank, bench_json, valida
     if validate and nodes:
         raise UsageError("--validate runs the layouts on this machine: give -np, not --nodes")
     bench = plan.bench_rows(bench_json) if bench_json else None
+    if dry_run:
+        plan.dry_run(cfg, ranks, ntasks_per_node, validate, echo=click.echo)
+        return
     say = functools.partial(click.echo, err=True)
     result = plan.run(cfg, ranks, nodes, ntasks_per_node, memory_per_rank, bench, echo=say)
     if validate:

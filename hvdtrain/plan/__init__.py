@@ -28,7 +28,24 @@ from hvdtrain.plan.measure import bench_rows
 from hvdtrain.plan.render import format_plan, format_validation
 from hvdtrain.plan.validate import validate  # the function: `plan.validate` is what the CLI calls
 
-__all__ = ["bench_rows", "format_plan", "format_validation", "run", "validate"]
+__all__ = ["bench_rows", "dry_run", "format_plan", "format_validation", "run", "validate"]
+
+
+def dry_run(cfg: TrainConfig, ranks: int, per_node: Optional[int], validate_steps: Optional[int], echo) -> None:
+    """`hvdtrain plan --dry-run`: what `run` would measure and the probe's launch, shown; nothing run or written."""
+    import tempfile
+    from pathlib import Path
+
+    from hvdtrain.launching.supervise import run_job
+    from hvdtrain.plan import probe
+    from hvdtrain.rundir import RunDir
+
+    here = per_node or ranks
+    threads = max(1, (os.cpu_count() or 1) // here)
+    echo(f"# measure {cfg.model} in this process on {threads} thread(s), then a {here}-rank probe:")
+    run_job(probe.spec(RunDir(Path(tempfile.gettempdir()) / "hvdtrain-plan-XXXXXXXX"), here), dry_run=True, echo=echo)
+    if validate_steps:
+        echo(f"# then the fastest fitting layout of each kind, {validate_steps} steps each (hvdtrain train)")
 
 
 def run(cfg: TrainConfig, ranks: int, nodes: Optional[int], per_node: Optional[int], memory_gib: Optional[float],

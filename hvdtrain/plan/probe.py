@@ -33,18 +33,23 @@ REPS, WARMUP = 30, 5
 def run(cfg: TrainConfig, ranks: int) -> Probe:
     """Run `python -m hvdtrain.plan.probe` on `ranks` ranks of this machine (in a temporary run directory: its
     config, the ranks' logs and the probe's result; removed) and read what it measured."""
-    from hvdtrain.launching.options import LaunchOptions
-    from hvdtrain.launching.spec import make_spec
     from hvdtrain.launching.supervise import run_job
 
     with tempfile.TemporaryDirectory(prefix="hvdtrain-plan-") as tmp:
         run_dir = RunDir(tmp)
         run_dir.config.write_text(cfg.to_json())
-        command = [sys.executable, "-m", MODULE, str(run_dir.config), str(run_dir.result)]
-        spec = make_spec(command, LaunchOptions(np=ranks, output_dir=str(run_dir.logs.path)), check_cmd=False)
-        run_job(spec, echo=lambda _line: None)
+        run_job(spec(run_dir, ranks), echo=lambda _line: None)
         got = json.loads(run_dir.result.read_text())
     return Probe(**got)
+
+
+def spec(run_dir: RunDir, ranks: int):
+    """The probe's launch: `python -m hvdtrain.plan.probe CONFIG RESULT` on `ranks` ranks, logs in the run's."""
+    from hvdtrain.launching.options import LaunchOptions
+    from hvdtrain.launching.spec import make_spec
+
+    command = [sys.executable, "-m", MODULE, str(run_dir.config), str(run_dir.result)]
+    return make_spec(command, LaunchOptions(np=ranks, output_dir=str(run_dir.logs.path)), check_cmd=False)
 
 
 def ping_pong(rank: int, size: int) -> None:

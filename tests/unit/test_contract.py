@@ -32,9 +32,8 @@ EXAMPLES = int(os.environ.get("HVDTRAIN_FUZZ_EXAMPLES", "120"))
 DEEP = os.environ.get("HVDTRAIN_FUZZ_DEEP", "") not in ("", "0")
 GOLDEN_TIMELINE = Path(__file__).parent / "golden" / "timeline.json"
 # The commands run: those with --dry-run in it (they launch or submit), the rest for real (they only read and
-# plot). Left out: doctor (no input), status and logs (a job id, asked of Slurm; their table test has the cases),
-# plan (it measures on real ranks: slow; its bad input is in its own tests).
-DRY_RUN = ("run", "train", "bench allreduce", "bench train", "bench updates", "bench launch", "submit")
+# plot). Left out: doctor (no input), status and logs (a job id, asked of Slurm; their table test has the cases).
+DRY_RUN = ("run", "train", "plan", "bench allreduce", "bench train", "bench updates", "bench launch", "submit")
 FOR_REAL = ("report", "timeline")
 
 

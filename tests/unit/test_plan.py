@@ -154,3 +154,16 @@ def test_a_bench_json_is_read_before_anything_starts(content, needle, no_process
     (tmp_path / "allreduce.json").write_text(content)
     assert_usage_error(CliRunner().invoke(cli, ["plan", "-np", "2", "--bench-json", "allreduce.json"]), needle)
     assert no_processes == [] and [p.name for p in tmp_path.iterdir()] == ["allreduce.json"]
+
+
+def test_a_dry_run_checks_the_options_and_shows_the_probe_runs_nothing(no_processes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["plan", "--dry-run", "-np", "2", "--model", "deep_mlp", "--validate", "5"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("# measure deep_mlp in this process on ") and lines[0].endswith("then a 2-rank probe:")
+    assert any(" -m hvdtrain.plan.probe " in line for line in lines), result.stdout
+    assert lines[-1] == "# then the fastest fitting layout of each kind, 5 steps each (hvdtrain train)"
+    assert list(tmp_path.iterdir()) == []
+    bad = CliRunner().invoke(cli, ["plan", "--dry-run", "--nodes", "2"])
+    assert_usage_error(bad, "--nodes and --ntasks-per-node go together")
