@@ -106,7 +106,8 @@ def numbers(kind: click.ParamType) -> st.SearchStrategy:
     """Numbers near a range's ends (click's IntRange, FloatRange) and anywhere, as text."""
     low, high = getattr(kind, "min", None), getattr(kind, "max", None)
     near = [st.integers(int(b) - 2, int(b) + 2) for b in (low, high) if b is not None and abs(b) < 2**62]
-    return st.one_of(*near, NUMBERS).map(str) if near else NUMBERS.map(str)
+    inside = [st.integers(int(low), int(low) + 16)] if low is not None and abs(low) < 2**62 else []
+    return st.one_of(*near, *inside, *inside, NUMBERS).map(str)
 
 
 def value(param: click.Parameter) -> st.SearchStrategy:
@@ -130,7 +131,7 @@ def value(param: click.Parameter) -> st.SearchStrategy:
         right = st.sampled_from([str(param.default)])
     else:
         right = st.sampled_from(PATHS)
-    return st.one_of(right, right, wrong)
+    return st.one_of(right, right, right, right, wrong)  # mostly right: deeper checks are reached
 
 
 def option_args(param: click.Option) -> st.SearchStrategy:
