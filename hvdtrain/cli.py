@@ -76,7 +76,7 @@ def run(command, dry_run, timeline, autotune, **options):
     # The command may use neither Horovod nor mpi4py: a build for another MPI is said, not refused (train refuses).
     mismatched = [f"{what}: a command using it fails; {fix}" for what, fix in jobs.mpi_mismatches(spec, MPI_PACKAGES)]
     for warning in [*spec.warnings, *mismatched]:
-        click.echo(f"hvdtrain: warning: {warning}", err=True)
+        _warn(warning)
     if not dry_run:
         preflight.preflight(spec)
     if not timeline or dry_run:

@@ -85,8 +85,8 @@ class OneLineErrors(click.Group):
     """The command line's one error boundary: every command ends in success (0), a usage error (one line
     `hvdtrain: error: <cause>; <fix>`, exit 2: click's own and hvdtrain's UsageError), or a runtime failure (one
     line, exit 1 or the job's status). A failure hvdtrain did not foresee (a bug) or an operating system's error
-    is one line as well, its traceback kept in a file named in that line (errors.traceback_log: the run's logs/
-    when the command has a run directory); `hvdtrain --debug` or HVDTRAIN_DEBUG=1 prints it on the terminal too."""
+    is one line as well, its traceback kept in a file named in that line (the run's logs/ once the command has
+    one: errors.keep_tracebacks_in); `hvdtrain --debug` or HVDTRAIN_DEBUG=1 prints it on the terminal too."""
 
     def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
         from hvdtrain import errors
@@ -97,7 +97,7 @@ class OneLineErrors(click.Group):
             rv = super().main(argv, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.Abort:  # Ctrl-C (click's KeyboardInterrupt) or an aborted prompt
+        except (click.Abort, KeyboardInterrupt):  # Ctrl-C (click turns it into Abort while parsing), a prompt
             click.echo("hvdtrain: interrupted", err=True)
             sys.exit(130)
         except click.ClickException as e:
@@ -111,9 +111,6 @@ class OneLineErrors(click.Group):
                 click.echo(e.user_traceback, err=True, nl=False)
             _say_error(str(e), lines=not isinstance(e, errors.UsageError))  # a failed job: its rank's last lines
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("hvdtrain: interrupted", err=True)
-            sys.exit(130)
         except Exception as e:  # noqa: BLE001 - the boundary: whatever escaped a command ends as one line
             if debug:
                 traceback.print_exc()
@@ -127,13 +124,12 @@ def _unforeseen(error: BaseException, argv) -> str:
     system's error names its file and cause (a full disk the space left), anything else is a bug in hvdtrain. The
     traceback, with the command line and version, is appended to a log whose path the line gives."""
     import datetime
-    import errno
     import os
     from pathlib import Path
 
     from hvdtrain import __version__
     from hvdtrain.errors import traceback_dir
-    from hvdtrain.files import cache_dir, full_disk
+    from hvdtrain.files import FULL_ERRNOS, cache_dir, full_disk
     from hvdtrain.rundir import TRACEBACK_LOG
 
     now = datetime.datetime.now()
@@ -156,7 +152,7 @@ def _unforeseen(error: BaseException, argv) -> str:
         full = full_disk(error.filename, error) if error.filename is not None else None
         if full is not None:
             return f"{full} ({kept})"
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if error.errno in FULL_ERRNOS:
             return f"a write failed: the file system is full; free some space, or write elsewhere ({kept})"
         where = f"{error.filename}: " if error.filename is not None else ""
         return f"{where}{error.strerror}; check the path and its permissions ({kept})"

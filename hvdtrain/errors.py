@@ -52,12 +52,15 @@ class LaunchError(HvdtrainError):
 
 
 def rank_main(main: Callable[[list[str]], Optional[int]], argv: Sequence[str]) -> int:
-    """A rank's entry point (a benchmark's worker, the planner's probe): `main(argv)`'s exit status, or, when it
-    raises a HvdtrainError (a full disk under its output), the error's one line on stderr and its exit status: the
-    launch report then names the rank and shows the line, not a traceback."""
+    """A rank's entry point (the training worker, a benchmark's worker, the planner's probe): `main(argv)`'s exit
+    status, or, when it raises a HvdtrainError (bad input found on the rank, a full disk under its output), the
+    user's traceback where their code raised, the error's one line on stderr and its exit status: the launch report
+    then names the rank and shows the line, not hvdtrain's traceback."""
     try:
         return main(list(argv)) or 0
     except HvdtrainError as e:
+        if getattr(e, "user_traceback", ""):  # the user's own code raised (a --hooks module): its traceback is theirs
+            print(e.user_traceback, file=sys.stderr, end="")
         print(f"hvdtrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
 

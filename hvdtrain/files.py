@@ -23,7 +23,7 @@ from hvdtrain.errors import DiskFullError, UsageError
 # What an output path needs free before a command starts writing there: a run directory's first files, a plot.
 MIN_FREE_BYTES = 1024 * 1024
 # Errors that mean "the file system (or the user's quota on it) is full".
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def size_text(b: float) -> str:
@@ -58,6 +58,15 @@ def write_atomic(path, write: Callable[[BinaryIO], None], mode: Optional[int] = 
             tmp.unlink(missing_ok=True)
             raise
     return path
+
+
+def unfinished_writes(folder: Path) -> list[Path]:
+    """The temporary files of atomic writes (write_atomic: .NAME.<pid>-<random>.tmp) in `folder`: what a write
+    killed outright (no cleanup runs) leaves behind, or one still under way."""
+    try:
+        return sorted(p for p in Path(folder).iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+    except OSError:
+        return []
 
 
 def write_text_atomic(path, text: str, mode: Optional[int] = None) -> Path:
@@ -108,7 +117,7 @@ def full_disk(path, error: BaseException, fix: str = "free some space, or write 
     """A DiskFullError naming `path`, the space left on its file system and `fix`, when `error` (or an error it was
     raised from or during) is a full file system or quota; else None."""
     seen: Optional[BaseException] = error
-    while seen is not None and not (isinstance(seen, OSError) and seen.errno in _FULL):
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno in FULL_ERRNOS):
         seen = seen.__cause__ or seen.__context__
     if seen is None:
         return None
@@ -163,7 +172,7 @@ def check_output_path(
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".hvdtrain-check-", dir=existing))
     except OSError as e:
-        full = e.errno in _FULL
+        full = e.errno in FULL_ERRNOS
         if not full:
             what = "directories" if directory else "files"
             raise UsageError(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from hvdtrain.errors import UsageError
+from hvdtrain.files import unfinished_writes
 from hvdtrain.render import columns, save_plot
 from hvdtrain.rundir import RunDir
 
@@ -95,14 +96,6 @@ def read_records(path: Path, warn: Callable[[str], None] = _ignore) -> list[dict
             "report a run that has trained"
         )
     return records
-
-
-def unfinished_writes(folder: Path) -> list[Path]:
-    """Temporary files that atomic writes (files.write_text_atomic: .NAME.tmp) leave in `folder` when killed."""
-    try:
-        return sorted(p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
-    except OSError:
-        return []
 
 
 def load(path: Path, warn: Callable[[str], None] = _ignore) -> Run:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from hvdtrain.errors import HvdtrainError
+from hvdtrain.errors import HvdtrainError, rank_main
 
 
 def main(argv: list[str]) -> int:
@@ -27,11 +27,8 @@ def main(argv: list[str]) -> int:
         from hvdtrain.train.trainer import Trainer
 
         Trainer(cfg, hooks=load_hooks(cfg.hook_refs())).fit()
-    except HvdtrainError as e:
-        if getattr(e, "user_traceback", ""):  # the user's own code raised (a --hooks module): its traceback is theirs
-            print(e.user_traceback, file=sys.stderr, end="")
-        print(f"hvdtrain: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+    except HvdtrainError:
+        raise  # one line (and a user's traceback) through rank_main
     except Exception as e:
         if not _peer_gone(e):
             raise  # a bug: its traceback is the report
@@ -57,4 +54,4 @@ def _peer_gone(error: BaseException) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(rank_main(main, sys.argv[1:]))

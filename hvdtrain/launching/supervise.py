@@ -22,7 +22,8 @@ from typing import Callable, Collection, Optional
 from hvdtrain import errors, procs, startup
 from hvdtrain.errors import LaunchError
 from hvdtrain.launching.argv import build_argv, describe, placement, rank_env
-from hvdtrain.launching.failures import diagnose, diagnose_elastic, failed_ranks, log_sizes, worker_log_sizes
+from hvdtrain.launching.elastic_failures import diagnose_elastic
+from hvdtrain.launching.failures import diagnose, exit_statuses, failed_ranks, log_sizes, worker_log_sizes
 from hvdtrain.launching.hosts import is_local_host
 from hvdtrain.launching.preflight import make_ssh_shim, ssh_shim_args
 from hvdtrain.launching.rank import signal_wrappers
@@ -326,12 +327,7 @@ def _wait(job: _Job, proc: subprocess.Popen) -> int:
 
 def _all_ended_one_failed(job: _Job) -> bool:
     """Every rank of the job has an exit record here, and one is a failure."""
-    statuses = []
-    for _rank, p in RankLogs(job.log_dir).exit_records():
-        try:
-            statuses.append(int(p.read_text().strip()))
-        except (OSError, ValueError):
-            return False
+    statuses = [status for status, _when in exit_statuses(job.log_dir).values()]
     return len(statuses) >= job.spec.np and any(statuses)
 
 

@@ -30,7 +30,7 @@ from launchspecs import spec_of
 from hvdtrain.cli import cli
 from hvdtrain.errors import LaunchError, UsageError
 from hvdtrain.launching import argv as launch_argv
-from hvdtrain.launching import discover, failures, rank
+from hvdtrain.launching import discover, elastic_failures, failures, rank
 from hvdtrain.launching.argv import build_horovodrun_argv, placement, wrapped_command
 from hvdtrain.launching.elastic import ElasticSpec
 from hvdtrain.launching.hosts import Host, interface_addresses, parse_hostfile, parse_hosts_file
@@ -479,7 +479,7 @@ def worker_log(tmp_path, host, slot, text, status=None):
 def test_diagnose_elastic_names_the_cause_from_horovodruns_lines(tmp_path, name, cause, first_words):
     worker_log(tmp_path, "localhost", 0, "failing localhost 0\n", status=1)
     worker_log(tmp_path, "127.0.0.1", 0, "Terminated\n", status=143)
-    found = failures.diagnose_elastic(str(tmp_path), 1, golden(name), discovery="/x/d.sh")
+    found = elastic_failures.diagnose_elastic(str(tmp_path), 1, golden(name), discovery="/x/d.sh")
     assert found.cause == cause and found.cause in failures.CAUSES
     assert found.message.startswith(first_words), found.message
     # horovodrun's traceback is not repeated; the failed worker's own lines are shown.
@@ -490,10 +490,10 @@ def test_diagnose_elastic_names_the_cause_from_horovodruns_lines(tmp_path, name,
 
 
 def test_diagnose_elastic_after_a_stop_and_without_a_known_cause(tmp_path):
-    stopped = failures.diagnose_elastic(str(tmp_path), 1, golden("stopped"), stopped_by="SIGTERM")
+    stopped = elastic_failures.diagnose_elastic(str(tmp_path), 1, golden("stopped"), stopped_by="SIGTERM")
     assert (stopped.cause, stopped.message) == ("stopped", f"the job was stopped by SIGTERM; per-worker logs are in "
                                                            f"{tmp_path}")  # fmt: skip
-    unknown = failures.diagnose_elastic(str(tmp_path), 7, ["something else"])
+    unknown = elastic_failures.diagnose_elastic(str(tmp_path), 7, ["something else"])
     assert unknown.cause is None and unknown.message.startswith("horovodrun failed with exit status 7 (its last lines")
 
 
@@ -504,20 +504,20 @@ def test_diagnose_elastic_reads_this_jobs_part_and_names_a_missing_log(tmp_path)
     with open(tmp_path / "worker.127.0.0.1.0.log", "a") as f:
         f.write("ValueError: boom\n")
     lines = ["Process name: 127.0.0.1[0]", "Exit code: 1"]
-    found = failures.diagnose_elastic(str(tmp_path), 1, lines, starts)
+    found = elastic_failures.diagnose_elastic(str(tmp_path), 1, lines, starts)
     assert found.message.endswith(
         "last lines of " + str(tmp_path / "worker.127.0.0.1.0.log") + ":\n  | ValueError: boom"
     )
-    remote = failures.diagnose_elastic(str(tmp_path), 1, ["Process name: node2[1]", "Exit code: -9"])
+    remote = elastic_failures.diagnose_elastic(str(tmp_path), 1, ["Process name: node2[1]", "Exit code: -9"])
     assert remote.message.startswith("worker node2[1] was killed by SIGKILL; ")
     assert remote.message.endswith("worker.node2.1.log is not on this machine (each host keeps its workers' logs "
                                    "unless the log directory is shared)")  # fmt: skip
 
 
 def test_parse_elastic_output():
-    said = failures.parse_elastic_output(golden("min-np-after-reset"))
-    assert said["min_np"] == (2, 3) and said["worker"] == failures.WorkerFailure("localhost", 0, 1)
-    transient = failures.parse_elastic_output(golden("discovery-transient"))
+    said = elastic_failures.parse_elastic_output(golden("min-np-after-reset"))
+    assert said["min_np"] == (2, 3) and said["worker"] == elastic_failures.WorkerFailure("localhost", 0, 1)
+    transient = elastic_failures.parse_elastic_output(golden("discovery-transient"))
     assert transient["discovery"].endswith("flaky.sh failed with exit status 5") and transient["all_failed"] == 1
 
 
