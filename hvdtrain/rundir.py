@@ -7,6 +7,7 @@
       checkpoints/step-XXXXXXXX.pt        .checkpoints  .checkpoint(step)  (rank 0, atomic)
       result.json                         .result       the run's results (rank 0)
       logs/rank.R.{log,exit,host}         .logs         RankLogs: every rank's output, exit status and host
+      logs/rank.R.stacks                                every rank's stacks when the hang watchdog ended the job
       logs/worker.H.S.{log,exit,host}                   elastic jobs: the same per worker (host H, slot S)
       logs/hvdtrain.traceback.log         TRACEBACK_LOG what the command line did not foresee: its traceback
       job.sbatch, slurm-<id>.out          .job_script   .slurm_output(job, task)  (hvdtrain submit)
@@ -66,6 +67,10 @@ class RankLogs:
 
     def host(self, rank: int) -> Path:
         return self.path / f"rank.{rank}.host"
+
+    def stacks(self, rank: int) -> Path:
+        """The rank's stacks, every Python process and thread of it, as the hang watchdog had them dumped."""
+        return self.path / f"rank.{rank}.stacks"
 
     def log_pattern(self, pattern: str) -> Path:
         """rank.R.log with a launcher's pattern in place of R, e.g. srun's ``%t`` (the task's rank):

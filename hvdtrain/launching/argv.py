@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence
 from hvdtrain import procs, startup
 from hvdtrain.launching.elastic import ElasticSpec
 from hvdtrain.launching.hosts import Host, ranks_per_host
+from hvdtrain.launching.ranklink import WATCHDOG_ENV
 from hvdtrain.launching.spec import LaunchSpec
 
 # Variables that every rank needs whatever the launcher.
@@ -221,6 +222,8 @@ def build_argv(spec: LaunchSpec, log_dir: str, is_root: bool, horovodrun: Option
         return build_horovodrun_argv(spec, log_dir, prefix=[horovodrun] if horovodrun else horovodrun_command(spec))
     if spec.launcher == "mpirun":
         names = [*rank_env(spec, is_root), *forwarded_names(os.environ), procs.LAUNCHER_ENV, startup.LAUNCHED_ENV]
+        if spec.watched:
+            names.append(WATCHDOG_ENV)
         return build_mpiexec_argv(spec, log_dir, names) if spec.hydra else build_mpirun_argv(spec, log_dir, names)
     return build_srun_argv(spec, log_dir)
 

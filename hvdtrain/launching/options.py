@@ -68,9 +68,16 @@ class LaunchOptions:
         metavar="NAME",
     )
     stall_timeout: Optional[int] = _option(
-        "End the job when a rank has kept the others waiting at a collective this long (Horovod's stall shutdown); "
-        f"0: wait forever [default: {DEFAULT_STALL_TIMEOUT}].",
+        "End the job when a rank has kept the others waiting at a collective this long (Horovod's stall shutdown; "
+        f"the MPI controller only: Horovod 0.28's Gloo path never fires it); 0: wait forever [default: "
+        f"{DEFAULT_STALL_TIMEOUT}].",
         metavar="SECONDS",
+    )
+    hang_timeout: Optional[str] = _option(
+        "End the job when a rank has made no progress for this long (any controller, launcher or host; a script "
+        "of yours reports its steps with hvdtrain.progress.step), with every rank's stack and the rank that held "
+        "the others up named; auto: 10 x the slowest step, at least 300 s; 0: off [default: auto].",
+        metavar="SECONDS|auto",
     )
 
 

@@ -43,7 +43,7 @@ from hvdtrain import procs
 from hvdtrain.env import SlurmEnv, rank_info
 from hvdtrain.errors import HvdtrainError
 from hvdtrain.files import full_disk, write_text_atomic
-from hvdtrain.launching import tracebacks
+from hvdtrain.launching import ranklink, tracebacks
 from hvdtrain.rundir import RankLogs
 from hvdtrain.srunmpi import wire_up_problem
 
@@ -111,8 +111,14 @@ def orphaned(parent: int, launcher: Optional[str]) -> Optional[str]:
     return None
 
 
-def _end_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the command's process group, SIGKILL after END_GRACE_S if it is still there."""
+def _end_group(proc: subprocess.Popen, wake: bool = False) -> None:
+    """SIGTERM to the command's process group, SIGKILL after END_GRACE_S if it is still there; `wake`: SIGCONT first
+    (a stopped process takes no SIGTERM)."""
+    if wake:
+        try:
+            os.killpg(proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            return
     for signum in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, signum)
@@ -168,7 +174,7 @@ def pmi_fds(environ: Mapping[str, str]) -> tuple[int, ...]:
     return (int(fd),)
 
 
-def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+def _start(command: list[str], env: dict[str, str], fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """The command in its own process group (ended as one), SIGKILLed by the kernel if the wrapper dies first. It
     gets the PMI descriptor (without it MPI_Init fails under Hydra). The wrapper keeps its own copy open until it
     exits: Hydra ends the whole job (SIGKILL) once that socket closes before MPI_Finalize, and the wrapper of a rank
@@ -180,7 +186,7 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
         env=env,
         process_group=0,
         preexec_fn=procs.die_with_parent(signal.SIGKILL),
-        pass_fds=pmi_fds(env),
+        pass_fds=(*pmi_fds(env), *fds),
     )
 
 
@@ -239,11 +245,16 @@ def _record(path: Path, text: str) -> None:
         _warn(path, e, "the launch report cannot read it")
 
 
-def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: int) -> int:
+def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: int, rank: int) -> int:
     """Run `command` with its output copied to `log` and our stdout; its exit status (128 + N for signal N; 127 when
-    it cannot start). Signals are forwarded to it; it ends when the wrapper's parent or the launcher is gone."""
+    it cannot start). Signals are forwarded to it; it ends when the wrapper's parent or the launcher is gone. With a hang watchdog (ranklink.WATCHDOG_ENV) the
+    command gets its progress and stack records, and a thread of ours tells the watchdog where it is."""
+    watchdog = ranklink.watchdog_value()
+    records = ranklink.records_or_none(log.write) if watchdog else None
+    if records is not None:
+        env = {**env, **records.env(env)}
     try:
-        proc = _start(command, env)
+        proc = _start(command, env, records.fds if records else ())
     except OSError as e:
         msg = f"hvdtrain: {name}: cannot start {command[0]!r}: {e.strerror}\n".encode()
         log.write(msg)
@@ -253,6 +264,8 @@ def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: i
         signal.signal(s, lambda signum, _frame: proc.send_signal(signum))
     watch(proc, parent, os.environ.get(procs.LAUNCHER_ENV), log.write)
     out = sys.stdout.buffer
+    if records is not None:
+        ranklink.Link(records, rank, lambda: _end_group(proc, wake=True), log.write).start(proc, watchdog)
 
     def show(chunk: bytes) -> None:
         try:
@@ -302,7 +315,7 @@ def main(argv: list[str]) -> int:
         log = _Log(f, log_path)
         if worker is not None:
             log.write(started_line(*worker).encode())
-        status = _refuse(problem, log, info.rank) if problem else _run_teed(command, env, log, name, parent)
+        status = _refuse(problem, log, info.rank) if problem else _run_teed(command, env, log, name, parent, info.rank)
     _record(exit_record, f"{status}\n")
     return status
 

@@ -7,6 +7,7 @@ before anything runs; what needs the hosts themselves (ssh, their interfaces, th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -51,6 +52,7 @@ class LaunchSpec:
     threads_per_rank: Optional[int]  # OMP_NUM_THREADS everywhere; None -> each rank works it out on its host
     nics: list[str] = dataclasses.field(default_factory=list)  # --network-interface; [] -> the launcher's choice
     stall_timeout: int = DEFAULT_STALL_TIMEOUT  # Horovod's stall shutdown, seconds; 0 -> never
+    hang_timeout: Optional[float] = None  # the hang watchdog's bound (launching.watchdog): None auto, 0 off
     ssh_config: Optional[str] = None  # absolute path of an ssh client config (ssh -F); None -> the user's own
     python: str = sys.executable  # interpreter that runs the rank wrapper
     # An elastic job (horovodrun, Gloo): np is the number it starts with, hosts what --hosts-file listed when the
@@ -61,6 +63,12 @@ class LaunchSpec:
     # launcher "mpirun": the MPI launcher on PATH and its flavour (mpi.find_launcher); None: Open MPI's mpirun
     mpi: Optional[Launcher] = None
     mpi_plugin: Optional[str] = None  # srun's --mpi (srun jobs only: srunmpi.choose_mpi_plugin)
+
+    @property
+    def watched(self) -> bool:
+        """The job has a hang watchdog: not turned off, not elastic (workers come and go; the elastic driver ends
+        a worker that keeps the others waiting at a reset)."""
+        return self.hang_timeout != 0 and self.elastic is None
 
     @property
     def hydra(self) -> bool:
@@ -246,6 +254,7 @@ def make_spec(
         threads_per_rank=threads,
         nics=nics,
         stall_timeout=_stall_timeout(launch.stall_timeout),
+        hang_timeout=parse_hang_timeout(launch.hang_timeout),
         ssh_config=resolve_ssh_config(launch.ssh_config, environ, launcher),
         elastic=elastic_spec,
         warnings=tuple(warnings),
@@ -365,6 +374,22 @@ def _srun_plugin(
         return None
     requested = srunmpi.requested(given, environ, slurm)
     return srunmpi.choose_mpi_plugin(srunmpi.offered_plugins(), flavour or srunmpi.path_flavour(), requested)
+
+
+def parse_hang_timeout(value: Optional[str]) -> Optional[float]:
+    """--hang-timeout: None for auto (or not given), 0 for off, else a number of seconds."""
+    if value is None or value.strip().lower() == "auto":
+        return None
+    text = value.strip().lower()
+    if text in ("0", "off"):
+        return 0.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"--hang-timeout {value}: give a number of seconds (e.g. 600), auto, or 0 to turn it off")
+    return seconds
 
 
 def _stall_timeout(stall_timeout: Optional[int]) -> int:

@@ -21,6 +21,7 @@ from typing import Callable, Collection, Optional
 
 from hvdtrain import errors, procs, startup
 from hvdtrain.errors import LaunchError
+from hvdtrain.launching import hangs, watchdog
 from hvdtrain.launching.argv import build_argv, describe, placement, rank_env
 from hvdtrain.launching.elastic_failures import diagnose_elastic
 from hvdtrain.launching.failures import diagnose, exit_statuses, failed_ranks, log_sizes, worker_log_sizes
@@ -161,6 +162,7 @@ class _Job:
     shim: Optional[str] = None  # the ssh shim's directory, removed when the job ends
     stops: list[str] = dataclasses.field(default_factory=list)  # SIGTERM/SIGINT received, in order
     stopping: list = dataclasses.field(default_factory=list)  # the launcher's process tree, once it was told to stop
+    watch: Optional[watchdog.Watchdog] = None  # the hang watchdog (launching.watchdog), None when off
 
 
 def run_job(
@@ -191,14 +193,18 @@ def run_job(
         if not keep_logs:
             os.rmdir(log_dir)
         return 0
-    job = _prepare(spec, argv, extra, log_dir, keep_logs)
+    dog = watchdog.for_spec(spec, os.path.abspath(log_dir))
+    job = _prepare(spec, argv, {**extra, **(dog.env() if dog else {})}, log_dir, keep_logs)
+    job.watch = dog
     try:
         status, tee = _start_and_wait(job, on_interrupt)
     finally:
+        if dog is not None:
+            dog.close()
         if job.shim:
             shutil.rmtree(job.shim, ignore_errors=True)
     output = tee.finish() if tee is not None else []
-    if status != 0:
+    if status != 0 or (dog is not None and dog.hang is not None):
         _diagnose(job, status, output, tee)
     if tee is not None:
         tee.release()
@@ -281,6 +287,8 @@ def _start_and_wait(job: _Job, on_interrupt: Optional[Callable[[], bool]]) -> tu
     else:
         proc = subprocess.Popen(job.argv, stderr=subprocess.STDOUT, **popen)
     forward = _forwarder(job, proc, on_interrupt)
+    if job.watch is not None:  # a hang: the ranks' stacks are taken, the ranks told to end, then the launcher
+        job.watch.start(lambda _hang: job.stopping.extend(_signal_tree(proc.pid, signal.SIGTERM) or [None]))
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         status = _wait(job, proc)
@@ -373,6 +381,13 @@ def _diagnose(job: _Job, status: int, output: list[str], tee: Optional[_Tee]) ->
     explains the failure."""
     spec = job.spec
     stopped_by = job.stops[0] if job.stops else None
+    hang = job.watch.hang if job.watch is not None else None
+    if hang is not None and not stopped_by:
+        raise LaunchError(
+            hangs.describe(hang, str(RankLogs(job.log_dir).stacks(0)).replace("rank.0.", "rank.R.")),
+            watchdog.HANG_STATUS,
+            "hang",
+        )
     if spec.elastic is not None:
         found = diagnose_elastic(job.log_dir, status, output, job.worker_starts, stopped_by, spec.elastic.discovery)
     else:

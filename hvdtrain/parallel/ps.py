@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional, TextIO
 import numpy as np
 import torch
 
+from hvdtrain import progress
+
 GRAD, PARAMS, PULL, SAVE, STATE, DONE, BYE, INIT = range(11, 19)
 
 
@@ -165,6 +167,7 @@ class Server:
             self.comm.Probe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
             src, tag = status.Get_source(), status.Get_tag()
             self.messages += 1
+            progress.step(self.messages, phase="serve")  # a server's progress: the messages it has served
             if tag == GRAD:
                 self.comm.Recv(_buffer(self._incoming), source=src, tag=GRAD)
                 self._on_gradient(src)

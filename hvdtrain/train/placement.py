@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from hvdtrain import progress
 from hvdtrain.config import TrainConfig
 from hvdtrain.parallel import horovod
 from hvdtrain.train.state import TrainState
@@ -74,7 +75,9 @@ class Placement:
             x, y = x_all[index], y_all[index]
             if self.in_device.type != "cpu" or self.out_device.type != "cpu":
                 x, y = x.to(self.in_device, non_blocking=True), y.to(self.out_device, non_blocking=True)
+            progress.set_phase("forward")
             loss = loss_fn(state.model(x), y)
+            progress.set_phase("backward")
             # Accumulated gradients are summed: divide so the step sees the mean over the passes.
             (loss / len(group)).backward()
             loss_sum += loss.item() * len(index)

@@ -49,6 +49,11 @@ class ReportWindow:
         self._pending = (sums, step, epoch, time.perf_counter() - self._start)
         self._loss, self._samples, self._start = 0.0, 0, time.perf_counter()
 
+    @property
+    def pending(self) -> bool:
+        """A window's sums are under way (read() will wait for them)."""
+        return self._pending is not None
+
     def read(self) -> Optional[WindowReport]:
         """The sums of the window started last (waiting for them if needed), or None if none is pending."""
         if self._pending is None:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hvdtrain import preempt
+from hvdtrain import preempt, progress
 from hvdtrain.config import TrainConfig, check_combinations
 from hvdtrain.env import SlurmEnv, rank_info
 from hvdtrain.errors import CheckpointError, UsageError
@@ -203,6 +203,7 @@ class Trainer:
 
     def _checkpoint(self) -> Optional[Path]:
         """Collective: every rank hands in its RNG states; rank 0 writes the file atomically."""
+        progress.set_phase("checkpoint")
         rngs = horovod.allgather_object(checkpoint.rng_state(), name="hvdtrain.rng")
         entries = self.update.checkpoint_entries(self.state, root_rank=0)
         path = None
@@ -223,21 +224,26 @@ class Trainer:
     def _train_step(self, group: list[torch.Tensor]) -> None:
         """One optimizer step over len(group) local backward passes."""
         self.batch_indices = group
+        progress.step(self.state.step + 1, phase="hook")  # the step it is in, as metrics.jsonl numbers them
         self.hooks.on_step_start(self)
         self.state.optimizer.zero_grad()
         x_all, y_all = self.data.train.tensors
+        progress.set_phase("forward")
         loss_sum, samples = self.placement.passes(self.state, group, x_all, y_all, self.loss_fn)
+        progress.set_phase("allreduce")
         self.update.step(self.state)
         self.state.advance()
         self.window.add(loss_sum, samples)
         self.train_samples += samples
+        progress.set_phase("hook")
         self.hooks.on_step_end(self)
 
     def _report(self) -> bool:
         """Read the window started one step earlier, if any: record and show it; True if the ranks agreed to stop."""
-        report = self.window.read()
-        if report is None:
+        if not self.window.pending:
             return False
+        with progress.phase("report"):
+            report = self.window.read()
         self.recorder.record(
             {"step": report.step, "epoch": report.epoch, "train_loss": report.loss, "lr": self.lr,
              "samples_per_s": report.samples_per_s}
@@ -287,6 +293,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Exact test loss and accuracy over the whole test split: each rank (a pipeline: each replica, through its
         stages) takes samples rank, rank+size..."""
+        progress.set_phase("eval")
         model = self.update.eval_model(self.state)
         model.eval()
         x_all, y_all = self.data.test.tensors
@@ -301,6 +308,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
+        progress.set_phase("init")  # the hang watchdog watches this rank from here (hvdtrain.progress)
         self._setup()
         if not self.placement.trains:  # an async job's parameter server
             return self.placement.serve(self.run_dir)
@@ -317,6 +325,7 @@ class Trainer:
             self.progress.close()
         self.hooks.on_fit_end(self, result)
         self.update.close()
+        progress.set_phase("done")
         return result
 
     def _start(self) -> None:

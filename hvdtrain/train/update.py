@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from hvdtrain import progress
 from hvdtrain.config import TrainConfig
 from hvdtrain.parallel import horovod
 from hvdtrain.train.state import TrainState
@@ -133,6 +134,18 @@ class SyncUpdate(UpdateRule):
             super().make_optimizer(model, lr), model, cfg.compression, cfg.backward_passes_per_step, cfg.reduce_op,
             groups=self.grad_groups(model),
         )  # fmt: skip
+
+    def step(self, state: TrainState) -> None:
+        """Horovod's optimizer step in its two parts, so that a rank's progress tells waiting from working: the
+        gradients' allreduce waited for (the phase the trainer set: allreduce), then the local step (optimizer)."""
+        optimizer = state.optimizer
+        if not (hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")):
+            optimizer.step()
+            return
+        optimizer.synchronize()
+        progress.set_phase("optimizer")
+        with optimizer.skip_synchronize():
+            optimizer.step()
 
     def grad_groups(self, model: nn.Module) -> int:
         """--grad-groups, or its default: one grouped allreduce per step for a built-in model on CPU ranks (their

@@ -28,6 +28,7 @@ GROUND = {
     "render",
     "doctor",
     "mpi",
+    "progress",
 }
 # Libraries too heavy for the CLI's import and the launching side (seconds to import, or GPU runtimes).
 HEAVY = ("torch", "horovod.torch", "horovod.common", "mpi4py", "numpy", "matplotlib", "tensorboard")
