@@ -8,7 +8,10 @@ mid-training) and, at its moment, writes its process id to $HVDTRAIN_TEST_MARK, 
              temporary file, not yet renamed; the write then pauses (120 s) for the test to signal a rank;
   Stall      rank $HVDTRAIN_TEST_RANK stops calling collectives after step $HVDTRAIN_TEST_STEP (its main thread
              sleeps, as in a hung read; Horovod's background thread goes on): Horovod's stall shutdown ends it;
-  UserError  rank $HVDTRAIN_TEST_RANK raises ValueError after step $HVDTRAIN_TEST_STEP, in user code (this file).
+  UserError  rank $HVDTRAIN_TEST_RANK raises ValueError after step $HVDTRAIN_TEST_STEP, in user code (this file);
+  Spin       rank $HVDTRAIN_TEST_RANK loops forever after step $HVDTRAIN_TEST_STEP (busy, holding the GIL);
+  Lonely     rank $HVDTRAIN_TEST_RANK alone calls an allreduce after step $HVDTRAIN_TEST_STEP: a collective the
+             other ranks never join.
 """
 
 from __future__ import annotations
@@ -67,3 +70,20 @@ class UserError(_Fault):
     def on_step_end(self, trainer):
         if self.due(trainer):
             raise ValueError(f"user code failed on rank {trainer.rank} after step {trainer.state.step}")
+
+
+class Spin(_Fault):
+    def on_step_end(self, trainer):
+        if self.due(trainer):
+            n = 0
+            while True:
+                n += 1
+
+
+class Lonely(_Fault):
+    def on_step_end(self, trainer):
+        if self.due(trainer):
+            import horovod.torch as hvd
+            import torch
+
+            hvd.allreduce(torch.ones(1), name="only.this.rank")

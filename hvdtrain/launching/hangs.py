@@ -166,9 +166,11 @@ class RankView:
 
     @property
     def waiting(self) -> bool:
-        """Waiting on the other ranks: in a collective phase, or (a phase that does not say) by its stack."""
-        if self.phase in COLLECTIVE_PHASES:
-            return True
+        """Waiting on the other ranks: in a collective phase, or (a phase that does not say: a script that only
+        reports its steps) by its stack. A collective called where the phase is work of its own (a hook) is the
+        odd one out, not a wait like the others'."""
+        if _named_phase(self):
+            return self.phase in COLLECTIVE_PHASES
         return waits_in_collective(self.thread)
 
 
@@ -207,16 +209,21 @@ def _at(v: RankView) -> str:
     return f" at step {v.step}" if v.step is not None and v.step >= 0 else ""
 
 
+def _named_phase(v: RankView) -> bool:
+    """The rank's phase says more than that it is somewhere in a step (a script that only reports its steps)."""
+    return bool(v.phase) and v.phase not in ("step", "start")
+
+
 def _culprit_words(v: RankView) -> str:
     who = f"rank {v.rank} ({v.host})"
     if v.silent_s is not None:
         last = f", last seen in {v.phase}{_at(v)}" if v.phase else ""
         return f"{who}: no word from its host for {v.silent_s:.0f} s (the host or its link is down?){last}"
     if v.state in ("T", "t", "D"):
-        return f"{who} is {STATES[v.state]}" + (f", in {v.phase}{_at(v)}" if v.phase else "")
+        return f"{who} is {STATES[v.state]}" + (f", in {v.phase}" if _named_phase(v) else "") + _at(v)
     frame = place(v.thread)
     where = f" is in {frame}" if frame else " gave no stack"
-    phase = f" ({v.phase}{_at(v)})" if v.phase and v.phase not in ("step", "start") else _at(v)
+    phase = f" ({v.phase}{_at(v)})" if _named_phase(v) else _at(v)
     return f"{who}{where}{phase}"
 
 
