@@ -31,7 +31,8 @@ from hvdtrain.launching.rank import signal_wrappers
 from hvdtrain.launching.spec import LaunchSpec
 from hvdtrain.rundir import RankLogs
 
-STOP_GRACE_S = 30.0  # after SIGTERM, how long the launcher may take to end the job before it is SIGKILLed
+STOP_GRACE_S = 30.0
+HANG_END_GRACE_S = 10.0  # after the hang watchdog's SIGTERM, how long the launcher may take before it is SIGKILLed  # after SIGTERM, how long the launcher may take to end the job before it is SIGKILLed
 # What run_job keeps of an elastic launcher's output (the failure report reads horovodrun's own lines in it).
 ELASTIC_OUTPUT_LINES = 300
 # horovodrun's multiprocessing resource tracker, which frees its semaphores when the launcher is SIGKILLed: no warning.
@@ -75,6 +76,14 @@ def _say(line: str) -> None:
         os.write(2, (line + "\n").encode())
     except OSError:
         pass
+
+
+def _end_hung(job: _Job, proc: subprocess.Popen) -> None:
+    """The watchdog's end of a hung job (its ranks already told to end): SIGTERM to the launcher's tree, and what is
+    left of it after HANG_END_GRACE_S SIGKILLed (mpirun waits for the daemon of a host it cannot reach)."""
+    tree = _signal_tree(proc.pid, signal.SIGTERM)
+    job.stopping.extend(tree or [None])
+    _reap(tree, HANG_END_GRACE_S)
 
 
 def _reap(processes: list, timeout: float) -> None:
@@ -288,7 +297,7 @@ def _start_and_wait(job: _Job, on_interrupt: Optional[Callable[[], bool]]) -> tu
         proc = subprocess.Popen(job.argv, stderr=subprocess.STDOUT, **popen)
     forward = _forwarder(job, proc, on_interrupt)
     if job.watch is not None:  # a hang: the ranks' stacks are taken, the ranks told to end, then the launcher
-        job.watch.start(lambda _hang: job.stopping.extend(_signal_tree(proc.pid, signal.SIGTERM) or [None]))
+        job.watch.start(lambda _hang: _end_hung(job, proc))
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         status = _wait(job, proc)

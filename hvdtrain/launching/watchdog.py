@@ -33,6 +33,7 @@ from hvdtrain.rundir import RankLogs
 HANG_FLOOR_S = 300.0  # --hang-timeout auto: never less than this ...
 HANG_STEPS = 10  # ... nor than this many times the slowest step a rank has reported
 CHECK_S = 0.25  # how often the bound is checked
+QUIET_S = 3 * BEAT_S  # a wrapper not heard from for this long has gone quiet
 STACKS_WAIT_S = 8.0  # how long the ranks' stacks are waited for
 HANG_STATUS = 124  # a job the watchdog ended exits with this status (as timeout(1) does)
 
@@ -186,23 +187,23 @@ class Watchdog:
     def check(self, now: float) -> Optional[Hang]:
         """The hang, once a rank is past the bound; None while none is."""
         bound = self.bound()
-        stuck, silent = [], {}
+        stuck = []
         for r in self.ranks.values():
             if r.gone or r.exited is not None:
                 continue
-            if now - r.heard >= max(bound, 3 * BEAT_S):
-                silent[r.rank] = now - r.heard
-                stuck.append(r.rank)
-            elif r.beats and now - r.changed >= bound:
+            if now - r.heard >= max(bound, QUIET_S) or (r.beats and now - r.changed >= bound):
                 stuck.append(r.rank)
         if not stuck:
             return None
+        # Silent: not heard for a few reports (the others of a host whose link went down are a report behind).
+        silent = {r.rank: now - r.heard for r in self.ranks.values() if r.exited is None and now - r.heard >= QUIET_S}
+        stuck = sorted({*stuck, *silent})
         views = [
             RankView(r.rank, r.host, r.step, r.phase, now - r.changed if r.beats else None, silent.get(r.rank),
                      r.state, r.exited)
             for r in sorted(self.ranks.values(), key=lambda r: r.rank)
         ]  # fmt: skip
-        return Hang(bound, self.timeout is None, views, sorted(stuck))
+        return Hang(bound, self.timeout is None, views, stuck)
 
     # ----------------------------------------------------------------------------------------- the stacks
     def _tell_all(self, message: dict) -> list[_Rank]:
@@ -224,7 +225,7 @@ class Watchdog:
     def _gather_stacks(self) -> None:
         """Every rank that can answer dumps its stacks; they are waited for (STACKS_WAIT_S at most) and written."""
         now = time.monotonic()
-        asked = [r for r in self._tell_all({"do": "stacks"}) if now - r.heard < max(self.bound(), 3 * BEAT_S)]
+        asked = [r for r in self._tell_all({"do": "stacks"}) if now - r.heard < QUIET_S]
         deadline = now + STACKS_WAIT_S
         while time.monotonic() < deadline and any(r.stacks is None and not r.gone for r in asked):
             self._poll(0.1)

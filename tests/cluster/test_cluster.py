@@ -363,3 +363,53 @@ def test_lost_host_ends_the_job_within_a_minute_and_is_named(cluster, tmp_path):
     error = [line for line in out.splitlines() if line.startswith("hvdtrain: error:")]
     assert error and "node2" in error[0] and "ranks 2, 3" in error[0], out
     print(f"lost host named, job ended {took:.1f} s after node2's processes were killed")
+
+
+LINK_DOWN_SCRIPT = """
+import time, torch, horovod.torch as hvd
+import hvdtrain.progress as progress
+hvd.init()
+print('started', flush=True)
+for step in range(100000):
+    progress.step(step)
+    hvd.allreduce(torch.ones(4), name='g')
+    time.sleep(0.01)
+"""
+HANG_TIMEOUT_S = 10
+
+
+@pytest.mark.parametrize("controller", [["--gloo"], ["--launcher", "mpirun"]], ids=["gloo", "mpi"])
+def test_a_host_whose_link_goes_down_is_named_by_the_hang_watchdog(cluster, tmp_path, controller):
+    """node2's link goes down mid-job (its processes live on, its connections never close): the hang watchdog on
+    node1 hears nothing from node2's wrappers for --hang-timeout and ends the job, naming node2's ranks; once the
+    link is back, nothing of the job is left on either host."""
+    script = tmp_path / "steps.py"
+    script.write_text(LINK_DOWN_SCRIPT)
+    log = tmp_path / "out.log"
+    argv = ["python", "-m", "hvdtrain", "run", "-np", 4, "-H", "node1:2,node2:2", *controller, "--hang-timeout",
+            HANG_TIMEOUT_S, "--output-dir", tmp_path / "logs", "--", "python", script]  # fmt: skip
+    proc = cluster.popen("node1", argv, tmp_path, log)
+    try:
+        deadline = time.monotonic() + 120
+        while text(log).count("started") < 4:
+            assert proc.poll() is None and time.monotonic() < deadline, text(log)
+            time.sleep(0.2)
+        cluster.fault("link", "node2", "down")
+        cut = time.monotonic()
+        status = proc.wait(timeout=HANG_TIMEOUT_S + 60)
+        took = time.monotonic() - cut
+    finally:
+        cluster.fault("link", "node2", "up")
+        if proc.poll() is None:
+            proc.kill()
+    out = text(log)
+    error = [line for line in out.splitlines() if line.startswith("hvdtrain: error:")]
+    assert status == 124 and error, out
+    assert re.match(r"hvdtrain: error: hang: rank 2 \(node2\): no word from its host for \d+ s .*; rank 3 \(node2\): "
+                    r"no word from its host", error[0]), error[0]  # fmt: skip
+    assert HANG_TIMEOUT_S <= took < HANG_TIMEOUT_S + 45, took
+    deadline = time.monotonic() + 60
+    while left := [p for node in cluster.nodes for p in cluster.run(node, ["pgrep", "-f", str(script)]).stdout.split()]:
+        assert time.monotonic() < deadline, f"left behind: {left}"
+        time.sleep(1)
+    print(f"link down named by the watchdog, job ended {took:.1f} s after the link went down (--hang-timeout 10)")
