@@ -9,6 +9,8 @@ mid-training) and, at its moment, writes its process id to $HVDTRAIN_TEST_MARK, 
   Stall      rank $HVDTRAIN_TEST_RANK stops calling collectives after step $HVDTRAIN_TEST_STEP (its main thread
              sleeps, as in a hung read; Horovod's background thread goes on): Horovod's stall shutdown ends it;
   UserError  rank $HVDTRAIN_TEST_RANK raises ValueError after step $HVDTRAIN_TEST_STEP, in user code (this file).
+SlowRank (no mark, no sleep on the other ranks) is a slow node: rank $HVDTRAIN_TEST_RANK alone takes
+$HVDTRAIN_TEST_STEP_SLEEP seconds more at the start of every step (its own work: `hvdtrain report`'s straggler).
 """
 
 from __future__ import annotations
@@ -67,3 +69,13 @@ class UserError(_Fault):
     def on_step_end(self, trainer):
         if self.due(trainer):
             raise ValueError(f"user code failed on rank {trainer.rank} after step {trainer.state.step}")
+
+
+class SlowRank(SlowSteps):
+    def __init__(self):
+        super().__init__()
+        self.rank = int(os.environ["HVDTRAIN_TEST_RANK"])
+
+    def on_step_start(self, trainer):
+        if trainer.rank == self.rank:
+            super().on_step_start(trainer)
