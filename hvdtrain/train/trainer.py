@@ -9,7 +9,8 @@
       World        fixed as launched, or elastic: commits, rollbacks, resizes (train/elastic.py)
       TrainState   model, optimizer, epoch, step_in_epoch, step      (train/state.py)
       UpdateRule   how a step's gradients become parameters: sync, sharded, local-sgd, async (train/update.py)
-      ReportWindow loss/samples/preemption votes summed every log_every steps, overlapped (train/reporting.py)
+      ReportWindow loss/samples/preemption votes summed every log_every steps, overlapped, with every rank's
+                   compute and wait seconds per step (timed by this rank's hvdtrain.progress record) (train/reporting.py)
       Hooks        on_fit_start, on_step_start/end, on_epoch_end, on_checkpoint, on_fit_end (train/hooks.py)
 
 One process per rank. Rank 0 alone writes the shared files of the run directory (metrics.jsonl, TensorBoard
