@@ -237,7 +237,9 @@ def plan_command(np, nodes, ntasks_per_node, memory_per_rank, bench_json, valida
 def report_command(run_dirs, targets, plot, as_json):
     """What training runs did, from their run directories: loss, accuracy, samples/s and lr against step and wall
     time as one PNG (several runs overlaid), and a table: final accuracy, time and step to each --targets
-    accuracy, resumes, elastic resizes, preemptions and requeues, and what --autotune chose.
+    accuracy, resumes, elastic resizes, preemptions and requeues, and what --autotune chose; then each rank's
+    compute and wait per step, and any straggler: a rank computing over 1.3x the others' median step in 3
+    consecutive logging windows, named with its host.
 
     
       hvdtrain report runs/a

@@ -10,7 +10,9 @@ In your own training loop (a script started by ``hvdtrain run``), one call a ste
         with progress.phase("allreduce"):   # optional: what the rank is doing, named in a hang's report
             ...
 
-Outside a job started by hvdtrain (no HVDTRAIN_PROGRESS_FD) every call is a no-op costing one attribute test.
+Outside a job started by hvdtrain (no HVDTRAIN_PROGRESS_FD) every call is a no-op costing one attribute test, until
+the Trainer asks for `publisher(create=True)`: it times its steps' work and wait with a Publisher of its own then
+(over a private buffer nobody reads), and the calls account into that one.
 
 The record is a small shared memory file (a memfd the rank wrapper made and handed down by number), written with
 a sequence lock: the writer makes the sequence odd, writes the fields and makes it even again; a reader retries
@@ -115,6 +117,15 @@ class Publisher:
     def current(self) -> str:
         return self._phase
 
+    def spent(self) -> tuple[float, float]:
+        """(work_s, wait_s) up to now, the phase the rank is in counted too."""
+        running = time.monotonic() - self._since
+        if self._phase in COLLECTIVE_PHASES:
+            return self.work_s, self.wait_s + running
+        if self._phase in ("start", "done"):
+            return self.work_s, self.wait_s
+        return self.work_s + running, self.wait_s
+
 
 def _open() -> Optional[Publisher]:
     """The record the rank wrapper handed this process, or None (not under hvdtrain, or the descriptor is gone)."""
@@ -131,11 +142,15 @@ _publisher: Optional[Publisher] = None
 _opened = False
 
 
-def publisher() -> Optional[Publisher]:
-    """This process's Publisher (opened on first use), None outside a job started by hvdtrain."""
+def publisher(create: bool = False) -> Optional[Publisher]:
+    """This process's Publisher (opened on first use), None outside a job started by hvdtrain. `create`: outside
+    one, a Publisher over a private buffer, made once and from then on this process's (what the Trainer times its
+    steps with: the calls below then account into it)."""
     global _publisher, _opened
     if not _opened:
         _publisher, _opened = _open(), True
+    if _publisher is None and create:
+        _publisher = Publisher(bytearray(SIZE))
     return _publisher
 
 

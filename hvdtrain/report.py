@@ -1,11 +1,18 @@
 """`hvdtrain report RUN_DIR...`: what runs did, from their run directories alone.
 
-metrics.jsonl (rank 0's records: training windows with loss, lr and samples/s; evaluations with test accuracy
-and loss; events: start, checkpoint, resize, preempted, interrupted), result.json and, with --autotune,
-Horovod's autotuner log (autotune.csv). Out: loss, accuracy, samples/s and lr against step and against wall
-time (several runs overlaid) as one PNG, and a table per run: final accuracy, time and step to each accuracy
-level, resizes, preemptions, requeues and resumes seen, the autotuner's choice. Nothing heavy is imported:
-matplotlib only when the PNG is drawn.
+metrics.jsonl (rank 0's records: training windows with loss, lr, samples/s and every rank's compute and wait
+seconds per step; evaluations with test accuracy and loss; events: start, checkpoint, resize, preempted,
+interrupted), result.json, the ranks' host records (logs/rank.R.host) and, with --autotune, Horovod's autotuner
+log (autotune.csv). Out: loss, accuracy, samples/s and lr against step and against wall time (several runs
+overlaid) as one PNG, and a table per run: final accuracy, time and step to each accuracy level, resizes,
+preemptions, requeues and resumes seen, the autotuner's choice; then each rank's compute and wait per step, and
+the stragglers (`stragglers`). Nothing heavy is imported: matplotlib only when the PNG is drawn.
+
+A straggler: a rank whose compute per step (rank_compute_s: its own work, not its waits on the others) is above
+STRAGGLER_RATIO times the median of the other ranks' in at least STRAGGLER_WINDOWS consecutive windows, by at
+least STRAGGLER_MIN_EXCESS_S a step. The others' median, not all ranks': with two ranks the other one is the
+yardstick (a median of both would need the slow rank at 1.86x to exceed 1.3x). Consecutive: in the same world,
+so a start (resume) or an elastic resize ends a run of windows, as does a window without the times.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import csv
 import dataclasses
 import functools
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,6 +35,9 @@ AUTOTUNE_COLUMNS = (
     "hierarchical_allreduce", "hierarchical_allgather", "torus_allreduce", "cache_enabled", "cycle_time_ms",
     "tensor_fusion_threshold", "score",
 )  # fmt: skip
+STRAGGLER_RATIO = 1.3  # a rank computing more than this times the others' median step ...
+STRAGGLER_WINDOWS = 3  # ... in at least this many consecutive logging windows ...
+STRAGGLER_MIN_EXCESS_S = 0.0005  # ... and at least this much longer a step (below: the timer noise of tiny steps)
 
 
 @dataclasses.dataclass
@@ -35,6 +46,7 @@ class Run:
     records: list[dict[str, Any]]
     result: Optional[dict[str, Any]]
     autotune: Optional[dict[str, Any]] = None  # the autotuner's log, read (`autotune`); None without one
+    hosts: dict[int, str] = dataclasses.field(default_factory=dict)  # rank -> host, from logs/rank.R.host
 
     @property
     def name(self) -> str:
@@ -119,7 +131,19 @@ def load(path: Path, warn: Callable[[str], None] = _ignore) -> Run:
     if result is not None and not isinstance(result, dict):
         warn(f"{run_dir.result}: skipped, it is not a JSON object")
         result = None
-    return Run(run_dir.path, records, result, autotune(run_dir.autotune, warn))
+    return Run(run_dir.path, records, result, autotune(run_dir.autotune, warn), rank_hosts(run_dir))
+
+
+def rank_hosts(run_dir: RunDir) -> dict[int, str]:
+    """The host each rank started on, from the rank wrapper's records (none for an elastic job's workers, whose
+    ranks change at every reset, nor where logs/ is on another host's disk)."""
+    hosts = {}
+    for rank, p in run_dir.logs.host_records():
+        try:
+            hosts[rank] = p.read_text().strip() or "?"
+        except (OSError, UnicodeDecodeError):
+            continue
+    return hosts
 
 
 def autotune(path: Path, warn: Callable[[str], None] = _ignore) -> Optional[dict[str, Any]]:
@@ -175,8 +199,97 @@ def summarize(run: Run, targets: Sequence[float]) -> dict[str, Any]:
         "interrupts": len(run.events("interrupted")),
         "finished": bool(run.result) and not run.result.get("preempted") and not run.result.get("interrupted"),
         "autotune": run.autotune,
+        "ranks": rank_times(run),
+        "stragglers": stragglers(run),
     }
     return out
+
+
+def _per_rank(row: dict[str, Any], key: str) -> Optional[list[float]]:
+    """A window's per-rank seconds (rank_compute_s, rank_wait_s), None when absent (a run of an older hvdtrain) or
+    not a list of numbers."""
+    values = row.get(key)
+    if not isinstance(values, list) or not values:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return values
+
+
+def rank_times(run: Run) -> list[dict[str, Any]]:
+    """Each rank's median compute and wait seconds per step over the windows that time it (rank: its place in
+    the windows' lists); [] for a run whose metrics.jsonl has no per-rank times."""
+    compute: dict[int, list[float]] = {}
+    wait: dict[int, list[float]] = {}
+    for row in run.rows("train_loss"):
+        for key, into in (("rank_compute_s", compute), ("rank_wait_s", wait)):
+            for rank, v in enumerate(_per_rank(row, key) or []):
+                into.setdefault(rank, []).append(v)
+    return [
+        {"rank": rank, "host": run.hosts.get(rank), "windows": len(compute[rank]),
+         "compute_s": statistics.median(compute[rank]),
+         "wait_s": statistics.median(wait[rank]) if wait.get(rank) else None}
+        for rank in sorted(compute)
+    ]  # fmt: skip
+
+
+def stragglers(run: Run) -> list[dict[str, Any]]:
+    """The ranks that computed slower than the others in enough consecutive windows (the rule: the module's
+    docstring), one entry per run of such windows: the rank, its host, its mean compute per step over them, the
+    others' median, the ratio of the two, and the steps that closed the first and the last of the windows."""
+    found: list[dict[str, Any]] = []
+    streaks: dict[int, list[tuple[int, float, float]]] = {}  # rank -> (window's step, its compute, others' median)
+
+    def end(rank: int) -> None:
+        streak = streaks.pop(rank)
+        if len(streak) >= STRAGGLER_WINDOWS:
+            own = statistics.fmean(c for _, c, _ in streak)
+            others = statistics.fmean(m for _, _, m in streak)
+            found.append({"rank": rank, "host": run.hosts.get(rank), "windows": len(streak),
+                          "first_step": streak[0][0], "last_step": streak[-1][0], "compute_s": own,
+                          "others_median_s": others, "ratio": own / others if others > 0 else None})  # fmt: skip
+
+    ranks = None
+    for row in run.records:
+        compute = _per_rank(row, "rank_compute_s") if "event" not in row else None
+        if compute is None and "train_loss" not in row and row.get("event") not in ("start", "resize"):
+            continue  # an evaluation or a checkpoint: between windows, not one
+        if compute is None or len(compute) != ranks:
+            for rank in list(streaks):
+                end(rank)
+            ranks = compute and len(compute)
+            if compute is None:
+                continue
+        for rank, own in enumerate(compute):
+            others = compute[:rank] + compute[rank + 1 :]
+            median = statistics.median(others) if others else None
+            if median is not None and own > STRAGGLER_RATIO * median and own - median >= STRAGGLER_MIN_EXCESS_S:
+                streaks.setdefault(rank, []).append((row["step"], own, median))
+            elif rank in streaks:
+                end(rank)
+    for rank in list(streaks):
+        end(rank)
+    return sorted(found, key=lambda f: (f["first_step"], f["rank"]))
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def _rank_name(rank: int, host: Optional[str]) -> str:
+    return f"rank {rank} ({host})" if host else f"rank {rank} (host not recorded)"
+
+
+def straggler_line(found: dict[str, Any]) -> str:
+    """rank 1 (node2) computed 1.8x the others' median step (12.1 ms vs 6.7 ms) in the 5 windows ending at steps
+    20 to 60."""
+    ratio = f"{found['ratio']:.1f}x" if found["ratio"] is not None else "more than"
+    return (
+        f"{_rank_name(found['rank'], found['host'])} computed {ratio} the others' median step "
+        f"({_ms(found['compute_s'])} ms vs {_ms(found['others_median_s'])} ms) in the {found['windows']} windows "
+        f"ending at steps {found['first_step']} to {found['last_step']}"
+    )
 
 
 def _cell(hit: Optional[dict[str, Any]]) -> str:
@@ -195,6 +308,8 @@ def format_table(summaries: Sequence[dict[str, Any]], targets: Sequence[float]) 
         row += [str(s[k]) for k in ("resumes", "resizes", "preemptions", "requeues")]
         rows.append(row)
     lines = columns([head, *rows], [i > 0 for i in range(len(head))])
+    for s in summaries:
+        lines += _rank_lines(s)
     for s in summaries:
         tune = s["autotune"]
         if tune is None:
@@ -218,6 +333,25 @@ def format_table(summaries: Sequence[dict[str, Any]], targets: Sequence[float]) 
             "bytes/us)"
         )
     return "\n".join(lines)
+
+
+def _rank_lines(summary: dict[str, Any]) -> list[str]:
+    """A run's per-rank times (ms per step, medians over the windows) and its stragglers, or nothing when its
+    metrics.jsonl has no per-rank times."""
+    ranks, name = summary["ranks"], Path(summary["run"]).name
+    if not ranks:
+        return []
+    rows = [["rank", "host", "compute ms/step", "wait ms/step", "windows"]]
+    rows += [[str(r["rank"]), r["host"] or "-", _ms(r["compute_s"]), "-" if r["wait_s"] is None else _ms(r["wait_s"]),
+              str(r["windows"])] for r in ranks]  # fmt: skip
+    lines = [f"{name}: each rank's step, median over the logging windows (compute: its own work; wait: on the others)"]
+    lines += ["  " + line for line in columns(rows, [True, False, True, True, True])]
+    found = summary["stragglers"]
+    lines += [f"{name}: straggler: {straggler_line(f)}" for f in found]
+    if not found and len(ranks) > 1:
+        lines.append(f"{name}: no straggler (no rank computed over {STRAGGLER_RATIO:g}x the others' median step in "
+                     f"{STRAGGLER_WINDOWS} consecutive windows)")  # fmt: skip
+    return lines
 
 
 CURVES = (("train_loss", "loss (train -, test --)"), ("test_accuracy", "test accuracy"),

@@ -12,6 +12,8 @@ mid-training) and, at its moment, writes its process id to $HVDTRAIN_TEST_MARK, 
   Spin       rank $HVDTRAIN_TEST_RANK loops forever after step $HVDTRAIN_TEST_STEP (busy, holding the GIL);
   Lonely     rank $HVDTRAIN_TEST_RANK alone calls an allreduce after step $HVDTRAIN_TEST_STEP: a collective the
              other ranks never join.
+SlowRank (no mark, no sleep on the other ranks) is a slow node: rank $HVDTRAIN_TEST_RANK alone takes
+$HVDTRAIN_TEST_STEP_SLEEP seconds more at the start of every step (its own work: `hvdtrain report`'s straggler).
 """
 
 from __future__ import annotations
@@ -87,3 +89,13 @@ class Lonely(_Fault):
             import torch
 
             hvd.allreduce(torch.ones(1), name="only.this.rank")
+
+
+class SlowRank(SlowSteps):
+    def __init__(self):
+        super().__init__()
+        self.rank = int(os.environ["HVDTRAIN_TEST_RANK"])
+
+    def on_step_start(self, trainer):
+        if trainer.rank == self.rank:
+            super().on_step_start(trainer)

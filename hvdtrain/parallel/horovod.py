@@ -208,11 +208,19 @@ def sampler(
 
 class PendingSum:
     """Sums of a few numbers over all ranks, started now and read later (so it can overlap a training step).
-    One rank alone needs no collective."""
+    One rank alone needs no collective.
 
-    def __init__(self, values: list[float], name: str):
-        local = torch.tensor(values, dtype=torch.float64)
-        alone = size() == 1
+    `own`: numbers of this rank alone, gathered in the same allreduce: each goes to this rank's slot of a block of
+    size() slots (zeros elsewhere), so the sums after `values`' hold every rank's, block k for own[k], in the
+    order of rank() (the group's places: in an async job the workers', which are their global ranks too)."""
+
+    def __init__(self, values: list[float], name: str, own: Sequence[float] = ()):
+        n = size()
+        slots = [0.0] * (len(own) * n)
+        if own:
+            slots[rank() :: n] = own
+        local = torch.tensor([*values, *slots], dtype=torch.float64)
+        alone = n == 1
         self._local = local if alone else None
         self._handle = None if alone else hvd.allreduce_async(local, op=hvd.Sum, name=name, process_set=_set())
 

@@ -23,31 +23,48 @@ class WindowReport:
     loss: float  # mean training loss over the window's samples, all ranks
     samples_per_s: float  # all ranks together
     stop: bool  # some rank was asked to stop (preemption): every rank stops after the same step
+    # Each rank's mean seconds per step in the window, in the order of the window's ranks (parallel.horovod.rank():
+    # every rank, or an async job's workers): its own work (phases outside progress.COLLECTIVE_PHASES: hooks,
+    # forward, backward, optimizer) and its waits on the others (the gradients' allreduce).
+    rank_compute_s: tuple[float, ...] = ()
+    rank_wait_s: tuple[float, ...] = ()
 
 
 class ReportWindow:
     """Loss and samples since the last report. Every `every` steps (and at the last step) the ranks sum
     [loss, samples, preemption votes] in one allreduce, started after that step and read after the next one,
     so it overlaps a step instead of stalling it (one rank alone needs no collective). Every rank reads the same
-    sums after the same step, which is how all agree where to stop."""
+    sums after the same step, which is how all agree where to stop. The same allreduce gathers each rank's work
+    and wait seconds per step of the window (PendingSum's `own` slots: 2 x ranks more numbers, no collective
+    more), for the straggler report."""
 
     def __init__(self, every: int):
         self.every = every
         self._loss, self._samples, self._start = 0.0, 0, time.perf_counter()
+        self._steps, self._work, self._wait = 0, 0.0, 0.0
         self._pending: Optional[tuple[horovod.PendingSum, int, int, float]] = None
 
-    def add(self, loss_sum: float, samples: int) -> None:
+    def add(self, loss_sum: float, samples: int, work_s: float = 0.0, wait_s: float = 0.0) -> None:
+        """A step's loss sum and samples, and the seconds this rank spent in it working and waiting."""
         self._loss += loss_sum
         self._samples += samples
+        self._steps += 1
+        self._work += work_s
+        self._wait += wait_s
 
     def due(self, step: int, last_step: int) -> bool:
         return step % self.every == 0 or step == last_step
 
     def start(self, step: int, epoch: int, stop_vote: bool) -> None:
         """Close the window at `step` and start summing it over the ranks; a new window begins."""
-        sums = horovod.PendingSum([self._loss, float(self._samples), float(stop_vote)], name="hvdtrain.window")
+        steps = max(self._steps, 1)
+        sums = horovod.PendingSum(
+            [self._loss, float(self._samples), float(stop_vote)], name="hvdtrain.window",
+            own=[self._work / steps, self._wait / steps],
+        )  # fmt: skip
         self._pending = (sums, step, epoch, time.perf_counter() - self._start)
         self._loss, self._samples, self._start = 0.0, 0, time.perf_counter()
+        self._steps, self._work, self._wait = 0, 0.0, 0.0
 
     @property
     def pending(self) -> bool:
@@ -60,8 +77,18 @@ class ReportWindow:
             return None
         sums, step, epoch, elapsed = self._pending
         self._pending = None
-        loss_sum, samples, stop_votes = sums.result()
-        return WindowReport(step, epoch, loss_sum / max(samples, 1.0), samples / max(elapsed, 1e-9), stop_votes > 0)
+        (loss_sum, samples, stop_votes), compute, wait = split_window(sums.result())
+        return WindowReport(
+            step, epoch, loss_sum / max(samples, 1.0), samples / max(elapsed, 1e-9), stop_votes > 0, compute, wait
+        )
+
+
+def split_window(sums: list[float]) -> tuple[tuple[float, float, float], tuple[float, ...], tuple[float, ...]]:
+    """A window's sums as ReportWindow.start laid them out: ((loss, samples, stop votes), every rank's work s per
+    step, every rank's wait s per step)."""
+    totals, per_rank = sums[:3], sums[3:]
+    n = len(per_rank) // 2
+    return (totals[0], totals[1], totals[2]), tuple(per_rank[:n]), tuple(per_rank[n:])
 
 
 class Recorder:

@@ -9,7 +9,8 @@
       World        fixed as launched, or elastic: commits, rollbacks, resizes (train/elastic.py)
       TrainState   model, optimizer, epoch, step_in_epoch, step      (train/state.py)
       UpdateRule   how a step's gradients become parameters: sync, sharded, local-sgd, async (train/update.py)
-      ReportWindow loss/samples/preemption votes summed every log_every steps, overlapped (train/reporting.py)
+      ReportWindow loss/samples/preemption votes summed every log_every steps, overlapped, with every rank's
+                   compute and wait seconds per step (timed by this rank's hvdtrain.progress record) (train/reporting.py)
       Hooks        on_fit_start, on_step_start/end, on_epoch_end, on_checkpoint, on_fit_end (train/hooks.py)
 
 One process per rank. Rank 0 alone writes the shared files of the run directory (metrics.jsonl, TensorBoard
@@ -77,6 +78,11 @@ def params_sha256(model: nn.Module | dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _seconds(values: Sequence[float]) -> list[float]:
+    """Seconds per step as metrics.jsonl keeps them: to the microsecond."""
+    return [round(v, 6) for v in values]
 
 
 def seed_everything(seed: int) -> None:
@@ -225,6 +231,7 @@ class Trainer:
         """One optimizer step over len(group) local backward passes."""
         self.batch_indices = group
         progress.step(self.state.step + 1, phase="hook")  # the step it is in, as metrics.jsonl numbers them
+        work_before, wait_before = self._timer.spent()
         self.hooks.on_step_start(self)
         self.state.optimizer.zero_grad()
         x_all, y_all = self.data.train.tensors
@@ -233,10 +240,11 @@ class Trainer:
         progress.set_phase("allreduce")
         self.update.step(self.state)
         self.state.advance()
-        self.window.add(loss_sum, samples)
         self.train_samples += samples
         progress.set_phase("hook")
         self.hooks.on_step_end(self)
+        work, wait = self._timer.spent()
+        self.window.add(loss_sum, samples, work - work_before, wait - wait_before)
 
     def _report(self) -> bool:
         """Read the window started one step earlier, if any: record and show it; True if the ranks agreed to stop."""
@@ -246,7 +254,8 @@ class Trainer:
             report = self.window.read()
         self.recorder.record(
             {"step": report.step, "epoch": report.epoch, "train_loss": report.loss, "lr": self.lr,
-             "samples_per_s": report.samples_per_s}
+             "samples_per_s": report.samples_per_s, "rank_compute_s": _seconds(report.rank_compute_s),
+             "rank_wait_s": _seconds(report.rank_wait_s)}
         )  # fmt: skip
         self.progress.update(report)
         return report.stop
@@ -308,6 +317,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
+        # This rank's record (the hang watchdog's), or one of its own outside hvdtrain: what times its steps' work
+        # and wait for the straggler report.
+        self._timer = progress.publisher(create=True)
         progress.set_phase("init")  # the hang watchdog watches this rank from here (hvdtrain.progress)
         self._setup()
         if not self.placement.trains:  # an async job's parameter server

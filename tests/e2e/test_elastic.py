@@ -93,6 +93,10 @@ def test_a_host_joins_mid_epoch_and_training_goes_on(elastic_env, tmp_path):
     assert resize["steps_redone"] == 0  # a host change is taken at a commit: nothing to roll back
     assert resize["lr"] == pytest.approx(2 * 0.05)  # lr scaling follows the world
     assert 0 < resize["samples_in_epoch"] < TRAIN_SAMPLES, "the host did not join mid-epoch"
+    # The windows' per-rank seconds follow the world: one rank's before the resize, both after.
+    windows = [r for r in records(run_dir) if "train_loss" in r]
+    assert {len(r["rank_compute_s"]) for r in windows if r["time"] < resize["time"]} == {1}
+    assert {len(r["rank_compute_s"]) for r in windows if r["time"] > resize["time"]} == {2}
     result = json.loads((run_dir / "result.json").read_text())
     assert result["world_size"] == 2 and result["test_accuracy"] >= 0.9, result
     check_exactly_once(tmp_path, run_dir, resize["epoch"])

@@ -58,6 +58,11 @@ def test_two_stages_by_two_replicas_equal_data_parallelism_on_two_ranks(hvdtrain
     assert piped["steps"] == data["steps"] and (piped["world_size"], piped["ranks"]) == (2, 4)
     assert abs(piped["test_loss"] - data["test_loss"]) < 1e-6
     assert_same_state(last_checkpoint(tmp_path / "pipe"), last_checkpoint(tmp_path / "data"))
+    # The windows' per-rank seconds: every rank of the pipeline (4 stages' ranks), of the data job its 2.
+    for run, ranks in (("pipe", 4), ("data", 2)):
+        windows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        windows = [w for w in windows if "train_loss" in w]
+        assert windows and all(len(w["rank_compute_s"]) == len(w["rank_wait_s"]) == ranks for w in windows)
 
 
 def test_exact_resume_and_a_data_parallel_job_resuming_a_pipeline_checkpoint(hvdtrain, tmp_path):

@@ -1,9 +1,18 @@
 """`hvdtrain report` on real runs: a 2-rank job with Horovod's autotuner, stopped and resumed; the report's
 numbers are the run's own (result.json, metrics.jsonl), the resume is counted and the autotuner's choice is its
-log's best row."""
+log's best row. A 2-rank job whose rank 1 is slow (tests/faulthooks.py SlowRank): the report names rank 1 and its
+host as the straggler, and not rank 0, whose time goes to waiting for it."""
 
 import csv
 import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from conftest import HVDTRAIN
+
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def test_report_of_an_autotuned_run_resumed_once(hvdtrain, tmp_path):
@@ -32,3 +41,40 @@ def test_report_of_an_autotuned_run_resumed_once(hvdtrain, tmp_path):
 
     text = hvdtrain("report", run).stdout
     assert "run: autotune" in text and f"curves: {run}/report.png" in text
+
+
+SLOW_S = 0.03  # rank 1's extra work per step
+
+
+def test_report_names_the_slow_rank_and_its_host(child_env, tmp_path):
+    run = tmp_path / "run"
+    env = {**child_env, "PYTHONPATH": f"{child_env['PYTHONPATH']}{os.pathsep}{TESTS}",  # faulthooks, for --hooks
+           "HVDTRAIN_TEST_RANK": "1", "HVDTRAIN_TEST_STEP_SLEEP": str(SLOW_S)}  # fmt: skip
+    args = ["train", "-np", 2, "--model", "mlp", "--max-steps", 60, "--log-every", 10, "--hooks", "faulthooks:SlowRank",
+            "--env", "HVDTRAIN_TEST_RANK", "--env", "HVDTRAIN_TEST_STEP_SLEEP", "--run-dir", run]  # fmt: skip
+    proc = subprocess.run([*HVDTRAIN, *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    windows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    windows = [w for w in windows if "train_loss" in w]
+    assert [w["step"] for w in windows] == [10, 20, 30, 40, 50, 60]
+    for w in windows:  # seconds per step: rank 1 works SLOW_S more, rank 0 waits for it
+        (fast, slow), (fast_wait, slow_wait) = w["rank_compute_s"], w["rank_wait_s"]
+        assert slow >= SLOW_S and fast < slow - SLOW_S / 2 and fast_wait > slow_wait, w
+
+    proc = subprocess.run([*HVDTRAIN, "report", str(run), "--json"], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (s,) = json.loads(proc.stdout)["runs"]
+    host = socket.gethostname()
+    assert [(f["rank"], f["host"], f["first_step"], f["last_step"]) for f in s["stragglers"]] == [(1, host, 10, 60)]
+    (found,) = s["stragglers"]
+    assert found["windows"] == 6 and found["compute_s"] >= SLOW_S and found["ratio"] > 1.3
+    fast, slow = s["ranks"]
+    assert (fast["rank"], fast["host"], slow["rank"], slow["host"]) == (0, host, 1, host)
+    assert slow["compute_s"] >= SLOW_S and fast["wait_s"] >= SLOW_S / 2 and fast["windows"] == slow["windows"] == 6
+
+    text = subprocess.run([*HVDTRAIN, "report", str(run)], env=env, capture_output=True, text=True, timeout=120)
+    assert f"run: straggler: rank 1 ({host}) computed " in text.stdout, text.stdout + text.stderr
+    assert "straggler: rank 0" not in text.stdout

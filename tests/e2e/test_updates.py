@@ -78,6 +78,11 @@ def test_async_reaches_the_accuracy_bar_and_logs_every_update(hvdtrain, tmp_path
     assert len(rows) - 1 == 2 * res["steps"]  # every gradient of both workers, once
     stale = [int(r.split(",")[3]) - int(r.split(",")[2]) for r in rows[1:]]
     assert max(stale) <= 1 * (2 * 2 + 1)  # (W - 1)(2S + 1)
+    # The windows' per-rank seconds are the workers' (the window sums over their process set; the server is not in it).
+    windows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    windows = [w for w in windows if "train_loss" in w]
+    assert windows and all(len(w["rank_compute_s"]) == len(w["rank_wait_s"]) == 2 for w in windows)
+    assert all(c > 0 for w in windows for c in w["rank_compute_s"])
 
 
 def test_async_with_one_synchronous_worker_is_single_process_training_and_resumes_exactly(hvdtrain, tmp_path):

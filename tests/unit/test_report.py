@@ -148,3 +148,95 @@ def test_a_whole_last_line_without_its_newline_is_kept(tmp_path):
     run = report.load(d, warn=said.append)
     assert run.records == RECORDS[:2] and run.result is None
     assert said == [f"{d}/result.json: skipped, it is not a JSON object"]
+
+
+def window(step, compute, wait=None, t=0.0):
+    """A training window's record with per-rank seconds per step (compute in ms, as a list; wait 1 ms each)."""
+    wait = wait if wait is not None else [1.0] * len(compute)
+    return {"time": T + t + step, "step": step, "epoch": 0, "train_loss": 1.0, "lr": 0.1, "samples_per_s": 100.0,
+            "rank_compute_s": [c / 1e3 for c in compute], "rank_wait_s": [w / 1e3 for w in wait]}  # fmt: skip
+
+
+def run_of(tmp_path, records, hosts=None):
+    d = tmp_path / "run"
+    (d / "logs").mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for rank, host in (hosts or {}).items():
+        (d / "logs" / f"rank.{rank}.host").write_text(host + "\n")
+    return report.load(d)
+
+
+def test_a_rank_slower_in_three_consecutive_windows_is_a_straggler_named_with_its_host(tmp_path):
+    records = [
+        RECORDS[0],
+        window(10, [6.0, 7.0]),  # 1.17x: not slow
+        window(20, [6.0, 12.0]),
+        {"time": T + 21, "step": 20, "epoch": 1, "test_accuracy": 0.5, "test_loss": 1.0},  # between windows
+        {"time": T + 22, "event": "checkpoint", "step": 20, "path": "c"},
+        window(30, [7.0, 12.6]),
+        window(40, [6.0, 11.4]),
+        window(50, [6.2, 6.0]),
+    ]
+    run = run_of(tmp_path, records, {0: "node1", 1: "node2"})
+    (found,) = report.stragglers(run)
+    assert (found["rank"], found["host"], found["windows"], found["first_step"], found["last_step"]) == (
+        1, "node2", 3, 20, 40,
+    )  # fmt: skip
+    assert found["compute_s"] == pytest.approx(0.012) and found["others_median_s"] == pytest.approx(19.0 / 3e3)
+    assert found["ratio"] == pytest.approx(0.012 / (19.0 / 3e3))
+    assert report.straggler_line(found) == (
+        "rank 1 (node2) computed 1.9x the others' median step (12 ms vs 6.33 ms) in the 3 windows ending at steps "
+        "20 to 40"
+    )
+    s = report.summarize(run, [0.9])
+    assert s["stragglers"] == [found]
+    assert s["ranks"] == [
+        {"rank": 0, "host": "node1", "windows": 5, "compute_s": pytest.approx(0.006), "wait_s": pytest.approx(0.001)},
+        {"rank": 1, "host": "node2", "windows": 5, "compute_s": pytest.approx(0.0114), "wait_s": pytest.approx(0.001)},
+    ]
+    text = report.format_table([s], [0.9])
+    assert "run: straggler: rank 1 (node2) computed 1.9x the others' median step (12 ms vs 6.33 ms)" in text
+    table = text[text.index("rank  host") :].splitlines()
+    assert table[1].split() == ["0", "node1", "6", "1", "5"] and table[2].split() == ["1", "node2", "11.4", "1", "5"]
+
+
+@pytest.mark.parametrize(
+    "between,flagged",
+    [
+        (window(30, [6.0, 7.0]), False),  # a window at the others' pace
+        ({"time": T + 31, "event": "resize", "step": 30, "old_size": 2, "new_size": 3}, False),  # another world
+        ({"time": T + 31, "event": "start", "step": 30, "ranks": 2, "resumed_from": "c"}, False),  # a resume
+        ({"time": T + 31, "step": 30, "epoch": 0, "train_loss": 1.0, "lr": 0.1, "samples_per_s": 9.0}, False),  # old
+        ({"time": T + 31, "step": 30, "epoch": 0, "test_accuracy": 0.5, "test_loss": 1.0}, True),  # an evaluation
+    ],
+)
+def test_what_ends_a_run_of_slow_windows(tmp_path, between, flagged):
+    records = [window(10, [6.0, 12.0]), window(20, [6.0, 12.0]), between, window(40, [6.0, 12.0])]
+    assert bool(report.stragglers(run_of(tmp_path, records))) is flagged
+
+
+def test_the_rule_compares_with_the_others_median_and_ignores_timer_noise(tmp_path):
+    three = [window(s, [10.0, 10.4, 13.2]) for s in (10, 20, 30)]  # 1.27x the others' median: not slow
+    assert report.stragglers(run_of(tmp_path / "a", three)) == []
+    three = [window(s, [10.0, 10.4, 13.6]) for s in (10, 20, 30)]  # 1.31x
+    assert [(f["rank"], f["host"]) for f in report.stragglers(run_of(tmp_path / "b", three))] == [(2, None)]
+    tiny = [window(s, [0.2, 0.6]) for s in (10, 20, 30)]  # 3x, but 0.4 ms a step
+    assert report.stragglers(run_of(tmp_path / "c", tiny)) == []
+    alone = [window(s, [5.0]) for s in (10, 20, 30)]
+    run = run_of(tmp_path / "d", alone)
+    assert report.stragglers(run) == [] and report.rank_times(run)[0]["compute_s"] == pytest.approx(0.005)
+    assert "no straggler" not in report.format_table([report.summarize(run, [0.9])], [0.9])  # one rank: no others
+
+
+def test_a_run_without_per_rank_times_or_with_damaged_ones_reports_the_rest(tmp_path):
+    old = run_of(tmp_path / "old", RECORDS)
+    s = report.summarize(old, [0.9])
+    assert s["ranks"] == [] and s["stragglers"] == []
+    assert "each rank's step" not in report.format_table([s], [0.9])
+    damaged = [window(10, [6.0, 12.0]), {**window(20, [6.0, 12.0]), "rank_compute_s": ["x", 1]},
+               {**window(30, [6.0, 12.0]), "rank_wait_s": None}, window(40, [6.0, 6.5])]  # fmt: skip
+    run = run_of(tmp_path / "damaged", damaged)
+    assert report.stragglers(run) == []
+    assert [(r["windows"], r["wait_s"]) for r in report.rank_times(run)] == [(3, pytest.approx(0.001))] * 2
+    text = report.format_table([report.summarize(run, [0.9])], [0.9])
+    assert "run: no straggler (no rank computed over 1.3x the others' median step in 3 consecutive windows)" in text

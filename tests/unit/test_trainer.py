@@ -4,6 +4,7 @@ math: one rank's Trainer equals a hand-written torch loop over the same batches.
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -102,6 +103,30 @@ def test_max_steps_checkpoints_eval_and_hooks(tmp_path):
     said = [line for line in lines if line.startswith("start-up: ")]
     assert len(said) == 1 and said[0].endswith(", first step " + f"{result['startup_s']['first step']:.2f} s)")
     assert TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == cfg
+
+
+class BusyHook(Hook):
+    """Works (spins) `seconds` at the start of every step: this rank's own compute, not a wait."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def on_step_start(self, trainer):
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+
+
+def test_every_window_records_the_ranks_compute_and_wait_per_step(tmp_path):
+    """Outside hvdtrain the Trainer times its steps with a publisher of its own; the window's row holds this rank's
+    seconds per step, a hook's work in its compute."""
+    Trainer(config(tmp_path, max_steps=20, log_every=5), hooks=[BusyHook(0.005)], echo=lambda _: None).fit()
+    windows = [r for r in rows(tmp_path / "run") if "train_loss" in r]
+    assert [r["step"] for r in windows] == [5, 10, 15, 20]
+    for r in windows:
+        (compute,), (wait,) = r["rank_compute_s"], r["rank_wait_s"]
+        assert 0.005 <= compute < 0.5 and 0 <= wait < compute
+        assert compute == round(compute, 6)
 
 
 def test_one_rank_equals_a_plain_torch_loop(tmp_path):
