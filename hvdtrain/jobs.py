@@ -220,13 +220,14 @@ def interrupt(run_dir: RunDir) -> bool:
     return True
 
 
-# What a requeued job can get over: a rank that stalled (a frozen process or host, a hung file system) or a lost
-# host; Slurm gives the requeued job a fresh allocation. A rank's own error would only happen again.
-REQUEUE_CAUSES = ("stall", "lost_host")
+# What a requeued job can get over: a rank that stalled or hung (a frozen process or host, a hung file system, a
+# link that went down) or a lost host; Slurm gives the requeued job a fresh allocation. A rank's own error would
+# only happen again.
+REQUEUE_CAUSES = ("stall", "hang", "lost_host")
 
 
 def requeue_after_fault(cfg: TrainConfig, error: LaunchError, echo: Callable[[str], None], slurm: SlurmEnv) -> bool:
-    """Inside Slurm with --requeue, after a stall or a lost host: say what happened, then requeue the job like a
+    """Inside Slurm with --requeue, after a stall, a hang or a lost host: say what happened, then requeue the job like a
     preempted one (within --max-requeues, else a line says why not); it resumes from its last checkpoint. True
     when it said so (the error is reported), False when this is no job to requeue (the caller raises)."""
     if not slurm.in_job or not cfg.requeue:

@@ -245,9 +245,9 @@ def lost_hosts(
 
 
 # What came first in a failed job, as `diagnose` (and, for elastic jobs, `diagnose_elastic`) tells it
-# (LaunchError.cause). Elastic only: "min_np" (fewer than the needed slots for --elastic-timeout), "reset_limit"
+# (LaunchError.cause); "hang": the hang watchdog ended the job (launching.watchdog, said by run_job). Elastic only: "min_np" (fewer than the needed slots for --elastic-timeout), "reset_limit"
 # (--reset-limit reached), "blacklisted" (every host of the job failed), "discovery" (the host discovery failed).
-CAUSES = ("stall", "stopped", "lost_host", "failed", "min_np", "reset_limit", "blacklisted", "discovery")
+CAUSES = ("stall", "hang", "stopped", "lost_host", "failed", "min_np", "reset_limit", "blacklisted", "discovery")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -264,16 +264,25 @@ class StallOnce(Hook):
 """
 
 
-def test_two_node_job_with_a_stalled_rank_requeues_from_its_checkpoint_and_matches(cluster, tmp_path, reference_2node):
-    """Rank 1 (node2) stops calling collectives at step 25: --stall-timeout ends the job naming rank 1, hvdtrain
-    requeues it, and the requeued job resumes from the step-20 checkpoint and ends with the uninterrupted weights."""
+@pytest.mark.parametrize(
+    "bound, named",
+    [(["--stall-timeout", "8"], r"rank 1 stalled: rank 0 waited more than 8 s"),
+     (["--hang-timeout", "8"], r"hang: rank 1 \(node2\) is in on_step_end \(stallhook\.py:\d+\) \(hook at step 25\)")],
+    ids=["stall-timeout", "hang-timeout"],
+)  # fmt: skip
+def test_two_node_job_with_a_stalled_rank_requeues_from_its_checkpoint_and_matches(
+    cluster, tmp_path, reference_2node, bound, named
+):
+    """Rank 1 (node2) stops calling collectives at step 25: Horovod's stall shutdown (--stall-timeout) or hvdtrain's
+    hang watchdog (--hang-timeout, its wrapper on node2 reporting to node1 over the cluster's network, srun the
+    launcher) ends the job naming rank 1, hvdtrain requeues it, and the requeued job resumes from the step-20
+    checkpoint and ends with the uninterrupted weights."""
     (tmp_path / "stallhook.py").write_text(STALL_HOOK)
-    job, out_file = _submit_and_wait_for_progress(cluster, tmp_path, "--stall-timeout", "8", "--hooks",
-                                                  "stallhook:StallOnce")  # fmt: skip
+    job, out_file = _submit_and_wait_for_progress(cluster, tmp_path, *bound, "--hooks", "stallhook:StallOnce")
     task = _wait_for_requeue_and_end(cluster, job)
     out = text(out_file)
     assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", (task, out)
-    assert re.search(r"hvdtrain: error: rank 1 stalled: rank 0 waited more than 8 s", out), out
+    assert re.search(rf"hvdtrain: error: {named}", out), out
     assert "requeued Slurm job" in out and "resumed from" in out and "step-00000020.pt at step 20" in out, out
     res = result_of(tmp_path / "job" / "t")
     assert res["steps"] == 100 and res["params_sha256"] == reference_2node["params_sha256"], res
