@@ -59,19 +59,30 @@ class Beat(NamedTuple):
     wait_s: float  # seconds spent in COLLECTIVE_PHASES
 
 
+_SEQ = struct.Struct("<Q")
+_NOT_COUNTED = frozenset({"start", "done"})  # neither work nor waiting
+
+
+def _encoded(phase: str) -> bytes:
+    return phase.encode(errors="replace")[:PHASE_BYTES]
+
+
 def pack(buf, beat: Beat, seq: int) -> None:
     """Write `beat` into `buf` (a map of SIZE bytes) under the sequence lock (`seq` even: the last written)."""
-    struct.pack_into("<Q", buf, 0, seq + 1)
-    _FORMAT.pack_into(buf, 0, seq + 1, beat.step, beat.since, beat.beats, beat.step_s, beat.work_s, beat.wait_s,
-                      beat.phase.encode(errors="replace")[:PHASE_BYTES])  # fmt: skip
-    struct.pack_into("<Q", buf, 0, seq + 2)
+    _write(buf, seq, beat.step, beat.since, beat.beats, beat.step_s, beat.work_s, beat.wait_s, _encoded(beat.phase))
+
+
+def _write(buf, seq: int, *fields) -> None:
+    _SEQ.pack_into(buf, 0, seq + 1)
+    _FORMAT.pack_into(buf, 0, seq + 1, *fields)
+    _SEQ.pack_into(buf, 0, seq + 2)
 
 
 def unpack(buf) -> Optional[Beat]:
     """The record in `buf`, or None when no consistent copy could be read (a writer stopped mid-write: SIGSTOP)."""
     for _ in range(_READ_TRIES):
         fields = _FORMAT.unpack_from(buf, 0)
-        if fields[0] % 2 == 0 and struct.unpack_from("<Q", buf, 0)[0] == fields[0]:
+        if fields[0] % 2 == 0 and _SEQ.unpack_from(buf, 0)[0] == fields[0]:
             _seq, step, since, beats, step_s, work_s, wait_s, phase = fields
             return Beat(step, phase.rstrip(b"\0").decode(errors="replace"), since, beats, step_s, work_s, wait_s)
     return None
@@ -85,19 +96,21 @@ class Publisher:
         self._step, self._phase, self._since, self._beats = -1, "start", time.monotonic(), 0
         self._step_at, self._step_s = None, 0.0
         self.work_s = self.wait_s = 0.0
+        self._names: dict[str, bytes] = {}  # each phase's bytes, encoded once
 
     def _publish(self) -> None:
         self._beats += 1
-        beat = Beat(self._step, self._phase, self._since, self._beats, self._step_s, self.work_s, self.wait_s)
-        pack(self._buf, beat, self._seq)
+        name = self._names.get(self._phase) or self._names.setdefault(self._phase, _encoded(self._phase))
+        _write(self._buf, self._seq, self._step, self._since, self._beats, self._step_s, self.work_s, self.wait_s,
+               name)  # fmt: skip
         self._seq += 2
 
     def _enter(self, name: str, now: float) -> None:
-        spent = now - self._since
-        if self._phase in COLLECTIVE_PHASES:
-            self.wait_s += spent
-        elif self._phase not in ("start", "done"):
-            self.work_s += spent
+        phase = self._phase
+        if phase in COLLECTIVE_PHASES:
+            self.wait_s += now - self._since
+        elif phase not in _NOT_COUNTED:
+            self.work_s += now - self._since
         self._phase, self._since = name, now
 
     def step(self, n: Optional[int] = None, phase: str = "step") -> None:

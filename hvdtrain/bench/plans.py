@@ -28,8 +28,9 @@ IMPL_LABELS = {
     "horovod_gloo_oop": "hvd-gloo-oop", "torch_gloo": "torch-gloo",
 }  # fmt: skip
 
-# How the throughput worker drives a step; trainer_lean is a diagnostic, run only when asked for.
-ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm", "pipeline", "trainer_lean")
+# How the throughput worker drives a step; trainer_lean and trainer_unwatched are diagnostics, run only when asked
+# for (trainer_unwatched: the Trainer with hvdtrain.progress's calls made no-ops, the hang watchdog's cost paired).
+ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm", "pipeline", "trainer_lean", "trainer_unwatched")
 DEFAULT_ARMS = ("horovod", "trainer", "ddp", "sharded", "mpi4py", "nocomm", "pipeline")
 # The arms that run before Horovod starts (its background thread would slow them); mpi4py, nocomm and pipeline
 # (one replica over every rank: no collective, mpi4py messages) need MPI.
@@ -256,7 +257,7 @@ class TrainSettings:
     )
     arms: tuple[str, ...] = option(
         DEFAULT_ARMS,
-        "Comma-separated arms (trainer_lean: a diagnostic, see docs/performance-methods.md).",
+        "Comma-separated arms (trainer_lean, trainer_unwatched: diagnostics, see docs/performance-methods.md).",
         choices=ARMS,
     )
     batch_size: int = option(32, "Samples per rank per batch.", tiny=16, low=1)

@@ -67,7 +67,7 @@ def measurement_order(
     last in its round."""
     measure = plans.Measurement
     references = [a for a in plans.MPI_ARMS if a in arms]
-    pair = [a for a in ("horovod", "trainer", "sharded", "trainer_lean") if a in arms]
+    pair = [a for a in ("horovod", "trainer", "sharded", "trainer_lean", "trainer_unwatched") if a in arms]
     out = [measure("ddp", model, "none", r) for r in range(rounds) for model in models] if "ddp" in arms else []
     for r in range(rounds):
         for model in models:
@@ -219,7 +219,8 @@ def throughput_rows(parts: Sequence[tuple[bool, dict]]) -> list[dict]:
             entry["rounds"][m["round"]] = report.summary_stats(m["rank_rates"][0])["mean"]
             entry["extra"].update(
                 {k: v for k, v in m.items()
-                 if k in ("method", "fit_samples_per_s", "optimizer_state_bytes") or (k in PIPELINE_EXTRA and m[k])}
+                 if k in ("method", "fit_samples_per_s", "optimizer_state_bytes", "wrapper_cpu_s_per_step",
+                          "progress_us_per_step") or (k in PIPELINE_EXTRA and m[k])}
             )  # fmt: skip
             entry.update(compression=m["compression"], fusion=fusion, threads=part["meta"]["threads_per_rank"])
     rows = []

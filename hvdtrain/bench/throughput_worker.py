@@ -20,6 +20,10 @@ lists measurements in order, each an arm (how the step is driven), a model shape
            replica, so every rank steps the same --pipeline-batch samples (no collective: it runs without Horovod);
            also each stage's peak activation bytes (what autograd saved) and micro-batches in flight
   trainer  hvdtrain's Trainer.fit(), timed per step by a hook (StepStamps)
+  trainer_unwatched  (diagnostic, not run by default) the Trainer with hvdtrain.progress's calls made no-ops: no
+           phase published, no step timed (what the hang watchdog and the straggler times cost a rank, paired with
+           trainer: run both in one launch); every Trainer arm also says the CPU its rank wrapper (which reports
+           the record to the watchdog once a second) used per step
   trainer_lean  (diagnostic, not run by default) the Trainer without a preemption signal handler and with
            log_every past the last step: its window sums of [loss, samples, preemption votes] (one
            allreduce every log_every steps, overlapped with the next step; none on one rank), progress
@@ -35,6 +39,7 @@ the next Horovod arm initialises it again. Rank 0 writes every rank's per-iterat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -278,19 +283,92 @@ def trainer_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tup
         run_dir=str(run_dir), eval_every_epoch=False, **lean,
     )  # fmt: skip
     timer = StepStamps()
-    result = Trainer(cfg, dataset=dataset, echo=lambda _line: None, hooks=[timer]).fit()
+    wrapper_before = _cpu_seconds(os.getppid())
+    with _unwatched(m.arm == "trainer_unwatched"):
+        result = Trainer(cfg, dataset=dataset, echo=lambda _line: None, hooks=[timer]).fit()
+    wrapper_cpu = _cpu_seconds(os.getppid()) - wrapper_before
     hvd.barrier()
     if hvd.rank() == 0:
         shutil.rmtree(run_dir, ignore_errors=True)
     if len(timer.stamps) != steps + 1:
         raise RuntimeError(f"the Trainer ran {len(timer.stamps) - 1} timed steps; the plan needs {steps}")
-    extra = {"fit_samples_per_s": result.get("samples_per_s"), "fit_steps": result.get("steps")}
+    extra = {"fit_samples_per_s": result.get("samples_per_s"), "fit_steps": result.get("steps"),
+             "wrapper_cpu_s_per_step": wrapper_cpu / max(1, result.get("steps") or 1)}  # fmt: skip
+    if m.arm == "trainer_unwatched":
+        extra["progress_us_per_step"] = progress_cost_us(cfg.backward_passes_per_step)
     return rates_from_stamps(timer.stamps, plan.timing), {**extra, "method": "per-step stamps"}
+
+
+class _Silent:
+    """hvdtrain.progress's Publisher with every call a no-op (the trainer_unwatched arm)."""
+
+    current = ""
+
+    def step(self, n=None, phase="step") -> None:
+        pass
+
+    def phase(self, name) -> None:
+        pass
+
+    def spent(self) -> tuple[float, float]:
+        return 0.0, 0.0
+
+
+@contextlib.contextmanager
+def _unwatched(on: bool):
+    """While `on`: hvdtrain.progress's calls go to a _Silent publisher; then back to the rank's record."""
+    from hvdtrain import progress
+
+    if not on:
+        yield
+        return
+    saved = progress.publisher(), progress._opened
+    progress._publisher, progress._opened = _Silent(), True
+    try:
+        yield
+    finally:
+        progress._publisher, progress._opened = saved
+
+
+def progress_cost_us(passes: int, steps: int = 20000) -> float:
+    """What the Trainer's hvdtrain.progress calls of one step cost this rank, in microseconds: the same calls, in
+    the same order, into a record of its own, timed over `steps` steps (what trainer_unwatched leaves out)."""
+    from hvdtrain import progress
+
+    saved = progress.publisher(), progress._opened
+    progress._publisher, progress._opened = progress.Publisher(bytearray(progress.SIZE)), True
+    timer = progress.publisher()
+    try:
+        began = time.perf_counter()
+        for i in range(steps):
+            progress.step(i, phase="hook")
+            timer.spent()
+            progress.set_phase("forward")
+            for _ in range(passes):
+                progress.set_phase("forward")
+                progress.set_phase("backward")
+            progress.set_phase("allreduce")
+            progress.set_phase("optimizer")
+            progress.set_phase("hook")
+            timer.spent()
+        return (time.perf_counter() - began) / steps * 1e6
+    finally:
+        progress._publisher, progress._opened = saved
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc, 10 ms steps); 0 where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 ARM_RUNNERS = {
     "ddp": ddp_arm, "horovod": horovod_arm, "trainer": trainer_arm, "trainer_lean": trainer_arm, "sharded": sharded_arm,
-    "mpi4py": mpi4py_arm, "nocomm": nocomm_arm, "pipeline": pipeline_arm,
+    "mpi4py": mpi4py_arm, "nocomm": nocomm_arm, "pipeline": pipeline_arm, "trainer_unwatched": trainer_arm,
 }  # fmt: skip
 
 
