@@ -13,6 +13,11 @@ launcher. A task of an srun step of several whose --mpi plugin
 left it nothing to find the others by (--mpi=none: each MPI rank would be rank 0 of 1) does not start the
 command: one line naming the plugin to try, exit status 2.
 
+With a hang watchdog (HVDTRAIN_WATCHDOG, set by run_job unless --hang-timeout 0 or an elastic job) the command gets
+its progress record and its stack record (launching.ranklink: memfds, a sitecustomize that registers the stack
+dump), and a thread of the wrapper reports the progress to the watchdog once a second, dumps the rank's stacks
+and ends it when the watchdog asks.
+
 A rank never outlives its job: the command dies with the wrapper (the kernel's parent-death signal), and a thread
 ends the command (SIGTERM to its process group, SIGKILL after END_GRACE_S) once the process that started the
 wrapper is gone (the launcher's daemon, sshd's session, slurmstepd: the wrapper's parent changes) or, on the

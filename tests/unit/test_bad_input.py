@@ -108,6 +108,7 @@ CASES = [
     (["submit", "--run-dir", "a-file/r", "--", "true"], "a-file is a file, not a directory"),
     # every other output path, through the same check (hvdtrain.files.check_output_path)
     (["run", "--output-dir", "a-file", "--", "true"], "--output-dir a-file: exists and is not a directory"),
+    (["train", "--hang-timeout", "1e400"], "--hang-timeout 1e400: give a number of seconds"),
     (["run", "--output-dir", "a-file/logs", "--dry-run", "--", "true"], "a-file is a file, not a directory"),
     (["run", "--timeline", "--output-dir", "a-file", "--", "true"], "--output-dir a-file: exists and is not a"),
     (["report", "run", "--plot", "a-dir"], "--plot a-dir: is a directory; give the path of a file (e.g. a-dir/report"),

@@ -43,6 +43,11 @@ def hostfile(tmp_path):
         (["-np", "2", "--network-interface", ""], "--network-interface: bad list"),
         (["-np", "2", "--stall-timeout", "-1"], "--stall-timeout -1: give a number of seconds"),
         (["-np", "2", "--stall-timeout", "soon"], "'soon' is not a valid integer"),
+        (
+            ["-np", "2", "--hang-timeout", "soon"],
+            "--hang-timeout soon: give a number of seconds (e.g. 600), auto, or 0",
+        ),
+        (["-np", "2", "--hang-timeout", "-3"], "--hang-timeout -3: give a number of seconds"),
         (["-np", "2", "--ssh-config", "/nonexistent/ssh_config"], "--ssh-config: no such file"),
         (["-np", "2", "--timeline", "--elastic"], "--timeline cannot follow an elastic job"),
     ],

@@ -252,4 +252,5 @@ def test_diagnose_says_what_came_first(tmp_path):
     assert cause(failed) == "failed"
     assert cause(empty) is None
     elastic = {"min_np", "reset_limit", "blacklisted", "discovery"}  # diagnose_elastic's own
-    assert set(failures.CAUSES) == {"stall", "lost_host", "stopped", "failed"} | elastic
+    watchdog = {"hang"}  # run_job's own, from the hang watchdog (launching.watchdog)
+    assert set(failures.CAUSES) == {"stall", "lost_host", "stopped", "failed"} | elastic | watchdog

@@ -76,7 +76,7 @@ def test_requeue_after_preemption_respects_the_limit(fake_scontrol):
     assert fake_scontrol.read_text() == "requeue 7\n"
 
 
-def test_a_training_job_that_stalled_or_lost_a_host_requeues_inside_slurm(fake_scontrol):
+def test_a_training_job_that_stalled_hung_or_lost_a_host_requeues_inside_slurm(fake_scontrol):
     """hvdtrain train inside Slurm: a stall (or lost host) ends the launch; the report is said first, then the
     job is requeued like a preempted one. Outside Slurm, or with --no-requeue, nothing is requeued."""
     from hvdtrain import jobs
@@ -101,4 +101,4 @@ def test_a_training_job_that_stalled_or_lost_a_host_requeues_inside_slurm(fake_s
     )
     assert said[0].startswith("hvdtrain: error: rank 1 stalled") and said[1].startswith("not requeueing")
     assert fake_scontrol.read_text() == "requeue 7\n"
-    assert set(jobs.REQUEUE_CAUSES) == {"stall", "lost_host"}
+    assert set(jobs.REQUEUE_CAUSES) == {"stall", "hang", "lost_host"}
