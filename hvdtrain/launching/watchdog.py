@@ -70,6 +70,8 @@ class Watchdog:
         self._server.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._server, selectors.EVENT_READ)
+        self._wake, self._waker = socket.socketpair()  # close() wakes the loop at once: a job's end waits for nothing
+        self._selector.register(self._wake, selectors.EVENT_READ)
         self._pending: dict[socket.socket, bytes] = {}
         self.ranks: dict[int, _Rank] = {}
         self.hang: Optional[Hang] = None
@@ -86,11 +88,16 @@ class Watchdog:
 
     def close(self) -> None:
         self._closed.set()
+        try:
+            self._waker.send(b"x")
+        except OSError:
+            pass
         if self._thread is not None:
             self._thread.join(STACKS_WAIT_S + 5)
         for key in list(self._selector.get_map().values()):
             key.fileobj.close()
         self._selector.close()
+        self._waker.close()
 
     # ------------------------------------------------------------------------------------------------ the loop
     def _run(self, on_hang: Callable[[Hang], None]) -> None:
@@ -107,6 +114,8 @@ class Watchdog:
 
     def _poll(self, timeout: float) -> None:
         for key, _ in self._selector.select(timeout):
+            if key.fileobj is self._wake:
+                return
             if key.fileobj is self._server:
                 self._accept()
             else:
@@ -228,6 +237,8 @@ class Watchdog:
         asked = [r for r in self._tell_all({"do": "stacks"}) if now - r.heard < QUIET_S]
         deadline = now + STACKS_WAIT_S
         while time.monotonic() < deadline and any(r.stacks is None and not r.gone for r in asked):
+            if self._closed.is_set():
+                return
             self._poll(0.1)
         logs = RankLogs(self.log_dir)
         for r in self.ranks.values():
