@@ -59,10 +59,11 @@ class Frame:
 
     @property
     def library(self) -> bool:
-        """Code of the standard library, of an installed package, or hvdtrain's own: not the user's."""
+        """Code of the standard library (frozen modules too), of an installed package, or hvdtrain's own: not the
+        user's (`python -c` code, "<string>", is)."""
         path = self.file
         return (
-            path.startswith("<")
+            path.startswith("<frozen")
             or "site-packages" in path
             or "dist-packages" in path
             or path.startswith(_library_dirs())

@@ -6,6 +6,7 @@ and SIGKILL of hvdtrain leave no process. Plain python and C only: this venv's m
 (training under MPICH needs an MPICH-built venv)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,35 @@ def test_a_rank_that_fails_ends_the_job_fast_and_is_named(hvdtrain):
     report = [line for line in result.stderr.splitlines() if line.startswith("hvdtrain: error: ")]
     assert report and report[0].startswith("hvdtrain: error: rank 1 failed with exit status 1"), result.stderr
     assert "boom on purpose from rank 1" in result.stderr
+
+
+# Reports its steps; rank 1 stops at step 20, asleep in a function of its own.
+STOPS = """
+import os, time
+import hvdtrain.progress as progress
+def asleep_for_good():
+    time.sleep(120)
+for step in range(100000):
+    progress.step(step)
+    if os.environ["PMI_RANK"] == "1" and step == 20:
+        asleep_for_good()
+    time.sleep(0.01)
+"""
+
+
+def test_a_rank_that_makes_no_progress_is_ended_by_the_hang_watchdog(hvdtrain, tmp_path):
+    """Under Hydra too: the watchdog names rank 1 and its function, ends the job with status 124, keeps the stacks."""
+    started = time.monotonic()
+    logs = tmp_path / "logs"
+    result = hvdtrain("run", "-np", "2", "--hang-timeout", "4", "--output-dir", logs, "--", "python", "-c", STOPS)
+    took = time.monotonic() - started
+    assert result.returncode == 124, result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()
+    assert re.match(r"hvdtrain: error: hang: rank 1 \(\S+\) is in asleep_for_good \(<string>:5\) at step 20", line), (
+        line
+    )
+    assert "asleep_for_good" in (logs / "rank.1.stacks").read_text()
+    assert took < 40, took
 
 
 def test_usr1_and_usr2_reach_every_rank(start, tmp_path):
