@@ -215,27 +215,25 @@ class Watchdog:
         return Hang(bound, self.timeout is None, views, stuck)
 
     # ----------------------------------------------------------------------------------------- the stacks
-    def _tell_all(self, message: dict) -> list[_Rank]:
-        told = []
+    def _tell_all(self, message: dict, quiet_too: bool = True) -> list[_Rank]:
+        """Send `message` to every rank still there (not to those gone quiet unless `quiet_too`); the ranks told.
+        A line this small goes whole into the socket's buffer or not at all: no send waits (a host whose link is
+        down would hold the others' message up)."""
+        line, now, told = json.dumps(message).encode() + b"\n", time.monotonic(), []
         for r in self.ranks.values():
-            if r.gone or r.exited is not None:
+            if r.gone or r.exited is not None or (not quiet_too and now - r.heard >= QUIET_S):
                 continue
             try:
-                r.conn.setblocking(True)
-                r.conn.settimeout(1.0)
-                r.conn.sendall(json.dumps(message).encode() + b"\n")
-                told.append(r)
+                if r.conn.send(line) == len(line):
+                    told.append(r)
             except OSError:
                 pass
-            finally:
-                r.conn.setblocking(False)
         return told
 
     def _gather_stacks(self) -> None:
         """Every rank that can answer dumps its stacks; they are waited for (STACKS_WAIT_S at most) and written."""
-        now = time.monotonic()
-        asked = [r for r in self._tell_all({"do": "stacks"}) if now - r.heard < QUIET_S]
-        deadline = now + STACKS_WAIT_S
+        asked = self._tell_all({"do": "stacks"}, quiet_too=False)
+        deadline = time.monotonic() + STACKS_WAIT_S
         while time.monotonic() < deadline and any(r.stacks is None and not r.gone for r in asked):
             if self._closed.is_set():
                 return
