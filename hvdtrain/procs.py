@@ -17,15 +17,22 @@ LAUNCHER_ENV = "HVDTRAIN_LAUNCHER"  # `host pid start-time` of the hvdtrain proc
 _PR_SET_PDEATHSIG = 1
 
 
-def start_time(pid: int) -> Optional[str]:
-    """The process's start time (clock ticks after boot) from /proc, None when there is no such process."""
+def stat_fields(pid: int) -> Optional[list[bytes]]:
+    """/proc/PID/stat's fields from the third on (state, ppid, pgrp, ...: index = field number - 3), None when there
+    is no such process. The command name (field 2) is in parentheses and may hold spaces: fields are counted after
+    its last ')'."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces: count fields after its last ')'.
-    return stat[stat.rfind(b")") + 2 :].split()[19].decode()
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> Optional[str]:
+    """The process's start time (clock ticks after boot) from /proc, None when there is no such process."""
+    fields = stat_fields(pid)
+    return fields[19].decode() if fields else None
 
 
 def identity(pid: Optional[int] = None) -> str:

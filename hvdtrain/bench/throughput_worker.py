@@ -358,12 +358,10 @@ def progress_cost_us(passes: int, steps: int = 20000) -> float:
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far (/proc, 10 ms steps); 0 where /proc cannot say."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    from hvdtrain import procs
+
+    fields = procs.stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 ARM_RUNNERS = {

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from hvdtrain import progress
+from hvdtrain import procs, progress
 from hvdtrain.launching.hangs import STATES
 
 WATCHDOG_ENV = "HVDTRAIN_WATCHDOG"
@@ -56,27 +56,15 @@ def format_watchdog(port: int, token: str, addresses: list[str]) -> str:
 
 def process_state(pid: int) -> Optional[str]:
     """The process's state letter (/proc/PID/stat field 3), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rfind(b")") + 2 :].split()[0].decode()
+    fields = procs.stat_fields(pid)
+    return fields[0].decode() if fields else None
 
 
 def _group_members(pgid: int) -> list[int]:
     """The processes of process group `pgid`, the group's leader first."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rfind(b")") + 2 :].split()[2]) == pgid:
-            members.append(int(entry))
+    members = [
+        int(e) for e in os.listdir("/proc") if e.isdigit() and (f := procs.stat_fields(int(e))) and int(f[2]) == pgid
+    ]
     return sorted(members, key=lambda pid: (pid != pgid, pid))
 
 
