@@ -201,7 +201,7 @@ def test_a_rank_that_makes_no_progress_is_ended_by_the_hang_watchdog(hvdtrain, t
     result = hvdtrain("run", "-np", "2", "--hang-timeout", "4", "--output-dir", logs, "--", "python", "-c", STOPS)
     took = time.monotonic() - started
     assert result.returncode == 124, result.stdout + result.stderr
-    (line,) = result.stderr.splitlines()
+    line = result.stderr.splitlines()[-1]  # after run's warnings that this venv's Horovod and mpi4py are Open MPI's
     assert re.match(r"hvdtrain: error: hang: rank 1 \(\S+\) is in asleep_for_good \(<string>:5\) at step 20", line), (
         line
     )
