@@ -20,7 +20,8 @@ tests/e2e/test_train.py's resume test), saying on stderr what it passed over.
 The moments are timed by the tests' hook module (tests/faulthooks.py: a mark file written at the moment; steps
 slowed so that a kill lands mid-training; rank 0's checkpoint write paused once its data is in the temporary file).
 Left out: a full disk (owned by the full-disk work) and a lost host (tests/cluster). Horovod 0.28.1's stall
-shutdown does not act under --gloo (a rank stalled 140 s was never named), so the stall row runs under mpirun.
+shutdown does not act under --gloo (a rank stalled 140 s was never named), so the stall row runs under mpirun; the
+hang watchdog, which does, has its own table (tests/e2e/test_hangs.py).
 """
 
 from __future__ import annotations
