@@ -20,16 +20,9 @@ import sysconfig
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hvdtrain.launching.ranklink import STATES
 from hvdtrain.progress import COLLECTIVE_PHASES
 
-STATES = {
-    "R": "running",
-    "S": "sleeping",
-    "D": "in uninterruptible sleep (I/O: a hung file system or device?)",
-    "T": "stopped (SIGSTOP)",
-    "t": "stopped by a debugger",
-    "Z": "a zombie",
-}  # a process's state letter (/proc/PID/stat), in words
 _THREAD_RE = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+) \(most recent call first\):")
 _FRAME_RE = re.compile(r'^\s+File "(.*)", line (\d+) in (.*)$')
 _PROCESS_RE = re.compile(r"^=== pid (\d+): (.*) ===$")

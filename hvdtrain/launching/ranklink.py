@@ -30,12 +30,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from hvdtrain import procs, progress
-from hvdtrain.launching.hangs import STATES
 
 WATCHDOG_ENV = "HVDTRAIN_WATCHDOG"
 STACKS_SIGNAL_ENV = "HVDTRAIN_STACKS_SIGNAL"
 DUMP_SIGNAL = signal.SIGRTMIN + 6  # no MPI, Horovod or torch handler uses it; the sitecustomize registers it
 SITE_DIR = Path(__file__).resolve().parent / "site"  # the sitecustomize that registers it
+STATES = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "in uninterruptible sleep (I/O: a hung file system or device?)",
+    "T": "stopped (SIGSTOP)",
+    "t": "stopped by a debugger",
+    "Z": "a zombie",
+}  # a process's state letter (/proc/PID/stat), in words
 BEAT_S = 1.0  # how often the wrapper tells the watchdog where its rank is
 CONNECT_TIMEOUT_S = 3.0
 DUMP_SETTLE_S = 0.15  # a process's dump is done when its record has not grown for this long ...
