@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["hvdtrain", "hvdtrain.*"]),
-    package_data={"hvdtrain.slurm": ["templates/*.sh"]},
+    # the sitecustomize the rank wrapper puts first on a rank's PYTHONPATH (launching.ranklink): a plain directory
+    package_data={"hvdtrain.slurm": ["templates/*.sh"], "hvdtrain.launching": ["site/sitecustomize.py"]},
     # torch and horovod are deliberately not listed: torch must be the build Horovod was compiled
     # against, and Horovod 0.28.1 needs a source build, with hvdtrain's patch unless --stock-horovod (scripts/setup.sh
     # does both).
