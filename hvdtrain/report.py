@@ -131,19 +131,7 @@ def load(path: Path, warn: Callable[[str], None] = _ignore) -> Run:
     if result is not None and not isinstance(result, dict):
         warn(f"{run_dir.result}: skipped, it is not a JSON object")
         result = None
-    return Run(run_dir.path, records, result, autotune(run_dir.autotune, warn), rank_hosts(run_dir))
-
-
-def rank_hosts(run_dir: RunDir) -> dict[int, str]:
-    """The host each rank started on, from the rank wrapper's records (none for an elastic job's workers, whose
-    ranks change at every reset, nor where logs/ is on another host's disk)."""
-    hosts = {}
-    for rank, p in run_dir.logs.host_records():
-        try:
-            hosts[rank] = p.read_text().strip() or "?"
-        except (OSError, UnicodeDecodeError):
-            continue
-    return hosts
+    return Run(run_dir.path, records, result, autotune(run_dir.autotune, warn), run_dir.logs.hosts())
 
 
 def autotune(path: Path, warn: Callable[[str], None] = _ignore) -> Optional[dict[str, Any]]:

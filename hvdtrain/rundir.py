@@ -68,8 +68,9 @@ class RankLogs:
     def host(self, rank: int) -> Path:
         return self.path / f"rank.{rank}.host"
 
-    def stacks(self, rank: int) -> Path:
-        """The rank's stacks, every Python process and thread of it, as the hang watchdog had them dumped."""
+    def stacks(self, rank: Union[int, str]) -> Path:
+        """The rank's stacks, every Python process and thread of it, as the hang watchdog had them dumped (`rank`
+        "R": the pattern, as a report names every rank's)."""
         return self.path / f"rank.{rank}.stacks"
 
     def log_pattern(self, pattern: str) -> Path:
@@ -92,6 +93,16 @@ class RankLogs:
     def host_records(self) -> Iterator[tuple[int, Path]]:
         """(rank, path) of every host record present, in no particular order."""
         return self._records("host")
+
+    def hosts(self) -> dict[int, str]:
+        """rank -> the host it started on, from every host record present that can be read ("?" when empty)."""
+        hosts = {}
+        for rank, p in self.host_records():
+            try:
+                hosts[rank] = p.read_text().strip() or "?"
+            except (OSError, UnicodeDecodeError):
+                continue
+        return hosts
 
     def _records(self, kind: str) -> Iterator[tuple[int, Path]]:
         for p in self.path.glob(f"rank.*.{kind}"):

@@ -117,12 +117,7 @@ def read_records(log_dir: str, starts: Optional[Mapping[int, int]] = None) -> di
     """Every rank with a host or exit record in `log_dir` (`starts`: where this job's part of each log begins)."""
     starts = starts or {}
     logs = RankLogs(log_dir)
-    hosts: dict[int, str] = {}
-    for rank, p in logs.host_records():
-        try:
-            hosts[rank] = p.read_text().strip() or "?"
-        except OSError:
-            continue
+    hosts = logs.hosts()
     exits = exit_statuses(log_dir)
     out = {}
     for rank in sorted(set(hosts) | set(exits)):

@@ -31,8 +31,8 @@ from hvdtrain.launching.rank import signal_wrappers
 from hvdtrain.launching.spec import LaunchSpec
 from hvdtrain.rundir import RankLogs
 
-STOP_GRACE_S = 30.0
-HANG_END_GRACE_S = 10.0  # after the hang watchdog's SIGTERM, how long the launcher may take before it is SIGKILLed  # after SIGTERM, how long the launcher may take to end the job before it is SIGKILLed
+STOP_GRACE_S = 30.0  # after SIGTERM, how long the launcher may take to end the job before it is SIGKILLed
+HANG_END_GRACE_S = 10.0  # after the hang watchdog's SIGTERM, how long the launcher may take before it is SIGKILLed
 # What run_job keeps of an elastic launcher's output (the failure report reads horovodrun's own lines in it).
 ELASTIC_OUTPUT_LINES = 300
 # horovodrun's multiprocessing resource tracker, which frees its semaphores when the launcher is SIGKILLed: no warning.
@@ -393,7 +393,7 @@ def _diagnose(job: _Job, status: int, output: list[str], tee: Optional[_Tee]) ->
     hang = job.watch.hang if job.watch is not None else None
     if hang is not None and not stopped_by:
         raise LaunchError(
-            hangs.describe(hang, str(RankLogs(job.log_dir).stacks(0)).replace("rank.0.", "rank.R.")),
+            hangs.describe(hang, str(RankLogs(job.log_dir).stacks("R"))),
             watchdog.HANG_STATUS,
             "hang",
         )
