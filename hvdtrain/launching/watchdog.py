@@ -45,7 +45,6 @@ class _Rank:
     conn: socket.socket
     heard: float  # monotonic time of its last message
     changed: float  # ... of the last change of its record
-    record: tuple = ()  # (beats, step, phase) as last reported
     step: Optional[int] = None
     phase: Optional[str] = None
     beats: int = 0
@@ -72,7 +71,8 @@ class Watchdog:
         self._selector.register(self._server, selectors.EVENT_READ)
         self._wake, self._waker = socket.socketpair()  # close() wakes the loop at once: a job's end waits for nothing
         self._selector.register(self._wake, selectors.EVENT_READ)
-        self._pending: dict[socket.socket, bytes] = {}
+        self._pending: dict[socket.socket, bytes] = {}  # each connection's unfinished line
+        self._owner: dict[socket.socket, _Rank] = {}  # each connection's rank, once it said hello
         self.ranks: dict[int, _Rank] = {}
         self.hang: Optional[Hang] = None
         self._closed = threading.Event()
@@ -155,9 +155,9 @@ class Watchdog:
         self._selector.unregister(conn)
         self._pending.pop(conn, None)
         conn.close()
-        for r in self.ranks.values():
-            if r.conn is conn:
-                r.gone = True
+        r = self._owner.pop(conn, None)
+        if r is not None:
+            r.gone = True
 
     def _message(self, conn: socket.socket, message: dict) -> None:
         now = time.monotonic()
@@ -166,9 +166,9 @@ class Watchdog:
                 self._drop(conn)
                 return
             rank = message["rank"]
-            self.ranks[rank] = _Rank(rank, str(message.get("host", "?")), conn, now, now)
+            self.ranks[rank] = self._owner[conn] = _Rank(rank, str(message.get("host", "?")), conn, now, now)
             return
-        r = next((r for r in self.ranks.values() if r.conn is conn), None)
+        r = self._owner.get(conn)
         if r is None:
             return
         r.heard = now
@@ -179,8 +179,8 @@ class Watchdog:
         else:
             r.state = message.get("state")
             record = (message.get("beats", 0), message.get("step"), message.get("phase"))
-            if record != r.record:
-                r.record, r.changed = record, now
+            if record != (r.beats, r.step, r.phase):
+                r.changed = now
                 r.beats, r.step, r.phase = record
                 r.step_s = max(r.step_s, float(message.get("step_s") or 0.0))
             if message.get("age") is not None and r.beats:  # its phase began before the wrapper's report said so
@@ -196,17 +196,13 @@ class Watchdog:
     def check(self, now: float) -> Optional[Hang]:
         """The hang, once a rank is past the bound; None while none is."""
         bound = self.bound()
-        stuck = []
-        for r in self.ranks.values():
-            if r.gone or r.exited is not None:
-                continue
-            if now - r.heard >= max(bound, QUIET_S) or (r.beats and now - r.changed >= bound):
-                stuck.append(r.rank)
-        if not stuck:
+        live = [r for r in self.ranks.values() if not r.gone and r.exited is None]
+        # Silent: not heard for a few reports; past the bound that is a hang, and then the others gone quiet too
+        # are named with it (those of a host whose link went down are a report behind).
+        silent = {r.rank: now - r.heard for r in live if now - r.heard >= QUIET_S}
+        if not any(silent.get(r.rank, 0.0) >= bound or (r.beats and now - r.changed >= bound) for r in live):
             return None
-        # Silent: not heard for a few reports (the others of a host whose link went down are a report behind).
-        silent = {r.rank: now - r.heard for r in self.ranks.values() if r.exited is None and now - r.heard >= QUIET_S}
-        stuck = sorted({*stuck, *silent})
+        stuck = sorted({*silent, *(r.rank for r in live if r.beats and now - r.changed >= bound)})
         views = [
             RankView(r.rank, r.host, r.step, r.phase, now - r.changed if r.beats else None, silent.get(r.rank),
                      r.state, r.exited)
@@ -260,11 +256,11 @@ def for_spec(spec, log_dir: str) -> Optional[Watchdog]:
     from hvdtrain.launching.hosts import interface_addresses, is_local_host
 
     names = [h.name for h in spec.hosts]
-    if spec.launcher == "srun":
-        slurm = SlurmEnv.read()
-        names = expand_hostlist(slurm.nodelist, "SLURM_JOB_NODELIST") if slurm.nodelist else ["?"]
+    if spec.launcher == "srun":  # Slurm places the ranks: on the allocation's hosts
+        nodelist = SlurmEnv.read().nodelist
+        names = expand_hostlist(nodelist, "SLURM_JOB_NODELIST") if nodelist else []
     remote = [name for name in names if not is_local_host(name)]
-    if not remote:
+    if names and not remote:
         return Watchdog(spec.hang_timeout, log_dir, ["127.0.0.1"], local_only=True)
     nics = interface_addresses()
     mine = [a for nic in spec.nics for a in sorted(nics.get(nic, ()))]
