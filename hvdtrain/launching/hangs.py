@@ -20,7 +20,7 @@ import sysconfig
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hvdtrain.launching.ranklink import STATES
+from hvdtrain.launching.ranklink import STATES, STOPPED
 from hvdtrain.progress import COLLECTIVE_PHASES
 
 _THREAD_RE = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+) \(most recent call first\):")
@@ -73,14 +73,13 @@ class Thread:
 class Process:
     pid: Optional[int]
     command: str
-    threads: tuple[Thread, ...]
-    note: str = ""  # "(not dumped: stopped (SIGSTOP))"
+    threads: tuple[Thread, ...]  # none for a process that was not dumped (stopped)
 
 
 def parse_stacks(text: str) -> list[Process]:
     """The processes and threads of a rank's dump, as the rank wrapper gathered it."""
     processes: list[Process] = []
-    pid, command, note, threads, frames, current = None, "", "", [], None, False
+    pid, command, threads, frames, current = None, "", [], None, False
 
     def close_thread():
         nonlocal frames
@@ -89,11 +88,11 @@ def parse_stacks(text: str) -> list[Process]:
         frames = None
 
     def close_process():
-        nonlocal threads, note
+        nonlocal threads
         close_thread()
         if pid is not None or threads:
-            processes.append(Process(pid, command, tuple(threads), note))
-        threads, note = [], ""
+            processes.append(Process(pid, command, tuple(threads)))
+        threads = []
 
     for line in text.splitlines():
         if m := _PROCESS_RE.match(line):
@@ -104,8 +103,6 @@ def parse_stacks(text: str) -> list[Process]:
             frames, current = [], m.group(1) == "Current thread"
         elif (m := _FRAME_RE.match(line)) and frames is not None:
             frames.append(Frame(m.group(1), int(m.group(2)), m.group(3)))
-        elif line.startswith("(not dumped"):
-            note = line.strip("()")
     close_process()
     return processes
 
@@ -148,14 +145,14 @@ class RankView:
     host: str
     step: Optional[int] = None
     phase: Optional[str] = None
-    idle_s: Optional[float] = None  # since its record last changed (None: it never reported)
     silent_s: Optional[float] = None  # since its wrapper was last heard, when that is past the timeout
     state: Optional[str] = None  # the process state letter (ranklink.STATES)
     exited: Optional[int] = None  # its exit status, when it had ended
-    stacks: Optional[str] = None  # its dump
+    stacks: Optional[str] = None  # its dump (the watchdog fills it in before the hang is told)
 
-    @property
+    @functools.cached_property
     def thread(self) -> Optional[Thread]:
+        """Its main thread, from its dump: parsed once, when the hang is told."""
         return main_thread(parse_stacks(self.stacks or ""))
 
     @property
@@ -178,7 +175,7 @@ class Hang:
     def culprits(self) -> list[int]:
         views = {v.rank: v for v in self.ranks}
         stuck = [views[r] for r in self.stuck]
-        for test in (lambda v: v.silent_s is not None, lambda v: v.state in ("T", "t")):
+        for test in (lambda v: v.silent_s is not None, lambda v: v.state in STOPPED):
             found = [v.rank for v in stuck if test(v)]
             if found:
                 return found
@@ -213,7 +210,7 @@ def _culprit_words(v: RankView) -> str:
     if v.silent_s is not None:
         last = f", last seen in {v.phase}{_at(v)}" if v.phase else ""
         return f"{who}: no word from its host for {v.silent_s:.0f} s (the host or its link is down?){last}"
-    if v.state in ("T", "t", "D"):
+    if v.state in (*STOPPED, "D"):
         return f"{who} is {STATES[v.state]}" + (f", in {v.phase}" if _named_phase(v) else "") + _at(v)
     frame = place(v.thread)
     where = f" is in {frame}" if frame else " gave no stack"

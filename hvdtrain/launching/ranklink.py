@@ -43,6 +43,7 @@ STATES = {
     "t": "stopped by a debugger",
     "Z": "a zombie",
 }  # a process's state letter (/proc/PID/stat), in words
+STOPPED = ("T", "t")  # the states of a process that runs no more until it is continued
 BEAT_S = 1.0  # how often the wrapper tells the watchdog where its rank is
 CONNECT_TIMEOUT_S = 3.0
 DUMP_SETTLE_S = 0.15  # a process's dump is done when its record has not grown for this long ...
@@ -128,7 +129,7 @@ class RankRecords:
         for pid in _group_members(pgid):
             state = process_state(pid)
             header = f"=== pid {pid}: {_command_line(pid)} ===\n"
-            if state in ("T", "t"):
+            if state in STOPPED:
                 os.pwrite(self.stacks_fd, f"{header}(not dumped: {STATES[state]})\n".encode(), self._end())
                 continue
             if not catches(pid, DUMP_SIGNAL):

@@ -204,8 +204,7 @@ class Watchdog:
             return None
         stuck = sorted({*silent, *(r.rank for r in live if r.beats and now - r.changed >= bound)})
         views = [
-            RankView(r.rank, r.host, r.step, r.phase, now - r.changed if r.beats else None, silent.get(r.rank),
-                     r.state, r.exited)
+            RankView(r.rank, r.host, r.step, r.phase, silent.get(r.rank), r.state, r.exited)
             for r in sorted(self.ranks.values(), key=lambda r: r.rank)
         ]  # fmt: skip
         return Hang(bound, self.timeout is None, views, stuck)
