@@ -105,12 +105,17 @@ class Publisher:
                name)  # fmt: skip
         self._seq += 2
 
+    def _totals(self, now: float) -> tuple[float, float]:
+        """(work_s, wait_s) up to `now`, the phase the rank is in counted too (as work, as waiting, or not)."""
+        running = now - self._since
+        if self._phase in COLLECTIVE_PHASES:
+            return self.work_s, self.wait_s + running
+        if self._phase in _NOT_COUNTED:
+            return self.work_s, self.wait_s
+        return self.work_s + running, self.wait_s
+
     def _enter(self, name: str, now: float) -> None:
-        phase = self._phase
-        if phase in COLLECTIVE_PHASES:
-            self.wait_s += now - self._since
-        elif phase not in _NOT_COUNTED:
-            self.work_s += now - self._since
+        self.work_s, self.wait_s = self._totals(now)
         self._phase, self._since = name, now
 
     def step(self, n: Optional[int] = None, phase: str = "step") -> None:
@@ -132,12 +137,7 @@ class Publisher:
 
     def spent(self) -> tuple[float, float]:
         """(work_s, wait_s) up to now, the phase the rank is in counted too."""
-        running = time.monotonic() - self._since
-        if self._phase in COLLECTIVE_PHASES:
-            return self.work_s, self.wait_s + running
-        if self._phase in ("start", "done"):
-            return self.work_s, self.wait_s
-        return self.work_s + running, self.wait_s
+        return self._totals(time.monotonic())
 
 
 def _open() -> Optional[Publisher]:
@@ -165,6 +165,19 @@ def publisher(create: bool = False) -> Optional[Publisher]:
     if _publisher is None and create:
         _publisher = Publisher(bytearray(SIZE))
     return _publisher
+
+
+@contextlib.contextmanager
+def using(replacement) -> Iterator[None]:
+    """This process's calls go to `replacement` (a Publisher, or anything with its methods) for the block, then
+    back to the process's own (a benchmark's arms: timing the calls, or leaving them out)."""
+    global _publisher, _opened
+    saved = publisher(), _opened
+    _publisher, _opened = replacement, True
+    try:
+        yield
+    finally:
+        _publisher, _opened = saved
 
 
 def step(n: Optional[int] = None, phase: str = "step") -> None:

@@ -51,6 +51,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from hvdtrain import procs, progress
 from hvdtrain.bench.plans import BASELINE_ARMS, MPI_ARMS, Measurement, ModelShape, Timing, TrainWorkerPlan
 from hvdtrain.bench.report import tuning_env, write_json
 from hvdtrain.env import rank_info
@@ -284,7 +285,7 @@ def trainer_arm(plan: TrainWorkerPlan, shape: ModelShape, m: Measurement) -> tup
     )  # fmt: skip
     timer = StepStamps()
     wrapper_before = _cpu_seconds(os.getppid())
-    with _unwatched(m.arm == "trainer_unwatched"):
+    with progress.using(_Silent()) if m.arm == "trainer_unwatched" else contextlib.nullcontext():
         result = Trainer(cfg, dataset=dataset, echo=lambda _line: None, hooks=[timer]).fit()
     wrapper_cpu = _cpu_seconds(os.getppid()) - wrapper_before
     hvd.barrier()
@@ -314,31 +315,11 @@ class _Silent:
         return 0.0, 0.0
 
 
-@contextlib.contextmanager
-def _unwatched(on: bool):
-    """While `on`: hvdtrain.progress's calls go to a _Silent publisher; then back to the rank's record."""
-    from hvdtrain import progress
-
-    if not on:
-        yield
-        return
-    saved = progress.publisher(), progress._opened
-    progress._publisher, progress._opened = _Silent(), True
-    try:
-        yield
-    finally:
-        progress._publisher, progress._opened = saved
-
-
 def progress_cost_us(passes: int, steps: int = 20000) -> float:
     """What the Trainer's hvdtrain.progress calls of one step cost this rank, in microseconds: the same calls, in
     the same order, into a record of its own, timed over `steps` steps (what trainer_unwatched leaves out)."""
-    from hvdtrain import progress
-
-    saved = progress.publisher(), progress._opened
-    progress._publisher, progress._opened = progress.Publisher(bytearray(progress.SIZE)), True
-    timer = progress.publisher()
-    try:
+    timer = progress.Publisher(bytearray(progress.SIZE))
+    with progress.using(timer):
         began = time.perf_counter()
         for i in range(steps):
             progress.step(i, phase="hook")
@@ -352,14 +333,10 @@ def progress_cost_us(passes: int, steps: int = 20000) -> float:
             progress.set_phase("hook")
             timer.spent()
         return (time.perf_counter() - began) / steps * 1e6
-    finally:
-        progress._publisher, progress._opened = saved
 
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far (/proc, 10 ms steps); 0 where /proc cannot say."""
-    from hvdtrain import procs
-
     fields = procs.stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
