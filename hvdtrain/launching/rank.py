@@ -252,9 +252,10 @@ def _record(path: Path, text: str) -> None:
 
 def _run_teed(command: list[str], env: dict[str, str], log, name: str, parent: int, rank: int) -> int:
     """Run `command` with its output copied to `log` and our stdout; its exit status (128 + N for signal N; 127 when
-    it cannot start). Signals are forwarded to it; it ends when the wrapper's parent or the launcher is gone. With a hang watchdog (ranklink.WATCHDOG_ENV) the
-    command gets its progress and stack records, and a thread of ours tells the watchdog where it is."""
-    watchdog = ranklink.watchdog_value()
+    it cannot start). Signals are forwarded to it; it ends when the wrapper's parent or the launcher is gone. With a
+    hang watchdog (ranklink.WATCHDOG_ENV) the command gets its progress and stack records, and a thread of ours
+    tells the watchdog where it is."""
+    watchdog = os.environ.get(ranklink.WATCHDOG_ENV)
     records = ranklink.records_or_none(log.write) if watchdog else None
     if records is not None:
         env = {**env, **records.env(env)}

@@ -242,11 +242,6 @@ class Link:
         sock.sendall(json.dumps(message).encode() + b"\n")
 
 
-def watchdog_value(environ=None) -> Optional[str]:
-    environ = os.environ if environ is None else environ
-    return environ.get(WATCHDOG_ENV) or None
-
-
 def records_or_none(say) -> Optional[RankRecords]:
     """The rank's records, None where memfds are not available (not Linux): the rank then runs unwatched."""
     try:
