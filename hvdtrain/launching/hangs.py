@@ -182,6 +182,11 @@ class Hang:
         working = [v.rank for v in stuck if not v.waiting]
         if working and len(working) < len(stuck):
             return working
+        if stuck and not working:  # each rank past the bound waits on the others: a rank busy elsewhere, not yet
+            # past it (it got there later), holds them up
+            busy = [v.rank for v in self.ranks if v.rank not in self.stuck and v.exited is None and not v.waiting]
+            if busy:
+                return sorted(busy)
         groups: dict[Optional[Frame], list[int]] = {}
         for v in stuck:
             groups.setdefault(place(v.thread), []).append(v.rank)

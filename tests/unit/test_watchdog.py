@@ -314,6 +314,15 @@ Current thread 0x1 (most recent call first):
     assert "ranks 0, 2 wait in train_step (s.py:25) at step 812" in text and "--hang-timeout 10 (auto)" in text
 
 
+def test_a_rank_that_came_later_and_is_busy_holds_up_the_ones_already_past_the_bound():
+    """Rank 0 reached the collective first and is past the bound first; rank 1, in its own loop since, is not yet:
+    rank 1 is the one named."""
+    views = [_view(0, "allreduce"), _view(1, "step", _DUMP.format(pid=1, file="/u/t.py", line=13, func="test_hang"))]
+    hang = hangs.Hang(5, False, views, [0])
+    assert hang.culprits() == [1]
+    assert hangs.describe(hang).startswith("hang: rank 1 (node1) is in test_hang (t.py:13) at step 812; rank 0 waits")
+
+
 def test_a_stopped_rank_comes_first():
     views = [_view(0, "allreduce"), _view(1, "forward", state="T", step=40)]
     hang = hangs.Hang(5, False, views, [0, 1])
