@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Collection, Optional
+from typing import BinaryIO, Callable, Collection, Optional
 
 from hvdtrain import errors, procs, startup
 from hvdtrain.errors import LaunchError
@@ -107,10 +107,11 @@ class _Tee:
     its last `keep` lines kept for the failure report; read by a thread, so that run_job waits on the launcher
     itself (and its signals) as for any job."""
 
-    def __init__(self, pipe, keep: int = ELASTIC_OUTPUT_LINES):
+    def __init__(self, pipe, keep: int = ELASTIC_OUTPUT_LINES, sink=None):
         import collections
         import threading
 
+        self._sink = sink  # a binary file the lines go to instead of our stdout
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
         self._held: list[bytes] = []
         self._pipe = pipe
@@ -131,10 +132,9 @@ class _Tee:
                 self.release()
                 self._write(line)
 
-    @staticmethod
-    def _write(line: bytes) -> None:
+    def _write(self, line: bytes) -> None:
         try:
-            out = getattr(sys.stdout, "buffer", None)
+            out = self._sink if self._sink is not None else getattr(sys.stdout, "buffer", None)
             if out is not None:
                 out.write(line)
             else:
@@ -172,6 +172,7 @@ class _Job:
     stops: list[str] = dataclasses.field(default_factory=list)  # SIGTERM/SIGINT received, in order
     stopping: list = dataclasses.field(default_factory=list)  # the launcher's process tree, once it was told to stop
     watch: Optional[watchdog.Watchdog] = None  # the hang watchdog (launching.watchdog), None when off
+    output: Optional[BinaryIO] = None  # where the launcher's output goes (None: our stdout)
 
 
 def run_job(
@@ -179,8 +180,10 @@ def run_job(
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
     on_interrupt: Optional[Callable[[], bool]] = None,
+    output: Optional[BinaryIO] = None,
 ) -> int:
     """Run the job (or print it with dry_run); returns the job's exit status, raising LaunchError on failure.
+    `output`: a binary file the launcher's output (the ranks' output with it) goes to instead of our stdout.
     A job stopped by Ctrl-C ends with status 130 (INTERRUPTED); `on_interrupt`, called at the first Ctrl-C,
     asks the ranks to stop gracefully and returns True, or returns False: then the launcher ends them.
 
@@ -204,7 +207,7 @@ def run_job(
         return 0
     dog = watchdog.for_spec(spec, os.path.abspath(log_dir))
     job = _prepare(spec, argv, {**extra, **(dog.env() if dog else {})}, log_dir, keep_logs)
-    job.watch = dog
+    job.watch, job.output = dog, output
     try:
         status, tee = _start_and_wait(job, on_interrupt)
     finally:
@@ -292,9 +295,9 @@ def _start_and_wait(job: _Job, on_interrupt: Optional[Callable[[], bool]]) -> tu
     tee = None
     if job.spec.launcher == "horovodrun" and job.spec.controller != "mpi":
         proc = subprocess.Popen(job.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
-        tee = _Tee(proc.stdout)
+        tee = _Tee(proc.stdout, sink=job.output)
     else:
-        proc = subprocess.Popen(job.argv, stderr=subprocess.STDOUT, **popen)
+        proc = subprocess.Popen(job.argv, stdout=job.output, stderr=subprocess.STDOUT, **popen)
     forward = _forwarder(job, proc, on_interrupt)
     if job.watch is not None:  # a hang: the ranks' stacks are taken, the ranks told to end, then the launcher
         job.watch.start(lambda _hang: _end_hung(job, proc))
