@@ -25,5 +25,9 @@ setup(
         "tqdm",
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout", "ruff", "hypothesis"]},
-    entry_points={"console_scripts": ["hvdtrain=hvdtrain.cli:main"]},
+    entry_points={
+        "console_scripts": ["hvdtrain=hvdtrain.cli:main"],
+        # the pytest plugin (hvdtrain.testing): inert unless a test is marked ranks(N)
+        "pytest11": ["hvdtrain = hvdtrain.testing.plugin"],
+    },
 )

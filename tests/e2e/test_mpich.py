@@ -209,6 +209,22 @@ def test_a_rank_that_makes_no_progress_is_ended_by_the_hang_watchdog(hvdtrain, t
     assert took < 40, took
 
 
+RANKS_TESTS = "import pytest\n\n\n@pytest.mark.ranks([2, 3])\ndef test_place(world):\n    assert world.rank < 2\n"
+
+
+def test_the_pytest_plugin_launches_its_tests_through_hydra(mpich_env, tmp_path):
+    """hvdtrain.testing under an MPICH module: a plain pytest launches each size through mpiexec, each rank knows its
+    place (PMI_RANK), and a failing rank is named in the test's one line."""
+    (tmp_path / "test_ranks.py").write_text(RANKS_TESTS)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--color=no", "-rA", "test_ranks.py"],
+        cwd=tmp_path, env={**mpich_env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "PASSED test_ranks.py::test_place[np2]" in done.stdout, done.stdout + done.stderr
+    assert "FAILED test_ranks.py::test_place[np3] - rank 2: assert 2 < 2" in done.stdout, done.stdout
+    assert done.returncode == 1
+
+
 def test_usr1_and_usr2_reach_every_rank(start, tmp_path):
     """Preemption warnings: Hydra passes USR1 on, and would die of USR2 (hvdtrain gives it to the wrappers)."""
     proc, _ = start(SIGNALS)
