@@ -7,12 +7,6 @@ cd "$repo"
 py=${HVDTRAIN_VENV:-$repo/.venv}/bin/python
 # sbin too: the slurm and cluster tiers need slurmctld, sshd, sysctl whatever PATH the caller had.
 export PATH=$(dirname "$py"):$PATH:/usr/local/sbin:/usr/sbin:/sbin OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-mpi_pytest() {  # NP LIMIT_S PYTEST_ARGS...
-  local np=$1 limit=$2
-  shift 2
-  timeout -k 10 "$limit" mpirun -np "$np" --oversubscribe --bind-to none \
-    "$py" -m mpi4py -m pytest -p no:cacheprovider -q -x "$@"
-}
 tiers=("$@")
 [ ${#tiers[@]} -eq 0 ] && tiers=(unit mpi e2e slurm cluster login)
 failed=()
@@ -20,20 +14,10 @@ for tier in "${tiers[@]}"; do
   echo "=== tier: $tier"
   case $tier in
     mpi)
-      # Every rank runs the same pytest session; `python -m mpi4py` aborts the job on an uncaught
-      # exception, pytest-timeout ends a rank stuck in a collective, and `timeout` is the last backstop.
-      # Then the sharded optimizer again with world sizes that do not divide its parameter count, and local SGD
-      # with a mean of ranks that is not a half, parameter servers with 2 workers or 2 servers, and pipelines of
-      # 3 stages, of 2 stages x 2 replicas and of 4 stages. The flat groups run in a session of their own:
-      # Horovod's groups (DistributedOptimizer(groups=...), stock or flat) hang when made after the hvd.join()
-      # of test_data_parallel's uneven test in the same process (docs/architecture.md, "One grouped allreduce").
-      mpi_pytest 2 900 tests/mpi --ignore=tests/mpi/test_flat_groups.py --timeout=300 &&
-        mpi_pytest 2 300 tests/mpi/test_flat_groups.py --timeout=120 &&
-        mpi_pytest 3 300 tests/mpi/test_flat_groups.py --timeout=120 &&
-        mpi_pytest 3 300 tests/mpi/test_zero.py --timeout=120 &&
-        mpi_pytest 4 300 tests/mpi/test_zero.py --timeout=120 &&
-        mpi_pytest 3 300 tests/mpi/test_local_sgd.py tests/mpi/test_ps.py tests/mpi/test_pipe.py --timeout=120 &&
-        mpi_pytest 4 300 tests/mpi/test_pipe.py --timeout=120 ;;
+      # Tests marked ranks(N) (hvdtrain's pytest plugin): each rank count's tests run as one job, each rank a
+      # pytest session; a test with no progress on some rank for --ranks-timeout seconds is ended by the hang
+      # watchdog, naming the rank with every rank's stack. The examples' tests of a user's model run here too.
+      "$py" -m pytest tests/mpi examples/testing -q -p no:cacheprovider --ranks-timeout 300 ;;
     unit|e2e|slurm|cluster)
       "$py" -m pytest "tests/$tier" -q --timeout=900 ;;
     login)

@@ -11,6 +11,8 @@ from hvdtrain.parallel import horovod
 from hvdtrain.parallel.pipeline import Pipeline
 from hvdtrain.train import models
 
+pytestmark = pytest.mark.ranks(2)
+
 
 def make_model(seed=0):
     torch.manual_seed(seed)

@@ -10,6 +10,10 @@ from torch import nn
 
 from hvdtrain.parallel import horovod
 
+# a launch of its own: Horovod's groups hang when made after test_data_parallel's hvd.join() in one process
+# (docs/architecture.md, "One grouped allreduce")
+pytestmark = pytest.mark.ranks([2, 3], launch="flat-groups")
+
 
 class Net(nn.Module):
     """Three layers and one that no forward uses: its gradient never comes, as with a user's branch not taken."""

@@ -1,7 +1,8 @@
 """Local SGD (parallel.local_sgd.LocalSGD) on real ranks: the averaging schedule the way torch tests its
 PeriodicModelAverager (each rank's parameters start equal to its rank: after a scheduled step they equal
 mean(range(n)) exactly, and are untouched otherwise), warm-up steps are the synchronous update, and H = 1 with
-plain SGD is synchronous data parallelism. Run at np 2 by the mpi tier, and this module again at np 3."""
+plain SGD is synchronous data parallelism. Run on 2 and 3 ranks (the
+ranks marker: hvdtrain.testing)."""
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 
 from hvdtrain.parallel import horovod
 from hvdtrain.parallel.local_sgd import LocalSGD
+
+pytestmark = pytest.mark.ranks([2, 3])
 
 STEPS = 20
 

@@ -13,6 +13,8 @@ from torch import nn
 from hvdtrain.parallel import horovod, pipe
 from hvdtrain.parallel.grid import Grid
 
+pytestmark = pytest.mark.ranks([2, 3, 4])
+
 BATCH = 22  # micro-batches of unequal sizes (22 / 4: 6, 6, 5, 5): each weighs its share of the batch's mean
 SHAPE = (3, 4)
 

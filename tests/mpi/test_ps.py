@@ -1,8 +1,8 @@
 """Parameter servers (parallel.ps) on real ranks and real MPI messages: with S = 0 the servers step on the mean of
 the workers' gradients, which is single-process training on the concatenated batch (1 worker: plain single-process
 SGD; N workers: synchronous data parallelism), to 1e-6, with the optimizer state gathered in torch's format; with
-S > 0 and a slowed worker, the update log keeps the stale-synchronous bound. Run at np 2 (1 server, 1 worker) by
-the mpi tier, and this module again at np 3 (1 server and 2 workers, 2 servers and 1 worker)."""
+S > 0 and a slowed worker, the update log keeps the stale-synchronous bound. Run on 2 ranks (1 server, 1 worker)
+and 3 (1 server and 2 workers, 2 servers and 1 worker)."""
 
 import io
 import time
@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from hvdtrain.parallel import ps
+
+pytestmark = pytest.mark.ranks([2, 3])
 
 STEPS = 12
 PER_WORKER = 4

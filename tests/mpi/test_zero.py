@@ -1,6 +1,6 @@
 """The sharded optimizer (ZeRO stage 1) against Horovod's DistributedOptimizer: same base optimizer, same data,
 same losses and parameters, on a model whose parameter count (77) no world size of 2, 3 or 4 divides, with
-buckets small enough that there are several. Run at np 2 by the mpi tier, and this module again at np 3 and 4."""
+buckets small enough that there are several. Run on 2, 3 and 4 ranks."""
 
 import os
 import shutil
@@ -13,6 +13,8 @@ from torch import nn
 
 from hvdtrain.parallel import horovod
 from hvdtrain.parallel.zero import ShardedOptimizer
+
+pytestmark = pytest.mark.ranks([2, 3, 4])
 
 STEPS = 20
 SMALL_BUCKETS = 30 * 8 / 2**20  # about 30 float64 elements per bucket: 4 buckets
