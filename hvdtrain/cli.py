@@ -348,6 +348,23 @@ def bench_launch(dry_run, options):
     launching.run(plan, dry_run=dry_run, echo=click.echo)
 
 
+@bench.command("pytest", context_settings=CONTEXT)
+@bench_options("PytestSettings")
+@click.option("--dry-run", is_flag=True, help="Print every command, run nothing.")
+def bench_pytest(dry_run, options):
+    """What hvdtrain's pytest plugin costs: one file of trivial tests on N ranks run by `pytest` (the plugin
+    launches them) and by `mpirun -np N python -m pytest --with-mpi` (in place), whole commands timed.
+
+    \b
+      hvdtrain bench pytest                                # 50 tests, 2 ranks, 5 rounds
+      hvdtrain bench pytest --tests 200 --ranks 4 --rounds 9
+    """
+    from hvdtrain.bench import pytests
+
+    plan = pytests.make_plan(options)
+    pytests.run(plan, dry_run=dry_run, echo=click.echo)
+
+
 @cli.command(context_settings={**CONTEXT, "allow_interspersed_args": False})
 @slurm_options
 @click.option("--dry-run", is_flag=True, help="Print the job script and the sbatch command; submit nothing.")

@@ -81,15 +81,20 @@ def arm_argv(arm: str, what: str, np: int, run_dir: str, cores: Optional[int] = 
         argv = [*hvdtrain, "train", "-np", str(np), "--max-steps", "1", "--epochs", "1", "--run-dir", run_dir]
         return argv + (["--launcher", "horovodrun"] if arm == "hvdtrain-horovodrun" else [])
     job = [py, "-m", JOB]
-    if arm == "mpirun" and hydra:
-        return ["mpiexec", "-n", str(np), "-bind-to", "none", *job]
     if arm == "mpirun":
-        over = ["--oversubscribe"] if np > (cores or os.cpu_count() or 1) else []
-        return ["mpirun", "-np", str(np), "--bind-to", "none", "--map-by", "slot", *over, *job]
+        return [*plain_mpirun(np, cores, hydra), *job]
     if arm == "horovodrun":
         return [find_horovodrun(), "-np", str(np), *job]
     argv = [*hvdtrain, "run", "-np", str(np)]
     return argv + (["--launcher", "horovodrun"] if arm == "hvdtrain-horovodrun" else []) + ["--", *job]
+
+
+def plain_mpirun(np: int, cores: Optional[int] = None, hydra: bool = False) -> list[str]:
+    """The MPI's own launcher as a user types it for `np` ranks on this machine (MPICH's mpiexec under Hydra)."""
+    if hydra:
+        return ["mpiexec", "-n", str(np), "-bind-to", "none"]
+    over = ["--oversubscribe"] if np > (cores or os.cpu_count() or 1) else []
+    return ["mpirun", "-np", str(np), "--bind-to", "none", "--map-by", "slot", *over]
 
 
 def run(plan: LaunchPlan, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -103,7 +108,7 @@ def run(plan: LaunchPlan, dry_run: bool = False, echo: Callable[[str], None] = p
             if dry_run:
                 echo(f"# round {r}, {what}, {arm}\n{shlex.join(argv)}")
                 continue
-            samples.append({"round": r, "what": what, "arm": arm, **_timed(argv, run_dir if what == "train" else None)})
+            samples.append({"round": r, "what": what, "arm": arm, **timed(argv, run_dir if what == "train" else None)})
     finally:
         if not dry_run:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -118,23 +123,23 @@ def run(plan: LaunchPlan, dry_run: bool = False, echo: Callable[[str], None] = p
     return result
 
 
-def _timed(argv: list[str], run_dir: Optional[str]) -> dict:
+def timed(argv: list[str], run_dir: Optional[str] = None, what: str = "bench launch", cwd=None) -> dict:
     env = {**os.environ, **(ROOT_ENV if os.geteuid() == 0 else {})}
     started = time.perf_counter()
-    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd
+    )
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        raise HvdtrainError(
-            f"bench launch: `{' '.join(argv)}` exited with status {proc.returncode}: {' | '.join(tail)}"
-        )
+        raise HvdtrainError(f"{what}: `{' '.join(argv)}` exited with status {proc.returncode}: {' | '.join(tail)}")
     out: dict[str, Any] = {"seconds": seconds}
     if run_dir is not None:
         out["startup_s"] = json.loads(RunDir(run_dir).result.read_text())["startup_s"]
     return out
 
 
-def _spread(values: Sequence[float]) -> dict[str, float]:
+def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, quartiles (inclusive method; the values themselves for fewer than 2), min and max."""
     q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return {"median": q[1], "q1": q[0], "q3": q[2], "min": min(values), "max": max(values), "n": len(values)}
@@ -143,7 +148,7 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
 def collect(samples: Sequence[dict], settings: plans.LaunchSettings) -> dict:
     """Per arm: the spread of the job's wall time and its median over plain mpirun's; per train arm: the wall
     time and each start-up phase's median."""
-    jobs = {arm: _spread([x["seconds"] for x in samples if x["what"] == "job" and x["arm"] == arm])
+    jobs = {arm: spread([x["seconds"] for x in samples if x["what"] == "job" and x["arm"] == arm])
             for arm in settings.arms}  # fmt: skip
     base = jobs.get("mpirun", {}).get("median")
     for row in jobs.values():
@@ -155,7 +160,7 @@ def collect(samples: Sequence[dict], settings: plans.LaunchSettings) -> dict:
             continue
         phases = list(dict.fromkeys(p for x in mine for p in _ordered(x["startup_s"])))
         train[arm] = {
-            "wall": _spread([x["seconds"] for x in mine]),
+            "wall": spread([x["seconds"] for x in mine]),
             "phases": {p: statistics.median(x["startup_s"].get(p, 0.0) for x in mine) for p in phases},
         }
     return {"meta": {**report.machine_info(), "np": settings.ranks, "rounds": settings.rounds}, "job": jobs,

@@ -340,6 +340,28 @@ class LaunchSettings:
     tiny: bool = option(False, "One round: the smoke run of the test suite.")
 
 
+PYTEST_ARMS = ("plugin", "mpirun")
+PYTEST_BODIES = ("world", "hvd")
+
+
+@dataclasses.dataclass(frozen=True)
+class PytestSettings:
+    """`hvdtrain bench pytest`'s own options."""
+
+    out: str = option("runs/bench-pytest", "Directory for pytest.json.")
+    ranks: int = option(2, "Ranks every test runs on (all on this machine).", low=1, high=MAX_RANKS)
+    tests: int = option(50, "Trivial tests in the file both arms run.", tiny=5, low=1, high=10000)
+    bodies: tuple[str, ...] = option(
+        PYTEST_BODIES,
+        "Comma-separated kinds of test file: world (each test asks its place) or hvd (torch imported by the module, "
+        "each test one Horovod allreduce).",
+        tiny=("world",),
+        choices=PYTEST_BODIES,
+    )
+    rounds: int = option(5, "Runs of every arm (alternating, rotated order).", tiny=1, low=1, high=MAX_ROUNDS)
+    tiny: bool = option(False, "One round of 5 tests: the smoke run of the test suite.")
+
+
 def accuracy_list(text: str) -> list[float]:
     """--targets: comma-separated test accuracies in [0, 1]."""
     return _floats(text, "--targets", low=0.0, high=1.0)

@@ -154,3 +154,18 @@ def test_bench_launch_tiny(hvdtrain, tmp_path):
         assert sorted(t["phases"]) == sorted(phases) and all(v >= 0 for v in t["phases"].values())
         assert 0 < sum(t["phases"].values()) < t["wall"]["median"]
     assert [p.name for p in out.iterdir()] == ["launch.json"]
+
+
+def test_bench_pytest_tiny(hvdtrain, tmp_path):
+    """The plugin's arm and plain mpirun's over the same file of trivial 2-rank tests: both ran (each a real pytest
+    command that passed), the ratio is the medians', and nothing is left of the scratch file."""
+    out = tmp_path / "bp"
+    r = hvdtrain("bench", "pytest", "--tiny", "--out", out, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((out / "pytest.json").read_text())
+    arms = result["bodies"]["world"]
+    assert sorted(arms) == ["mpirun", "plugin"] and result["meta"]["tests"] == 5
+    for row in arms.values():
+        assert row["n"] == 1 and row["median"] > 0
+        assert row["vs_mpirun"] == pytest.approx(row["median"] / arms["mpirun"]["median"])
+    assert [p.name for p in out.iterdir()] == ["pytest.json"]

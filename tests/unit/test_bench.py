@@ -678,3 +678,43 @@ def test_launch_collect_medians_quartiles_ratio_and_phases():
     assert list(t["phases"]) == ["launch", "imports", "first step"] and "hvdtrain-horovodrun" not in result["train"]
     text = launching.table(result)
     assert "x mpirun" in text and "1.065" in text and "to 1st step" in text and "2.000" in text
+
+
+# --- pytest: the plugin against mpirun -------------------------------------------------------------
+
+
+def test_bench_pytest_files_commands_and_plan(no_processes, tmp_path):
+    from hvdtrain.bench import pytests
+
+    world = pytests.test_file(3, 2, "world")
+    assert world.count("def test_") == 3 and "pytest.mark.ranks(2)" in world and "import torch" not in world
+    compile(world, "test_world.py", "exec")
+    hvd = pytests.test_file(4, 3, "hvd")
+    assert hvd.startswith("import torch\n") and hvd.count("hvd.allreduce") == 4 and "== 3" in hvd
+    compile(hvd, "test_hvd.py", "exec")
+    plugin = pytests.arm_argv("plugin", "F.py", 2)
+    assert plugin == [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "F.py"]
+    assert pytests.arm_argv("mpirun", "F.py", 2)[:3] == ["mpirun", "-np", "2"]
+    assert pytests.arm_argv("mpirun", "F.py", 2)[-2:] == ["F.py", "--with-mpi"]
+    assert pytests.arm_argv("mpirun", "F.py", 2, hydra=True)[:3] == ["mpiexec", "-n", "2"]
+    plan = pytests.make_plan({"tiny": True, "out": str(tmp_path / "o")})
+    assert plan.runs == [(0, "world", "plugin"), (0, "world", "mpirun")] and not (tmp_path / "o").exists()
+    full = pytests.make_plan({"rounds": 2, "out": str(tmp_path / "o")})
+    assert full.runs[:4] == [(0, "world", "plugin"), (0, "world", "mpirun"), (0, "hvd", "plugin"), (0, "hvd", "mpirun")]
+    assert full.runs[4] == (1, "world", "mpirun")  # rotated: each arm runs first in some round
+    assert_usage_error(invoke("bench", "pytest", "--bodies", "world,gpu"), "gpu")
+    assert_usage_error(invoke("bench", "pytest", "--tests", "0"), "--tests 0: must be at least 1")
+    assert no_processes == []
+
+
+def test_bench_pytest_collects_each_bodys_arms_against_mpirun():
+    from hvdtrain.bench import pytests
+
+    settings = plans.resolve(plans.PytestSettings, {"tests": 10, "rounds": 3, "bodies": "world"})
+    samples = [{"body": "world", "arm": "mpirun", "seconds": s} for s in (1.0, 1.2, 1.1)]
+    samples += [{"body": "world", "arm": "plugin", "seconds": s} for s in (1.5, 1.6, 1.7)]
+    result = pytests.collect(samples, settings)
+    arms = result["bodies"]["world"]
+    assert arms["plugin"]["vs_mpirun"] == pytest.approx(1.6 / 1.1) and arms["mpirun"]["vs_mpirun"] == 1.0
+    assert arms["plugin"]["per_test_ms"] == pytest.approx(160.0)
+    assert "x mpirun" in pytests.table(result) and "1.455" in pytests.table(result)
