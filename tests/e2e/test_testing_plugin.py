@@ -244,7 +244,7 @@ def test_a_rank_that_cannot_collect_the_tests_fails_them_at_once_with_its_error(
     """Importing the module fails on rank 1 only: every test of the launch errs with rank 1's import error, after one
     launch (another would fail the same way)."""
     pytester.makepyfile(
-        test_collect='''
+        test_collect="""
 import os
 import pytest
 
@@ -258,7 +258,7 @@ def test_a(world):
 @pytest.mark.ranks(2)
 def test_b(world):
     pass
-'''
+"""
     )
     result = pytester.runpytest_subprocess("-rA", timeout=LIMIT_S)
     result.assert_outcomes(errors=2)  # never started: errors at setup, as pytest reports a test that could not start

@@ -307,3 +307,28 @@ def test_time_limit_warning_checkpoints_requeues_and_the_resumed_job_finishes(sl
     res = result_of(run / "train")
     assert res["steps"] == steps and not res["preempted"], res
     print(f"time limit: preempted at step {m.group(1)}, requeued, finished in {time.monotonic() - start:.0f} s wall")
+
+
+PLACE_TEST = """import os
+
+import pytest
+
+
+@pytest.mark.ranks([1, 2])
+def test_place(world):
+    assert os.environ["SLURM_STEP_ID"] not in ("batch", "extern")  # a task of an srun step, not the batch script
+    assert int(os.environ["SLURM_PROCID"]) == world.rank and world.size in (1, 2)
+"""
+
+
+def test_the_pytest_plugin_launches_its_tests_with_srun_inside_an_allocation(slurm, tmp_path):
+    """A plain `pytest` in a batch script (2 tasks) launches its ranks tests through srun: each rank a task of a
+    step (its SLURM_PROCID its rank), both sizes passed."""
+    (tmp_path / "test_place.py").write_text(PLACE_TEST)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nexec python -m pytest -p no:cacheprovider --color=no -rA test_place.py\n")
+    job = slurm.sbatch(["--ntasks=2", "--output", tmp_path / "out.txt", script], cwd=tmp_path)
+    (task,) = slurm.wait(job, timeout=180)
+    out = text(tmp_path / "out.txt")
+    assert task["JobState"] == "COMPLETED", out
+    assert "PASSED test_place.py::test_place[np1]" in out and "PASSED test_place.py::test_place[np2]" in out, out
