@@ -3,7 +3,8 @@
 
 Every hook sleeps $HVDTRAIN_TEST_STEP_SLEEP seconds before each step (elastichooks.SlowSteps: a test has time to act
 mid-training) and, at its moment, writes its process id to $HVDTRAIN_TEST_MARK, the file the test waits for:
-  MarkStep   rank 0, after step $HVDTRAIN_TEST_STEP: a test kills a rank in the middle of training;
+  MarkStep   rank 0, after step $HVDTRAIN_TEST_STEP: a test kills a rank in the middle of training (and waits
+             $HVDTRAIN_TEST_MARK_PAUSE seconds there, for a signal to land at that step);
   SlowWrite  rank 0, inside its write of the checkpoint of step $HVDTRAIN_TEST_STEP: the whole state is in the
              temporary file, not yet renamed; the write then pauses (120 s) for the test to signal a rank;
   Stall      rank $HVDTRAIN_TEST_RANK stops calling collectives after step $HVDTRAIN_TEST_STEP (its main thread
@@ -42,7 +43,9 @@ class _Fault(SlowSteps):
 
 class MarkStep(_Fault):
     def on_step_end(self, trainer):
-        self.due(trainer)
+        if self.due(trainer):
+            # a pause for the test's signal to land here, at this step (HVDTRAIN_TEST_MARK_PAUSE seconds; 0: go on)
+            time.sleep(float(os.environ.get("HVDTRAIN_TEST_MARK_PAUSE", "0")))
 
 
 class SlowWrite(_Fault):

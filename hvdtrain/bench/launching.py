@@ -16,6 +16,7 @@ process-starting place outside supervise.run_job among the benchmarks: what run_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from hvdtrain import mpi
 from hvdtrain.bench import plans, report, runner
@@ -99,26 +100,39 @@ def plain_mpirun(np: int, cores: Optional[int] = None, hydra: bool = False) -> l
 
 def run(plan: LaunchPlan, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
     s = plan.settings
-    scratch = Path(tempfile.mkdtemp(prefix="hvdtrain-bench-launch-")) if not dry_run else Path("RUN_DIR")
     samples: list[dict] = []
-    try:
+    with scratch("hvdtrain-bench-launch-", dry_run, "RUN_DIR") as where:
         for r, what, arm in plan.runs:
-            run_dir = str(scratch / f"{what}-{arm}-{r}")
+            run_dir = str(where / f"{what}-{arm}-{r}")
             argv = arm_argv(arm, what, s.ranks, run_dir, hydra=plan.hydra)
             if dry_run:
                 echo(f"# round {r}, {what}, {arm}\n{shlex.join(argv)}")
                 continue
             samples.append({"round": r, "what": what, "arm": arm, **timed(argv, run_dir if what == "train" else None)})
-    finally:
-        if not dry_run:
-            shutil.rmtree(scratch, ignore_errors=True)
     if dry_run:
         return {}
     result = collect(samples, s)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    path = plan.out / "launch.json"
+    return save(plan.out / "launch.json", result, table(result), echo)
+
+
+@contextlib.contextmanager
+def scratch(prefix: str, dry_run: bool, placeholder: str) -> Iterator[Path]:
+    """A temporary directory for the commands' files, removed after them (a dry run: `placeholder`, nothing made)."""
+    if dry_run:
+        yield Path(placeholder)
+        return
+    where = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield where
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def save(path: Path, result: dict, text: str, echo: Callable[[str], None]) -> dict:
+    """The result as JSON at `path` (its directory made), its table said, and where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     report.write_json(path, result)
-    echo(table(result))
+    echo(text)
     echo(f"wrote {path}")
     return result
 

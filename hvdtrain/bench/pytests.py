@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -70,31 +68,22 @@ def arm_argv(arm: str, path: str, ranks: int, hydra: bool = False) -> list[str]:
 
 def run(plan: PytestPlan, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
     s = plan.settings
-    scratch = Path(tempfile.mkdtemp(prefix="hvdtrain-bench-pytest-")) if not dry_run else Path("DIR")
     samples: list[dict] = []
-    try:
+    with launching.scratch("hvdtrain-bench-pytest-", dry_run, "DIR") as where:
         for body in s.bodies:
             if not dry_run:
-                (scratch / f"test_{body}.py").write_text(test_file(s.tests, s.ranks, body))
+                (where / f"test_{body}.py").write_text(test_file(s.tests, s.ranks, body))
         for r, body, arm in plan.runs:
-            argv = arm_argv(arm, str(scratch / f"test_{body}.py"), s.ranks, plan.hydra)
+            argv = arm_argv(arm, str(where / f"test_{body}.py"), s.ranks, plan.hydra)
             if dry_run:
                 echo(f"# round {r}, {body} tests, {arm}\n{shlex.join(argv)}")
                 continue
-            timing = launching.timed(argv, what="bench pytest", cwd=str(scratch))
+            timing = launching.timed(argv, what="bench pytest", cwd=str(where))
             samples.append({"round": r, "body": body, "arm": arm, **timing})
-    finally:
-        if not dry_run:
-            shutil.rmtree(scratch, ignore_errors=True)
     if dry_run:
         return {}
     result = collect(samples, s)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    out = plan.out / "pytest.json"
-    report.write_json(out, result)
-    echo(table(result))
-    echo(f"wrote {out}")
-    return result
+    return launching.save(plan.out / "pytest.json", result, table(result), echo)
 
 
 def collect(samples, settings: plans.PytestSettings) -> dict:

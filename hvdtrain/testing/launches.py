@@ -9,6 +9,7 @@ launch; one that fails before any test started fails them all with its one line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -18,6 +19,8 @@ from typing import Optional, Sequence
 from hvdtrain.errors import HvdtrainError
 from hvdtrain.rundir import RunDir
 from hvdtrain.testing import results
+
+STOPPED = (130, 143)  # a job stopped by Ctrl-C or SIGTERM (run_job: 128 + the signal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,14 +141,16 @@ class Launches:
         try:
             spec = make_spec(command, options)
             preflight.preflight(spec)
-            if self.settings.show_output:
-                supervise.run_job(spec, echo=lambda _line: None)
-            else:
-                with open(where / "output.log", "wb") as out:
-                    supervise.run_job(spec, echo=lambda _line: None, output=out)
+            with contextlib.ExitStack() as stack:
+                out = None if self.settings.show_output else stack.enter_context(open(where / "output.log", "wb"))
+                status = supervise.run_job(spec, echo=lambda _line: None, output=out)
         except HvdtrainError as e:
-            return str(e)
-        return None
+            status, failure = getattr(e, "exit_code", 1), str(e)
+        else:
+            failure = None
+        if status in STOPPED:  # Ctrl-C or SIGTERM: the session stops, not just this test
+            raise KeyboardInterrupt(failure or "stopped")
+        return failure
 
 
 def _reports(logs: dict[int, results.RankLog], nodeid: str, size: int) -> dict[int, list[dict]]:

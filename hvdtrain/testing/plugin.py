@@ -183,6 +183,7 @@ class Launching:
         self.config = config
         self.launches = None
         self.groups: dict = {}
+        self.timeout = self._timeout()  # checked here: a bad value is one line before anything is collected
 
     def pytest_collection_modifyitems(self, config, items):
         for item in items:
@@ -196,7 +197,7 @@ class Launching:
         size = size_of(item)
         if size is None:
             return None
-        marker, timeout = item.get_closest_marker("timeout"), self._timeout()
+        marker, timeout = item.get_closest_marker("timeout"), self.timeout
         if marker is not None and (marker.args or "timeout" in marker.kwargs):
             timeout = float(marker.args[0] if marker.args else marker.kwargs["timeout"])
         launch = item.get_closest_marker("ranks").kwargs.get("launch")

@@ -47,11 +47,12 @@ def env(tmp_path_factory):
 
 def _fault_env(env, tmp: Path) -> dict:
     return {**env, "HVDTRAIN_TEST_STEP_SLEEP": "0.05", "HVDTRAIN_TEST_RANK": "1", "HVDTRAIN_TEST_MARK": str(tmp / "mark"),
-            "HVDTRAIN_TEST_STEP": str(FAULT_STEP)}  # fmt: skip
+            "HVDTRAIN_TEST_STEP": str(FAULT_STEP),
+            "HVDTRAIN_TEST_MARK_PAUSE": env.get("HVDTRAIN_TEST_MARK_PAUSE", "0")}  # fmt: skip
 
 
 def hang_in_train(env, tmp: Path, controller: str, hook: str, act=None):
-    passed = [a for name in TEST_ENV for a in ("--env", name)]
+    passed = [a for name in (*TEST_ENV, "HVDTRAIN_TEST_MARK_PAUSE") for a in ("--env", name)]
     argv = [*COMMON, "--run-dir", tmp / "run", "--hooks", f"faulthooks:{hook}", *passed, *CONTROLLERS[controller],
             "--hang-timeout", HANG_TIMEOUT_S]  # fmt: skip
     return run_with_fault(_fault_env(env, tmp), tmp, argv, act or (lambda proc: None), HANG_TIMEOUT_S + ENDS_WITHIN_S)
@@ -80,8 +81,10 @@ def test_a_stopped_rank(controller, env, tmp_path):
     def stop(_proc):
         worker(str(tmp_path / "run"), 1).send_signal(signal.SIGSTOP)
 
+    # rank 1 waits 2 s at its mark: the SIGSTOP lands in the hook of step 25, however long the test takes to send it
+    env = {**env, "HVDTRAIN_TEST_MARK_PAUSE": "2"}
     ended = hang_in_train(env, tmp_path, controller, "MarkStep", stop)
-    assert_hang(ended, f"SIGSTOP/{controller}", r"is stopped \(SIGSTOP\), in \w+ at step 2[56]")
+    assert_hang(ended, f"SIGSTOP/{controller}", r"is stopped \(SIGSTOP\), in hook at step 25")
 
 
 @pytest.mark.parametrize("controller", sorted(CONTROLLERS))

@@ -6,6 +6,7 @@ in-place meaning under a launcher (pytest-mpi's markers and options, junit XML p
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -264,3 +265,49 @@ def test_b(world):
     result.assert_outcomes(errors=2)  # never started: errors at setup, as pytest reports a test that could not start
     assert "hvdtrain: 1 launch(es) of ranks tests" in result.stdout.str()
     result.stdout.fnmatch_lines(["*ImportError: this module cannot be imported on rank 1*"])
+
+
+SLOW = """
+import time
+import pytest
+
+@pytest.mark.ranks(2)
+def test_sleeps(world):
+    print("started", flush=True)
+    time.sleep(120)
+
+@pytest.mark.ranks(2)
+def test_never_reached(world):
+    pass
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_ctrl_c_or_kill_of_pytest_leaves_no_rank(tmp_path, signum):
+    """Ctrl-C stops the session (not only the test: the next one is not launched); SIGKILL of pytest itself ends its
+    ranks too (the launcher is tied to it, the rank wrappers to the launcher). Either way, no rank is left."""
+    (tmp_path / "test_slow.py").write_text(SLOW)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--color=no", "-s", "test_slow.py"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # -s: the ranks' output as it comes
+            if "started" in line:
+                break
+        time.sleep(0.5)
+        os.kill(proc.pid, signum)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + 15
+    while _workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _workers() == []
+    if signum == signal.SIGINT:
+        assert proc.returncode == 2 and "KeyboardInterrupt" in out, out  # pytest's own status for an interrupted run
+        assert "no tests ran" in out and "hvdtrain: 1 launch(es) of ranks tests" in out, out  # no second launch
