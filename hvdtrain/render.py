@@ -23,6 +23,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def ranks_words(ranks: Sequence[int]) -> str:
+    """Ranks in a sentence: "rank 1", "ranks 0, 2" (the launch reports', the hang report's, a test's line)."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
 def columns(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
     """Rows of text cells as lines: each column as wide as its widest cell, two spaces apart, right-aligned where
     `right` says (numbers) and left-aligned elsewhere; no trailing spaces."""

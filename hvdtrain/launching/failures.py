@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Collection, Mapping, Optional, Sequence
 
 from hvdtrain.launching.tracebacks import folded_line, last_lines
+from hvdtrain.render import ranks_words
 from hvdtrain.rundir import RankLogs
 
 # A rank whose log ends with one of these failed because another rank did: Horovod shuts down everywhere, or
@@ -179,10 +180,6 @@ def find_stall(log_dir: str, ranks: Collection[int], starts: Optional[Mapping[in
     return None
 
 
-def _ranks(ranks: Sequence[int]) -> str:
-    return f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))}"
-
-
 def describe_stall(stall: Stall, all_ranks: Collection[int]) -> str:
     """`rank 1 stalled: rank 0 waited more than 30 s for it to submit allreduce.grad.3 (Horovod's stall
     shutdown, --stall-timeout 30)`; stalled ranks that missed the same tensors are named together."""
@@ -197,11 +194,11 @@ def describe_stall(stall: Stall, all_ranks: Collection[int]) -> str:
         what = ", ".join(tensors).replace(", ...", " ...")
         if waiting:
             parts.append(
-                f"{_ranks(stalled)} stalled: {_ranks(waiting)} waited more than {stall.shutdown_s} s for {it} to "
+                f"{ranks_words(stalled)} stalled: {ranks_words(waiting)} waited more than {stall.shutdown_s} s for {it} to "
                 f"submit {what}"
             )
         else:
-            parts.append(f"{_ranks(stalled)} stalled: {what} waited more than {stall.shutdown_s} s")
+            parts.append(f"{ranks_words(stalled)} stalled: {what} waited more than {stall.shutdown_s} s")
     return "; ".join(parts) + f" (Horovod's stall shutdown, --stall-timeout {stall.shutdown_s})"
 
 
@@ -282,7 +279,7 @@ def diagnose(
     if stopped_by:
         causes.append(f"the job was stopped by {stopped_by}")
     causes += [
-        f"host {host} was lost: {_ranks(ranks)} ran there and left no exit status (killed, or the host went down)"
+        f"host {host} was lost: {ranks_words(ranks)} ran there and left no exit status (killed, or the host went down)"
         for host, ranks in lost
     ]
     if failed:
@@ -307,7 +304,7 @@ def _failed_words(failed: Sequence[RankRecord], after: bool, roles: Sequence[str
     if after:
         statuses = ", ".join(str(r.status) for r in failed)
         exit_words = f"exit status {statuses}" if len(failed) == 1 else f"exit statuses {statuses}"
-        return f"then {_ranks([r.rank for r in failed])} failed ({exit_words})"
+        return f"then {ranks_words([r.rank for r in failed])} failed ({exit_words})"
     first, others = failed[0], ", ".join(str(r.rank) for r in failed[1:])
     role = f" ({roles[first.rank]})" if first.rank < len(roles) else ""
     return f"rank {first.rank}{role} failed with exit status {first.status}" + (

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 from hvdtrain.launching.ranklink import STATES, STOPPED
 from hvdtrain.progress import COLLECTIVE_PHASES
+from hvdtrain.render import ranks_words
 
 _THREAD_RE = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+) \(most recent call first\):")
 _FRAME_RE = re.compile(r'^\s+File "(.*)", line (\d+) in (.*)$')
@@ -197,10 +198,6 @@ class Hang:
         return working or [v.rank for v in stuck]
 
 
-def _ranks(ranks: Sequence[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
-
-
 def _at(v: RankView) -> str:
     return f" at step {v.step}" if v.step is not None and v.step >= 0 else ""
 
@@ -235,7 +232,7 @@ def _others_words(views: Sequence[RankView]) -> list[str]:
             frame = place(v.thread)
             key = ("wait" if v.waiting else "be", f"in {frame or v.phase or 'start-up'}{_at(v)}")
         groups.setdefault(key, []).append(v.rank)
-    return [f"{_ranks(ranks)} {_VERBS[verb][len(ranks) > 1]} {rest}" for (verb, rest), ranks in groups.items()]
+    return [f"{ranks_words(ranks)} {_VERBS[verb][len(ranks) > 1]} {rest}" for (verb, rest), ranks in groups.items()]
 
 
 _VERBS = {"wait": ("waits", "wait"), "be": ("is", "are"), "exited": ("exited", "exited")}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hvdtrain.errors import HvdtrainError
+from hvdtrain.render import ranks_words
 from hvdtrain.rundir import RunDir
 from hvdtrain.testing import results
 
@@ -162,7 +163,7 @@ def _not_run(logs: dict[int, results.RankLog], size: int, where: Path) -> str:
     missing = [r for r in range(size) if r not in logs]
     if missing:
         return (
-            f"{results.ranks_words(missing)} wrote no results in {where / 'results'}: ranks on other hosts need it on "
+            f"{ranks_words(missing)} wrote no results in {where / 'results'}: ranks on other hosts need it on "
             "a file system they share with this one (--ranks-dir)"
         )
     return f"the ranks' pytest sessions did not run this test (see {where / 'output.log'})"

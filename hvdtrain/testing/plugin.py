@@ -182,7 +182,8 @@ class Launching:
     def __init__(self, config):
         self.config = config
         self.launches = None
-        self.groups: dict = {}
+        self.keys: dict = {}  # each ranks test's launch key (launches.Key), by node id
+        self.groups: dict = {}  # each key's tests, in the session's order
         self.timeout = self._timeout()  # checked here: a bad value is one line before anything is collected
 
     def pytest_collection_modifyitems(self, config, items):
@@ -191,7 +192,15 @@ class Launching:
                 item.add_marker(pytest.mark.skip(reason="an MPI test: run it under mpirun -n N python -m pytest "
                                                         "--with-mpi, or mark it ranks(N)"))  # fmt: skip
 
-    def key_of(self, item):
+    def pytest_collection_finish(self, session):
+        """Each selected ranks test's key and each key's tests, once the session's tests are final."""
+        for item in session.items:
+            key = self._key(item)
+            if key is not None:
+                self.keys[item.nodeid] = key
+                self.groups.setdefault(key, []).append(item.nodeid)
+
+    def _key(self, item):
         from hvdtrain.testing.launches import Key
 
         size = size_of(item)
@@ -217,10 +226,10 @@ class Launching:
     def pytest_runtest_protocol(self, item, nextitem):
         """The launch, when this test's has not run yet: outside every other plugin's wrapper (pytest-timeout's
         timer would count a whole launch against its first test)."""
-        key = self.key_of(item)
+        key = self.keys.get(item.nodeid)
         if key is not None:
             if self.launches is None:
-                self._start(item.session)
+                self.launches = self._launches()
             self.launches.run_for(key, item.nodeid, self.groups[key])
         yield
 
@@ -229,21 +238,17 @@ class Launching:
         """A ranks test's result, from its launch, in place of running it here."""
         from hvdtrain.testing.reported import emit
 
-        key = self.key_of(item)
+        key = self.keys.get(item.nodeid)
         if key is None:
             return None
         emit(item, self.launches.runs[item.nodeid], key.size)
         return True
 
-    def _start(self, session) -> None:
+    def _launches(self):
         from hvdtrain.testing.launches import Launches, Settings
 
-        for item in session.items:
-            key = self.key_of(item)
-            if key is not None:
-                self.groups.setdefault(key, []).append(item.nodeid)
         opt = self.config.option
-        self.launches = Launches(
+        return Launches(
             Settings(
                 base=self._base(),
                 rootpath=self.config.rootpath,

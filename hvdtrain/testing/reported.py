@@ -79,15 +79,12 @@ def _failing(combined: results.Combined, failure: str, stacks: dict[int, str]) -
 
 
 def _report(item, when: str, combined: results.Combined) -> TestReport:
-    path, lineno, _ = item.location
-    lineno = lineno or 0
+    path, line = str(item.path), (item.location[1] or 0) + 1
     longrepr: Optional[object] = None
-    if combined.outcome == "failed":
-        longrepr = RanksRepr(combined.parts, combined.message, str(item.path), lineno + 1)
+    if combined.outcome == "failed" or (combined.wasxfail is not None and combined.parts):
+        longrepr = RanksRepr(combined.parts, combined.message, path, line)
     elif combined.outcome == "skipped" and combined.wasxfail is None:
-        longrepr = (str(item.path), lineno + 1, f"Skipped: {combined.message}")
-    elif combined.wasxfail is not None and combined.parts:
-        longrepr = RanksRepr(combined.parts, combined.message, str(item.path), lineno + 1)
+        longrepr = (path, line, f"Skipped: {combined.message}")
     now = time.time()
     report = TestReport(
         item.nodeid, item.location, {k: 1 for k in item.keywords}, combined.outcome, longrepr, when,

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hvdtrain.render import ranks_words
+
 RANK_FILE = "rank-{rank}.jsonl"
 
 
@@ -93,10 +95,6 @@ class Combined:
     wasxfail: Optional[str] = None
     sections: tuple[tuple[str, str], ...] = ()
     duration: float = 0.0
-
-
-def ranks_words(ranks: Sequence[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(str(r) for r in ranks)
 
 
 def labelled(messages: Sequence[tuple[int, str]]) -> str:
