@@ -17,7 +17,9 @@ for tier in "${tiers[@]}"; do
       # Tests marked ranks(N) (hvdtrain's pytest plugin): each rank count's tests run as one job, each rank a
       # pytest session; a test with no progress on some rank for --ranks-timeout seconds is ended by the hang
       # watchdog, naming the rank with every rank's stack. The examples' tests of a user's model run here too.
-      "$py" -m pytest tests/mpi examples/testing -q -p no:cacheprovider --ranks-timeout 300 ;;
+      # `timeout` is the last backstop: the watchdog judges a rank only once it has reported (a rank stuck in its
+      # start-up, before its first test, is not).
+      timeout -k 10 900 "$py" -m pytest tests/mpi examples/testing -q -p no:cacheprovider --ranks-timeout 300 ;;
     unit|e2e|slurm|cluster)
       "$py" -m pytest "tests/$tier" -q --timeout=900 ;;
     login)
