@@ -144,6 +144,11 @@ class TrainConfig:
     run_dir: Optional[str] = _f(None, "where config.json, metrics.jsonl, TensorBoard events, checkpoints go")
     checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end and on preemption)")
     keep_checkpoints: int = _f(3, "newest checkpoints kept")
+    async_checkpoint: bool = _f(
+        False,
+        "write checkpoints in the background while training goes on (the step pays a copy to host memory; at most "
+        "one write in flight; the end, a preemption and Ctrl-C wait for it)",
+    )
     commit_every: int = _f(
         10,
         "elastic jobs: steps between commits (an in-memory copy of the state every rank rolls back to when a "

@@ -90,8 +90,8 @@ def preflight(cfg: TrainConfig, spec: LaunchSpec, environ: Mapping[str, str], sl
     if resume_path is not None:
         # Read it here (torch is imported only now, and only for a resume): a corrupt or mismatched checkpoint
         # is bad input, reported before any rank starts.
-        # An elastic job resumes on any number of ranks: its world size is not part of what must match.
-        checkpoint.load(resume_path, checkpoint.fingerprint(cfg, world))
+        # Any world size, strategy and batch resume it: what must match is the model, data and optimizer.
+        checkpoint.load(resume_path, checkpoint.fingerprint(cfg))
     check_output_path(cfg.run_dir, "--run-dir")
     if spec.output_dir:
         check_output_path(spec.output_dir, "--output-dir")

@@ -92,5 +92,6 @@ class FillDisk(Hook):
         if path is None or self.done:
             return
         self.done = True
+        trainer.writes.wait()  # --async-checkpoint: the file is whole once its write is done
         assert path.stat().st_size > self.leave, "the next checkpoint would fit: nothing would be tested"
         fill(trainer.run_dir.path / FILLER, self.leave)

@@ -8,22 +8,21 @@ it with a broadcast). `run` catches both, rolls the state back to the last commi
 the world (shutdown + init: the driver hands out new ranks), calls the reset callbacks, broadcasts rank 0's
 state to every worker (new ones included) and calls the training function again.
 
-What this module adds to Horovod's own elastic API (hvd.elastic.TorchState/ElasticSampler):
-  * `Commits`: a State whose save/restore/sync are the caller's (the Trainer commits its TrainState, its update
-    rule's state and the position in the epoch, and broadcasts the optimizer state as one object: Horovod's
-    broadcast_optimizer_state takes a dummy step that moves the weights when weight decay is on);
-  * `shard_of_rest`: the samples of an epoch not yet processed, sharded over the current world, equal to
-    torch's DistributedSampler when nothing was processed (so an elastic run without events is the static run).
+What this module adds to Horovod's own elastic API (hvd.elastic.TorchState/ElasticSampler) is `Commits`, a State
+whose save/restore/sync are the caller's (the Trainer commits its TrainState, its update rule's state and the
+position in the epoch, and broadcasts the optimizer state as one object: Horovod's broadcast_optimizer_state takes
+a dummy step that moves the weights when weight decay is on).
+
+The samples of an epoch not yet processed are dealt over the current world by parallel.shards.shard_of_rest, the
+rule of every job, static or elastic (so an elastic run without events is the static run).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, TypeVar
 
 import horovod.torch as hvd
-import torch
 from horovod.common.elastic import State
 
 T = TypeVar("T")
@@ -32,33 +31,6 @@ T = TypeVar("T")
 def enabled() -> bool:
     """True in a worker started by horovodrun's elastic driver."""
     return os.environ.get("HOROVOD_ELASTIC") == "1"
-
-
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
-    """The epoch's sample order: torch.randperm seeded with seed + epoch, as DistributedSampler draws it."""
-    if not shuffle:
-        return list(range(num_samples))
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    return torch.randperm(num_samples, generator=g).tolist()
-
-
-def shard_of_rest(
-    num_samples: int, seed: int, epoch: int, processed: int, num_replicas: int, rank: int, shuffle: bool = True
-) -> list[int]:
-    """Rank `rank`'s share of the epoch's samples after the first `processed` (in the epoch's order).
-
-    The rest is padded by repeating its start to a multiple of num_replicas and dealt round-robin, exactly as
-    DistributedSampler (drop_last=False) deals a whole epoch; with processed = 0 the two are equal. Batch j of
-    every rank then covers positions [j*b*n, (j+1)*b*n) of the rest, so `processed` advances by b*n per batch
-    (b: batch size, n: replicas) and stays exact across a change of n."""
-    rest = epoch_order(num_samples, seed, epoch, shuffle)[processed:]
-    if not rest:
-        return []
-    total = math.ceil(len(rest) / num_replicas) * num_replicas
-    padding = total - len(rest)
-    rest += (rest * math.ceil(padding / len(rest)))[:padding]
-    return rest[rank:total:num_replicas]
 
 
 class Commits(State):

@@ -118,6 +118,14 @@ class Pipeline(nn.Module):
         stages = split_stages(model, len(self.devices), balance)
         self.stages = nn.ModuleList(stage.to(dev) for stage, dev in zip(stages, self.devices))
         self.balance = [len(list(s.children())) if isinstance(s, nn.Sequential) else 1 for s in stages]
+        if isinstance(model, nn.Sequential):
+            # Its state_dict is the unsplit model's (the layers' own names, not stages.j.i): a checkpoint of a device
+            # pipeline resumes on any strategy, and theirs on it. (Old keys, stages.j.i, still load.)
+            layer_names = iter(name for name, _ in model.named_children())
+            self._unsplit = {f"stages.{j}.{i}": next(layer_names) for j, n in enumerate(self.balance) for i in range(n)}
+            self._split = {v: k for k, v in self._unsplit.items()}
+            self._register_state_dict_hook(_unsplit_names)
+            self._register_load_state_dict_pre_hook(_split_names, with_module=True)
 
     @property
     def input_device(self) -> torch.device:
@@ -142,6 +150,27 @@ class Pipeline(nn.Module):
                 inp = chunks[i] if j == 0 else acts[i]
                 acts[i] = self.stages[j](_to(inp, self.devices[j]))
         return torch.cat(acts) if len(acts) > 1 else acts[0]
+
+
+def _rename(state: dict, prefix: str, names: dict[str, str], depth: int) -> None:
+    """Rename, in place and in order, the keys prefix + A.B.rest whose first `depth` parts are a key of `names`."""
+    items = list(state.items())
+    state.clear()
+    for key, value in items:
+        if key.startswith(prefix):
+            parts = key[len(prefix) :].split(".", depth)
+            head = ".".join(parts[:depth])
+            if head in names and len(parts) > depth:
+                key = f"{prefix}{names[head]}.{parts[depth]}"
+        state[key] = value
+
+
+def _unsplit_names(module: Pipeline, state: dict, prefix: str, _metadata) -> None:
+    _rename(state, prefix, module._unsplit, 3)  # stages.j.i
+
+
+def _split_names(module: Pipeline, state: dict, prefix: str, *_args) -> None:
+    _rename(state, prefix, module._split, 1)
 
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:

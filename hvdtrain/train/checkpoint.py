@@ -1,8 +1,13 @@
-"""Checkpoints: written atomically by rank 0, validated on load, newest first.
+"""Checkpoints: written atomically by rank 0, validated on load, newest first, resumable on any layout.
 
 A checkpoint is `run_dir/checkpoints/step-XXXXXXXX.pt`, a torch.save of a dict holding the model and
-optimizer states, the position in training (epoch, batches done in that epoch, global step), every rank's
-RNG states, and a fingerprint of what must match to resume (model, data, batch size, world size...).
+optimizer states (the unsplit model's, in torch's format, whatever the strategy: a pipeline gathers its stages, a
+sharded optimizer its shards), the position in training (epoch, samples of it done, global step), every rank's
+RNG states, the layout that wrote it (ranks, strategy, update, batch, learning rate), and a fingerprint of what
+must match to resume (model, data, optimizer, seed). Anything else may change on a resume: the world size, the
+strategy, the update rule, the batch. The position counts samples (parallel.shards), so the epoch's unprocessed
+samples are dealt over the new world once; the learning rate becomes the new world's (set_learning_rate); and the
+job says what changed in one line (layout_change).
 torch is imported inside the functions that need it, so the CLI can list checkpoints instantly.
 Writes go to a temporary file in the same directory (.step-XXXXXXXX.pt.<pid>-<random>.tmp), are fsynced, then
 `os.replace`d over the final name, and the directory is fsynced: a crash mid-write leaves the previous checkpoint
@@ -25,29 +30,73 @@ from hvdtrain.files import full_disk, write_atomic
 from hvdtrain.rundir import RunDir, checkpoint_name, checkpoint_step
 
 FORMAT = 1
-# What must match between a checkpoint and the job resuming from it (plus the world size, but for elastic jobs).
-FINGERPRINT_FIELDS = (
-    "strategy", "devices_per_rank", "balance", "micro_batches", "model", "hidden", "depth", "data", "synthetic_samples",
-    "batch_size", "optimizer", "backward_passes_per_step", "seed",
-)  # fmt: skip
+# What must match between a checkpoint and the job resuming from it: the model, the data (and its order: the
+# seed), the optimizer. Checkpoints written before the resume on any layout also hold strategy, batch size and
+# world size in their fingerprint; only the resuming job's fields are compared, so those resume anywhere too.
+FINGERPRINT_FIELDS = ("model", "hidden", "depth", "data", "synthetic_samples", "optimizer", "seed")
 # The temporary file of a write in progress (or of one that was killed): save() names it so.
 TMP_RE = re.compile(r"^\.step-\d{8}\.pt\..+\.tmp$")
 
 
-def fingerprint(cfg, world_size: Optional[int]) -> dict[str, Any]:
-    """The settings a checkpoint records and a resuming job must share (else its position means nothing).
-    `world_size`: the data-parallel replicas (cfg.data_ranks); None leaves it out: an elastic job resumes on any
-    number of ranks."""
-    out = {k: getattr(cfg, k) for k in FINGERPRINT_FIELDS}
-    if cfg.strategy in ("data", "pipeline"):
-        # Both write one replica's parameters under the unsplit model's names, the optimizer state in its order
-        # (a pipeline gathers its stages): the same checkpoint, resumable by either on as many replicas.
-        out["strategy"] = "data"
-        for k in ("devices_per_rank", "balance", "micro_batches"):
-            del out[k]
-    if world_size is not None:
-        out["world_size"] = world_size
-    return out
+def fingerprint(cfg) -> dict[str, Any]:
+    """The settings a checkpoint records and a resuming job must share (else its state and position mean
+    nothing)."""
+    return {k: getattr(cfg, k) for k in FINGERPRINT_FIELDS}
+
+
+def set_learning_rate(saved: dict[str, Any], lr: float) -> Optional[float]:
+    """Give every optimizer state of a checkpoint (its "optimizer", and each rank's own of a local SGD one) the
+    learning rate `lr` of the job resuming it; returns the rate it was written with (None: no optimizer state)."""
+    states = [saved.get("optimizer"), *(own.get("optimizer") for own in saved.get("local") or [])]
+    before = None
+    for i, state in enumerate(states):
+        for group in (state or {}).get("param_groups", []):
+            if i == 0 and before is None:
+                before = group.get("lr")
+            group["lr"] = lr
+    return before
+
+
+def saved_layout(saved: dict[str, Any]) -> dict[str, Any]:
+    """The layout that wrote a checkpoint: its record, or (written before it kept one) what its fingerprint and
+    configuration say."""
+    if "layout" in saved:
+        return saved["layout"]
+    config = saved.get("config") or {}
+    return {
+        "ranks": (saved.get("fingerprint") or {}).get("world_size"), "strategy": config.get("strategy"),
+        "update": "sharded" if config.get("shard_optimizer") else config.get("update"),
+        "stages": config.get("stages") if config.get("strategy") == "pipeline" else 1,
+        "batch_size": config.get("batch_size"), "backward_passes_per_step": config.get("backward_passes_per_step"),
+    }  # fmt: skip
+
+
+def _ranks(n: Optional[int]) -> str:
+    return f"{n} rank" + ("" if n == 1 else "s")
+
+
+def layout_change(saved: dict[str, Any], layout: dict[str, Any], lr_before: Optional[float]) -> Optional[str]:
+    """One line of what differs between the job that wrote `saved` and the one resuming it (`layout`), e.g.
+    "step 120 of a 4-rank job resumed on 2 ranks; lr 0.2 -> 0.1"; None when nothing does."""
+    old = saved_layout(saved)
+    changes = []
+    for key, words in (("strategy", "strategy"), ("stages", "stages"), ("update", "update")):
+        if old.get(key) is not None and old[key] != layout[key]:
+            changes.append(f"{words} {old[key]} -> {layout[key]}")
+    if old.get("batch_size") is not None and old["batch_size"] != layout["batch_size"]:
+        changes.append(f"batch {old['batch_size']} -> {layout['batch_size']} per rank")
+    passes = old.get("backward_passes_per_step")
+    if passes is not None and passes != layout["backward_passes_per_step"]:
+        changes.append(f"backward passes per step {passes} -> {layout['backward_passes_per_step']}")
+    if lr_before is not None and lr_before != layout["lr"]:
+        changes.append(f"lr {lr_before:g} -> {layout['lr']:g}")
+    # The job's ranks, as -np counts them (a pipeline's stages too, an async job's servers too).
+    before = old.get("processes") or old.get("ranks")
+    if not changes and before == layout["processes"]:
+        return None
+    of = f" of a {before}-rank job" if before else ""
+    head = f"step {saved.get('step', 0)}{of} resumed on {_ranks(layout['processes'])}"
+    return "; ".join([head, *changes])
 
 
 def resume_path(cfg, slurm: SlurmEnv, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
@@ -200,6 +249,39 @@ def load(path: Path, fingerprint: Optional[dict[str, Any]] = None) -> dict[str, 
     return state
 
 
+def position(saved: dict[str, Any], cfg, size: int, samples: int) -> tuple[int, int, int, int]:
+    """The (epoch, step_in_epoch, step, samples_in_epoch) a checkpoint holds; samples_in_epoch computed from its steps
+    (and the batch and world size it was written with, else `cfg`'s and `size`) when it predates that field, at most
+    the epoch's `samples`."""
+    c = saved
+    epoch, step_in_epoch, step, done = c["epoch"], c["step_in_epoch"], c["step"], c.get("samples_in_epoch")
+    if done is None:
+        written = saved.get("config") or {}  # the job that wrote it: its batch, passes and world size
+        per_step = written.get("batch_size", cfg.batch_size) * written.get(
+            "backward_passes_per_step", cfg.backward_passes_per_step
+        )
+        done = min(samples, step_in_epoch * per_step * ((saved.get("fingerprint") or {}).get("world_size") or size))
+    return epoch, step_in_epoch, step, done
+
+
+def restore_rng(rngs: list[Any], rank: int, size: int, seed: int, step: int) -> None:
+    """Rank `rank`'s RNG states as a checkpoint of as many ranks (`size`) kept them; else (another world) a stream
+    of the rank's own, seeded from the seed, the rank and the step, so a resume on a new world is as reproducible
+    as one on the old."""
+    if len(rngs) == size:
+        set_rng_state(rngs[rank])
+        return
+    import random
+
+    import numpy as np
+    import torch
+
+    derived = hash((seed, rank, step)) % 2**31  # (a tuple of ints hashes the same in every process)
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+
+
 def rng_state() -> dict[str, Any]:
     import random
 
@@ -223,3 +305,73 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def host_copy(state: Any) -> Any:
+    """A copy of `state` whose tensors are this process's own, in host memory (containers rebuilt, other values
+    shared): what a background write reads while training changes the live tensors in place."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):  # an OrderedDict stays one (a state_dict's order and _metadata matter)
+        copy = type(state)((k, host_copy(v)) for k, v in state.items())
+        if hasattr(state, "_metadata"):
+            copy._metadata = state._metadata
+        return copy
+    if type(state) in (list, tuple):
+        return type(state)(host_copy(v) for v in state)
+    return state
+
+
+class Writes:
+    """Rank 0's checkpoint writes: synchronous, or (`background`, --async-checkpoint) in a thread while training
+    goes on, at most one in flight.
+
+    `save` of a background write takes a host copy of the state at the step boundary (the training stall: the
+    copy, plus waiting for the previous write if it is still going), hands it to a thread and returns the path the
+    checkpoint will have. `wait` blocks until the write in flight, if any, is done, and raises what it raised (a
+    full disk is a DiskFullError naming the last complete checkpoint, as a synchronous write's). The job waits
+    before the next save, before a preemption's requeue, at the end of training and when it fails (the thread is
+    not a daemon: the interpreter finishes the write before it exits). A write killed with its process leaves the
+    previous checkpoint the newest complete one, as a synchronous one does."""
+
+    def __init__(self, background: bool):
+        self.background = background
+        self._thread = None
+        self._error: Optional[BaseException] = None
+        self.done: list[tuple[int, Path]] = []  # (step, path) of the writes finished since the caller last took them
+
+    def save(self, state: dict[str, Any], ckpt_dir: Path, step: int, keep: int) -> Path:
+        self.wait()
+        if not self.background:
+            path = save(state, ckpt_dir, step, keep)
+            self.done.append((step, path))
+            return path
+        import threading
+
+        copy = host_copy(state)
+
+        def write() -> None:
+            try:
+                path = save(copy, ckpt_dir, step, keep)
+            except BaseException as e:  # handed to the training thread by wait()
+                self._error = e
+                return
+            self.done.append((step, path))  # (the list of now: take_done may have swapped it during the write)
+
+        self._thread = threading.Thread(target=write, name=f"hvdtrain-checkpoint-{step}", daemon=False)
+        self._thread.start()
+        return ckpt_dir / checkpoint_name(step)
+
+    def wait(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def take_done(self) -> list[tuple[int, Path]]:
+        done, self.done = self.done, []
+        return done

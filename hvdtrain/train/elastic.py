@@ -35,7 +35,7 @@ import torch
 
 from hvdtrain.errors import ConfigError
 from hvdtrain.parallel import elastic as horovod_elastic
-from hvdtrain.parallel import horovod
+from hvdtrain.parallel import horovod, shards
 from hvdtrain.train import checkpoint
 from hvdtrain.train.reporting import Recorder, ReportWindow
 from hvdtrain.train.state import TrainState
@@ -59,10 +59,6 @@ class FixedWorld:
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
 
-    def fingerprint_size(self) -> Optional[int]:
-        """The world size a checkpoint records and a resume must match (None: any)."""
-        return self.trainer.size
-
     def steps_for(self, samples: int) -> int:
         """Optimizer steps over `samples` samples shared by the current world (what is left is dropped)."""
         t = self.trainer
@@ -83,24 +79,33 @@ class FixedWorld:
             t.steps_total = min(t.steps_total, cfg.max_steps)
 
     def _steps_total(self) -> int:
-        return self.trainer.cfg.epochs * self.trainer.steps_per_epoch
+        # What is done, the rest of this epoch on the current world, the epochs after it.
+        t = self.trainer
+        cfg, s = t.cfg, t.state
+        rest = self.steps_for(len(t.data.train) - s.samples_in_epoch) if s.epoch < cfg.epochs else 0
+        return s.step + rest + max(0, cfg.epochs - s.epoch - 1) * t.steps_per_epoch
 
     def steps_left_in_epoch(self) -> int:
         t = self.trainer
-        return t.steps_per_epoch - t.state.step_in_epoch
+        return self.steps_for(len(t.data.train) - t.state.samples_in_epoch)
 
     def groups_left(self) -> list[list[torch.Tensor]]:
         """This rank's remaining optimizer steps of the epoch under way, each a list of backward passes' indices:
-        the epoch's batches (a pure function of seed and epoch) from step_in_epoch on."""
+        the samples of the epoch not yet processed, dealt over the current world (parallel.shards.shard_of_rest:
+        DistributedSampler's shards when none were; what the uninterrupted run reads on a resume on the same
+        world; each of the rest once on another world)."""
         t = self.trainer
-        s, k = t.state, t.cfg.backward_passes_per_step
-        t.sampler.set_epoch(s.epoch)
-        batches = list(torch.as_tensor(list(t.sampler)).split(t.cfg.batch_size))
-        return [batches[i : i + k] for i in range(0, t.steps_per_epoch * k, k)][s.step_in_epoch :]
+        cfg, s, k = t.cfg, t.state, t.cfg.backward_passes_per_step
+        mine = shards.shard_of_rest(len(t.data.train), cfg.seed, s.epoch, s.samples_in_epoch, t.size, t.rank)
+        batches = list(torch.as_tensor(mine, dtype=torch.long).split(cfg.batch_size))
+        return [batches[i : i + k] for i in range(0, self.steps_left_in_epoch() * k, k)]
 
     def start(self) -> Optional[Path]:
-        """Every rank from the same state (a checkpoint's, whose path it returns, or rank 0's fresh weights)."""
-        return self.trainer._restore_or_broadcast()
+        """Every rank from the same state (a checkpoint's, whose path it returns, or rank 0's fresh weights), and
+        the steps planned again from its position."""
+        path = self.trainer._restore_or_broadcast()
+        self.plan()
+        return path
 
     def run(self, train: Callable[[], T]) -> T:
         """The loop, `train`: once."""
@@ -136,29 +141,6 @@ class ElasticWorld(FixedWorld):
     def remove_interrupted_writes(self, say: Callable[[str], None]) -> None:
         """Not in an elastic job: rank 0 changes with the world, so no rank knows that no other is writing."""
 
-    def fingerprint_size(self) -> Optional[int]:
-        return None  # its position counts samples, not steps: it resumes on any world size
-
-    def _steps_total(self) -> int:
-        # What is done, the rest of this epoch on the current world, the epochs after it.
-        t = self.trainer
-        cfg, s = t.cfg, t.state
-        rest = self.steps_for(len(t.data.train) - s.samples_in_epoch) if s.epoch < cfg.epochs else 0
-        return s.step + rest + max(0, cfg.epochs - s.epoch - 1) * t.steps_per_epoch
-
-    def steps_left_in_epoch(self) -> int:
-        t = self.trainer
-        return self.steps_for(len(t.data.train) - t.state.samples_in_epoch)
-
-    def groups_left(self) -> list[list[torch.Tensor]]:
-        """The samples of the epoch not yet processed, re-sharded over the current world (parallel.elastic.
-        shard_of_rest; equal to the fixed world's batches when none were)."""
-        t = self.trainer
-        cfg, s, k = t.cfg, t.state, t.cfg.backward_passes_per_step
-        mine = horovod_elastic.shard_of_rest(len(t.data.train), cfg.seed, s.epoch, s.samples_in_epoch, t.size, t.rank)
-        batches = list(torch.as_tensor(mine, dtype=torch.long).split(cfg.batch_size))
-        return [batches[i : i + k] for i in range(0, self.steps_left_in_epoch() * k, k)]
-
     def start(self) -> Optional[Path]:
         """A start from a checkpoint without a collective: the worker that is rank 0 at the start loads it
         (jobs.preflight has checked it); the elastic loop's first sync gives it to every worker."""
@@ -166,12 +148,11 @@ class ElasticWorld(FixedWorld):
         path = checkpoint.resume_path(t.cfg, t.slurm)
         if path is None or not t.is_main:
             return path
-        saved = checkpoint.load(path, t.fingerprint)
+        saved = t.read_checkpoint(path)
         t.state.load_weights(saved)
         t.state.position = t._position_of(saved)
         t.update.load_state_dict(saved.get("update", {}))
-        if len(saved["rng"]) == t.size:
-            checkpoint.set_rng_state(saved["rng"][t.rank])
+        t.restore_rng(saved["rng"])
         return path
 
     def run(self, train: Callable[[], T]) -> T:

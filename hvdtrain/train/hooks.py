@@ -43,7 +43,8 @@ class Hook:
         """After the last step of an epoch, before evaluation; state.epoch is still the finished epoch."""
 
     def on_checkpoint(self, trainer: Trainer, path: Optional[Path]) -> None:
-        """After a checkpoint was written (path on rank 0, None on the other ranks)."""
+        """After a checkpoint was taken (path on rank 0, None on the other ranks). With --async-checkpoint rank 0's
+        file is still being written in the background: `trainer.writes.wait()` waits for it to be whole."""
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         """After training (finished or preempted), with fit()'s result."""

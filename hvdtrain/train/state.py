@@ -1,9 +1,9 @@
 """TrainState: what the loop advances, a checkpoint saves, and a resume or an elastic reset restores.
 
-The sampler's order is a pure function of (seed, epoch), so (epoch, step_in_epoch) is the whole position in
-the data of a static job; an elastic job's world size changes within an epoch, so its position is the number
-of the epoch's samples processed by all ranks together (`samples_in_epoch`, the sampler's record: the rest is
-re-sharded over the new world). `step` counts optimizer steps over the run.
+The epoch's order is a pure function of (seed, epoch), and the position in it is the number of the epoch's
+samples processed by all ranks together (`samples_in_epoch`): whatever world reads on (a resume on another world
+size, an elastic resize) is dealt the rest (parallel.shards). `step` counts optimizer steps over the run;
+`step_in_epoch` those of the epoch under way.
 """
 
 from __future__ import annotations

@@ -18,10 +18,12 @@ events, result.json, checkpoints/; config.json is written by the launching side,
 used as a library); every rank writes its own log (the launcher's per-rank wrapper does that). Every
 distributed operation goes through `hvdtrain.parallel.horovod` (Horovod).
 
-Exact resume: a checkpoint holds the model and optimizer, the epoch, the number of steps done in that epoch
-(the sampler order is a pure function of seed and epoch, so the position is enough), and every rank's RNG
-states. Resuming restores all of it, so a run interrupted at any checkpoint and resumed ends bitwise equal to
-an uninterrupted one in deterministic mode on CPU.
+Exact resume, on any layout (docs/checkpoints.md): a checkpoint holds the model and optimizer (the unsplit model's,
+whatever the strategy), the epoch, the number of its samples done (the epoch's order is a pure function of seed
+and epoch; parallel.shards deals its rest over whatever world resumes), every rank's RNG states and the layout that
+wrote it. Resuming on the same layout restores all of it, so a run interrupted at any checkpoint and resumed ends
+bitwise equal to an uninterrupted one in deterministic mode on CPU; on another world size, batch or strategy each
+remaining sample of the epoch is read once, the learning rate becomes the new world's, and rank 0 says what changed.
 
 The world the loop runs in (train/elastic.py) is fixed as launched, or elastic (`hvdtrain train --elastic`): then
 the loop runs inside Horovod's elastic loop, the ranks commit every --commit-every steps and at every epoch end, a
@@ -158,8 +160,10 @@ class Trainer:
         self.update = self.placement.update_rule(builtin_model=self._user_model is None)
         self.lr = self.update.learning_rate()
         self.state = TrainState(model, self.update.make_optimizer(model, self.lr))
-        self.sampler = horovod.sampler(self.data.train, shuffle=True, seed=cfg.seed, replica=(self.rank, self.size))
-        self.fingerprint = checkpoint.fingerprint(cfg, self.world.fingerprint_size())
+        self.fingerprint = checkpoint.fingerprint(cfg)
+        self.writes = checkpoint.Writes(background=cfg.async_checkpoint)  # rank 0's checkpoint writes
+        self.checkpoint_stall_s: list[float] = []  # rank 0: the training time each checkpoint took (result.json)
+        self.resume_change: Optional[str] = None  # a resume on another layout: what changed, in one line
         self.startup.mark("model")
 
     @property
@@ -175,7 +179,7 @@ class Trainer:
         saved, error = None, None
         if path is not None and self.is_main:
             try:
-                saved = checkpoint.load(path, self.fingerprint)
+                saved = self.read_checkpoint(path)
             except CheckpointError as e:
                 error = str(e)
         # Every rank learns whether rank 0 could load it, so all fail together instead of hanging.
@@ -188,28 +192,46 @@ class Trainer:
             return None
         self.update.restore(self.state, saved)
         position = horovod.broadcast_object(
-            (self._position_of(saved), saved["rng"], saved.get("update", {})) if self.is_main else None,
+            (self._position_of(saved), saved["rng"], saved.get("update", {}), self.resume_change)
+            if self.is_main
+            else None,
             name="hvdtrain.position",
         )
-        self.state.position, rngs, update_state = position
+        self.state.position, rngs, update_state, self.resume_change = position
         self.update.load_state_dict(update_state)
-        if len(rngs) == horovod.size():  # (a checkpoint of another layout: the ranks keep their fresh seeds)
-            checkpoint.set_rng_state(rngs[horovod.rank()])
+        self.restore_rng(rngs)
         return path
 
-    def _position_of(self, saved: dict[str, Any]) -> tuple[int, int, int, int]:
-        """The position a checkpoint holds; samples_in_epoch computed from its steps (and the world size it was
-        written with) when it predates that field."""
-        epoch, step_in_epoch, step, samples = TrainState.position_in(saved)
-        if samples is None:
-            per_step = self.cfg.batch_size * self.cfg.backward_passes_per_step
-            size = saved.get("fingerprint", {}).get("world_size") or self.size
-            samples = min(len(self.data.train), step_in_epoch * per_step * size)
-        return epoch, step_in_epoch, step, samples
+    def read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Rank 0: the checkpoint at `path`, checked against this job, made this job's: its learning rate becomes
+        this world's (a resume on another world size or batch follows the scaling rule, and a new --lr takes
+        effect), and what changed from the job that wrote it is kept as one line (resume_change)."""
+        saved = checkpoint.load(path, self.fingerprint)
+        lr_before = checkpoint.set_learning_rate(saved, self.lr)
+        self.resume_change = checkpoint.layout_change(saved, self._layout(), lr_before)
+        return saved
 
-    def _checkpoint(self) -> Optional[Path]:
-        """Collective: every rank hands in its RNG states; rank 0 writes the file atomically."""
+    def restore_rng(self, rngs: list[Any]) -> None:
+        """This rank's RNG states from a checkpoint's (checkpoint.restore_rng)."""
+        checkpoint.restore_rng(rngs, *horovod.world(), self.cfg.seed, self.state.step)
+
+    def _layout(self) -> dict[str, Any]:
+        """How this job trains, as a checkpoint records it (what a resume on another layout compares)."""
+        cfg = self.cfg
+        return {
+            "ranks": self.size, "processes": horovod.world()[1], "strategy": cfg.strategy, "update": self.update.name,
+            "stages": cfg.stages if cfg.strategy == "pipeline" else 1, "batch_size": cfg.batch_size,
+            "backward_passes_per_step": cfg.backward_passes_per_step, "lr": self.lr,
+        }  # fmt: skip
+
+    def _position_of(self, saved: dict[str, Any]) -> tuple[int, int, int, int]:
+        return checkpoint.position(saved, self.cfg, self.size, len(self.data.train))
+
+    def _checkpoint(self, last: bool = False) -> Optional[Path]:
+        """Collective: every rank hands in its RNG states; rank 0 writes the file atomically, in the background with
+        --async-checkpoint (self.writes; `last`: the job's last, waited for: the end, a preemption, Ctrl-C)."""
         progress.set_phase("checkpoint")
+        started = time.perf_counter()
         rngs = horovod.allgather_object(checkpoint.rng_state(), name="hvdtrain.rng")
         entries = self.update.checkpoint_entries(self.state, root_rank=0)
         path = None
@@ -219,12 +241,22 @@ class Trainer:
                 **entries,
                 "rng": rngs,
                 "fingerprint": self.fingerprint,
+                "layout": self._layout(),
                 "config": dataclasses.asdict(self.cfg),
             }
-            path = checkpoint.save(saved, self.run_dir.checkpoints, self.state.step, keep=self.cfg.keep_checkpoints)
-            self.recorder.record({"event": "checkpoint", "step": self.state.step, "path": str(path)})
+            path = self.writes.save(saved, self.run_dir.checkpoints, self.state.step, keep=self.cfg.keep_checkpoints)
+            self.checkpoint_stall_s.append(time.perf_counter() - started)
+            if last:
+                self.writes.wait()
+            self._record_checkpoints()
         self.hooks.on_checkpoint(self, path)
         return path
+
+    def _record_checkpoints(self) -> None:
+        """Rank 0: a metrics.jsonl record of each checkpoint written since the last call (a background write's
+        when it is done)."""
+        for step, path in self.writes.take_done():
+            self.recorder.record({"event": "checkpoint", "step": step, "path": str(path)})
 
     # ------------------------------------------------------------------------------------------ steps
     def _train_step(self, group: list[torch.Tensor]) -> None:
@@ -350,13 +382,17 @@ class Trainer:
         self.startup.mark("restore" if resumed is not None else "broadcast")
         s = self.state
         self.recorder.record({"event": "start", "step": s.step, "epoch": s.epoch, "ranks": self.size,
-                              "resumed_from": resumed and str(resumed), "restart": self.slurm.restart_count})  # fmt: skip
+                              "resumed_from": resumed and str(resumed), "restart": self.slurm.restart_count,
+                              "changed": self.resume_change})  # fmt: skip
         self.progress = Progress(self.steps_total, cfg.epochs, self.is_main, self._echo, start_step=s.step)
         self.world.remove_interrupted_writes(self.progress.say)
         if resumed is not None:
             self.progress.say(
-                f"resumed from {resumed} at step {s.step} (epoch {s.epoch + 1}, step {s.step_in_epoch} in it)"
+                f"resumed from {resumed} at step {s.step} (epoch {s.epoch + 1}, {s.samples_in_epoch} of its "
+                f"{len(self.data.train)} samples done)"
             )
+            if self.resume_change:
+                self.progress.say(self.resume_change)
         if s.step == 0:
             self.progress.say(
                 f"training {cfg.model} on {cfg.data}: {self.placement.describe(self.size)}, strategy {cfg.strategy}, "
@@ -389,7 +425,7 @@ class Trainer:
         return preempt.requested() or self.run_dir.interrupted.exists()
 
     def _stop_preempted(self) -> dict[str, Any]:
-        path = self._checkpoint()
+        path = self._checkpoint(last=True)
         # `hvdtrain train` marks a stop that Ctrl-C asked for: no preemption, so no requeue.
         interrupted = self.run_dir.interrupted.exists()
         self.progress.say(
@@ -410,7 +446,10 @@ class Trainer:
         self.update.finish(s)
         metrics = self._evaluate_and_record()
         if not (cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0):
-            self._checkpoint()  # the end state, unless the last step just wrote it
+            self._checkpoint(last=True)  # the end state, unless the last step just wrote it
+        elif self.is_main:
+            self.writes.wait()
+            self._record_checkpoints()
         self.progress.say(
             f"test accuracy: {metrics['test_accuracy']:.4f} (test loss {metrics['test_loss']:.4f}, "
             f"{s.step} steps, {self.train_seconds:.1f} s training)"
@@ -440,6 +479,7 @@ class Trainer:
             "run_dir": str(self.run_dir.path),
             "peak_rss_bytes": rss,
             "startup_s": self.startup.phases(),  # rank 0's phases up to the first step (hvdtrain.startup)
+            "checkpoint_stall_s": _seconds(self.checkpoint_stall_s),  # rank 0: each checkpoint's pause of training
             **self.placement.result(),
             **extra,
         }

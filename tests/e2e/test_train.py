@@ -131,14 +131,16 @@ def test_preempt_signal_to_one_rank_stops_all_at_one_step_and_resumes_exactly(hv
     assert result_of(run_dir)["steps"] == 150
 
 
+@pytest.mark.parametrize("mode", [[], ["--async-checkpoint"]], ids=["sync", "async"])
 def test_a_checkpoint_onto_a_full_disk_ends_the_job_in_one_line_and_the_last_one_resumes_exactly(
-    hvdtrain, child_env, tmp_path
+    hvdtrain, child_env, tmp_path, mode
 ):
     """The run directory on a small real file system (a tmpfs in a private mount namespace: tests/fullfs.py) that
     fills up after the first checkpoint (the hook fullfs.FillDisk): rank 0's next checkpoint write finds it full.
     The job fails with the cause in one line (the checkpoint, the space left, the last complete checkpoint to
     resume from), no traceback, no temporary file left; with the space given back, --resume from that checkpoint
-    ends bitwise equal to a run straight through."""
+    ends bitwise equal to a run straight through. The same with --async-checkpoint: the background write fails, and
+    the job fails at its next checkpoint with the same line."""
     import fullfs
 
     common = ["-np", "2", "--deterministic", "--max-steps", "40", "--epochs", "20", "--checkpoint-every", "10",
@@ -148,7 +150,7 @@ def test_a_checkpoint_onto_a_full_disk_ends_the_job_in_one_line_and_the_last_one
     mnt, out = tmp_path / "mnt", tmp_path / "out"
     run, ckpts = mnt / "run", mnt / "run" / "checkpoints"
     out.mkdir()
-    train = f"{sys.executable} -m hvdtrain train {' '.join(common)} --run-dir {run}"
+    train = f"{sys.executable} -m hvdtrain train {' '.join(common + mode)} --run-dir {run}"
     script = (
         f"{train} --hooks fullfs:FillDisk > {out}/full.out 2> {out}/full.err; echo $? > {out}/full.rc; "
         f"ls -a {ckpts} > {out}/left; rm {run}/{fullfs.FILLER}; "

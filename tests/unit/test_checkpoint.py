@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes (a write killed midway leaves the previous checkpoint loadable), clear errors."""
 
+import collections
 import signal
 import subprocess
 import sys
@@ -191,11 +192,107 @@ def test_listing_ignores_temporary_and_foreign_files(tmp_path):
     assert RunDir(tmp_path).checkpoint(7) == tmp_path / "checkpoints" / "step-00000007.pt"
 
 
-def test_fingerprint_leaves_the_world_size_out_for_elastic_jobs():
+def test_the_fingerprint_is_the_model_the_data_and_the_optimizer():
     from hvdtrain.config import TrainConfig
 
-    cfg = TrainConfig()
-    assert checkpoint.fingerprint(cfg, 4)["world_size"] == 4
-    elastic = checkpoint.fingerprint(cfg, None)
-    assert "world_size" not in elastic
-    assert elastic == {k: v for k, v in checkpoint.fingerprint(cfg, 4).items() if k != "world_size"}
+    base = checkpoint.fingerprint(TrainConfig())
+    assert set(base) == {"model", "hidden", "depth", "data", "synthetic_samples", "optimizer", "seed"}
+    others = [TrainConfig(batch_size=64), TrainConfig(strategy="pipeline", stages=2), TrainConfig(shard_optimizer=True),
+              TrainConfig(update="local-sgd"), TrainConfig(strategy="hybrid", devices_per_rank=2)]  # fmt: skip
+    assert all(checkpoint.fingerprint(cfg) == base for cfg in others)
+    assert checkpoint.fingerprint(TrainConfig(optimizer="adam")) != base
+
+
+def test_a_resume_takes_the_new_worlds_learning_rate_in_every_optimizer_state():
+    saved = {
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.2, "params": [0]}, {"lr": 0.2, "params": [1]}]},
+        "local": [{"optimizer": {"state": {}, "param_groups": [{"lr": 0.2, "params": [0, 1]}]}}] * 2,
+    }
+    assert checkpoint.set_learning_rate(saved, 0.1) == 0.2
+    groups = saved["optimizer"]["param_groups"] + [
+        g for own in saved["local"] for g in own["optimizer"]["param_groups"]
+    ]
+    assert [g["lr"] for g in groups] == [0.1] * 4
+    assert checkpoint.set_learning_rate({"model": {}}, 0.1) is None
+
+
+def layout(**changes):
+    base = {"ranks": 4, "processes": 4, "strategy": "data", "update": "sync", "stages": 1, "batch_size": 16,
+            "backward_passes_per_step": 1, "lr": 0.2}  # fmt: skip
+    return {**base, **changes}
+
+
+def test_what_changed_on_a_resume_is_one_line():
+    saved = {"step": 120, "layout": layout()}
+    assert checkpoint.layout_change(saved, layout(), 0.2) is None
+    assert (
+        checkpoint.layout_change(saved, layout(ranks=2, processes=2, lr=0.1), 0.2)
+        == "step 120 of a 4-rank job resumed on 2 ranks; lr 0.2 -> 0.1"
+    )
+    assert checkpoint.layout_change(saved, layout(ranks=1, processes=1, batch_size=64), 0.2) == (
+        "step 120 of a 4-rank job resumed on 1 rank; batch 16 -> 64 per rank"
+    )
+    piped = layout(ranks=1, processes=2, strategy="pipeline", stages=2, update="sync")
+    assert checkpoint.layout_change(saved, piped, 0.2) == (
+        "step 120 of a 4-rank job resumed on 2 ranks; strategy data -> pipeline; stages 1 -> 2"
+    )
+    assert checkpoint.layout_change(saved, layout(update="sharded", backward_passes_per_step=2), 0.2) == (
+        "step 120 of a 4-rank job resumed on 4 ranks; update sync -> sharded; backward passes per step 1 -> 2"
+    )
+
+
+def test_a_checkpoint_from_before_the_layout_record_says_what_its_config_says():
+    old = {"step": 30, "fingerprint": {"world_size": 3}, "config": {"strategy": "data", "update": "sync",
+           "shard_optimizer": True, "batch_size": 32, "backward_passes_per_step": 1}}  # fmt: skip
+    assert checkpoint.layout_change(old, layout(ranks=2, processes=2, batch_size=32), 0.1) == (
+        "step 30 of a 3-rank job resumed on 2 ranks; update sharded -> sync; lr 0.1 -> 0.2"
+    )
+    elastic = {"step": 7, "config": {}}  # no world size recorded
+    assert checkpoint.layout_change(elastic, layout(ranks=2, processes=2), 0.2) == "step 7 resumed on 2 ranks"
+
+
+def test_a_background_write_saves_the_state_of_its_step_and_hands_on_its_error(tmp_path, monkeypatch):
+    writes = checkpoint.Writes(background=True)
+    live = collections.OrderedDict(w=torch.zeros(3))
+    path = writes.save({"model": live, "step": 1}, tmp_path, 1, keep=5)
+    live["w"].add_(1)  # training goes on and changes the live tensor in place
+    writes.wait()
+    saved = checkpoint.load(path)
+    assert torch.equal(saved["model"]["w"], torch.zeros(3)) and type(saved["model"]) is collections.OrderedDict
+    assert writes.take_done() == [(1, path)] and writes.take_done() == []
+
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_atomic", full)
+    writes.save({"model": live, "step": 2}, tmp_path, 2, keep=5)  # returns at once: the error comes with wait()
+    with pytest.raises(OSError):
+        writes.wait()
+    writes.wait()  # said once
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+
+
+def test_one_background_write_in_flight_at_most(tmp_path, monkeypatch):
+    import threading
+
+    release, started = threading.Event(), []
+    original = checkpoint.write_atomic
+
+    def held(path, write, **kwargs):
+        started.append(path.name)
+        release.wait(10)
+        return original(path, write, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", held)
+    writes = checkpoint.Writes(background=True)
+    writes.save({"step": 1}, tmp_path, 1, keep=5)
+    second = threading.Thread(target=writes.save, args=({"step": 2}, tmp_path, 2, 5))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and started == ["step-00000001.pt"]  # the second save waits for the first write
+    assert writes.take_done() == []  # taken while a write is in flight: it is reported later, not lost
+    release.set()
+    second.join(10)
+    writes.wait()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001.pt", "step-00000002.pt"]
+    assert [step for step, _ in writes.take_done()] == [1, 2]

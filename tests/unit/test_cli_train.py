@@ -126,8 +126,8 @@ def test_hybrid_on_cpu_passes_preflight_with_cpu_stages(run):
     assert devices_for_rank(1, 2, 2, cuda_count=4) == ["cuda:2", "cuda:3"]
 
 
-def save_checkpoint(tmp_path, step, world_size=1, **cfg):
-    fp = checkpoint.fingerprint(TrainConfig(**cfg), world_size)
+def save_checkpoint(tmp_path, step, **cfg):
+    fp = checkpoint.fingerprint(TrainConfig(**cfg))
     return checkpoint.save({"model": {"w": torch.zeros(1)}, "fingerprint": fp}, tmp_path / "r" / "checkpoints", step)
 
 
@@ -138,40 +138,39 @@ def test_existing_checkpoints_need_resume(run, tmp_path):
 
 
 def test_resume_checks_the_checkpoint_before_launching(run, tmp_path):
-    save_checkpoint(tmp_path, 10, batch_size=64)
-    assert_usage_error(run("-np", "1", "--run-dir", "r", "--resume"), "batch_size: checkpoint has 64, this job has 32")
+    save_checkpoint(tmp_path, 10, model="mlp")
+    assert_usage_error(run("-np", "1", "--run-dir", "r", "--resume"), "model: checkpoint has 'mlp', this job has 'cnn'")
     assert_usage_error(
-        run("-np", "2", "--run-dir", "r", "--resume", "--batch-size", "64"),
-        "world_size: checkpoint has 1, this job has 2",
+        run("-np", "1", "--run-dir", "r", "--resume", "--model", "mlp", "--optimizer", "adam"),
+        "optimizer: checkpoint has 'sgd', this job has 'adam'",
     )
-    newest = save_checkpoint(tmp_path, 20, batch_size=64)
+    newest = save_checkpoint(tmp_path, 20, model="mlp")
     with zipfile.ZipFile(newest, "w") as z:  # whole, but not torch's (one cut short is passed over: below)
         z.writestr("data.pkl", b"garbage")
-    result = run("-np", "1", "--run-dir", "r", "--resume", "--batch-size", "64")
+    result = run("-np", "1", "--run-dir", "r", "--resume", "--model", "mlp")
     assert_usage_error(result, "is corrupt or not a checkpoint")
     assert "step-00000010.pt is intact: resume from it with --resume-from" in result.output
     ok = run(
-        "-np",
-        "1",
-        "--run-dir",
-        "r",
-        "--batch-size",
-        "64",
-        "--resume-from",
-        "r/checkpoints/step-00000010.pt",
-        "--dry-run",
+        "-np", "1", "--run-dir", "r", "--model", "mlp", "--resume-from", "r/checkpoints/step-00000010.pt", "--dry-run"
     )
     assert ok.exit_code == 0, ok.output
 
 
-def test_an_elastic_job_resumes_on_any_world_size(run, tmp_path):
-    save_checkpoint(tmp_path, 10, world_size=3)
+def test_a_checkpoint_resumes_on_any_world_size_strategy_and_batch(run, tmp_path):
+    """Only the model, the data (its seed) and the optimizer must match: another world size, batch, strategy or
+    update rule, static or elastic, resumes it (the ranks say what changed)."""
+    save_checkpoint(tmp_path, 10)
     (tmp_path / "hosts").write_text("localhost:2\n")
-    elastic = ["--elastic", "--hosts-file", "hosts", "--run-dir", "r", "--resume", "--dry-run"]
-    assert run("-np", "2", *elastic).exit_code == 0
-    assert_usage_error(run("-np", "2", "--run-dir", "r", "--resume"), "world_size: checkpoint has 3, this job has 2")
-    save_checkpoint(tmp_path, 20, world_size=3, batch_size=64)
-    assert_usage_error(run(*elastic), "batch_size: checkpoint has 64, this job has 32")
+    for args in (
+        ["-np", "2"], ["-np", "3", "--batch-size", "64"], ["-np", "4", "--strategy", "pipeline", "--stages", "2"],
+        ["-np", "2", "--shard-optimizer"], ["-np", "2", "--update", "local-sgd"], ["-np", "3", "--update", "async"],
+        ["-np", "1", "--strategy", "hybrid", "--devices-per-rank", "2"],
+        ["-np", "2", "--elastic", "--hosts-file", "hosts"],
+    ):  # fmt: skip
+        result = run(*args, "--run-dir", "r", "--resume", "--dry-run", env={"CUDA_VISIBLE_DEVICES": ""})
+        assert result.exit_code == 0, (args, result.output)
+    save_checkpoint(tmp_path, 20, seed=1)
+    assert_usage_error(run("-np", "2", "--run-dir", "r", "--resume"), "seed: checkpoint has 1, this job has 0")
 
 
 def test_resume_without_checkpoints(run):
