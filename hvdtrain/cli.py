@@ -408,6 +408,78 @@ def logs(job_id, rank, lines):
     sys.exit(slurm.logs(job_id, rank=rank, lines=lines, echo=click.echo))
 
 
+@cli.group(context_settings=CONTEXT)
+def checkpoint():
+    """What a run's checkpoints hold, whether they are whole, and a plain torch file of one (docs/checkpoints.md).
+
+    TARGET is a run directory, its checkpoints/ directory, or one checkpoint file; for a directory, inspect, verify
+    and consolidate take the newest complete checkpoint (the one --resume takes).
+    """
+
+
+@checkpoint.command("ls", context_settings=CONTEXT)
+@click.argument("target", metavar="TARGET")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per checkpoint instead of the table.")
+def checkpoint_ls(target, as_json):
+    """Each checkpoint: step, epoch, samples of it done, the ranks, strategy, update, batch and lr that wrote it,
+    parameters, size, and whether it is complete (a write cut short, or one still unfinished, is said)."""
+    import json
+
+    from hvdtrain import checkpoints
+
+    rows = checkpoints.ls(target)
+    click.echo("\n".join(json.dumps(r, sort_keys=True) for r in rows) if as_json else checkpoints.format_ls(rows))
+
+
+@checkpoint.command("inspect", context_settings=CONTEXT)
+@click.argument("target", metavar="TARGET")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def checkpoint_inspect(target, as_json):
+    """One checkpoint in full: position, the layout that wrote it, what a resume must match, the model's and the
+    optimizer's sizes and settings, whose RNG states it keeps."""
+    import json
+
+    from hvdtrain import checkpoints
+
+    info = checkpoints.inspect(target)
+    click.echo(json.dumps(info, indent=2, sort_keys=True, default=str) if as_json else checkpoints.format_inspect(info))
+
+
+@checkpoint.command("verify", context_settings=CONTEXT)
+@click.argument("target", metavar="TARGET")
+@click.option("--all", "every", is_flag=True, help="Every checkpoint of the directory, not only the newest complete.")
+def checkpoint_verify(target, every):
+    """Read a checkpoint whole: the archive's checksums, the load, the entries a resume needs, finite weights.
+    Exits 1 when one is not sound, naming what is wrong."""
+    from hvdtrain import checkpoints
+
+    results = checkpoints.verify(target, every)
+    for path, problems in results:
+        click.echo(f"{'ok' if not problems else 'BAD'}  {path}" + (f": {'; '.join(problems)}" if problems else ""))
+    sys.exit(1 if any(problems for _, problems in results) else 0)
+
+
+@checkpoint.command("consolidate", context_settings=CONTEXT)
+@click.argument("target", metavar="TARGET")
+@click.option("--output", "-o", required=True, metavar="FILE", help="The plain torch file to write.")
+@click.option(
+    "--with-optimizer", is_flag=True, help='Write {"model": ..., "optimizer": ...} instead of the model alone.'
+)
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+def checkpoint_consolidate(target, output, with_optimizer, force):
+    """Write a checkpoint's model state_dict (whatever strategy wrote it: the unsplit model's names) as a plain torch
+    file: `model.load_state_dict(torch.load(FILE, weights_only=True))`, no hvdtrain needed."""
+    from hvdtrain import checkpoints
+    from hvdtrain.errors import UsageError
+    from hvdtrain.files import check_output_path
+
+    out = check_output_path(output, "--output", directory=False, name="model.pt")
+    if out.exists() and not force:
+        raise UsageError(f"--output {output}: exists; pass --force to replace it, or choose another file")
+    source, _ = checkpoints.consolidate(target, out, with_optimizer)
+    click.echo(f"wrote {out} ({'model and optimizer' if with_optimizer else 'model'} state_dict of {source})")
+
+
 def _warn(message: str) -> None:
     """What a command skipped or worked around, one line on stderr."""
     click.echo(f"hvdtrain: warning: {message}", err=True)
