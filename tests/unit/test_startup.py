@@ -23,7 +23,10 @@ def test_process_started_is_when_the_process_started():
 
 
 def test_phases_from_the_launch_to_each_mark(monkeypatch):
-    launched = startup.process_started() - 1.5  # hvdtrain started the launcher 1.5 s before this process
+    # This process's start, fixed: read twice from /proc (10 ms ticks) and the clock, it moves by a tick or so.
+    started = startup.process_started()
+    monkeypatch.setattr(startup, "process_started", lambda pid=None: started)
+    launched = started - 1.5  # hvdtrain started the launcher 1.5 s before this process
     clock = startup.Startup({startup.LAUNCHED_ENV: f"{launched:.6f}"})
     now = [time.time() + 10.0]
     monkeypatch.setattr(startup.time, "time", lambda: now[0])
