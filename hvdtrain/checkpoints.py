@@ -18,7 +18,7 @@ from typing import Any, Optional
 from hvdtrain.errors import CheckpointError, UsageError
 from hvdtrain.files import size_text
 from hvdtrain.render import fmt, render_table
-from hvdtrain.rundir import RunDir
+from hvdtrain.rundir import META_FILE, RunDir
 from hvdtrain.train import checkpoint
 
 SETTINGS = ("lr", "momentum", "nesterov", "betas", "eps", "weight_decay")  # of a param group, in inspect's text
@@ -27,7 +27,7 @@ SETTINGS = ("lr", "momentum", "nesterov", "betas", "eps", "weight_decay")  # of 
 def locate(target: str) -> tuple[Optional[Path], list[Path]]:
     """(the checkpoints directory or None for a file, its finished checkpoints oldest first / [the file])."""
     path = Path(target)
-    if path.is_file():
+    if path.is_file() or (path / META_FILE).is_file():  # a checkpoint file, or a sharded checkpoint's directory
         return None, [path]
     if not path.is_dir():
         raise UsageError(f"{target}: no such file or directory; give a run directory or a checkpoint file")
@@ -48,15 +48,14 @@ def newest(target: str) -> Path:
 
 
 def _load(path: Path, mmap: bool) -> dict[str, Any]:
-    import torch
+    return checkpoint.load(path, mmap=mmap)
 
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
-    if not isinstance(saved, dict) or saved.get("format") != checkpoint.FORMAT:
-        raise CheckpointError(f"{path} is not an hvdtrain checkpoint (format {checkpoint.FORMAT})")
-    return saved
+
+def _size(path: Path) -> int:
+    """Bytes of a checkpoint file, or of a sharded checkpoint's files."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
 
 
 def _tensors(state: Any) -> list:
@@ -77,7 +76,7 @@ def _bytes(state: Any) -> int:
 
 def summary(path: Path) -> dict[str, Any]:
     """What `ls` shows of one checkpoint file (its tensors are mapped, not read)."""
-    row: dict[str, Any] = {"file": str(path), "bytes": path.stat().st_size, "complete": checkpoint.complete(path)}
+    row: dict[str, Any] = {"file": str(path), "bytes": _size(path), "complete": checkpoint.complete(path)}
     if not row["complete"]:
         return {**row, "status": "cut short"}
     try:
@@ -104,7 +103,7 @@ def ls(target: str) -> list[dict[str, Any]]:
     if whole:
         whole[-1]["resume"] = True
     if folder is not None:
-        rows += [{"file": str(p), "bytes": p.stat().st_size, "complete": False, "status": "unfinished write"}
+        rows += [{"file": str(p), "bytes": _size(p), "complete": False, "status": "unfinished write"}
                  for p in checkpoint.interrupted_writes(folder)]  # fmt: skip
     return rows
 
@@ -132,13 +131,20 @@ def inspect(target: str) -> dict[str, Any]:
     optimizer = saved.get("optimizer") or {}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.get("param_groups", [])]
     kinds = sorted({k for s in (optimizer.get("state") or {}).values() for k in s})
+    if optimizer.get("files"):  # sharded: the entries of rank 0's file (mapped, not read)
+        import torch
+
+        first = torch.load(optimizer["files"][0], map_location="cpu", weights_only=True, mmap=True)
+        kinds = sorted({k for b in first["buckets"] for k in b["state"]})
     model = saved.get("model") or {}
+    files = optimizer.get("files") or []
     return {
-        "file": str(path), "bytes": path.stat().st_size, "step": saved.get("step"), "epoch": saved.get("epoch"),
+        "file": str(path), "bytes": _size(path), "sharded_files": len(files), "step": saved.get("step"), "epoch": saved.get("epoch"),
         "step_in_epoch": saved.get("step_in_epoch"), "samples_in_epoch": saved.get("samples_in_epoch"),
         "layout": checkpoint.saved_layout(saved), "fingerprint": saved.get("fingerprint"),
         "model": {"tensors": len(model), "params": sum(t.numel() for t in _tensors(model)), "bytes": _bytes(model)},
-        "optimizer": {"param_groups": groups, "state": kinds, "bytes": _bytes(optimizer)},
+        "optimizer": {"param_groups": groups, "state": kinds,
+                      "bytes": sum(Path(f).stat().st_size for f in files) if files else _bytes(optimizer)},
         "rng_states": len(saved.get("rng") or []), "local_states": len(saved.get("local") or []),
         "update": sorted(saved.get("update") or {}),
     }  # fmt: skip
@@ -154,7 +160,8 @@ def format_inspect(info: dict[str, Any]) -> str:
         "  written by " + ", ".join(f"{k} {v}" for k, v in layout.items() if v is not None),
         "  must match " + ", ".join(f"{k} {v}" for k, v in (info["fingerprint"] or {}).items()),
         f"  model      {model['params']:,} parameters in {model['tensors']} tensors ({size_text(model['bytes'])})",
-        f"  optimizer  {', '.join(opt['state']) or 'no state'} ({size_text(opt['bytes'])}); "
+        f"  optimizer  {', '.join(opt['state']) or 'no state'} ({size_text(opt['bytes'])}"
+        + (f", in the files of its {info['sharded_files']} ranks" if info["sharded_files"] else "") + "); "
         + "; ".join(", ".join(f"{k} {g[k]}" for k in SETTINGS if k in g) for g in opt["param_groups"]),
         f"  RNG states of {info['rng_states']} rank(s)"
         + (f"; each rank's own model and optimizer ({info['local_states']} ranks, local SGD)" if info["local_states"] else ""),
@@ -166,18 +173,24 @@ def verify_one(path: Path) -> list[str]:
     """What is wrong with one checkpoint file ([] when nothing): the archive's checksums, the whole load, the
     entries a resume needs, the model's values finite, the optimizer's state for the model's parameters only."""
     if not checkpoint.complete(path):
-        return ["cut short (no zip directory at its end): a write that did not finish"]
+        what = "its manifest is missing or does not match its files" if path.is_dir() else "no zip directory at its end"
+        return [f"cut short ({what}): a write that did not finish"]
+    for archive in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if archive.suffix != ".pt":
+            continue
+        try:
+            with zipfile.ZipFile(archive) as z:
+                bad = z.testzip()
+        except Exception as e:  # a changed byte in a header: bad names, sizes, compression types
+            return [f"unreadable archive {archive.name} ({type(e).__name__}: {e})"]
+        if bad is not None:
+            return [f"checksum mismatch in {archive.name}: {bad}: the file changed after it was written"]
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except Exception as e:  # a changed byte in a header: bad names, sizes, compression types
-        return [f"unreadable archive ({type(e).__name__}: {e})"]
-    if bad is not None:
-        return [f"checksum mismatch in {bad}: the file changed after it was written"]
-    try:
-        saved = _load(path, mmap=False)
+        saved = checkpoint.consolidate_optimizer(_load(path, mmap=False))
     except CheckpointError as e:
         return [str(e)]
+    except Exception as e:  # a shard that does not merge
+        return [f"its optimizer files do not merge ({type(e).__name__}: {e})"]
     problems = [f"no {k!r} entry" for k in ("model", "optimizer", "step", "epoch", "rng") if k not in saved]
     model = saved.get("model") or {}
     nonfinite = [k for k, t in model.items() if t.is_floating_point() and not t.isfinite().all()]
@@ -206,7 +219,7 @@ def consolidate(target: str, out: Path, with_optimizer: bool) -> tuple[Path, dic
     from hvdtrain.files import write_atomic
 
     path = newest(target)
-    saved = _load(path, mmap=False)
+    saved = checkpoint.consolidate_optimizer(_load(path, mmap=False))
     plain = {"model": saved["model"], "optimizer": saved["optimizer"]} if with_optimizer else saved["model"]
     write_atomic(out, lambda f: torch.save(plain, f), fsync=True)
     return path, plain

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from hvdtrain.env import SlurmEnv
 from hvdtrain.errors import ConfigError
 from hvdtrain.files import write_text_atomic
-from hvdtrain.rundir import RunDir
+from hvdtrain.rundir import META_FILE, RunDir
 
 STRATEGIES = ("data", "model", "hybrid", "pipeline")
 SCHEDULES = ("1f1b", "gpipe")  # --strategy pipeline's micro-batch schedules (parallel.pipe)
@@ -201,7 +201,10 @@ class TrainConfig:
                 _bad("data", f"'{self.data}' is not digits, synthetic or a .npz file")
             if not Path(self.data).is_file():
                 _bad("data", f"no such file '{self.data}'")
-        if self.resume_from is not None and not Path(self.resume_from).is_file():
+        # A checkpoint file, or a sharded checkpoint's directory (its rank 0 part: rundir.META_FILE).
+        if self.resume_from is not None and not (
+            Path(self.resume_from).is_file() or (Path(self.resume_from) / META_FILE).is_file()
+        ):
             _bad("resume-from", f"no such checkpoint '{self.resume_from}'")
         return self
 
@@ -391,6 +394,9 @@ COMBINATIONS: tuple[Rule, ...] = (
          "--shard-optimizer or --strategy pipeline)"),
     Rule("options", lambda c: c.shard_optimizer and c.reduce_op != "average",
          "--shard-optimizer: needs --reduce-op average: {cfg.reduce_op} combines whole gradients, a rank holds a slice"),
+    Rule("options", lambda c: c.shard_optimizer and c.async_checkpoint,
+         "--async-checkpoint: not with --shard-optimizer, whose ranks already write their own shards in parallel "
+         "(synchronously): drop --async-checkpoint"),
     Rule("options", lambda c: c.autotune and c.deterministic,
          "--autotune: changes the fusion threshold while training, which --deterministic fixes: drop one"),
     Rule("options", lambda c: c.average_every is not None and c.update != "local-sgd",

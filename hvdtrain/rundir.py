@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 PathLike = Union[str, Path]
-CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
+# A checkpoint: one file (step-XXXXXXXX.pt), or the directory of a sharded one (step-XXXXXXXX/: META_FILE, each
+# rank's SHARD_FILE, MANIFEST_FILE).
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})(?:\.pt)?$")
+META_FILE = "meta.pt"
+SHARD_FILE = "optimizer.{rank}.pt"
+MANIFEST_FILE = "manifest.json"
 # sbatch's output file names (%j job id; %A array job id, %a task id), and what they become for one job.
 SLURM_OUTPUT = "slurm-%j.out"
 SLURM_ARRAY_OUTPUT = "slurm-%A_%a.out"
@@ -182,6 +187,11 @@ def worker_name(host: str) -> str:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.pt"
+
+
+def sharded_checkpoint_name(step: int) -> str:
+    """The directory of a sharded checkpoint; `.{name}.shards.tmp` while its ranks write it."""
+    return f"step-{step:08d}"
 
 
 def checkpoint_step(path: PathLike) -> Optional[int]:

@@ -93,5 +93,6 @@ class FillDisk(Hook):
             return
         self.done = True
         trainer.writes.wait()  # --async-checkpoint: the file is whole once its write is done
-        assert path.stat().st_size > self.leave, "the next checkpoint would fit: nothing would be tested"
+        size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size  # sharded
+        assert size > self.leave, "the next checkpoint would fit: nothing would be tested"
         fill(trainer.run_dir.path / FILLER, self.leave)

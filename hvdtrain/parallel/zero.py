@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from hvdtrain.errors import ConfigError
+from hvdtrain.parallel import zero_files
 
 # torch optimizers whose update of an element reads only that element's parameter, gradient and state (plus
 # scalars such as the step count), so stepping a slice equals slicing the full step.
@@ -52,8 +53,7 @@ REFUSED = {
     "does not have",
     "Muon": "it orthogonalises each matrix's whole update (Newton-Schulz), which a flat slice does not have",
 }
-# State entries that are one number per parameter tensor rather than one per element.
-SCALAR_STATE = ("step", "mu_product", "eta", "mu")
+SCALAR_STATE = zero_files.SCALAR_STATE  # state entries that are one number per parameter tensor, not per element
 
 
 def check_optimizer(optimizer_class: type, elementwise: bool = False) -> None:
@@ -398,6 +398,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
         parameter's state. Needs no collective, and any world size may have written it; call it on every rank
         with the same dict (each keeps a different part of it)."""
         saved_groups = state_dict["param_groups"]
+        self._check_groups(saved_groups)
+        order = [i for s in saved_groups for i in s["params"]]  # saved keys, in this optimizer's order
+        saved_state = {pos: state_dict["state"][key] for pos, key in enumerate(order) if key in state_dict["state"]}
+        self._load(saved_groups, zero_files.Pieces.of_state(saved_state))
+
+    def shard_file(self) -> dict[str, Any]:
+        """This rank's own state as its file of a sharded checkpoint (parallel.zero_files): the live tensors of
+        its slices, nothing gathered, nothing copied. Not collective."""
+        return zero_files.payload(self.buckets, [self.optimizer.state.get(shard, {}) for shard in self._shards])
+
+    def file_settings(self) -> dict[str, Any]:
+        """What a sharded checkpoint keeps beside the ranks' files: the groups' settings (torch's param_groups)
+        and every parameter's shape, in the optimizer's order (what consolidating the files needs)."""
+        groups, index = [], 0
+        for group in self.param_groups:
+            groups.append({**self._settings(len(groups)), "params": list(range(index, index + len(group["params"])))})
+            index += len(group["params"])
+        return {"param_groups": groups, "shapes": [list(p.shape) for g in self.param_groups for p in g["params"]]}
+
+    def load_files(self, param_groups: list[dict[str, Any]], paths: list) -> None:
+        """Take this rank's slices from the files of a sharded checkpoint written by any number of ranks (each
+        rank reads only the elements of its own slices: the files are mapped), and the groups' settings. Not
+        collective; every rank calls it with the same files."""
+        self._check_groups(param_groups)
+        self._load(param_groups, zero_files.Pieces.of_files(paths))
+
+    def _check_groups(self, saved_groups: list[dict[str, Any]]) -> None:
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
         ):
@@ -406,27 +433,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"{[len(s['params']) for s in saved_groups]} parameters per group saved, "
                 f"{[len(g['params']) for g in self.param_groups]} here"
             )
-        order = [i for s in saved_groups for i in s["params"]]  # saved keys, in this optimizer's order
-        saved_state = {pos: state_dict["state"][key] for pos, key in enumerate(order) if key in state_dict["state"]}
+
+    def _load(self, saved_groups: list[dict[str, Any]], pieces: zero_files.Pieces) -> None:
+        """The groups' settings, and this rank's slices of every parameter's state copied out of `pieces`."""
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         base_state = {}
         for n, (b, shard) in enumerate(zip(self.buckets, self._shards)):
-            present = [saved_state[i] for i in b.indices if i in saved_state]
-            if not present:
+            keys = pieces.keys(b.indices)
+            if not keys:
                 continue
             entry: dict[str, Any] = {}
-            for k in sorted({k for s in present for k in s}):
-                sample = next(s[k] for s in present if k in s)
-                if not torch.is_tensor(sample) or (k in SCALAR_STATE and sample.numel() == 1):
-                    # A copy: optimizers count steps in place, and the dict may be another optimizer's own state.
-                    entry[k] = sample.clone() if torch.is_tensor(sample) else sample
+            for k in keys:
+                like = pieces.flat_like(b.indices, k)
+                if like is None or (k in SCALAR_STATE and like.numel() == 1):
+                    # A copy: optimizers count steps in place, and the state may be another optimizer's own.
+                    entry[k] = pieces.scalar(b.indices, k)
                     continue
-                flat = torch.zeros(b.shard, dtype=sample.dtype, device=shard.device)
+                flat = torch.zeros(b.shard, dtype=like.dtype, device=shard.device)
                 for piece in b.pieces:
-                    s = saved_state.get(piece.index, {})
-                    if k in s:
-                        flat[piece.at : piece.at + piece.end - piece.start] = s[k].reshape(-1)[piece.start : piece.end]
+                    pieces.copy(
+                        piece.index, piece.start, piece.end, k, flat[piece.at : piece.at + piece.end - piece.start]
+                    )
                 entry[k] = flat
             base_state[n] = entry
         base_groups = [{**self._settings(g), "params": ns} for g, ns in self._members.items()]

@@ -1,13 +1,15 @@
 """Checkpoints: written atomically by rank 0, validated on load, newest first, resumable on any layout.
 
 A checkpoint is `run_dir/checkpoints/step-XXXXXXXX.pt`, a torch.save of a dict holding the model and
-optimizer states (the unsplit model's, in torch's format, whatever the strategy: a pipeline gathers its stages, a
-sharded optimizer its shards), the position in training (epoch, samples of it done, global step), every rank's
+optimizer states (the unsplit model's, in torch's format, whatever the strategy: a pipeline gathers its stages),
+the position in training (epoch, samples of it done, global step), every rank's
 RNG states, the layout that wrote it (ranks, strategy, update, batch, learning rate), and a fingerprint of what
 must match to resume (model, data, optimizer, seed). Anything else may change on a resume: the world size, the
 strategy, the update rule, the batch. The position counts samples (parallel.shards), so the epoch's unprocessed
 samples are dealt over the new world once; the learning rate becomes the new world's (set_learning_rate); and the
-job says what changed in one line (layout_change).
+job says what changed in one line (layout_change). With --shard-optimizer a checkpoint is the directory
+step-XXXXXXXX/ instead: every rank writes its own part of the optimizer state in parallel (save_sharded), rank 0
+the rest (meta.pt) and, last, the manifest of every file, before the directory gets its name.
 torch is imported inside the functions that need it, so the CLI can list checkpoints instantly.
 Writes go to a temporary file in the same directory (.step-XXXXXXXX.pt.<pid>-<random>.tmp), are fsynced, then
 `os.replace`d over the final name, and the directory is fsynced: a crash mid-write leaves the previous checkpoint
@@ -18,16 +20,26 @@ the next job on the run directory removes it at its start (remove_interrupted_wr
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from hvdtrain.env import SlurmEnv
-from hvdtrain.errors import CheckpointError, DiskFullError
+from hvdtrain.errors import CheckpointError, DiskFullError, HvdtrainError
 from hvdtrain.files import full_disk, write_atomic
-from hvdtrain.rundir import RunDir, checkpoint_name, checkpoint_step
+from hvdtrain.rundir import (
+    MANIFEST_FILE,
+    META_FILE,
+    SHARD_FILE,
+    RunDir,
+    checkpoint_name,
+    checkpoint_step,
+    sharded_checkpoint_name,
+)
 
 FORMAT = 1
 # What must match between a checkpoint and the job resuming from it: the model, the data (and its order: the
@@ -35,7 +47,7 @@ FORMAT = 1
 # world size in their fingerprint; only the resuming job's fields are compared, so those resume anywhere too.
 FINGERPRINT_FIELDS = ("model", "hidden", "depth", "data", "synthetic_samples", "optimizer", "seed")
 # The temporary file of a write in progress (or of one that was killed): save() names it so.
-TMP_RE = re.compile(r"^\.step-\d{8}\.pt\..+\.tmp$")
+TMP_RE = re.compile(r"^\.step-\d{8}(?:\.pt)?\..+\.tmp$")
 
 
 def fingerprint(cfg) -> dict[str, Any]:
@@ -138,8 +150,15 @@ def resume_path(cfg, slurm: SlurmEnv, warn: Optional[Callable[[str], None]] = No
 
 
 def complete(path: Path) -> bool:
-    """Whether a checkpoint file is whole, without reading it: torch.save writes a zip archive, whose directory
-    comes last, so a file cut short has none."""
+    """Whether a checkpoint is whole, without reading it. A file: torch.save writes a zip archive, whose directory
+    comes last, so a file cut short has none. A sharded checkpoint's directory: its manifest (written last, before
+    the directory got its name) lists every file with its size."""
+    if path.is_dir():
+        try:
+            files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+            return all((path / name).stat().st_size == size for name, size in files.items())
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
     try:
         return zipfile.is_zipfile(path)
     except OSError:
@@ -174,17 +193,97 @@ def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Pat
     try:  # the temporary file, .step-XXXXXXXX.pt.<pid>-<random>.tmp, matches TMP_RE
         write_atomic(final, lambda f: torch.save({"format": FORMAT, **state}, f), fsync=True)
     except DiskFullError as e:
-        previous = list_checkpoints(ckpt_dir)
-        kept = (
-            f"the last complete checkpoint {previous[-1]} is intact: free some space, then resume with --resume"
-            if previous
-            else "there is no earlier checkpoint: free some space, then start again"
-        )
-        raise (full_disk(final, e, fix=kept) or e) from e
+        raise _disk_full(final, e) from e
     _fsync_dir(ckpt_dir)
-    for old in list_checkpoints(ckpt_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    prune(ckpt_dir, keep)
     return final
+
+
+def _disk_full(final: Path, error: BaseException) -> BaseException:
+    """The one line of a checkpoint write that found the file system full: the last complete checkpoint is intact."""
+    previous = [p for p in list_checkpoints(final.parent) if p != final]
+    kept = (
+        f"the last complete checkpoint {previous[-1]} is intact: free some space, then resume with --resume"
+        if previous
+        else "there is no earlier checkpoint: free some space, then start again"
+    )
+    return full_disk(final, error, fix=kept) or error
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints."""
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        _remove(old)
+
+
+def save_sharded(
+    meta: Optional[dict[str, Any]],
+    shard: dict[str, Any],
+    ckpt_dir: Path,
+    step: int,
+    where: tuple[int, int],
+    agree: Callable[[Optional[tuple[str, str]]], list],
+    keep: int = 3,
+) -> Path:
+    """Collective: every rank of `where` (rank, size) writes its own `shard` of the optimizer state, in parallel,
+    into .step-XXXXXXXX.shards.tmp/; rank 0 also writes `meta` (the rest of the checkpoint). `agree` (an allgather)
+    tells every rank whether every write went through; then rank 0 writes the manifest (each file and its size)
+    and renames the directory to step-XXXXXXXX/, which makes it the newest complete checkpoint, and prunes. A write
+    that fails (a full disk) fails every rank with the same line and leaves no directory; a rank killed mid-write
+    leaves the temporary one, which --resume passes over and the next job's rank 0 removes."""
+    import torch
+
+    rank, size = where
+    final = ckpt_dir / sharded_checkpoint_name(step)
+    tmp = ckpt_dir / f".{final.name}.shards.tmp"  # the same name on every rank; matches TMP_RE
+    problem = None
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_atomic(tmp / SHARD_FILE.format(rank=rank), lambda f: torch.save(shard, f), fsync=True)
+        if meta is not None:
+            write_atomic(tmp / META_FILE, lambda f: torch.save({"format": FORMAT, **meta}, f), fsync=True)
+    except DiskFullError as e:
+        problem = ("full", str(_disk_full(final, e)))
+    except OSError as e:
+        problem = ("error", f"cannot write {tmp}: {e.strerror or e}")
+    failed = [p for p in agree(problem) if p]
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        agree(None)  # every rank fails once the temporary directory is gone (a rank's exit ends the job)
+        kind, message = problem or failed[0]
+        raise DiskFullError(message) if kind == "full" else HvdtrainError(message)
+    if rank == 0:
+        files = {SHARD_FILE.format(rank=r): (tmp / SHARD_FILE.format(rank=r)).stat().st_size for r in range(size)}
+        files[META_FILE] = (tmp / META_FILE).stat().st_size
+        manifest = json.dumps({"format": FORMAT, "step": step, "ranks": size, "files": files}, indent=1)
+        write_atomic(tmp / MANIFEST_FILE, lambda f: f.write(manifest.encode()), fsync=True)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step written again (a resumed job): the newer replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        prune(ckpt_dir, keep)
+    return final
+
+
+def consolidate_optimizer(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint whose optimizer state is in its ranks' files (sharded) with that state made torch's whole
+    one (what a job that does not shard, or `hvdtrain checkpoint consolidate`, needs); others as they are."""
+    optimizer = saved.get("optimizer") or {}
+    if "files" not in optimizer:
+        return saved
+    from hvdtrain.parallel import zero_files
+
+    pieces = zero_files.Pieces.of_files(optimizer["files"])
+    return {**saved, "optimizer": zero_files.consolidate(pieces, optimizer["shapes"], optimizer["param_groups"])}
 
 
 def interrupted_writes(ckpt_dir: Path) -> list[Path]:
@@ -208,7 +307,7 @@ def remove_interrupted_writes(ckpt_dir: Path, say: Callable[[str], None]) -> lis
     removed = []
     for tmp in interrupted_writes(ckpt_dir):
         try:
-            tmp.unlink()
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         except FileNotFoundError:
             continue
         removed.append(tmp)
@@ -220,18 +319,26 @@ def remove_interrupted_writes(ckpt_dir: Path, say: Callable[[str], None]) -> lis
     return removed
 
 
-def load(path: Path, fingerprint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Load and check a checkpoint; a corrupt or mismatched file raises CheckpointError naming the fix."""
+def load(path: Path, fingerprint: Optional[dict[str, Any]] = None, mmap: bool = False) -> dict[str, Any]:
+    """Load and check a checkpoint (a file, or a sharded one's directory: its meta.pt, with the optimizer entry's
+    "files" naming the ranks' files); a corrupt or mismatched one raises CheckpointError naming the fix. `mmap`:
+    the tensors are mapped, not read (what a listing needs)."""
     previous = [p for p in list_checkpoints(path.parent) if p != path and p.name < path.name]
     import torch
 
     hint = f"; the previous checkpoint {previous[-1]} is intact: resume from it with --resume-from" if previous else ""
+    sharded = path.is_dir()
+    if sharded and not complete(path):
+        raise CheckpointError(f"checkpoint {path} is not complete (a sharded write that did not finish){hint}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path / META_FILE if sharded else path, map_location="cpu", weights_only=False, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated zip, bad pickle, wrong file type: all mean "unreadable"
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}){hint}") from None
+    if sharded and isinstance(state, dict) and isinstance(state.get("optimizer"), dict):
+        ranks = state["optimizer"].get("sharded", 0)  # each rank's file of its optimizer state, by rank
+        state["optimizer"]["files"] = [str(path / SHARD_FILE.format(rank=r)) for r in range(ranks)]
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an hvdtrain checkpoint (format {FORMAT}){hint}")
     if fingerprint is not None:

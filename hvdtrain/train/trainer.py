@@ -18,12 +18,9 @@ events, result.json, checkpoints/; config.json is written by the launching side,
 used as a library); every rank writes its own log (the launcher's per-rank wrapper does that). Every
 distributed operation goes through `hvdtrain.parallel.horovod` (Horovod).
 
-Exact resume, on any layout (docs/checkpoints.md): a checkpoint holds the model and optimizer (the unsplit model's,
-whatever the strategy), the epoch, the number of its samples done (the epoch's order is a pure function of seed
-and epoch; parallel.shards deals its rest over whatever world resumes), every rank's RNG states and the layout that
-wrote it. Resuming on the same layout restores all of it, so a run interrupted at any checkpoint and resumed ends
-bitwise equal to an uninterrupted one in deterministic mode on CPU; on another world size, batch or strategy each
-remaining sample of the epoch is read once, the learning rate becomes the new world's, and rank 0 says what changed.
+Checkpoints (train/checkpoints.py, a mixin): what every rank starts from, a checkpoint of any layout (resumed exactly
+on the same one; on another, each remaining sample of the epoch once, the new world's learning rate), and what
+each checkpoint holds and who writes it (docs/checkpoints.md).
 
 The world the loop runs in (train/elastic.py) is fixed as launched, or elastic (`hvdtrain train --elastic`): then
 the loop runs inside Horovod's elastic loop, the ranks commit every --commit-every steps and at every epoch end, a
@@ -43,13 +40,11 @@ requeued job resumes from that checkpoint by itself.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import random
 import resource
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -59,13 +54,14 @@ from torch import nn
 from hvdtrain import preempt, progress
 from hvdtrain.config import TrainConfig, check_combinations
 from hvdtrain.env import SlurmEnv, rank_info
-from hvdtrain.errors import CheckpointError, UsageError
+from hvdtrain.errors import UsageError
 from hvdtrain.files import write_json
 from hvdtrain.parallel import horovod
 from hvdtrain.rundir import RunDir
 from hvdtrain.srunmpi import wire_up_problem
 from hvdtrain.startup import Startup
 from hvdtrain.train import checkpoint, datasets, models, placement
+from hvdtrain.train.checkpoints import Checkpoints
 from hvdtrain.train.elastic import world_for
 from hvdtrain.train.hooks import Hook, Hooks, TimelineRecorder
 from hvdtrain.train.reporting import Progress, Recorder, ReportWindow
@@ -93,7 +89,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer:
+class Trainer(Checkpoints):
     """Train `model` (default: the reference model named by cfg.model) on `dataset` (default: cfg.data).
 
     model: an nn.Sequential (required for the model/hybrid/pipeline strategies, which split it) or any nn.Module
@@ -170,93 +166,6 @@ class Trainer:
     def model(self) -> nn.Module:
         """The model being trained (the state's: a resume or a reset replaces it there)."""
         return self.state.model
-
-    # ------------------------------------------------------------------------------------- checkpoints
-    def _restore_or_broadcast(self) -> Optional[Path]:
-        """Start every rank from the same state: a checkpoint (loaded by rank 0; returns its path), or rank 0's
-        fresh weights."""
-        path = checkpoint.resume_path(self.cfg, self.slurm)
-        saved, error = None, None
-        if path is not None and self.is_main:
-            try:
-                saved = self.read_checkpoint(path)
-            except CheckpointError as e:
-                error = str(e)
-        # Every rank learns whether rank 0 could load it, so all fail together instead of hanging.
-        error = horovod.broadcast_object(error, name="hvdtrain.ckpt_error")
-        if error:
-            raise CheckpointError(error)
-        if path is None:
-            # Parameters only: Horovod's broadcast_optimizer_state would take a dummy step to create state.
-            self.update.broadcast(self.state)
-            return None
-        self.update.restore(self.state, saved)
-        position = horovod.broadcast_object(
-            (self._position_of(saved), saved["rng"], saved.get("update", {}), self.resume_change)
-            if self.is_main
-            else None,
-            name="hvdtrain.position",
-        )
-        self.state.position, rngs, update_state, self.resume_change = position
-        self.update.load_state_dict(update_state)
-        self.restore_rng(rngs)
-        return path
-
-    def read_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Rank 0: the checkpoint at `path`, checked against this job, made this job's: its learning rate becomes
-        this world's (a resume on another world size or batch follows the scaling rule, and a new --lr takes
-        effect), and what changed from the job that wrote it is kept as one line (resume_change)."""
-        saved = checkpoint.load(path, self.fingerprint)
-        lr_before = checkpoint.set_learning_rate(saved, self.lr)
-        self.resume_change = checkpoint.layout_change(saved, self._layout(), lr_before)
-        return saved
-
-    def restore_rng(self, rngs: list[Any]) -> None:
-        """This rank's RNG states from a checkpoint's (checkpoint.restore_rng)."""
-        checkpoint.restore_rng(rngs, *horovod.world(), self.cfg.seed, self.state.step)
-
-    def _layout(self) -> dict[str, Any]:
-        """How this job trains, as a checkpoint records it (what a resume on another layout compares)."""
-        cfg = self.cfg
-        return {
-            "ranks": self.size, "processes": horovod.world()[1], "strategy": cfg.strategy, "update": self.update.name,
-            "stages": cfg.stages if cfg.strategy == "pipeline" else 1, "batch_size": cfg.batch_size,
-            "backward_passes_per_step": cfg.backward_passes_per_step, "lr": self.lr,
-        }  # fmt: skip
-
-    def _position_of(self, saved: dict[str, Any]) -> tuple[int, int, int, int]:
-        return checkpoint.position(saved, self.cfg, self.size, len(self.data.train))
-
-    def _checkpoint(self, last: bool = False) -> Optional[Path]:
-        """Collective: every rank hands in its RNG states; rank 0 writes the file atomically, in the background with
-        --async-checkpoint (self.writes; `last`: the job's last, waited for: the end, a preemption, Ctrl-C)."""
-        progress.set_phase("checkpoint")
-        started = time.perf_counter()
-        rngs = horovod.allgather_object(checkpoint.rng_state(), name="hvdtrain.rng")
-        entries = self.update.checkpoint_entries(self.state, root_rank=0)
-        path = None
-        if self.is_main:
-            saved = {
-                **self.state.position_entries(),
-                **entries,
-                "rng": rngs,
-                "fingerprint": self.fingerprint,
-                "layout": self._layout(),
-                "config": dataclasses.asdict(self.cfg),
-            }
-            path = self.writes.save(saved, self.run_dir.checkpoints, self.state.step, keep=self.cfg.keep_checkpoints)
-            self.checkpoint_stall_s.append(time.perf_counter() - started)
-            if last:
-                self.writes.wait()
-            self._record_checkpoints()
-        self.hooks.on_checkpoint(self, path)
-        return path
-
-    def _record_checkpoints(self) -> None:
-        """Rank 0: a metrics.jsonl record of each checkpoint written since the last call (a background write's
-        when it is done)."""
-        for step, path in self.writes.take_done():
-            self.recorder.record({"event": "checkpoint", "step": step, "path": str(path)})
 
     # ------------------------------------------------------------------------------------------ steps
     def _train_step(self, group: list[torch.Tensor]) -> None:

@@ -84,6 +84,11 @@ class UpdateRule:
             "update": self.state_dict(),
         }
 
+    def shard_file(self, state: TrainState) -> Optional[dict[str, Any]]:
+        """Called on every rank when a checkpoint is written: this rank's own part of the optimizer state, which
+        it writes itself, in parallel with the others (a sharded checkpoint); None: rank 0 writes it all."""
+        return None
+
     def eval_model(self, state: TrainState) -> nn.Module:
         """The model to evaluate (every rank calls it; collective where the ranks' models differ)."""
         return state.model
@@ -179,16 +184,32 @@ class ShardedUpdate(SyncUpdate):
         )
 
     def restore(self, state: TrainState, saved: Optional[dict[str, Any]]) -> None:
-        # Every rank takes its slices of the whole state (rank 0 alone could keep only its own).
+        # A sharded checkpoint (written by any number of ranks): every rank reads its own slices from the ranks'
+        # files, nobody the whole. Else every rank takes its slices of the whole state rank 0 read.
         if saved is not None:
             state.model.load_state_dict(saved["model"])
         horovod.broadcast_state(state.model, None)
-        whole = horovod.broadcast_object(saved and saved["optimizer"], name="hvdtrain.optimizer_state")
+        optimizer = saved and saved["optimizer"]
+        files = horovod.broadcast_object(
+            optimizer and "files" in optimizer and (optimizer["param_groups"], optimizer["files"]),
+            name="hvdtrain.optimizer_files",
+        )
+        if files:
+            state.optimizer.load_files(*files)
+            return
+        whole = horovod.broadcast_object(optimizer, name="hvdtrain.optimizer_state")
         state.optimizer.load_state_dict(whole)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer, root_rank: int) -> Optional[dict[str, Any]]:
-        # Consolidated into torch's unsharded format (a checkpoint loads with or without sharding, on any size).
-        return optimizer.state_dict(root_rank=root_rank)
+    def checkpoint_entries(self, state: TrainState, root_rank: int) -> Optional[dict[str, Any]]:
+        # Nothing gathered: each rank writes its own state (shard_file); rank 0 keeps the settings and shapes.
+        if horovod.rank() != root_rank:
+            return None
+        settings = state.optimizer.file_settings()
+        return {"model": state.model.state_dict(), "optimizer": {**settings, "sharded": horovod.size()},
+                "update": self.state_dict()}  # fmt: skip
+
+    def shard_file(self, state: TrainState) -> Optional[dict[str, Any]]:
+        return state.optimizer.shard_file()
 
 
 class LocalSGDUpdate(SyncUpdate):

@@ -112,10 +112,12 @@ def test_a_resume_on_another_world_trains_on_each_sample_of_the_epoch_once(train
     first, second = MATRIX[case]
     run_dir = tmp_path / "run"
     train("first", *first, "--max-steps", 9, "--run-dir", run_dir)
-    assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == ["step-00000009.pt"]
+    # A sharded job's checkpoint is the directory of its ranks' files; the others' one file.
+    name = "step-00000009" if "--shard-optimizer" in first else "step-00000009.pt"
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [name]
     resumed = train("second", *second, "--run-dir", run_dir, "--resume")
     ranks = (int(first[1]), int(second[1]))
-    assert f"resumed from {run_dir}/checkpoints/step-00000009.pt at step 9 (epoch 1, " in resumed.stdout
+    assert f"resumed from {run_dir}/checkpoints/{name} at step 9 (epoch 1, " in resumed.stdout
     if ranks[0] != ranks[1]:
         assert "step 9 of a " in resumed.stdout and f" resumed on {ranks[1]} rank" in resumed.stdout
     check_each_sample_once([steps_of(tmp_path / "record-first"), steps_of(tmp_path / "record-second")],
@@ -134,7 +136,8 @@ def test_4x16_resumed_on_2x32_continues_bit_for_bit_as_the_2_rank_run(train, tmp
     two = ["-np", 2, "--batch-size", 32, "--checkpoint-every", 10, "--keep-checkpoints", 10, *update]
     train("straight", *two, "--run-dir", tmp_path / "straight")
     expected = json.loads((tmp_path / "straight" / "result.json").read_text())
-    at_10 = tmp_path / "straight" / "checkpoints" / "step-00000010.pt"
+    name = "step-00000010" if update else "step-00000010.pt"  # sharded: the directory of the ranks' files
+    at_10 = tmp_path / "straight" / "checkpoints" / name
 
     four = tmp_path / "four"  # a 4x16 job from that state, stopped where it started: it writes its own checkpoint
     through = train(
@@ -142,7 +145,9 @@ def test_4x16_resumed_on_2x32_continues_bit_for_bit_as_the_2_rank_run(train, tmp
     )
     assert "step 10 of a 2-rank job resumed on 4 ranks; batch 32 -> 16 per rank; lr 0.1 -> 0.2" in through.stdout
     written = checkpoint.list_checkpoints(four / "checkpoints")[-1]
-    assert written.name == "step-00000010.pt" and checkpoint.load(written)["layout"]["ranks"] == 4
+    assert written.name == name and checkpoint.load(written)["layout"]["ranks"] == 4
+    if update:  # each of the 4 ranks wrote its own part of the optimizer state
+        assert sorted(p.name for p in written.iterdir() if p.name.startswith("optimizer."))[-1] == "optimizer.3.pt"
 
     resumed = train("resumed", *two, "--run-dir", tmp_path / "resumed", "--resume-from", written)
     assert "step 10 of a 4-rank job resumed on 2 ranks; batch 16 -> 32 per rank; lr 0.2 -> 0.1" in resumed.stdout

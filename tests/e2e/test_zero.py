@@ -22,8 +22,11 @@ def test_default_job_with_a_sharded_adam_reaches_the_accuracy_bar(hvdtrain, tmp_
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = result_of(tmp_path / "run")
     assert res["test_accuracy"] >= 0.95, res
-    # The checkpoint holds the whole (consolidated) Adam state, in torch's format: one entry per parameter.
-    saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    # The checkpoint is the directory of the ranks' own files; consolidated, the whole Adam state in torch's format:
+    # one entry per parameter.
+    newest = checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert sorted(p.name for p in newest.iterdir()) == ["manifest.json", "meta.pt", "optimizer.0.pt", "optimizer.1.pt"]
+    saved = checkpoint.consolidate_optimizer(checkpoint.load(newest))
     assert len(saved["optimizer"]["state"]) == len(saved["model"])
     for i, name in enumerate(saved["model"]):
         assert saved["optimizer"]["state"][i]["exp_avg"].shape == saved["model"][name].shape

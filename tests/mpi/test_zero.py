@@ -270,3 +270,43 @@ def test_a_parameter_replaced_after_creation_is_reported(hvd):
     model.float()  # new parameter tensors: the optimizer's views no longer hold them
     with pytest.raises(RuntimeError, match="create the optimizer after the model is in place"):
         opt.step()
+
+
+def test_each_rank_writes_its_own_state_and_any_world_reads_its_slices(hvd, shared_dir):
+    """A sharded checkpoint's files (parallel.zero_files): each rank's holds its own state only (1/n of it, nothing
+    gathered); merged they are the consolidated state; a sharded optimizer of n - 1 ranks, and of one, takes its
+    slices from them and holds exactly the consolidated state."""
+    from hvdtrain.parallel import zero_files
+
+    model, opt, _ = sharded("adam", batches(STEPS))
+    own = opt.shard_file()
+    path = os.path.join(shared_dir, f"optimizer.{hvd.rank()}.pt")
+    torch.save(own, path)
+    files = [os.path.join(shared_dir, f"optimizer.{r}.pt") for r in range(hvd.size())]
+    written = sum(v.numel() * v.element_size() for b in own["buckets"] for v in b["state"].values() if v.dim() == 1)
+    assert written == sum(  # its slices' moments, nothing else
+        v.numel() * v.element_size() for s in opt.optimizer.state.values() for v in s.values() if v.dim() == 1
+    )
+    whole = opt.state_dict()  # gathered on every rank: the reference
+    moments = sum(v.numel() * v.element_size() for e in whole["state"].values() for k, v in e.items() if k != "step")
+    padding = 2 * 8 * hvd.size() * len(opt.buckets)  # two float64 moments, under n padded elements per bucket
+    assert written * hvd.size() <= moments + padding  # 1/n of the whole
+    hvd.barrier()
+    settings = opt.file_settings()
+    merged = zero_files.consolidate(zero_files.Pieces.of_files(files), settings["shapes"], settings["param_groups"])
+    assert_states_equal(merged, whole)
+    sets = [hvd.add_process_set([r]) for r in range(hvd.size())]  # collective: every rank adds every set
+    fewer = hvd.add_process_set(list(range(hvd.size() - 1))) if hvd.size() > 2 else None  # (of 2: that is [0])
+    mine = [sets[hvd.rank()]] + ([fewer] if fewer is not None and fewer.included() else [])
+    try:
+        for group in mine:
+            again_model = make_model()
+            again_model.load_state_dict(model.state_dict())
+            again = ShardedOptimizer(torch.optim.Adam, again_model, bucket_mb=SMALL_BUCKETS, process_set=group,
+                                     **OPTIMIZERS["adam"][1])  # fmt: skip
+            again.load_files(settings["param_groups"], files)
+            assert_states_equal(again.state_dict(), whole)
+    finally:
+        hvd.barrier()
+        for s in [*sets, *([fewer] if fewer is not None else [])]:
+            hvd.remove_process_set(s)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from hvdtrain.errors import CheckpointError
+from hvdtrain.errors import CheckpointError, DiskFullError
 from hvdtrain.rundir import RunDir
 from hvdtrain.train import checkpoint
 
@@ -296,3 +296,62 @@ def test_one_background_write_in_flight_at_most(tmp_path, monkeypatch):
     writes.wait()
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001.pt", "step-00000002.pt"]
     assert [step for step, _ in writes.take_done()] == [1, 2]
+
+
+def save_two_ranks(folder, step, problems=(None, None), keep=3):
+    """A sharded checkpoint as two ranks write it (rank 1's write first, then rank 0's; `agree` answers with both
+    ranks' problems)."""
+    shard = {"format": 1, "buckets": []}
+    meta = {"model": {"w": torch.ones(2)}, "optimizer": {"param_groups": [], "shapes": [], "sharded": 2},
+            "step": step, "epoch": 0, "step_in_epoch": step, "rng": []}  # fmt: skip
+    for rank in (1, 0):
+        agree = lambda problem, rank=rank: [problem if r == rank else p for r, p in enumerate(problems)]  # noqa: E731
+        path = checkpoint.save_sharded(meta if rank == 0 else None, shard, folder, step, (rank, 2), agree, keep)
+    return path
+
+
+def test_a_sharded_checkpoint_is_a_directory_complete_once_renamed(tmp_path):
+    for step in (10, 20, 30, 40):
+        path = save_two_ranks(tmp_path, step)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "step-00000020",
+        "step-00000030",
+        "step-00000040",
+    ]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "meta.pt", "optimizer.0.pt", "optimizer.1.pt"]
+    assert checkpoint.complete(path) and not checkpoint.interrupted_writes(tmp_path)
+    saved = checkpoint.load(path)
+    assert saved["optimizer"]["files"] == [str(path / "optimizer.0.pt"), str(path / "optimizer.1.pt")]
+    (path / "optimizer.1.pt").write_bytes(b"cut")  # not the size the manifest says
+    assert not checkpoint.complete(path)
+    with pytest.raises(CheckpointError, match="not complete"):
+        checkpoint.load(path)
+
+
+def test_a_failed_shard_write_fails_every_rank_and_leaves_the_previous_checkpoint(tmp_path):
+    save_two_ranks(tmp_path, 10)
+    with pytest.raises(DiskFullError, match="step-00000020: the file system is full"):
+        save_two_ranks(tmp_path, 20, problems=(None, ("full", "cannot write step-00000020: the file system is full")))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000010"]
+    assert not checkpoint.interrupted_writes(tmp_path)  # rank 0 removed the temporary directory
+
+
+def test_a_killed_sharded_write_is_passed_over_and_removed(tmp_path):
+    save_two_ranks(tmp_path, 10)
+    left = tmp_path / ".step-00000020.shards.tmp"
+    left.mkdir()
+    (left / "optimizer.1.pt").write_bytes(b"x")
+    assert checkpoint.interrupted_writes(tmp_path) == [left]
+    said = []
+    checkpoint.remove_interrupted_writes(tmp_path, said.append)
+    assert not left.exists() and ".step-00000020.shards.tmp" in said[0]
+
+
+def test_resume_from_takes_a_sharded_checkpoints_directory(tmp_path):
+    from hvdtrain.config import TrainConfig
+    from hvdtrain.errors import ConfigError
+
+    path = save_two_ranks(tmp_path, 10)
+    assert TrainConfig(resume_from=str(path)).validate().resume_from == str(path)
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        TrainConfig(resume_from=str(tmp_path)).validate()  # a directory, but not a checkpoint's

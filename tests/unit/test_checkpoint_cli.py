@@ -143,3 +143,52 @@ def test_consolidate_refuses_an_output_it_cannot_write_before_reading(run_dir, t
     result = call("consolidate", run_dir, "-o", tmp_path / "afile" / "model.pt")
     assert result.exit_code == 2 and "is a file, not a directory" in result.output
     assert sorted(os.listdir(tmp_path)) == ["afile", "run"]
+
+
+def test_a_sharded_checkpoint_lists_verifies_and_consolidates(tmp_path):
+    """A directory of two ranks' optimizer files (parallel.zero_files) beside rank 0's meta.pt: one checkpoint to
+    every command; consolidate merges the files into torch's whole state."""
+    from hvdtrain.parallel import zero_files
+    from hvdtrain.parallel.zero import layout
+
+    model, optimizer = model_and_optimizer()
+    params, whole = list(model.parameters()), optimizer.state_dict()
+    folder = tmp_path / "run" / "checkpoints"
+    shapes = [list(p.shape) for p in params]
+    meta = {"model": model.state_dict(), "step": 50, "epoch": 1, "step_in_epoch": 3, "samples_in_epoch": 192,
+            "rng": [], "fingerprint": {"model": "mlp"}, "layout": {**LAYOUT, "update": "sharded"},
+            "optimizer": {"param_groups": whole["param_groups"], "shapes": shapes, "sharded": 2}}  # fmt: skip
+    for rank in (1, 0):
+        states = []
+        for b in layout([params], 2, rank, 20):
+            flat = {k: torch.zeros(b.padded) for k in ("exp_avg", "exp_avg_sq")}
+            for p, i, off in zip(b.params, b.indices, b.offsets):
+                for k in flat:
+                    flat[k][off : off + p.numel()] = whole["state"][i][k].reshape(-1)
+            lo = rank * b.shard
+            states.append(
+                {**{k: v[lo : lo + b.shard].clone() for k, v in flat.items()}, "step": whole["state"][0]["step"]}
+            )
+        shard = zero_files.payload(layout([params], 2, rank, 20), states)
+        checkpoint.save_sharded(meta if rank == 0 else None, shard, folder, 50, (rank, 2), lambda p: [None, None])
+    rows = [json.loads(line) for line in call("ls", tmp_path / "run", "--json").output.splitlines()]
+    assert [(r["file"].rsplit("/", 1)[1], r["status"], r["update"]) for r in rows] == [
+        ("step-00000050", "complete", "sharded")
+    ]
+    assert "in the files of its 2 ranks" in call("inspect", tmp_path / "run").output
+    assert call("verify", folder / "step-00000050").exit_code == 0
+    out = tmp_path / "plain.pt"
+    assert call("consolidate", tmp_path / "run", "-o", out, "--with-optimizer").exit_code == 0
+    plain = torch.load(out, weights_only=True)["optimizer"]
+    assert all(
+        torch.equal(plain["state"][i][k], whole["state"][i][k]) for i in whole["state"] for k in ("exp_avg", "step")
+    )
+    shard_file = folder / "step-00000050" / "optimizer.1.pt"
+    data = bytearray(shard_file.read_bytes())
+    with zipfile.ZipFile(shard_file) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + 1] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    result = call("verify", tmp_path / "run")
+    assert result.exit_code == 1 and "checksum mismatch in optimizer.1.pt" in result.output

@@ -195,14 +195,15 @@ def test_params_sha256_sees_every_bit():
 
 
 def test_a_sharded_optimizer_on_one_rank_trains_and_saves_like_the_plain_one(tmp_path):
-    """One rank holds every slice: the same steps as the unsharded Adam, bit for bit, and a checkpoint whose
-    optimizer state is in torch's ordinary format, equal to the unsharded run's."""
+    """One rank holds every slice: the same steps as the unsharded Adam, bit for bit, and a checkpoint (the
+    directory of the rank's file) whose optimizer state, consolidated, is the unsharded run's."""
     results, saved = {}, {}
     for shard in (False, True):
         cfg = config(tmp_path / str(shard), max_steps=12, optimizer="adam", lr=0.01, shard_optimizer=shard)
         results[shard] = Trainer(cfg, echo=lambda _line: None).fit()
         newest = checkpoint.list_checkpoints(tmp_path / str(shard) / "run" / "checkpoints")[-1]
-        saved[shard] = torch.load(newest, weights_only=False)["optimizer"]
+        assert newest.is_dir() == shard
+        saved[shard] = checkpoint.consolidate_optimizer(checkpoint.load(newest))["optimizer"]
     assert results[True]["params_sha256"] == results[False]["params_sha256"]
     assert saved[True]["param_groups"] == saved[False]["param_groups"]
     assert saved[True]["state"].keys() == saved[False]["state"].keys()
