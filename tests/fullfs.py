@@ -96,3 +96,22 @@ class FillDisk(Hook):
         size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size  # sharded
         assert size > self.leave, "the next checkpoint would fit: nothing would be tested"
         fill(trainer.run_dir.path / FILLER, self.leave)
+
+
+def train_onto_a_full_disk(train: str, mnt: Path, out: Path, env: dict, cwd: Path) -> dict[str, str]:
+    """Run the training command `train` (a shell command line, its --run-dir mnt/run) with the hook FillDisk on an
+    8 MB tmpfs at `mnt`; then list its checkpoints, give the space back and run it again with --resume. Returns what
+    was said and left: full.out, full.err, full.rc, left (`ls -a` of the checkpoints), resumed.out, resumed.err,
+    resumed.rc, result.json (of the resumed run)."""
+    run_dir = mnt / "run"
+    out.mkdir()
+    script = (
+        f"{train} --hooks fullfs:FillDisk > {out}/full.out 2> {out}/full.err; echo $? > {out}/full.rc; "
+        f"ls -a {run_dir}/checkpoints > {out}/left; rm {run_dir}/{FILLER}; "
+        f"{train} --resume > {out}/resumed.out 2> {out}/resumed.err; echo $? > {out}/resumed.rc; "
+        f"cp {run_dir}/result.json {out}/"
+    )
+    env = {**env, "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{Path(__file__).parent}"}
+    proc = run(["sh", "-c", script], mnt, size="8m", env=env, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return {p.name: p.read_text() for p in out.iterdir()}

@@ -7,12 +7,11 @@ job in the middle of it.
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
+from jobprocs import kill_all
 
 from hvdtrain.train import checkpoint
 
@@ -81,11 +80,7 @@ def test_training_goes_on_during_a_write_and_a_kill_in_it_resumes_from_the_one_b
         assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == ["step-00000010.pt"]
         assert checkpoint.interrupted_writes(run_dir / "checkpoints"), "no write in flight"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        for p in psutil.process_iter(["cmdline"]):
-            if str(run_dir) in " ".join(p.info["cmdline"] or []):
-                p.kill()
-        proc.wait(timeout=30)
+        kill_all(proc, str(run_dir))
     resumed = subprocess.run([*HVDTRAIN, *map(str, COMMON), "--run-dir", str(run_dir), "--resume"], cwd=tmp_path,
                              env=child_env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr

@@ -1,11 +1,9 @@
 """`hvdtrain train` for real: the default job's accuracy, exact resume after SIGKILL, model and hybrid jobs."""
 
 import json
-import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -147,23 +145,13 @@ def test_a_checkpoint_onto_a_full_disk_ends_the_job_in_one_line_and_the_last_one
               "--log-every", "5", "--model", "mlp", "--hidden", "256"]  # a checkpoint of 700 KB  # fmt: skip
     straight = hvdtrain("train", *common, "--run-dir", tmp_path / "straight", timeout=300)
     assert straight.returncode == 0, straight.stderr
-    mnt, out = tmp_path / "mnt", tmp_path / "out"
-    run, ckpts = mnt / "run", mnt / "run" / "checkpoints"
-    out.mkdir()
-    train = f"{sys.executable} -m hvdtrain train {' '.join(common + mode)} --run-dir {run}"
-    script = (
-        f"{train} --hooks fullfs:FillDisk > {out}/full.out 2> {out}/full.err; echo $? > {out}/full.rc; "
-        f"ls -a {ckpts} > {out}/left; rm {run}/{fullfs.FILLER}; "
-        f"{train} --resume > {out}/resumed.out 2> {out}/resumed.err; echo $? > {out}/resumed.rc; "
-        f"cp {run}/result.json {out}/"
-    )
-    env = {**child_env, "PYTHONPATH": f"{child_env['PYTHONPATH']}{os.pathsep}{Path(fullfs.__file__).parent}"}
-    proc = fullfs.run(["sh", "-c", script], mnt, size="8m", env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    mnt, ckpts = tmp_path / "mnt", tmp_path / "mnt" / "run" / "checkpoints"
+    train = f"{sys.executable} -m hvdtrain train {' '.join(common + mode)} --run-dir {mnt / 'run'}"
+    said = fullfs.train_onto_a_full_disk(train, mnt, tmp_path / "out", child_env, tmp_path)
 
-    full_err = (out / "full.err").read_text()
-    assert "Traceback" not in full_err + (out / "full.out").read_text()
-    assert int((out / "full.rc").read_text()) not in (0, 2), full_err  # the job's status: its launcher's
+    full_err = said["full.err"]
+    assert "Traceback" not in full_err + said["full.out"]
+    assert int(said["full.rc"]) not in (0, 2), full_err  # the job's status: its launcher's
     assert full_err.startswith("hvdtrain: error: rank 0 failed with exit status 1"), full_err
     cause = full_err.strip().splitlines()[-1]
     assert cause.startswith(
@@ -173,10 +161,10 @@ def test_a_checkpoint_onto_a_full_disk_ends_the_job_in_one_line_and_the_last_one
         f"free on {mnt}); the last complete checkpoint {ckpts}/step-00000010.pt is intact: free some space, then "
         "resume with --resume"
     ), cause
-    assert (out / "left").read_text().split() == [".", "..", "step-00000010.pt"]  # no temporary file
+    assert said["left"].split() == [".", "..", "step-00000010.pt"]  # no temporary file
 
-    assert int((out / "resumed.rc").read_text()) == 0, (out / "resumed.err").read_text()
-    assert f"resumed from {ckpts}/step-00000010.pt" in (out / "resumed.out").read_text()
-    got, expected = json.loads((out / "result.json").read_text()), result_of(tmp_path / "straight")
+    assert int(said["resumed.rc"]) == 0, said["resumed.err"]
+    assert f"resumed from {ckpts}/step-00000010.pt" in said["resumed.out"]
+    got, expected = json.loads(said["result.json"]), result_of(tmp_path / "straight")
     assert got["steps"] == expected["steps"] == 40
     assert got["params_sha256"] == expected["params_sha256"]
