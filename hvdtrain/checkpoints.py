@@ -47,10 +47,6 @@ def newest(target: str) -> Path:
     return whole[-1]
 
 
-def _load(path: Path, mmap: bool) -> dict[str, Any]:
-    return checkpoint.load(path, mmap=mmap)
-
-
 def _size(path: Path) -> int:
     """Bytes of a checkpoint file, or of a sharded checkpoint's files."""
     if path.is_dir():
@@ -80,7 +76,7 @@ def summary(path: Path) -> dict[str, Any]:
     if not row["complete"]:
         return {**row, "status": "cut short"}
     try:
-        saved = _load(path, mmap=True)
+        saved = checkpoint.load(path, mmap=True)
     except CheckpointError as e:
         return {**row, "status": "unreadable", "problem": str(e)}
     layout = checkpoint.saved_layout(saved)
@@ -127,7 +123,7 @@ def format_ls(rows: list[dict[str, Any]]) -> str:
 def inspect(target: str) -> dict[str, Any]:
     """Everything a checkpoint says about itself: position, layout, fingerprint, sizes, optimizer settings."""
     path = newest(target)
-    saved = _load(path, mmap=True)
+    saved = checkpoint.load(path, mmap=True)
     optimizer = saved.get("optimizer") or {}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.get("param_groups", [])]
     kinds = sorted({k for s in (optimizer.get("state") or {}).values() for k in s})
@@ -186,7 +182,7 @@ def verify_one(path: Path) -> list[str]:
         if bad is not None:
             return [f"checksum mismatch in {archive.name}: {bad}: the file changed after it was written"]
     try:
-        saved = checkpoint.consolidate_optimizer(_load(path, mmap=False))
+        saved = checkpoint.consolidate_optimizer(checkpoint.load(path, mmap=False))
     except CheckpointError as e:
         return [str(e)]
     except Exception as e:  # a shard that does not merge
@@ -219,7 +215,7 @@ def consolidate(target: str, out: Path, with_optimizer: bool) -> tuple[Path, dic
     from hvdtrain.files import write_atomic
 
     path = newest(target)
-    saved = checkpoint.consolidate_optimizer(_load(path, mmap=False))
+    saved = checkpoint.consolidate_optimizer(checkpoint.load(path, mmap=False))
     plain = {"model": saved["model"], "optimizer": saved["optimizer"]} if with_optimizer else saved["model"]
     write_atomic(out, lambda f: torch.save(plain, f), fsync=True)
     return path, plain
